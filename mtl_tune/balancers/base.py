@@ -1,0 +1,313 @@
+"""The balancer interface: how K task losses (or K task gradients) become one update.
+
+A balancer has two layers, kept apart on purpose (as TorchJD separates *what direction*
+from *how to get the Jacobian*):
+
+* **Pure part** – small functions of plain tensors that live next to each method
+  (e.g. :func:`mtl_tune.balancers.mgda.mgda_weights` takes a K×K Gram matrix and returns
+  simplex weights). They have no state and are unit-tested on hand-made matrices.
+* **Stateful part** – a :class:`Balancer` subclass that keeps state across steps
+  (FAMO's logits, DWA's loss history, Nash-MTL's warm start), asks the Jacobian engine
+  for per-task gradients when it needs them, and writes ``.grad`` on the shared and
+  task-specific parameters.
+
+Lifecycle inside *any* PyTorch training loop::
+
+    balancer = get_balancer("cagrad", n_tasks=K, c=0.4)
+    optimizer = Adam([*model.parameters(), *balancer.parameters()])
+    for batch in loader:
+        optimizer.zero_grad()
+        losses = torch.stack([...])                   # shape (K,)
+        info = balancer.backward(losses, shared_params, task_params)
+        optimizer.step()
+        balancer.after_optimizer_step(new_losses=...)  # only if balancer.needs_post_step_losses
+    balancer.on_epoch_end(EpochInfo(epoch=e, scores=...))   # epoch-level methods (DWA, PIVRG)
+
+``backward`` *adds* to ``.grad`` (like ``Tensor.backward``) so extra regularisers compose;
+clipping (``max_norm``) is applied to the shared parameters after the balancer wrote them.
+Training-loop methods (STGU) override :meth:`Balancer.train_step` instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mtl_tune.jacobian import JacobianEngine
+
+
+class BalancerError(RuntimeError):
+    """A balancer cannot produce a valid update (bad input or repeated solver failure)."""
+
+
+@dataclass
+class StepInfo:
+    """What one balancer step did. ``weights`` are the effective per-task weights.
+
+    Values stay tensors (no host sync); the trainer converts them at logging time.
+    """
+
+    weights: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpochInfo:
+    """Epoch-level information a training loop hands to :meth:`Balancer.on_epoch_end`.
+
+    ``train_losses``: mean training loss per task over the epoch (K,).
+    ``scores``: per-task performance gaps (K,), positive = worse than the single-task
+    baseline, in percent (PIVRG's scores); ``None`` when the benchmark has no baseline.
+    """
+
+    epoch: int
+    train_losses: Tensor | None = None
+    scores: Tensor | None = None
+
+
+@dataclass
+class ForwardOutput:
+    """What a model's forward pass gives a balancer: K losses and, optionally,
+    the representation(s) the task heads consumed (for representation-level methods)."""
+
+    losses: Tensor
+    representation: Tensor | Sequence[Tensor] | None = None
+
+
+class SolverFailureCounter:
+    """Counts solver failures; warns on each and raises after ``max_consecutive``.
+
+    The official Nash-MTL swallows solver errors and silently keeps its previous
+    weights; we count them, report the count in every step's extras, warn, and stop
+    the run when failures keep happening.
+    """
+
+    def __init__(self, method: str, max_consecutive: int = 20) -> None:
+        self.method = method
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+
+    def success(self) -> None:
+        self.consecutive = 0
+
+    def failure(self, reason: str) -> None:
+        self.total += 1
+        self.consecutive += 1
+        warnings.warn(f"{self.method}: solver failed ({reason}); failure #{self.total}", RuntimeWarning,
+                      stacklevel=3)
+        if self.consecutive >= self.max_consecutive:
+            raise BalancerError(
+                f"{self.method}: solver failed {self.consecutive} times in a row (last: {reason})"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
+
+
+def check_losses(losses: Tensor, n_tasks: int, method: str) -> None:
+    if losses.dim() != 1 or losses.shape[0] != n_tasks:
+        raise BalancerError(f"{method}: expected a loss vector of shape ({n_tasks},), got {tuple(losses.shape)}")
+
+
+def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
+    if params is None:
+        return []
+    if isinstance(params, Tensor):
+        return [params]
+    out: list[Tensor] = []
+    for p in params:
+        if isinstance(p, Tensor):
+            out.append(p)
+        else:  # a per-task group of parameters
+            out.extend(_as_param_list(p))
+    return out
+
+
+def accumulate_grad(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Add a flat vector (sum of numels) into ``.grad`` of ``params``, in order."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset:offset + n].view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        offset += n
+    if offset != flat.numel():
+        raise BalancerError(f"direction has {flat.numel()} entries but the shared parameters have {offset}")
+
+
+class Balancer(abc.ABC):
+    """Base class of every balancing method. See the module docstring for the lifecycle.
+
+    Class attributes a subclass sets:
+      ``name``: registry name (``"cagrad"``).
+      ``needs_jacobian``: it needs the K×P per-task gradient matrix of the shared params.
+      ``needs_post_step_losses``: it wants the losses recomputed after the optimizer step
+      (FAMO); trainers then call :meth:`after_optimizer_step`.
+      ``needs_scores``: it reads per-task performance scores from :meth:`on_epoch_end`.
+      ``default_max_norm``: gradient clipping on the shared parameters (``None`` = off).
+    """
+
+    name: ClassVar[str] = ""
+    needs_jacobian: ClassVar[bool] = False
+    needs_representation: ClassVar[bool] = False
+    needs_post_step_losses: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    default_max_norm: ClassVar[float | None] = None
+
+    def __init__(self, n_tasks: int, *, max_norm: float | None | str = "default",
+                 jacobian_engine: JacobianEngine | None = None) -> None:
+        if not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"{self.name}: n_tasks must be a positive integer, got {n_tasks!r}")
+        self.n_tasks = n_tasks
+        self.max_norm = self.default_max_norm if max_norm == "default" else max_norm
+        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
+            raise ValueError(f"{self.name}: max_norm must be a positive number or None, got {self.max_norm!r}")
+        self.engine = jacobian_engine or JacobianEngine()
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ per step
+    @abc.abstractmethod
+    def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
+                 task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
+                 representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
+        """Write gradients for one step. ``task_params`` may be a flat list or one list per task."""
+
+    def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
+                   shared_params: Sequence[Tensor], task_params: Sequence[Sequence[Tensor]] | None = None
+                   ) -> tuple[Tensor, StepInfo]:
+        """One full training step on one batch; the hook training-loop methods override.
+
+        The default: zero grads, forward, :meth:`backward`, optimizer step, and the
+        post-step update for methods that need it. Returns the (detached) losses.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        out = forward()
+        info = self.backward(out.losses, shared_params, task_params, out.representation)
+        optimizer.step()
+        if self.needs_post_step_losses:
+            with torch.no_grad():
+                self.after_optimizer_step(forward().losses.detach())
+        return out.losses.detach(), info
+
+    def after_optimizer_step(self, new_losses: Tensor) -> None:
+        """Called with the losses recomputed on the same batch after the optimizer step."""
+
+    def on_epoch_end(self, info: EpochInfo) -> None:
+        """Epoch-level hook (DWA's epoch losses, PIVRG's scores). Default: nothing."""
+
+    def parameters(self) -> list[Tensor]:
+        """Learnable balancer parameters the *training* optimizer must update (UW)."""
+        return []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, **self._extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state.get("step_count", 0))
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def _clip(self, shared: Sequence[Tensor]) -> None:
+        if self.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], self.max_norm)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_tasks={self.n_tasks})"
+
+
+class LossBalancer(Balancer):
+    """A method that only needs the K losses: one backward of ``objective(losses)``.
+
+    Subclasses implement :meth:`objective` (a differentiable scalar of the losses).
+    Task heads receive the gradient of the same objective (weighted), as in the papers.
+    """
+
+    @abc.abstractmethod
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(scalar loss to backpropagate, effective per-task weights (K,))``."""
+
+    def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
+        check_losses(losses, self.n_tasks, self.name)
+        shared = _as_param_list(shared_params)
+        heads = _as_param_list(task_params)
+        total, weights = self.objective(losses)
+        params = shared + heads + self.parameters()
+        total.backward(inputs=[p for p in params if p.requires_grad])
+        self._clip(shared)
+        self.step_count += 1
+        return StepInfo(weights=weights.detach(), extras=self._step_extras())
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {}
+
+
+class GradientBalancer(Balancer):
+    """A method that combines the K per-task gradients of the shared parameters.
+
+    Subclasses implement :meth:`combine` on the K×P Jacobian. The shared ``.grad``
+    receives the returned direction; task heads receive ``∇ Σ_i c_i ℓ_i`` where
+    ``c = head_weights(weights)`` (unweighted ones by default, as in the official code
+    of most gradient methods; see ``methods.md`` §1.2).
+    """
+
+    needs_jacobian: ClassVar[bool] = True
+    #: whether heads get the method's weights (True) or the plain sum of task losses.
+    weighted_heads: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""
+
+    def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
+        check_losses(losses, self.n_tasks, self.name)
+        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
+        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+        direction, weights = self.combine(jac, losses.detach())
+        if not bool(torch.isfinite(direction).all()):
+            raise BalancerError(f"{self.name}: produced a non-finite update direction")
+        accumulate_grad(shared, direction)
+        if heads:
+            coef = weights.detach() if self.weighted_heads else torch.ones_like(losses)
+            (losses * coef.to(losses.dtype)).sum().backward(inputs=heads)
+        self._clip(shared)
+        self.step_count += 1
+        return StepInfo(weights=weights.detach(), extras=self._step_extras())
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {}
+
+
+def gram(jacobian: Tensor) -> Tensor:
+    """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision)."""
+    j = jacobian.double()
+    return j @ j.T
+
+
+def finite_or_raise(x: Tensor, what: str) -> Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise BalancerError(f"{what} is not finite: {x.tolist() if x.numel() <= 50 else '...'}")
+    return x
+
+
+__all__ = [
+    "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
+    "SolverFailureCounter", "StepInfo", "accumulate_grad", "check_losses", "gram", "finite_or_raise",
+]

@@ -1,0 +1,108 @@
+"""``famo`` — Fast Adaptive Multitask Optimization (Liu et al., NeurIPS'23).
+
+State: logits ξ ∈ R^K (init 0) with a private Adam(lr = ``w_lr``, weight_decay = ``gamma``).
+
+Step: z = softmax(ξ), D_i = ℓ_i − ℓ*_i + ε, c = Σ_i z_i / D_i (detached) and the
+objective L = Σ_i z_i log D_i / c, whose gradient is Σ_i (z_i / (c D_i)) ∇ℓ_i — effective
+raw-loss weights z_i/(c D_i) that sum to 1.
+
+Update (after the model's optimizer step, on the **same batch**): δ_i = log D_i(before) −
+log D_i(after); ξ.grad = J_softmax(ξ)ᵀ δ; one Adam step on ξ. Tasks whose log-loss fell
+the most lose weight, so the weights move toward the task that improves slowest.
+
+``min_losses`` (ℓ*) must lie below every loss (the toy problem has negative losses; FAMO's
+toy trainer uses (−21·scale, −21)). A loss at or below ℓ* raises instead of producing NaN.
+Spec: methods.md §2.7; ``gamma`` defaults to the NYUv2 run.sh value 1e-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import BalancerError, LossBalancer
+
+EPS = 1e-8
+
+
+def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:
+    """Effective raw-loss weights z_i/(c·D_i) (they sum to 1)."""
+    z = torch.softmax(logits, dim=-1)
+    d = losses - min_losses + EPS
+    c = (z / d).sum()
+    return z / (c * d)
+
+
+def famo_logit_grad(logits: Tensor, prev_losses: Tensor, new_losses: Tensor, min_losses: Tensor) -> Tensor:
+    """J_softmax(ξ)ᵀ δ with δ_i = log D_i(prev) − log D_i(new)."""
+    delta = (prev_losses - min_losses + EPS).log() - (new_losses - min_losses + EPS).log()
+    z = torch.softmax(logits, dim=-1)
+    # softmax Jacobian is diag(z) − z zᵀ (symmetric), so Jᵀδ = z ⊙ (δ − zᵀδ)
+    return z * (delta - (z * delta).sum())
+
+
+class FAMO(LossBalancer):
+    name = "famo"
+    needs_post_step_losses = True
+
+    def __init__(self, n_tasks: int, gamma: float = 1e-3, w_lr: float = 0.025,
+                 min_losses: Sequence[float] | None = None, **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if gamma < 0:
+            raise ValueError(f"famo: gamma must be >= 0, got {gamma}")
+        if w_lr <= 0:
+            raise ValueError(f"famo: w_lr must be > 0, got {w_lr}")
+        self.gamma, self.w_lr = float(gamma), float(w_lr)
+        self.min_losses = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(
+            list(min_losses), dtype=torch.float32)
+        if self.min_losses.shape != (n_tasks,):
+            raise ValueError(f"famo: min_losses must have {n_tasks} entries, got {min_losses!r}")
+        self.logits = torch.zeros(n_tasks, requires_grad=True)
+        self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        self.prev_losses: Tensor | None = None
+
+    def _check(self, losses: Tensor) -> None:
+        if bool((losses.detach() <= self.min_losses.to(losses)).any()):
+            raise BalancerError(f"famo: a loss {losses.detach().tolist()} is not above min_losses "
+                                f"{self.min_losses.tolist()}; set min_losses below the lowest reachable loss")
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(losses)
+        if self.logits.device != losses.device:
+            self._move(losses.device)
+        m = self.min_losses.to(losses)
+        z = torch.softmax(self.logits.detach(), dim=-1).to(losses.dtype)
+        d = losses - m + EPS
+        c = (z / d.detach()).sum()
+        self.prev_losses = losses.detach().clone()
+        return (z * d.log()).sum() / c, famo_weights(self.logits.detach().to(losses.dtype), losses.detach(), m)
+
+    def after_optimizer_step(self, new_losses: Tensor) -> None:
+        if self.prev_losses is None:
+            raise BalancerError("famo: after_optimizer_step called before backward")
+        self._check(new_losses)
+        grad = famo_logit_grad(self.logits.detach(), self.prev_losses.to(self.logits),
+                               new_losses.detach().to(self.logits), self.min_losses.to(self.logits))
+        self.w_optimizer.zero_grad()
+        self.logits.grad = grad
+        self.w_optimizer.step()
+
+    def _move(self, device: torch.device) -> None:
+        state = self.w_optimizer.state_dict()
+        self.logits = self.logits.detach().to(device).requires_grad_(True)
+        self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        self.w_optimizer.load_state_dict(state)
+        self.min_losses = self.min_losses.to(device)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"logits": self.logits.detach().cpu(), "w_optimizer": self.w_optimizer.state_dict(),
+                "prev_losses": None if self.prev_losses is None else self.prev_losses.cpu()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.prev_losses = state["prev_losses"]

@@ -1,0 +1,35 @@
+"""``ls`` — linear scalarization: L = Σ_i w_i ℓ_i with fixed weights (default all ones).
+
+The baseline every paper compares against (methods.md §2.1). With ``task_weights`` on the
+simplex (scaled to sum K) it is also the canonical Pareto-front sweep: every point of a
+convex front is the optimum of some weighting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import LossBalancer
+
+
+def weighted_sum(losses: Tensor, weights: Tensor) -> Tensor:
+    """Σ_i w_i ℓ_i."""
+    return (losses * weights.to(losses)).sum()
+
+
+class LinearScalarization(LossBalancer):
+    name = "ls"
+
+    def __init__(self, n_tasks: int, task_weights: Sequence[float] | None = None, **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        w = torch.ones(n_tasks) if task_weights is None else torch.as_tensor(list(task_weights), dtype=torch.float32)
+        if w.shape != (n_tasks,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"ls: task_weights must be {n_tasks} finite non-negative numbers, got {task_weights!r}")
+        self.task_weights = w
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        w = self.task_weights.to(losses.device)
+        return weighted_sum(losses, w), w
