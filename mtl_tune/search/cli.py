@@ -1,0 +1,149 @@
+"""``python -m mtl_tune.search`` — tune balancer hyperparameters with Ray Tune + Optuna."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+EXAMPLES = """\
+examples:
+  # the offline default: toy benchmark, five methods, Pareto search on 2 CPUs
+  python -m mtl_tune.search
+
+  # tune CAGrad's c on NYUv2 (Δm% on a validation split), 4 trials per GPU, ASHA
+  python -m mtl_tune.search --benchmark nyuv2 --method cagrad --data-root /data/nyuv2 \\
+      --objective delta_m --scheduler asha --gpus-per-trial 0.25 --num-samples 40
+
+  # compare three methods with the same budget, multi-objective (per-task metrics)
+  python -m mtl_tune.search --benchmark multi_mnist --method ls,famo,pivrg --objective pareto
+
+  # fix a hyperparameter, run on an existing Ray cluster, resume after a crash
+  python -m mtl_tune.search --method pivrg --set bound=2.0 --address auto --name run1 --resume
+"""
+
+
+def _value(text: str) -> Any:
+    return yaml.safe_load(text)  # "0.5" → 0.5, "[1, 2]" → list, "none" stays a string
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"error: {flag} expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        out[key.strip()] = _value(text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtl_tune.registry import available_balancers, available_benchmarks
+
+    p = argparse.ArgumentParser(prog="python -m mtl_tune.search", description=__doc__,
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", default="toy", help=f"one of: {', '.join(available_benchmarks())} (default: toy)")
+    p.add_argument("--method", default="ls,mgda,pcgrad,cagrad,famo",
+                   help=f"comma-separated method names or 'all'; valid: {', '.join(available_balancers())}")
+    p.add_argument("--num-samples", type=int, default=4, help="trials per method (same budget for every method)")
+    p.add_argument("--objective", default="pareto",
+                   help="'pareto' (all per-task primary metrics, multi-objective), 'default' (Δm%% where baselines "
+                        "exist), 'delta_m', or a metric name such as loss1 or val/seg/miou")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default=None, help="Optuna sampler (default tpe)")
+    p.add_argument("--scheduler", choices=["fifo", "asha", "hyperband"], default="fifo",
+                   help="early stopping for scalar objectives (pareto searches run every trial to the end)")
+    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack trials on a GPU")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--storage-path", default="results", help="where sweeps are written (shared path on a cluster)")
+    p.add_argument("--name", default=None, help="sweep name (default: <benchmark>-<timestamp>); needed for --resume")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the benchmark's protocol)")
+    p.add_argument("--data-root", default=None, help="data set location (or the benchmark's environment variable)")
+    p.add_argument("--synthetic", action="store_true", help="random tensors of the real shapes (throughput only)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster: 'auto' or host:port")
+    p.add_argument("--resume", action="store_true", help="continue the search --storage-path/--name")
+    p.add_argument("--search-space", default=None, help="YAML file replacing search_spaces/<method>.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a hyperparameter of the method (repeatable)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a benchmark/training setting, e.g. lr=1e-3 (repeatable)")
+    p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial whose worker or node died")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    return p
+
+
+def options_from_args(args: argparse.Namespace):
+    from mtl_tune.search.runner import SearchOptions
+
+    return SearchOptions(
+        benchmark=args.benchmark, methods=[m.strip() for m in args.method.split(",") if m.strip()],
+        num_samples=args.num_samples, objective=args.objective, sampler=args.sampler, scheduler=args.scheduler,
+        grace_period=args.grace_period, gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent, storage_path=args.storage_path, name=args.name, seed=args.seed,
+        epochs=args.epochs, data_root=args.data_root, synthetic=args.synthetic, address=args.address,
+        num_cpus=args.num_cpus, resume=args.resume, search_space=args.search_space,
+        fixed=_pairs(args.set, "--set"), config=_pairs(args.config, "--config"), max_failures=args.max_failures,
+        verbose=args.verbose)
+
+
+def print_summary(outcome, plan) -> None:
+    from mtl_tune.analysis import pareto_mask
+
+    table = outcome.table
+    print()
+    if table.empty:
+        print("no trial finished")
+    else:
+        done = table[(table["status"] == "TERMINATED")]
+        cols = [c for c in table.columns if c.startswith("hp/")]
+        shown = ["method", *cols, *plan.metrics]
+        if plan.multi_objective and not done.empty:
+            best = done[pareto_mask(done[plan.metrics].to_numpy(float), plan.modes)]
+            title = f"non-dominated trials ({len(best)} of {len(table)}) on {', '.join(plan.metrics)}"
+        else:
+            best = done.sort_values(plan.metrics[0], ascending=plan.modes[0] == "min").head(8)
+            title = f"best trials by {plan.metrics[0]} ({plan.modes[0]})"
+        print(title)
+        print(best[[c for c in shown if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+              if not best.empty else "(none finished)")
+        counts = table["status"].value_counts().to_dict()
+        print(f"\ntrial status: {json.dumps(counts)}")
+        failed = table[table["error"].astype(str).str.len() > 0]
+        for _, row in failed.head(5).iterrows():
+            print(f"  {row['method']} {row['trial_id']}: {row['status']}: {row['error']}")
+    if plan.options.synthetic:
+        print("NOTE: --synthetic: random inputs, for throughput only; these metrics mean nothing")
+    print(f"\ntrial table : {outcome.table_path}")
+    if outcome.plot_path:
+        print(f"Pareto plot : {outcome.plot_path}")
+    print(f"sweep folder: {outcome.sweep_dir}  (resume: --storage-path {plan.sweep_dir.parent} "
+          f"--name {plan.name} --resume)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtl_tune.benchmarks.base import DataError
+    from mtl_tune.registry import UnknownNameError
+    from mtl_tune.search.runner import SearchError, prepare
+    from mtl_tune.search.spaces import SpaceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(options_from_args(args))
+    except (UnknownNameError, SearchError, SpaceError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from mtl_tune.search.execute import execute
+
+    try:
+        outcome = execute(plan)
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(outcome, plan)
+    return 0

@@ -1,0 +1,128 @@
+"""Execute a validated :class:`~mtl_tune.search.runner.Plan` on Ray Tune."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mtl_tune.search.results import build_table, write_sweep_json, write_table
+from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
+from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler
+from mtl_tune.search.spaces import SpaceSampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    sweep_dir: Path
+    table: pd.DataFrame
+    table_path: Path
+    plot_path: Path | None
+
+
+def init_ray(plan: Plan) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if plan.options.address is None else None
+    # Tune writes one checkpoint per epoch; short toy epochs would otherwise flood the log
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "log_to_driver": plan.options.verbose > 1, "configure_logging": False}
+    if plan.options.address:
+        try:
+            ray.init(address=plan.options.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SearchError(
+                f"--address {plan.options.address}: could not connect to a Ray cluster ({err}). Start one with "
+                "`ray start --head` or pass host:port of a running head node; clusters with token authentication "
+                "need RAY_AUTH_TOKEN (or the token file) in this environment.") from None
+    else:
+        ray.init(num_cpus=plan.options.num_cpus, **kwargs)
+
+
+def _scheduler(plan: Plan, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+
+    o = plan.options
+    if o.scheduler == "asha":
+        return ASHAScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs, grace_period=o.grace_period)
+    if o.scheduler == "hyperband":
+        return HyperBandScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs)
+    return None
+
+
+def run_method(plan: Plan, method: str) -> None:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from mtl_tune.search.trainable import train_trial
+
+    o = plan.options
+    space = plan.spaces[method]
+    exp_dir = plan.sweep_dir / method
+    trainable = tune.with_resources(train_trial, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial})
+    if o.resume and tune.Tuner.can_restore(str(exp_dir)):
+        logger.info("resuming %s from %s", method, exp_dir)
+        tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        return
+    epochs = int(trial_constants(plan, method).get("epochs", plan.bench.defaults.get("epochs", 1)))
+    searchable = space.searchable()
+    # a method without hyperparameters has nothing to search: one trial (per seed) is the fair budget
+    budget = o.num_samples if searchable else 1
+    sampler = make_sampler(o.sampler or ("tpe"), o.seed, len(plan.metrics), budget)
+    searcher = MTLOptunaSearch(
+        space=SpaceSampler(space, plan.bench.n_tasks, trial_constants(plan, method)),
+        metric=plan.metrics if plan.multi_objective else plan.metrics[0],
+        mode=plan.modes if plan.multi_objective else plan.modes[0],
+        sampler=sampler,
+        points_to_evaluate=[space.default_point(plan.bench.n_tasks)] if searchable else None,
+    )
+    limit = o.max_concurrent or max(1, int((o.num_cpus or os.cpu_count() or 1) // max(o.cpus_per_trial, 1e-9)))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
+                                    scheduler=_scheduler(plan, epochs), num_samples=budget, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=method, storage_path=str(plan.sweep_dir), verbose=o.verbose,
+            failure_config=tune.FailureConfig(max_failures=o.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+    tuner.fit()
+
+
+def finish(plan: Plan) -> Outcome:
+    """Rebuild the tidy table from Tune's state and draw the Pareto front of the trials."""
+    table = build_table(plan.sweep_dir, plan.spaces, plan.name, plan.bench.n_tasks)
+    table_path = write_table(table, plan.sweep_dir)
+    plot_path = None
+    pareto_metrics = [f"val/{m.name}" for m in plan.bench.primary_metrics()]
+    if len(pareto_metrics) >= 2 and not table.empty and all(m in table for m in pareto_metrics):
+        from mtl_tune.analysis import plot_pareto_front
+
+        reference = None
+        if plan.bench.name == "toy":
+            from mtl_tune.benchmarks.toy import pareto_front
+
+            scale = float(plan.options.config.get("scale", plan.bench.defaults["scale"]))
+            reference = pareto_front(scale)
+        modes = [m.mode for m in plan.bench.primary_metrics()]
+        plot_path = plot_pareto_front(table, pareto_metrics, modes, plan.sweep_dir / "pareto.png",
+                                      title=f"{plan.bench.name}: trials and their Pareto front",
+                                      reference_front=reference)
+    return Outcome(plan.sweep_dir, table, table_path, plot_path)
+
+
+def execute(plan: Plan) -> Outcome:
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_sweep_json(plan.sweep_dir, sweep_info(plan))
+    init_ray(plan)
+    for method in plan.spaces:
+        run_method(plan, method)
+        finish(plan)  # keep the table current after every method: nothing finished is lost
+    return finish(plan)

@@ -1,0 +1,112 @@
+"""The tidy per-trial table and the sweep description, written next to Ray's own results.
+
+The table is rebuilt from Tune's experiment state (never by globbing trial folders: a
+restore can leave orphan folders; peers.md B.8) and written atomically (temp file +
+rename), so a crash mid-write leaves the previous good copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mtl_tune.training.loop import resolve_hparams
+
+TABLE = "trials.csv"
+SWEEP = "sweep.json"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sweep_json(sweep_dir: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(sweep_dir / SWEEP, json.dumps(info, indent=2, default=str))
+
+
+def _trial_error(trial: Any) -> str:
+    path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+    if path and (Path(path) / "error.txt").is_file():
+        text = _ANSI.sub("", (Path(path) / "error.txt").read_text(errors="replace")).strip()
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else text[:500]
+    return ""
+
+
+def _status(trial: Any, last: dict[str, Any]) -> str:
+    status = str(trial.status)
+    if last.get("diverged"):
+        return "DIVERGED"
+    if status == "TERMINATED" and last and float(last.get("epoch", 0)) < float(last.get("epochs", 0)):
+        return "STOPPED_EARLY"
+    return status
+
+
+def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str, Any]]:
+    """One row per trial of one Tune experiment folder (one method)."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment_dir))
+    rows = []
+    for trial in analysis.trials:
+        config = dict(trial.config)
+        last = dict(trial.last_result or {})
+        row: dict[str, Any] = {
+            "sweep": sweep, "benchmark": config.get("benchmark"), "method": config.get("method"),
+            "trial_id": trial.trial_id, "status": _status(trial, last),
+            "error": last.get("error") or _trial_error(trial) if str(trial.status) == "ERROR" or last.get("error") else "",
+            "seed": config.get("seed"), "epochs": config.get("epochs"),
+            "training_iteration": last.get("training_iteration", 0),
+        }
+        try:
+            hparams = resolve_hparams(config.get("hparams"), n_tasks)
+        except ValueError:
+            hparams = dict(config.get("hparams") or {})
+        for key, value in sorted(hparams.items()):
+            row[f"hp/{key}"] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+        for key, value in last.items():
+            if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("config/"):
+                row[key] = value
+        for key in ("solver_failures", "diverged", "synthetic", "time_total_s"):
+            row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
+        row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
+        row["logdir"] = str(getattr(trial, "local_path", "") or getattr(trial, "path", ""))
+        rows.append(row)
+    return rows
+
+
+def build_table(sweep_dir: Path, methods: Iterable[str], sweep: str, n_tasks: int) -> pd.DataFrame:
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        exp = sweep_dir / method
+        if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
+            rows.extend(trial_rows(exp, sweep, n_tasks))
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values(["method", "trial_id"], kind="stable").reset_index(drop=True)
+    return frame
+
+
+def write_table(frame: pd.DataFrame, sweep_dir: Path) -> Path:
+    path = sweep_dir / TABLE
+    atomic_write_text(path, frame.to_csv(index=False))
+    return path

@@ -1,0 +1,171 @@
+"""Run a search: one Ray Tune experiment (with its own Optuna study) per method.
+
+Each method gets the same trial budget on the same benchmark and seeds, in its own
+folder ``<storage>/<name>/<method>/``; the tidy table, ``sweep.json`` and the Pareto plot
+are written to ``<storage>/<name>/``. Validation happens in :func:`prepare` before Ray
+starts, so user mistakes cost no compute.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtl_tune.benchmarks.base import Benchmark
+from mtl_tune.registry import available_balancers, balancer_class, get_benchmark
+from mtl_tune.search.spaces import SearchSpace, SpaceError, load_space
+
+
+class SearchError(ValueError):
+    """A user mistake in the search arguments; the message says what is allowed."""
+
+
+@dataclass
+class SearchOptions:
+    benchmark: str = "toy"
+    methods: list[str] = field(default_factory=lambda: ["ls", "mgda", "pcgrad", "cagrad", "famo"])
+    num_samples: int = 4
+    objective: str = "pareto"
+    sampler: str | None = None
+    scheduler: str = "fifo"
+    grace_period: int = 1
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    storage_path: str = "results"
+    name: str | None = None
+    seed: int = 0
+    epochs: int | None = None
+    data_root: str | None = None
+    synthetic: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+    resume: bool = False
+    search_space: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    max_failures: int = 2
+    verbose: int = 1
+
+
+@dataclass
+class Plan:
+    """A validated search: what runs, where, with which objective."""
+
+    options: SearchOptions
+    bench: Benchmark
+    spaces: dict[str, SearchSpace]
+    metrics: list[str]
+    modes: list[str]
+    sweep_dir: Path
+    name: str
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+
+def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
+    specs = {m.name: m for m in bench.metrics}
+    if objective == "pareto":
+        primary = bench.primary_metrics()
+        if len(primary) < 2:
+            raise SearchError(f"benchmark {bench.name} has fewer than two primary metrics; use a scalar --objective")
+        return [f"val/{m.name}" for m in primary], [m.mode for m in primary]
+    if objective in ("default", "", None):
+        key, mode = bench.default_objective()
+        return [key], [mode]
+    name = objective.split("/", 1)[1] if "/" in objective and objective.split("/", 1)[0] in ("val", "test") else objective
+    split = objective.split("/", 1)[0] if name != objective else "val"
+    if split == "test":
+        raise SearchError("tuning on test metrics leaks the test set; use a val/ metric as --objective")
+    if name == "delta_m":
+        if not bench.has_baselines():
+            raise SearchError(f"benchmark {bench.name} has no single-task baselines, so no delta_m; "
+                              f"valid objectives: pareto, default, {', '.join(specs)}")
+        return ["val/delta_m"], ["min"]
+    if name not in specs:
+        valid = ["pareto", "default"] + (["delta_m"] if bench.has_baselines() else []) + list(specs)
+        raise SearchError(f"unknown objective {objective!r} for benchmark {bench.name}; valid: {', '.join(valid)}")
+    return [f"val/{name}"], [specs[name].mode]
+
+
+def prepare(options: SearchOptions) -> Plan:
+    """Validate everything that can be checked without Ray; raise SearchError/SpaceError/DataError."""
+    if options.num_samples < 1:
+        raise SearchError(f"--num-samples must be at least 1, got {options.num_samples}")
+    if options.epochs is not None and options.epochs < 1:
+        raise SearchError(f"--epochs must be at least 1, got {options.epochs}")
+    if options.gpus_per_trial < 0 or options.cpus_per_trial <= 0:
+        raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+    if options.max_concurrent is not None and options.max_concurrent < 1:
+        raise SearchError(f"--max-concurrent must be at least 1, got {options.max_concurrent}")
+    methods = available_balancers() if options.methods == ["all"] else list(dict.fromkeys(options.methods))
+    if not methods:
+        raise SearchError("--method needs at least one method name")
+    for m in methods:
+        balancer_class(m)  # UnknownNameError lists the valid names
+    if options.search_space and len(methods) != 1:
+        raise SearchError("--search-space replaces one method's space; use it with a single --method")
+    if options.fixed and len(methods) != 1:
+        raise SearchError("--set fixes hyperparameters of one method; use it with a single --method")
+    bench = get_benchmark(options.benchmark, data_root=options.data_root, synthetic=options.synthetic)
+    unknown = set(options.config) - set(bench.defaults) - {"device", "method_params_lr", "last_n_mean"}
+    if unknown:
+        raise SearchError(f"--config key(s) {sorted(unknown)} are not settings of benchmark {bench.name}; "
+                          f"valid: {', '.join(sorted(bench.defaults))}, device, method_params_lr, last_n_mean")
+    metrics, modes = _objective(bench, options.objective)
+    if options.scheduler not in ("fifo", "asha", "hyperband"):
+        raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
+    if options.scheduler != "fifo" and len(metrics) > 1:
+        raise SearchError("early-stopping schedulers need a scalar objective; with --objective pareto use "
+                          "--scheduler fifo (Tune has no multi-objective scheduler)")
+    spaces = {}
+    for m in methods:
+        space = load_space(m, bench.name, options.search_space)
+        spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
+    bench.check_data()
+    name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(options.storage_path).expanduser().resolve() / name
+    _check_storage(sweep_dir, options.resume)
+    return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
+                sweep_dir=sweep_dir, name=name)
+
+
+def _check_storage(sweep_dir: Path, resume: bool) -> None:
+    if resume and not sweep_dir.is_dir():
+        raise SearchError(f"--resume: {sweep_dir} does not exist; pass the --storage-path and --name of the search to resume")
+    if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise SearchError(f"{sweep_dir} already holds a search; pass --resume to continue it or choose another --name")
+    probe_dir = sweep_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise SearchError(f"storage path {sweep_dir} is not writable (checked {probe_dir})")
+
+
+def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
+    o = plan.options
+    const: dict[str, Any] = {"benchmark": plan.bench.name, "method": method, "seed": o.seed,
+                             "synthetic": o.synthetic, "cpus_per_trial": o.cpus_per_trial}
+    if o.epochs is not None:
+        const["epochs"] = o.epochs
+    if o.data_root:
+        const["data_root"] = str(Path(o.data_root).expanduser().resolve())  # trials run in their own cwd
+    if o.gpus_per_trial > 0:
+        const["device"] = "cuda"
+    const.update(o.config)
+    return const
+
+
+def sweep_info(plan: Plan) -> dict[str, Any]:
+    return {
+        "name": plan.name, "benchmark": plan.bench.name, "methods": list(plan.spaces),
+        "objective": {"metrics": plan.metrics, "modes": plan.modes},
+        "metric_specs": [asdict(m) for m in plan.bench.metrics], "tasks": list(plan.bench.tasks),
+        "synthetic": plan.options.synthetic, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "args": asdict(plan.options),
+    }

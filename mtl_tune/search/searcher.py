@@ -1,0 +1,58 @@
+"""OptunaSearch with the fixes a multi-objective MTL search needs (peers.md B.5, B.14).
+
+* P2: a trial that ends before its epoch budget (stopped by ASHA/HyperBand) is told to
+  Optuna as PRUNED, not COMPLETE with its truncated values, so it never lands on a front.
+* P1: a non-finite objective never reaches ``study.tell`` (which would raise, be swallowed
+  and leave a zombie RUNNING trial); the trainer already reports finite penalties, and a
+  value that is still not finite is told as FAIL with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+def make_sampler(kind: str, seed: int, n_objectives: int, budget: int) -> optuna.samplers.BaseSampler:
+    """A seeded Optuna sampler. NSGA-II's population is kept well below the budget,
+    otherwise it never leaves its random first generation (peers.md B.5)."""
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, budget // 3)))
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget // 4)))
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
+
+
+class MTLOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells truncated trials PRUNED and never tells non-finite values."""
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [None if not result else result.get(m) for m in metrics]
+        truncated = bool(result) and float(result.get("epoch", 0)) < float(result.get("epochs", 0)) \
+            and not result.get("diverged")
+        if error:
+            state, told = TrialState.FAIL, None
+        elif not result or truncated or any(v is None for v in values):
+            state, told = TrialState.PRUNED, None
+        elif not all(math.isfinite(float(v)) for v in values):
+            logger.warning("trial %s reported a non-finite objective %s; told as FAIL", trial_id, values)
+            state, told = TrialState.FAIL, None
+        else:
+            state, told = TrialState.COMPLETE, values if len(values) > 1 else values[0]
+        self._ot_study.tell(ot_trial, told, state=state)
+        self._completed_trials.add(trial_id)

@@ -1,0 +1,218 @@
+"""Declarative search spaces: ``search_spaces/<method>.yaml`` → Optuna define-by-run.
+
+The file format is documented in ``search_spaces/README.md``. Loading validates every
+field and raises :class:`SpaceError` naming the file, the key and what is allowed.
+:class:`SpaceSampler` is the define-by-run function handed to OptunaSearch; it lives in
+this importable module (never ``__main__`` or a closure) so a pickled searcher can be
+restored by ``Tuner.restore`` from any entry point (peers.md B.8).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtl_tune.registry import balancer_class
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+TYPES = ("float", "int", "categorical", "simplex")
+PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices", "default", "search", "description"}
+TOP_FIELDS = {"method", "description", "params", "benchmarks"}
+HP_PREFIX = "hparams/"
+
+
+class SpaceError(ValueError):
+    """A malformed search-space file or override; the message names file, key and rule."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    default: Any = None
+    search: bool = True
+    description: str = ""
+
+    @property
+    def searchable(self) -> bool:
+        return self.search and not (self.default is None and self.type != "simplex")
+
+    def check_value(self, value: Any, where: str) -> None:
+        """Raise SpaceError if ``value`` is outside this parameter's declared domain."""
+        if value is None:
+            return
+        if self.type in ("float", "int"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise SpaceError(f"{where}: {self.name} must be a number, got {value!r}")
+            if self.type == "int" and int(value) != value:
+                raise SpaceError(f"{where}: {self.name} must be an integer, got {value!r}")
+            if not (self.low <= value <= self.high):
+                raise SpaceError(f"{where}: {self.name}={value!r} is outside its range [{self.low}, {self.high}]")
+        elif self.type == "categorical" and value not in self.choices:
+            raise SpaceError(f"{where}: {self.name}={value!r} is not one of {list(self.choices)}")
+        elif self.type == "simplex":
+            if not isinstance(value, (list, tuple)) or any(not isinstance(v, (int, float)) or v < 0 for v in value):
+                raise SpaceError(f"{where}: {self.name} must be a list of non-negative numbers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    method: str
+    params: tuple[Param, ...]
+    source: str = ""
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def searchable(self) -> list[Param]:
+        return [p for p in self.params if p.searchable and p.name not in self.fixed]
+
+    def constants(self) -> dict[str, Any]:
+        """Values that are not searched: defaults of unsearched params plus ``--set`` values."""
+        out = {p.name: p.default for p in self.params if not p.searchable and p.type != "simplex"}
+        out.update({p.name: p.default for p in self.params if p.type == "simplex" and not p.searchable
+                    and p.default is not None})
+        out.update(self.fixed)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def default_point(self, n_tasks: int) -> dict[str, Any]:
+        """Optuna parameter values that reproduce every default (the first trial)."""
+        point: dict[str, Any] = {}
+        for p in self.searchable():
+            if p.type == "simplex":
+                point.update({f"{HP_PREFIX}{p.name}/{i}": 0.5 for i in range(n_tasks)})  # equal draws → equal weights
+            else:
+                point[f"{HP_PREFIX}{p.name}"] = p.default
+        return point
+
+    def with_fixed(self, values: dict[str, Any]) -> SearchSpace:
+        by_name = {p.name: p for p in self.params}
+        for key, value in values.items():
+            if key not in by_name:
+                raise SpaceError(f"--set {key}: {self.method} has no hyperparameter {key!r}; "
+                                 f"valid: {', '.join(by_name) or '(none)'}")
+            by_name[key].check_value(value, f"--set {key}")
+        return replace(self, fixed={**self.fixed, **values})
+
+
+def _parse_param(name: str, raw: Any, where: str) -> Param:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: params.{name} must be a mapping of fields, got {type(raw).__name__}")
+    unknown = set(raw) - PARAM_FIELDS
+    if unknown:
+        raise SpaceError(f"{where}: params.{name} has unknown field(s) {sorted(unknown)}; allowed: {sorted(PARAM_FIELDS)}")
+    ptype = raw.get("type")
+    if ptype not in TYPES:
+        raise SpaceError(f"{where}: params.{name}.type must be one of {list(TYPES)}, got {ptype!r}")
+    kw: dict[str, Any] = {"name": name, "type": ptype, "default": raw.get("default"),
+                          "search": bool(raw.get("search", True)), "description": str(raw.get("description", ""))}
+    if ptype in ("float", "int"):
+        for bound in ("low", "high"):
+            if not isinstance(raw.get(bound), (int, float)) or isinstance(raw.get(bound), bool):
+                raise SpaceError(f"{where}: params.{name}.{bound} must be a number for type {ptype}, got {raw.get(bound)!r}")
+        low, high = float(raw["low"]), float(raw["high"])
+        if not low < high:
+            raise SpaceError(f"{where}: params.{name} needs low < high, got low={low}, high={high}")
+        log = bool(raw.get("log", False))
+        if log and low <= 0:
+            raise SpaceError(f"{where}: params.{name} has log: true, which needs low > 0 (got {low})")
+        kw.update(low=low if ptype == "float" else int(low), high=high if ptype == "float" else int(high), log=log,
+                  step=raw.get("step"))
+    elif ptype == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}: params.{name}.choices must be a non-empty list for type categorical")
+        kw["choices"] = tuple(choices)
+    param = Param(**kw)
+    param.check_value(param.default, f"{where}: params.{name}.default")
+    return param
+
+
+def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchSpace:
+    if not isinstance(data, dict):
+        raise SpaceError(f"{source}: the file must be a YAML mapping with keys {sorted(TOP_FIELDS)}")
+    unknown = set(data) - TOP_FIELDS
+    if unknown:
+        raise SpaceError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_FIELDS)}")
+    method = data.get("method")
+    if not isinstance(method, str):
+        raise SpaceError(f"{source}: 'method' must name a registered method")
+    cls = balancer_class(method)
+    raw_params = data.get("params") or {}
+    if not isinstance(raw_params, dict):
+        raise SpaceError(f"{source}: 'params' must be a mapping of hyperparameter name → fields")
+    overrides = (data.get("benchmarks") or {}).get(benchmark, {}) if benchmark else {}
+    if not isinstance(overrides, dict):
+        raise SpaceError(f"{source}: benchmarks.{benchmark} must be a mapping of hyperparameter → fields")
+    for name in overrides:
+        if name not in raw_params:
+            raise SpaceError(f"{source}: benchmarks.{benchmark}.{name} overrides an undeclared hyperparameter; "
+                             f"declared: {', '.join(raw_params) or '(none)'}")
+    accepted = _constructor_args(cls)
+    params = []
+    for name, raw in raw_params.items():
+        if name not in accepted:
+            raise SpaceError(f"{source}: params.{name} is not an argument of {cls.__name__}; "
+                             f"allowed: {', '.join(sorted(accepted))}")
+        merged = {**raw, **overrides.get(name, {})} if isinstance(raw, dict) else raw
+        params.append(_parse_param(name, merged, source))
+    return SearchSpace(method=method, params=tuple(params), source=source, description=str(data.get("description", "")))
+
+
+def _constructor_args(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            sig = inspect.signature(klass.__init__)
+            names.update(n for n, p in sig.parameters.items()
+                         if n not in ("self", "n_tasks", "jacobian_engine") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    return names
+
+
+def load_space(method: str, benchmark: str | None = None, path: str | Path | None = None) -> SearchSpace:
+    """Load ``path`` (or ``search_spaces/<method>.yaml``), apply ``benchmark`` overrides, validate."""
+    file = Path(path) if path is not None else SPACES_DIR / f"{method}.yaml"
+    if not file.is_file():
+        raise SpaceError(f"search-space file {file} does not exist" +
+                         ("" if path else f" (every method needs search_spaces/{method}.yaml)"))
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{file}: not valid YAML: {err}") from None
+    space = parse_space(data, str(file), benchmark)
+    if space.method != method:
+        raise SpaceError(f"{file}: declares method {space.method!r} but is used for {method!r}")
+    return space
+
+
+class SpaceSampler:
+    """Optuna define-by-run function for one method's space (picklable, importable)."""
+
+    def __init__(self, space: SearchSpace, n_tasks: int, constants: dict[str, Any]) -> None:
+        self.space = space
+        self.n_tasks = n_tasks
+        self.constants = constants
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        for p in self.space.searchable():
+            key = f"{HP_PREFIX}{p.name}"
+            if p.type == "float":
+                trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
+            elif p.type == "int":
+                trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+            elif p.type == "categorical":
+                trial.suggest_categorical(key, list(p.choices))
+            else:  # simplex: K uniforms, turned into Dirichlet(1) weights by the trainer
+                for i in range(self.n_tasks):
+                    trial.suggest_float(f"{key}/{i}", 1e-6, 1.0)
+        fixed = {f"{HP_PREFIX}{k}": v for k, v in self.space.constants().items()}
+        return {**self.constants, **fixed}

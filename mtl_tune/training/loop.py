@@ -1,0 +1,237 @@
+"""The generic trainer: one (benchmark, method, hyperparameters, seed) run, epoch by epoch.
+
+It knows nothing about Ray: it calls ``report(metrics, state)`` once per epoch with a flat
+dict of floats and the full training state (model, optimizer, scheduler, balancer, RNGs),
+and accepts a state to resume from. :mod:`mtl_tune.search.trainable` adapts it to Ray
+Tune (``tune.report`` + checkpoints); tests pass a list-appending reporter.
+
+Reported keys (stable, flat): ``epoch``, ``epochs``, ``train/loss/<task>``,
+``weights/<task>`` (mean balancer weight over the epoch), ``<split>/<metric>`` for each
+evaluation split, ``<split>/delta_m`` when the benchmark has single-task baselines,
+``test_last<N>/…`` (running mean of the last N test evaluations, papers' protocol),
+``epoch_time_s``, ``solver_failures``, ``diverged`` (0/1), ``synthetic`` (0/1).
+
+Divergence (a non-finite loss, balancer output or objective metric) ends the run with
+``diverged = 1``, ``error`` text, and every metric replaced by a finite penalty in its
+worse direction, so a searcher learns "bad here" instead of receiving NaN (a NaN left in
+Optuna becomes a zombie RUNNING trial; peers.md B.5 P1).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl_tune.balancers.base import BalancerError, EpochInfo
+from mtl_tune.metrics import delta_m, task_scores
+from mtl_tune.registry import get_balancer, get_benchmark
+
+Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
+
+#: finite stand-in for a diverged metric: worse than any real value in its direction.
+PENALTY = 1.0e6
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, update or metric."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_hparams(raw: dict[str, Any] | None, n_tasks: int) -> dict[str, Any]:
+    """Turn sampled values into constructor arguments.
+
+    A simplex parameter arrives as ``{"0": u0, "1": u1, …}`` (K uniforms in (0, 1]); it
+    becomes weights w_i = −log u_i / Σ_j −log u_j · K (a uniform Dirichlet draw scaled to sum K).
+    """
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            u = np.array([float(value[str(i)]) for i in range(len(value))])
+            if len(u) != n_tasks:
+                raise ValueError(f"hyperparameter {key!r} has {len(u)} components but the benchmark has {n_tasks} tasks")
+            e = -np.log(np.clip(u, 1e-12, 1.0))
+            out[key] = (e / e.sum() * n_tasks).tolist() if e.sum() > 0 else [1.0] * n_tasks
+        else:
+            out[key] = value
+    return out
+
+
+def metric_directions(bench, splits: tuple[str, ...], last_n: int) -> dict[str, str]:
+    """Every reported metric key with its mode ("min"/"max")."""
+    keys: dict[str, str] = {}
+    prefixes = list(splits) + ([f"test_last{last_n}"] if last_n and "test" in splits else [])
+    for prefix in prefixes:
+        for spec in bench.metrics:
+            keys[f"{prefix}/{spec.name}"] = spec.mode
+        if bench.has_baselines():
+            keys[f"{prefix}/delta_m"] = "min"
+    return keys
+
+
+def penalised(metrics: dict[str, Any], directions: dict[str, str]) -> dict[str, Any]:
+    out = dict(metrics)
+    for key, mode in directions.items():
+        value = out.get(key)
+        if value is None or not math.isfinite(float(value)):
+            out[key] = PENALTY if mode == "min" else -PENALTY
+    return out
+
+
+class Trainer:
+    """Builds a run from a trial config and trains it; see the module docstring."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        bench = get_benchmark(config["benchmark"], data_root=config.get("data_root"),
+                              synthetic=bool(config.get("synthetic", False)))
+        self.bench = bench
+        self.config = {**bench.defaults, **{k: v for k, v in config.items() if v is not None}}
+        cfg = self.config
+        self.device = resolve_device(cfg.get("device"))
+        seed_everything(int(cfg.get("seed", 0)))
+        self.setup = bench.build(cfg, self.device)
+        self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
+        extra = bench.balancer_options(cfg).get(cfg["method"], {})
+        self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
+        groups: list[dict[str, Any]] = [{"params": list(self.setup.model.parameters())}]
+        if self.balancer.parameters():
+            groups.append({"params": self.balancer.parameters(), "lr": float(cfg.get("method_params_lr", 0.025))})
+        self.optimizer = bench.make_optimizer(groups, cfg)
+        self.scheduler = bench.make_scheduler(self.optimizer, cfg)
+        self.epoch = 0
+        self.epochs = int(cfg["epochs"])
+        self.last_n = int(cfg.get("last_n_mean", 0) or 0)
+        self.test_history: deque[dict[str, float]] = deque(maxlen=max(self.last_n, 1))
+        self.directions = metric_directions(bench, self.setup.eval_splits, self.last_n)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.setup.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "test_history": list(self.test_history),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.setup.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.test_history = deque(state["test_history"], maxlen=max(self.last_n, 1))
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self) -> dict[str, float]:
+        setup, bench = self.setup, self.bench
+        k = bench.n_tasks
+        loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
+        weight_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
+        steps = 0
+        setup.model.train()
+        for batch in setup.train_batches(self.epoch):
+            losses, info = self.balancer.train_step(lambda b=batch: setup.forward(b), self.optimizer,
+                                                    setup.shared_parameters, setup.task_parameters)
+            loss_sum += losses.detach().to(loss_sum.dtype)
+            weight_sum += info.weights.detach().to(device=self.device, dtype=weight_sum.dtype)
+            steps += 1
+        if steps == 0:
+            raise ValueError(f"{bench.name}: the training split yielded no batch")
+        # one host sync per epoch, not per step
+        mean_losses = (loss_sum / steps).cpu()
+        if not bool(torch.isfinite(mean_losses).all()):
+            raise DivergedError(f"non-finite training loss {mean_losses.tolist()}")
+        metrics = {f"train/loss/{t}": float(v) for t, v in zip(bench.tasks, mean_losses)}
+        metrics.update({f"weights/{t}": float(v) for t, v in zip(bench.tasks, (weight_sum / steps).cpu())})
+        self._train_losses = mean_losses
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        bench = self.bench
+        self.setup.model.eval()
+        out: dict[str, float] = {}
+        first_values: dict[str, float] | None = None
+        with torch.no_grad():
+            for split in self.setup.eval_splits:
+                values = {k: float(v) for k, v in self.setup.evaluate(split).items()}
+                first_values = values if first_values is None else first_values
+                out.update({f"{split}/{k}": v for k, v in values.items()})
+                if bench.has_baselines():
+                    out[f"{split}/delta_m"] = delta_m(values, bench.metrics)
+                if split == "test" and self.last_n:
+                    self.test_history.append(values)
+                    mean = {k: float(np.mean([h[k] for h in self.test_history])) for k in values}
+                    out.update({f"test_last{self.last_n}/{k}": v for k, v in mean.items()})
+                    if bench.has_baselines():
+                        out[f"test_last{self.last_n}/delta_m"] = delta_m(mean, bench.metrics)
+        for key in self.directions:
+            if key in out and not math.isfinite(out[key]):
+                raise DivergedError(f"non-finite metric {key} = {out[key]}")
+        self._first_split_values = first_values or {}
+        return out
+
+    def run(self, report: Reporter) -> None:
+        """Train the remaining epochs, reporting after each; divergence ends the run cleanly."""
+        base = {"epochs": float(self.epochs), "synthetic": float(self.bench.synthetic)}
+        while self.epoch < self.epochs:
+            start = time.perf_counter()
+            try:
+                metrics = self.train_epoch()
+                metrics.update(self.evaluate())
+            except (DivergedError, BalancerError) as err:
+                failed = penalised({**base, "epoch": float(self.epoch + 1), "diverged": 1.0,
+                                    "solver_failures": float(self._solver_failures()), "error": f"{type(err).__name__}: {err}"},
+                                   self.directions)
+                report(failed, None)
+                return
+            self.bench.scheduler_step(self.scheduler, metrics)
+            scores = None
+            if self.bench.has_baselines() and self._first_split_values:
+                scores = torch.tensor(task_scores(self._first_split_values, self.bench.metrics, self.bench.tasks))
+            self.balancer.on_epoch_end(EpochInfo(epoch=self.epoch, train_losses=self._train_losses, scores=scores))
+            self.epoch += 1
+            metrics.update(base)
+            metrics.update({"epoch": float(self.epoch), "epoch_time_s": time.perf_counter() - start, "diverged": 0.0,
+                            "solver_failures": float(self._solver_failures())})
+            report(metrics, self.state_dict())
+
+    def _solver_failures(self) -> int:
+        counter = getattr(self.balancer, "failures", None)
+        return int(getattr(counter, "total", 0))
+
+
+def train(config: dict[str, Any], report: Reporter, resume_state: dict[str, Any] | None = None) -> Trainer:
+    """Train one configuration; ``resume_state`` (a ``Trainer.state_dict()``) continues a run."""
+    trainer = Trainer(config)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+    trainer.run(report)
+    return trainer
