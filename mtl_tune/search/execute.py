@@ -57,6 +57,11 @@ def _scheduler(plan: Plan, epochs: int):
     return None
 
 
+def trial_dirname(trial) -> str:
+    """Short, stable trial folder names (Tune's default embeds every config value)."""
+    return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
+
+
 def run_method(plan: Plan, method: str) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -87,7 +92,8 @@ def run_method(plan: Plan, method: str) -> None:
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
-                                    scheduler=_scheduler(plan, epochs), num_samples=budget, reuse_actors=False),
+                                    scheduler=_scheduler(plan, epochs), num_samples=budget, reuse_actors=False,
+                                    trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=method, storage_path=str(plan.sweep_dir), verbose=o.verbose,
             failure_config=tune.FailureConfig(max_failures=o.max_failures),

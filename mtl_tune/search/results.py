@@ -44,7 +44,7 @@ def write_sweep_json(sweep_dir: Path, info: dict[str, Any]) -> None:
 
 
 def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+    path = getattr(trial, "path", None) or getattr(trial, "local_path", None)
     if path and (Path(path) / "error.txt").is_file():
         text = _ANSI.sub("", (Path(path) / "error.txt").read_text(errors="replace")).strip()
         lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -89,7 +89,7 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
         for key in ("solver_failures", "diverged", "synthetic", "time_total_s"):
             row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
         row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
-        row["logdir"] = str(getattr(trial, "local_path", "") or getattr(trial, "path", ""))
+        row["logdir"] = str(getattr(trial, "path", "") or getattr(trial, "local_path", ""))
         rows.append(row)
     return rows
 

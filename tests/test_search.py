@@ -1,0 +1,85 @@
+"""The search CLI: input validation (no compute spent) and a real Ray Tune + Optuna run."""
+
+import os
+import stat
+
+import pytest
+
+from mtl_tune.search.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "nope"], "unknown method 'nope'; valid methods: .*cagrad"),
+    (["--benchmark", "imagenet"], "unknown benchmark 'imagenet'; valid benchmarks: .*toy"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--objective", "accuracy"], "unknown objective 'accuracy' for benchmark toy; valid: pareto"),
+    (["--objective", "test/loss1"], "leaks the test set"),
+    (["--method", "cagrad", "--set", "c=7"], "c=7 is outside its range"),
+    (["--method", "cagrad", "--set", "cc=1"], "no hyperparameter 'cc'"),
+    (["--method", "ls,cagrad", "--set", "c=0.1"], "use it with a single --method"),
+    (["--config", "learning_rate=1"], "not settings of benchmark toy"),
+    (["--scheduler", "asha"], "need a scalar objective"),
+    (["--method", "cagrad", "--search-space", "/nonexistent/space.yaml"], "/nonexistent/space.yaml does not exist"),
+])
+def test_bad_input_is_one_clear_message(capsys, tmp_path, args, match):
+    import re
+
+    code, out, err = run_cli(capsys, *args, "--storage-path", str(tmp_path))
+    assert code == 2
+    assert re.search(match, err), err
+    assert "Traceback" not in err + out
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_unwritable_storage_path(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    blocker.chmod(stat.S_IRUSR)
+    code, _, err = run_cli(capsys, "--storage-path", str(blocker / "sub"))
+    assert code == 2 and "not writable" in err
+
+
+def test_existing_sweep_needs_resume(capsys, tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "trials.csv").write_text("x")
+    code, _, err = run_cli(capsys, "--storage-path", str(tmp_path), "--name", "s1")
+    assert code == 2 and "--resume" in err
+    code, _, err = run_cli(capsys, "--storage-path", str(tmp_path), "--name", "s2", "--resume")
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_real_pareto_search_on_the_toy(ray_cluster, tmp_path, capsys):
+    from mtl_tune.analysis import load_sweep, pareto_mask
+
+    code, out, err = run_cli(capsys, "--method", "ls,cagrad", "--num-samples", "3", "--epochs", "2",
+                             "--config", "steps_per_epoch=150", "--storage-path", str(tmp_path), "--name", "sw",
+                             "--verbose", "0")
+    assert code == 0, err
+    assert "non-dominated trials" in out and "trials.csv" in out
+    table = load_sweep(tmp_path / "sw")
+    assert sorted(table["method"].value_counts().to_dict().items()) == [("cagrad", 3), ("ls", 3)]  # same budget
+    assert set(table["status"]) == {"TERMINATED"}
+    assert (table["training_iteration"] == 2).all()
+    # the first trial of each method runs the YAML defaults (Optuna enqueued point)
+    assert (table.loc[table.method == "cagrad", "hp/c"] == 0.4).any()
+    front = table[pareto_mask(table[["val/loss1", "val/loss2"]].to_numpy(float), ["min", "min"])]
+    assert len(front) >= 1
+    assert (tmp_path / "sw" / "pareto.png").stat().st_size > 10_000
+    assert (tmp_path / "sw" / "sweep.json").is_file()

@@ -1,0 +1,79 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from mtl_tune.training.loop import PENALTY, Trainer, resolve_hparams, train
+
+TOY = {"benchmark": "toy", "seed": 0, "epochs": 3, "steps_per_epoch": 50, "init": 3}
+
+
+def run(config, resume=None):
+    rows, states = [], []
+    # deep copies: a state dict holds live tensors that later epochs update in place
+    train(config, lambda m, s: (rows.append(m), states.append(copy.deepcopy(s))), resume)
+    return rows, states
+
+
+def test_reports_flat_metrics_every_epoch():
+    rows, states = run({**TOY, "method": "cagrad"})
+    assert [r["epoch"] for r in rows] == [1.0, 2.0, 3.0]
+    for key in ("val/loss1", "val/loss2", "val/pareto_distance", "train/loss/task1", "weights/task2",
+                "epoch_time_s", "solver_failures", "diverged"):
+        assert all(isinstance(r[key], float) and math.isfinite(r[key]) for r in rows), key
+    assert states[-1]["epoch"] == 3
+
+
+def test_loss_decreases_on_the_toy():
+    rows, _ = run({**TOY, "method": "ls", "epochs": 4})
+    assert rows[-1]["val/loss2"] < rows[0]["val/loss2"]
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run():
+    config = {**TOY, "method": "famo"}
+    full, _ = run(config)
+    first, states = run({**config, "epochs": 3})
+    # restart from the state after epoch 1 and finish: identical metrics (CPU determinism)
+    rest, _ = run(config, resume=states[0])
+    assert [r["epoch"] for r in rest] == [2.0, 3.0]
+    for a, b in zip(full[1:], rest):
+        assert a["val/loss1"] == b["val/loss1"] and a["val/loss2"] == b["val/loss2"]
+
+
+def test_divergence_reports_finite_penalties_and_stops(monkeypatch):
+    from mtl_tune.benchmarks import toy
+
+    original = toy.toy_objectives
+    monkeypatch.setattr(toy, "toy_objectives", lambda x, scale=0.1: original(x, scale) * float("nan"))
+    rows, states = run({**TOY, "method": "ls"})
+    assert len(rows) == 1 and states == [None]
+    last = rows[0]
+    assert last["diverged"] == 1.0 and "non-finite" in last["error"]
+    assert last["val/loss1"] == PENALTY and last["val/pareto_distance"] == PENALTY
+
+
+def test_balancer_error_is_a_recorded_failure_not_a_crash():
+    rows, _ = run({**TOY, "method": "famo", "hparams": {"min_losses": [0.0, 0.0]}})  # toy losses are negative
+    assert rows[-1]["diverged"] == 1.0 and "min_losses" in rows[-1]["error"]
+
+
+def test_simplex_hparams_become_weights_summing_to_k():
+    out = resolve_hparams({"task_weights": {"0": 0.5, "1": 0.5, "2": 0.5}, "c": 0.3}, 3)
+    assert out["task_weights"] == pytest.approx([1.0, 1.0, 1.0]) and out["c"] == 0.3
+    out = resolve_hparams({"task_weights": {"0": 0.9, "1": 0.1}}, 2)
+    assert sum(out["task_weights"]) == pytest.approx(2.0) and out["task_weights"][1] > out["task_weights"][0]
+    with pytest.raises(ValueError, match="2 components"):
+        resolve_hparams({"task_weights": {"0": 0.5, "1": 0.5}}, 3)
+
+
+def test_same_seed_same_result():
+    a, _ = run({**TOY, "method": "pcgrad"})
+    b, _ = run({**TOY, "method": "pcgrad"})
+    assert a[-1]["val/loss1"] == b[-1]["val/loss1"]
+
+
+def test_trainer_uses_benchmark_balancer_options():
+    trainer = Trainer({**TOY, "method": "famo"})
+    assert trainer.balancer.min_losses.tolist() == pytest.approx([-2.1, -21.0])
+    assert trainer.device == torch.device("cpu") or torch.cuda.is_available()
