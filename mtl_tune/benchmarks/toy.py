@@ -115,8 +115,9 @@ class Toy(Benchmark):
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         scale = float((config or {}).get("scale", self.defaults["scale"]))
-        # FAMO takes log(ℓ − ℓ*): the toy's losses are negative (min ≈ −20), as in FAMO's toy
-        return {"famo": {"min_losses": [-21.0 * scale, -21.0]}}
+        # FAMO and SI take log(ℓ − ℓ*): the toy's losses are negative (min ≈ −20), as in FAMO's toy
+        shift = {"min_losses": [-21.0 * scale, -21.0]}
+        return {"famo": shift, "si": shift}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
         init_index = int(config.get("init", 0))

@@ -110,9 +110,10 @@ class Trainer:
         self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
         extra = bench.balancer_options(cfg).get(cfg["method"], {})
         self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
+        if hasattr(self.balancer, "to"):
+            self.balancer.to(self.device)
         groups: list[dict[str, Any]] = [{"params": list(self.setup.model.parameters())}]
-        if self.balancer.parameters():
-            groups.append({"params": self.balancer.parameters(), "lr": float(cfg.get("method_params_lr", 0.025))})
+        groups.extend(self._balancer_groups(config))
         self.optimizer = bench.make_optimizer(groups, cfg)
         self.scheduler = bench.make_scheduler(self.optimizer, cfg)
         self.epoch = 0
@@ -120,6 +121,23 @@ class Trainer:
         self.last_n = int(cfg.get("last_n_mean", 0) or 0)
         self.test_history: deque[dict[str, float]] = deque(maxlen=max(self.last_n, 1))
         self.directions = metric_directions(bench, self.setup.eval_splits, self.last_n)
+
+    def _balancer_groups(self, user_config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Param groups for learnable balancer parameters (UW's log-variances).
+
+        A balancer with ``param_groups()`` brings its own learning rate (a searchable
+        hyperparameter); an explicit ``method_params_lr`` in the trial config overrides it.
+        Otherwise the official trainers' second group with lr ``method_params_lr`` (0.025).
+        """
+        lr = user_config.get("method_params_lr")
+        if hasattr(self.balancer, "param_groups"):
+            groups = [dict(g) for g in self.balancer.param_groups()]
+            if lr is not None:
+                for g in groups:
+                    g["lr"] = float(lr)
+            return groups
+        params = self.balancer.parameters()
+        return [{"params": params, "lr": float(lr if lr is not None else 0.025)}] if params else []
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""``go4align`` — GO4Align, group risk minimisation (Shen et al., NeurIPS'24,
+arXiv 2404.06486; methods.md §2.8).
+
+Per step, with the detached task losses ℓ (K,):
+
+    P = mean(ℓ) / ℓ                                   (scale vector; needs ℓ > 0)
+    Q_t = normalise(Q_{t−1} ⊙ exp(−β ℓ)),  Q_0 = 1/K   (smoothness; sums to 1)
+    γ = P ⊙ Q_t                                        (group indicator, no gradient)
+    groups = k-means of the K scalars γ into M groups; ω_i = centre of i's group
+    L = Σ_i ω_i ℓ_i                                    (one backward; heads weighted)
+
+Decisions (and where they differ from the official code):
+
+* ``scale="mean"`` (default) is the paper's P. The official code (GO4Align repo and
+  MTLlib) uses Σ_j ℓ_j / ℓ_i = K·P — ``scale="sum"`` reproduces it. Since Q ≈ 1/K, the paper's
+  weights are ≈ 1/ℓ_i · mean(ℓ)/K (mean-loss scale) and the code's are K times larger.
+* k-means is the **exact** optimum of the 1-D problem (:func:`kmeans_1d`, dynamic
+  programming on the sorted values — an optimal 1-D clustering is contiguous in sorted
+  order), deterministic and without sklearn. MTLlib runs sklearn's Lloyd iterations
+  (``random_state=42``), a local optimum that in 1-D almost always coincides; the
+  official GO4Align repo cannot run M ≥ 2 at all (its k-means import is commented out).
+* M = ``num_groups`` must be in 1..K: MTLlib's default M = 5 crashes inside sklearn for
+  K < 5, here it is a clear :class:`ValueError` at construction. M = 1 gives every task
+  mean(γ) (LS with an adaptive global scale); M = K gives ω = γ (inverse-loss weighting).
+* Q is kept in the log domain (log Q ← log_softmax(log Q − βℓ)), which is the same
+  recursion without the underflow of a long product of exponentials.
+* No clipping (as the official code). A non-positive loss raises :class:`BalancerError`.
+
+Cost: one host sync per step (the K scalars go to the CPU), as the official code.
+State: log Q (saved in :meth:`state_dict`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import BalancerError, LossBalancer
+
+SCALES = ("mean", "sum")
+
+
+def kmeans_1d(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Globally optimal k-means of scalars ``x`` (n,) into ``m`` non-empty groups.
+
+    Minimises Σ_groups Σ_{i∈g} (x_i − mean_g)². Optimal groups are contiguous in sorted
+    order, so with D_k(j) = best cost of the j smallest values in k groups,
+        D_k(j) = min_{i<j} D_{k−1}(i) + c(i, j),   c(i, j) = SSE of sorted x[i:j],
+    computed from prefix sums (Bellman 1973; Wang & Song, R Journal 2011 "Ckmeans.1d.dp").
+    Ties go to the smallest split index, so the result is deterministic.
+    Returns ``(labels (n,) in the input order, centres (m,) ascending, total SSE)``.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    n = x.size
+    if not 1 <= m <= n:
+        raise ValueError(f"k-means needs 1 <= groups <= {n} values, got {m} groups")
+    order = np.argsort(x, kind="stable")
+    xs = x[order] - x.mean()  # centring keeps the prefix-sum formula free of cancellation
+    p1 = np.concatenate([[0.0], np.cumsum(xs)])
+    p2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    cnt = j - i
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = (p2[j] - p2[i]) - (p1[j] - p1[i]) ** 2 / cnt
+    cost = np.where(cnt > 0, np.maximum(cost, 0.0), np.inf)  # only non-empty segments i < j
+    best = cost[0].copy()  # best[j] = D_1(j)
+    back = np.zeros((m, n + 1), dtype=np.int64)
+    for k in range(1, m):
+        total = best[:, None] + cost  # total[i, j] = D_k(i) + c(i, j)
+        back[k] = np.argmin(total, axis=0)
+        best = total[back[k], np.arange(n + 1)]
+    bounds = [n]
+    for k in range(m - 1, 0, -1):
+        bounds.append(int(back[k][bounds[-1]]))
+    bounds.append(0)
+    bounds.reverse()
+    labels_sorted = np.empty(n, dtype=np.int64)
+    centres = np.empty(m)
+    xo = x[order]
+    for g in range(m):
+        labels_sorted[bounds[g]:bounds[g + 1]] = g
+        centres[g] = xo[bounds[g]:bounds[g + 1]].mean()
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = labels_sorted
+    return labels, centres, float(best[n])
+
+
+def group_indicator(losses: Tensor, log_q: Tensor, beta: float, scale: str = "mean") -> tuple[Tensor, Tensor]:
+    """Return (γ = P ⊙ Q_t, new log Q_t) for detached positive losses (see the module docstring)."""
+    new_log_q = torch.log_softmax(log_q - beta * losses, dim=0)
+    if scale == "mean":
+        p = losses.mean() / losses
+    elif scale == "sum":
+        p = losses.sum() / losses
+    else:
+        raise ValueError(f"go4align: scale must be one of {SCALES}, got {scale!r}")
+    return p * new_log_q.exp(), new_log_q
+
+
+def group_weights(gamma: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """(ω_i = centre of task i's group, group labels) from exact 1-D k-means of γ."""
+    labels, centres, _ = kmeans_1d(gamma.detach().cpu().double().numpy(), num_groups)
+    return torch.from_numpy(centres[labels]), torch.from_numpy(labels)
+
+
+class GO4Align(LossBalancer):
+    """Group risk minimisation weights (see the module docstring)."""
+
+    name = "go4align"
+
+    def __init__(self, n_tasks: int, num_groups: int = 2, beta: float = 1e-4, scale: str = "mean", **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if not (isinstance(num_groups, (int, np.integer)) and 1 <= num_groups <= n_tasks):
+            raise ValueError(f"go4align: num_groups must be an integer in 1..{n_tasks} (the number of tasks), "
+                             f"got {num_groups!r}")
+        if not beta >= 0:
+            raise ValueError(f"go4align: beta must be >= 0, got {beta}")
+        if scale not in SCALES:
+            raise ValueError(f"go4align: scale must be one of {SCALES}, got {scale!r}")
+        self.num_groups, self.beta, self.scale = int(num_groups), float(beta), scale
+        self.log_q = torch.full((n_tasks,), -float(np.log(n_tasks)), dtype=torch.float64)
+        self._labels: Tensor | None = None
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        ell = losses.detach().to(device="cpu", dtype=torch.float64)
+        if bool((ell <= 0).any()) or not bool(torch.isfinite(ell).all()):
+            raise BalancerError(f"go4align: needs finite positive losses (scale = mean/ℓ), got {ell.tolist()}")
+        gamma, self.log_q = group_indicator(ell, self.log_q, self.beta, self.scale)
+        w, self._labels = group_weights(gamma, self.num_groups)
+        w = w.to(device=losses.device, dtype=losses.dtype)
+        return (w * losses).sum(), w
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {"groups": self._labels, "q": self.log_q.exp()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"log_q": self.log_q.clone()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.log_q = state["log_q"].clone().to(torch.float64)

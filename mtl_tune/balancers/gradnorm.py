@@ -1,0 +1,142 @@
+"""``gradnorm`` — GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML'18; methods.md §2.6).
+
+Learnable task weights w (init 1, Σw = K) train the network on L = Σ_i w_i ℓ_i while a
+second loss pulls the per-task gradient norms on the last shared layer W toward a
+common scale adjusted by each task's relative training rate:
+
+    G_i = ‖∇_W (w_i ℓ_i)‖₂ = w_i ‖∇_W ℓ_i‖₂,          Ḡ = mean_i G_i,
+    L̃_i = ℓ_i(t) / ℓ_i(0),   r_i = L̃_i / mean_j L̃_j,   target_i = Ḡ · r_i^α  (held constant),
+    L_grad = Σ_i |G_i − target_i|,   ∂L_grad/∂w_i = sign(G_i − target_i) · ‖∇_W ℓ_i‖.
+
+Per step (the paper's Algorithm 1): the network gets ∇ Σ_i w_i(t) ℓ_i (weights *before*
+their update; heads weighted the same way), then w takes one step of its own Adam
+(``lr``) on ∂L_grad/∂w, and is renormalised to Σw = K. A task that trains slower than
+average (r_i > 1) or whose gradient is smaller than the target gains weight. α sets
+how strongly rates matter (α = 0: equalise gradient norms). ℓ_i(0) are the losses of
+the first step this balancer sees.
+
+Which W: the trailing ``last_shared_params`` tensors of ``shared_params`` (default 2 —
+the weight and bias of a final Linear/Conv layer when parameters are listed in module
+order, as ``nn.Module.parameters()`` does); all of them if fewer exist; 0 = every shared
+parameter (exact, expensive). The benchmark decides the order of its shared list, so a
+benchmark whose last shared layer is not listed last must pass its own value. Only
+``autograd.grad`` on W is needed (K backward passes that stop at W, batched by the
+Jacobian engine), then one full backward of the weighted loss.
+
+Differences from the SamsungLabs/MTL code (the only official implementation): it
+computes the K norms with full per-task ``backward`` calls that leave Σ_i ∇ℓ_i in every
+other parameter, so those get Σ(1 + w_i)∇ℓ_i (double counting) — we do not; it trains w
+with the model optimizer and never projects, so weights can go negative — we clamp w at
+0 before renormalising (the paper is silent; a negative loss weight has no meaning).
+Non-positive losses raise :class:`BalancerError` (the ratios need ℓ > 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses
+
+
+def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
+                     alpha: float) -> tuple[Tensor, Tensor]:
+    """(G_i = w_i‖∇_W ℓ_i‖, target_i = Ḡ · r_i^α) with r the relative inverse training rate."""
+    g = weights * norms
+    ratio = losses / initial_losses
+    r = ratio / ratio.mean()
+    return g, g.mean() * r ** alpha
+
+
+def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
+                         alpha: float) -> Tensor:
+    """∂/∂w Σ_i |w_i n_i − target_i| with the target constant: sign(G_i − target_i) · n_i."""
+    g, target = gradnorm_targets(weights, norms, losses, initial_losses, alpha)
+    return torch.sign(g - target) * norms
+
+
+def renormalise(weights: Tensor) -> Tensor:
+    """Clamp at 0 and rescale to Σw = K."""
+    w = weights.clamp_min(0)
+    total = w.sum()
+    if not bool(total > 0):
+        raise BalancerError(f"gradnorm: all task weights reached 0: {weights.tolist()}")
+    return w * (w.numel() / total)
+
+
+class GradNorm(Balancer):
+    """GradNorm with a private Adam on the task weights (see the module docstring)."""
+
+    name = "gradnorm"
+
+    def __init__(self, n_tasks: int, alpha: float = 1.5, lr: float = 0.025, last_shared_params: int = 2,
+                 **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if not alpha >= 0:
+            raise ValueError(f"gradnorm: alpha must be >= 0, got {alpha}")
+        if not lr > 0:
+            raise ValueError(f"gradnorm: lr must be > 0, got {lr}")
+        if not (isinstance(last_shared_params, int) and last_shared_params >= 0):
+            raise ValueError(f"gradnorm: last_shared_params must be an integer >= 0, got {last_shared_params!r}")
+        self.alpha, self.lr, self.last_shared_params = float(alpha), float(lr), last_shared_params
+        self.weights = torch.ones(n_tasks, requires_grad=True)
+        self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
+        self.initial_losses: Tensor | None = None
+
+    def last_layer(self, shared: Sequence[Tensor]) -> list[Tensor]:
+        """W: the trailing ``last_shared_params`` tensors (all when 0 or when fewer exist)."""
+        n = self.last_shared_params
+        return list(shared) if n == 0 else list(shared[-n:])
+
+    def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
+                 task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
+                 representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
+        check_losses(losses, self.n_tasks, self.name)
+        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
+        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        last = self.last_layer(shared)
+        if not last:
+            raise BalancerError("gradnorm: no shared parameter requires grad")
+        if self.weights.device != losses.device:
+            self._move(losses.device)
+        ell = losses.detach().to(self.weights.dtype)
+        if bool((ell <= 0).any()):
+            raise BalancerError(f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
+        if self.initial_losses is None:
+            self.initial_losses = ell.clone()
+        norms = self.engine.jacobian(losses, last, retain_graph=True).norm(dim=1).detach().to(ell)
+        w_now = self.weights.detach().clone()
+        g, target = gradnorm_targets(w_now, norms, ell, self.initial_losses, self.alpha)
+        (losses * w_now.to(losses.dtype)).sum().backward(inputs=shared + heads)
+        self.w_optimizer.zero_grad(set_to_none=True)
+        self.weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
+        self.w_optimizer.step()
+        with torch.no_grad():
+            self.weights.copy_(renormalise(self.weights))
+        self._clip(shared)
+        self.step_count += 1
+        return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
+                                               "gradnorm_loss": (g - target).abs().sum()})
+
+    def _move(self, device: torch.device) -> None:
+        # the private optimizer holds the old tensor: rebuild it and carry its state over
+        state = self.w_optimizer.state_dict()
+        self.weights = self.weights.detach().to(device).requires_grad_(True)
+        self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
+        self.w_optimizer.load_state_dict(state)
+        if self.initial_losses is not None:
+            self.initial_losses = self.initial_losses.to(device)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"weights": self.weights.detach().cpu().clone(), "w_optimizer": self.w_optimizer.state_dict(),
+                "initial_losses": None if self.initial_losses is None else self.initial_losses.cpu()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.weights.copy_(state["weights"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        init = state["initial_losses"]
+        self.initial_losses = None if init is None else init.to(self.weights.device)

@@ -1,0 +1,102 @@
+"""``rlw`` — random loss weighting (Lin et al., "Reasonable Effectiveness of Random
+Weighting", TMLR'22, arXiv 2111.10603; methods.md §2.3).
+
+Every step draws fresh weights and backpropagates L = Σ_i w_i ℓ_i:
+
+* ``distribution="normal"`` (default, the official FAMO-family / Samsung code):
+  λ̃ ~ N(0, σ² I_K), w = softmax(λ̃). The official code has σ = 1; ``sigma`` is exposed
+  as a temperature (σ → 0 gives equal weights 1/K, large σ nearly one-hot weights).
+* ``distribution="dirichlet"`` (one of the paper's variants): w ~ Dir(α·1_K), sampled as
+  normalised Gamma(α) draws. α = 1 is uniform on the simplex.
+
+The weights sum to **1**, as in the official code — not K — so the update is at the scale
+of the *mean* loss, 1/K of LS (this matters through Adam's ε and clipping only); we keep
+it to reproduce the published numbers.
+
+Unlike the official code (``torch.randn`` on the global RNG, so the weights depend on
+everything else that draws random numbers), the balancer owns a seeded CPU
+``torch.Generator``; its state is part of :meth:`state_dict`, so a resumed run draws the
+same weights. ``seed=None`` takes the seed from the global torch RNG at construction,
+which makes a seeded trial reproducible without a separate seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import LossBalancer
+
+DISTRIBUTIONS = ("normal", "dirichlet")
+
+
+def sample_gamma(alpha: float, n: int, generator: torch.Generator) -> Tensor:
+    """n draws of Gamma(α, 1) in float64 from ``generator`` (Marsaglia & Tsang, ACM TOMS 2000).
+
+    For α ≥ 1: d = α − 1/3, c = 1/√(9d); propose v = (1 + c x)³ with x ~ N(0, 1) and accept
+    d·v when log u < x²/2 + d − d v + d log v (u ~ U(0, 1)). For α < 1 use the boost
+    Gamma(α) = Gamma(α + 1) · u^{1/α}. (``torch.distributions`` cannot take a generator.)
+    """
+    if alpha <= 0:
+        raise ValueError(f"gamma shape must be > 0, got {alpha}")
+    a = alpha + 1.0 if alpha < 1 else alpha
+    d = a - 1.0 / 3.0
+    c = 1.0 / (9.0 * d) ** 0.5
+    out = torch.empty(n, dtype=torch.float64)
+    todo = torch.arange(n)
+    while todo.numel():
+        x = torch.randn(todo.numel(), generator=generator, dtype=torch.float64)
+        u = torch.rand(todo.numel(), generator=generator, dtype=torch.float64)
+        v = (1.0 + c * x) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        out[todo[ok]] = d * v[ok]
+        todo = todo[~ok]
+    if alpha < 1:
+        out = out * torch.rand(n, generator=generator, dtype=torch.float64) ** (1.0 / alpha)
+    return out
+
+
+def rlw_weights(n_tasks: int, generator: torch.Generator, distribution: str = "normal",
+                sigma: float = 1.0, concentration: float = 1.0) -> Tensor:
+    """One draw of simplex weights (K,), float64 on the CPU; see the module docstring."""
+    if distribution == "normal":
+        return torch.softmax(sigma * torch.randn(n_tasks, generator=generator, dtype=torch.float64), dim=0)
+    if distribution == "dirichlet":
+        g = sample_gamma(concentration, n_tasks, generator)
+        return g / g.sum()
+    raise ValueError(f"rlw: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+class RandomLossWeighting(LossBalancer):
+    """Fresh random simplex weights each step (see the module docstring)."""
+
+    name = "rlw"
+
+    def __init__(self, n_tasks: int, distribution: str = "normal", sigma: float = 1.0,
+                 concentration: float = 1.0, seed: int | None = None, **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"rlw: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if not sigma > 0:
+            raise ValueError(f"rlw: sigma must be > 0, got {sigma}")
+        if not concentration > 0:
+            raise ValueError(f"rlw: concentration must be > 0, got {concentration}")
+        self.distribution, self.sigma, self.concentration = distribution, float(sigma), float(concentration)
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        w = rlw_weights(self.n_tasks, self.generator, self.distribution, self.sigma, self.concentration)
+        w = w.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
+        return (losses * w).sum(), w
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,80 @@
+"""``si`` — scale-invariant loss: L = Σ_i log ℓ_i (methods.md §2.2).
+
+Used as a baseline by Nash-MTL (Navon et al., ICML'22) and every FAMO-family paper
+(``ScaleInvariantLinearScalarization``). Its gradient is
+
+    ∇L = Σ_i ∇ℓ_i / ℓ_i,
+
+i.e. linear scalarization with the (implicitly detached) weights 1/ℓ_i, so multiplying a
+task's loss by any c > 0 leaves the update unchanged (the log turns c into an additive
+constant). Heads receive the same weighted gradient, as in the official code.
+
+Options (each documented because the implementations disagree):
+
+* ``form="log"`` (default, paper/FAMO-family) or ``form="log1p"`` — the SamsungLabs/MTL
+  ``si`` uses log(1 + ℓ_i), whose weights 1/(1 + ℓ_i) are **not** scale invariant; it is a
+  different method in practice and offered only to reproduce that code.
+* ``min_losses`` ℓ* (default 0): the logs are taken of D_i = ℓ_i − ℓ*_i, as FAMO does, so
+  problems with negative losses (the toy, min ≈ −20) can be run. The official code has no
+  shift and no epsilon, so a loss ≤ 0 gives −inf/NaN there; here a D_i ≤ 0 (or
+  1 + D_i ≤ 0 for ``log1p``) raises :class:`BalancerError` naming the losses.
+
+The effective weights reported per step are 1/D_i (or 1/(1 + D_i)); they do not sum to
+anything fixed — that is the point of the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import BalancerError, LossBalancer
+
+FORMS = ("log", "log1p")
+
+
+def si_objective(losses: Tensor, min_losses: Tensor, form: str = "log") -> tuple[Tensor, Tensor]:
+    """Return (Σ_i log D_i, weights 1/D_i) with D_i = ℓ_i − ℓ*_i; ``log1p`` uses log(1 + D_i).
+
+    The weights are ∂L/∂ℓ_i, so the gradient of the objective equals that of the
+    weighted sum Σ_i w_i ℓ_i with w detached. No validity check (see :class:`ScaleInvariant`).
+    """
+    d = losses - min_losses.to(losses)
+    if form == "log":
+        return d.log().sum(), 1.0 / d.detach()
+    if form == "log1p":
+        return torch.log1p(d).sum(), 1.0 / (1.0 + d.detach())
+    raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
+
+
+class ScaleInvariant(LossBalancer):
+    """Sum of log-losses (see the module docstring)."""
+
+    name = "si"
+
+    def __init__(self, n_tasks: int, form: str = "log", min_losses: Sequence[float] | None = None,
+                 **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if form not in FORMS:
+            raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
+        self.form = form
+        self.min_losses = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(
+            list(min_losses), dtype=torch.float64)
+        if self.min_losses.shape != (n_tasks,) or not bool(torch.isfinite(self.min_losses).all()):
+            raise ValueError(f"si: min_losses must be {n_tasks} finite numbers, got {min_losses!r}")
+
+    def _check(self, losses: Tensor) -> None:
+        # one host sync per step: the price of an error instead of a NaN the optimizer would eat
+        d = losses.detach() - self.min_losses.to(losses)
+        floor = 0.0 if self.form == "log" else -1.0
+        if bool((d <= floor).any()):
+            what = "ℓ − min_losses" if self.form == "log" else "1 + ℓ − min_losses"
+            raise BalancerError(f"si: {what} must be > 0 for every task, got losses "
+                                f"{losses.detach().tolist()} with min_losses {self.min_losses.tolist()}; "
+                                "set min_losses below the lowest reachable loss")
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(losses)
+        return si_objective(losses, self.min_losses, self.form)

@@ -1,0 +1,91 @@
+"""``uw`` — homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR'18;
+methods.md §2.5).
+
+Learnable s_i = log σ_i² (init 0), trained jointly with the model:
+
+* ``form="regression"`` (default; nash-mtl / FAMO-family code, Kendall's Gaussian
+  likelihood applied to every task):   L = Σ_i ½ (e^{−s_i} ℓ_i + s_i).
+  For a fixed ℓ_i > 0 the minimiser over s_i is e^{−s_i} = 1/ℓ_i.
+* ``form="classification"`` (SamsungLabs/MTL ``uncertainty``):   L = Σ_i (e^{−s_i} ℓ_i + ½ s_i),
+  minimiser e^{−s_i} = 1/(2ℓ_i) — the same method up to a factor 2 in the weights.
+
+Both forms are unbounded below when a loss reaches 0 (s → −∞); that is the method.
+
+How s is trained: :meth:`parameters` returns ``[log_vars]``, and the *training* optimizer
+must update it — the FAMO-family trainers put it in a second Adam param group with
+lr = ``--method-params-lr`` (0.025). ``lr`` is therefore a constructor argument that this
+class only stores (and returns in :meth:`param_groups`, the ready-made group for
+``torch.optim.Adam([{"params": model_params}, *balancer.param_groups()], lr=...)``); the
+trainer reads it. Note the official CelebA trainers forget this group, so there s never
+moves and UW degenerates to ½·LS (methods.md §1.5) — we do not reproduce that bug.
+
+Reported weights are the effective ∂L/∂ℓ_i (½e^{−s} or e^{−s}); the official code reports
+e^{−s} for the regression form, available here as ``extras["precision"]``.
+Heads receive the same weighted gradient (official behaviour).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtl_tune.balancers.base import LossBalancer
+
+FORMS = ("regression", "classification")
+
+
+def uw_objective(losses: Tensor, log_vars: Tensor, form: str = "regression") -> tuple[Tensor, Tensor]:
+    """Return (L, ∂L/∂ℓ) for the uncertainty objective; see the module docstring."""
+    s = log_vars.to(losses)
+    precision = torch.exp(-s)
+    if form == "regression":
+        return 0.5 * (precision * losses + s).sum(), 0.5 * precision.detach()
+    if form == "classification":
+        return (precision * losses + 0.5 * s).sum(), precision.detach()
+    raise ValueError(f"uw: form must be one of {FORMS}, got {form!r}")
+
+
+class Uncertainty(LossBalancer):
+    """Learned log-variances s_i (see the module docstring)."""
+
+    name = "uw"
+
+    def __init__(self, n_tasks: int, lr: float = 0.025, form: str = "regression", init: float = 0.0,
+                 **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if not lr > 0:
+            raise ValueError(f"uw: lr must be > 0, got {lr}")
+        if form not in FORMS:
+            raise ValueError(f"uw: form must be one of {FORMS}, got {form!r}")
+        self.lr, self.form = float(lr), form
+        self.log_vars = nn.Parameter(torch.full((n_tasks,), float(init)))
+
+    def parameters(self) -> list[Tensor]:
+        return [self.log_vars]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer param group for s with its own learning rate ``lr``."""
+        return [{"params": [self.log_vars], "lr": self.lr}]
+
+    def to(self, device: torch.device | str) -> Uncertainty:
+        """Move s in place. The Parameter object stays the same, so an optimizer that already
+        holds it keeps working as long as it has not stepped yet (its state is created lazily).
+        Without this, s stays on the CPU and is copied to the losses' device each step
+        (gradients still flow back to it)."""
+        self.log_vars.data = self.log_vars.data.to(device)
+        return self
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        return uw_objective(losses, self.log_vars, self.form)
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {"precision": torch.exp(-self.log_vars.detach()), "log_vars": self.log_vars.detach().clone()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"log_vars": self.log_vars.detach().cpu().clone()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.log_vars.copy_(state["log_vars"])
