@@ -1,0 +1,243 @@
+"""``nyuv2`` — NYUv2, 3 tasks (13-class segmentation, depth, surface normals), SegNet-MTAN.
+
+Protocol of Nash-MTL (Navon et al., ICML'22) and its FAMO-family forks (benchmarks.md §2,
+methods.md §1.6): the pre-processed MTAN release (Liu et al., CVPR'19) at 288×384, 795
+training and 654 "val" images; batch 2, Adam lr 1e-4 without weight decay, StepLR(100, ½),
+200 epochs, RandomScaleCrop + flip augmentation; papers report the test metrics averaged
+over the last 10 epochs (``last_n_mean = 10``; the generic trainer does the averaging).
+
+**Honest tuning (deviation from the papers, on by default).** The release's ``val`` folder is
+the test set and the papers select nothing on a validation split. Here ``eval_splits =
+("val", "test")``: "val" is a seeded subset (``val_fraction`` 0.1, ``split_seed`` 0 — the same
+for every trial) of the *training* folder, excluded from training and not augmented; "test"
+is the official ``val`` folder. ``val_fraction = 0`` trains on all 795 images as the papers
+do and evaluates only "test", with a warning: tuning on it leaks the test set.
+
+Metric units follow the official code so Δm matches the published values: mIoU, PixAcc and
+the normal-angle fractions in [0, 1] (tables print them ×100), depth errors in metres /
+ratio, angles in degrees. STL baselines are the official ``BASE`` (from CAGrad).
+
+:class:`DenseBenchmark` (also used by :mod:`mtl_tune.benchmarks.cityscapes`) holds the
+pipeline; a subclass only declares its layout, tasks and metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from mtl_tune.balancers.base import ForwardOutput
+from mtl_tune.benchmarks._dense import (
+    LOSSES, DenseDataset, DenseLayout, DenseMetrics, check_dense_data, epoch_order, npy_source, split_indices,
+)
+from mtl_tune.benchmarks._segnet import FILTERS, build_model, split_parameters
+from mtl_tune.benchmarks.base import Benchmark, Setup
+from mtl_tune.metrics import MetricSpec
+
+DENSE_DEFAULTS: dict[str, Any] = {
+    "epochs": 200, "lr": 1e-4, "weight_decay": 0.0, "lr_step_size": 100, "lr_gamma": 0.5,
+    "model": "mtan",              # "mtan" (SegNet-MTAN) | "segnet" (hard sharing)
+    "param_split": "famo",        # "famo": all but pred_* shared | "cagrad": attention masks per task
+    "filters": FILTERS,           # SegNet widths; smaller only for tests / quick debugging
+    "augmentation": True,
+    "depth_aug": "official",      # "official" | "physical" (differs only for inverse depth)
+    "val_fraction": 0.1, "split_seed": 0,
+    "eval_batch_size": None,      # None = batch_size (the official test loader; batch metrics depend on it)
+    "metric_averaging": "batch",  # "batch" (official) | "pixel" (LibMTL / SamsungLabs)
+    "num_workers": 0,
+    "last_n_mean": 10,
+    "seed": 0,
+}
+
+
+def synthetic_source(keys: Sequence[str], shape: tuple[int, int], n_classes: int,
+                     seed: int) -> Callable[[int], dict[str, np.ndarray]]:
+    """Random arrays in the release's format (shapes, dtypes, ranges, ignore labels); sample i
+    depends only on (seed, i). For throughput measurements only — nothing is learnable."""
+    h, w = shape
+
+    def make(i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([0x5A7, int(seed), int(i)])
+        out = {"image": rng.random((h, w, 3)), "label": rng.integers(-1, n_classes, (h, w)).astype(np.float64),
+               "depth": rng.uniform(0.0, 10.0, (h, w, 1))}
+        if "normal" in keys:
+            n = rng.standard_normal((h, w, 3))
+            out["normal"] = n / np.linalg.norm(n, axis=-1, keepdims=True)
+        return {k: out[k] for k in keys}
+    return make
+
+
+class DenseBenchmark(Benchmark):
+    """Shared pipeline of the MTAN-release dense benchmarks (see the module docstring).
+
+    Constructor options besides ``data_root``/``synthetic``: ``image_shape`` (expected H×W,
+    default the release's), ``expected_counts`` (files per split; default the release's,
+    ``None`` accepts any count — for subsets and test fixtures), ``check_samples`` (files
+    per folder whose value ranges :meth:`check_data` reads, default 4).
+    """
+
+    layout: ClassVar[DenseLayout]
+    #: the release stores inverse depth (disparity) instead of metric depth
+    inverse_depth: ClassVar[bool] = False
+
+    def __init__(self, data_root: str | None = None, synthetic: bool = False, *,
+                 image_shape: tuple[int, int] | None = None, expected_counts: Any = "release",
+                 check_samples: int = 4, **options: Any) -> None:
+        super().__init__(data_root, synthetic, **options)
+        counts = self.layout.counts if expected_counts == "release" else expected_counts
+        shape = tuple(int(s) for s in image_shape) if image_shape is not None else self.layout.image_shape
+        self.data_layout = replace(self.layout, image_shape=shape, counts=counts)
+        self.check_samples = int(check_samples)
+        self._checked = False
+
+    # ------------------------------------------------------------------ data
+    @property
+    def root(self) -> str | None:
+        """``data_root``, else the environment variable :attr:`data_env`."""
+        return self.data_root or (os.environ.get(self.data_env) if self.data_env else None)
+
+    def check_data(self) -> None:
+        """Validate the data folder (no-op for synthetic data); raises :class:`DataError`."""
+        if self.synthetic:
+            return
+        check_dense_data(self.data_layout, self.root, self.data_env, self.check_samples)
+        self._checked = True
+
+    def _sources(self) -> dict[str, tuple[Any, int]]:
+        keys = list(self.layout.folders)
+        if self.synthetic:
+            counts = self.layout.counts  # the release's sizes, whatever expected_counts says
+            if counts is None:
+                raise ValueError(f"{self.name}: synthetic mode needs the release's file counts in its layout")
+            # fixed data seeds: every trial sees the same random "data set"
+            shape, n_classes = self.data_layout.image_shape, self.layout.n_classes
+            return {split: (synthetic_source(keys, shape, n_classes, k), counts[split])
+                    for k, split in enumerate(("train", "val"))}
+        root = self.root
+        if root is None:  # check_data reports this with the full layout; repeat it here
+            self.check_data()
+        return {split: (npy_source(root, split, self.layout.folders),
+                        len([n for n in os.listdir(os.path.join(root, split, "image")) if n.endswith(".npy")]))
+                for split in ("train", "val")}
+
+    # ------------------------------------------------------------------ training
+    def make_optimizer(self, params, config: dict[str, Any]) -> torch.optim.Optimizer:
+        """Adam(lr, no weight decay by default); groups with their own ``lr`` keep it."""
+        return torch.optim.Adam(params, lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 0.0)))
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+        """StepLR(step_size = 100, γ = ½) stepped once per epoch, on every param group."""
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(config["lr_step_size"]),
+                                               gamma=float(config["lr_gamma"]))
+
+    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        # all losses are ≥ 0 (NLL, L1, 1 − cos), so e.g. FAMO's default ℓ* = 0 is valid
+        return {}
+
+    def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        cfg = {**self.defaults, **{k: v for k, v in config.items() if v is not None}}
+        if not self.synthetic and not self._checked:
+            self.check_data()
+        seed = int(cfg["seed"])
+        kinds = list(self.tasks)
+        heads = [(k, self.layout.n_classes if k == "seg" else (1 if k == "depth" else 3)) for k in kinds]
+        model = build_model(str(cfg["model"]), heads, cfg["filters"]).to(device)
+        shared, task_params = split_parameters(model, str(cfg["param_split"]))
+        if cfg["depth_aug"] not in ("official", "physical"):
+            raise ValueError(f"depth_aug must be 'official' or 'physical', got {cfg['depth_aug']!r}")
+        inverse = self.inverse_depth and cfg["depth_aug"] == "physical"
+
+        sources = self._sources()
+        (train_src, n_files), (test_src, n_test) = sources["train"], sources["val"]
+        val_fraction = float(cfg["val_fraction"])
+        train_idx, val_idx = split_indices(n_files, val_fraction, int(cfg["split_seed"]))
+        train_set = DenseDataset(train_src, n_files, augmentation=bool(cfg["augmentation"]), seed=seed,
+                                 inverse_depth=inverse)
+        eval_sets = {"test": (DenseDataset(test_src, n_test), list(range(n_test)))}
+        if val_fraction > 0:
+            eval_sets = {"val": (DenseDataset(train_src, n_files), [int(i) for i in val_idx]), **eval_sets}
+        else:
+            warnings.warn(f"{self.name}: val_fraction=0 — training on the whole training folder and "
+                          "evaluating only the official test folder (the papers' protocol). Any search that "
+                          "selects on 'test/...' metrics LEAKS the test set into model selection.",
+                          UserWarning, stacklevel=2)
+        batch_size = int(cfg["batch_size"])
+        eval_bs = int(cfg["eval_batch_size"] or batch_size)
+        workers = int(cfg["num_workers"])
+        pin = device.type == "cuda"
+
+        def loader(dataset: DenseDataset, order: list[int], bs: int) -> DataLoader:
+            return DataLoader(dataset, batch_size=bs, sampler=order, num_workers=workers, pin_memory=pin)
+
+        def train_batches(epoch: int) -> DataLoader:
+            train_set.epoch = epoch  # read when the loader (and its workers) start
+            return loader(train_set, epoch_order(train_idx, seed, epoch), batch_size)
+
+        def predict(batch: dict[str, Tensor]) -> tuple[list[Tensor], Any, Tensor, dict[str, Tensor]]:
+            batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
+            preds, reps = model(batch["image"])
+            losses = torch.stack([LOSSES[k][0](p, batch[LOSSES[k][1]]) for k, p in zip(kinds, preds)])
+            return preds, reps, losses, batch
+
+        def forward(batch: dict[str, Tensor]) -> ForwardOutput:
+            _, reps, losses, _ = predict(batch)
+            return ForwardOutput(losses=losses, representation=reps)
+
+        def evaluate(split: str) -> dict[str, float]:
+            if split not in eval_sets:
+                raise ValueError(f"{self.name}: unknown split {split!r}; this run evaluates {list(eval_sets)}")
+            dataset, order = eval_sets[split]
+            metrics = DenseMetrics(kinds, self.layout.n_classes, str(cfg["metric_averaging"]))
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    for batch in loader(dataset, order, eval_bs):
+                        preds, _, losses, batch = predict(batch)
+                        metrics.update(preds, batch, losses)
+            finally:
+                model.train(was_training)
+            return metrics.compute()
+
+        return Setup(model=model, shared_parameters=shared, task_parameters=task_params,
+                     train_batches=train_batches, forward=forward, evaluate=evaluate,
+                     eval_splits=tuple(eval_sets),
+                     extras={"n_train": len(train_idx), "n_val": len(val_idx), "n_test": n_test,
+                             "test_leak": val_fraction == 0, "synthetic": self.synthetic})
+
+
+class NYUv2(DenseBenchmark):
+    name = "nyuv2"
+    description = "NYUv2 (MTAN release, 288×384): 13-class segmentation, depth, normals; SegNet-MTAN"
+    tasks = ("seg", "depth", "normal")
+    data_env = "MTL_TUNE_NYUV2_ROOT"
+    layout = DenseLayout(
+        title="NYUv2", folders={"image": "image", "label": "label", "depth": "depth", "normal": "normal"},
+        n_classes=13, image_shape=(288, 384), counts={"train": 795, "val": 654},
+        depth_note="metres",
+        source="the pre-processed NYUv2 release (288×384 .npy, ~9 GB) linked from the README of "
+               "https://github.com/lorenmt/mtan")
+    # order and baselines of the official BASE / SIGN (experiments/nyuv2/utils.py)
+    metrics = (
+        MetricSpec("seg/miou", "seg", True, 0.3830, primary=True),
+        MetricSpec("seg/pixacc", "seg", True, 0.6376),
+        MetricSpec("depth/abs_err", "depth", False, 0.6754, primary=True),
+        MetricSpec("depth/rel_err", "depth", False, 0.2780),
+        MetricSpec("normal/mean", "normal", False, 25.01, primary=True),
+        MetricSpec("normal/median", "normal", False, 19.21),
+        MetricSpec("normal/within_11_25", "normal", True, 0.3014),
+        MetricSpec("normal/within_22_5", "normal", True, 0.5720),
+        MetricSpec("normal/within_30", "normal", True, 0.6915),
+    )
+    defaults = {**DENSE_DEFAULTS, "batch_size": 2}
+
+
+__all__ = ["DENSE_DEFAULTS", "DenseBenchmark", "NYUv2"]
