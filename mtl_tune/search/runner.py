@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 from mtl_tune.benchmarks.base import Benchmark
 from mtl_tune.registry import available_balancers, balancer_class, get_benchmark
 from mtl_tune.search.spaces import SearchSpace, SpaceError, load_space
+
+
+#: trainer settings every benchmark accepts in --config (besides its own defaults)
+CONFIG_KEYS = {"device", "method_params_lr", "last_n_mean", "deterministic", "benchmark_options"}
 
 
 class SearchError(ValueError):
@@ -113,10 +118,10 @@ def prepare(options: SearchOptions) -> Plan:
     if options.fixed and len(methods) != 1:
         raise SearchError("--set fixes hyperparameters of one method; use it with a single --method")
     bench = get_benchmark(options.benchmark, data_root=options.data_root, synthetic=options.synthetic)
-    unknown = set(options.config) - set(bench.defaults) - {"device", "method_params_lr", "last_n_mean"}
+    unknown = set(options.config) - set(bench.defaults) - CONFIG_KEYS
     if unknown:
         raise SearchError(f"--config key(s) {sorted(unknown)} are not settings of benchmark {bench.name}; "
-                          f"valid: {', '.join(sorted(bench.defaults))}, device, method_params_lr, last_n_mean")
+                          f"valid: {', '.join(sorted(set(bench.defaults) | CONFIG_KEYS))}")
     metrics, modes = _objective(bench, options.objective)
     if options.scheduler not in ("fifo", "asha", "hyperband"):
         raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
@@ -128,11 +133,33 @@ def prepare(options: SearchOptions) -> Plan:
         space = load_space(m, bench.name, options.search_space)
         spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
     bench.check_data()
+    if options.address:
+        check_address(options.address)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
     _check_storage(sweep_dir, options.resume)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
                 sweep_dir=sweep_dir, name=name)
+
+
+def check_address(address: str) -> None:
+    """Fail fast when ``--address`` names no reachable Ray head (``ray.init`` would retry for minutes)."""
+    if address.startswith("ray://"):
+        return  # Ray Client: connection errors surface quickly on their own
+    target = address
+    if address == "auto":
+        current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        target = os.environ.get("RAY_ADDRESS") or (current.read_text().strip() if current.is_file() else "")
+        if not target or target == "auto":
+            raise SearchError("--address auto: no running Ray cluster found on this machine; start one with "
+                              "`ray start --head` or pass host:port of the head node")
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise SearchError(f"--address {address}: could not connect to a Ray cluster at {target} ({err}); start one "
+                          "with `ray start --head` or pass host:port of a running head node") from None
 
 
 def _check_storage(sweep_dir: Path, resume: bool) -> None:
@@ -155,8 +182,6 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
         const["epochs"] = o.epochs
     if o.data_root:
         const["data_root"] = str(Path(o.data_root).expanduser().resolve())  # trials run in their own cwd
-    if o.gpus_per_trial > 0:
-        const["device"] = "cuda"
     const.update(o.config)
     return const
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ from ray import tune
 from mtl_tune.training import train
 
 STATE_FILE = "state.pt"
+
+
+def _placement() -> dict[str, Any]:
+    """Where Ray put this trial: its logical resources and node (reported every epoch)."""
+    import ray
+
+    required = tune.get_context().get_trial_resources().required_resources
+    return {"resources/cpu": float(required.get("CPU", 0.0)), "resources/gpu": float(required.get("GPU", 0.0)),
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -30,7 +40,13 @@ def train_trial(config: dict[str, Any]) -> None:
             # our own checkpoint (written below), hence weights_only=False is safe here
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
+    placement = _placement()
+    if placement["resources/gpu"] > 0 and not torch.cuda.is_available():
+        warnings.warn(f"trial was assigned {placement['resources/gpu']} GPU but torch sees no CUDA device; "
+                      "training on the CPU", RuntimeWarning)
+
     def report(metrics: dict[str, Any], training_state: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **placement}
         if training_state is None:
             tune.report(metrics)
             return

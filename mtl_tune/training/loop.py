@@ -100,12 +100,15 @@ class Trainer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         bench = get_benchmark(config["benchmark"], data_root=config.get("data_root"),
-                              synthetic=bool(config.get("synthetic", False)))
+                              synthetic=bool(config.get("synthetic", False)),
+                              **dict(config.get("benchmark_options") or {}))
         self.bench = bench
         self.config = {**bench.defaults, **{k: v for k, v in config.items() if v is not None}}
         cfg = self.config
         self.device = resolve_device(cfg.get("device"))
         seed_everything(int(cfg.get("seed", 0)))
+        if cfg.get("deterministic"):  # the official trainers' setting; slower convolutions on GPU
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.setup = bench.build(cfg, self.device)
         self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
         extra = bench.balancer_options(cfg).get(cfg["method"], {})
