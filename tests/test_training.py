@@ -77,3 +77,12 @@ def test_trainer_uses_benchmark_balancer_options():
     trainer = Trainer({**TOY, "method": "famo"})
     assert trainer.balancer.min_losses.tolist() == pytest.approx([-2.1, -21.0])
     assert trainer.device == torch.device("cpu") or torch.cuda.is_available()
+
+
+def test_test_metrics_are_kept_at_the_best_validation_epoch():
+    trainer = Trainer({**TOY, "method": "ls"})
+    for epoch, (val, test) in enumerate([(3.0, 10.0), (1.0, 20.0), (2.0, 30.0)]):
+        trainer.epoch = epoch
+        out = {"val/pareto_distance": val, "test/loss1": test}
+        trainer._track_best(out)
+    assert out["best/test/loss1"] == 20.0 and out["best/epoch"] == 2.0

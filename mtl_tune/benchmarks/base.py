@@ -106,6 +106,6 @@ class Benchmark(abc.ABC):
         first = self.primary_metrics()[0]
         return f"val/{first.name}", first.mode
 
-    def balancer_options(self) -> dict[str, Any]:
-        """Benchmark-specific constructor arguments a balancer needs (e.g. FAMO min_losses)."""
+    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """``{method: constructor arguments}`` a benchmark imposes (e.g. FAMO's min_losses)."""
         return {}

@@ -1,0 +1,185 @@
+"""Data for the ``multi_mnist`` benchmark: MNIST idx files, sklearn digits, digit pairs.
+
+MultiMNIST (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+NeurIPS 2018; benchmarks.md §6): a left digit L is pasted at rows/cols [0:28) and a second
+digit R at [6:34) of a 36×36 canvas; where they overlap the pixel is max(L, R); the canvas
+is resized to 28×28 with nearest-neighbour sampling (PIL ``NEAREST``: source index
+⌊(i + ½)·36/28⌋). Labels are (label(L), label(R)).
+
+Two sources of single digits:
+
+* ``mnist``: the four MNIST idx files in torchvision's layout
+  ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (``.gz`` accepted).
+* ``sklearn_digits``: scikit-learn's bundled ``load_digits`` (1,797 8×8 images, values
+  0…16, no download); each image is scaled to 0…255, bilinearly resized to 20×20 and
+  centred in a 28×28 frame with a 4-pixel border — the way MNIST digits sit in their frame.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtl_tune.benchmarks.base import DataError
+
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_HINT = ("get the four files from http://yann.lecun.com/exdb/mnist/ (or any mirror, e.g. "
+              "torchvision.datasets.MNIST(root, download=True) on a machine with internet) and put them, "
+              "gzipped or not, in <root>/MNIST/raw/")
+CANVAS, SIDE, SHIFT = 36, 28, 6
+#: PIL NEAREST sampling positions for a 36 → 28 resize
+NEAREST_36_TO_28 = np.floor((np.arange(SIDE) + 0.5) * CANVAS / SIDE).astype(np.int64)
+
+
+@dataclass
+class DigitPool:
+    """Single digits: ``images`` (n, 28, 28) uint8 in 0…255 and ``labels`` (n,) int64 in 0…9."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def subset(self, idx: np.ndarray) -> DigitPool:
+        return DigitPool(self.images[idx], self.labels[idx])
+
+
+# ---------------------------------------------------------------------- MNIST idx files
+def mnist_raw_dir(root: str) -> str:
+    return os.path.join(root, "MNIST", "raw")
+
+
+def _find(raw_dir: str, name: str) -> str:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(raw_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"multi_mnist: {os.path.join(raw_dir, name)}[.gz] is missing; expected the MNIST idx "
+                    f"files {sorted(n for pair in MNIST_FILES.values() for n in pair)} there; {MNIST_HINT}")
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:  # a truncated .gz raises EOFError
+        raise DataError(f"multi_mnist: cannot read {path} ({e}); the file is corrupt or truncated; "
+                        f"{MNIST_HINT}") from e
+
+
+def parse_idx(data: bytes, path: str, magic: int) -> np.ndarray:
+    """Parse an idx file: big-endian int32 magic, int32 dims, then uint8 payload.
+
+    Images: magic 2051, dims (n, 28, 28); labels: magic 2049, dims (n,), values 0…9.
+    Raises :class:`DataError` on a wrong magic, wrong shape, truncation or bad labels.
+    """
+    ndim = 3 if magic == IMAGE_MAGIC else 1
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"multi_mnist: {path} is truncated ({len(data)} bytes, header needs {header}); {MNIST_HINT}")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise DataError(f"multi_mnist: {path} has idx magic {found}, expected {magic} "
+                        f"({'uint8 images n×28×28' if magic == IMAGE_MAGIC else 'uint8 labels'}); {MNIST_HINT}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if ndim == 3 and dims[1:] != (SIDE, SIDE):
+        raise DataError(f"multi_mnist: {path} holds images of shape {dims[1:]}, expected (28, 28); {MNIST_HINT}")
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise DataError(f"multi_mnist: {path} has {len(data)} bytes, expected {expected} for dims {dims} "
+                        f"(truncated or padded); {MNIST_HINT}")
+    arr = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if magic == LABEL_MAGIC and arr.size and int(arr.max()) > 9:
+        raise DataError(f"multi_mnist: {path} contains label {int(arr.max())}; MNIST labels are 0…9; {MNIST_HINT}")
+    return arr
+
+
+def load_mnist_split(root: str, split: str) -> DigitPool:
+    """Read one MNIST split ("train" or "test") from ``<root>/MNIST/raw``; validates everything."""
+    raw = mnist_raw_dir(root)
+    if not os.path.isdir(raw):
+        raise DataError(f"multi_mnist: directory {raw} does not exist; expected the MNIST idx files "
+                        f"{sorted(n for pair in MNIST_FILES.values() for n in pair)} there; {MNIST_HINT}")
+    img_name, lab_name = MNIST_FILES[split]
+    img_path, lab_path = _find(raw, img_name), _find(raw, lab_name)
+    images = parse_idx(_read_bytes(img_path), img_path, IMAGE_MAGIC)
+    labels = parse_idx(_read_bytes(lab_path), lab_path, LABEL_MAGIC)
+    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise DataError(f"multi_mnist: {img_path} holds {images.shape[0]} images but {lab_path} holds "
+                        f"{labels.shape[0]} labels (must match, > 0); {MNIST_HINT}")
+    return DigitPool(images.copy(), labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------------- sklearn digits
+def upscale_digits(images8: np.ndarray) -> np.ndarray:
+    """(n, 8, 8) sklearn digits (0…16) → (n, 28, 28) uint8 MNIST-like frames.
+
+    x ↦ 255·x/16, bilinear resize 8 → 20 (half-pixel centres), then zero border of 4.
+    """
+    x = torch.as_tensor(np.asarray(images8, dtype=np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = F.pad(x, (4, 4, 4, 4))
+    return x.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def load_sklearn_digits() -> DigitPool:
+    """The 1,797 bundled scikit-learn digits as 28×28 uint8 frames (no download, deterministic)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return DigitPool(upscale_digits(d.images), np.asarray(d.target, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------- pairs
+def compose_pair(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """MultiMNIST composition of (…, 28, 28) uint8 digits → (…, 28, 28) uint8 images.
+
+    Canvas C (36×36) = max(L placed at [0:28), R placed at [6:34)), then nearest 36 → 28.
+    (Both digits are ≥ 0, so "paste, then max on the overlap" equals a max of the two
+    zero-padded placements.)
+    """
+    shape = left.shape[:-2]
+    canvas = np.zeros((*shape, CANVAS, CANVAS), dtype=np.uint8)
+    canvas[..., :SIDE, :SIDE] = left
+    canvas[..., SHIFT:SHIFT + SIDE, SHIFT:SHIFT + SIDE] = np.maximum(
+        canvas[..., SHIFT:SHIFT + SIDE, SHIFT:SHIFT + SIDE], right)
+    return canvas[..., NEAREST_36_TO_28, :][..., :, NEAREST_36_TO_28]
+
+
+def make_pairs(pool: DigitPool, pairs_per_image: int, rng: np.random.Generator,
+               chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Each pool image is the left digit of ``pairs_per_image`` pairs with uniformly random
+    right digits from the same pool (Sener & Koltun: one random partner per image).
+
+    Returns images (n·pairs_per_image, 28, 28) uint8 and labels (n·pairs_per_image, 2) int64.
+    """
+    n = len(pool.labels)
+    left = np.repeat(np.arange(n), pairs_per_image)
+    right = rng.integers(0, n, size=left.shape[0])
+    out = np.empty((left.shape[0], SIDE, SIDE), dtype=np.uint8)
+    for s in range(0, left.shape[0], chunk):  # chunks keep the 36×36 canvas small in memory
+        out[s:s + chunk] = compose_pair(pool.images[left[s:s + chunk]], pool.images[right[s:s + chunk]])
+    labels = np.stack([pool.labels[left], pool.labels[right]], axis=1)
+    return out, labels
+
+
+def split_pool(pool: DigitPool, fractions: tuple[float, ...], rng: np.random.Generator) -> list[DigitPool]:
+    """Disjoint random parts of ``pool`` with the given fractions (last part takes the rest)."""
+    perm = rng.permutation(len(pool.labels))
+    parts, start = [], 0
+    for frac in fractions[:-1]:
+        stop = start + int(round(frac * len(perm)))
+        parts.append(pool.subset(np.sort(perm[start:stop])))
+        start = stop
+    parts.append(pool.subset(np.sort(perm[start:])))
+    return parts

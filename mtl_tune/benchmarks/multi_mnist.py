@@ -1,0 +1,259 @@
+"""``multi_mnist`` — Sener & Koltun's MultiMNIST: classify the left and the right digit.
+
+Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018
+(code: isl-org/MultiObjectiveOptimization; also SamsungLabs/MTL, benchmarks.md §6).
+Images: two overlapping digits on a 36×36 canvas resized to 28×28 (see
+:mod:`mtl_tune.benchmarks._multi_mnist_data`), normalised with MNIST's (0.1307, 0.3081).
+Tasks ``left`` and ``right`` are 10-way classifications, loss = NLL of log-softmax
+(= cross-entropy on logits).
+
+Model (``MultiLeNetR`` + 2 × ``MultiLeNetO``): shared trunk conv 1→10 k5, max-pool 2, ReLU,
+conv 10→20 k5, max-pool 2, ReLU, FC 320→50, ReLU (the 50-d representation); heads FC 50→50,
+ReLU, FC 50→10. The official trunk multiplies conv2 and the head's hidden layer by a
+Bernoulli(½) mask that is shared by the whole batch and *not* rescaled (so train and eval
+activations differ in scale); SamsungLabs' port drops it. Default ``dropout=0`` (no dropout);
+``dropout=p`` gives standard inverted ``Dropout2d``/``Dropout`` at those two places.
+
+Data sources (reported by :meth:`MultiMnist.info` and in ``Setup.extras["data_source"]``):
+
+* ``mnist`` — when a data root is given (``--data-root`` or ``MTL_TUNE_MNIST_ROOT``):
+  torchvision's ``<root>/MNIST/raw`` idx files. Train pool = the 60k training images minus a
+  seeded ``val_fraction`` (1/6 → 10k) kept for validation, test = the 10k test images; one
+  random partner per image (as the official pairing). The official code validates on the
+  test set; a search must not, hence the validation carve-out.
+* ``sklearn_digits`` — default without a root: scikit-learn's bundled 8×8 digits upscaled to
+  MNIST frames; the 1,797 images are split 60/20/20 into disjoint pools before pairing and
+  every image is the left digit of ``pairs_per_image`` (10) pairs. Offline, deterministic
+  (``data_seed``), ≈ 1 s per LS epoch on 2 CPU cores: the real-data benchmark for CI-sized
+  searches. Its absolute accuracies are not comparable with MNIST numbers.
+
+Protocol: Adam (lr 1e-3, our choice: the official config for MultiMNIST is not published),
+batch 256, lr × 0.85 at the start of every 10th epoch (official script), 10 epochs by default
+(the official script runs 100). No published single-task baseline exists, so metrics carry no
+baseline and the default objective is the validation mean accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl_tune.balancers.base import ForwardOutput
+from mtl_tune.benchmarks import _multi_mnist_data as data
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setup
+from mtl_tune.metrics import MetricSpec
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+SOURCES = ("mnist", "sklearn_digits")
+
+
+class LeNetTrunk(nn.Module):
+    """Shared LeNet trunk: 1×28×28 → 50-d representation."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(320, 50)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.drop(self.conv2(x)), 2))
+        return F.relu(self.fc(x.flatten(1)))
+
+
+class DigitHead(nn.Module):
+    """Task head: 50 → 50 → 10 logits."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(50, 50)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fc2(self.drop(F.relu(self.fc1(z))))
+
+
+class MultiLeNet(nn.Module):
+    def __init__(self, n_tasks: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.trunk = LeNetTrunk(dropout)
+        self.heads = nn.ModuleList([DigitHead(dropout) for _ in range(n_tasks)])
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        z = self.trunk(x)
+        return [head(z) for head in self.heads], z
+
+
+def normalise(images_u8: Tensor) -> Tensor:
+    """(B, 28, 28) uint8 → (B, 1, 28, 28) float, (x/255 − 0.1307)/0.3081 (official transform)."""
+    return ((images_u8.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def accuracy_and_nll(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Accuracy = mean 1[argmax ŷ = y]; NLL = mean −log softmax(ŷ)_y, both over all samples."""
+    acc = (logits.argmax(dim=1) == labels).double().mean().item()
+    nll = F.cross_entropy(logits.double(), labels, reduction="mean").item()
+    return acc, nll
+
+
+def step_decay(epoch: int, factor: float, every: int) -> float:
+    """lr multiplier for epoch index ``epoch``: factor^⌊(epoch+1)/every⌋.
+
+    The official script multiplies the lr by ``factor`` at the start of epoch e whenever
+    (e + 1) % every == 0 (e = 9, 19, …); with LambdaLR stepped after each epoch this is it.
+    """
+    return factor ** ((epoch + 1) // every)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_arrays(source: str, root: str | None, data_seed: int, val_fraction: float, test_fraction: float,
+                  pairs_per_image: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (images uint8 (n, 28, 28), labels int64 (n, 2))}; cached per process."""
+    rng = np.random.default_rng(data_seed)
+    if source == "mnist":
+        assert root is not None
+        train_pool, val_pool = data.split_pool(data.load_mnist_split(root, "train"),
+                                               (1 - val_fraction, val_fraction), rng)
+        test_pool = data.load_mnist_split(root, "test")
+    else:
+        digits = data.load_sklearn_digits()
+        rest = 1.0 - test_fraction
+        train_pool, val_pool, test_pool = data.split_pool(
+            digits, (rest * (1 - val_fraction), rest * val_fraction, test_fraction), rng)
+    return {split: data.make_pairs(pool, pairs_per_image, rng)
+            for split, pool in (("train", train_pool), ("val", val_pool), ("test", test_pool))}
+
+
+class MultiMnist(Benchmark):
+    name = "multi_mnist"
+    description = ("MultiMNIST (Sener & Koltun 2018): left/right digit of two overlapping digits, LeNet; "
+                   "source 'mnist' (MNIST idx files under --data-root) or 'sklearn_digits' (offline default)")
+    tasks = ("left", "right")
+    metrics = (
+        MetricSpec("left/acc", "left", higher_is_better=True, primary=True),
+        MetricSpec("right/acc", "right", higher_is_better=True, primary=True),
+        MetricSpec("left/loss", "left", higher_is_better=False),
+        MetricSpec("right/loss", "right", higher_is_better=False),
+        MetricSpec("mean_acc", "all", higher_is_better=True),  # the default search objective
+    )
+    defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 256, "lr_decay": 0.85, "lr_decay_every": 10,
+                "dropout": 0.0, "data_seed": 0, "val_fraction": 1 / 6, "test_fraction": 0.2,
+                "pairs_per_image": None, "eval_batch_size": 2000}
+    data_env = "MTL_TUNE_MNIST_ROOT"
+
+    def __init__(self, data_root: str | None = None, synthetic: bool = False, source: str | None = None,
+                 **options: Any) -> None:
+        super().__init__(data_root=data_root, synthetic=synthetic, **options)
+        root = data_root or os.environ.get(self.data_env or "") or None
+        self.root = os.path.abspath(os.path.expanduser(root)) if root else None  # Ray trials chdir
+        if source is None:
+            source = "mnist" if self.root else "sklearn_digits"
+        if source not in SOURCES:
+            raise ValueError(f"multi_mnist: source must be one of {SOURCES}, got {source!r}")
+        if source == "mnist" and self.root is None and not synthetic:
+            raise DataError(f"multi_mnist: source 'mnist' needs a data root (--data-root or ${self.data_env}) "
+                            f"holding MNIST/raw/; {data.MNIST_HINT}")
+        self.source = source
+
+    def info(self) -> dict[str, Any]:
+        """Which data this benchmark uses (for the trainer to store with the results)."""
+        return {"data_source": "synthetic" if self.synthetic else self.source,
+                "data_root": self.root if self.source == "mnist" else None}
+
+    def check_data(self) -> None:
+        """Validate the MNIST idx files (magic, shapes, sizes, label range); sklearn needs no data."""
+        if self.synthetic or self.source != "mnist":
+            return
+        for split in data.MNIST_FILES:
+            data.load_mnist_split(self.root, split)  # type: ignore[arg-type]
+
+    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {}
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+        rule = functools.partial(step_decay, factor=float(config.get("lr_decay", 0.85)),
+                                 every=int(config.get("lr_decay_every", 10)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
+
+    def default_objective(self) -> tuple[str, str]:
+        return "val/mean_acc", "max"
+
+    # ------------------------------------------------------------------ build
+    def _arrays(self, config: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        ppi = config.get("pairs_per_image")
+        ppi = int(ppi) if ppi is not None else (1 if self.source == "mnist" else 10)
+        if self.synthetic:
+            return self._synthetic_arrays(config, ppi)
+        return _build_arrays(self.source, self.root, int(config.get("data_seed", 0)),
+                             float(config.get("val_fraction", 1 / 6)), float(config.get("test_fraction", 0.2)), ppi)
+
+    def _synthetic_arrays(self, config: dict[str, Any], ppi: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Random images/labels with the sizes the real source would give (throughput only)."""
+        vf, tf = float(config.get("val_fraction", 1 / 6)), float(config.get("test_fraction", 0.2))
+        if self.source == "mnist":
+            n_val = int(round(60000 * vf))
+            sizes = {"train": 60000 - n_val, "val": n_val, "test": 10000}
+        else:
+            n_train = int(round(1797 * (1 - tf) * (1 - vf)))
+            n_val = int(round(1797 * (1 - tf) * vf))
+            sizes = {"train": n_train, "val": n_val, "test": 1797 - n_train - n_val}
+        rng = np.random.default_rng(int(config.get("data_seed", 0)))
+        return {s: (rng.integers(0, 256, (n * ppi, 28, 28), dtype=np.uint8), rng.integers(0, 10, (n * ppi, 2)))
+                for s, n in sizes.items()}
+
+    def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        config = {**self.defaults, **config}
+        arrays = self._arrays(config)
+        model = MultiLeNet(self.n_tasks, float(config.get("dropout", 0.0))).to(device)
+        tensors = {s: (torch.from_numpy(x).to(device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
+                   for s, (x, y) in arrays.items()}
+        batch_size, seed = int(config["batch_size"]), int(config.get("seed", 0))
+        eval_bs = int(config.get("eval_batch_size", 2000))
+
+        def train_batches(epoch: int):
+            x, y = tensors["train"]
+            # own generator: the shuffle must not depend on how much RNG the balancer consumed
+            gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+            perm = torch.randperm(x.shape[0], generator=gen).to(device)
+            for s in range(0, x.shape[0], batch_size):
+                idx = perm[s:s + batch_size]
+                yield x[idx], y[idx]
+
+        def forward(batch: tuple[Tensor, Tensor]) -> ForwardOutput:
+            images, labels = batch
+            logits, z = model(normalise(images))
+            losses = torch.stack([F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits)])
+            return ForwardOutput(losses=losses, representation=z)
+
+        @torch.no_grad()
+        def evaluate(split: str) -> dict[str, float]:
+            x, y = tensors[split]
+            was_training = model.training
+            model.eval()
+            outs: list[list[Tensor]] = [[] for _ in self.tasks]
+            for s in range(0, x.shape[0], eval_bs):
+                logits, _ = model(normalise(x[s:s + eval_bs]))
+                for k, lg in enumerate(logits):
+                    outs[k].append(lg)
+            model.train(was_training)
+            result: dict[str, float] = {}
+            for k, task in enumerate(self.tasks):
+                acc, nll = accuracy_and_nll(torch.cat(outs[k]), y[:, k])
+                result[f"{task}/acc"], result[f"{task}/loss"] = acc, nll
+            result["mean_acc"] = float(np.mean([result[f"{t}/acc"] for t in self.tasks]))
+            return result
+
+        extras = {**self.info(), **{f"n_{s}": int(t[0].shape[0]) for s, t in tensors.items()}}
+        return Setup(model=model, shared_parameters=list(model.trunk.parameters()),
+                     task_parameters=[list(h.parameters()) for h in model.heads],
+                     train_batches=train_batches, forward=forward, evaluate=evaluate,
+                     eval_splits=("val", "test"), extras=extras)

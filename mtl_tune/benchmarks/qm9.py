@@ -1,0 +1,242 @@
+"""``qm9`` — 11 molecular-property regressions, the Nash-MTL protocol (benchmarks.md §5).
+
+Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (nash-mtl
+``experiments/quantum_chemistry``), followed by FAMO, FairGrad, MTLlib. Needs the optional
+torch-geometric (``pip install "mtl_tune[qm9]"``); it is imported only when QM9 is used.
+
+Data: PyG's QM9 from the user's root, never downloaded (:mod:`._qm9_data`). Targets, in
+output order, PyG columns [0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11] = μ, α, ε_HOMO, ε_LUMO, ⟨R²⟩,
+ZPVE, U₀ᵃᵗᵒᵐ, Uᵃᵗᵒᵐ, Hᵃᵗᵒᵐ, Gᵃᵗᵒᵐ, c_v. Standardisation (``--scale-y True``):
+ỹ = (y − μ)/σ with μ, σ (unbiased) over **all** molecules — the official code takes them from
+``train_dataset.data``, which is the storage of the whole data set (benchmarks.md §5.2).
+Split (official): after the model is built, ``torch.randperm`` on the global RNG (so the
+trial ``seed`` decides it); test = first 10,000, val = next 10,000, train = the rest
+(110,831). ``split_seed=<int>`` draws the permutation from its own generator instead (same
+split for every trial; a deviation, off by default).
+
+Graphs are completed on the device per batch — the official per-molecule ``Complete()`` +
+``Distance(norm=False)`` transforms computed in one vectorised step
+(:func:`._qm9_data.complete_with_distance`; same edges, order and features).
+
+Model (official ``Net``, dim 64): lin0 11→64 + ReLU; 3 rounds of shared-weight
+NNConv(64, 64, edge net 5→128→64·64, aggr mean) + ReLU and GRU(64, 64); Set2Set(64, 3);
+lin1 128→64 + ReLU = the shared representation; 11 heads Linear(64, 1). Loss: per-target
+MSE on standardised targets. Adam lr 1e-3 (balancer group 0.025), 300 epochs, batch 120,
+ReduceLROnPlateau(min, factor 0.7, patience ``lr_patience``=5, min_lr 1e-5) stepped on the
+validation Δm (scales every param group, as official).
+
+Metric: MAE per target in original units, Σ|ŷσ − ỹσ|/#molecules over the whole split, ×1000
+(eV → meV) for ε_HOMO, ε_LUMO, ZPVE, U₀, U, H, G. Δm% against the Nash-MTL STL MAEs. The papers
+report the test metrics at the epoch of lowest validation Δm (``default_objective``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl_tune.balancers.base import ForwardOutput
+from mtl_tune.benchmarks import _qm9_data as qd
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setup
+from mtl_tune.metrics import MetricSpec, delta_m
+
+TARGETS = (0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11)
+TASKS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv")
+#: outputs reported in meV (×1000 from PyG's eV)
+MEV_OUTPUTS = (2, 3, 5, 6, 7, 8, 9)
+#: STL MAE (nash-mtl / FAMO / MTLlib ``BASE``), energies in meV
+STL_MAE = (0.0671, 0.1814, 60.576, 53.915, 0.5027, 4.539, 58.838, 64.244, 63.852, 66.223, 0.07212)
+SPLIT_SIZES = {"train": 110831, "val": 10000, "test": 10000}
+
+
+class QM9Net(nn.Module):
+    """The MPNN of Gilmer et al. as modified by nash-mtl (617,675 parameters at dim 64)."""
+
+    def __init__(self, n_tasks: int = 11, num_features: int = 11, dim: int = 64) -> None:
+        super().__init__()
+        qd.require_pyg()
+        from torch_geometric.nn import NNConv, Set2Set
+
+        self.lin0 = nn.Linear(num_features, dim)
+        edge_net = nn.Sequential(nn.Linear(5, 128), nn.ReLU(), nn.Linear(128, dim * dim))
+        self.conv = NNConv(dim, dim, edge_net, aggr="mean")
+        self.gru = nn.GRU(dim, dim)
+        self.set2set = Set2Set(dim, processing_steps=3)
+        self.lin1 = nn.Linear(2 * dim, dim)
+        self.heads = nn.ModuleList([nn.Linear(dim, 1) for _ in range(n_tasks)])
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.lin0, self.conv, self.gru, self.set2set, self.lin1]
+
+    def forward(self, g: qd.GraphBatch) -> tuple[Tensor, Tensor]:
+        """→ (predictions (B, 11) in standardised units, representation (B, 64))."""
+        edge_index, edge_attr = qd.complete_with_distance(g)
+        out = F.relu(self.lin0(g.x))
+        h = out.unsqueeze(0)
+        for _ in range(3):
+            m = F.relu(self.conv(out, edge_index, edge_attr))
+            out, h = self.gru(m.unsqueeze(0), h)
+            out = out.squeeze(0)
+        feat = F.relu(self.lin1(self.set2set(out, g.batch, dim_size=g.num_graphs)))
+        return torch.cat([head(feat) for head in self.heads], dim=1), feat
+
+
+def target_stats(y_all: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased std (1, 11) of the selected targets over all molecules (official)."""
+    y = y_all[:, list(TARGETS)]
+    return y.mean(dim=0, keepdim=True), y.std(dim=0, keepdim=True)
+
+
+def mae_original_units(abs_err_std_sum: Tensor, std: Tensor, n: int) -> Tensor:
+    """MAE_k = σ_k Σ|ŷ − ỹ|_k / n, then ×1000 for the meV outputs (official ``evaluate``)."""
+    mae = abs_err_std_sum.double() * std.reshape(-1).double().to(abs_err_std_sum.device) / n
+    scale = torch.ones_like(mae)
+    scale[list(MEV_OUTPUTS)] = 1000.0
+    return mae * scale
+
+
+@lru_cache(maxsize=1)
+def _dataset(root: str) -> Any:
+    return qd.load_qm9(root)
+
+
+class _SyntheticLoader:
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for s in range(0, self.n, self.batch_size):
+            yield qd.synthetic_batch(min(self.batch_size, self.n - s), gen)
+
+
+class QM9Benchmark(Benchmark):
+    name = "qm9"
+    description = ("QM9, 11 molecular properties, Nash-MTL MPNN (NNConv+GRU+Set2Set), MAE per target "
+                   "(needs torch-geometric)")
+    tasks = TASKS
+    metrics = tuple(MetricSpec(f"{t}/mae", t, higher_is_better=False, baseline=b, primary=True)
+                    for t, b in zip(TASKS, STL_MAE))
+    defaults = {"epochs": 300, "lr": 1e-3, "batch_size": 120, "eval_batch_size": None, "lr_patience": 5,
+                "lr_factor": 0.7, "min_lr": 1e-5, "n_test": 10000, "n_val": 10000, "split_seed": None,
+                "num_workers": 0, "dim": 64}
+    data_env = "MTL_TUNE_QM9_ROOT"
+
+    def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
+        super().__init__(data_root=data_root, synthetic=synthetic, **options)
+        root = data_root or os.environ.get(self.data_env or "") or None
+        self.root = os.path.abspath(os.path.expanduser(root)) if root else None
+
+    def info(self) -> dict[str, Any]:
+        """Which data this benchmark uses (for the trainer to store with the results)."""
+        return {"data_source": "synthetic" if self.synthetic else "qm9", "data_root": self.root}
+
+    def _root(self) -> str:
+        if self.root is None:
+            raise DataError(f"qm9: no data root; pass --data-root or set ${self.data_env} to the folder holding "
+                            f"{qd.PROCESSED} or {qd.RAW_PREPROCESSED}; {qd.DATA_HINT}")
+        return self.root
+
+    def check_data(self) -> None:
+        """torch-geometric importable; processed/raw files present; storage shapes, dtypes, finiteness."""
+        if not self.synthetic:  # synthetic: no data to check (building still needs torch-geometric)
+            qd.require_pyg()
+            _dataset(self._root())
+
+    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {}
+
+    def default_objective(self) -> tuple[str, str]:
+        return "val/delta_m", "min"
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=float(config.get("lr_factor", 0.7)),
+            patience=int(config.get("lr_patience", 5)), min_lr=float(config.get("min_lr", 1e-5)))
+
+    def scheduler_step(self, scheduler: Any, epoch_metrics: dict[str, float]) -> None:
+        """ReduceLROnPlateau on the validation Δm (computed here if the trainer did not)."""
+        if "val/delta_m" in epoch_metrics:
+            value = float(epoch_metrics["val/delta_m"])
+        else:
+            missing = [f"val/{m.name}" for m in self.metrics if f"val/{m.name}" not in epoch_metrics]
+            if missing:
+                raise KeyError(f"qm9: scheduler_step needs 'val/delta_m' or the validation MAEs; missing {missing}")
+            value = delta_m({m.name: epoch_metrics[f"val/{m.name}"] for m in self.metrics}, self.metrics)
+        scheduler.step(value)
+
+    # ------------------------------------------------------------------ build
+    def _loaders(self, config: dict[str, Any], seed: int
+                 ) -> tuple[Any, dict[str, Any], torch.Generator, Tensor, Tensor]:
+        bs = int(config["batch_size"])
+        ebs = int(config.get("eval_batch_size") or bs)
+        gen = torch.Generator()
+        if self.synthetic:
+            evals = {s: _SyntheticLoader(SPLIT_SIZES[s], ebs, seed + i) for i, s in enumerate(("val", "test"))}
+            return (_SyntheticLoader(SPLIT_SIZES["train"], bs, seed + 7), evals, gen,
+                    torch.zeros(1, len(TASKS)), torch.ones(1, len(TASKS)))
+        from torch_geometric.loader import DataLoader
+
+        ds = _dataset(self._root())
+        n_test, n_val = int(config.get("n_test", 10000)), int(config.get("n_val", 10000))
+        if n_test + n_val >= len(ds):
+            raise DataError(f"qm9: {len(ds)} molecules under {self.root} cannot hold n_test={n_test} + n_val={n_val} "
+                            f"plus a training set")
+        split_seed = config.get("split_seed")
+        # official: dataset.shuffle() right after the model is built, on the global RNG
+        perm = (torch.randperm(len(ds)) if split_seed is None
+                else torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(split_seed))))
+        parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+        mean, std = target_stats(ds._data.y)
+        kw = {"num_workers": int(config.get("num_workers", 0)), "exclude_keys": ["name", "smiles", "idx", "z"]}
+        train = DataLoader(ds[parts["train"]], batch_size=bs, shuffle=True, generator=gen, **kw)
+        evals = {s: DataLoader(ds[parts[s]], batch_size=ebs, shuffle=False, **kw) for s in ("val", "test")}
+        return train, evals, gen, mean, std
+
+    def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        config = {**self.defaults, **config}
+        seed = int(config.get("seed", 0))
+        model = QM9Net(self.n_tasks, dim=int(config.get("dim", 64))).to(device)
+        train_loader, eval_loaders, gen, mean, std = self._loaders(config, seed)
+        mean, std = mean.to(device), std.to(device)
+        targets = torch.tensor(TARGETS, device=device)
+
+        def prepare(b: Any) -> tuple[qd.GraphBatch, Tensor]:
+            g = (b if isinstance(b, qd.GraphBatch) else qd.from_pyg(b)).to(device)
+            return g, (g.y.index_select(1, targets) - mean) / std
+
+        def train_batches(epoch: int):
+            gen.manual_seed(seed * 100003 + epoch)  # shuffle independent of the balancer's RNG use
+            return iter(train_loader)
+
+        def forward(batch: Any) -> ForwardOutput:
+            g, y = prepare(batch)
+            pred, feat = model(g)
+            return ForwardOutput(losses=F.mse_loss(pred, y, reduction="none").mean(0), representation=feat)
+
+        @torch.no_grad()
+        def evaluate(split: str) -> dict[str, float]:
+            was_training = model.training
+            model.eval()
+            abs_sum = torch.zeros(self.n_tasks, dtype=torch.float64, device=device)
+            n = 0
+            for b in eval_loaders[split]:
+                g, y = prepare(b)
+                pred, _ = model(g)
+                abs_sum += (pred - y).abs().double().sum(0)
+                n += g.num_graphs
+            model.train(was_training)
+            mae = mae_original_units(abs_sum, std, n).cpu().tolist()
+            out = {f"{t}/mae": float(v) for t, v in zip(self.tasks, mae)}
+            out["avg_mae"] = float(sum(mae) / len(mae))  # mixed units; the official "avg_loss" (logging only)
+            return out
+
+        shared = [p for mod in model.shared_modules() for p in mod.parameters()]
+        return Setup(model=model, shared_parameters=shared, task_parameters=[list(h.parameters()) for h in model.heads],
+                     train_batches=train_batches, forward=forward, evaluate=evaluate, eval_splits=("val", "test"),
+                     extras=self.info())
