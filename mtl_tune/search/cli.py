@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a benchmark/training setting, e.g. lr=1e-3 (repeatable)")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial whose worker or node died")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="re-run each method's best configuration with N fresh seeds; rank methods by mean±std")
+    p.add_argument("--preferences", type=int, default=0,
+                   help="also sweep N task-preference weight vectors for preference-aware methods (ls, amtl) "
+                        "and compare their fronts by hypervolume")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="log every trial to Weights & Biases")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     return p
 
@@ -89,7 +95,7 @@ def options_from_args(args: argparse.Namespace):
         epochs=args.epochs, data_root=args.data_root, synthetic=args.synthetic, address=args.address,
         num_cpus=args.num_cpus, resume=args.resume, search_space=args.search_space,
         fixed=_pairs(args.set, "--set"), config=_pairs(args.config, "--config"), max_failures=args.max_failures,
-        verbose=args.verbose)
+        verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb)
 
 
 def print_summary(outcome, plan) -> None:
@@ -100,7 +106,7 @@ def print_summary(outcome, plan) -> None:
     if table.empty:
         print("no trial finished")
     else:
-        done = table[(table["status"] == "TERMINATED")]
+        done = table[(table["status"] == "TERMINATED") & (table["phase"] == "search")]
         cols = [c for c in table.columns if c.startswith("hp/")]
         shown = ["method", *cols, *plan.metrics]
         if plan.multi_objective and not done.empty:
@@ -117,6 +123,14 @@ def print_summary(outcome, plan) -> None:
         failed = table[table["error"].astype(str).str.len() > 0]
         for _, row in failed.head(5).iterrows():
             print(f"  {row['method']} {row['trial_id']}: {row['status']}: {row['error']}")
+    if outcome.comparison is not None and not outcome.comparison.empty:
+        print("\nmethod comparison (same budget per method" +
+              (f"; mean±std over {plan.options.seeds} fresh seeds of each best configuration)" if plan.options.seeds
+               else ")"))
+        print(outcome.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if outcome.preferences is not None and not outcome.preferences.empty:
+        print("\npreference sweep: hypervolume of each method's reachable front")
+        print(outcome.preferences.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if plan.options.synthetic:
         print("NOTE: --synthetic: random inputs, for throughput only; these metrics mean nothing")
     print(f"\ntrial table : {outcome.table_path}")

@@ -23,6 +23,8 @@ class Outcome:
     table: pd.DataFrame
     table_path: Path
     plot_path: Path | None
+    comparison: pd.DataFrame | None = None
+    preferences: pd.DataFrame | None = None
 
 
 def init_ray(plan: Plan) -> None:
@@ -97,9 +99,19 @@ def run_method(plan: Plan, method: str) -> None:
         run_config=tune.RunConfig(
             name=method, storage_path=str(plan.sweep_dir), verbose=o.verbose,
             failure_config=tune.FailureConfig(max_failures=o.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks(plan)),
     )
     tuner.fit()
+
+
+def callbacks(plan: Plan) -> list:
+    """Opt-in Weights & Biases logging (the seed repos log there); TensorBoard event
+    files are written by Tune for every trial anyway."""
+    if not plan.options.wandb_project:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    return [WandbLoggerCallback(project=plan.options.wandb_project, group=plan.name)]
 
 
 def finish(plan: Plan) -> Outcome:
@@ -125,10 +137,25 @@ def finish(plan: Plan) -> Outcome:
 
 
 def execute(plan: Plan) -> Outcome:
+    from mtl_tune.search import compare
+
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_sweep_json(plan.sweep_dir, sweep_info(plan))
     init_ray(plan)
     for method in plan.spaces:
         run_method(plan, method)
         finish(plan)  # keep the table current after every method: nothing finished is lost
-    return finish(plan)
+    outcome = finish(plan)
+    if plan.options.seeds:
+        compare.run_seeds(plan, outcome.table)
+        outcome = finish(plan)
+    if plan.options.preferences:
+        compare.run_preferences(plan)
+        outcome = finish(plan)
+    if plan.options.seeds or len(plan.spaces) > 1:
+        outcome.comparison = compare.comparison_table(plan, outcome.table)
+        write_table(outcome.comparison, plan.sweep_dir, "comparison.csv")
+    if plan.options.preferences:
+        outcome.preferences = compare.preference_hypervolumes(plan, outcome.table)
+        write_table(outcome.preferences, plan.sweep_dir, "preferences.csv")
+    return outcome

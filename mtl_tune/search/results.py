@@ -95,19 +95,26 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
     return rows
 
 
+#: experiment-folder suffix → phase: the Optuna search, seed re-runs, preference sweep
+PHASES = {"": "search", ".seeds": "seeds", ".prefs": "prefs"}
+
+
 def build_table(sweep_dir: Path, methods: Iterable[str], sweep: str, n_tasks: int) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for method in methods:
-        exp = sweep_dir / method
-        if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
-            rows.extend(trial_rows(exp, sweep, n_tasks))
+        for suffix, phase in PHASES.items():
+            exp = sweep_dir / f"{method}{suffix}"
+            if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
+                rows.extend({**row, "phase": phase} for row in trial_rows(exp, sweep, n_tasks))
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        frame = frame.sort_values(["method", "trial_id"], kind="stable").reset_index(drop=True)
+        order = {p: i for i, p in enumerate(PHASES.values())}
+        frame = frame.sort_values(["method", "phase", "trial_id"], key=lambda c: c.map(order) if c.name == "phase"
+                                  else c, kind="stable").reset_index(drop=True)
     return frame
 
 
-def write_table(frame: pd.DataFrame, sweep_dir: Path) -> Path:
-    path = sweep_dir / TABLE
+def write_table(frame: pd.DataFrame, sweep_dir: Path, name: str = TABLE) -> Path:
+    path = sweep_dir / name
     atomic_write_text(path, frame.to_csv(index=False))
     return path

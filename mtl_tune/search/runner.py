@@ -54,6 +54,9 @@ class SearchOptions:
     config: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 2
     verbose: int = 1
+    seeds: int = 0
+    preferences: int = 0
+    wandb_project: str | None = None
 
 
 @dataclass
@@ -106,6 +109,8 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError(f"--epochs must be at least 1, got {options.epochs}")
     if options.gpus_per_trial < 0 or options.cpus_per_trial <= 0:
         raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+    if options.seeds < 0 or options.preferences < 0:
+        raise SearchError("--seeds and --preferences must be >= 0")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise SearchError(f"--max-concurrent must be at least 1, got {options.max_concurrent}")
     methods = available_balancers() if options.methods == ["all"] else list(dict.fromkeys(options.methods))
@@ -132,6 +137,13 @@ def prepare(options: SearchOptions) -> Plan:
     for m in methods:
         space = load_space(m, bench.name, options.search_space)
         spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
+    if options.preferences and len(bench.primary_metrics()) < 2:
+        raise SearchError(f"--preferences needs a benchmark with at least two tasks; {bench.name} has one primary metric")
+    if options.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SearchError('--wandb needs the wandb package: pip install "mtl_tune[wandb]"') from None
     bench.check_data()
     if options.address:
         check_address(options.address)

@@ -1,0 +1,276 @@
+"""Load the tidy trial table of one or many sweeps.
+
+A sweep directory written by :mod:`mtl_tune.search` holds ``trials.csv`` (one row per
+trial) and ``sweep.json`` (name, benchmark, objective, metric specs, tasks). Column
+families of ``trials.csv``:
+
+* identity: ``sweep, benchmark, method, trial_id, status, error, seed, epochs,
+  training_iteration``;
+* ``hp/<name>`` — balancer hyperparameters (lists such as ``task_weights`` as JSON text);
+* ``<split>/<metric>`` — final reported metrics (``val/loss1``, ``test/seg/miou``,
+  ``test_last10/delta_m``), ``train/loss/<task>``, ``weights/<task>``;
+* bookkeeping: ``solver_failures, diverged, synthetic, time_total_s, logdir``.
+
+When a directory has no ``trials.csv`` (e.g. a cluster run whose driver died before
+writing it) the table is rebuilt from the Ray Tune experiment directories below it with
+``ray.tune.ExperimentAnalysis``, which reads them offline (peers.md B.4), through the
+search's own row builder so both paths give the same columns.
+
+Only :func:`completed_trials` decides which trials are "finished": status
+``TERMINATED``, not diverged and ``training_iteration >= epochs``. Pareto fronts and
+hypervolumes use it by default, because an early-stopped (ASHA) or crashed trial reports
+truncated metrics that would otherwise sit on the front (peers.md B.5 P2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mtl_tune.metrics import MetricSpec
+
+PathLike = str | Path
+
+#: statuses written by the search; only TERMINATED counts as complete.
+STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY")
+ID_COLUMNS = ("sweep", "benchmark", "method", "trial_id", "status", "error", "seed", "epochs",
+              "training_iteration")
+BOOKKEEPING = ("solver_failures", "diverged", "synthetic", "time_total_s", "logdir")
+
+
+class SweepNotFoundError(FileNotFoundError):
+    """No ``trials.csv`` and no Ray experiment under a path; the message names the path."""
+
+
+# --------------------------------------------------------------------------- loading
+def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True) -> pd.DataFrame:
+    """Read the trial table(s) of one or several sweeps into one DataFrame.
+
+    ``path`` is a sweep directory, a ``trials.csv`` file, or a list of either. Each
+    table keeps (or gets) a ``sweep`` column, so several sweeps concatenate cleanly; a
+    ``sweep_dir`` column records where each row came from. The parsed ``sweep.json`` of
+    every sweep is in ``df.attrs["sweeps"]`` (``{sweep name: meta}``).
+
+    Types are normalised: ``status`` upper-case text, ``error`` text ("" when none),
+    ``diverged`` 0/1 int, ``synthetic`` bool, numeric metric columns float.
+    Raises :class:`SweepNotFoundError` naming the path when nothing can be read.
+    """
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths:
+        raise SweepNotFoundError("load_sweep: no path given")
+    frames, metas = [], {}
+    for p in paths:
+        df, meta = _load_one(Path(p), ray_fallback=ray_fallback)
+        frames.append(df)
+        for name in dict.fromkeys(df["sweep"].astype(str)):
+            metas[name] = meta
+    out = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
+    out = _normalise(out)
+    out.attrs["sweeps"] = metas
+    return out
+
+
+def load_sweep_meta(path: PathLike) -> dict[str, Any]:
+    """The parsed ``sweep.json`` of a sweep directory ({} when the file is absent)."""
+    p = Path(path)
+    p = p.parent if p.is_file() else p
+    meta_file = p / "sweep.json"
+    if not meta_file.is_file():
+        return {}
+    with open(meta_file) as fh:
+        return json.load(fh)
+
+
+def _load_one(path: Path, *, ray_fallback: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+    if not path.exists():
+        raise SweepNotFoundError(f"sweep path {str(path)!r} does not exist")
+    csv = path if path.is_file() else path / "trials.csv"
+    meta = load_sweep_meta(path)
+    if csv.is_file():
+        if csv.stat().st_size == 0:
+            raise SweepNotFoundError(f"{str(csv)!r} is empty")
+        # keep_default_na=False would turn empty metrics into "" strings; read normally and
+        # fix the text columns in _normalise instead.
+        df = pd.read_csv(csv, low_memory=False)
+    elif ray_fallback and path.is_dir():
+        df = trials_from_ray(path)
+    else:
+        raise SweepNotFoundError(f"no trials.csv in {str(path)!r}")
+    name = meta.get("name") or (path.parent.name if path.is_file() else path.name)
+    if "sweep" not in df.columns:
+        df.insert(0, "sweep", name)
+    else:
+        df["sweep"] = df["sweep"].astype(object).where(df["sweep"].notna(), name)
+    if "benchmark" not in df.columns and meta.get("benchmark"):
+        df.insert(1, "benchmark", meta["benchmark"])
+    df["sweep_dir"] = str(path if path.is_dir() else path.parent)
+    return df, meta
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    if "status" in df.columns:
+        df["status"] = df["status"].astype(object).fillna("").astype(str).str.upper()
+    if "error" in df.columns:
+        df["error"] = df["error"].astype(object).where(df["error"].notna(), "").astype(str)
+    else:
+        df["error"] = ""
+    if "diverged" in df.columns:
+        df["diverged"] = pd.to_numeric(df["diverged"], errors="coerce").fillna(0).astype(int)
+    if "synthetic" in df.columns:
+        df["synthetic"] = df["synthetic"].map(_to_bool).astype(bool)
+    for col in ("method", "benchmark", "sweep", "trial_id"):
+        if col in df.columns:
+            df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
+    return df
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "t", "1.0")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return False
+    return bool(v)
+
+
+# --------------------------------------------------------------------------- Ray fallback
+def find_ray_experiments(root: PathLike, max_depth: int = 3) -> list[Path]:
+    """Directories at most ``max_depth`` below ``root`` holding ``experiment_state-*.json``."""
+    root = Path(root)
+    found: list[Path] = []
+    frontier = [root]
+    for _ in range(max_depth + 1):
+        nxt: list[Path] = []
+        for d in frontier:
+            if any(d.glob("experiment_state-*.json")):
+                found.append(d)  # a trial dir never holds another experiment
+                continue
+            nxt.extend(sorted(c for c in d.iterdir() if c.is_dir()))
+        frontier = nxt
+    return found
+
+
+def trials_from_ray(root: PathLike) -> pd.DataFrame:
+    """Rebuild the ``trials.csv`` table from the Ray experiment(s) under ``root``.
+
+    The search keeps one Tune experiment per method (``<sweep>/<method>/``); each one
+    found is read offline with the search's own row builder
+    (:func:`mtl_tune.search.results.trial_rows`, ``ExperimentAnalysis`` underneath), so
+    the rebuilt table has exactly the columns and status rules (``DIVERGED``,
+    ``STOPPED_EARLY``) of a ``trials.csv`` written at the end of a sweep.
+    """
+    root = Path(root)
+    experiments = find_ray_experiments(root)
+    if not experiments:
+        raise SweepNotFoundError(f"no trials.csv and no Ray Tune experiment (experiment_state-*.json) under {str(root)!r}")
+    from mtl_tune.search.results import trial_rows  # imports Ray: only on this path
+
+    meta = load_sweep_meta(root)
+    name = str(meta.get("name") or root.name)
+    n_tasks = len(meta.get("tasks") or [])  # 0 → simplex draws stay raw (trial_rows falls back)
+    rows: list[dict[str, Any]] = []
+    for exp in experiments:
+        rows.extend(trial_rows(exp, name, n_tasks))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- selection
+def completed_trials(df: pd.DataFrame, include_incomplete: bool = False) -> pd.DataFrame:
+    """Trials that finished their requested epochs normally (the default Pareto/HV input).
+
+    Kept: ``status == "TERMINATED"`` and ``diverged != 1`` and
+    ``training_iteration >= epochs``. A condition whose column is absent is not applied.
+    ``include_incomplete=True`` returns ``df`` unchanged (e.g. to show ASHA-stopped trials).
+    """
+    if include_incomplete:
+        return df
+    keep = pd.Series(True, index=df.index)
+    if "status" in df.columns:
+        keep &= df["status"].astype(str).str.upper() == "TERMINATED"
+    if "diverged" in df.columns:
+        keep &= pd.to_numeric(df["diverged"], errors="coerce").fillna(0) < 0.5
+    if "training_iteration" in df.columns and "epochs" in df.columns:
+        it = pd.to_numeric(df["training_iteration"], errors="coerce")
+        ep = pd.to_numeric(df["epochs"], errors="coerce")
+        keep &= ep.isna() | (it >= ep)
+    return df[keep]
+
+
+def hp_columns(df: pd.DataFrame) -> list[str]:
+    """The ``hp/<name>`` columns, in table order."""
+    return [c for c in df.columns if c.startswith("hp/")]
+
+
+def metric_columns(df: pd.DataFrame, split: str | None = None) -> list[str]:
+    """Numeric ``<split>/<metric>`` columns (not ``hp/``, ``train/``, ``weights/``)."""
+    skip = ("hp/", "train/", "weights/")
+    cols = [c for c in df.columns if "/" in c and not c.startswith(skip) and pd.api.types.is_numeric_dtype(df[c])]
+    return [c for c in cols if split is None or c.split("/", 1)[0] == split]
+
+
+def expand_list_hps(df: pd.DataFrame) -> pd.DataFrame:
+    """Replace each JSON-list hyperparameter column (``hp/task_weights`` = ``"[0.5, 1.5]"``)
+    by one numeric column per component (``hp/task_weights[0]``, ``hp/task_weights[1]``), so
+    list-valued hyperparameters can be plotted and compared like scalars. Other columns are kept."""
+    out = df.copy()
+    for col in hp_columns(df):
+        decoded = df[col].map(decode_hp)
+        lists = decoded[decoded.map(lambda v: isinstance(v, list))]
+        if lists.empty or not lists.map(lambda v: all(isinstance(x, (int, float)) for x in v)).all():
+            continue
+        width = int(lists.map(len).max())
+        pos = out.columns.get_loc(col)
+        out = out.drop(columns=col)
+        for i in range(width):
+            values = decoded.map(lambda v, i=i: float(v[i]) if isinstance(v, list) and i < len(v) else float("nan"))
+            out.insert(pos + i, f"{col}[{i}]", values)
+    return out
+
+
+def decode_hp(value: Any) -> Any:
+    """Decode a JSON-text hyperparameter (``"[1.0, 2.0]"``) into its Python value."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def metric_specs(meta: dict[str, Any]) -> list[MetricSpec]:
+    """``sweep.json``'s ``metric_specs`` as :class:`MetricSpec` objects."""
+    return [MetricSpec(name=s["name"], task=s["task"], higher_is_better=bool(s["higher_is_better"]),
+                       baseline=s.get("baseline"), primary=bool(s.get("primary", False)))
+            for s in meta.get("metric_specs", [])]
+
+
+def sweep_objective(meta: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(metric keys, modes) of the sweep's search objective from ``sweep.json``."""
+    obj = meta.get("objective") or {}
+    metrics, modes = list(obj.get("metrics", [])), list(obj.get("modes", []))
+    if len(metrics) != len(modes):
+        raise ValueError(f"sweep.json objective has {len(metrics)} metrics but {len(modes)} modes")
+    return metrics, modes
+
+
+def sweep_meta_of(df: pd.DataFrame, sweep: str | None = None) -> dict[str, Any]:
+    """The ``sweep.json`` of ``sweep`` (default: the only/first sweep) attached by :func:`load_sweep`."""
+    metas: dict[str, Any] = df.attrs.get("sweeps", {}) or {}
+    if not metas:
+        return {}
+    if sweep is None:
+        return next(iter(metas.values()))
+    return metas.get(sweep, {})
+
+
+def iter_sweeps(df: pd.DataFrame) -> Iterable[tuple[str, pd.DataFrame, dict[str, Any]]]:
+    """(name, rows, meta) for every sweep in a table loaded by :func:`load_sweep`."""
+    names = list(dict.fromkeys(df["sweep"])) if "sweep" in df.columns else [""]
+    for name in names:
+        part = df[df["sweep"] == name] if "sweep" in df.columns else df
+        yield name, part, sweep_meta_of(df, name)

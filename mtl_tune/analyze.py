@@ -1,0 +1,51 @@
+"""``python -m mtl_tune.analyze RESULTS... [--out DIR] [--format md|html]``: report on sweeps.
+
+Each RESULTS is a sweep directory (``trials.csv`` + ``sweep.json``, or a Ray Tune
+experiment directory without ``trials.csv``) or a ``trials.csv`` file. The report
+(``report.md`` or ``report.html`` plus PNGs) goes to ``--out``. A missing or unreadable
+path prints one error line and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mtl_tune.analyze", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="sweep directories or trials.csv files")
+    p.add_argument("--out", default="results/analysis", help="output directory (default: results/analysis)")
+    p.add_argument("--format", choices=("md", "html"), default="md", help="report format (default: md)")
+    p.add_argument("--include-incomplete", action="store_true",
+                   help="let errored / early-stopped / diverged trials take part in Pareto fronts and hypervolume")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # imported here so that --help answers without loading pandas/matplotlib
+    from mtl_tune.analysis.report import write_report
+    from mtl_tune.analysis.sweep import SweepNotFoundError, load_sweep
+
+    try:
+        df = load_sweep(args.results)
+    except (SweepNotFoundError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"error: no trials in {', '.join(args.results)}", file=sys.stderr)
+        return 2
+    try:
+        path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete)
+    except (KeyError, ValueError) as err:
+        print(f"error: cannot analyse {', '.join(args.results)}: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Shared solver of the FairGrad family: x > 0 with (A x)_i = (p_i / x_i)^{1/α}.
+
+FairGrad (Ban & Ji, ICML'24) maximises the α-fair utility Σ_i p_i U_α(g_iᵀd) of the per-task
+directional derivatives under a norm bound; its optimality condition is d = G x with
+
+    (A x)_i = (p_i / x_i)^{1/α},   x > 0,   A = G Gᵀ (K×K Gram of the task gradients).
+
+p = 1 gives FairGrad; α = 1, p = 1 is the Nash-MTL condition A x = 1/x (Navon et al.,
+ICML'22); α = 2 with performance weights p is PIVRG (Qin, Wang & Yan, CVPR'25).
+
+**Convex formulation (why Newton is safe).** The roots are the stationary points of
+
+    f(x) = ½ xᵀ A x − Σ_i φ_i(x_i),   φ_i(x) = p_i^{1/α} (x^β − 1)/β,  β = 1 − 1/α
+    (φ_i = p_i log x for α = 1),
+
+which is strictly convex on x > 0 (A ⪰ 0 and −φ_i'' > 0), so a root is unique when it
+exists. It does not exist when 0 lies in the convex hull of the gradients (a Pareto-stationary
+point: A has a non-negative null vector v and f decreases without bound along v), e.g. two
+opposite gradients; the solver then reports non-convergence instead of returning junk.
+
+**Scaling (why it is well-posed numerically).** With c_i = ‖g_i‖ and the unit-diagonal
+Â = C⁻¹ A C⁻¹, substituting z = C x gives the same kind of equation
+
+    (Â z)_i = (p̃_i / z_i)^{1/α},   p̃_i = p_i c_i^{1−α},
+
+and p̃ → p̃/m maps z → z·m^{1/(α+1)}. So gradients of norm 1e-12 or 1e12, or norms that differ
+by many orders across tasks, are solved on a correlation matrix with p̃ ≤ 1 and mapped back
+exactly: x = m^{1/(α+1)} z / c. (A global rescale A → A/s is the special case c_i = √s:
+x scales by s^{−α/(α+1)}.)
+
+**Zero gradients.** A task with g_i = 0 has the equation 0 = (p_i/x_i)^{1/α}: no finite root
+(x_i → ∞, which is where scipy's least_squares in the official code drifts). Its column of A
+is zero, so the other tasks' equations do not involve x_i and their exact solution is that of
+the reduced system; the task's weight is reported as 0 (it contributes nothing to d) and its
+index in ``zero_tasks``. Callers decide whether that is a failure (Nash-MTL, whose heads are
+weighted by x, counts it as one) or not (FairGrad: heads are unweighted and d is exact).
+
+Solvers: ``"newton"`` (default) — damped Newton on u = log z, the step solving
+(Z Â Z + diag(z ⊙ rhs)/α) Δu = −z ⊙ r (the Newton step of the residual in x mapped to u,
+a descent direction of f), Armijo backtracking, |Δu| ≤ 4 per step; ``"least_squares"`` —
+scipy's trust-region-reflective least squares on r(z) = Âz − (p̃/z)^{1/α}, bounds z ≥ 0, as the
+official code (on the scaled problem). Both are judged by the same criterion: the relative
+residual max_i |(Ax)_i / (p_i/x_i)^{1/α} − 1| (iterate to ``tol`` = 1e-10, accept ≤ 1e-6; see
+:func:`_errors` for why a problem whose gradients cancel is detected as a failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy.optimize import least_squares
+from torch import Tensor
+
+from mtl_tune.balancers.base import BalancerError, GradientBalancer, SolverFailureCounter, gram
+
+SOLVERS = ("newton", "least_squares")
+#: a task whose squared gradient norm is below this fraction of the largest (a norm ratio
+#: below 1e-15) is treated as exactly zero: in float32 it is 1e8× below the rounding of the
+#: other tasks' gradients, so it cannot carry information about a direction.
+ZERO_GRAD_RTOL = 1e-30
+#: largest change of log z in one Newton step (a weight changes by at most e^4 ≈ 55×).
+MAX_LOG_STEP = 4.0
+#: backward error at which float64 cannot improve the solution any further.
+BACKWARD_FLOOR = 1e-14
+
+
+@dataclass
+class FairSolution:
+    """Result of :func:`solve_fair`. ``x``: weights (K,), 0 for zero-gradient tasks."""
+
+    x: np.ndarray
+    converged: bool
+    iterations: int
+    residual: float
+    zero_tasks: tuple[int, ...] = ()
+    message: str = "ok"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def fair_residual(gram_matrix: np.ndarray, x: np.ndarray, alpha: float, p: np.ndarray | None = None) -> np.ndarray:
+    """Relative residual (A x)_i / (p_i/x_i)^{1/α} − 1 (zero at the FairGrad solution)."""
+    a = np.asarray(gram_matrix, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    p = np.ones_like(x) if p is None else np.asarray(p, dtype=np.float64)
+    return (a @ x) / (p / x) ** (1.0 / alpha) - 1.0
+
+
+def _errors(a_hat: np.ndarray, z: np.ndarray, rhs: np.ndarray) -> tuple[float, float]:
+    """(relative residual, backward error) of z for Âz = rhs.
+
+    relative residual = max_i |r_i| / rhs_i: how far each task's directional derivative is
+    from its target — what "solved" means. backward error = max_i |r_i| / (rhs_i + (|Â|z)_i):
+    the residual relative to the terms (Âz)_i is computed from. When it reaches the float64
+    floor no iteration can improve the relative residual any further: (Âz)_i is then a
+    cancellation of much larger terms (0 is in, or extremely close to, the convex hull of the
+    gradients, e.g. two opposite gradients, where the iterates run off to infinity).
+    """
+    r = np.abs(a_hat @ z - rhs)
+    return float(np.max(r / rhs)), float(np.max(r / (rhs + np.abs(a_hat) @ z)))
+
+
+def _potential(u: np.ndarray, a_hat: np.ndarray, q: np.ndarray, alpha: float) -> float:
+    """f(e^u) = ½ zᵀÂz − Σ q_i (z_i^β − 1)/β with q = p̃^{1/α}, β = 1 − 1/α (log z for β = 0)."""
+    z = np.exp(u)
+    beta = 1.0 - 1.0 / alpha
+    phi = q * u if abs(beta) < 1e-12 else q * np.expm1(beta * u) / beta
+    return float(0.5 * z @ a_hat @ z - phi.sum())
+
+
+def _newton_log(a_hat: np.ndarray, log_p: np.ndarray, alpha: float, u0: np.ndarray, tol: float,
+                max_iter: int) -> tuple[np.ndarray, float, int, str]:
+    """Damped Newton on u = log z for Âz = (p̃/z)^{1/α}; returns (best u, its relative residual, iterations, message).
+
+    Stops at relative residual ≤ ``tol``, at the float64 floor of the backward error, or after
+    ``max_iter`` steps. A step length t is accepted when it satisfies Armijo on the potential f
+    (global convergence) *or* lowers the relative residual by the factor 1 − 1e-4·t: near the
+    root the decrease of f is O(residual²) and drowns in f's own rounding, while the residual
+    keeps converging quadratically.
+    """
+    q = np.exp(log_p / alpha)
+
+    def evaluate(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+        z = np.exp(u)
+        rhs = np.exp((log_p - u) / alpha)
+        return (z, rhs, *_errors(a_hat, z, rhs))
+
+    u = u0.copy()
+    z, rhs, rel, bwd = evaluate(u)
+    best_u, best_rel = u.copy(), rel
+    for it in range(max_iter + 1):
+        if not np.isfinite(rel):
+            return best_u, best_rel, it, "non-finite iterate"
+        if rel < best_rel:
+            best_u, best_rel = u.copy(), rel
+        if rel <= tol:
+            return u, rel, it, "ok"
+        if bwd <= BACKWARD_FLOOR:
+            return best_u, best_rel, it, "float64 precision floor reached"
+        if it == max_iter:
+            break
+        r = a_hat @ z - rhs
+        h = z[:, None] * a_hat * z[None, :] + np.diag(z * rhs / alpha)
+        g = z * r
+        d = np.sqrt(np.diag(h))  # Jacobi scaling keeps the solve accurate when z spans decades
+        try:
+            step = -np.linalg.solve(h / np.outer(d, d), g / d) / d
+        except np.linalg.LinAlgError:
+            return best_u, best_rel, it, "singular Newton system"
+        big = np.max(np.abs(step))
+        if big > MAX_LOG_STEP:  # trust region in log space: bounded relative change of any weight
+            step *= MAX_LOG_STEP / big
+        f0, slope, t = _potential(u, a_hat, q, alpha), float(g @ step), 1.0
+        for _ in range(40):
+            trial = evaluate(u + t * step)
+            if trial[2] <= (1.0 - 1e-4 * t) * rel or _potential(u + t * step, a_hat, q, alpha) <= f0 + 1e-4 * t * slope:
+                break
+            t *= 0.5
+        else:  # neither merit can decrease: we are at the floating-point floor
+            return best_u, best_rel, it, "line search stalled"
+        u = u + t * step
+        z, rhs, rel, bwd = trial
+    return best_u, best_rel, max_iter, f"no convergence in {max_iter} iterations"
+
+
+def _least_squares(a_hat: np.ndarray, log_p: np.ndarray, alpha: float, u0: np.ndarray, tol: float,
+                   max_iter: int) -> tuple[np.ndarray, float, int, str]:
+    """scipy least_squares on r(z) = Âz − (p̃/z)^{1/α}, z ≥ 0 (the official FairGrad solver)."""
+    q = np.exp(log_p / alpha)
+
+    def resid(z: np.ndarray) -> np.ndarray:
+        return a_hat @ z - q * np.maximum(z, 1e-300) ** (-1.0 / alpha)
+
+    def jac(z: np.ndarray) -> np.ndarray:
+        return a_hat + np.diag(q / alpha * np.maximum(z, 1e-300) ** (-1.0 / alpha - 1.0))
+
+    sol = least_squares(resid, np.exp(u0), jac=jac, bounds=(0.0, np.inf), method="trf",
+                        xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=max(max_iter, 1) * 10)
+    z = np.maximum(sol.x, 1e-300)
+    rel, _ = _errors(a_hat, z, q * z ** (-1.0 / alpha))
+    return np.log(z), rel, int(sol.nfev), "ok" if rel <= tol else f"least_squares: {sol.message}"
+
+
+def _rescaled(a_hat: np.ndarray, log_p: np.ndarray, alpha: float, u: np.ndarray) -> np.ndarray:
+    """Start point u + log τ with the best common scale τ for the direction e^u.
+
+    Â(τz) = (p̃/(τz))^{1/α} gives log τ = (log rhs_i(z) − log (Âz)_i)/(1 + 1/α) per task; we take
+    the mean over tasks with (Âz)_i > 0. This removes the global-scale part of the error in
+    one shot (a warm start after the gradients shrank 1e6×, or the orthogonal guess for
+    strongly correlated gradients), which Newton would otherwise walk off at ~1 per step in log
+    space.
+    """
+    z = np.exp(u)
+    az = a_hat @ z
+    pos = az > 0
+    if not np.any(pos):
+        return u
+    log_tau = np.mean((log_p[pos] - u[pos]) / alpha - np.log(az[pos])) / (1.0 + 1.0 / alpha)
+    return u + log_tau
+
+
+def solve_fair(gram_matrix: np.ndarray, alpha: float, p: np.ndarray | None = None, x0: np.ndarray | None = None,
+               tol: float = 1e-10, max_iter: int = 100, method: str = "newton",
+               accept_tol: float = 1e-6) -> FairSolution:
+    """Solve (A x)_i = (p_i/x_i)^{1/α}, x > 0 (see the module docstring for the maths).
+
+    ``x0``: optional warm start (previous solution, any positive finite vector). Without it the
+    start is the exact solution for orthogonal gradients, z_i = p̃_i^{1/(α+1)}. Iterates until the
+    relative residual is ≤ ``tol``; the result counts as converged when it is ≤ ``accept_tol``
+    (every task's directional derivative within 1e-6 of its target). Never raises for a
+    non-convergent problem: ``converged`` is False and ``x`` is the best iterate found.
+    """
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    if method not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {method!r}")
+    a = np.asarray(gram_matrix, dtype=np.float64)
+    k = a.shape[0]
+    p = np.ones(k) if p is None else np.asarray(p, dtype=np.float64)
+    if a.shape != (k, k) or p.shape != (k,):
+        raise ValueError(f"gram must be K×K and p of length K, got {a.shape} and {p.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(p)) and np.all(p > 0)):
+        raise ValueError("gram must be finite and p finite and positive")
+    diag = np.clip(np.diag(a), 0.0, None)
+    top = float(diag.max(initial=0.0))
+    active = np.flatnonzero(diag > ZERO_GRAD_RTOL * top) if top > 0 else np.array([], dtype=int)
+    zero = tuple(int(i) for i in np.setdiff1d(np.arange(k), active))
+    x = np.zeros(k)
+    if active.size == 0:  # every gradient is zero: d = 0 whatever x is
+        return FairSolution(x, True, 0, 0.0, zero, "all gradients are zero")
+    c = np.sqrt(diag[active])
+    a_hat = np.clip(a[np.ix_(active, active)] / np.outer(c, c), -1.0, 1.0)
+    np.fill_diagonal(a_hat, 1.0)
+    log_p = np.log(p[active]) + (1.0 - alpha) * np.log(c)
+    shift = float(log_p.max())
+    log_p = log_p - shift  # p̃ ≤ 1; z maps back by e^{shift/(α+1)}
+    back = shift / (alpha + 1.0)
+    starts = [log_p / (alpha + 1.0)]
+    if x0 is not None and np.all(np.isfinite(x0[active])) and np.all(x0[active] > 0):
+        starts.append(np.log(c * x0[active]) - back)
+    u0 = min((_rescaled(a_hat, log_p, alpha, u) for u in starts),
+             key=lambda u: _errors(a_hat, np.exp(u), np.exp((log_p - u) / alpha))[0])
+    run = _newton_log if method == "newton" else _least_squares
+    u, rel, iters, msg = run(a_hat, log_p, alpha, u0, tol, max_iter)
+    x[active] = np.exp(u + back) / c
+    ok = bool(np.isfinite(rel) and rel <= accept_tol)
+    if ok:
+        msg = "ok" if msg == "ok" else f"ok ({msg}, relative residual {rel:.1e})"
+    elif msg == "float64 precision floor reached":
+        msg = ("no accurate solution: the gradients (nearly) cancel — 0 is in or near their convex hull "
+               "(a Pareto-stationary point), where the exact solution does not exist")
+    return FairSolution(x, ok, iters, rel, zero, msg)
+
+
+class FairBalancer(GradientBalancer):
+    """Base of FairGrad / PIVRG / ConsMTL: d = K · G x with x from :func:`solve_fair`.
+
+    The ×K puts the update at the scale of the summed loss, and ``max_norm`` defaults to 1.0:
+    both are what the official FairGrad/MTLlib code effectively does (methods.md §1.3–1.4).
+    Heads receive the unweighted task gradients (official per-task ``backward``, §1.2).
+    A non-converged solve is counted (``solver_failures`` in every step's extras), warned
+    about, and raises :class:`BalancerError` after 20 in a row; that step uses the solver's
+    best iterate (smallest relative residual), as the official least_squares would return
+    its last iterate — never equal weights. Zero-gradient tasks get weight 0 (exact, see the
+    module docstring) and are counted in ``zero_grad_tasks``, not as failures.
+    """
+
+    default_max_norm: ClassVar[float | None] = 1.0
+
+    def __init__(self, n_tasks: int, alpha: float = 2.0, solver: str = "newton", tol: float = 1e-10,
+                 max_iter: int = 100, **kw: Any) -> None:
+        super().__init__(n_tasks, **kw)
+        if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{self.name}: alpha must be a positive number, got {alpha!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"{self.name}: solver must be one of {SOLVERS}, got {solver!r}")
+        self.alpha, self.solver, self.tol, self.max_iter = float(alpha), solver, float(tol), int(max_iter)
+        self.failures = SolverFailureCounter(self.name)
+        self._last: FairSolution | None = None
+
+    def task_priorities(self) -> np.ndarray | None:
+        """The p of the fairness equation (None = all ones); PIVRG overrides this."""
+        return None
+
+    def fair_weights(self, gram_matrix: Tensor) -> Tensor:
+        """Solve for x on this step's Gram matrix, with failure accounting; returns x (K,) float64."""
+        sol = solve_fair(gram_matrix.detach().cpu().double().numpy(), self.alpha, self.task_priorities(),
+                         tol=self.tol, max_iter=self.max_iter, method=self.solver)
+        self._last = sol
+        if not np.all(np.isfinite(sol.x)):
+            raise BalancerError(f"{self.name}: solver produced non-finite weights ({sol.message})")
+        if sol.converged:
+            self.failures.success()
+        else:
+            self.failures.failure(f"{sol.message}; relative residual {sol.residual:.2e}")
+        return torch.from_numpy(sol.x).to(gram_matrix.device)
+
+    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.fair_weights(gram(jacobian))
+        coef = self.n_tasks * x
+        return coef.to(jacobian.dtype) @ jacobian, coef
+
+    def _step_extras(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"solver_failures": self.failures.total}
+        if self._last is not None:
+            out.update(solver_iterations=self._last.iterations, solver_residual=self._last.residual,
+                       zero_grad_tasks=len(self._last.zero_tasks))
+        return out
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"failures": self.failures.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.failures.load_state_dict(state["failures"])

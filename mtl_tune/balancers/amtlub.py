@@ -1,0 +1,50 @@
+"""``amtlub`` — Aligned-MTL-UB (Senushkin et al., CVPR'23, §4.3 "upper bound").
+
+Aligned-MTL (:mod:`mtl_tune.balancers.amtl`) applied to the K gradients w.r.t. the shared
+representation z instead of the shared parameters: with J_z = ∂ℓ/∂z (K×numel(z)),
+M_z = J_z J_zᵀ = V Λ Vᵀ and W = σ V_r Λ_r^{-1/2} V_rᵀ,
+
+    d_z = J_zᵀ (W p),   then one backward  ∂z/∂θ_sᵀ d_z  through the encoder.
+
+As for MGDA-UB the trick costs K backward passes through the (small) heads plus one
+through the encoder; memory K × numel(z). Conventions follow SamsungLabs/MTL
+``AlignedMTLUBBalancer`` (methods.md §3.9): heads get their unweighted task gradients
+(the decoders run on a detached z there), no ×K, no clipping; ``scale_decoder_grad`` of the
+official code (off by default, and crashing when on) is not offered. See
+:class:`mtl_tune.balancers.mgdaub.RepresentationBalancer` for the representation contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.amtl import SCALE_MODES, aligned_mtl_weights, check_preferences
+from mtl_tune.balancers.base import gram
+from mtl_tune.balancers.mgdaub import RepresentationBalancer
+
+
+class AlignedMTLUB(RepresentationBalancer):
+    name = "amtlub"
+
+    def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,
+                 **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"amtlub: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+        self.scale_mode = scale_mode
+        self.preferences = check_preferences(preferences, n_tasks, self.name)
+        self._last: dict[str, Any] = {}
+
+    def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        coef, rank, sigma2 = aligned_mtl_weights(gram(jacobian), self.scale_mode, self.preferences,
+                                                 float(torch.finfo(jacobian.dtype).eps))
+        self._last = {"rank": rank, "sigma2": sigma2}
+        coef = coef.to(jacobian.device)
+        return coef.to(jacobian.dtype) @ jacobian, coef
+
+    def _step_extras(self) -> dict[str, Any]:
+        return dict(self._last)

@@ -1,0 +1,100 @@
+"""``graddrop`` — Gradient Sign Dropout (Chen et al., "Just Pick a Sign", NeurIPS'20).
+
+At every coordinate c of the shared-parameter gradients (rows g_i of the K×P Jacobian):
+
+    purity  P_c = ½ (1 + Σ_i g_ic / Σ_i |g_ic|)          (½ where every g_ic = 0)
+    U_c ~ U(0, 1);  keep the positive entries if U_c < P_c, else the negative ones:
+    M_ic = [U_c < P_c]·[g_ic > 0] + [U_c ≥ P_c]·[g_ic < 0]
+    d_c  = Σ_i (λ + (1 − λ) M_ic) g_ic                   (leak λ ∈ [0, 1])
+
+So a coordinate where all tasks agree in sign is always kept (P = 1 or 0), and a
+conflicting one keeps one sign with probability proportional to its share of the total
+magnitude. λ = 0 is full sign dropout, λ = 1 the plain sum of gradients. Splitting the
+uniform draw as "< P" / "≥ P" (instead of the paper's two strict inequalities) makes the
+two sign groups partition [0, 1): exactly one is kept even for a discrete RNG.
+
+Variants (methods.md §3.4, Appendix C.7) — we implement the first:
+* **FAMO-family / CAGrad repo** (default here; it produced the published NYUv2/Cityscapes/
+  QM9/CelebA numbers): per shared-*parameter* coordinate, no sign(z) factor, no leak
+  (λ = 0), written as the masked **sum** (= K × their masked mean), clipped at 1.0 in the
+  official benchmarks (``max_norm``), heads unweighted. We add the paper's leak λ.
+* Paper / LibMTL: per *activation* of the shared representation, with the signed
+  gradient s_i = Σ_batch sign(z)·∂ℓ_i/∂z, then backprop through the encoder (not offered).
+* SamsungLabs: representation version with one purity per step over all of z (whole
+  tasks kept or attenuated), their ``leak`` = 1 − λ (not offered).
+
+Randomness: the balancer's own generator (seeded by ``seed``, saved in ``state_dict``),
+created on the Jacobian's device so U is drawn where the gradients live.
+Reported weights: the least-squares effective weight of each task,
+w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for a zero gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import GradientBalancer
+
+
+def purity(jacobian: Tensor) -> Tensor:
+    """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (P,), ½ where all g_ic are 0."""
+    total = jacobian.sum(0)
+    magnitude = jacobian.abs().sum(0)
+    nonzero = magnitude > 0
+    ratio = torch.where(nonzero, total / torch.where(nonzero, magnitude, torch.ones_like(magnitude)),
+                        torch.zeros_like(total))
+    return 0.5 * (1.0 + ratio)
+
+
+def graddrop_multipliers(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
+    """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (K×P) for uniforms U (P,)."""
+    keep_positive = uniform < purity(jacobian)  # (P,)
+    mask = torch.where(jacobian > 0, keep_positive, ~keep_positive) & (jacobian != 0)
+    return leak + (1.0 - leak) * mask.to(jacobian.dtype)
+
+
+def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
+    """w_i = ⟨m_i ⊙ g_i, g_i⟩/‖g_i‖² (1 for a zero gradient); rows are rescaled by their
+    max |entry| first so the squares neither overflow nor underflow."""
+    peak = jacobian.abs().amax(1, keepdim=True)
+    r = jacobian / torch.where(peak > 0, peak, torch.ones_like(peak))
+    energy = (r * r).sum(1)
+    kept = (multipliers * r * r).sum(1)
+    return torch.where(energy > 0, kept / torch.where(energy > 0, energy, torch.ones_like(energy)),
+                       torch.ones_like(energy))
+
+
+class GradDrop(GradientBalancer):
+    name = "graddrop"
+
+    def __init__(self, n_tasks: int, leak: float = 0.0, seed: int = 0, **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        if not 0.0 <= float(leak) <= 1.0:
+            raise ValueError(f"graddrop: leak must lie in [0, 1], got {leak}")
+        self.leak = float(leak)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        # Draw U where the gradients live (no P-sized host→device copy per step). The first
+        # move to a new device re-seeds from ``seed``, so a run is reproducible per device.
+        if self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        gen = self._generator_on(jacobian.device)
+        uniform = torch.rand(jacobian.shape[1], generator=gen, device=jacobian.device, dtype=jacobian.dtype)
+        mult = graddrop_multipliers(jacobian, uniform, self.leak)
+        direction = (mult * jacobian).sum(0)
+        return direction, effective_weights(jacobian, mult)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"generator_device": str(self.generator.device), "generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator = torch.Generator(device=torch.device(state["generator_device"]))
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,194 @@
+"""``nashmtl`` — Nash-MTL, multi-task learning as a bargaining game (Navon et al., ICML'22).
+
+The Nash bargaining solution of the tasks is d = G α with α > 0 solving
+
+    (A α)_i = 1 / α_i   for every task i,   A = G Gᵀ,
+
+i.e. every task's directional derivative g_iᵀd equals 1/α_i. It is invariant to the scale of
+each task's loss: if g_i → c_i g_i then α_i → α_i / c_i and d is unchanged (tested). The
+update backpropagates Σ_i α_i ℓ_i: the shared gradient is G α (no ×K — α already carries the
+scale, as in the official code) and the heads get α-weighted gradients (methods.md §1.2).
+The shared gradient is clipped to ``max_norm`` = 1.0 as in the Nash-MTL paper and its
+official repo (the FAMO-family copy lost the clip, methods.md §1.4).
+
+Solvers (``solver``):
+
+* ``"newton"`` (default) — the equation is the α = 1 member of the FairGrad family, solved by
+  the damped Newton method of :mod:`mtl_tune.balancers._fairness` (on a unit-diagonal scaled
+  Gram matrix, warm-started from the previous α). ``optim_niter`` caps its iterations; it
+  converges quadratically (2–5 iterations from a cold start on random problems, 1–2 warm).
+* ``"cccp"`` — the official algorithm: sequential convex programming, each round solving
+  min_a Σ_i (Âa)_i + ∇φ(a_prev)ᵀa / nf  s.t.  log(a_i) + log((Âa)_i) ≥ −log nf
+  (Â = A/nf, nf = ‖A‖_F, φ(a) = Σ log a_i + Σ log (Âa)_i linearised at the previous round) with
+  CLARABEL (ECOS, the official solver, is not installed; cvxpy ≥ 1.6 dropped it, which is what
+  silently turned the official Nash-MTL into LS), at most ``optim_niter`` rounds, stopping when
+  a round moves α by less than 1e-6.
+
+Measured on the project's 2-core CPU machine (float64, random problems): Newton takes
+0.3 ms (K = 3) to 0.8 ms (K = 40) per cold solve and always converged; CCCP took 3 ms (K = 3),
+11 ms (K = 11), 270 ms (K = 40) cold and stalled far from the root on 1/10 (K = 3), 2/10
+(K = 11), 7/10 (K = 40) problems within 20 rounds. Inside a training loop (CPU MLP, 256
+samples, width 512, K = 3) Newton cost 1.8 ms of a 218 ms step (0.8 %), CCCP 65 ms (24 %).
+Newton is therefore the default; the < 5 %-of-a-step budget holds with a wide margin.
+
+Failures are never silent: a solve whose relative residual max_i |α_i (Aα)_i − 1| stays above
+1e-6 (1e-4 for CCCP, whose rounds are only approximately solved), or a task with an exactly zero
+shared gradient (then A α = 1/α has no solution: α_i → ∞; the other tasks are solved exactly on
+the reduced system and α_i keeps its previous value), is counted in ``solver_failures``, warned
+about, and raises :class:`BalancerError` after 20 in a row. A failed step keeps the previous α
+for the failing tasks — what the official code does when its solver raises — never a switch to
+equal weights (only if the very first solve fails does that step use the official initial α = 1,
+and it says so).
+
+``update_weights_every`` = n re-solves α every n steps; in between, the previous α is reused
+and the step costs one backward (no Jacobian) — the official cost knob, which crashes in the
+FAMO-family copy and works here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers._fairness import solve_fair
+from mtl_tune.balancers.base import (Balancer, BalancerError, SolverFailureCounter, StepInfo, _as_param_list,
+                                     accumulate_grad, check_losses, gram)
+
+SOLVERS = ("newton", "cccp")
+
+
+def nash_weights(gram_matrix: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 20,
+                 tol: float = 1e-10) -> tuple[np.ndarray, bool, int, str]:
+    """α > 0 with A α = 1/α by damped Newton (FairGrad with α = 1); returns (α, converged, iters, message).
+
+    Zero-gradient tasks have no finite solution: their α_i is NaN and ``converged`` is False,
+    while the other tasks' α is the exact solution of the reduced system.
+    """
+    sol = solve_fair(gram_matrix, 1.0, x0=alpha0, tol=tol, max_iter=max_iter)
+    if not sol.converged:  # only the best iterate of a failed solve: not to be used
+        return np.full_like(sol.x, np.nan), False, sol.iterations, sol.message
+    if sol.zero_tasks:
+        alpha = sol.x.copy()
+        alpha[list(sol.zero_tasks)] = np.nan
+        return alpha, False, sol.iterations, f"tasks {list(sol.zero_tasks)} have a zero gradient (α_i → ∞)"
+    return sol.x, True, sol.iterations, sol.message
+
+
+class CCCPSolver:
+    """The official sequential convex program for A α = 1/α (see the module docstring).
+
+    The cvxpy problem is built once per task count with parameters (Â, ∇φ/nf, log nf), so each
+    round only re-solves a DPP-compiled problem.
+    """
+
+    def __init__(self, n_tasks: int, max_iter: int = 20, tol: float = 1e-4) -> None:
+        import cvxpy as cp  # optional heavy dependency: only this solver needs it
+
+        self.cp, self.max_iter, self.tol = cp, max_iter, tol
+        self.var = cp.Variable(n_tasks, nonneg=True)
+        self.a_hat = cp.Parameter((n_tasks, n_tasks))
+        self.lin = cp.Parameter(n_tasks)
+        self.log_nf = cp.Parameter()
+        # α_i (Aα)_i ≥ 1 written as −log α_i − log (Âα)_i ≤ log nf (DPP-compliant)
+        cons = [-cp.log(self.var) - cp.log(self.a_hat @ self.var) <= self.log_nf]
+        self.problem = cp.Problem(cp.Minimize(cp.sum(self.a_hat @ self.var) + self.lin @ self.var), cons)
+
+    def solve(self, gram_matrix: np.ndarray, alpha0: np.ndarray) -> tuple[np.ndarray, bool, int, str]:
+        a = np.asarray(gram_matrix, dtype=np.float64)
+        if np.any(np.diag(a) <= 0):
+            return np.full_like(alpha0, np.nan), False, 0, "a task has a zero gradient (α_i → ∞)"
+        nf = float(np.linalg.norm(a))
+        a_hat = a / nf
+        self.a_hat.value, self.log_nf.value = a_hat, np.log(nf)
+        prev = alpha0.copy()
+        for it in range(1, self.max_iter + 1):
+            ap = a_hat @ prev
+            if np.any(ap <= 0):
+                return np.full_like(alpha0, np.nan), False, it, "CCCP linearisation point has (Âα)_i ≤ 0"
+            self.lin.value = (1.0 / prev + a_hat.T @ (1.0 / ap)) / nf
+            try:
+                self.problem.solve(solver=self.cp.CLARABEL)
+            except self.cp.SolverError as err:
+                return np.full_like(alpha0, np.nan), False, it, f"CLARABEL: {err}"
+            new = self.var.value
+            if new is None or self.problem.status not in ("optimal", "optimal_inaccurate"):
+                return np.full_like(alpha0, np.nan), False, it, f"CLARABEL status {self.problem.status}"
+            step = float(np.linalg.norm(new - prev))
+            prev = np.maximum(new, 1e-300)
+            if step < 1e-6:
+                break
+        err = float(np.max(np.abs(prev * (a @ prev) - 1.0)))  # relative residual (Aα)_i α_i − 1
+        if err > self.tol:
+            return np.full_like(prev, np.nan), False, it, f"CCCP stalled (relative residual {err:.2e})"
+        return prev, True, it, "ok"
+
+
+class NashMTL(Balancer):
+    name = "nashmtl"
+    needs_jacobian: ClassVar[bool] = True
+    default_max_norm: ClassVar[float | None] = 1.0
+
+    def __init__(self, n_tasks: int, update_weights_every: int = 1, optim_niter: int = 20, solver: str = "newton",
+                 **kw: Any) -> None:
+        super().__init__(n_tasks, **kw)
+        if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
+            raise ValueError(f"nashmtl: update_weights_every must be a positive integer, got {update_weights_every!r}")
+        if not (isinstance(optim_niter, int) and optim_niter >= 1):
+            raise ValueError(f"nashmtl: optim_niter must be a positive integer, got {optim_niter!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"nashmtl: solver must be one of {SOLVERS}, got {solver!r}")
+        self.update_weights_every, self.optim_niter, self.solver = update_weights_every, optim_niter, solver
+        self.alpha = np.ones(n_tasks)  # official initial α; replaced by the first successful solve
+        self.failures = SolverFailureCounter(self.name)
+        self._cccp: CCCPSolver | None = None
+        self._iterations = 0
+
+    def solve(self, gram_matrix: Tensor) -> np.ndarray:
+        """Update and return α from this step's Gram matrix (warm start, failure accounting)."""
+        a = gram_matrix.detach().cpu().double().numpy()
+        if self.solver == "newton":
+            alpha, ok, self._iterations, msg = nash_weights(a, self.alpha, self.optim_niter)
+        else:
+            self._cccp = self._cccp or CCCPSolver(self.n_tasks, self.optim_niter)
+            alpha, ok, self._iterations, msg = self._cccp.solve(a, self.alpha)
+        # entries without a valid solution (failed solve, zero-gradient task) keep their previous α
+        self.alpha = np.where(np.isfinite(alpha), alpha, self.alpha)
+        if ok:
+            self.failures.success()
+        else:
+            self.failures.failure(msg)
+        return self.alpha
+
+    def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
+        check_losses(losses, self.n_tasks, self.name)
+        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
+        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        if self.step_count % self.update_weights_every == 0:
+            jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+            alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
+            direction = alpha @ jac
+            if not bool(torch.isfinite(direction).all()):
+                raise BalancerError(f"{self.name}: produced a non-finite update direction")
+            accumulate_grad(shared, direction)
+            if heads:
+                (losses * alpha.to(losses)).sum().backward(inputs=heads)
+        else:  # reuse α: one ordinary backward of Σ α_i ℓ_i
+            alpha = torch.from_numpy(self.alpha).to(losses)
+            (losses * alpha).sum().backward(inputs=shared + heads)
+        self._clip(shared)
+        self.step_count += 1
+        return StepInfo(weights=alpha.detach(), extras={"solver_failures": self.failures.total,
+                                                        "solver_iterations": self._iterations})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        alpha = np.asarray(state["alpha"], dtype=np.float64)
+        if alpha.shape != (self.n_tasks,):
+            raise ValueError(f"nashmtl: saved α has shape {alpha.shape}, expected ({self.n_tasks},)")
+        self.alpha = alpha.copy()
+        self.failures.load_state_dict(state["failures"])

@@ -1,0 +1,82 @@
+"""``pivrg`` — performance-informed variance reduction gradient (Qin, Wang & Yan, CVPR'25).
+
+FairGrad with α = 2 whose fairness equation carries per-task priorities p from the tasks'
+current performance gaps s (methods.md §3.11):
+
+    T = max((max s − min s) / ln(bound), mintemp),   p = K · softmax(s / T),
+    (A x)_i = sqrt(p_i / x_i),   d = K · G x.
+
+Σp = K and max p / min p = exp((max s − min s)/T) ≤ bound, so ``bound`` (> 1) caps how much
+more a lagging task can be favoured, and ``mintemp`` keeps p nearly uniform while the scores
+are close. Equal scores give p = 1, i.e. FairGrad with α = 2 (tested).
+
+Scores arrive once per epoch through ``on_epoch_end(EpochInfo(scores=...))`` (``needs_scores``):
+s_i = the task's mean relative drop vs the single-task baseline in **percent, positive = worse
+than STL** (:func:`mtl_tune.metrics.task_scores`), so worse tasks get larger p. Before the first
+epoch s = 0 (uniform p), as the official trainers. An epoch without scores (a benchmark without
+STL baselines) keeps the previous scores and warns — PIVRG then runs as FairGrad(α = 2).
+Which split the scores come from (training metrics on NYUv2/Cityscapes, validation on
+CelebA/QM9 in the official trainers) is the trainer's choice, not the balancer's.
+Heads unweighted, ×K, ``max_norm`` 1.0: as FairGrad.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl_tune.balancers._fairness import FairBalancer
+from mtl_tune.balancers.base import BalancerError, EpochInfo
+
+
+def performance_priorities(scores: np.ndarray, bound: float, mintemp: float) -> np.ndarray:
+    """p = K·softmax(s/T) with T = max((max s − min s)/ln(bound), mintemp); max p / min p ≤ bound."""
+    s = np.asarray(scores, dtype=np.float64)
+    temp = max(float(s.max() - s.min()) / math.log(bound), mintemp)
+    e = np.exp((s - s.max()) / temp)  # shifted: same softmax, no overflow
+    return len(s) * e / e.sum()
+
+
+class PIVRG(FairBalancer):
+    name = "pivrg"
+    needs_scores = True
+
+    def __init__(self, n_tasks: int, bound: float = 2.0, mintemp: float = 10.0, solver: str = "newton",
+                 **kw: Any) -> None:
+        super().__init__(n_tasks, alpha=2.0, solver=solver, **kw)
+        if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 1):
+            raise ValueError(f"pivrg: bound must be a number > 1 (ln(bound) divides the score spread), got {bound!r}")
+        if not (isinstance(mintemp, (int, float)) and math.isfinite(mintemp) and mintemp > 0):
+            raise ValueError(f"pivrg: mintemp must be a positive number, got {mintemp!r}")
+        self.bound, self.mintemp = float(bound), float(mintemp)
+        self.scores = np.zeros(n_tasks)
+        self._warned_missing = False
+
+    def task_priorities(self) -> np.ndarray:
+        return performance_priorities(self.scores, self.bound, self.mintemp)
+
+    def on_epoch_end(self, info: EpochInfo) -> None:
+        if info.scores is None:
+            if not self._warned_missing:
+                warnings.warn("pivrg: no per-task scores this epoch (no STL baselines?); keeping the previous "
+                              "scores — with none ever given PIVRG is FairGrad(alpha=2)", RuntimeWarning, stacklevel=2)
+                self._warned_missing = True
+            return
+        s = torch.as_tensor(info.scores, dtype=torch.float64).detach().cpu().numpy()
+        if s.shape != (self.n_tasks,) or not np.all(np.isfinite(s)):
+            raise BalancerError(f"pivrg: scores must be {self.n_tasks} finite numbers, got {s.tolist()}")
+        self.scores = s.copy()
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {**super()._step_extras(), "priorities": torch.from_numpy(self.task_priorities())}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "scores": self.scores.copy()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self.scores = np.asarray(state["scores"], dtype=np.float64).copy()
