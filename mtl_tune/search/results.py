@@ -86,7 +86,7 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
         for key, value in last.items():
             if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("config/"):
                 row[key] = value
-        for key in ("solver_failures", "diverged", "synthetic", "time_total_s"):
+        for key in ("solver_failures", "diverged", "synthetic", "time_total_s", "resumed_from_epoch"):
             row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
         row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
         row["node_id"] = last.get("node_id", "")

@@ -55,5 +55,19 @@ def train_trial(config: dict[str, Any]) -> None:
             torch.save(training_state, tmp)
             os.replace(tmp, Path(directory) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        _maybe_inject_fault(metrics)
 
     train(config, report, state)
+
+
+def _maybe_inject_fault(metrics: dict[str, Any]) -> None:
+    """Fault injection for the reliability tests: with ``MTL_TUNE_FAULT_KILL_AT_EPOCH=N`` and
+    ``MTL_TUNE_FAULT_DIR`` set, the worker process dies once per trial right after reporting
+    epoch N (as a lost node would), so Tune must restart it from its checkpoint."""
+    at, marker_dir = os.environ.get("MTL_TUNE_FAULT_KILL_AT_EPOCH"), os.environ.get("MTL_TUNE_FAULT_DIR")
+    if not at or not marker_dir or float(metrics.get("epoch", -1)) != float(at):
+        return
+    marker = Path(marker_dir) / tune.get_context().get_trial_id()
+    if not marker.exists():
+        marker.write_text("killed")
+        os._exit(1)

@@ -9,7 +9,9 @@ Reported keys (stable, flat): ``epoch``, ``epochs``, ``train/loss/<task>``,
 ``weights/<task>`` (mean balancer weight over the epoch), ``<split>/<metric>`` for each
 evaluation split, ``<split>/delta_m`` when the benchmark has single-task baselines,
 ``test_last<N>/…`` (running mean of the last N test evaluations, papers' protocol),
-``epoch_time_s``, ``solver_failures``, ``diverged`` (0/1), ``synthetic`` (0/1).
+``epoch_time_s``, ``solver_failures``, ``diverged`` (0/1), ``synthetic`` (0/1),
+``resumed_from_epoch`` (0, or the checkpoint epoch a restarted trial continued from),
+``best/test/…`` and ``best/epoch`` (test metrics at the best-validation epoch).
 
 Divergence (a non-finite loss, balancer output or objective metric) ends the run with
 ``diverged = 1``, ``error`` text, and every metric replaced by a finite penalty in its
@@ -243,7 +245,9 @@ class Trainer:
 
     def run(self, report: Reporter) -> None:
         """Train the remaining epochs, reporting after each; divergence ends the run cleanly."""
-        base = {"epochs": float(self.epochs), "synthetic": float(self.bench.synthetic)}
+        # resumed_from_epoch: the epoch this process started at (> 0 after a restart from a checkpoint)
+        base = {"epochs": float(self.epochs), "synthetic": float(self.bench.synthetic),
+                "resumed_from_epoch": float(self.epoch)}
         while self.epoch < self.epochs:
             start = time.perf_counter()
             try:
