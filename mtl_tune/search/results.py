@@ -90,6 +90,7 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
             row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
         row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
         row["node_id"] = last.get("node_id", "")
+        row["data_source"] = last.get("data_source", "")
         row["logdir"] = str(getattr(trial, "path", "") or getattr(trial, "local_path", ""))
         rows.append(row)
     return rows

@@ -248,6 +248,8 @@ class Trainer:
         # resumed_from_epoch: the epoch this process started at (> 0 after a restart from a checkpoint)
         base = {"epochs": float(self.epochs), "synthetic": float(self.bench.synthetic),
                 "resumed_from_epoch": float(self.epoch)}
+        if "data_source" in self.setup.extras:  # e.g. multi_mnist: real MNIST files or sklearn digits
+            base["data_source"] = str(self.setup.extras["data_source"])
         while self.epoch < self.epochs:
             start = time.perf_counter()
             try:
