@@ -98,6 +98,21 @@ def options_from_args(args: argparse.Namespace):
         verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb)
 
 
+def _config_text(row, hp_columns: list[str]) -> str:
+    """``c=0.4 rescale=1`` from a trial's hp/ columns (its method's only), numbers rounded."""
+    parts = []
+    for col in hp_columns:
+        value = row[col]
+        if isinstance(value, float) and value != value:  # NaN: another method's hyperparameter
+            continue
+        if isinstance(value, str) and value.startswith("["):
+            value = "[" + ", ".join(f"{float(v):.3g}" for v in json.loads(value)) + "]"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{col[3:]}={value}")
+    return " ".join(parts) or "(defaults)"
+
+
 def print_summary(outcome, plan) -> None:
     from mtl_tune.analysis import pareto_mask
 
@@ -106,9 +121,10 @@ def print_summary(outcome, plan) -> None:
     if table.empty:
         print("no trial finished")
     else:
+        table = table.assign(config=[_config_text(row, [c for c in table.columns if c.startswith("hp/")])
+                                     for _, row in table.iterrows()])
         done = table[(table["status"] == "TERMINATED") & (table["phase"] == "search")]
-        cols = [c for c in table.columns if c.startswith("hp/")]
-        shown = ["method", *cols, *plan.metrics]
+        shown = ["method", "config", *plan.metrics]
         if plan.multi_objective and not done.empty:
             best = done[pareto_mask(done[plan.metrics].to_numpy(float), plan.modes)]
             title = f"non-dominated trials ({len(best)} of {len(table)}) on {', '.join(plan.metrics)}"
