@@ -86,3 +86,14 @@ def test_test_metrics_are_kept_at_the_best_validation_epoch():
         out = {"val/pareto_distance": val, "test/loss1": test}
         trainer._track_best(out)
     assert out["best/test/loss1"] == 20.0 and out["best/epoch"] == 2.0
+
+
+def test_bf16_autocast_and_channels_last_run_and_stay_close_to_fp32():
+    config = {"benchmark": "multi_mnist", "method": "cagrad", "seed": 0, "epochs": 1,
+              "pairs_per_image": 2}
+    base, _ = run(config)
+    fast, _ = run({**config, "amp": "bf16", "channels_last": True})
+    assert fast[-1]["diverged"] == 0.0
+    assert abs(fast[-1]["val/mean_acc"] - base[-1]["val/mean_acc"]) < 0.1
+    with pytest.raises(ValueError, match="amp must be"):
+        Trainer({**config, "amp": "fp16"})

@@ -21,7 +21,8 @@ from mtl_tune.search.spaces import SearchSpace, SpaceError, load_space
 
 
 #: trainer settings every benchmark accepts in --config (besides its own defaults)
-CONFIG_KEYS = {"device", "method_params_lr", "last_n_mean", "deterministic", "benchmark_options"}
+CONFIG_KEYS = {"device", "method_params_lr", "last_n_mean", "deterministic", "benchmark_options", "amp",
+               "channels_last"}
 
 
 class SearchError(ValueError):

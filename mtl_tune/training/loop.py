@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_tune.balancers.base import BalancerError, EpochInfo
+from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
 from mtl_tune.metrics import delta_m, task_scores
 from mtl_tune.registry import get_balancer, get_benchmark
 
@@ -116,6 +116,12 @@ class Trainer:
         if cfg.get("deterministic"):  # the official trainers' setting; slower convolutions on GPU
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.setup = bench.build(cfg, self.device)
+        amp = cfg.get("amp")
+        if amp not in (None, False, "none", "bf16"):
+            raise ValueError(f"amp must be 'bf16' or none, got {amp!r}")
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
+        if cfg.get("channels_last"):  # conv nets: NHWC kernels are faster on tensor cores
+            self.setup.model.to(memory_format=torch.channels_last)
         self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
         extra = bench.balancer_options(cfg).get(cfg["method"], {})
         self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
@@ -181,6 +187,19 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------ training
+    def _forward(self, batch: Any) -> ForwardOutput:
+        """The benchmark's forward, under bf16 autocast when ``amp="bf16"``.
+
+        Only the model runs in bf16: the losses are cast to float32 before any balancer sees
+        them, and the per-task gradients / solvers stay in float32/float64. fp16 is not
+        offered: its loss scaling would rescale every task's gradient, which changes the
+        answer of scale-dependent balancers (FairGrad, PIVRG, CAGrad's trust region)."""
+        if self.amp_dtype is None:
+            return self.setup.forward(batch)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+            out = self.setup.forward(batch)
+        return ForwardOutput(out.losses.float(), out.representation)
+
     def train_epoch(self) -> dict[str, float]:
         setup, bench = self.setup, self.bench
         k = bench.n_tasks
@@ -189,7 +208,7 @@ class Trainer:
         steps = 0
         setup.model.train()
         for batch in setup.train_batches(self.epoch):
-            losses, info = self.balancer.train_step(lambda b=batch: setup.forward(b), self.optimizer,
+            losses, info = self.balancer.train_step(lambda b=batch: self._forward(b), self.optimizer,
                                                     setup.shared_parameters, setup.task_parameters)
             loss_sum += losses.detach().to(loss_sum.dtype)
             weight_sum += info.weights.detach().to(device=self.device, dtype=weight_sum.dtype)
