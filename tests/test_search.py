@@ -83,3 +83,40 @@ def test_real_pareto_search_on_the_toy(ray_cluster, tmp_path, capsys):
     assert len(front) >= 1
     assert (tmp_path / "sw" / "pareto.png").stat().st_size > 10_000
     assert (tmp_path / "sw" / "sweep.json").is_file()
+
+
+def test_simplex_grid_spreads_evenly_and_sums_to_k():
+    from mtl_tune.search.compare import simplex_grid
+
+    grid = simplex_grid(2, 5)
+    assert len(grid) == 5
+    assert [round(w[0], 3) for w in grid] == [0.002, 0.5, 1.0, 1.5, 1.998]
+    for k, n in [(3, 10), (4, 20)]:
+        g = simplex_grid(k, n)
+        assert len(g) <= n and all(abs(sum(w) - k) < 1e-5 and min(w) > 0 for w in g)
+        assert len({tuple(w) for w in g}) == len(g)
+
+
+@pytest.mark.slow
+def test_seed_reruns_and_preference_sweep(ray_cluster, tmp_path, capsys):
+    import pandas as pd
+
+    from mtl_tune.analysis import load_sweep
+
+    code, out, err = run_cli(capsys, "--method", "ls,pcgrad", "--num-samples", "2", "--epochs", "1",
+                             "--config", "steps_per_epoch=100", "--config", "init=3", "--seeds", "2", "--preferences", "3",
+                             "--storage-path", str(tmp_path), "--name", "cmp", "--verbose", "0")
+    assert code == 0, err
+    table = load_sweep(tmp_path / "cmp")
+    counts = table.groupby(["method", "phase"]).size().to_dict()
+    # same search budget (pcgrad has no hyperparameter: one trial), 2 fresh seeds each, 3 ls preferences
+    assert counts == {("ls", "search"): 2, ("ls", "seeds"): 2, ("ls", "prefs"): 3,
+                      ("pcgrad", "search"): 1, ("pcgrad", "seeds"): 2}
+    assert sorted(table.loc[table.phase == "seeds", "seed"]) == [1, 1, 2, 2]
+    comparison = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert set(comparison["method"]) == {"ls", "pcgrad"} and (comparison["seeds"] == 2).all()
+    assert sorted(comparison["rank"]) in ([1, 2], [1, 1])
+    prefs = pd.read_csv(tmp_path / "cmp" / "preferences.csv")
+    assert prefs["method"].tolist() == ["ls"] and prefs["points"].tolist() == [3]
+    assert prefs["hypervolume"].iloc[0] > 0
+    assert "method comparison" in out and "preference sweep" in out
