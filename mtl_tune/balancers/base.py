@@ -114,9 +114,17 @@ class SolverFailureCounter:
         self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
 
 
-def check_losses(losses: Tensor, n_tasks: int, method: str) -> None:
+def check_losses(losses: Tensor, n_tasks: int, method: str, finite: bool = True) -> None:
+    """Shape check, and (``finite=True``) a non-finite-loss check that raises BalancerError.
+
+    The finiteness check reads one K-vector on the host: gradient methods sync for their
+    solvers anyway; loss-based methods skip it (``finite=False``) to keep their step free of
+    host syncs, and the trainer checks their losses every few steps instead.
+    """
     if losses.dim() != 1 or losses.shape[0] != n_tasks:
         raise BalancerError(f"{method}: expected a loss vector of shape ({n_tasks},), got {tuple(losses.shape)}")
+    if finite and not bool(torch.isfinite(losses.detach()).all()):
+        raise BalancerError(f"{method}: non-finite task loss {losses.detach().tolist()}")
 
 
 def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
@@ -244,7 +252,7 @@ class LossBalancer(Balancer):
         """Return ``(scalar loss to backpropagate, effective per-task weights (K,))``."""
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name)
+        check_losses(losses, self.n_tasks, self.name, finite=False)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
         total, weights = self.objective(losses)
@@ -280,6 +288,8 @@ class GradientBalancer(Balancer):
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+        if not bool(torch.isfinite(jac).all()):  # finite losses can still have inf/NaN gradients
+            raise BalancerError(f"{self.name}: non-finite per-task gradient")
         direction, weights = self.combine(jac, losses.detach())
         if not bool(torch.isfinite(direction).all()):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")

@@ -39,6 +39,8 @@ Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
 
 #: finite stand-in for a diverged metric: worse than any real value in its direction.
 PENALTY = 1.0e6
+#: steps between the trainer's divergence checks inside an epoch (each is one host sync)
+CHECK_EVERY = 50
 
 
 class DivergedError(RuntimeError):
@@ -213,6 +215,9 @@ class Trainer:
             loss_sum += losses.detach().to(loss_sum.dtype)
             weight_sum += info.weights.detach().to(device=self.device, dtype=weight_sum.dtype)
             steps += 1
+            # one host sync every CHECK_EVERY steps: stop a diverged run early, not at epoch end
+            if steps % CHECK_EVERY == 0 and not bool(torch.isfinite(loss_sum).all()):
+                raise DivergedError(f"non-finite training loss within the first {steps} steps of epoch {self.epoch + 1}")
         if steps == 0:
             raise ValueError(f"{bench.name}: the training split yielded no batch")
         # one host sync per epoch, not per step
@@ -274,17 +279,18 @@ class Trainer:
             try:
                 metrics = self.train_epoch()
                 metrics.update(self.evaluate())
+                self.bench.scheduler_step(self.scheduler, metrics)
+                scores = None
+                if self.bench.has_baselines() and self._first_split_values:
+                    scores = torch.tensor(task_scores(self._first_split_values, self.bench.metrics, self.bench.tasks))
+                # inside the try: epoch-level methods (DWA) may reject the epoch's losses
+                self.balancer.on_epoch_end(EpochInfo(epoch=self.epoch, train_losses=self._train_losses, scores=scores))
             except (DivergedError, BalancerError) as err:
                 failed = penalised({**base, "epoch": float(self.epoch + 1), "diverged": 1.0,
                                     "solver_failures": float(self._solver_failures()), "error": f"{type(err).__name__}: {err}"},
                                    self.directions)
                 report(failed, None)
                 return
-            self.bench.scheduler_step(self.scheduler, metrics)
-            scores = None
-            if self.bench.has_baselines() and self._first_split_values:
-                scores = torch.tensor(task_scores(self._first_split_values, self.bench.metrics, self.bench.tasks))
-            self.balancer.on_epoch_end(EpochInfo(epoch=self.epoch, train_losses=self._train_losses, scores=scores))
             self.epoch += 1
             metrics.update(base)
             metrics.update({"epoch": float(self.epoch), "epoch_time_s": time.perf_counter() - start, "diverged": 0.0,
