@@ -1,0 +1,4 @@
+from toy.trajectories import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""Shared pieces of the toy trajectory engine: run specs, results, balancer construction.
+
+See :mod:`toy.engine` for the protocol and the two execution paths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtl_tune.balancers.base import Balancer, EpochInfo
+from mtl_tune.benchmarks.toy import Toy
+from mtl_tune.jacobian import JacobianEngine
+from mtl_tune.registry import balancer_class
+from toy.landscape import gap_scores
+
+#: methods whose weights depend neither on the losses nor on the step: one call serves all inits.
+BATCHABLE = frozenset({"ls"})
+
+#: methods that cannot run on a problem without task heads, and why (listed in the table).
+TOY_SKIPS = {
+    "consmtl": "needs task-specific heads (its lower level trains them against the joint representation "
+               "gradient); the toy has none, and its shared-parameter update alone is FairGrad with alpha = 2: "
+               "run fairgrad:alpha=2 for that trajectory",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method variant to run: registry ``name``, constructor ``hparams``, ``iters`` steps."""
+
+    label: str
+    name: str
+    hparams: dict[str, Any]
+    iters: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Protocol knobs shared by every run (defaults = the papers': benchmarks.md §1.3).
+
+    ``shift``: feed methods without a ``min_losses`` argument L − (−21s, −21) (no gradient
+    changes; loss-value methods need positive losses). ``epoch_steps``: steps between
+    ``on_epoch_end`` calls. ``engine``: ``"lockstep"`` (fast) or ``"reference"``
+    (``train_step`` with autograd through the real forward for every method).
+    """
+
+    scale: float = 0.1
+    lr: float = 1e-3
+    method_params_lr: float = 0.025
+    epoch_steps: int = 1000
+    shift: bool = True
+    seed: int = 0
+    engine: str = "lockstep"  # or "reference"
+
+
+@dataclass
+class RunResult:
+    """One (method, init) run. ``traj`` has ``steps_done + 1`` rows (init first)."""
+
+    label: str
+    name: str
+    init_index: int
+    status: str            # "ok" | "failed" | "skipped"
+    reason: str = ""
+    traj: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    iters: int = 0
+    path: str = ""
+    solver_failures: int | None = None
+    final_weights: list[float] | None = None
+    warnings: int = 0
+    first_warning: str = ""
+    seconds: float = 0.0      # wall time of the run (its share of a lockstep unit)
+    cpu_seconds: float = 0.0  # process CPU time, the same share (robust to a loaded machine)
+
+
+def loss_floor(scale: float) -> np.ndarray:
+    """(−21·s, −21): FAMO's toy ``min_losses``, below every attainable loss (min ≈ −19.99)."""
+    return np.asarray(Toy().balancer_options({"scale": scale})["famo"]["min_losses"], dtype=np.float64)
+
+
+def accepts(cls: type, arg: str) -> bool:
+    """Whether ``cls(...)`` takes keyword ``arg`` (named or through ``**kw``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def constructor_args(cls: type) -> list[str]:
+    """Named keyword arguments of ``cls`` (plus the base ones every balancer takes)."""
+    names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if n not in ("self", "n_tasks") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return names + [n for n in ("max_norm",) if n not in names]
+
+
+def protocol_hparams(name: str, scale: float) -> dict[str, Any]:
+    """The papers' toy settings that differ from a method's class defaults.
+
+    ``min_losses`` = (−21·s, −21) for every method that takes it (FAMO's toy trainer calls
+    ``set_min_losses`` with it; SI's log needs the same shift), and FAMO's γ = 0 (its toy
+    ``run.sh``: the objective does not change, so no decay of the logits).
+    """
+    cls = balancer_class(name)
+    out: dict[str, Any] = {}
+    if "min_losses" in inspect.signature(cls.__init__).parameters:
+        out["min_losses"] = loss_floor(scale).tolist()
+    if name == "famo":
+        out["gamma"] = 0.0  # FAMO run.sh for the toy: "objective is not changing" → no decay
+    return out
+
+
+class KnownJacobian(JacobianEngine):
+    """A Jacobian engine that returns the already-computed J for the current proxy step.
+
+    Any other request (other losses, other parameters) goes to ordinary autograd on the
+    linearised graph, which is exact too — this is a shortcut, never a different answer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("loop")
+        self._losses: Tensor | None = None
+        self._param: Tensor | None = None
+        self._jac: Tensor | None = None
+
+    def prime(self, losses: Tensor, param: Tensor, jac: Tensor) -> None:
+        self._losses, self._param, self._jac = losses, param, jac
+
+    def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
+        params = list(params)
+        if losses is self._losses and len(params) == 1 and params[0] is self._param:
+            return self._jac.clone()
+        return super().jacobian(losses, params, retain_graph)
+
+
+def make_balancer(spec: MethodSpec, engine: JacobianEngine | None = None) -> Balancer:
+    """``registry`` class of ``spec.name`` for 2 tasks with ``spec.hparams`` (and ``engine`` if it takes one)."""
+    cls = balancer_class(spec.name)
+    kw = dict(spec.hparams)
+    if engine is not None and accepts(cls, "jacobian_engine"):
+        kw["jacobian_engine"] = engine
+    return cls(2, **kw)
+
+
+def optimizers(x: Tensor, balancers: Sequence[Balancer], cfg: EngineConfig) -> list[torch.optim.Optimizer]:
+    """Adam(lr) on x, plus Adam on the balancers' own parameters: their ``param_groups()``
+    if they define it (UW's ``lr``), else ``method_params_lr`` (FAMO-family second group)."""
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam([x], lr=cfg.lr)]
+    groups: list[dict[str, Any]] = []
+    for b in balancers:
+        if not b.parameters():
+            continue
+        own = getattr(b, "param_groups", None)
+        groups.extend(own() if callable(own) else [{"params": b.parameters(), "lr": cfg.method_params_lr}])
+    if groups:
+        opts.append(torch.optim.Adam(groups, lr=cfg.method_params_lr))
+    return opts
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warn_info(caught: list[warnings.WarningMessage], res: RunResult) -> None:
+    res.warnings = len(caught)
+    res.first_warning = str(caught[0].message)[:300] if caught else ""
+
+
+def extras_info(info: Any, res: RunResult) -> None:
+    fails = info.extras.get("solver_failures") if info is not None else None
+    if fails is not None:
+        res.solver_failures = int(fails)
+    if info is not None:
+        res.final_weights = [float(v) for v in info.weights.detach().cpu().double().reshape(-1).tolist()]
+
+
+def epoch_end(balancer: Balancer, epoch: int, mean_losses: np.ndarray, shift: np.ndarray, scale: float) -> None:
+    """``on_epoch_end`` with the epoch's mean (shifted) losses and the gap scores of the raw ones."""
+    balancer.on_epoch_end(EpochInfo(epoch=epoch, train_losses=torch.from_numpy(mean_losses - shift),
+                                    scores=torch.from_numpy(gap_scores(mean_losses, scale))))

@@ -1,0 +1,156 @@
+"""Numerical helpers for the two-task toy problem: fast losses + Jacobian, distances, grids.
+
+The problem itself (formulas, :data:`INITS`, the exact Pareto set/front and
+``pareto_distance``) lives in :mod:`mtl_tune.benchmarks.toy`; everything here is checked
+against it in ``tests/test_toy_trajectories.py``.
+
+Why an analytic Jacobian: one autograd pass through
+:func:`mtl_tune.benchmarks.toy.toy_objectives` costs ~0.8 ms on a 2-core CPU (35 tiny
+operators forward plus two backward passes), which at 35 000 iterations is ~30 s per run
+of the trajectory engine — more than every cheap balancer together. The closed form
+below is one vectorised NumPy pass (~0.1 ms for any number of points). Its derivative
+conventions at the kinks copy PyTorch's, so it agrees with autograd everywhere:
+``max(t, 0)`` (the gate) passes the gradient for ``t >= 0`` (benchmarks.md §1.2: at
+(0, 0) ∇f₁ = ∇f₂ = (0, 10.856)), ``|u|`` has derivative ``sign(u)`` (0 at 0) and
+``max(a, ε)`` passes the gradient only for ``a > ε``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from mtl_tune.benchmarks.toy import LOWER, pareto_front, toy_objectives
+
+#: unscaled single-task minimum of f₁ and f₂ (both −19.98943, benchmarks.md §1.4).
+F_MIN = float(pareto_front(1.0, 3)[-1, 0])
+
+
+def toy_value_and_jacobian(x: np.ndarray, scale: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Losses (…, 2) and Jacobian (…, 2 tasks, 2 coordinates) of (L₁, L₂) = (s·f₁, f₂).
+
+    With c₁ = max(tanh(x₂/2), 0), c₂ = max(tanh(−x₂/2), 0) and the branches of
+    benchmarks.md §1.2 (u₁ = ½(−x₁ − 7) − tanh(−x₂), u₂ = ½(−x₁ + 3) + tanh(−x₂) + 2,
+    gᵢ = log max(|uᵢ|, ε) + 6, q₁,₂ = ((−x₁ ± 7)² + 0.1(−x₂ − 8)²)/10 − 20):
+
+        ∂f₁/∂x₁ = c₁ ∂g₁/∂x₁ + c₂ (x₁ − 7)/5,   ∂f₂/∂x₁ = c₁ ∂g₂/∂x₁ + c₂ (x₁ + 7)/5,
+        ∂fᵢ/∂x₂ = c₁' gᵢ + c₁ ∂gᵢ/∂x₂ + c₂' qᵢ + c₂ · 0.02 (x₂ + 8),
+
+    ∂gᵢ/∂x₁ = −½ sign(uᵢ)/|uᵢ|, ∂g₁/∂x₂ = sign(u₁) sech²x₂/|u₁|, ∂g₂/∂x₂ = −sign(u₂) sech²x₂/|u₂|,
+    c₁' = ½ sech²(x₂/2) on x₂ ≥ 0, c₂' = −½ sech²(x₂/2) on x₂ ≤ 0 (0 elsewhere).
+    Only L₁ carries the factor ``scale``. Source of the problem: Navon et al., Nash-MTL
+    (ICML'22), after Liu et al., CAGrad (NeurIPS'21).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x1, x2 = x[..., 0], x[..., 1]
+    ta = np.tanh(x2 / 2)
+    tb = np.tanh(-x2 / 2)
+    on1, on2 = ta >= 0, tb >= 0           # gate masks (torch.where(t >= 0, t, 0))
+    c1, c2 = np.where(on1, ta, 0.0), np.where(on2, tb, 0.0)
+    dc1 = np.where(on1, 0.5 * (1 - ta * ta), 0.0)
+    dc2 = np.where(on2, -0.5 * (1 - tb * tb), 0.0)
+    th = np.tanh(-x2)
+    sech2 = 1 - th * th                   # d/dx₂ tanh(−x₂) = −sech²
+    u1 = 0.5 * (-x1 - 7) - th
+    u2 = 0.5 * (-x1 + 3) + th + 2
+    a1, a2 = np.abs(u1), np.abs(u2)
+    m1, m2 = np.maximum(a1, LOWER), np.maximum(a2, LOWER)
+    k1 = np.where(a1 > LOWER, np.sign(u1) / m1, 0.0)   # d log max(|u|, ε) / du
+    k2 = np.where(a2 > LOWER, np.sign(u2) / m2, 0.0)
+    g1, g2 = np.log(m1) + 6, np.log(m2) + 6
+    r = 0.1 * (-x2 - 8) ** 2
+    q1 = ((-x1 + 7) ** 2 + r) / 10 - 20
+    q2 = ((-x1 - 7) ** 2 + r) / 10 - 20
+    dq2 = 0.02 * (x2 + 8)
+    f1 = c1 * g1 + c2 * q1
+    f2 = c1 * g2 + c2 * q2
+    jac = np.empty(x.shape[:-1] + (2, 2))
+    jac[..., 0, 0] = scale * (c1 * (-0.5 * k1) + c2 * (x1 - 7) / 5)
+    jac[..., 0, 1] = scale * (dc1 * g1 + c1 * k1 * sech2 + dc2 * q1 + c2 * dq2)
+    jac[..., 1, 0] = c1 * (-0.5 * k2) + c2 * (x1 + 7) / 5
+    jac[..., 1, 1] = dc1 * g2 - c1 * k2 * sech2 + dc2 * q2 + c2 * dq2
+    return np.stack([scale * f1, f2], axis=-1), jac
+
+
+class FrontDistance:
+    """Distance in objective space to the sampled true front, for long trajectories.
+
+    Same definition as :func:`mtl_tune.benchmarks.toy.pareto_distance` (Euclidean distance
+    to the nearest of ``n`` front points) but through a k-d tree, so 35 000 × 5 points
+    need O(N log n) time and no N × n matrix (which would be ~1 GB here).
+    """
+
+    def __init__(self, scale: float = 0.1, n: int = 2001) -> None:
+        self.front = pareto_front(scale, n)
+        self._tree = cKDTree(self.front)
+
+    def __call__(self, losses: np.ndarray) -> np.ndarray:
+        pts = np.asarray(losses, dtype=np.float64)
+        d, _ = self._tree.query(pts.reshape(-1, 2))
+        return d.reshape(pts.shape[:-1])
+
+
+def first_within(distances: np.ndarray, tol: float) -> int | None:
+    """Index of the first entry ≤ ``tol`` (the iteration count to reach the front), or None."""
+    hits = np.flatnonzero(np.asarray(distances) <= tol)
+    return int(hits[0]) if hits.size else None
+
+
+def single_task_minima(scale: float = 0.1) -> np.ndarray:
+    """(L₁*, L₂*) = (s·min f₁, min f₂): each task's best attainable loss."""
+    return np.array([scale * F_MIN, F_MIN])
+
+
+def gap_scores(mean_losses: np.ndarray, scale: float = 0.1) -> np.ndarray:
+    """Per-task performance gaps in percent, the toy's stand-in for PIVRG's STL scores.
+
+    sᵢ = 100 (Lᵢ − Lᵢ*)/|Lᵢ*| with Lᵢ* the single-task minimum: 0 at a task's own optimum,
+    positive = worse, the sign convention of :class:`mtl_tune.balancers.base.EpochInfo`.
+    The toy has no data and no single-task-learning baseline, so the best attainable
+    loss plays the baseline's role (same formula as the papers' relative drop).
+    """
+    best = single_task_minima(scale)
+    return 100.0 * (np.asarray(mean_losses, dtype=np.float64) - best) / np.abs(best)
+
+
+def loss_grid(lim: float = 10.0, n: int = 300, scale: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grid (X₁, X₂) on [−lim, lim]² and the scaled losses there, shape (n, n, 2)."""
+    ax = np.linspace(-lim, lim, n)
+    g1, g2 = np.meshgrid(ax, ax)
+    with torch.no_grad():
+        losses = toy_objectives(torch.from_numpy(np.stack([g1, g2], axis=-1)), scale).numpy()
+    return g1, g2, losses
+
+
+class ToyLosses(torch.autograd.Function):
+    """(L₁, L₂) of one point x (2,) with the analytic Jacobian as its backward.
+
+    Same values and first derivatives as :func:`mtl_tune.benchmarks.toy.toy_objectives`
+    (tested) at a fraction of the cost: one NumPy pass forward, one 2×2 product backward,
+    instead of autograd through 35 operators. Used as the forward of training-loop methods
+    (STGU), which call the forward several times per step. No second derivatives (the
+    backward's Jacobian is a constant), which no method here needs.
+    """
+
+    generate_vmap_rule = True  # the Jacobian engine vmaps the backward over the K tasks
+
+    @staticmethod
+    def forward(x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        vals, jac = toy_value_and_jacobian(x.detach().cpu().numpy(), scale)
+        return torch.from_numpy(vals).to(x), torch.from_numpy(jac).to(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor, _grad_jac: torch.Tensor):  # type: ignore[override]
+        (jac,) = ctx.saved_tensors
+        return grad_losses @ jac, None
+
+
+def toy_losses(x: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
+    """Differentiable (L₁, L₂) of one point through :class:`ToyLosses`."""
+    return ToyLosses.apply(x, scale)[0]

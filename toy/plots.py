@@ -1,0 +1,153 @@
+"""The two pictures every MTL paper draws for the toy problem (benchmarks.md §1.5).
+
+* **Parameter space** (CAGrad's ``toy.py``): contour lines of the mean loss ½(L₁ + L₂) of
+  the losses the methods optimise, the exact Pareto set {(x₁, x₂*(x₁))} as a grey line,
+  the inits as black dots and each trajectory as points coloured red → yellow with time.
+* **Objective space** (Nash-MTL / FAMO ``plot_2d_pareto``): the exact front as a thick grey
+  line (``#72727A``, width 8), each trajectory's (L₁, L₂) as small points coloured along
+  ``magma_r`` from 0.1 (early, light) to 0.6 (late, dark), the inits as big black dots.
+  Optionally a toy search's trials on top.
+
+Figures are built with :class:`matplotlib.figure.Figure` (no pyplot state), so they can be
+drawn in worker processes and in tests without a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from mtl_tune.benchmarks.toy import pareto_front, pareto_set
+from toy.engine import RunResult
+from toy.landscape import loss_grid
+from toy.report import SearchTrials, non_dominated, trajectory_losses
+
+FRONT_COLOUR = "#72727A"
+MAX_POINTS = 1500   # per trajectory; 35 000 points per run would only make the PNGs slow
+LIM = 10.0
+
+
+def subsample(traj: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
+    """Every k-th row (first and last always kept) so that at most ``max_points`` remain."""
+    step = max(1, int(np.ceil(len(traj) / max_points)))
+    idx = np.unique(np.r_[np.arange(0, len(traj), step), len(traj) - 1])
+    return traj[idx]
+
+
+def draw_parameter_space(ax: Axes, runs: Sequence[RunResult], grid: tuple[np.ndarray, ...],
+                         title: str = "", colorbar: bool = True, fontsize: int = 10) -> None:
+    x1, x2, losses = grid
+    cs = ax.contour(x1, x2, losses.mean(-1), levels=20, cmap="viridis", linewidths=1.0)
+    if colorbar:
+        ax.figure.colorbar(cs, ax=ax, fraction=0.046, pad=0.02, label="½(L₁ + L₂)")
+    ps = pareto_set()
+    ax.plot(ps[:, 0], ps[:, 1], color=FRONT_COLOUR, lw=4, label="Pareto set", zorder=2)
+    for r in runs:
+        if len(r.traj) == 0:
+            continue
+        t = subsample(r.traj)
+        ax.scatter(t[:, 0], t[:, 1], c=matplotlib.colormaps["autumn"](np.linspace(0, 1, len(t))), s=3,
+                   zorder=3, rasterized=True)
+        ax.scatter(*t[0], color="black", s=40, zorder=4)
+        ax.scatter(*t[-1], marker="*", color="black", s=70, zorder=5)
+    ax.set_xlim(-LIM, LIM)
+    ax.set_ylim(-LIM, LIM)
+    ax.set_xlabel("x₁", fontsize=fontsize)
+    ax.set_ylabel("x₂", fontsize=fontsize)
+    if title:
+        ax.set_title(title, fontsize=fontsize + 2)
+
+
+def draw_objective_space(ax: Axes, runs: Sequence[RunResult], scale: float, title: str = "",
+                         trials: np.ndarray | None = None, fontsize: int = 10, legend: bool = True) -> None:
+    front = pareto_front(scale)
+    ax.plot(front[:, 0], front[:, 1], lw=8, color=FRONT_COLOUR, label="Pareto front", zorder=1)
+    cmap = matplotlib.colormaps["magma_r"]
+    for r in runs:
+        if len(r.traj) == 0:
+            continue
+        loss = trajectory_losses(subsample(r.traj), scale)
+        ax.scatter(loss[:, 0], loss[:, 1], c=cmap(np.linspace(0.1, 0.6, len(loss))), s=5, zorder=3,
+                   rasterized=True)
+    inits = [trajectory_losses(r.traj[:1], scale)[0] for r in runs if len(r.traj)]
+    if inits:
+        pts = np.array(inits)
+        ax.scatter(pts[:, 0], pts[:, 1], color="black", s=80, zorder=4, label="Initial point")
+    if trials is not None and len(trials):
+        ax.scatter(trials[:, 0], trials[:, 1], marker="x", color="tab:blue", s=18, lw=1, zorder=5,
+                   label="search trials")
+    ax.set_xlabel("L₁", fontsize=fontsize)
+    ax.set_ylabel("L₂", fontsize=fontsize)
+    ax.spines[["top", "right"]].set_visible(False)
+    if legend:
+        ax.legend(fontsize=fontsize - 2, loc="lower right", frameon=False)
+    if title:
+        ax.set_title(title, fontsize=fontsize + 2)
+
+
+def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
+                trials: np.ndarray | None = None, grid: tuple[np.ndarray, ...] | None = None) -> Path:
+    """``<label>.png``: parameter space (left) and objective space (right) for one method;
+    ``trials``: search points to draw on the front (this method's, see :class:`SearchTrials`)."""
+    grid = grid or loss_grid(LIM, 250, scale)
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax_p, ax_o = fig.subplots(1, 2)
+    draw_parameter_space(ax_p, runs, grid, title=f"{label}: parameter space")
+    draw_objective_space(ax_o, runs, scale, title=f"{label}: objective space (scale {scale:g})", trials=trials)
+    fig.savefig(path, dpi=110, facecolor="white")
+    return path
+
+
+def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Path, ncols: int = 6) -> Path:
+    """All methods side by side: parameter space above objective space, ``ncols`` methods per row."""
+    labels = list(groups)
+    ncols = max(1, min(ncols, len(labels)))
+    nrows = 2 * int(np.ceil(len(labels) / ncols))
+    grid = loss_grid(LIM, 150, scale)
+    fig = Figure(figsize=(3.3 * ncols, 3.2 * nrows), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    for k, label in enumerate(labels):
+        r, c = 2 * (k // ncols), k % ncols
+        runs = groups[label]
+        status = {x.status for x in runs}
+        title = label if status == {"ok"} else f"{label} ({'/'.join(sorted(status))})"
+        draw_parameter_space(axes[r, c], runs, grid, title=title, colorbar=False, fontsize=8)
+        draw_objective_space(axes[r + 1, c], runs, scale, fontsize=8, legend=False)
+    for k in range(len(labels), (nrows // 2) * ncols):
+        axes[2 * (k // ncols), k % ncols].set_axis_off()
+        axes[2 * (k // ncols) + 1, k % ncols].set_axis_off()
+    fig.savefig(path, dpi=80, facecolor="white")
+    return path
+
+
+def plot_search_overlay(trials: SearchTrials, scale: float, path: Path,
+                        end_points: np.ndarray | None = None) -> Path:
+    """The true front, a toy search's trials by method (non-dominated ones ringed) and,
+    optionally, the trajectories' end points — how close a hyperparameter search gets."""
+    fig = Figure(figsize=(6.5, 5), layout="constrained")
+    ax = fig.subplots()
+    front = pareto_front(scale)
+    ax.plot(front[:, 0], front[:, 1], lw=8, color=FRONT_COLOUR, label="true Pareto front")
+    pts = trials.points
+    for k, method in enumerate(dict.fromkeys(trials.methods.tolist())):
+        mine = pts[trials.methods == method]
+        ax.scatter(mine[:, 0], mine[:, 1], marker="xo^sv<>dP*"[k % 10], color=f"C{k % 10}", s=20,
+                   label=f"{method or 'search'} trials ({len(mine)})")
+    if len(pts):
+        nd = pts[non_dominated(pts)]
+        ax.scatter(nd[:, 0], nd[:, 1], facecolors="none", edgecolors="tab:red", s=70,
+                   label=f"non-dominated trials ({len(nd)})")
+    if end_points is not None and len(end_points):
+        ax.scatter(end_points[:, 0], end_points[:, 1], marker="*", color="black", s=40,
+                   label="trajectory end points")
+    ax.set_xlabel("L₁")
+    ax.set_ylabel("L₂")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, facecolor="white")
+    return path
