@@ -215,3 +215,12 @@ def test_max_norm_clips_the_shared_gradient_after_writing_it():
     grad, _ = shared_grad("ls", [[3.0, 0.0], [0.0, 4.0]], max_norm=1.0)
     assert torch.linalg.norm(grad).item() == pytest.approx(1.0)
     assert grad.tolist() == pytest.approx([0.6, 0.8])
+
+
+def test_blocked_gram_equals_the_full_product():
+    from mtl_tune.balancers.base import gram
+
+    j = torch.randn(4, 1000)
+    full = j.double() @ j.double().T
+    torch.testing.assert_close(gram(j, block=64), full)
+    torch.testing.assert_close(gram(j), full)

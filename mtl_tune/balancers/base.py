@@ -31,6 +31,7 @@ Training-loop methods (STGU) override :meth:`Balancer.train_step` instead.
 from __future__ import annotations
 
 import abc
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -288,10 +289,11 @@ class GradientBalancer(Balancer):
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
-        if not bool(torch.isfinite(jac).all()):  # finite losses can still have inf/NaN gradients
+        if not math.isfinite(float(jac.sum())):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
         direction, weights = self.combine(jac, losses.detach())
-        if not bool(torch.isfinite(direction).all()):
+        # one reduction instead of an elementwise isfinite pass: any NaN/inf entry makes the sum non-finite
+        if not math.isfinite(float(direction.sum())):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
         accumulate_grad(shared, direction)
         if heads:
@@ -305,10 +307,17 @@ class GradientBalancer(Balancer):
         return {}
 
 
-def gram(jacobian: Tensor) -> Tensor:
-    """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision)."""
-    j = jacobian.double()
-    return j @ j.T
+def gram(jacobian: Tensor, block: int = 1 << 20) -> Tensor:
+    """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision).
+
+    Built over column blocks so that only one block at a time is copied to float64 (the
+    full float64 copy of a K×P Jacobian doubled the step's memory on large models)."""
+    k, p = jacobian.shape
+    out = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+    for start in range(0, p, block):
+        part = jacobian[:, start:start + block].double()
+        out += part @ part.T
+    return out
 
 
 def finite_or_raise(x: Tensor, what: str) -> Tensor:
