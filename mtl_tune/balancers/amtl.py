@@ -92,19 +92,18 @@ def check_preferences(preferences: Sequence[float] | None, n_tasks: int, method:
     return p
 
 
-class AlignedMTL(GradientBalancer):
-    name = "amtl"
+class AlignedCombination:
+    """What Aligned-MTL and Aligned-MTL-UB share: validated settings and the alignment of a
+    Jacobian (of the shared parameters, or of the shared representation for ``amtlub``)."""
 
-    def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,
-                 **kw) -> None:
-        super().__init__(n_tasks, **kw)
+    def _init_aligned(self, scale_mode: str, preferences: Sequence[float] | None, n_tasks: int) -> None:
         if scale_mode not in SCALE_MODES:
-            raise ValueError(f"amtl: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+            raise ValueError(f"{self.name}: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
         self.scale_mode = scale_mode
         self.preferences = check_preferences(preferences, n_tasks, self.name)
         self._last: dict[str, Any] = {}
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def _aligned(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
         coef, rank, sigma2 = aligned_mtl_weights(gram(jacobian), self.scale_mode, self.preferences,
                                                  float(torch.finfo(jacobian.dtype).eps))
         self._last = {"rank": rank, "sigma2": sigma2}
@@ -113,3 +112,15 @@ class AlignedMTL(GradientBalancer):
 
     def _step_extras(self) -> dict[str, Any]:
         return dict(self._last)
+
+
+class AlignedMTL(AlignedCombination, GradientBalancer):
+    name = "amtl"
+
+    def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,
+                 **kw) -> None:
+        super().__init__(n_tasks, **kw)
+        self._init_aligned(scale_mode, preferences, n_tasks)
+
+    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        return self._aligned(jacobian)

@@ -17,34 +17,20 @@ official code (off by default, and crashing when on) is not offered. See
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import torch
 from torch import Tensor
 
-from mtl_tune.balancers.amtl import SCALE_MODES, aligned_mtl_weights, check_preferences
-from mtl_tune.balancers.base import gram
+from mtl_tune.balancers.amtl import AlignedCombination
 from mtl_tune.balancers.mgdaub import RepresentationBalancer
 
 
-class AlignedMTLUB(RepresentationBalancer):
+class AlignedMTLUB(AlignedCombination, RepresentationBalancer):
     name = "amtlub"
 
     def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,
                  **kw) -> None:
         super().__init__(n_tasks, **kw)
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"amtlub: scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        self.scale_mode = scale_mode
-        self.preferences = check_preferences(preferences, n_tasks, self.name)
-        self._last: dict[str, Any] = {}
+        self._init_aligned(scale_mode, preferences, n_tasks)
 
     def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        coef, rank, sigma2 = aligned_mtl_weights(gram(jacobian), self.scale_mode, self.preferences,
-                                                 float(torch.finfo(jacobian.dtype).eps))
-        self._last = {"rank": rank, "sigma2": sigma2}
-        coef = coef.to(jacobian.device)
-        return coef.to(jacobian.dtype) @ jacobian, coef
-
-    def _step_extras(self) -> dict[str, Any]:
-        return dict(self._last)
+        return self._aligned(jacobian)

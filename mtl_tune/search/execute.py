@@ -30,7 +30,8 @@ class Outcome:
 def init_ray(plan: Plan) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if plan.options.address is None else None
+    if plan.options.address is None:  # a throw-away local cluster; joining one keeps its auth
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Tune writes one checkpoint per epoch; short toy epochs would otherwise flood the log
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -82,7 +83,7 @@ def run_method(plan: Plan, method: str) -> None:
     searchable = space.searchable()
     # a method without hyperparameters has nothing to search: one trial (per seed) is the fair budget
     budget = o.num_samples if searchable else 1
-    sampler = make_sampler(o.sampler or ("tpe"), o.seed, len(plan.metrics), budget)
+    sampler = make_sampler(o.sampler or "tpe", o.seed, len(plan.metrics), budget)
     searcher = MTLOptunaSearch(
         space=SpaceSampler(space, plan.bench.n_tasks, trial_constants(plan, method)),
         metric=plan.metrics if plan.multi_objective else plan.metrics[0],

@@ -17,7 +17,7 @@ from typing import Any
 
 from mtl_tune.benchmarks.base import Benchmark
 from mtl_tune.registry import available_balancers, balancer_class, get_benchmark
-from mtl_tune.search.spaces import SearchSpace, SpaceError, load_space
+from mtl_tune.search.spaces import SearchSpace, load_space
 
 
 #: trainer settings every benchmark accepts in --config (besides its own defaults)
