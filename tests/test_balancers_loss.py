@@ -417,3 +417,15 @@ def test_search_space_params_are_ctor_args(method):
             assert key in params
             params[key].update(fields)
         build(params, TASKS[bench])
+
+
+def test_gradnorm_renormalise_names_the_actual_problem():
+    from mtl_tune.balancers.base import BalancerError
+    from mtl_tune.balancers.gradnorm import renormalise
+
+    assert torch.allclose(renormalise(torch.tensor([1.0, 3.0])), torch.tensor([0.5, 1.5]))
+    assert torch.allclose(renormalise(torch.tensor([-2.0, 1.0])), torch.tensor([0.0, 2.0]))  # clamped at 0
+    with pytest.raises(BalancerError, match="non-finite task weights"):
+        renormalise(torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(BalancerError, match="reached 0"):
+        renormalise(torch.tensor([0.0, -1.0]))

@@ -14,13 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_tune.balancers._fairness import fair_residual, solve_fair
+from mtl_tune.balancers._fairness import (STATIONARY_HULL, fair_residual, pareto_gap, scaled_gram,
+                                          solve_fair)
+from mtl_tune.balancers._simplex import min_norm_simplex
 from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput, gram
 from mtl_tune.balancers.consmtl import ConsMTL
 from mtl_tune.balancers.fairgrad import FairGrad
 from mtl_tune.balancers.nashmtl import CCCPSolver, NashMTL, nash_weights
 from mtl_tune.balancers.pivrg import PIVRG, performance_priorities
-from mtl_tune.balancers.stgu import STGU, affinity_similarity, affinity_update, group_tasks
+from mtl_tune.balancers.stgu import (STGU, PairGrouping, affinity_similarity, affinity_update, affinity_update_pairs,
+                                     group_tasks, linear_quantile, propagate_groups)
 from mtl_tune.registry import get_balancer
 
 METHODS = ("nashmtl", "fairgrad", "pivrg", "consmtl", "stgu")
@@ -146,17 +149,346 @@ def test_fairgrad_heads_get_unweighted_gradients():
 
 
 # ---------------------------------------------------------------------------- failures
-def test_fairgrad_opposite_gradients_fail_loudly_then_raise():
-    # 0 lies in the hull of {g, −g}: no x > 0 solves A x = x^{-1/α}
-    jac = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
-    fg = FairGrad(2)
-    for i in range(19):
-        with pytest.warns(RuntimeWarning, match="solver failed"):
-            direction, _ = fg.combine(jac, torch.ones(2))
-        assert torch.isfinite(direction).all()
-        assert fg._step_extras()["solver_failures"] == i + 1
-    with pytest.warns(RuntimeWarning), pytest.raises(BalancerError, match="20 times in a row"):
-        fg.combine(jac, torch.ones(2))
+def _two_task_gram(h: float, norms: tuple[float, float] = (1.0, 1.0), p: int = 4, seed: int = 0) -> np.ndarray:
+    """Gram matrix of two gradients whose unit-gradient hull lies at squared distance h from 0
+    (cosine ρ = 2h − 1), in a random orientation of R^p, with the given norms."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(p, 2)))
+    rho = 2.0 * h - 1.0
+    g = np.stack([q[:, 0], rho * q[:, 0] + math.sqrt(max(1.0 - rho * rho, 0.0)) * q[:, 1]])
+    g *= np.asarray(norms)[:, None]
+    return g @ g.T
+
+
+def _near_stationary_gram(k: int, h_target: float, seed: int, spread: float = 1.0) -> np.ndarray:
+    """K gradients (norms log-normal with std ``spread``) whose unit hull is ~``h_target`` from 0:
+    random unit vectors shifted by −(1 − s)·m (m = their min-norm point), which puts the hull's
+    nearest point at s·m, then renormalised; s is bisected until h is within 10 % of the target."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(k, 2 * k + 10))  # more dimensions than tasks: 0 is not in the hull to start with
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    w, _ = min_norm_simplex(u @ u.T)
+    m = w @ u
+    norms = np.exp(spread * rng.normal(size=(k, 1)))
+
+    def gram_at(s: float) -> np.ndarray:
+        g = (u - (1.0 - s) * m) * norms
+        return g @ g.T
+
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e3
+        h = pareto_gap(scaled_gram(gram_at(mid))[0], tol=0.0)
+        if abs(h / h_target - 1) < 0.1:
+            return gram_at(mid)
+        lo, hi = (mid, hi) if h < h_target else (lo, mid)
+    raise AssertionError("could not place the hull")
+
+
+@pytest.mark.parametrize("method", ["fairgrad", "pivrg", "nashmtl", "consmtl"])
+def test_opposite_gradients_are_pareto_stationary_not_failures(method):
+    """Exactly opposite gradients: no update of the shared parameters, counted as stationary,
+    no warning, no failure — for 30 steps in a row (the 20-failures rule must not fire). Heads
+    still learn: unweighted for the FairGrad family, with the last α for Nash-MTL (initial 1)."""
+    jac = torch.tensor([[1.0, 2.0, 0.0], [-3.0, -6.0, 0.0]], dtype=torch.float64)
+    kw = {"lambda_": 0.0} if method == "consmtl" else {}
+    bal = get_balancer(method, 2, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        for step in range(30):
+            theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+            heads = [torch.tensor([0.5 * (i + 1)], dtype=torch.float64, requires_grad=True) for i in range(2)]
+            losses = jac @ theta + torch.cat([h ** 2 for h in heads])
+            info = bal.backward(losses, [theta], [[h] for h in heads])
+            assert torch.count_nonzero(theta.grad) == 0, step
+            for h in heads:  # ∂(h²)/∂h = 2h, times α = 1 (Nash's initial α, kept) or unweighted
+                torch.testing.assert_close(h.grad, 2 * h.detach())
+            assert info.extras["stationary_steps"] == step + 1 and info.extras["solver_failures"] == 0
+            assert torch.count_nonzero(info.weights) == 0
+
+
+def test_fair_solution_is_stationary_exactly_at_and_below_the_threshold():
+    """Hull gap ≤ STATIONARY_HULL (here h = 0 … 0.5·threshold, and the threshold itself, whose
+    computed gap rounds to either side): x = 0, converged, flagged — decided on the Gram matrix alone."""
+    for alpha in (0.5, 1.0, 2.0, 5.0):
+        for h in (0.0, 1e-12, 1e-8, 0.5 * STATIONARY_HULL, STATIONARY_HULL):
+            a = _two_task_gram(h, norms=(1.0, 7.0))
+            gap = pareto_gap(scaled_gram(a)[0])
+            sol = solve_fair(a, alpha)
+            assert (sol.stationary, sol.converged) == (gap <= STATIONARY_HULL, True), (alpha, h, gap)
+            assert sol.stationary or h == STATIONARY_HULL
+            if sol.stationary:
+                np.testing.assert_array_equal(sol.x, 0.0)
+        for k in (3, 11):  # K > 2: through the exact active-set hull distance
+            a = _near_stationary_gram(k, 0.3 * STATIONARY_HULL, seed=k)
+            sol = solve_fair(a, alpha)
+            assert sol.stationary and sol.converged and not sol.x.any()
+
+
+def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float, p: np.ndarray | None = None) -> tuple[float, float]:
+    """(relative residual max_i |(Ax)_i/rhs_i − 1|, backward error max_i |(Ax)_i − rhs_i|/(rhs_i + (|A|x)_i))
+    with rhs_i = (p_i/x_i)^{1/α}, in 50-digit arithmetic on the float64 inputs (near the front (Ax)_i
+    cancels: its float64 evaluation carries an error ~1e-16/h of its own)."""
+    import mpmath as mp
+
+    p = np.ones(len(x)) if p is None else p
+    rel = bwd = 0
+    with mp.workdps(50):
+        for i in range(len(x)):
+            ax = mp.fsum(mp.mpf(float(a[i, j])) * mp.mpf(float(x[j])) for j in range(len(x)))
+            size = mp.fsum(abs(mp.mpf(float(a[i, j]))) * mp.mpf(float(x[j])) for j in range(len(x)))
+            rhs = (mp.mpf(float(p[i])) / mp.mpf(float(x[i]))) ** (1 / mp.mpf(alpha))
+            rel, bwd = max(rel, abs(ax / rhs - 1)), max(bwd, abs(ax - rhs) / (rhs + size))
+        return float(rel), float(bwd)
+
+
+def _exact_pair_solution(a: np.ndarray, alpha: float, p: np.ndarray | None = None) -> np.ndarray:
+    """x of a K = 2 problem in 60-digit arithmetic on the float64 Gram entries. With x = x₁(1, t) the
+    ratio of the two equations is f(t) = log(a₁₁ + a₁₂t) − log(a₁₂ + a₂₂t) − (log(p₁/p₂) + log t)/α = 0,
+    bisected on the t where both (Ax)_i > 0; then x₁^{1+1/α}(a₁₁ + a₁₂t) = p₁^{1/α}."""
+    import mpmath as mp
+
+    p = np.ones(2) if p is None else p
+    with mp.workdps(60):
+        a11, a12, a22 = (mp.mpf(float(v)) for v in (a[0, 0], a[0, 1], a[1, 1]))
+        p1, p2, al = mp.mpf(float(p[0])), mp.mpf(float(p[1])), mp.mpf(alpha)
+
+        def f(t):
+            return mp.log(a11 + a12 * t) - mp.log(a12 + a22 * t) - (mp.log(p1 / p2) + mp.log(t)) / al
+
+        lo, hi = (-a12 / a22, -a11 / a12) if a12 < 0 else (mp.mpf(10) ** -60, mp.mpf(10) ** 60)
+        for _ in range(600):  # f runs from +∞ (or > 0) at lo to −∞ (or < 0) at hi
+            mid = (lo + hi) / 2 if a12 < 0 else mp.sqrt(lo * hi)
+            lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        t = (lo + hi) / 2
+        x1 = (p1 ** (1 / al) / (a11 + a12 * t)) ** (al / (al + 1))
+        return np.array([float(x1), float(t * x1)])
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0, 2.0, 5.0, 10.0])
+def test_nearly_opposite_above_the_threshold_converge(alpha):
+    """Just above the threshold the equation has a solution and Newton reaches it (the evidence
+    behind STATIONARY_HULL), checked in exact arithmetic: K = 2 by the scalar solve (norms up to 50×
+    apart: targets up to 50^{|1−α|/α} ≈ 1e5 apart at α = 0.25) to the exact weights; K = 3, 11, 40
+    by the general Newton (log-norms with std 0.5, PIVRG-like priorities) to the 1e-6 relative
+    residual or, where the targets are too far apart for float64 to resolve that, to the float64
+    floor of the backward error (accepted and labelled as such)."""
+    rng = np.random.default_rng(int(alpha * 100))
+    for h in (1.5 * STATIONARY_HULL, 3 * STATIONARY_HULL, 30 * STATIONARY_HULL):
+        for norms in ((1.0, 1.0), (1.0, 30.0), (0.02, 1.0)):
+            a = _two_task_gram(h, norms)
+            for p in (None, np.array([1.0, 1.9])):
+                sol = solve_fair(a, alpha, p)
+                assert sol.converged and not sol.stationary, (alpha, h, norms, sol.message)
+                # the weights to 1e-9 (the cosine's own rounding moves them by ~1e-16/h); the float64
+                # residual of those weights is no test here: (Ax)_i cancels to ~1e-16·|A||x|, which
+                # exceeds 1e-6 of the smaller target once the targets are ≳1e4 apart
+                np.testing.assert_allclose(sol.x, _exact_pair_solution(a, alpha, p), rtol=1e-9)
+        for k, seed in ((3, 0), (3, 1), (11, 2), (40, 3)):
+            a = _near_stationary_gram(k, 3 * h, seed=seed + int(h * 1e7), spread=0.5)
+            p = np.exp(rng.uniform(-np.log(2), np.log(2), k))
+            sol = solve_fair(a, alpha, p)
+            assert sol.converged and not sol.stationary, (alpha, k, h, sol.message)
+            rel, bwd = _exact_errors(a, sol.x, alpha, p)
+            # the 1e-6 acceptance, or (targets far apart) the float64 floor, and the message says which
+            assert rel <= 1e-6 or (bwd <= 1e-13 and "float64 floor" in sol.message), (alpha, k, h, rel, bwd)
+
+
+def test_genuine_non_convergence_still_fails_then_raises():
+    """Not stationary (hull gap 1e-3) but the solver is cut off after one iteration: a failure,
+    warned, and the 20th in a row raises — for FairGrad (K = 3 general Newton, and K = 2 with
+    max_iter = 0 on targets 1e3 apart) and Nash-MTL (optim_niter = 1)."""
+    a3 = torch.from_numpy(_near_stationary_gram(3, 1e-3, seed=5, spread=2.0))
+    jac3 = torch.linalg.cholesky(a3 + 1e-12 * torch.eye(3, dtype=torch.float64))  # rows with Gram a3
+    jac2 = torch.from_numpy(np.linalg.cholesky(_two_task_gram(1e-3, norms=(1.0, 1e3)))).contiguous()
+    for bal, jac in ((FairGrad(3, max_iter=1), jac3), (FairGrad(2, alpha=5.0, max_iter=0), jac2),
+                     (NashMTL(3, optim_niter=1), jac3)):
+        for i in range(19):
+            with pytest.warns(RuntimeWarning, match="solver failed"):
+                d = written_direction(bal, jac)
+            assert torch.isfinite(d).all() and bal.failures.total == i + 1 and bal.stationary_steps == 0
+        with pytest.warns(RuntimeWarning), pytest.raises(BalancerError, match="20 times in a row"):
+            written_direction(bal, jac)
+
+
+def test_stationary_step_ends_a_run_of_failures():
+    fg = FairGrad(3, max_iter=1)
+    a3 = torch.from_numpy(_near_stationary_gram(3, 1e-3, seed=5, spread=2.0))
+    hard = torch.linalg.cholesky(a3 + 1e-12 * torch.eye(3, dtype=torch.float64))
+    opposite = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            for _ in range(15):
+                written_direction(fg, hard)
+            written_direction(fg, opposite)
+    assert fg.failures.total == 45 and fg.stationary_steps == 3 and fg.failures.consecutive == 0
+
+
+def test_pareto_gap_certificate_and_exact_agree():
+    """K = 2: (1 + ρ)/2 is the min-norm value; K > 2: the certified lower bound never exceeds the
+    exact value and the decision h ≤ tol is the same with and without hints."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = _two_task_gram(float(rng.uniform(0, 1)), seed=int(rng.integers(1000)))
+        a_hat = scaled_gram(a)[0]
+        w, _ = min_norm_simplex(a_hat)
+        assert pareto_gap(a_hat) == pytest.approx(float(w @ a_hat @ w), abs=1e-15)
+    for k in (3, 11, 40):
+        for seed in range(6):
+            for h in (1e-3, 3 * STATIONARY_HULL, 0.5 * STATIONARY_HULL):
+                a_hat = scaled_gram(_near_stationary_gram(k, h, seed=seed, spread=1.0))[0]
+                w, _ = min_norm_simplex(a_hat)
+                exact = float(w @ a_hat @ w)
+                hint = np.abs(rng.normal(size=k))
+                for tol in (1e-9, STATIONARY_HULL, 1e-4):
+                    for hints in ((), (hint,)):
+                        got = pareto_gap(a_hat, tol, hints)
+                        assert got <= exact * (1 + 1e-9) + 1e-15
+                        assert (got <= tol) == (exact <= tol), (k, h, tol)
+
+
+def test_fair_pairs_agree_with_the_general_newton():
+    """The K = 2 scalar solve (vectorised) against the general damped Newton, on random, nearly
+    opposite, nearly parallel and unequal-norm pairs, with priorities; and the batched call
+    equals the row-by-row calls."""
+    from mtl_tune.balancers._fairness import _newton_log, _rescaled, solve_fair_pairs
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for trial in range(400):
+        g1 = rng.normal(size=5)
+        g2 = [rng.normal(size=5), -g1 * np.exp(rng.normal()) + 10 ** rng.uniform(-2.5, -1) * rng.normal(size=5),
+              g1 * np.exp(rng.normal()) + 10 ** rng.uniform(-6, -1) * rng.normal(size=5),
+              rng.normal(size=5) * 10 ** rng.uniform(-3, 3)][trial % 4]
+        g = np.stack([g1, g2]) * 10 ** rng.uniform(-6, 6)
+        rows.append((g @ g.T, float(rng.choice([0.25, 0.5, 1.0, 2.0, 5.0, 10.0])), np.exp(rng.uniform(-1, 1, 2))))
+    a = np.stack([r[0] for r in rows])
+    alpha = np.array([r[1] for r in rows])
+    p = np.stack([r[2] for r in rows])
+    batch = solve_fair_pairs(a[:, 0, 0], a[:, 0, 1], a[:, 1, 1], alpha, p)
+    assert batch.converged.all() and batch.iterations.max() <= 8
+    for i, (ai, al, pi) in enumerate(rows):
+        one = solve_fair_pairs(ai[0, 0:1], ai[0, 1:2], ai[1, 1:2], al, pi[None])
+        np.testing.assert_allclose(one.x[0], batch.x[i], rtol=1e-14)
+        if batch.stationary[i]:
+            continue
+        a_hat, c, _ = scaled_gram(ai)
+        log_p = np.log(pi) + (1 - al) * np.log(c)
+        shift = log_p.max()
+        lp = log_p - shift
+        u, rel, _, _ = _newton_log(a_hat, lp, al, _rescaled(a_hat, lp, al, lp / (al + 1)), 1e-13, 200)
+        if rel < 1e-10:  # the reference converged: both are the same root (ill-conditioned when ρ → 1: α·tol)
+            np.testing.assert_allclose(batch.x[i], np.exp(u + shift / (al + 1)) / c, rtol=2e-9)
+        assert np.max(np.abs(fair_residual(ai, batch.x[i], al, pi))) <= 1e-6
+
+
+def test_fair_pairs_newton_variable_is_concave_where_the_proof_needs_it():
+    """FairPairs' monotone-convergence argument: G(y) − D is odd and concave for y > 0 in its
+    variable y (s = W·tanh(y/2)), checked by second differences on a grid of ρ and α."""
+    from mtl_tune.balancers._fair_pairs import FairPairs
+
+    for rho in np.concatenate([-(1 - np.logspace(-6, -0.01, 25)), -np.logspace(-8, -0.01, 12), [0.0],
+                               np.logspace(-8, -1e-6, 12)]):
+        for alpha in (0.1, 0.25, 1.0, 4.0, 100.0):
+            k = 1 + 1 / alpha
+            y = np.linspace(1e-3, 40, 4001)
+            if rho < 0:
+                big_l = -math.log(-rho)
+                a, b = 2 * big_l / (1 + np.exp(-y)), 2 * big_l / (1 + np.exp(y))
+                s = big_l * np.tanh(y / 2)
+                g = k * s + np.log(-np.expm1(-a)) - np.log(-np.expm1(-b))
+            else:
+                for d in (0.1, 3.0):  # W = 2α|D| + 1 for two sizes of D
+                    s = (2 * alpha * d + 1) * np.tanh(y / 2)
+                    g = k * s + np.log1p(rho * np.exp(-s)) - np.log1p(rho * np.exp(s))
+                    assert (np.diff(g, 2) <= 1e-13 * (1 + np.abs(g[2:]))).all(), (rho, alpha, d)
+                continue
+            assert (np.diff(g, 2) <= 1e-13 * (1 + np.abs(g[2:]))).all(), (rho, alpha)
+    # and the solver's own iterates from the cold start approach the root monotonically
+    for h, norms in ((1e-4, (1.0, 40.0)), (0.3, (1.0, 1e3)), (0.9, (50.0, 1.0))):
+        a = _two_task_gram(h, norms)
+        for alpha in (0.25, 5.0):
+            residuals = [float(FairPairs(alpha, tol=0.0, max_iter=cap).solve(a[0, 0:1], a[0, 1:2], a[1, 1:2])
+                               .residual[0]) for cap in range(8)]
+            assert all(r1 <= r0 or r1 < 1e-14 for r0, r1 in zip(residuals, residuals[1:])), (h, alpha, residuals)
+            assert residuals[-1] < 1e-12
+
+
+def test_fair_pairs_warm_start_reaches_the_same_root():
+    """A warm start (the previous problem's solution, or any start on the root's side, or a bad one
+    beyond it) changes the iteration count, not the answer beyond tol."""
+    from mtl_tune.balancers._fair_pairs import FairPairs
+
+    rng = np.random.default_rng(5)
+    b = 200
+    g1 = rng.normal(size=(b, 3))
+    g2 = -g1 * np.exp(rng.normal(size=(b, 1))) + 10 ** rng.uniform(-3, 0, (b, 1)) * rng.normal(size=(b, 3))
+    g2[::3] = rng.normal(size=(b // 3 + 1, 3))[: len(g2[::3])]  # some positive cosines too
+    a11, a12, a22 = (g1 * g1).sum(1), (g1 * g2).sum(1), (g2 * g2).sum(1)
+    alpha = rng.choice([0.5, 2.0, 5.0], size=b)
+    solver = FairPairs(alpha)
+    cold = solver.solve(a11, a12, a22)
+    assert cold.converged.all()
+    for start in (cold.start, (cold.start[0] * 3.0, cold.start[1]), (-cold.start[0], cold.start[1]),
+                  (rng.normal(size=b) * 5, cold.start[1]), (cold.start[0], ~cold.start[1])):
+        warm = solver.solve(a11 * 1.001, a12, a22, start=start)
+        ref = solver.solve(a11 * 1.001, a12, a22)
+        assert warm.converged.all()
+        np.testing.assert_allclose(warm.x, ref.x, rtol=1e-8)
+    again = solver.solve(a11, a12, a22, start=cold.start)
+    assert again.iterations.max() == 0  # the same problem: its own solution is converged already
+
+
+def test_nash_stationary_steps_and_reuse_steps():
+    """Nash-MTL at a stationary point: shared gradient 0 on the solve step and on the reuse steps
+    after it, heads with the previous α, weights 0; the state round trip keeps the decision."""
+    nash = NashMTL(2, update_weights_every=3, max_norm=None)
+    good = torch.tensor([[1.0, 0.5], [0.2, 1.0]], dtype=torch.float64)
+    opposite = torch.tensor([[1.0, 0.5], [-2.0, -1.0]], dtype=torch.float64)
+
+    def step(jac):
+        theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        heads = [torch.tensor([1.0], dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        losses = jac @ theta + torch.cat([h ** 2 for h in heads])
+        info = nash.backward(losses, [theta], [[h] for h in heads])
+        return theta.grad.clone(), [h.grad.item() for h in heads], info
+
+    d, heads, info = step(good)                      # step 0: solve
+    alpha = nash.alpha.copy()
+    assert torch.count_nonzero(d) > 0 and np.allclose(heads, 2 * alpha)
+    step(good), step(good)                           # steps 1, 2: reuse
+    d, heads, info = step(opposite)                  # step 3: solve → stationary
+    assert torch.count_nonzero(d) == 0 and np.allclose(heads, 2 * alpha) and torch.count_nonzero(info.weights) == 0
+    np.testing.assert_array_equal(nash.alpha, alpha)
+    other = NashMTL(2, update_weights_every=3, max_norm=None)
+    other.load_state_dict(nash.state_dict())
+    for bal in (nash, other):                        # step 4: reuse of a stationary decision, even on `good`
+        theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        info = bal.backward(good @ theta + 1.0, [theta])
+        assert torch.count_nonzero(theta.grad) == 0 and info.extras["stationary_steps"] == 2
+    assert nash.failures.total == 0
+
+
+def test_stationarity_check_cost_is_small():
+    """The extra cost of the test before each solve (K = 3, 11, 40, random well-posed problems) when
+    the previous step's solution is at hand (every step after the first in a balancer): the
+    O(K²) certificate, a small fraction of the solve (numbers in the module docstring)."""
+    import time
+
+    for k in (3, 11, 40):
+        a = gram(random_jacobian(k, 4 * k, k)).numpy()
+        a_hat, c, _ = scaled_gram(a)
+        prev = solve_fair(gram(random_jacobian(k, 4 * k, k) + 1e-3 * random_jacobian(k, 4 * k, 99)).numpy(), 2.0).x
+        t0 = time.perf_counter()
+        for _ in range(50):
+            gap = pareto_gap(a_hat, hints=(c * prev,))
+        check = (time.perf_counter() - t0) / 50
+        t0 = time.perf_counter()
+        for _ in range(5):
+            solve_fair(a, 2.0, hull_tol=-1.0)
+        solve = (time.perf_counter() - t0) / 5
+        assert gap > STATIONARY_HULL and check < 0.2 * solve, (k, check, solve)
 
 
 def test_mocked_solver_failure_is_counted(monkeypatch):
@@ -410,8 +742,9 @@ def test_degenerate_inputs_give_finite_output_or_clear_error(method, case):
             assert str(err)
             return
     assert torch.isfinite(d).all()
-    if case == "opposite":
-        assert bal.failures.total == 1  # no solution exists: reported, not hidden
+    if case == "opposite":  # 0 = ½g₁ + ½g₂ is in the hull: Pareto-stationary, no update, no failure
+        assert bal.failures.total == 0 and bal.stationary_steps == 1
+        assert torch.count_nonzero(d) == 0
     elif case in ("zero", "mixed"):  # mixed: a norm ratio of 1e-24 counts as an exactly zero gradient
         # exact for the FairGrad family (d does not involve x_i); α_i undefined for Nash
         assert bal.failures.total == (1 if method == "nashmtl" else 0)
@@ -476,6 +809,88 @@ def test_stgu_zero_diagonal_guard():
     s = affinity_similarity(aff)
     assert np.all(np.isfinite(s)) and np.all(np.abs(s) <= 1.0)
     assert np.all(affinity_similarity(np.zeros((3, 3))) == 0)
+
+
+def _pair_similarities() -> list[np.ndarray]:
+    """2 × 2 similarities where the K = 2 closed form could go wrong: affinities of every sign and
+    magnitude (zero diagonals → the guard), and S[0, 1] tied with or one ulp from a diagonal
+    entry (the quantile's interpolation rounds there), ±0, subnormals, huge values."""
+    rng = np.random.default_rng(11)
+    out = []
+    for _ in range(150):
+        a = rng.normal(size=(2, 2)) * 10.0 ** rng.uniform(-300, 300, size=(2, 2))
+        a[[0, 1], [0, 1]] = np.abs(np.diag(a)) * (rng.random(2) < 0.8)
+        out.append(affinity_similarity(a))
+    for d in (1.0, 0.0, 1e-300, 3.0, 1.0 + 2.0 ** -52, 0.7):
+        below = np.nextafter(d, -np.inf)
+        for s in (d, below, np.nextafter(below, -np.inf), np.nextafter(d, np.inf), -d, -0.0, 5e-324, -1e308):
+            for other in (1.0, d, s):
+                out.append(np.array([[d, s], [s, other]]))
+                out.append(np.array([[other, s], [s, d]]))
+    return out
+
+
+PAIR_QUANTILES = (0.0, 0.1, 0.25, 1 / 3, 0.34, 0.5, 0.6, 2 / 3, 0.9, 1.0)
+
+
+def test_stgu_linear_quantile_is_numpys_bit_for_bit():
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 4, 5):
+        values = np.round(rng.normal(size=(400, n)) * 10.0 ** rng.integers(-3, 4, size=(400, 1)), 2)  # ties
+        q = np.concatenate([np.array(PAIR_QUANTILES), rng.random(390)])
+        expected = np.array([np.quantile(v, qq) for v, qq in zip(values, q)])
+        np.testing.assert_array_equal(linear_quantile(values, q), expected)
+
+
+def test_stgu_two_task_grouping_is_sklearns_answer():
+    """K = 2: the closed form (sklearn's equal-similarities branch) against AffinityPropagation."""
+    sims = _pair_similarities()
+    seen = set()
+    for q in PAIR_QUANTILES:
+        batched = PairGrouping(np.full(len(sims), q)).split(np.stack(sims))
+        for s, two in zip(sims, batched):
+            expected = propagate_groups(s, float(np.quantile(s, q)))
+            assert group_tasks(s, q) == expected == ([[0], [1]] if two else [[0, 1]]), (s, q)
+            seen.add(len(expected))
+    assert seen == {1, 2}  # both outcomes occur, ties included
+    with pytest.raises(ValueError), warnings.catch_warnings():  # sklearn's input check decides non-finite S
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's quantile of inf − inf
+        group_tasks(np.array([[1.0, np.inf], [np.inf, 1.0]]))
+
+
+def test_stgu_batched_affinity_update_is_the_loop_bit_for_bit():
+    rng = np.random.default_rng(5)
+    groups = ([0], [1], [0, 1])
+    b = 300
+    aff = rng.normal(size=(b, 2, 2))
+    decay = rng.uniform(1e-4, 1.0, size=b)
+    choice = rng.integers(0, 3, size=(2, b))
+    members = np.zeros((2, b, 2), dtype=bool)
+    for n in range(2):
+        for r in range(b):
+            members[n, r, groups[choice[n, r]]] = True
+    before = rng.uniform(0.1, 5.0, size=(2, b, 2))
+    # ratios around 1 on both sides: sign disagreements, a = 0, negative self-affinity updates
+    after = before * rng.choice([0.5, 0.9, 1.0, 1.1, 2.0], size=(2, b, 2))
+    one = affinity_update_pairs(aff, members[0], before[0], after[0], decay)
+    two = affinity_update_pairs(aff, members, before, after, decay)
+    for r in range(b):
+        first = affinity_update(aff[r], groups[choice[0, r]], before[0, r], after[0, r], decay[r])
+        np.testing.assert_array_equal(one[r], first)
+        np.testing.assert_array_equal(
+            two[r], affinity_update(first, groups[choice[1, r]], before[1, r], after[1, r], decay[r]))
+    skip = members.copy()
+    skip[1, ::2] = False  # a row without members is left alone by that update
+    np.testing.assert_array_equal(affinity_update_pairs(aff, skip, before, after, decay)[::2], one[::2])
+
+
+def test_stgu_batched_similarity_is_the_per_matrix_one():
+    rng = np.random.default_rng(9)
+    aff = rng.normal(size=(50, 3, 3))
+    aff[::3, 0, 0] = 0.0  # the zero-diagonal guard
+    batched = affinity_similarity(aff)
+    for a, s in zip(aff, batched):
+        np.testing.assert_array_equal(s, affinity_similarity(a))
 
 
 class _Script:
@@ -574,3 +989,163 @@ def test_search_space_params_build_the_method(method):
         for name, value in values.items():
             if name != "max_norm":
                 assert getattr(bal, name) == value or getattr(bal, name) == [value] * k
+
+
+# ---------------------------------------------------------------------------- CAGrad K = 2 closed form
+def _cagrad_two_task_grams() -> list[tuple[str, np.ndarray]]:
+    """2-task Gram matrices of the hard kinds: random, nearly opposite / parallel, exactly
+    parallel, norms 1e-4…1e4 apart, overall scales 1e-12…1e12."""
+    rng = np.random.default_rng(11)
+    out = []
+    for kind in ("random", "opposite", "parallel", "exactly-parallel", "unequal"):
+        for _ in range(12):
+            g1 = rng.normal(size=6)
+            g2 = {"random": lambda: rng.normal(size=6),
+                  "opposite": lambda: -g1 * np.exp(rng.normal()) + 1e-5 * rng.normal(size=6),
+                  "parallel": lambda: g1 * np.exp(rng.normal()) + 1e-5 * rng.normal(size=6),
+                  "exactly-parallel": lambda: g1 * 3.0,
+                  "unequal": lambda: rng.normal(size=6) * 10.0 ** rng.choice([-4, -2, 2, 4])}[kind]()
+            g = np.stack([g1, g2]) * 10.0 ** rng.uniform(-6, 6)
+            out.append((kind, g @ g.T))
+    return out
+
+
+CAGRAD_CS = (0.0, 0.1, 0.4, 0.9, 3.0, 50.0, 900.0)
+
+
+def _cagrad_dual_mp(a: np.ndarray, c: float, x):
+    """The K = 2 dual φ(x) = wᵀAb + c‖g₀‖√(wᵀAw + 1e-8) in 50-digit arithmetic (exact inputs)."""
+    import mpmath as mp
+
+    with mp.workdps(50):
+        a11, a12, a22 = (mp.mpf(float(v)) for v in (a[0, 0], a[0, 1], a[1, 1]))
+        x = mp.mpf(x)
+        wab = (x * (a11 + a12) + (1 - x) * (a12 + a22)) / 2
+        g0 = mp.sqrt((a11 + 2 * a12 + a22) / 4 + mp.mpf(1e-8))
+        return wab + mp.mpf(c) * g0 * mp.sqrt(x * x * a11 + 2 * x * (1 - x) * a12 + (1 - x) ** 2 * a22
+                                              + mp.mpf(1e-8))
+
+
+def _cagrad_exact_x(a: np.ndarray, c: float) -> float:
+    """argmin_{x ∈ [0,1]} φ by bisection on φ' (differentiated term by term, not the closed
+    form's reparametrisation) in 50-digit arithmetic: φ' is increasing (φ is convex)."""
+    import mpmath as mp
+
+    with mp.workdps(50):
+        a11, a12, a22 = (mp.mpf(float(v)) for v in (a[0, 0], a[0, 1], a[1, 1]))
+        c0 = mp.mpf(c) * mp.sqrt((a11 + 2 * a12 + a22) / 4 + mp.mpf(1e-8))
+
+        def slope(x):
+            q = x * x * a11 + 2 * x * (1 - x) * a12 + (1 - x) ** 2 * a22 + mp.mpf(1e-8)
+            dq = 2 * x * a11 + 2 * (1 - 2 * x) * a12 - 2 * (1 - x) * a22
+            return (a11 - a22) / 2 + c0 * dq / (2 * mp.sqrt(q))
+
+        if slope(mp.mpf(0)) >= 0:
+            return 0.0
+        if slope(mp.mpf(1)) <= 0:
+            return 1.0
+        lo, hi = mp.mpf(0), mp.mpf(1)
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if slope(mid) > 0 else (mid, hi)
+        return float((lo + hi) / 2)
+
+
+@pytest.mark.parametrize("c", [c for c in CAGRAD_CS if c > 0])
+def test_cagrad_two_task_closed_form_is_the_exact_minimiser(c):
+    from mtl_tune.balancers.cagrad import cagrad_dual_2
+
+    for kind, a in _cagrad_two_task_grams():
+        x = float(cagrad_dual_2(a[0, 0], a[0, 1], a[1, 1], c))
+        assert abs(x - _cagrad_exact_x(a, c)) <= 1e-12, (kind, c, a.tolist())
+
+
+@pytest.mark.parametrize("c", CAGRAD_CS)
+@pytest.mark.parametrize("rescale", [0, 1, 2])
+def test_cagrad_two_task_closed_form_agrees_with_slsqp(c, rescale):
+    """Same dual minimiser as SLSQP to SLSQP's own accuracy (ftol 1e-12 on a flat objective:
+    ~1e-6 in x), never a worse objective in exact arithmetic, and the same direction: the
+    difference of the two updates is ≤ 1e-4 × Σ|γᵢ|‖gᵢ‖ (the observed worst is ~3e-5, at
+    c = 900 with norms 1e4 apart; 1e-8 where SLSQP's iterate is exact, e.g. parallel gradients)."""
+    import mpmath
+
+    from mtl_tune.balancers.cagrad import cagrad_coefficients, cagrad_dual_2, cagrad_dual_slsqp
+
+    for kind, a in _cagrad_two_task_grams():
+        where = (kind, c, rescale, a.tolist())
+        closed, ok_c, _ = cagrad_coefficients(a, c, rescale)
+        slsqp, ok_s, msg = cagrad_coefficients(a, c, rescale, solver="slsqp")
+        assert ok_c and ok_s, (msg, where)
+        x = float(cagrad_dual_2(a[0, 0], a[0, 1], a[1, 1], c))
+        w_s = cagrad_dual_slsqp(a, c)[0]
+        assert abs(x - w_s[0]) <= 1e-5, where
+        if c > 0:
+            # x carries float64 rounding (φ excess ~ φ''·1e-32); SLSQP's x is ~1e-7 off
+            with mpmath.workdps(50):
+                excess = float(_cagrad_dual_mp(a, c, x) - _cagrad_dual_mp(a, c, w_s[0]))
+            assert excess <= 1e-24 * abs(a).max(), where
+        diff = closed - slsqp
+        terms = float(np.abs(slsqp) @ np.sqrt(np.diag(a)))
+        assert math.sqrt(max(diff @ a @ diff, 0.0)) <= 1e-4 * terms, where
+        if c == 0:  # no dual term: both give the mean exactly
+            np.testing.assert_allclose(closed, [0.5, 0.5], rtol=1e-15)
+            np.testing.assert_allclose(slsqp, [0.5, 0.5], rtol=1e-15)
+
+
+def test_cagrad_closed_form_is_batched_and_matches_scalar_calls():
+    from mtl_tune.balancers.cagrad import cagrad_coefficients_2
+
+    grams = np.stack([a for _, a in _cagrad_two_task_grams()])
+    n = len(grams)
+    c = np.resize(np.array(CAGRAD_CS), n)
+    rescale = np.resize(np.array([0, 1, 2]), n)
+    batched = cagrad_coefficients_2(grams[:, 0, 0], grams[:, 0, 1], grams[:, 1, 1], c, rescale)
+    assert batched.shape == (n, 2)
+    for i in range(n):
+        one = cagrad_coefficients_2(grams[i, 0, 0], grams[i, 0, 1], grams[i, 1, 1], c[i], int(rescale[i]))
+        assert one.shape == (2,)
+        np.testing.assert_array_equal(one, batched[i])
+    # a (2, 3) grid of problems keeps its shape
+    grid = cagrad_coefficients_2(grams[:6, 0, 0].reshape(2, 3), grams[:6, 0, 1].reshape(2, 3),
+                                 grams[:6, 1, 1].reshape(2, 3), 0.4)
+    np.testing.assert_array_equal(grid.reshape(6, 2), cagrad_coefficients_2(grams[:6, 0, 0], grams[:6, 0, 1],
+                                                                         grams[:6, 1, 1], 0.4))
+
+
+def test_cagrad_closed_form_known_answers_and_degenerate_inputs():
+    from mtl_tune.balancers.cagrad import cagrad_coefficients_2, cagrad_dual_2
+
+    # orthogonal equal norms: symmetric, x = ½; λ = c‖g₀‖/‖g_w‖ = c (up to the 1e-8 terms)
+    assert float(cagrad_dual_2(1.0, 0.0, 1.0, 0.5)) == 0.5
+    np.testing.assert_allclose(cagrad_coefficients_2(1.0, 0.0, 1.0, 0.5, 0), [0.75, 0.75], rtol=1e-7)
+    # small c: the dual's linear term wins and all weight goes to the smaller gradient (x = 1)
+    assert float(cagrad_dual_2(1.0, 0.0, 4.0, 0.1)) == 1.0
+    assert float(cagrad_dual_2(4.0, 0.0, 1.0, 0.1)) == 0.0
+    # identical gradients (D = 0): any x, SLSQP stays at b; c = 0: w = b
+    assert float(cagrad_dual_2(2.0, 2.0, 2.0, 0.4)) == 0.5
+    assert float(cagrad_dual_2(1.0, -0.3, 4.0, 0.0)) == 0.5
+    # zero gradients: finite, the mean (λ = c·1e-4/1e-8 multiplies w, but g_w = 0: d = 0 anyway)
+    coef = cagrad_coefficients_2(0.0, 0.0, 0.0, 0.4)
+    assert np.isfinite(coef).all()
+    # one zero gradient: x = 1 puts the dual on it; finite
+    assert np.isfinite(cagrad_coefficients_2(0.0, 0.0, 1.0, 0.4)).all()
+
+
+def test_cagrad_balancer_uses_the_closed_form_for_two_tasks(monkeypatch):
+    import mtl_tune.balancers.cagrad as cagrad_mod
+    from mtl_tune.balancers.cagrad import CAGrad, cagrad_coefficients
+
+    def no_slsqp(*args, **kw):
+        raise AssertionError("SLSQP called for K = 2")
+
+    monkeypatch.setattr(cagrad_mod, "minimize", no_slsqp)
+    jac = torch.tensor([[1.0, 0.2, -0.5], [-0.8, 0.1, 0.4]], dtype=torch.float64)
+    bal = CAGrad(2, c=0.7, rescale=2)
+    got = written_direction(bal, jac)
+    coef, ok, msg = cagrad_coefficients(gram(jac).numpy(), 0.7, 2)
+    assert ok and msg == "closed form"
+    np.testing.assert_allclose(got.numpy(), 2 * coef @ jac.numpy(), rtol=1e-14)
+    with pytest.raises(AssertionError, match="SLSQP called"):  # K = 3 still goes through SLSQP
+        written_direction(CAGrad(3), torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="solver"):
+        cagrad_coefficients(np.eye(2), 0.4, solver="newton")

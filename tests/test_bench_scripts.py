@@ -201,3 +201,12 @@ def test_search_overhead_runs_a_tiny_search():
     rows = table_rows(text)
     assert any(k.startswith("**overhead share") for k in rows)
     assert "TERMINATED: 2" in text
+
+
+def test_toy_engine_smoke():
+    out = run_script("toy_engine.py", "--methods", "ls,mgda", "--steps", "30", "--repeats", "1", "--inits", "0,3")
+    rows = table_rows(out)
+    assert set(rows) == {"ls", "mgda"}
+    for cells in rows.values():
+        fast, api, ratio = (float(v) for v in cells[1:4])
+        assert fast > 0 and api > 0 and ratio == pytest.approx(api / fast, rel=0.05)

@@ -24,6 +24,7 @@ def run_cli(capsys, *args):
     (["--method", "cagrad", "--set", "cc=1"], "no hyperparameter 'cc'"),
     (["--method", "ls,cagrad", "--set", "c=0.1"], "use it with a single --method"),
     (["--config", "learning_rate=1"], "not settings of benchmark toy"),
+    (["--benchmark", "multi_mnist", "--config", "val_fraction=0"], "without a validation split"),
     (["--scheduler", "asha"], "need a scalar objective"),
     (["--method", "cagrad", "--search-space", "/nonexistent/space.yaml"], "/nonexistent/space.yaml does not exist"),
 ])

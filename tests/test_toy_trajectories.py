@@ -162,11 +162,12 @@ def test_process_pool_gives_the_same_trajectories():
 @pytest.mark.parametrize("scale,weights,x1", [(0.1, None, X1_LS), (1.0, None, 0.0), (0.1, [10.0, 1.0], 0.0)])
 def test_ls_ends_at_the_weighted_sum_optimum(scale, weights, x1):
     """LS on w·f1 + (1 − w)·f2 ends at x1 = 7(2w − 1), x2 = x2*(x1) (benchmarks.md §1.4),
-    w = a1·s/(a1·s + a2) for task weights (a1, a2) and scale s."""
+    w = a1·s/(a1·s + a2) for task weights (a1, a2) and scale s. At the optimum Adam's steps
+    (lr 3e-2) are driven by rounding noise, so the end point is the mean of the last 500 steps."""
     hp = {} if weights is None else {"task_weights": weights}
     ps = pareto_set(2001)
     for res in run("ls", [1, 3, 4], 2500, lr=3e-2, scale=scale, **hp):
-        assert res.traj[-1, 0] == pytest.approx(x1, abs=2e-3)
+        assert res.traj[-500:, 0].mean() == pytest.approx(x1, abs=2e-3)
         x2_star = np.interp(res.traj[-1, 0], ps[:, 0], ps[:, 1])
         assert res.traj[-1, 1] == pytest.approx(x2_star, abs=0.5)   # x2 is the front's flat direction
         assert final_distance(res, scale) < 1e-2   # ≈ the spacing of the sampled front
@@ -281,30 +282,56 @@ def test_summaries_are_finite_for_every_row():
 
 
 # ---------------------------------------------------------------- the papers' protocol (slow)
+@pytest.fixture(scope="module")
+def papers_run():
+    """Every registered method × the five inits, Adam lr 1e-3, 35 000 steps (FAMO 50 000): the
+    default ``python -m toy.trajectories --methods all`` job, 2 workers, no plots."""
+    import time
+
+    start = time.perf_counter()
+    results = run_all(build_specs("all"), range(5), EngineConfig(), workers=2)
+    seconds = time.perf_counter() - start
+    print(f"papers' protocol, all methods x 5 inits: {seconds:.1f} s wall")
+    return {(r.label, r.init_index): r for r in results}, seconds
+
+
 @pytest.mark.slow
-def test_papers_protocol_ls():
-    """Adam lr 1e-3, 35 000 steps: from (0,0), (−7.5,−0.5), (9,−1) LS ends at the weighted optimum;
-    from (9, 9) it stays in the log valley; from (−8.5, 7.5) it stalls there for > 15 000 steps."""
-    res = {r.init_index: r for r in run("ls", range(5), 35_000, lr=1e-3)}
+def test_papers_protocol_every_method_runs_to_the_end(papers_run):
+    runs, _ = papers_run
+    for (label, i), r in runs.items():
+        if r.status == "skipped":
+            assert label in ("consmtl",), (label, r.reason)
+            continue
+        assert r.status == "ok", (label, i, r.reason)
+        assert r.traj.shape == (50_001 if label == "famo" else 35_001, 2)
+        assert np.isfinite(r.traj).all(), (label, i)
+        assert not r.solver_failures, (label, i, r.solver_failures)   # Pareto stationarity is not a failure
+
+
+@pytest.mark.slow
+def test_papers_protocol_ls(papers_run):
+    """From (0,0), (−7.5,−0.5), (9,−1) LS ends at the weighted optimum; from (9, 9) it stays in the
+    log valley; from (−8.5, 7.5) it stalls there for > 15 000 steps."""
+    runs, _ = papers_run
     for i in (1, 3, 4):
-        assert res[i].traj[-1, 0] == pytest.approx(X1_LS, abs=1e-3)
-        assert res[i].traj[-1, 1] == pytest.approx(-8.409, abs=0.01)
-    assert res[2].traj[-1, 1] > 0 and final_distance(res[2]) > 1.0
-    assert res[0].traj[15_000, 1] > 0
+        assert runs["ls", i].traj[-500:, 0].mean() == pytest.approx(X1_LS, abs=1e-3)
+        assert runs["ls", i].traj[-1, 1] == pytest.approx(-8.409, abs=0.01)
+    assert runs["ls", 2].traj[-1, 1] > 0 and final_distance(runs["ls", 2]) > 1.0
+    assert runs["ls", 0].traj[15_000, 1] > 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,inits", [("mgda", range(5)), ("nashmtl", range(5)), ("famo", range(5)),
-                                        ("fairgrad", range(5)), ("cagrad", [1, 3])])
-def test_papers_protocol_gradient_methods_reach_the_front(name, inits):
-    """MGDA, Nash-MTL, FAMO (50 000 steps, its paper) and FairGrad reach the front from all five inits;
-    CAGrad (c = 0.4) from (0, 0) and (−7.5, −0.5) here (4 of 5 in the full run; from (9, 9) it is
-    still in the log valley after 35 000 steps, docs/toy.md). Nash-MTL/FairGrad stop with a solver
-    error once the gradients cancel on the front (a Pareto-stationary point), which the table
-    reports; the end point is on the front."""
+                                        ("fairgrad", range(5)), ("imtl", range(5)), ("amtl", range(5)),
+                                        ("pivrg", range(5)), ("gradnorm", range(5)), ("cagrad", [1, 3, 4])])
+def test_papers_protocol_gradient_methods_reach_the_front(papers_run, name, inits):
+    """MGDA, Nash-MTL, FAMO (50 000 steps, its paper), FairGrad, IMTL, Aligned-MTL, PIVRG and
+    GradNorm reach the front from all five inits; CAGrad (c = 0.4) from three: from (9, 9) it is
+    still in the log valley after 35 000 steps, and when it leaves the (−8.5, 7.5) valley depends
+    on rounding (docs/toy.md) — while LS stalls from (9, 9)."""
     needs(name)
-    iters = 50_000 if name == "famo" else 35_000
-    for res in run(name, inits, iters, lr=1e-3):
-        assert np.isfinite(res.traj).all()
-        assert res.status == "ok" or "Pareto-stationary" in res.reason, res.reason
-        assert final_distance(res) < 0.05, (name, res.init_index, res.traj[-1])
+    runs, _ = papers_run
+    for i in inits:
+        assert final_distance(runs[name, i]) < 0.05, (name, i, runs[name, i].traj[-1])
+    if name == "cagrad":
+        assert final_distance(runs[name, 2]) > 0.5

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers.base import Balancer, EpochInfo
-from mtl_tune.benchmarks.toy import Toy
+from mtl_tune.benchmarks.toy import INITS, Toy
 from mtl_tune.jacobian import JacobianEngine
 from mtl_tune.registry import balancer_class
 from toy.landscape import gap_scores
@@ -49,8 +49,11 @@ class EngineConfig:
 
     ``shift``: feed methods without a ``min_losses`` argument L − (−21s, −21) (no gradient
     changes; loss-value methods need positive losses). ``epoch_steps``: steps between
-    ``on_epoch_end`` calls. ``engine``: ``"lockstep"`` (fast) or ``"reference"``
-    (``train_step`` with autograd through the real forward for every method).
+    ``on_epoch_end`` calls. ``engine``: ``"fast"`` (batched NumPy kernels of :mod:`toy.kernels`
+    for the methods that have one, the lockstep path for the others), ``"lockstep"`` (every
+    method through the public balancer API, fast-ish) or ``"reference"`` (``train_step`` with
+    autograd through the real forward for every method). ``starts``: start points that replace
+    the papers' :data:`~mtl_tune.benchmarks.toy.INITS` (init index i is then ``starts[i]``).
     """
 
     scale: float = 0.1
@@ -59,7 +62,14 @@ class EngineConfig:
     epoch_steps: int = 1000
     shift: bool = True
     seed: int = 0
-    engine: str = "lockstep"  # or "reference"
+    engine: str = "fast"  # or "lockstep" / "reference"
+    starts: tuple[tuple[float, float], ...] | None = None
+
+
+def start_point(cfg: EngineConfig, index: int) -> tuple[float, float]:
+    """Start point number ``index``: the papers' init, or ``cfg.starts[index]`` when given."""
+    points = INITS if cfg.starts is None else cfg.starts
+    return tuple(float(v) for v in points[index])  # type: ignore[return-value]
 
 
 @dataclass
@@ -79,6 +89,7 @@ class RunResult:
     warnings: int = 0
     first_warning: str = ""
     seconds: float = 0.0      # wall time of the run (its share of a lockstep unit)
+    x0: tuple[float, float] | None = None  # start point (None: the papers' INITS[init_index])
     cpu_seconds: float = 0.0  # process CPU time, the same share (robust to a loaded machine)
 
 

@@ -44,33 +44,34 @@ def toy_value_and_jacobian(x: np.ndarray, scale: float = 0.1) -> tuple[np.ndarra
     """
     x = np.asarray(x, dtype=np.float64)
     x1, x2 = x[..., 0], x[..., 1]
+    # the gates' tanh(±x₂/2) are odd images of one tanh; both log branches go through one (2, …) pass
     ta = np.tanh(x2 / 2)
-    tb = np.tanh(-x2 / 2)
-    on1, on2 = ta >= 0, tb >= 0           # gate masks (torch.where(t >= 0, t, 0))
-    c1, c2 = np.where(on1, ta, 0.0), np.where(on2, tb, 0.0)
-    dc1 = np.where(on1, 0.5 * (1 - ta * ta), 0.0)
-    dc2 = np.where(on2, -0.5 * (1 - tb * tb), 0.0)
+    sech_half = 0.5 * (1 - ta * ta)
+    c1, c2 = np.maximum(ta, 0.0), np.maximum(-ta, 0.0)   # torch.clamp(·, 0) of tanh(±x₂/2)
+    dc1 = sech_half * (x2 >= 0)                           # the gate passes the gradient at t >= 0
+    dc2 = -sech_half * (x2 <= 0)
     th = np.tanh(-x2)
     sech2 = 1 - th * th                   # d/dx₂ tanh(−x₂) = −sech²
-    u1 = 0.5 * (-x1 - 7) - th
-    u2 = 0.5 * (-x1 + 3) + th + 2
-    a1, a2 = np.abs(u1), np.abs(u2)
-    m1, m2 = np.maximum(a1, LOWER), np.maximum(a2, LOWER)
-    k1 = np.where(a1 > LOWER, np.sign(u1) / m1, 0.0)   # d log max(|u|, ε) / du
-    k2 = np.where(a2 > LOWER, np.sign(u2) / m2, 0.0)
-    g1, g2 = np.log(m1) + 6, np.log(m2) + 6
+    u = np.stack([0.5 * (-x1 - 7) - th, 0.5 * (-x1 + 3) + th + 2])
+    a = np.abs(u)
+    m = np.maximum(a, LOWER)
+    k = np.where(a > LOWER, np.sign(u) / m, 0.0)   # d log max(|u|, ε) / du
+    g = np.log(m) + 6
     r = 0.1 * (-x2 - 8) ** 2
     q1 = ((-x1 + 7) ** 2 + r) / 10 - 20
     q2 = ((-x1 - 7) ** 2 + r) / 10 - 20
     dq2 = 0.02 * (x2 + 8)
-    f1 = c1 * g1 + c2 * q1
-    f2 = c1 * g2 + c2 * q2
+    f1 = c1 * g[0] + c2 * q1
+    f2 = c1 * g[1] + c2 * q2
     jac = np.empty(x.shape[:-1] + (2, 2))
-    jac[..., 0, 0] = scale * (c1 * (-0.5 * k1) + c2 * (x1 - 7) / 5)
-    jac[..., 0, 1] = scale * (dc1 * g1 + c1 * k1 * sech2 + dc2 * q1 + c2 * dq2)
-    jac[..., 1, 0] = c1 * (-0.5 * k2) + c2 * (x1 + 7) / 5
-    jac[..., 1, 1] = dc1 * g2 - c1 * k2 * sech2 + dc2 * q2 + c2 * dq2
-    return np.stack([scale * f1, f2], axis=-1), jac
+    jac[..., 0, 0] = scale * (c1 * (-0.5 * k[0]) + c2 * (x1 - 7) / 5)
+    jac[..., 0, 1] = scale * (dc1 * g[0] + c1 * k[0] * sech2 + dc2 * q1 + c2 * dq2)
+    jac[..., 1, 0] = c1 * (-0.5 * k[1]) + c2 * (x1 + 7) / 5
+    jac[..., 1, 1] = dc1 * g[1] - c1 * k[1] * sech2 + dc2 * q2 + c2 * dq2
+    vals = np.empty(x.shape[:-1] + (2,))
+    vals[..., 0] = scale * f1
+    vals[..., 1] = f2
+    return vals, jac
 
 
 class FrontDistance:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.benchmarks.toy import INITS
 from mtl_tune.registry import balancer_class
 from toy.common import (BATCHABLE, EngineConfig, KnownJacobian, MethodSpec, RunResult, epoch_end, extras_info,
-                        loss_floor, make_balancer, optimizers, seed_all, warn_info)
-from toy.landscape import toy_value_and_jacobian
+                        loss_floor, make_balancer, optimizers, seed_all, start_point, warn_info)
+from toy.landscape import gap_scores, toy_value_and_jacobian
 
 
 class _Job:
@@ -69,15 +68,33 @@ class _Job:
             res.status, res.reason, res.iters = "failed", f"step {step}: {type(err).__name__}: {err}", step
 
 
-def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> list[RunResult]:
+class Observer(Protocol):
+    """Sees every step of a lockstep run (tests drive a kernel with the same inputs through it)."""
+
+    def step(self, t: int, losses: np.ndarray, jac: np.ndarray, grad: np.ndarray, weights: np.ndarray,
+             alive: np.ndarray) -> None:
+        """Shifted losses (n, 2), Jacobian (n, 2, 2), the x.grad the balancers wrote (n, 2), their
+        weights (n, 2) and which rows are still running, before the optimizer step ``t``."""
+
+    def post(self, t: int, losses: np.ndarray) -> None:
+        """Shifted losses after optimizer step ``t`` (what ``after_optimizer_step`` got)."""
+
+    def epoch(self, epoch: int, mean_losses: np.ndarray, scores: np.ndarray) -> None:
+        """What ``on_epoch_end`` got: the epoch's mean shifted losses and the gap scores."""
+
+
+def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig,
+                 observer: Observer | None = None) -> list[RunResult]:
     """Run ``spec`` from every init in ``inits`` in lockstep (see the module docstring).
 
     Global RNGs are seeded with ``seed + init index`` before each init's balancer is built
     (as on the reference path), so a balancer that draws its own seed gets the same one on
-    both paths and in any grouping of inits into processes.
+    both paths and in any grouping of inits into processes. ``observer`` (tests) is shown
+    every step's inputs and outputs.
     """
     n = len(inits)
-    results = [RunResult(spec.label, spec.name, i, "ok", iters=spec.iters, path="lockstep") for i in inits]
+    results = [RunResult(spec.label, spec.name, i, "ok", iters=spec.iters, path="lockstep", x0=start_point(cfg, i))
+               for i in inits]
     shift = loss_floor(cfg.scale) if cfg.shift and "min_losses" not in spec.hparams else np.zeros(2)
     try:
         if spec.name in BATCHABLE and balancer_class(spec.name)(2, **spec.hparams).max_norm is None:
@@ -92,9 +109,10 @@ def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> l
                 jobs.append(_Job(spec, [k], [results[k]]))
     except Exception as err:  # the method cannot even be built with these hyperparameters
         for r in results:
-            r.status, r.reason, r.traj = "skipped", f"{type(err).__name__}: {err}", np.array([INITS[r.init_index]])
+            r.status, r.reason = "skipped", f"{type(err).__name__}: {err}"
+            r.traj = np.array([start_point(cfg, r.init_index)])
         return results
-    x = torch.tensor([INITS[i] for i in inits], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([start_point(cfg, i) for i in inits], dtype=torch.float64, requires_grad=True)
     xn = x.detach().numpy()                    # shares memory with x: Adam's updates show here
     grad = np.zeros((n, 2))
     x.grad = torch.from_numpy(grad)           # shares memory: jobs write rows, Adam reads them
@@ -120,6 +138,13 @@ def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> l
                         job.step(loss_rows, jac_rows, vals, jac, grad)
                     except Exception as err:  # reported per init in the table, never hidden
                         job.fail(t, err, grad)
+            if observer is not None:
+                alive = np.array([job.alive for job in jobs for _ in job.rows])
+                weights = np.full((n, 2), np.nan)
+                for job in jobs:
+                    if job.alive and job.info is not None:
+                        weights[job.rows] = job.info.weights.detach().double().cpu().numpy()
+                observer.step(t, vals.numpy().copy(), jac_np.copy(), grad.copy(), weights, alive)
             if not any(j.alive for j in jobs):
                 break
             for opt in opts:
@@ -127,6 +152,8 @@ def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> l
             traj[t + 1] = xn
             epoch_sum += vals_np
             vals_np, jac_np = toy_value_and_jacobian(xn, cfg.scale)
+            if observer is not None and post:
+                observer.post(t, vals_np - shift)
             for job in post:
                 if job.alive:
                     try:
@@ -137,6 +164,8 @@ def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> l
             if (t + 1) % cfg.epoch_steps == 0:
                 mean = epoch_sum / cfg.epoch_steps
                 epoch_sum[:] = 0.0
+                if observer is not None:
+                    observer.epoch((t + 1) // cfg.epoch_steps - 1, mean - shift, gap_scores(mean, cfg.scale))
                 for job in jobs:
                     if job.alive:
                         try:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks.toy import INITS, toy_objectives
+from mtl_tune.benchmarks.toy import toy_objectives
 from toy.common import (EngineConfig, MethodSpec, RunResult, epoch_end, extras_info, loss_floor, make_balancer,
-                        optimizers, seed_all, warn_info)
+                        optimizers, seed_all, start_point, warn_info)
 from toy.landscape import toy_losses
 
 
@@ -40,16 +40,17 @@ def run_reference(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig, ana
     for i in inits:
         seed_all(cfg.seed + i)
         res = RunResult(spec.label, spec.name, i, "ok", iters=spec.iters,
-                        path="reference-analytic" if analytic else "reference")
+                        path="reference-analytic" if analytic else "reference", x0=start_point(cfg, i))
         try:
             balancer = make_balancer(spec)
         except Exception as err:
-            res.status, res.reason, res.traj = "skipped", f"{type(err).__name__}: {err}", np.array([INITS[i]])
+            res.status, res.reason = "skipped", f"{type(err).__name__}: {err}"
+            res.traj = np.array([start_point(cfg, i)])
             out.append(res)
             continue
         shift = torch.from_numpy(loss_floor(cfg.scale) if cfg.shift and "min_losses" not in spec.hparams
                                  else np.zeros(2))
-        x = torch.tensor(INITS[i], dtype=torch.float64, requires_grad=True)
+        x = torch.tensor(start_point(cfg, i), dtype=torch.float64, requires_grad=True)
         opts = optimizers(x, [balancer], cfg)
         optimizer: Any = opts[0] if len(opts) == 1 else _Chain(opts)
 

@@ -40,7 +40,7 @@ def trajectory_losses(traj: np.ndarray, scale: float) -> np.ndarray:
 def summarize(res: RunResult, scale: float, tol: float, dist: FrontDistance | None = None) -> dict[str, Any]:
     """One table row for a run (see the module docstring)."""
     dist = dist or FrontDistance(scale)
-    x0 = INITS[res.init_index]
+    x0 = res.x0 if res.x0 is not None else INITS[res.init_index]
     row: dict[str, Any] = {c: "" for c in COLUMNS}
     row.update(method=res.label, init=res.init_index, x1_0=x0[0], x2_0=x0[1], status=res.status,
                iters=res.iters, path=res.path, reason=res.reason, warnings=res.warnings)

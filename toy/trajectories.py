@@ -21,10 +21,12 @@ See docs/toy.md for what the figures show and docs/perf/toy.md for timings.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from mtl_tune.benchmarks.toy import INITS
 from mtl_tune.registry import available_balancers, balancer_class
 from toy.engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
 from toy.parallel import run_all
-from toy.plots import plot_gallery, plot_method, plot_search_overlay
+from toy.landscape import loss_grid
+from toy.plots import LIM, plot_gallery, plot_method, plot_search_overlay, subsample
 from toy.report import load_search_trials, markdown_table, summarize_all, write_csv
 
 DEFAULT_ITERS = 35_000                 # nash-mtl and Aligned-MTL toy trainers
@@ -142,17 +145,29 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
     if plots:
         start = time.perf_counter()
         groups: dict[str, list[RunResult]] = {}
-        for r in results:
-            groups.setdefault(r.label, []).append(r)
-        for label, runs in groups.items():
-            mine = None if trials is None else trials.of(runs[0].name)
-            plot_method(label, runs, cfg.scale, out / f"{file_label(label)}.png", trials=mine)
+        for r in results:  # the figures draw ≤ MAX_POINTS per run: send only those to the workers
+            groups.setdefault(r.label, []).append(replace(r, traj=subsample(r.traj)))
+        grid = loss_grid(LIM, 250, cfg.scale)
+        jobs = [(label, runs, cfg.scale, out / f"{file_label(label)}.png",
+                 None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
+        if workers > 1 and len(jobs) > 1:
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
+                pool.map(_plot_method, jobs, chunksize=1)
+        else:
+            for job in jobs:
+                _plot_method(job)
         plot_gallery(groups, cfg.scale, out / "gallery.png")
         if trials is not None:
             ends = np.array([row[k] for row in rows if row["L1"] != "" for k in ("L1", "L2")]).reshape(-1, 2)
             plot_search_overlay(trials, cfg.scale, out / "search_overlay.png", ends)
         say(f"plots: {time.perf_counter() - start:.1f} s")
     return results, rows
+
+
+def _plot_method(job: tuple) -> Path:
+    label, runs, scale, path, trials, grid = job
+    return plot_method(label, runs, scale, path, trials=trials, grid=grid)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -169,7 +184,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method-params-lr", type=float, default=0.025, help="lr of learnable balancer params (UW)")
     p.add_argument("--tol", type=float, default=DEFAULT_TOL, help="'reached the front' distance")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--engine", choices=("lockstep", "reference"), default="lockstep")
+    p.add_argument("--engine", choices=("fast", "lockstep", "reference"), default="fast",
+                   help="fast: batched NumPy kernels (toy/kernels, tested against the balancers) where a method "
+                        "has one; lockstep: the public balancer API on the exact linearisation; reference: "
+                        "train_step with autograd through the real forward")
     p.add_argument("--no-shift", action="store_true",
                    help="give methods without min_losses the raw (negative) losses instead of L - (-21s, -21)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,14 @@ handling live in :mod:`mtl_tune.balancers._fairness`; the official code's scipy 
 (``res.success`` never checked, unscaled A) is available as ``solver="least_squares"`` on the
 scaled problem and agrees with the default Newton solver to 1e-6 relative or better
 (tested; typically ~1e-10), while Newton is faster and also converges where least_squares
-stalls (α = 10 with gradient norms spread over decades).
+stalls (α = 10 with gradient norms spread over decades). Two tasks: one scalar equation solved
+by a monotone Newton iteration (closed form at α = 1), shared with the toy kernel.
+
+At a Pareto-stationary point (0 within 1e-3 of the convex hull of the unit task gradients,
+tested on the Gram matrix before solving; e.g. a toy trajectory on the front, where the two
+gradients are opposite) no x > 0 solves the equation — x runs off as h^{−α/(α+1)} as the hull
+gap h → 0: the step is then converged by definition, with d = 0, weights 0, counted in
+``stationary_steps`` and not as a solver failure (:mod:`mtl_tune.balancers._fairness`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ def renormalise(weights: Tensor) -> Tensor:
     """Clamp at 0 and rescale to Σw = K."""
     w = weights.clamp_min(0)
     total = w.sum()
+    if not bool(torch.isfinite(total)):  # NaN/inf weights (e.g. from non-finite gradient norms)
+        raise BalancerError(f"gradnorm: non-finite task weights {weights.tolist()}")
     if not bool(total > 0):
         raise BalancerError(f"gradnorm: all task weights reached 0: {weights.tolist()}")
     return w * (w.numel() / total)

@@ -40,6 +40,25 @@ for the failing tasks — what the official code does when its solver raises —
 equal weights (only if the very first solve fails does that step use the official initial α = 1,
 and it says so).
 
+**Pareto stationarity is not a failure.** When 0 is (within the tolerance of
+:data:`~mtl_tune.balancers._fairness.STATIONARY_HULL`) in the convex hull of the task gradients —
+e.g. a trajectory that has reached the Pareto front, where the two gradients of a 2-task problem
+are opposite — A α = 1/α has no solution (α → ∞ while d = Gα keeps norm √K and turns along the
+front, its limit undefined). The test runs *before* any solve, on the scale-free Gram matrix
+(:func:`~mtl_tune.balancers._fairness.pareto_stationary`, the same criterion as FairGrad's), so it
+does not depend on whether an iteration happened to converge. A stationary step writes a zero
+shared gradient, is counted in ``stationary_steps`` (not in ``solver_failures``; it ends a run of
+failures), warns nothing, and keeps α unchanged: the heads are trained with the previous α
+(their own losses still have a meaningful gradient there, and α is the last valid bargaining
+scale), and the next solve warm-starts from it. ``StepInfo.weights`` reports 0 — the weights of
+the shared update that was applied (Σ 0·g_i); the heads' α stays in ``balancer.alpha``. With
+``update_weights_every`` = n the steps that reuse a stationary decision also write 0 to the shared
+parameters (the reuse approximates re-solving, which would again say "stationary").
+
+Two tasks (the common 2-task benchmarks and the toy): the Newton solver is the closed form
+α_i = 1/(‖g_i‖√(1 + ρ)) (ρ = cos ∠(g₁, g₂)) of :func:`~mtl_tune.balancers._fairness.solve_fair`'s
+K = 2 path; the warm start is not needed there.
+
 ``update_weights_every`` = n re-solves α every n steps; in between, the previous α is reused
 and the step costs one backward (no Jacobian) — the official cost knob, which crashes in the
 FAMO-family copy and works here.
@@ -53,7 +72,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._fairness import solve_fair
+from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers.base import (Balancer, BalancerError, SolverFailureCounter, StepInfo, _as_param_list,
                                      accumulate_grad, check_losses, gram)
 
@@ -65,10 +84,16 @@ def nash_weights(gram_matrix: np.ndarray, alpha0: np.ndarray | None = None, max_
     """α > 0 with A α = 1/α by damped Newton (FairGrad with α = 1); returns (α, converged, iters, message).
 
     Zero-gradient tasks have no finite solution: their α_i is NaN and ``converged`` is False,
-    while the other tasks' α is the exact solution of the reduced system.
+    while the other tasks' α is the exact solution of the reduced system. A Pareto-stationary
+    problem has no solution at all: α is NaN, ``converged`` False and the message says why
+    (:class:`NashMTL` tests stationarity itself and does not count it as a failure).
     """
-    sol = solve_fair(gram_matrix, 1.0, x0=alpha0, tol=tol, max_iter=max_iter)
-    if not sol.converged:  # only the best iterate of a failed solve: not to be used
+    return _nash_alpha(solve_fair(gram_matrix, 1.0, x0=alpha0, tol=tol, max_iter=max_iter))
+
+
+def _nash_alpha(sol: FairSolution) -> tuple[np.ndarray, bool, int, str]:
+    """(α, converged, iterations, message) of a FairGrad α = 1 solution (NaN where α is undefined)."""
+    if sol.stationary or not sol.converged:  # no solution, or only the best iterate of a failed solve
         return np.full_like(sol.x, np.nan), False, sol.iterations, sol.message
     if sol.zero_tasks:
         alpha = sol.x.copy()
@@ -143,17 +168,30 @@ class NashMTL(Balancer):
         self.update_weights_every, self.optim_niter, self.solver = update_weights_every, optim_niter, solver
         self.alpha = np.ones(n_tasks)  # official initial α; replaced by the first successful solve
         self.failures = SolverFailureCounter(self.name)
+        self.stationary = False        # the last solve found a Pareto-stationary point (shared update 0)
+        self.stationary_steps = 0
         self._cccp: CCCPSolver | None = None
         self._iterations = 0
 
     def solve(self, gram_matrix: Tensor) -> np.ndarray:
-        """Update and return α from this step's Gram matrix (warm start, failure accounting)."""
+        """Update and return α from this step's Gram matrix (warm start, failure accounting).
+
+        Sets :attr:`stationary`; on a Pareto-stationary step α is returned unchanged.
+        """
         a = gram_matrix.detach().cpu().double().numpy()
-        if self.solver == "newton":
-            alpha, ok, self._iterations, msg = nash_weights(a, self.alpha, self.optim_niter)
+        if self.solver == "newton":  # solve_fair tests stationarity first (the previous α is its hint)
+            sol = solve_fair(a, 1.0, x0=self.alpha, max_iter=self.optim_niter)
+            self.stationary = sol.stationary
+            alpha, ok, self._iterations, msg = _nash_alpha(sol)
         else:
-            self._cccp = self._cccp or CCCPSolver(self.n_tasks, self.optim_niter)
-            alpha, ok, self._iterations, msg = self._cccp.solve(a, self.alpha)
+            self.stationary = pareto_stationary(a, hint=self.alpha)[0]
+            if not self.stationary:
+                self._cccp = self._cccp or CCCPSolver(self.n_tasks, self.optim_niter)
+                alpha, ok, self._iterations, msg = self._cccp.solve(a, self.alpha)
+        if self.stationary:  # converged by definition: no failure, α kept for the heads
+            self._iterations = 0
+            self.failures.success()
+            return self.alpha
         # entries without a valid solution (failed solve, zero-gradient task) keep their previous α
         self.alpha = np.where(np.isfinite(alpha), alpha, self.alpha)
         if ok:
@@ -169,22 +207,33 @@ class NashMTL(Balancer):
         if self.step_count % self.update_weights_every == 0:
             jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
-            direction = alpha @ jac
+            direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
             if not bool(torch.isfinite(direction).all()):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             accumulate_grad(shared, direction)
             if heads:
                 (losses * alpha.to(losses)).sum().backward(inputs=heads)
+        elif self.stationary:  # reuse a stationary decision: zero shared gradient, heads with α
+            alpha = torch.from_numpy(self.alpha).to(losses)
+            for p in shared:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if heads:
+                (losses * alpha).sum().backward(inputs=heads)
         else:  # reuse α: one ordinary backward of Σ α_i ℓ_i
             alpha = torch.from_numpy(self.alpha).to(losses)
             (losses * alpha).sum().backward(inputs=shared + heads)
         self._clip(shared)
         self.step_count += 1
-        return StepInfo(weights=alpha.detach(), extras={"solver_failures": self.failures.total,
-                                                        "solver_iterations": self._iterations})
+        self.stationary_steps += int(self.stationary)
+        weights = torch.zeros_like(alpha) if self.stationary else alpha
+        return StepInfo(weights=weights.detach(), extras={"solver_failures": self.failures.total,
+                                                          "solver_iterations": self._iterations,
+                                                          "stationary_steps": self.stationary_steps})
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict()}
+        return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict(), "stationary": self.stationary,
+                "stationary_steps": self.stationary_steps}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         alpha = np.asarray(state["alpha"], dtype=np.float64)
@@ -192,3 +241,6 @@ class NashMTL(Balancer):
             raise ValueError(f"nashmtl: saved α has shape {alpha.shape}, expected ({self.n_tasks},)")
         self.alpha = alpha.copy()
         self.failures.load_state_dict(state["failures"])
+        # absent in checkpoints written before stationarity was detected: none had been seen then
+        self.stationary = bool(state.get("stationary", False))
+        self.stationary_steps = int(state.get("stationary_steps", 0))

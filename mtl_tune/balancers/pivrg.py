@@ -17,7 +17,8 @@ epoch s = 0 (uniform p), as the official trainers. An epoch without scores (a be
 STL baselines) keeps the previous scores and warns — PIVRG then runs as FairGrad(α = 2).
 Which split the scores come from (training metrics on NYUv2/Cityscapes, validation on
 CelebA/QM9 in the official trainers) is the trainer's choice, not the balancer's.
-Heads unweighted, ×K, ``max_norm`` 1.0: as FairGrad.
+Heads unweighted, ×K, ``max_norm`` 1.0, and Pareto-stationary steps (d = 0, counted in
+``stationary_steps``, no failure): as FairGrad.
 """
 
 from __future__ import annotations

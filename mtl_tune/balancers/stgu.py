@@ -12,9 +12,12 @@ disagree in sign, and the self-affinity A[s, s] is only updated by non-negative 
 official ``form_task_affinity.update``). Grouping: X[:, i] = A[:, i] / A[i, i], similarity
 S = (X + Xᵀ)/2, ``sklearn.cluster.AffinityPropagation(affinity="precomputed")`` with preference
 = the ``preference_quantile`` quantile of S (0.5 = sklearn's default median, the official value),
-clusters = groups. During the first ``prepos`` batches every task is its own group. The group
-order is shuffled every batch with the balancer's own seeded generator (the official code uses
-Python's global ``random``).
+clusters = groups. For K = 2 sklearn never iterates (its equal-similarities branch, see
+:class:`PairGrouping`): two groups exactly when the preference exceeds S[0, 1], which
+:func:`group_tasks` evaluates in closed form (same answer, no 1 ms sklearn call per batch).
+During the first ``prepos`` batches every task is its own group. The group order is shuffled
+every batch with the balancer's own seeded generator (the official code uses Python's global
+``random``).
 
 **Attribution** (``attribution``). The paper defines a group's affinity by the change *its own*
 update causes (a lookahead): ℓ^before is measured right before group g's step and ℓ^after right
@@ -33,10 +36,11 @@ stays finite and in [−1, 1] for that column.
 optimizer steps on the full loss per batch; ``repeat_single_group=True`` (default) keeps that.
 Affinity propagation that finds no exemplar after 10 tries (``convergence_iter`` 50, +100 per
 try) keeps the previous groups and is counted in ``solver_failures`` (the official code keeps
-them silently). Every group step zeroes grads with ``set_to_none=True``, so Adam skips the
-parameters of tasks outside the group (torch ≥ 2 behaviour; under torch 1.13 zeroed grads let
-Adam's momentum keep moving them, methods.md §4 pitfall 2). The official ``lr_ts`` (task
-heads at K× the learning rate) is an optimizer setting of the trainer, not part of this class.
+them silently); with K = 2 that cannot happen (no iterations). Every group step zeroes grads
+with ``set_to_none=True``, so Adam skips the parameters of tasks outside the group (torch ≥ 2
+behaviour; under torch 1.13 zeroed grads let Adam's momentum keep moving them, methods.md §4
+pitfall 2). The official ``lr_ts`` (task heads at K× the learning rate) is an optimizer setting
+of the trainer, not part of this class.
 """
 
 from __future__ import annotations
@@ -87,24 +91,140 @@ def affinity_update(affinity: np.ndarray, group: Sequence[int], before: np.ndarr
     return out
 
 
+_DIAG = np.eye(2, dtype=bool)   # entry masks of a 2 × 2 affinity (K = 2 closed forms)
+_OFF = ~_DIAG
+
+
+def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.ndarray, after: np.ndarray,
+                          decay: np.ndarray) -> np.ndarray:
+    """:func:`affinity_update` for K = 2 on a batch of B affinities at once (returns a new array).
+
+    ``affinity`` (B, 2, 2); ``members`` (B, 2) bool, each row's group, with ``before``/``after``
+    (B, 2) the losses around the update — or (N, B, 2) each: N updates applied in order (the
+    batch's group steps), a row with no member being left alone by that update; ``before``
+    finite and > 0 (the caller checks positivity, where :func:`affinity_update` raises);
+    ``decay`` (B,) or (B, 1, 1). Same formula and the same floating-point operations as
+    :func:`affinity_update`, its per-entry branches as masks: a_t = (1 − ℓ_t^after/ℓ_t^before)/|g|;
+    entry (s, t) is updated for s ∈ g; the diagonal only by a_s ≥ 0 (``not a_s < 0``, as there);
+    an off-diagonal entry by −max(a_t, a_s) when t ∈ g, a_s is finite and a_t a_s < 0 (the
+    product, as there), else by a_t. For K = 2 the product and −max(a₀, a₁) are shared by both
+    off-diagonal entries.
+    """
+    m = np.asarray(members, dtype=bool)
+    d = np.asarray(decay, dtype=np.float64).reshape(-1, 1, 1)
+    ratio = np.asarray(after, dtype=np.float64) / np.asarray(before, dtype=np.float64)
+    a = (1.0 - ratio) / np.maximum(m.sum(-1, keepdims=True), 1)
+    a0, a1 = a[..., 0], a[..., 1]
+    conflict = (a0 * a1 < 0)[..., None, None] & m[..., None, :] & np.isfinite(a)[..., :, None] & _OFF
+    value = np.where(conflict, -np.maximum(a0, a1)[..., None, None], a[..., None, :])
+    update = m[..., :, None] & ~(_DIAG & (a < 0)[..., :, None])
+    if m.ndim == 2:
+        return np.where(update, (1.0 - d) * affinity + d * value, affinity)
+    out = np.asarray(affinity, dtype=np.float64)
+    for upd, val in zip(update, value):  # in order: each EMA step starts from the previous one
+        out = np.where(upd, (1.0 - d) * out + d * val, out)
+    return out
+
+
 def affinity_similarity(affinity: np.ndarray) -> np.ndarray:
-    """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring)."""
+    """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring).
+
+    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix)."""
     a = np.asarray(affinity, dtype=np.float64)
-    diag = np.diag(a).copy()
-    col_max = np.max(np.abs(a), axis=0)
+    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    col_max = np.max(np.abs(a), axis=-2)
     divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
-    x = a / divisor[None, :]
-    return (x + x.T) / 2.0
+    x = a / divisor[..., None, :]
+    return (x + np.swapaxes(x, -1, -2)) / 2.0
+
+
+def quantile_neighbours(n: int, q: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where NumPy's linear-method quantile q of n values lies: sorted indices (i, j) and weight γ.
+
+    As ``np.quantile``: virtual index v = (n − 1) q, i = ⌊v⌋, j = i + 1, γ = v − i, except that
+    v ≥ n − 1 takes the maximum (i = j = n − 1, γ = v + 1: NumPy sets i to −1 before γ).
+    """
+    virtual = (n - 1) * np.asarray(q, dtype=np.float64)
+    top = virtual >= n - 1
+    lower = np.where(top, -1.0, np.floor(virtual))
+    gamma = virtual - lower
+    i = np.where(top, n - 1, lower).astype(np.intp)
+    j = np.where(top, n - 1, lower + 1).astype(np.intp)
+    return i, j, gamma
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """NumPy's quantile ``_lerp``: a + (b − a) γ, or b − (b − a)(1 − γ) where γ ≥ 0.5."""
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def linear_quantile(values: np.ndarray, q: np.ndarray | float) -> np.ndarray:
+    """``np.quantile(values[b], q[b])`` (method "linear") for every row b, with NumPy's arithmetic.
+
+    ``values`` (B, n), ``q`` (B,) or a scalar. Reproduced operation by operation
+    (:func:`quantile_neighbours`, :func:`interpolate`) because the K = 2 grouping compares this
+    value with a similarity (:class:`PairGrouping`): an ulp decides there.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    i, j, gamma = quantile_neighbours(v.shape[-1], np.broadcast_to(q, v.shape[:-1]))
+    ordered = np.sort(v, axis=-1)
+    rows = np.arange(v.shape[0])
+    return interpolate(ordered[rows, i], ordered[rows, j], gamma)
+
+
+class PairGrouping:
+    """K = 2: whether affinity propagation puts the two tasks into two groups (else one), for
+    B rows with fixed preference quantiles (positions computed once: the per-batch cost is a sort
+    of four numbers and a comparison).
+
+    Why there is a closed form: sklearn's ``_affinity_propagation`` first checks whether all
+    preferences are equal (one scalar preference: always) and all off-diagonal similarities are
+    equal — for K = 2 these are S[0, 1] and S[1, 0], equal in a symmetric S — and then returns
+    without iterating: one cluster per sample when preference > S[0, 1], else a single cluster
+    (its "All samples have mutually equal similarities" branch). So for K = 2 the damping, the
+    random_state noise, ``convergence_iter``, the retries and the "no exemplar" outcome never
+    come into play: two groups ⟺ quantile_q(S) > S[0, 1], with the quantile over the four
+    entries (diagonal included) exactly as :func:`group_tasks` computes it. Valid for finite S
+    with S[0, 1] == S[1, 0] (sklearn raises on non-finite input; :func:`affinity_similarity` is
+    symmetric by construction).
+    """
+
+    def __init__(self, preference_quantile: np.ndarray | float) -> None:
+        q = np.atleast_1d(np.asarray(preference_quantile, dtype=np.float64))
+        self.i, self.j, self.gamma = quantile_neighbours(4, q)
+        self.rows = np.arange(q.shape[0])
+
+    def split(self, similarity: np.ndarray) -> np.ndarray:
+        """(B,) bool from (B, 2, 2) similarities: True = two groups {0}, {1}."""
+        ordered = np.sort(similarity.reshape(-1, 4), axis=-1)
+        preference = interpolate(ordered[self.rows, self.i], ordered[self.rows, self.j], self.gamma)
+        return preference > similarity[:, 0, 1]
 
 
 def group_tasks(similarity: np.ndarray, preference_quantile: float = 0.5, convergence_iter: int = 50,
                 tries: int = 10) -> list[list[int]] | None:
-    """Affinity-propagation clusters of the K tasks (sorted lists), or None if AP never converges."""
+    """Affinity-propagation clusters of the K tasks (sorted lists), or None if AP never converges.
+
+    K = 2 with a finite symmetric S takes sklearn's own no-iteration branch in closed form
+    (:class:`PairGrouping`; ~1 ms saved per batch); everything else runs sklearn
+    (:func:`propagate_groups`), which also raises on non-finite similarities.
+    """
     s = np.asarray(similarity, dtype=np.float64)
     k = s.shape[0]
     if k == 1:
         return [[0]]
-    preference = float(np.quantile(s, preference_quantile))
+    if k == 2 and bool(np.isfinite(s).all()) and s[0, 1] == s[1, 0]:
+        return [[0], [1]] if bool(PairGrouping(preference_quantile).split(s[None])[0]) else [[0, 1]]
+    return propagate_groups(s, float(np.quantile(s, preference_quantile)), convergence_iter, tries)
+
+
+def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter: int = 50,
+                     tries: int = 10) -> list[list[int]] | None:
+    """sklearn ``AffinityPropagation`` on a precomputed similarity with a scalar ``preference``:
+    clusters as sorted lists, retried with a longer ``convergence_iter``; None if no try finds
+    an exemplar."""
+    s = np.asarray(similarity, dtype=np.float64)
     for attempt in range(tries):
         ap = AffinityPropagation(affinity="precomputed", preference=preference,
                                  convergence_iter=convergence_iter + 100 * attempt, random_state=0)

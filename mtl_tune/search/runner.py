@@ -129,6 +129,12 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError(f"--config key(s) {sorted(unknown)} are not settings of benchmark {bench.name}; "
                           f"valid: {', '.join(sorted(set(bench.defaults) | CONFIG_KEYS))}")
     metrics, modes = _objective(bench, options.objective)
+    val_fraction = options.config.get("val_fraction", bench.defaults.get("val_fraction"))
+    if val_fraction is not None and float(val_fraction) == 0 and any(m.startswith("val/") for m in metrics):
+        raise SearchError(f"--config val_fraction=0 leaves {bench.name} without a validation split, so the "
+                          f"search objective {metrics} is never reported (and tuning on test/ metrics leaks the "
+                          "test set); keep val_fraction > 0 for a search, or train one configuration with "
+                          "val_fraction=0 for the papers' protocol")
     if options.scheduler not in ("fifo", "asha", "hyperband"):
         raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
     if options.scheduler != "fifo" and len(metrics) > 1:

@@ -1,0 +1,244 @@
+"""The fast toy engine's kernels against the public balancer API.
+
+Every kernel in :mod:`toy.kernels` runs side by side with the lockstep path (the balancer's own
+``backward`` on the exact linearisation, itself tested against ``train_step`` through the real
+forward in test_toy_trajectories.py) — or the analytic reference path for training-loop
+methods — from the papers' five inits and from points next to the Pareto set (where the task
+gradients nearly cancel and solvers meet their hard cases). Trajectories, statuses, failure
+steps, solver-failure counts and final weights must agree. Epochs are short (``epoch_steps``
+= 50) so that epoch-level methods (DWA, PIVRG, GO4Align …) change their weights in the window.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtl_tune.benchmarks.toy import INITS
+from mtl_tune.registry import available_balancers
+from toy.common import EngineConfig, MethodSpec, protocol_hparams
+from toy.engine import is_training_loop, run_lockstep, run_reference
+from toy.fast import run_fast
+from toy.kernels import Kernel, NumpyAdam, clip_rows, kernels
+
+#: the papers' inits, then points near the Pareto set (x₂* ≈ −8.36) on both sides and across.
+STARTS = tuple(tuple(p) for p in INITS) + ((2.0, -8.0), (-3.0, -8.6), (0.3, -8.35), (6.5, -8.2))
+ALL = tuple(range(len(STARTS)))
+
+
+def variants(name: str) -> list[dict]:
+    return [{}] + [dict(v) for v in kernels()[name].variants]
+
+
+def cases() -> list[tuple[str, int]]:
+    return [(name, k) for name in sorted(kernels()) for k in range(len(variants(name)))]
+
+
+def make_spec(name: str, hparams: dict, steps: int, scale: float = 0.1) -> MethodSpec:
+    return MethodSpec(name, name, {**protocol_hparams(name, scale), **hparams}, steps)
+
+
+class KernelDriver:
+    """Drives a kernel with the inputs the lockstep path saw (teacher forcing) and compares its
+    x.grad with the balancer's at every step.
+
+    Tolerance: ‖d_kernel − d_api‖ ≤ tol · Σᵢ |wᵢ|‖gᵢ‖ (the size of the terms the direction is a
+    sum of; near the front they nearly cancel, so their size, not ‖d‖, bounds the rounding), or
+    ≤ tol·‖d_api‖ when that is larger. Comparing step by step on the same inputs (instead of
+    free-running trajectories) keeps the test exact where the dynamics amplify rounding: at a
+    Pareto-stationary point Adam divides a gradient that is pure rounding noise by its own
+    running RMS, so two correct implementations whose dot products round differently (BLAS
+    FMA vs NumPy) wander apart by ~lr there.
+    """
+
+    def __init__(self, spec: MethodSpec, cfg: EngineConfig, tol: float) -> None:
+        self.kernel = run_fast_kernel(spec, cfg)
+        self.tol = tol
+        self.worst = 0.0
+        self.where = None
+        self.steps = 0
+
+    def step(self, t, losses, jac, grad, weights, alive) -> None:
+        d = self.kernel.direction(t, losses, jac)
+        rows = alive & ~self.kernel.failed
+        terms = np.nan_to_num((np.abs(weights) * np.linalg.norm(jac, axis=-1)).sum(-1))
+        bound = self.tol * np.maximum(terms, np.linalg.norm(grad, axis=-1)) + 1e-300
+        ratio = np.where(rows, np.linalg.norm(d - grad, axis=-1) / bound, 0.0)
+        if ratio.max() > self.worst:
+            k = int(ratio.argmax())
+            self.worst, self.where = float(ratio.max()), (t, k, d[k].tolist(), grad[k].tolist())
+        self.steps += 1
+
+    def post(self, t, losses) -> None:
+        self.kernel.after_step(losses)
+
+    def epoch(self, epoch, mean_losses, scores) -> None:
+        self.kernel.epoch_end(epoch, mean_losses, scores)
+
+
+def run_fast_kernel(spec: MethodSpec, cfg: EngineConfig) -> Kernel:
+    """The kernel the fast engine would build for ``spec`` from every start (same seeds)."""
+    from toy.fast import _build
+
+    groups, skipped, _ = _build([spec], ALL, cfg)
+    assert not skipped and len(groups) == 1, [r.reason for r in skipped]
+    return groups[0].kernel
+
+
+def compare_forced(name: str, hparams: dict, steps: int, lr: float, epoch_steps: int) -> None:
+    cfg = EngineConfig(lr=lr, epoch_steps=epoch_steps, starts=STARTS)
+    spec = make_spec(name, hparams, steps)
+    driver = KernelDriver(spec, cfg, kernels()[name].tolerance)
+    api = run_lockstep(spec, ALL, cfg, observer=driver)
+    k = driver.kernel
+    assert driver.worst <= 1.0, f"{name} {hparams}: direction differs by {driver.worst:.2g}× the tolerance at " \
+                                f"(step, row, kernel, api) = {driver.where}"
+    for b, r in enumerate(api):
+        where = f"{name} {hparams} start {STARTS[b]}"
+        assert bool(k.failed[b]) == (r.status == "failed"), f"{where}: kernel {k.fail_reason[b]!r} vs api {r.reason!r}"
+        if r.status == "failed":
+            assert int(k.fail_step[b]) == r.iters, f"{where}: {k.fail_reason[b]} vs {r.reason}"
+        else:
+            if r.solver_failures is not None:
+                assert k.solver_failures is not None and int(k.solver_failures[b]) == r.solver_failures, where
+            if r.final_weights is not None:
+                np.testing.assert_allclose(k.weights[b], r.final_weights, rtol=1e-6, atol=1e-9, err_msg=where)
+    assert (k.warning_count.sum() > 0) == (sum(r.warnings for r in api) > 0), \
+        f"{name}: kernel warnings {k.first_warning} vs api {[r.first_warning for r in api]}"
+
+
+def compare_free(name: str, hparams: dict, steps: int, lr: float, epoch_steps: int = 50) -> None:
+    """Free-running trajectories from the papers' inits over a short window (engine-level check:
+    Adam, row layout, freezing, the training-loop kernels' own optimizer steps)."""
+    cfg = EngineConfig(lr=lr, epoch_steps=epoch_steps)
+    inits = list(range(len(INITS)))
+    spec = make_spec(name, hparams, steps)
+    fast = run_fast([spec], inits, cfg)
+    ref = run_reference(spec, inits, cfg, analytic=True) if is_training_loop(name) else run_lockstep(spec, inits, cfg)
+    tol = max(kernels()[name].tolerance, 1e-8)
+    for f, r in zip(fast, ref):
+        where = f"{name} {hparams} init {f.init_index}"
+        assert (f.status, f.iters) == (r.status, r.iters), f"{where}: {f.reason} vs {r.reason}"
+        np.testing.assert_allclose(f.traj, r.traj, rtol=0, atol=tol, err_msg=where)
+        assert f.solver_failures == r.solver_failures, where
+
+
+@pytest.mark.parametrize("name,variant", cases())
+def test_kernel_matches_the_balancer_api(name, variant):
+    hp = variants(name)[variant]
+    if not kernels()[name].training_loop:
+        compare_forced(name, hp, steps=300, lr=1e-2, epoch_steps=50)
+    compare_free(name, hp, steps=150, lr=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,variant", cases())
+def test_kernel_matches_the_balancer_api_papers_lr(name, variant):
+    """The papers' step size: long-lived state (EMAs, warm starts, epochs, failure runs) over 3 000
+    steps for the defaults, 1 000 for the variants (whose math the 300-step test already covers)."""
+    hp = variants(name)[variant]
+    steps = 3000 if variant == 0 else 1000
+    if kernels()[name].training_loop:
+        compare_free(name, hp, steps=steps // 3, lr=1e-3, epoch_steps=250)
+    else:
+        compare_forced(name, hp, steps=steps, lr=1e-3, epoch_steps=500 if variant == 0 else 250)
+
+
+def test_every_kernel_names_a_registered_method():
+    for name, cls in kernels().items():
+        assert name in available_balancers(), name
+        assert issubclass(cls, Kernel) and cls.name == name
+
+
+# ---------------------------------------------------------------- engine pieces
+def test_numpy_adam_matches_torch_adam():
+    import torch
+
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(500, 3, 2)) * np.logspace(-8, 2, 500)[:, None, None]
+    p = torch.tensor(rng.normal(size=(3, 2)), requires_grad=True)
+    x = p.detach().numpy().copy()
+    opt, mine = torch.optim.Adam([p], lr=0.01), NumpyAdam(x, 0.01)
+    for g in grads:
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        mine.step(g)
+    np.testing.assert_array_equal(x, p.detach().numpy())  # torch's own kernels: bit for bit
+
+
+def test_clip_rows_matches_torch_clip_grad_norm():
+    import torch
+
+    d = np.array([[3.0, 4.0], [0.1, 0.2], [0.0, 0.0]])
+    out = clip_rows(d, np.array([1.0, 1.0, np.inf]))
+    for row, got in zip(d, out):
+        t = torch.tensor(row, requires_grad=True)
+        t.grad = torch.tensor(row)
+        torch.nn.utils.clip_grad_norm_([t], 1.0)
+        if np.linalg.norm(row) > 1:
+            np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-15)
+    np.testing.assert_array_equal(out[2], d[2])
+
+
+def test_rows_do_not_interact():
+    """One run of several methods, variants and iteration counts equals the runs of each alone."""
+    names = [n for n in ("ls", "mgda", "famo", "cagrad") if n in kernels()]
+    cfg = EngineConfig(lr=1e-2, starts=STARTS)
+    specs = [MethodSpec(n, n, protocol_hparams(n, 0.1), 120 if n != "famo" else 170) for n in names]
+    specs.append(MethodSpec("ls(w)", "ls", {"task_weights": [1.0, 3.0]}, 90))
+    together = run_fast(specs, ALL, cfg)
+    alone = [r for s in specs for r in run_fast([s], ALL, cfg)]
+    assert [(r.label, r.init_index) for r in together] == [(r.label, r.init_index) for r in alone]
+    for a, b in zip(together, alone):
+        assert a.traj.shape == (a.iters + 1, 2) and a.iters == (170 if a.name == "famo" else 120 if a.label != "ls(w)" else 90)
+        np.testing.assert_array_equal(a.traj, b.traj)
+
+
+def test_bad_hyperparameters_give_a_skipped_row():
+    cfg = EngineConfig(lr=1e-2)
+    out = run_fast([MethodSpec("ls(bad)", "ls", {"task_weights": [1.0, -1.0]}, 10),
+                    MethodSpec("ls", "ls", {}, 10)], [0, 1], cfg)
+    assert [r.status for r in out] == ["skipped", "skipped", "ok", "ok"]
+    assert "task_weights" in out[0].reason
+
+
+def test_a_failing_row_is_frozen_and_reported():
+    """FAMO with min_losses above the losses fails at step 0 on every path, and only its rows stop."""
+    if "famo" not in kernels():
+        pytest.skip("no famo kernel")
+    cfg = EngineConfig(lr=1e-2)
+    bad = MethodSpec("famo(bad)", "famo", {**protocol_hparams("famo", 0.1), "min_losses": [5.0, 5.0]}, 20)
+    good = MethodSpec("ls", "ls", {}, 20)
+    out = run_fast([bad, good], [3, 4], cfg)
+    api = run_lockstep(bad, [3, 4], cfg)
+    for f, a in zip(out[:2], api):
+        assert f.status == a.status == "failed" and f.iters == a.iters == 0
+        assert "min_losses" in f.reason and f.reason.startswith("step 0")
+    assert all(r.status == "ok" and r.traj.shape == (21, 2) for r in out[2:])
+
+
+def test_a_variant_the_kernel_cannot_run_goes_to_the_reference_path():
+    """STGU without the repeated single group takes 1 or 2 optimizer steps per batch: not on the fast
+    engine (which steps a method's rows together); run_method routes it to the reference path."""
+    from toy.engine import run_method, uses_fast
+
+    cfg = EngineConfig(lr=1e-2)
+    spec = make_spec("stgu", {"repeat_single_group": False, "prepos": 3}, 20)
+    assert not uses_fast(spec, cfg) and uses_fast(make_spec("stgu", {}, 20), cfg)
+    out = run_method(spec, [3], cfg)
+    assert out[0].status == "ok" and out[0].path.startswith("reference")
+    with pytest.raises(ValueError, match="repeat_single_group"):
+        run_fast([spec], [3], cfg)
+
+
+@pytest.mark.parametrize("name,hp", [("fairgrad", {"solver": "least_squares"}), ("nashmtl", {"solver": "cccp"})])
+def test_other_solvers_run_on_the_lockstep_path(name, hp):
+    """The kernels are the balancers' Newton/closed-form path; another solver is another numerical
+    method, so those variants are routed to the public API instead of being silently replaced."""
+    from toy.engine import run_method, uses_fast
+
+    cfg = EngineConfig(lr=1e-2)
+    spec = make_spec(name, hp, 5)
+    assert not uses_fast(spec, cfg)
+    out = run_method(spec, [3], cfg)
+    assert out[0].path == "lockstep" and out[0].status == "ok", out[0].reason

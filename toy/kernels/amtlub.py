@@ -1,0 +1,16 @@
+"""Kernel of ``amtlub`` (Aligned-MTL-UB): Aligned-MTL on the representation Jacobian J_z.
+
+On the toy z = x (the lockstep path hands the proxy leaf as ``representation``), so
+J_z = J and ``backward(z, d_z)`` writes d_z into x.grad: the same update as ``amtl``
+(:class:`toy.kernels._aligned.AlignedKernel`), then the base class's ``max_norm`` clipping.
+"""
+
+from __future__ import annotations
+
+from toy.kernels._aligned import AlignedKernel
+
+
+class AMTLUBKernel(AlignedKernel):
+    name = "amtlub"
+    check_jacobian = False  # RepresentationBalancer checks d_z, not J_z (a NaN J_z fails there)
+    variants = ({"scale_mode": "rmse"}, {"preferences": [1.0, 0.3], "scale_mode": "rmse"}, {"max_norm": 0.3})
