@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 return proc.returncode
             cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
             traj_line = [ln for ln in proc.stderr.splitlines() if ln.startswith("trajectories:")]
-            lines.append(f"\nfull job `{' '.join(cmd[1:6])} --no-plots --workers {args.workers}`: "
+            lines.append(f"\nfull job `python {' '.join(cmd[1:])}`: "
                          f"{wall:.1f} s wall (process start, probes, runs, table), {cpu:.1f} s CPU; "
                          f"{traj_line[0] if traj_line else ''}")
     c.emit("\n".join(lines), args.out)

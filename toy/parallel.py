@@ -103,7 +103,7 @@ def pack(units: Sequence[Unit], workers: int) -> list[Bin]:
     return [b for b in bins if b.units]
 
 
-def _init_worker() -> None:
+def init_worker() -> None:  # also the plot workers (toy.trajectories)
     torch.set_num_threads(1)  # tensors here have 2–10 entries: threads only add contention
 
 
@@ -144,7 +144,7 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
         results.extend(_run_bin((bins[0], cfg)))
     else:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
-        with mp.get_context(method).Pool(len(bins), initializer=_init_worker) as pool:
+        with mp.get_context(method).Pool(len(bins), initializer=init_worker) as pool:
             for done in pool.imap_unordered(_run_bin, [(b, cfg) for b in bins], chunksize=1):
                 results.extend(done)
                 say(f"  worker done: {len({r.label for r in done})} method variant(s), "

@@ -36,7 +36,7 @@ import yaml
 from mtl_tune.benchmarks.toy import INITS
 from mtl_tune.registry import available_balancers, balancer_class
 from toy.engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
-from toy.parallel import run_all
+from toy.parallel import init_worker, run_all
 from toy.landscape import loss_grid
 from toy.plots import LIM, plot_gallery, plot_method, plot_search_overlay, subsample
 from toy.report import load_search_trials, markdown_table, summarize_all, write_csv
@@ -152,7 +152,9 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
                  None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
         if workers > 1 and len(jobs) > 1:
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
+            # one torch thread in the workers: the parent has used torch's OpenMP pool (losses of the
+            # trajectories), and a forked child that enters an OpenMP parallel region hangs
+            with mp.get_context(method).Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
                 pool.map(_plot_method, jobs, chunksize=1)
         else:
             for job in jobs:
