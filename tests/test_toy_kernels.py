@@ -242,3 +242,19 @@ def test_other_solvers_run_on_the_lockstep_path(name, hp):
     assert not uses_fast(spec, cfg)
     out = run_method(spec, [3], cfg)
     assert out[0].path == "lockstep" and out[0].status == "ok", out[0].reason
+
+
+def test_fail_bad_inputs_fails_only_the_bad_rows_with_the_balancers_message():
+    cfg = EngineConfig(starts=STARTS)
+    k = run_fast_kernel(make_spec("cagrad", {}, 5), cfg)
+    losses = np.ones((k.rows, 2))
+    jac = np.ones((k.rows, 2, 2))
+    k.fail_bad_inputs(0, losses, jac)
+    assert not k.failed.any()
+    losses[1, 0] = np.nan
+    jac[2, 1, 0] = np.inf
+    k.fail_bad_inputs(3, losses, jac, "produced a non-finite representation gradient")
+    assert k.failed.tolist() == [False, True, True] + [False] * (k.rows - 3)
+    assert k.fail_step[1] == k.fail_step[2] == 3
+    assert "cagrad: non-finite task loss [nan, 1.0]" in k.fail_reason[1]
+    assert "cagrad: produced a non-finite representation gradient" in k.fail_reason[2]

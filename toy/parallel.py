@@ -44,12 +44,9 @@ class Bin:
 
 
 def probe_cost(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig) -> float:
-    """Seconds per init and step, from a few steps of a throw-away run (all inits in lockstep,
-    so the shared forward is amortised as in the real run; one init for per-init methods)."""
-    if uses_fast(spec, cfg):
-        start = time.perf_counter()
-        run_fast([replace(spec, iters=FAST_PROBE_STEPS)], list(inits), cfg)
-        return (time.perf_counter() - start) / (FAST_PROBE_STEPS * len(inits))
+    """Seconds per init and step of a lockstep/reference method (fast ones: :func:`probe_fast`), from a
+    few steps of a throw-away run (all inits in lockstep, so the shared forward is amortised as in
+    the real run; one init for per-init methods)."""
     probe_inits = [inits[0]] if uses_reference(spec, cfg) else list(inits)
     start = time.perf_counter()
     run_method(replace(spec, iters=PROBE_STEPS), probe_inits, cfg)

@@ -4,8 +4,6 @@
   balancer's bits (see there why that matters);
 * :func:`aligned_coefficients` — the K = 2 closed form of
   :func:`mtl_tune.balancers.amtl.aligned_mtl_weights` (W p with W = σ V_r Λ_r^{-1/2} V_rᵀ).
-* :func:`inputs_finite` / :func:`fail_nonfinite_inputs` — the balancers' input checks
-  (non-finite loss / Jacobian → ``BalancerError`` at that step), with a cheap gate.
 * :class:`AlignedKernel` — the Aligned-MTL step; ``amtl`` and ``amtlub`` are the same rule on
   the toy (see its docstring).
 
@@ -28,7 +26,6 @@ No eigenvectors are formed, so there is no sign or ordering convention to match.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -106,26 +103,6 @@ def aligned_coefficients(a: np.ndarray, b: np.ndarray, c: np.ndarray, lam1: np.n
     return (x11 * p1 + x12 * p2) * alpha, (x12 * p1 + x22 * p2) * alpha
 
 
-def inputs_finite(losses: np.ndarray, gram_part: np.ndarray) -> bool:
-    """Cheap gate: True when every loss and ``gram_part`` (B,) — a Gram diagonal entry or λ₁,
-    non-finite iff a Jacobian entry is — are finite. One dot product instead of per-row
-    isfinite passes; an overflow there only sends the step to the exact per-row check."""
-    chk = gram_part + losses[:, 0] + losses[:, 1]
-    return math.isfinite(chk.dot(chk))
-
-
-def fail_nonfinite_inputs(kernel: Kernel, step: int, losses: np.ndarray, jac: np.ndarray, method: str,
-                          check_jacobian: bool = True) -> None:
-    """Fail the rows whose losses (``check_losses``) or per-task gradients are not finite."""
-    bad_loss = ~np.isfinite(losses).all(-1)
-    bad_jac = ~np.isfinite(jac).all((-1, -2)) & ~bad_loss
-    kernel.fail(bad_loss, step, [f"BalancerError: {method}: non-finite task loss {row.tolist()}" for row in losses])
-    if check_jacobian:
-        kernel.fail(bad_jac, step, f"BalancerError: {method}: non-finite per-task gradient")
-    else:  # representation methods: the NaN Gram gives a NaN d_z, which the balancer rejects
-        kernel.fail(bad_jac, step, f"BalancerError: {method}: produced a non-finite representation gradient")
-
-
 class AlignedKernel(Kernel):
     """Aligned-MTL on the toy's 2 × 2 Jacobian: x.grad = clip(Σ_i (W p)_i ∇ℓ_i), no ×K.
 
@@ -135,7 +112,8 @@ class AlignedKernel(Kernel):
     itself into x.grad — the two methods give the same update here.
     """
 
-    check_jacobian = True   # amtl (GradientBalancer) checks J; amtlub fails through d_z
+    #: amtl (GradientBalancer) rejects a non-finite J; amtlub fails later, on its NaN d_z
+    jacobian_error = "non-finite per-task gradient"
 
     def setup(self) -> None:
         rmse = np.array([b.scale_mode == "rmse" for b in self.balancers])
@@ -151,8 +129,7 @@ class AlignedKernel(Kernel):
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         a, b, c = gram_entries(jac)
         lam1, lam2 = eigvals2(a, b, c)
-        if not inputs_finite(losses, lam1):
-            fail_nonfinite_inputs(self, step, losses, jac, self.name, self.check_jacobian)
+        self.fail_bad_inputs(step, losses, jac, self.jacobian_error)
         w1, w2 = aligned_coefficients(a, b, c, lam1, lam2, self.prefs, self.rmse, float(np.finfo(jac.dtype).eps))
         self.weights[:, 0], self.weights[:, 1] = w1, w2
         d = w1[:, None] * jac[:, 0] + w2[:, None] * jac[:, 1]

@@ -112,6 +112,28 @@ class Kernel:
             self.fail_reason[r] = reason if isinstance(reason, str) else reason[r]
             self.new_failures = True
 
+    def fail_bad_inputs(self, step: int, losses: np.ndarray, jac: np.ndarray,
+                        jacobian_error: str = "non-finite per-task gradient") -> None:
+        """The input checks of a gradient balancer's ``backward`` on every row: a non-finite loss
+        (``check_losses``), then a non-finite Jacobian sum (``GradientBalancer``; representation
+        methods fail later, on their d_z, with their own ``jacobian_error``) — each row fails with the
+        balancer's message.
+
+        The common case costs two reductions: every |J entry| below 1e307 (NaN fails the comparison)
+        means no row's sum of 4 entries can overflow, and a finite sum of the losses means none is
+        NaN or ±inf; only otherwise are the rows looked at one by one.
+        """
+        if np.abs(jac).max() < 1e307 and np.isfinite(losses.sum()):
+            return
+        with np.errstate(all="ignore"):
+            bad_loss = ~np.isfinite(losses).all(-1)
+            bad_jac = ~np.isfinite(jac.sum((-2, -1))) & ~bad_loss
+        if bad_loss.any():
+            self.fail(bad_loss, step, [f"BalancerError: {self.name}: non-finite task loss {row.tolist()}"
+                                       for row in losses])
+        if bad_jac.any():
+            self.fail(bad_jac, step, f"BalancerError: {self.name}: {jacobian_error}")
+
     def warn(self, mask: np.ndarray, message: str | Sequence[str]) -> None:
         """Count a warning on the rows in ``mask`` (what ``warnings.warn`` in the balancer does)."""
         for r in np.flatnonzero(mask):

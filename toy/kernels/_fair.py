@@ -49,15 +49,6 @@ class FairFamilyKernel(Kernel):
         self.max_norm = self.max_norms()
         self.clip = bool(np.isfinite(self.max_norm).any())
 
-    def check_inputs(self, step: int, losses: np.ndarray, jac: np.ndarray) -> None:
-        """Rows the balancer rejects before solving: non-finite losses (``check_losses``) or a
-        non-finite Jacobian (``GradientBalancer``)."""
-        if not (np.isfinite(losses).all() and np.isfinite(jac).all()):
-            bad_loss = ~np.isfinite(losses).all(-1)
-            self.fail(bad_loss, step, f"BalancerError: {self.name}: non-finite task loss")
-            self.fail(~np.isfinite(jac).all((-1, -2)), step,
-                      f"BalancerError: {self.name}: non-finite per-task gradient")
-
     def account(self, step: int, missed: np.ndarray, residual: np.ndarray, solving: np.ndarray | None = None) -> None:
         """``SolverFailureCounter`` per row: count and warn misses, fail the rows whose run of
         misses reaches ``max_consecutive``; any other solve (converged or stationary) ends a run.
@@ -114,7 +105,7 @@ class FairGradFamilyKernel(FairFamilyKernel):
         return np.where(neg1 == neg0, 2.0 * v1 - v0, v1), neg1
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        self.check_inputs(step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         sol = self.solver.solve(*gram2(jac), self.priorities(), self.extrapolated())
         if self.warm:
             self.previous, self.start = self.start, sol.start

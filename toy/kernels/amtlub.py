@@ -12,5 +12,5 @@ from toy.kernels._aligned import AlignedKernel
 
 class AMTLUBKernel(AlignedKernel):
     name = "amtlub"
-    check_jacobian = False  # RepresentationBalancer checks d_z, not J_z (a NaN J_z fails there)
+    jacobian_error = "produced a non-finite representation gradient"  # RepresentationBalancer checks d_z
     variants = ({"scale_mode": "rmse"}, {"preferences": [1.0, 0.3], "scale_mode": "rmse"}, {"max_norm": 0.3})

@@ -13,7 +13,6 @@ import numpy as np
 
 from mtl_tune.balancers.cagrad import cagrad_coefficients_2
 from toy.kernels._base import Kernel, clip_rows, combine, gram2
-from toy.kernels._grad import fail_bad_inputs
 
 
 class CAGradKernel(Kernel):
@@ -29,7 +28,7 @@ class CAGradKernel(Kernel):
         self.solver_failures = np.zeros(self.rows, dtype=np.int64)
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        fail_bad_inputs(self, step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         a11, a12, a22 = gram2(jac)
         self.weights = cagrad_coefficients_2(a11, a12, a22, self.c, self.rescale) * self.k
         d = combine(self.weights, jac)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from toy.kernels._base import Kernel, clip_rows
-from toy.kernels._grad import fail_bad_inputs
 
 #: steps of uniforms drawn per row at a time.
 CHUNK = 1024
@@ -49,7 +48,7 @@ class GradDropKernel(Kernel):
         return u
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        fail_bad_inputs(self, step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         u = self._next_uniforms()
         g1, g2 = jac[:, 0], jac[:, 1]
         total, magnitude = g1 + g2, np.abs(g1) + np.abs(g2)

@@ -21,7 +21,6 @@ import numpy as np
 
 from mtl_tune.balancers.gradvac import TARGET_MARGIN
 from toy.kernels._base import Kernel, clip_rows, combine, gram2
-from toy.kernels._grad import fail_bad_inputs
 
 
 def vaccine_steps(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -43,7 +42,7 @@ class GradVacKernel(Kernel):
         self.clip = bool(np.isfinite(self.max_norm).any())
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        fail_bad_inputs(self, step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         a11, a12, a22 = gram2(jac)
         n1, n2 = np.sqrt(np.maximum(a11, 0.0)), np.sqrt(np.maximum(a22, 0.0))
         visit = ((n1 > 0) & (n2 > 0))[:, None]           # both pairs are skipped on a zero gradient

@@ -26,7 +26,6 @@ import torch
 from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.imtl import imtl_g_weights
 from toy.kernels._base import Kernel, clip_rows, combine, gram2
-from toy.kernels._grad import fail_bad_inputs
 
 #: rows with cos(g₁, g₂) > 1 − this run through the balancer's own solve (see the module docstring).
 NEAR_PARALLEL = 1e-3
@@ -44,7 +43,7 @@ class IMTLKernel(Kernel):
         self.clip = bool(np.isfinite(self.max_norm).any())
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        fail_bad_inputs(self, step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         a11, a12, a22 = gram2(jac)
         n1, n2 = np.sqrt(a11), np.sqrt(a22)
         nonzero = (n1 > 0) & (n2 > 0)

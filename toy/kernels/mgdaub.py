@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers.mgda import NORMALIZATIONS
-from toy.kernels._aligned import fail_nonfinite_inputs, gram_entries, inputs_finite
+from toy.kernels._aligned import gram_entries
 from toy.kernels._base import Kernel, clip_rows, combine
 from toy.kernels.mgda import min_norm_weights_2
 
@@ -43,9 +43,8 @@ class MGDAUBKernel(Kernel):
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         a11, a12, a22 = gram_entries(jac)
-        if not inputs_finite(losses, a11 + a22):
-            # check_losses(finite=True); a non-finite J_z gives a NaN d_z, which the balancer rejects
-            fail_nonfinite_inputs(self, step, losses, jac, self.name, check_jacobian=False)
+        # check_losses(finite=True); a non-finite J_z gives a NaN d_z, which the balancer rejects
+        self.fail_bad_inputs(step, losses, jac, "produced a non-finite representation gradient")
         if self.plain:
             self.weights = min_norm_weights_2(a11, a12, a22)
         else:

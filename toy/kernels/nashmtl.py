@@ -41,7 +41,7 @@ class NashMTLKernel(FairFamilyKernel):
         self.stationary = np.zeros(self.rows, dtype=bool)
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        self.check_inputs(step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         solving = step % self.every == 0
         if solving.any():
             sol = self.solver.solve(*gram2(jac))

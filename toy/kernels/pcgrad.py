@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 from toy.kernels._base import Kernel, clip_rows, combine, gram2
-from toy.kernels._grad import fail_bad_inputs
 
 
 class PCGradKernel(Kernel):
@@ -31,7 +30,7 @@ class PCGradKernel(Kernel):
         self.clip = bool(np.isfinite(self.max_norm).any())
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        fail_bad_inputs(self, step, losses, jac)
+        self.fail_bad_inputs(step, losses, jac)
         a11, a12, a22 = gram2(jac)
         conflict = a12 < 0
         # 1 + (−a₁₂/a_jj) = 1 − a₁₂/a_jj in IEEE arithmetic; masked entries divide nothing (0)
