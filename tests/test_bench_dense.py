@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from mtl_tune.benchmarks._dense import (
     DenseMetrics, angle_stats, augment, confusion_matrix, depth_error_sums, depth_loss, epoch_order, hflip,
     miou_pixacc, normal_angles, normal_loss, scale_crop, seg_loss, split_indices,
 )
+from mtl_tune.benchmarks._dense_files import describe_ranges, read_npy_header
 from mtl_tune.benchmarks._segnet import SegNetMTAN, build_model, split_parameters
 from mtl_tune.metrics import delta_m
 from mtl_tune.registry import get_balancer, get_benchmark
@@ -248,9 +250,7 @@ def test_check_data_int_labels_and_cityscapes(tmp_path):
         get_benchmark("cityscapes", data_root=root, expected_counts=None).check_data()
 
 
-def test_check_data_partial_release_and_missing(nyu_real, tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="795"):  # a 3-image folder is not the release
-        get_benchmark("nyuv2", data_root=nyu_real).check_data()
+def test_check_data_missing_root(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="(?s)does not exist.*lorenmt/mtan"):
         get_benchmark("nyuv2", data_root=str(tmp_path / "nope")).check_data()
     monkeypatch.delenv("MTL_TUNE_NYUV2_ROOT", raising=False)
@@ -258,21 +258,35 @@ def test_check_data_partial_release_and_missing(nyu_real, tmp_path, monkeypatch)
         get_benchmark("nyuv2").check_data()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda r: os.remove(os.path.join(r, "train", "normal", "1.npy")), "ids are not 0…N−1"),
-    (lambda r: os.rename(os.path.join(r, "val", "depth"), os.path.join(r, "val", "dep")), "folder missing"),
-    (lambda r: _truncate(os.path.join(r, "train", "image", "2.npy")), "unreadable"),
-    (lambda r: np.save(os.path.join(r, "val", "depth", "0.npy"), np.ones((32, 64))), r"shape \(32, 64\)"),
-    (lambda r: np.save(os.path.join(r, "train", "image", "1.npy"), np.ones((32, 64, 3), np.int64)), "float dtype"),
-    (lambda r: _set(os.path.join(r, "train", "label", "4.npy"), 13.0), "outside 0…12"),
-    (lambda r: _set(os.path.join(r, "val", "image", "2.npy"), 255.0), r"\[0, 1\]"),
-    (lambda r: _set(os.path.join(r, "train", "depth", "0.npy"), np.nan), "NaN"),
-])
-def test_check_data_rejects_damaged_files(tmp_path, damage, message):
-    root = write_release(tmp_path / "d", "nyuv2", 5, 3)
-    get_benchmark("nyuv2", data_root=root, image_shape=(32, 64), expected_counts=None).check_data()
-    damage(root)
-    with pytest.raises(DataError, match=message):
+def test_subset_of_the_release_runs_with_a_warning(nyu_real):
+    """Fewer files than the release: a warning saying what was found, not a refusal."""
+    bench = get_benchmark("nyuv2", data_root=nyu_real)
+    with pytest.warns(UserWarning, match=r"train: 3 samples, the release has 795 \(ids 0…794\); missing id\(s\) "
+                                         r"3…794\. Running on the 3 found"):
+        bench.check_data()
+
+
+def test_own_split_with_id_gaps_runs_and_names_the_missing_ids(tmp_path):
+    root = write_release(tmp_path / "g", "cityscapes", 6, 2)
+    for folder in ("image", "label_7", "depth"):  # the user's own split: ids 1 and 4 moved away
+        for i in (1, 4):
+            os.remove(os.path.join(root, "train", folder, f"{i}.npy"))
+    bench = get_benchmark("cityscapes", data_root=root, image_shape=(32, 64), expected_counts={"train": 6, "val": 2})
+    with pytest.warns(UserWarning, match=r"train: 4 samples, the release has 6 \(ids 0…5\); missing id\(s\) 1, 4\."):
+        bench.check_data()
+    setup = bench.build({**bench.defaults, "filters": TINY, "batch_size": 4, "val_fraction": 0,
+                         "augmentation": False}, torch.device("cpu"))
+    files = {np.load(os.path.join(root, "train", "image", f"{i}.npy")).astype(np.float32).tobytes(): i
+             for i in (0, 2, 3, 5)}
+    seen = {files[x.permute(1, 2, 0).numpy().tobytes()] for batch in setup.train_batches(0) for x in batch["image"]}
+    assert seen == {0, 2, 3, 5} and setup.extras["n_train"] == 4
+    assert "missing id(s) 1, 4" in setup.extras["data_notes"][0]
+
+
+def test_a_file_missing_from_one_folder_is_named(tmp_path):
+    root = write_release(tmp_path / "m", "nyuv2", 4, 2)
+    os.remove(os.path.join(root, "train", "normal", "2.npy"))
+    with pytest.raises(DataError, match=r"normal/2\.npy is missing but image/2\.npy exists \(1 such id\(s\): 2\)"):
         get_benchmark("nyuv2", data_root=root, image_shape=(32, 64), expected_counts=None).check_data()
 
 
@@ -286,6 +300,139 @@ def _set(path, value):
     arr = np.load(path)
     arr.flat[7] = value
     np.save(path, arr)
+
+
+@pytest.mark.parametrize("damage, path, message", [
+    (lambda r: os.rename(os.path.join(r, "val", "depth"), os.path.join(r, "val", "dep")), "val/depth",
+     "folder missing"),
+    (lambda r: _truncate(os.path.join(r, "train", "image", "2.npy")), "train/image/2.npy",
+     r"truncated: \d+ bytes, its header announces \(32, 64, 3\) float64 = 49280 bytes"),
+    (lambda r: np.save(os.path.join(r, "val", "depth", "0.npy"), np.ones((32, 64))), "val/depth/0.npy",
+     r"shape \(32, 64\) dtype float64, expected shape \(32, 64, 1\)"),
+    (lambda r: np.save(os.path.join(r, "train", "image", "1.npy"), np.ones((32, 64, 3), np.int64)),
+     "train/image/1.npy", "float dtype"),
+    (lambda r: np.save(os.path.join(r, "train", "image", "3.npy"), np.ones((64, 128, 3))), "train/image/3.npy",
+     r"benchmark_options=\{image_shape: \[H, W\]\}"),
+    (lambda r: np.save(os.path.join(r, "train", "depth", "x.npy"), np.ones((32, 64, 1))), "train/depth",
+     r"file name\(s\) x\.npy are not <integer id>\.npy"),
+    (lambda r: _set(os.path.join(r, "train", "label", "4.npy"), 13.0), "train/label/4.npy",
+     r"class id\(s\) 13 at 1 pixel\(s\), first at pixel \(0, 7\), outside 0…12 and not the ignore label -1"),
+    (lambda r: _set(os.path.join(r, "val", "image", "2.npy"), 255.0), "val/image/2.npy",
+     r"value 255 at pixel \(0, 2\).*expected 32×64×3 float, RGB in \[0, 1\]"),
+    (lambda r: _set(os.path.join(r, "train", "depth", "0.npy"), np.nan), "train/depth/0.npy",
+     r"NaN at pixel \(0, 7\); expected 32×64×1 float ≥ 0"),
+])
+def test_check_data_rejects_damaged_files(tmp_path, damage, path, message):
+    root = write_release(tmp_path / "d", "nyuv2", 5, 3)
+    get_benchmark("nyuv2", data_root=root, image_shape=(32, 64), expected_counts=None).check_data()
+    damage(root)
+    with pytest.raises(DataError) as err:
+        get_benchmark("nyuv2", data_root=root, image_shape=(32, 64), expected_counts=None).check_data()
+    text = str(err.value)
+    assert os.path.join(root, path) in text and "\n" not in text
+    assert re.search(message, text), text
+
+
+#: (folder, value written at one pixel, message) — bad values the pre-flight check does not
+#: sample by default; a run must stop with the file named, never train on them or diverge.
+BAD_VALUES = [
+    ("depth", np.nan, r"NaN at pixel \(\d+, \d+\)"),
+    ("depth", -0.5, r"negative depth -0\.5 at pixel"),
+    ("label", 255.0, r"class id\(s\) 255 at 1 pixel\(s\).*ignore_label"),
+    ("normal", np.inf, r"inf at pixel"),
+]
+
+
+@pytest.mark.parametrize("folder, value, message", BAD_VALUES)
+def test_bad_file_not_sampled_by_the_precheck_stops_the_run_with_its_name(tmp_path, folder, value, message):
+    root = write_release(tmp_path / "b", "nyuv2", 6, 2)
+    path = os.path.join(root, "train", folder, "3.npy")
+    _set(path, value)
+    opts = {"data_root": root, "image_shape": (32, 64), "expected_counts": None, "check_samples": 1}
+    get_benchmark("nyuv2", **opts).check_data()  # samples file 0 only: passes
+    with pytest.raises(DataError, match=message) as err:  # the full scan reads it
+        get_benchmark("nyuv2", **opts, data_check="full").check_data()
+    assert path in str(err.value)
+    bench = get_benchmark("nyuv2", **opts)
+    setup = bench.build({**bench.defaults, "filters": TINY, "batch_size": 2, "val_fraction": 0.2},
+                        torch.device("cpu"))
+    with pytest.raises(DataError, match=message) as err:
+        for _ in range(2):
+            _run(bench, setup, steps=10)
+    assert str(err.value).startswith(f"NYUv2 file {path}: ")
+
+
+def test_bad_file_in_a_loader_worker_keeps_the_message(tmp_path):
+    root = write_release(tmp_path / "w", "cityscapes", 4, 2)
+    path = os.path.join(root, "val", "depth", "1.npy")
+    _set(path, -1.0)
+    bench = get_benchmark("cityscapes", data_root=root, image_shape=(32, 64), expected_counts=None, check_samples=0)
+    setup = bench.build({**bench.defaults, "filters": TINY, "num_workers": 1}, torch.device("cpu"))
+    with pytest.raises(DataError) as err:
+        setup.evaluate("test")
+    assert str(err.value).startswith(f"Cityscapes file {path}: negative depth -1 at pixel (0, 7)")
+
+
+def test_ignore_label_option_maps_other_ignore_values(tmp_path):
+    root = write_release(tmp_path / "u", "cityscapes", 3, 2, label_dtype=np.uint8)  # −1 wraps to 255
+    label = np.load(os.path.join(root, "train", "label_7", "0.npy"))
+    assert label.dtype == np.uint8 and 255 in label
+    opts = {"data_root": root, "image_shape": (32, 64), "expected_counts": None}
+    with pytest.raises(DataError, match="class id.s. 255"):
+        get_benchmark("cityscapes", **opts, data_check="full").check_data()
+    bench = get_benchmark("cityscapes", **opts, ignore_label=255, data_check="full")
+    bench.check_data()
+    setup = bench.build({**bench.defaults, "filters": TINY, "batch_size": 3, "val_fraction": 0,
+                         "augmentation": False}, torch.device("cpu"))
+    labels = torch.cat([b["label"].flatten() for b in setup.train_batches(0)])
+    assert int((labels == -1).sum()) == sum(int((np.load(os.path.join(root, "train", "label_7", f"{i}.npy")) == 255)
+                                                .sum()) for i in range(3))
+    assert int(labels.max()) < 7
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"data_check": "fast"}, "data_check must be one of headers, full, got 'fast'"),
+    ({"image_shape": [30, 64]}, "image_shape must be"),
+    ({"check_samples": -1}, "check_samples must be an integer ≥ 0"),
+    ({"expected_counts": {"train": 5}}, "expected_counts must be"),
+    ({"ignore_label": "x"}, "ignore_label must be an integer"),
+])
+def test_bad_benchmark_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_benchmark("nyuv2", **options)
+
+
+def test_describe_ranges_and_header_reader(tmp_path):
+    assert describe_ranges([17]) == "17"
+    assert describe_ranges([1, 2, 3, 7, 9, 10]) == "1…3, 7, 9…10"
+    assert describe_ranges(list(range(0, 20, 2)), limit=2) == "0, 2 and 8 more range(s)"
+    path = str(tmp_path / "a.npy")
+    np.save(path, np.zeros((4, 5, 1), np.float32))
+    assert read_npy_header(path) == ((4, 5, 1), np.dtype(np.float32))
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickled"):
+        read_npy_header(path)
+
+
+def test_cli_data_errors_exit_2_with_one_line(tmp_path, capsys):
+    """benchmark_options reach the pre-flight check: the full scan names the bad file."""
+    from mtl_tune.search.cli import main
+
+    root = write_release(tmp_path / "cli", "nyuv2", 4, 2)
+    _set(os.path.join(root, "val", "label", "1.npy"), 255.0)  # not sampled? 2 files: sampled
+    _set(os.path.join(root, "train", "depth", "2.npy"), -3.0)  # 4 files, 1 sample: id 0 only
+    base = ["--benchmark", "nyuv2", "--method", "ls", "--data-root", root, "--storage-path", str(tmp_path / "out"),
+            "--name", "x"]
+    opts = "benchmark_options={image_shape: [32, 64], expected_counts: null, check_samples: 1, data_check: full}"
+    assert main(base + ["--config", opts]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and os.path.join(root, "train", "depth", "2.npy") in err and "negative depth -3" in err
+    assert main(base + ["--config", "benchmark_options={data_check: fast}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --config benchmark_options: benchmark option data_check must be one of headers, full, got 'fast'"
+    assert main(base + ["--config", "benchmark_options=[1]"]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -1,12 +1,9 @@
 """Data, augmentation, losses and metrics of the MTAN dense-prediction benchmarks.
 
 Shared by :mod:`mtl_tune.benchmarks.nyuv2` and :mod:`mtl_tune.benchmarks.cityscapes`
-(benchmarks.md §2–3). The pre-processed MTAN releases (Liu et al., CVPR'19; lorenmt/mtan) store
-one ``.npy`` per sample and array, channel-last: ``root/{train,val}/<folder>/{i}.npy`` with
-i = 0…N−1. Sample keys used here: ``image`` (H×W×3, RGB in [0, 1]), ``label`` (H×W class ids,
-−1 = ignored), ``depth`` (H×W×1, 0 = invalid) and ``normal`` (H×W×3, all-zero = invalid).
-Dtypes are undocumented (the NYUv2 size, ~9 GB, fits float64 throughout), so any float dtype
-is accepted (labels: any numeric dtype holding integral ids) and cast to float32.
+(benchmarks.md §2–3). The on-disk layout, the pre-flight check
+and the checked loading of each sample live in :mod:`mtl_tune.benchmarks._dense_files`;
+arrays are cast to float32 here.
 
 Everything random is a pure function of (seed, epoch, sample index) — shuffling and
 augmentation — so a run is reproducible and independent of ``num_workers`` (the official
@@ -16,9 +13,7 @@ code draws from the global ``random``/``torch`` streams instead; same distributi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,127 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mtl_tune.benchmarks.base import DataError
+from mtl_tune.benchmarks._dense_files import (  # noqa: F401  (re-exported: the file side lives there)
+    CHANNELS, DenseFiles, DenseLayout, check_dense_data, npy_source,
+)
 
-#: channels of each sample key as stored on disk (None = 2-D array)
-CHANNELS: dict[str, int | None] = {"image": 3, "label": None, "depth": 1, "normal": 3}
 SCALES: tuple[float, ...] = (1.0, 1.2, 1.5)
 #: stream tags so order and augmentation draws never share a random stream
 _ORDER, _SPLIT, _AUG = 0x5EED0, 0x5B117, 0xA116
-#: tolerance on value-range checks (float32 round-off in the release)
-_TOL = 1e-3
-
-
-# ---------------------------------------------------------------------------- layout / checks
-@dataclass(frozen=True)
-class DenseLayout:
-    """On-disk layout of one MTAN-release data set (see the module docstring)."""
-
-    title: str                          # "NYUv2"
-    folders: Mapping[str, str]          # sample key → folder name ("label" → "label_7")
-    n_classes: int
-    image_shape: tuple[int, int]        # (H, W)
-    counts: Mapping[str, int] | None    # files per split folder in the release; None = any
-    depth_note: str                     # what the depth values are
-    source: str                         # where to get the data
-
-    def describe(self) -> str:
-        h, w = self.image_shape
-        parts = {"image": f"{h}×{w}×3 float, RGB in [0, 1]",
-                 "label": f"{h}×{w} float or int, class ids 0…{self.n_classes - 1}, −1 = ignored",
-                 "depth": f"{h}×{w}×1 float ≥ 0, {self.depth_note}, 0 = invalid",
-                 "normal": f"{h}×{w}×3 float in [−1, 1], all-zero = invalid"}
-        files = "; ".join(f"{folder}/{{i}}.npy ({parts[key]})" for key, folder in self.folders.items())
-        counts = f" ({self.counts['train']} train, {self.counts['val']} val files)" if self.counts else ""
-        return f"train/ and val/ each holding {files}, i = 0…N−1{counts}"
-
-
-def _fail(layout: DenseLayout, path: str, problem: str, env: str | None) -> DataError:
-    where = "pass its folder as data_root (--data-root)" + (f" or set {env}" if env else "")
-    return DataError(f"{layout.title} data at {path}: {problem}.\nExpected: {layout.describe()}.\n"
-                     f"Get it from {layout.source}; {where}. Nothing is downloaded automatically.")
-
-
-def _indices(folder: str) -> list[int]:
-    names = [n for n in os.listdir(folder) if n.endswith(".npy")]
-    bad = [n for n in names if not n[:-4].isdigit()]
-    if bad:
-        raise ValueError(f"unexpected file names {bad[:3]} in {folder}")
-    return sorted(int(n[:-4]) for n in names)
-
-
-def _check_value_range(key: str, arr: np.ndarray, n_classes: int) -> str | None:
-    """Problem text for values outside the documented range of ``key``, else None."""
-    if not np.isfinite(arr).all():
-        return "contains NaN or inf"
-    if key == "image" and (arr.min() < -_TOL or arr.max() > 1 + _TOL):
-        return f"values in [{arr.min():.4g}, {arr.max():.4g}], expected RGB in [0, 1]"
-    if key == "label":
-        if not np.array_equal(arr, np.round(arr)):
-            return "non-integer class ids"
-        bad = np.unique(arr[(arr != -1) & ((arr < 0) | (arr >= n_classes))])
-        if bad.size:
-            return f"labels {bad[:5].tolist()} outside 0…{n_classes - 1} (and −1 = ignored)"
-    if key == "depth" and arr.min() < 0:
-        return f"negative depth {arr.min():.4g}"
-    if key == "normal" and np.abs(arr).max() > 1 + _TOL:
-        return f"normal components up to {np.abs(arr).max():.4g}, expected within [−1, 1]"
-    return None
-
-
-def _check_folder(layout: DenseLayout, folder: str, key: str, expected: int | None, ref: list[int] | None,
-                  env: str | None, samples: int) -> list[int]:
-    """Check one ``<split>/<folder>``; returns its file ids. ``ref``: ids of the split's first folder."""
-    if not os.path.isdir(folder):
-        raise _fail(layout, folder, "folder missing", env)
-    try:
-        ids = _indices(folder)
-    except ValueError as err:
-        raise _fail(layout, folder, str(err), env) from err
-    if not ids or ids != list(range(len(ids))):
-        raise _fail(layout, folder, f"{len(ids)} files whose ids are not 0…N−1", env)
-    if ref is not None and ids != ref:
-        raise _fail(layout, folder, f"{len(ids)} files, but the image folder has {len(ref)}", env)
-    if expected is not None and len(ids) != expected:
-        raise _fail(layout, folder, f"{len(ids)} files, the release has {expected} (partial download or "
-                                    "extraction?)", env)
-    h, w = layout.image_shape
-    shape = (h, w) if CHANNELS[key] is None else (h, w, CHANNELS[key])
-    kinds = "fiu" if key == "label" else "f"
-    for i in ids:  # headers only: fast even for the 5 796 NYUv2 files
-        path = os.path.join(folder, f"{i}.npy")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as err:  # truncated / not an .npy / pickled object array
-            raise _fail(layout, path, f"unreadable .npy ({type(err).__name__}: {err})", env) from err
-        if arr.shape != shape or arr.dtype.kind not in kinds:
-            raise _fail(layout, path, f"shape {arr.shape} dtype {arr.dtype}, expected shape {shape} and a "
-                                      f"{'numeric' if key == 'label' else 'float'} dtype", env)
-        del arr
-    for i in sorted({int(round(x)) for x in np.linspace(0, len(ids) - 1, min(samples, len(ids)))}):
-        path = os.path.join(folder, f"{i}.npy")
-        problem = _check_value_range(key, np.asarray(np.load(path)), layout.n_classes)
-        if problem:
-            raise _fail(layout, path, problem, env)
-    return ids
-
-
-def check_dense_data(layout: DenseLayout, root: str | None, env: str | None, samples: int = 4) -> None:
-    """Validate a data folder; raise :class:`DataError` naming the path and expected layout.
-
-    Checks every file's header (``np.load(mmap_mode="r")`` also rejects truncated files):
-    shape and dtype; contiguous ids shared by all folders of a split; file counts against the
-    release when ``layout.counts`` is set; and the value ranges of ``samples`` files per folder.
-    """
-    if root is None:
-        raise _fail(layout, "<unset>", "no data folder given", env)
-    if not os.path.isdir(root):
-        raise _fail(layout, root, "folder does not exist", env)
-    for split in ("train", "val"):
-        ref: list[int] | None = None
-        expected = layout.counts[split] if layout.counts is not None else None
-        for key, name in layout.folders.items():
-            ref = _check_folder(layout, os.path.join(root, split, name), key, expected, ref, env, samples)
 
 
 # ---------------------------------------------------------------------------- data sets
@@ -168,13 +49,6 @@ def epoch_order(indices: Sequence[int], seed: int, epoch: int) -> list[int]:
     """The training order of one epoch: a permutation of ``indices`` fixed by (seed, epoch)."""
     rng = np.random.default_rng([_ORDER, int(seed), int(epoch)])
     return [int(i) for i in rng.permutation(np.asarray(indices))]
-
-
-def npy_source(root: str, split: str, folders: Mapping[str, str]) -> Callable[[int], dict[str, np.ndarray]]:
-    """Loader of sample ``i`` of ``root/split`` as raw (channel-last) arrays."""
-    def load(i: int) -> dict[str, np.ndarray]:
-        return {key: np.load(os.path.join(root, split, name, f"{i}.npy")) for key, name in folders.items()}
-    return load
 
 
 def to_tensors(raw: Mapping[str, np.ndarray]) -> dict[str, Tensor]:

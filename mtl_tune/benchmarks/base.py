@@ -28,8 +28,38 @@ from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.metrics import MetricSpec
 
 
+#: values of the ``data_check`` benchmark option: how much of the data the pre-flight check reads
+#: ("headers": every file's header / size plus the values of a few files; "full": every value)
+DATA_CHECKS = ("headers", "full")
+_WORKER_PREFIX = "Caught DataError in DataLoader worker"
+
+
 class DataError(ValueError):
-    """A missing, partial or malformed data set. The message names the path and layout."""
+    """A missing, partial or malformed data set. The message names the path and layout.
+
+    Raised in a ``DataLoader`` worker, torch re-raises it in the main process as
+    ``DataError("Caught DataError in DataLoader worker process k.\nOriginal Traceback …")``;
+    the constructor keeps only the original message, so the first line still names the file.
+    """
+
+    def __init__(self, message: str = "", *args: Any) -> None:
+        super().__init__(_original_message(message), *args)
+
+
+def _original_message(message: Any) -> Any:
+    """The message a worker raised, out of torch's worker re-raise text (else unchanged)."""
+    if not (isinstance(message, str) and message.startswith(_WORKER_PREFIX)):
+        return message
+    marker = f"{DataError.__module__}.DataError: "
+    at = message.rfind(marker)
+    return message[at + len(marker):].strip() if at >= 0 else message
+
+
+def data_check_level(value: Any) -> str:
+    """Validate the ``data_check`` benchmark option (see :data:`DATA_CHECKS`)."""
+    if value not in DATA_CHECKS:
+        raise ValueError(f"benchmark option data_check must be one of {', '.join(DATA_CHECKS)}, got {value!r}")
+    return str(value)
 
 
 @dataclass

@@ -35,11 +35,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks._dense import (
-    LOSSES, DenseDataset, DenseLayout, DenseMetrics, check_dense_data, epoch_order, npy_source, split_indices,
-)
+from mtl_tune.benchmarks._dense import LOSSES, DenseDataset, DenseMetrics, epoch_order, split_indices
+from mtl_tune.benchmarks._dense_files import IGNORE_LABEL, DenseFiles, DenseLayout, check_dense_data, npy_source
 from mtl_tune.benchmarks._segnet import FILTERS, build_model, split_parameters
-from mtl_tune.benchmarks.base import Benchmark, Setup
+from mtl_tune.benchmarks.base import Benchmark, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 DENSE_DEFAULTS: dict[str, Any] = {
@@ -75,13 +74,48 @@ def synthetic_source(keys: Sequence[str], shape: tuple[int, int], n_classes: int
     return make
 
 
+def _int_option(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        bound = f" ≥ {minimum}" if minimum is not None else ""
+        raise ValueError(f"benchmark option {name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def _shape_option(value: Any) -> tuple[int, int]:
+    """``image_shape``: two positive multiples of 32 (SegNet pools five times)."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 and v % 32 == 0
+                       for v in value)):
+        raise ValueError(f"benchmark option image_shape must be [H, W], two positive multiples of 32, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _counts_option(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"train", "val"}):
+        raise ValueError(f"benchmark option expected_counts must be 'release', none or {{train: N, val: M}}, "
+                         f"got {value!r}")
+    return {k: _int_option(f"expected_counts.{k}", v, minimum=1) for k, v in value.items()}
+
+
 class DenseBenchmark(Benchmark):
     """Shared pipeline of the MTAN-release dense benchmarks (see the module docstring).
 
-    Constructor options besides ``data_root``/``synthetic``: ``image_shape`` (expected H×W,
-    default the release's), ``expected_counts`` (files per split; default the release's,
-    ``None`` accepts any count — for subsets and test fixtures), ``check_samples`` (files
-    per folder whose value ranges :meth:`check_data` reads, default 4).
+    Benchmark options (constructor keywords; ``--config benchmark_options={...}`` on the CLI):
+
+    * ``data_check``: ``"headers"`` (default) — the pre-flight check reads every file's header
+      and the values of ``check_samples`` files per folder; ``"full"`` — every file's values
+      (NaN, negative depth, labels outside 0…C−1, …; minutes for NYUv2's 9 GB). Every sample is
+      also value-checked when a trial loads it, so a bad file stops the run with its path.
+    * ``check_samples``: files per folder whose values the ``"headers"`` check reads (default 4).
+    * ``expected_counts``: file counts per split to compare with (default ``"release"``; ``None``:
+      no comparison). A different count or ids with gaps (a subset, your own split) is
+      reported as a warning, not refused.
+    * ``image_shape``: H×W of the files (default the release's; e.g. [256, 512] for the
+      larger Cityscapes release).
+    * ``ignore_label``: label value of unlabelled pixels (default −1, the releases' value; e.g.
+      255 for labels stored as uint8).
     """
 
     layout: ClassVar[DenseLayout]
@@ -89,14 +123,17 @@ class DenseBenchmark(Benchmark):
     inverse_depth: ClassVar[bool] = False
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, *,
-                 image_shape: tuple[int, int] | None = None, expected_counts: Any = "release",
-                 check_samples: int = 4, **options: Any) -> None:
+                 image_shape: Sequence[int] | None = None, expected_counts: Any = "release",
+                 check_samples: int = 4, data_check: str = "headers", ignore_label: int = IGNORE_LABEL,
+                 **options: Any) -> None:
         super().__init__(data_root, synthetic, **options)
-        counts = self.layout.counts if expected_counts == "release" else expected_counts
-        shape = tuple(int(s) for s in image_shape) if image_shape is not None else self.layout.image_shape
-        self.data_layout = replace(self.layout, image_shape=shape, counts=counts)
-        self.check_samples = int(check_samples)
-        self._checked = False
+        counts = self.layout.counts if expected_counts == "release" else _counts_option(expected_counts)
+        shape = _shape_option(image_shape) if image_shape is not None else self.layout.image_shape
+        self.data_layout = replace(self.layout, image_shape=shape, counts=counts,
+                                   ignore_label=_int_option("ignore_label", ignore_label))
+        self.check_samples = _int_option("check_samples", check_samples, minimum=0)
+        self.data_check = data_check_level(data_check)
+        self._found: DenseFiles | None = None
 
     # ------------------------------------------------------------------ data
     @property
@@ -104,12 +141,17 @@ class DenseBenchmark(Benchmark):
         """``data_root``, else the environment variable :attr:`data_env`."""
         return self.data_root or (os.environ.get(self.data_env) if self.data_env else None)
 
+    def _scan(self, level: str) -> DenseFiles:
+        return check_dense_data(self.data_layout, self.root, self.data_env, self.check_samples, level)
+
     def check_data(self) -> None:
-        """Validate the data folder (no-op for synthetic data); raises :class:`DataError`."""
+        """Validate the data folder (no-op for synthetic data); raises :class:`DataError` and
+        warns about what differs from the release (a subset runs)."""
         if self.synthetic:
             return
-        check_dense_data(self.data_layout, self.root, self.data_env, self.check_samples)
-        self._checked = True
+        self._found = self._scan(self.data_check)
+        for note in self._found.notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
 
     def _sources(self) -> dict[str, tuple[Any, int]]:
         keys = list(self.layout.folders)
@@ -121,12 +163,11 @@ class DenseBenchmark(Benchmark):
             shape, n_classes = self.data_layout.image_shape, self.layout.n_classes
             return {split: (synthetic_source(keys, shape, n_classes, k), counts[split])
                     for k, split in enumerate(("train", "val"))}
-        root = self.root
-        if root is None:  # check_data reports this with the full layout; repeat it here
-            self.check_data()
-        return {split: (npy_source(root, split, self.layout.folders),
-                        len([n for n in os.listdir(os.path.join(root, split, "image")) if n.endswith(".npy")]))
-                for split in ("train", "val")}
+        if self._found is None:  # a trial: headers only (the driver's pre-flight did the rest)
+            self._found = self._scan("headers")
+        root = str(self.root)
+        return {split: (npy_source(self.data_layout, root, split, ids), len(ids))
+                for split, ids in self._found.ids.items()}
 
     # ------------------------------------------------------------------ training
     def make_optimizer(self, params, config: dict[str, Any]) -> torch.optim.Optimizer:
@@ -144,8 +185,6 @@ class DenseBenchmark(Benchmark):
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
         cfg = {**self.defaults, **{k: v for k, v in config.items() if v is not None}}
-        if not self.synthetic and not self._checked:
-            self.check_data()
         seed = int(cfg["seed"])
         kinds = list(self.tasks)
         heads = [(k, self.layout.n_classes if k == "seg" else (1 if k == "depth" else 3)) for k in kinds]
@@ -211,7 +250,8 @@ class DenseBenchmark(Benchmark):
                      train_batches=train_batches, forward=forward, evaluate=evaluate,
                      eval_splits=tuple(eval_sets),
                      extras={"n_train": len(train_idx), "n_val": len(val_idx), "n_test": n_test,
-                             "test_leak": val_fraction == 0, "synthetic": self.synthetic})
+                             "test_leak": val_fraction == 0, "synthetic": self.synthetic,
+                             "data_notes": list(self._found.notes) if self._found else []})
 
 
 class NYUv2(DenseBenchmark):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtl_tune.benchmarks.base import Benchmark
+from mtl_tune.benchmarks.base import Benchmark, DataError
 from mtl_tune.registry import available_balancers, balancer_class, get_benchmark
 from mtl_tune.search.spaces import SearchSpace, load_space
 
@@ -123,7 +123,17 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError("--search-space replaces one method's space; use it with a single --method")
     if options.fixed and len(methods) != 1:
         raise SearchError("--set fixes hyperparameters of one method; use it with a single --method")
-    bench = get_benchmark(options.benchmark, data_root=options.data_root, synthetic=options.synthetic)
+    bench_options = options.config.get("benchmark_options") or {}
+    if not isinstance(bench_options, dict):
+        raise SearchError(f"--config benchmark_options must be a mapping such as '{{data_check: full}}', "
+                          f"got {bench_options!r}")
+    try:  # the same options the trials get, so the pre-flight data check sees them too
+        bench = get_benchmark(options.benchmark, data_root=options.data_root, synthetic=options.synthetic,
+                              **bench_options)
+    except DataError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise SearchError(f"--config benchmark_options: {err}") from None
     unknown = set(options.config) - set(bench.defaults) - CONFIG_KEYS
     if unknown:
         raise SearchError(f"--config key(s) {sorted(unknown)} are not settings of benchmark {bench.name}; "
