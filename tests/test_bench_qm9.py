@@ -163,7 +163,7 @@ def test_env_var_root(qm9_root, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "no_root", "truncated", "wrong_shape", "nan_target",
-                                  "bad_bond_index"])
+                                  "bad_bond_index", "nan_position"])
 def test_data_errors(tmp_path, case, monkeypatch):
     monkeypatch.delenv("MTL_TUNE_QM9_ROOT", raising=False)
     root = tmp_path / "qm9"
@@ -171,7 +171,7 @@ def test_data_errors(tmp_path, case, monkeypatch):
         match = "not a directory"
     elif case == "empty_dir":
         os.makedirs(root)
-        match = "data_v3.pt"
+        match = "no QM9 data under .*processed/data_v3.pt .*raw/qm9_v3.pt"
     elif case == "no_root":
         root, match = None, "no data root"
     else:
@@ -181,20 +181,77 @@ def test_data_errors(tmp_path, case, monkeypatch):
             match = "x is"
         elif case == "nan_target":
             mols[3].y[0, 5] = float("nan")
-            match = "NaN"
+            match = r"y of molecule 3 \(gdb_4\) holds nan \(column 5\)"
+        elif case == "nan_position":
+            mols[6].pos[1, 2] = float("inf")
+            match = r"pos of molecule 6 \(gdb_7\) holds inf \(column 2\)"
         elif case == "bad_bond_index":
-            mols[0].edge_index = mols[0].edge_index.clone()
-            mols[0].edge_index[0, 0] = 50
-            match = "bond to atom"
+            mols[4].edge_index = mols[4].edge_index.clone()
+            mols[4].edge_index[0, 0] = 50
+            match = rf"molecule 4 \(gdb_5\) has a bond 50–\d+ to an atom outside its {mols[4].num_nodes} atoms"
         path = write_processed(root, mols)
         if case == "truncated":
             data = open(path, "rb").read()
             open(path, "wb").write(data[: len(data) // 2])
-            match = "corrupt or truncated"
+            match = f"cannot load {path} .*corrupt or truncated"
     with pytest.raises(DataError, match=match) as err:
         QM9Benchmark(data_root=None if root is None else str(root)).check_data()
     if root is not None:
-        assert str(root) in str(err.value)
+        assert str(root) in str(err.value) and "\n" not in str(err.value)
+
+
+def _tree(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in files + dirs)
+
+
+def test_raw_sdf_without_rdkit_says_rdkit_is_needed(tmp_path, monkeypatch):
+    monkeypatch.setattr(qd, "_has_rdkit", lambda: False)
+    os.makedirs(tmp_path / "raw")
+    for name in ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt"):
+        (tmp_path / "raw" / name).write_text("x")
+    with pytest.raises(DataError, match=r"found the raw files raw/gdb9\.sdf, raw/gdb9\.sdf\.csv, "
+                                        r"raw/uncharacterized\.txt under .*needs RDKit \(pip install rdkit\), or put "
+                                        r"PyG's pre-processed raw/qm9_v3\.pt"):
+        QM9Benchmark(data_root=str(tmp_path)).check_data()
+    assert _tree(tmp_path) == ["raw", "raw/gdb9.sdf", "raw/gdb9.sdf.csv", "raw/uncharacterized.txt"]
+
+
+def test_partial_raw_sdf_names_the_missing_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(qd, "_has_rdkit", lambda: True)
+    os.makedirs(tmp_path / "raw")
+    (tmp_path / "raw" / "gdb9.sdf").write_text("x")
+    with pytest.raises(DataError, match=r"found raw/gdb9\.sdf under .* but not raw/gdb9\.sdf\.csv, raw/uncharacterized"):
+        QM9Benchmark(data_root=str(tmp_path)).check_data()
+
+
+def test_truncated_raw_file_leaves_the_data_root_untouched(tmp_path):
+    os.makedirs(tmp_path / "raw")
+    path = tmp_path / "raw" / "qm9_v3.pt"
+    torch.save([m.to_dict() for m in molecules(12)], path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match=rf"cannot process {path} .*corrupt or truncated \(nothing was written"):
+        QM9Benchmark(data_root=str(tmp_path)).check_data()
+    assert _tree(tmp_path) == ["raw", "raw/qm9_v3.pt"]
+
+
+def test_processing_writes_only_pyg_files_and_a_failed_copy_leaves_nothing(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "raw")
+    torch.save([m.to_dict() for m in molecules(12)], tmp_path / "raw" / "qm9_v3.pt")
+    real_copy = qd.shutil.copyfile
+
+    def failing_copy(src, dst):  # the data root fills up while data_v3.pt is copied
+        if os.path.basename(src) == "data_v3.pt":
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(qd.shutil, "copyfile", failing_copy)
+    with pytest.warns(UserWarning, match="could not store the processed QM9 .*No space left"):
+        ds = qd.load_qm9(str(tmp_path))
+    assert len(ds) == 12 and _tree(tmp_path) == ["raw", "raw/qm9_v3.pt"]
+    monkeypatch.setattr(qd.shutil, "copyfile", real_copy)
+    assert len(qd.load_qm9(str(tmp_path))) == 12
+    assert _tree(tmp_path) == ["processed", "processed/data_v3.pt", "processed/pre_filter.pt",
+                               "processed/pre_transform.pt", "raw", "raw/qm9_v3.pt"]
 
 
 def test_missing_torch_geometric_gives_install_hint(monkeypatch):

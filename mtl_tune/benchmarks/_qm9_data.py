@@ -2,9 +2,11 @@
 
 The dataset is ``torch_geometric.datasets.QM9(root)`` (benchmarks.md §5.1) read from the
 user's ``root``: ``processed/data_v3.pt`` (PyG's processed file), or ``raw/qm9_v3.pt`` (PyG's
-pre-processed download, used when RDKit is absent; processed once into ``processed/``), or —
-with RDKit — ``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``. Nothing is downloaded:
-:class:`OfflineQM9` replaces PyG's ``download`` with an error.
+pre-processed download), or — with RDKit — ``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``.
+Nothing is downloaded: :class:`OfflineQM9` replaces PyG's ``download`` with an error. Raw
+files are processed once, by PyG, in a temporary folder; only a successful result is copied
+into ``root/processed/`` (PyG's own files ``data_v3.pt``, ``pre_transform.pt``,
+``pre_filter.pt``) — a failed processing leaves the data root as it was.
 
 Per-molecule features (PyG): ``x`` (N, 11), ``edge_index`` (2, E) bonds in both directions,
 ``edge_attr`` (E, 4) bond-type one-hot, ``pos`` (N, 3) in Å, ``y`` (1, 19).
@@ -13,6 +15,10 @@ Per-molecule features (PyG): ``x`` (N, 11), ``edge_index`` (2, E) bonds in both 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -49,19 +55,36 @@ def _has_rdkit() -> bool:
     return True
 
 
+def _names(paths: Sequence[str]) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
 def available_source(root: str) -> str:
-    """Which QM9 files under ``root`` the PyG class will read; :class:`DataError` if none."""
+    """Which QM9 files under ``root`` will be read; :class:`DataError` naming what is missing.
+
+    ``"processed"`` (PyG's ``processed/data_v3.pt``), ``"raw_preprocessed"`` (``raw/qm9_v3.pt``)
+    or ``"raw_sdf"`` (``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``, needs RDKit).
+    """
     if not os.path.isdir(root):
         raise DataError(f"qm9: data root {root} is not a directory; expected {PROCESSED} or {RAW_PREPROCESSED} "
                         f"under it; {DATA_HINT}")
     if os.path.isfile(os.path.join(root, PROCESSED)):
         return "processed"
-    if _has_rdkit() and all(os.path.isfile(os.path.join(root, f)) for f in RAW_SDF):
+    sdf_found = [f for f in RAW_SDF if os.path.isfile(os.path.join(root, f))]
+    if _has_rdkit() and len(sdf_found) == len(RAW_SDF):
         return "raw_sdf"
-    if not _has_rdkit() and os.path.isfile(os.path.join(root, RAW_PREPROCESSED)):
+    if os.path.isfile(os.path.join(root, RAW_PREPROCESSED)):
         return "raw_preprocessed"
-    wanted = f"{RAW_SDF} (RDKit is installed)" if _has_rdkit() else RAW_PREPROCESSED
-    raise DataError(f"qm9: no QM9 data under {root}: expected {PROCESSED} (PyG's processed file) or {wanted}; "
+    if sdf_found and not _has_rdkit():
+        raise DataError(f"qm9: found the raw files {_names(sdf_found)} under {root}, but processing them needs "
+                        f"RDKit (pip install rdkit), or put PyG's pre-processed {RAW_PREPROCESSED} (or "
+                        f"{PROCESSED}) there instead; {DATA_HINT}")
+    if sdf_found:
+        missing = [f for f in RAW_SDF if f not in sdf_found]
+        raise DataError(f"qm9: found {_names(sdf_found)} under {root} but not {_names(missing)}; the raw QM9 "
+                        f"needs all of {_names(RAW_SDF)} (or PyG's {RAW_PREPROCESSED} or {PROCESSED}); {DATA_HINT}")
+    raise DataError(f"qm9: no QM9 data under {root}: expected {PROCESSED} (PyG's processed file), "
+                    f"{RAW_PREPROCESSED} (PyG's pre-processed download) or {_names(RAW_SDF)} with RDKit; "
                     f"{DATA_HINT}")
 
 
@@ -70,12 +93,34 @@ def _offline_class() -> type:
     datasets = require_pyg()
 
     class OfflineQM9(datasets.QM9):
-        """PyG's QM9 that never downloads: PyG calls ``download`` whenever a raw file is
-        missing, even when the processed file exists (then there is nothing to do)."""
+        """PyG's QM9 that never downloads and reads the raw files that are there.
+
+        PyG calls ``download`` whenever a raw file is missing, even when the processed file
+        exists (then there is nothing to do). PyG picks its raw files by whether RDKit is
+        importable; ``source="raw_preprocessed"`` reads ``raw/qm9_v3.pt`` either way.
+        """
+
+        def __init__(self, root: str, source: str = "processed", **kwargs: Any) -> None:
+            self.source = source
+            super().__init__(root, **kwargs)
+
+        @property
+        def raw_file_names(self) -> list[str]:
+            if getattr(self, "source", "") == "raw_preprocessed":
+                return [os.path.basename(RAW_PREPROCESSED)]
+            return super().raw_file_names
 
         def download(self) -> None:
             if not os.path.isfile(os.path.join(self.root, PROCESSED)):
                 raise DataError(f"qm9: raw files {self.raw_file_names} missing under {self.raw_dir}; {DATA_HINT}")
+
+        def process(self) -> None:
+            if self.source != "raw_preprocessed" or not _has_rdkit():
+                return super().process()  # PyG's own processing (without RDKit: from qm9_v3.pt)
+            from torch_geometric.data import Data
+            from torch_geometric.io import fs
+            # PyG's RDKit-less branch, for a machine with RDKit but only qm9_v3.pt
+            self.save([Data(**d) for d in fs.torch_load(self.raw_paths[0])], self.processed_paths[0])
 
     OfflineQM9.__module__, OfflineQM9.__qualname__ = __name__, "OfflineQM9"
     return OfflineQM9
@@ -89,22 +134,81 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _publish(src_dir: str, dst_dir: str) -> None:
+    """Move PyG's processed files into ``dst_dir``, each appearing whole (copy + rename);
+    ``data_v3.pt`` last, as its presence means "processed". On failure nothing is left."""
+    created = not os.path.isdir(dst_dir)
+    os.makedirs(dst_dir, exist_ok=True)
+    names = sorted(os.listdir(src_dir), key=lambda n: n == os.path.basename(PROCESSED))
+    done: list[str] = []
+    try:
+        for name in names:
+            partial = os.path.join(dst_dir, f".{name}.partial-{os.getpid()}")
+            try:
+                shutil.copyfile(os.path.join(src_dir, name), partial)
+                os.replace(partial, os.path.join(dst_dir, name))
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+            done.append(name)
+    except BaseException:
+        for name in done:
+            os.remove(os.path.join(dst_dir, name))
+        if created and not os.listdir(dst_dir):
+            os.rmdir(dst_dir)
+        raise
+
+
+def _process_outside(root: str, source: str) -> Any:
+    """Run PyG's processing in a temporary folder (its ``raw`` links to ``root/raw``) and
+    publish the result into ``root/processed`` only when it succeeded: a failed processing
+    (a truncated ``qm9_v3.pt``, say) leaves nothing in the user's data root."""
+    raw_file = RAW_PREPROCESSED if source == "raw_preprocessed" else RAW_SDF[0]
+    with tempfile.TemporaryDirectory(prefix="mtl_tune_qm9_") as tmp:
+        os.symlink(os.path.join(root, "raw"), os.path.join(tmp, "raw"))
+        try:
+            ds = _offline_class()(tmp, source=source)
+        except DataError:
+            raise
+        except Exception as e:  # truncated/corrupt pickles raise many different types
+            raise DataError(f"qm9: cannot process {os.path.join(root, raw_file)} ({type(e).__name__}: {e}); the "
+                            f"file is corrupt or truncated (nothing was written under {root}); {DATA_HINT}") from e
+        try:
+            _publish(os.path.join(tmp, "processed"), os.path.join(root, "processed"))
+        except OSError as e:  # e.g. a read-only data root: use the in-memory result
+            warnings.warn(f"qm9: could not store the processed QM9 in {os.path.join(root, 'processed')} ({e}); "
+                          "it will be processed again by every run", UserWarning, stacklevel=3)
+            return ds
+    return _offline_class()(root, source=source)
+
+
 def load_qm9(root: str) -> Any:
     """The PyG QM9 dataset of ``root`` (validated by :func:`validate`)."""
-    available_source(root)
-    try:
-        ds = _offline_class()(root)
-    except DataError:
-        raise
-    except Exception as e:  # truncated/corrupt pickles raise many different types
-        raise DataError(f"qm9: cannot load QM9 from {root} ({type(e).__name__}: {e}); the file is corrupt or "
-                        f"truncated; {DATA_HINT}") from e
+    source = available_source(root)
+    if source != "processed":
+        ds = _process_outside(root, source)
+    else:
+        path = os.path.join(root, PROCESSED)
+        try:
+            ds = _offline_class()(root)
+        except DataError:
+            raise
+        except Exception as e:  # truncated/corrupt pickles raise many different types
+            raise DataError(f"qm9: cannot load {path} ({type(e).__name__}: {e}); the file is corrupt or truncated: "
+                            f"copy it again, or delete it to re-process it from {RAW_PREPROCESSED}; {DATA_HINT}") from e
     validate(ds, root)
     return ds
 
 
+def _molecule(ds: Any, i: int) -> str:
+    names = getattr(ds._data, "name", None)
+    name = names[i] if isinstance(names, (list, tuple)) and i < len(names) else None
+    return f"molecule {i}" + (f" ({name})" if name else "")
+
+
 def validate(ds: Any, root: str) -> None:
-    """Shapes/dtypes of the collated storage and finite targets (fast: no per-graph access)."""
+    """Shapes/dtypes of the collated storage, finite values, every bond inside its molecule
+    (vectorised over the storage: no per-graph access)."""
     d, n = ds._data, len(ds)
     problems = []
     expect = {"x": (2, N_NODE_FEATURES, torch.float32), "edge_attr": (2, N_BOND_TYPES, torch.float32),
@@ -120,21 +224,38 @@ def validate(ds: Any, root: str) -> None:
             problems.append(f"y has {d.y.shape[0]} rows for {n} molecules (expected one (1, 19) row each)")
         if d.edge_index.shape[0] != 2:
             problems.append(f"edge_index has shape {tuple(d.edge_index.shape)}, expected (2, E)")
-        elif d.edge_index.numel() and int(d.edge_index.min()) < 0:
-            problems.append("edge_index has negative node indices")
         elif not bool(((d.edge_attr == 0) | (d.edge_attr == 1)).all()):
             problems.append("edge_attr is not a bond-type one-hot")
-        if not bool(torch.isfinite(d.y).all()):
-            problems.append("y contains NaN/inf")
     if not problems:
-        for i in sorted({0, n // 2, n - 1}):  # per-graph bond indices must stay inside the molecule
-            g = ds.get(i)
-            if g.edge_index.numel() and int(g.edge_index.max()) >= g.num_nodes:
-                problems.append(f"molecule {i} has a bond to atom {int(g.edge_index.max())} of {g.num_nodes}")
+        for key in ("y", "x", "pos"):
+            bad = ~torch.isfinite(getattr(d, key))
+            if bool(bad.any()):
+                row, col = (int(v) for v in bad.nonzero()[0])
+                mol = row if key == "y" else int(torch.searchsorted(ds.slices[key], row, right=True)) - 1
+                problems.append(f"{key} of {_molecule(ds, mol)} holds {float(getattr(d, key)[row, col])} "
+                                f"(column {col})")
+        problems.extend(_bond_problems(ds))
     if problems:
         raise DataError(f"qm9: malformed QM9 under {root}: {'; '.join(problems)}. Expected PyG's format: x (N, 11) "
                         f"float, edge_index (2, E) long, edge_attr (E, 4) one-hot, pos (N, 3), y (1, 19) per "
                         f"molecule; {DATA_HINT}")
+
+
+def _bond_problems(ds: Any) -> list[str]:
+    """Bonds pointing outside their molecule (the storage keeps per-molecule atom indices)."""
+    d, slices = ds._data, ds.slices
+    atoms = slices["x"][1:] - slices["x"][:-1]
+    per_mol = slices["edge_index"][1:] - slices["edge_index"][:-1]
+    owner = torch.repeat_interleave(torch.arange(atoms.numel()), per_mol)
+    if d.edge_index.numel() == 0:
+        return []
+    bad = (d.edge_index < 0) | (d.edge_index >= atoms[owner].unsqueeze(0))
+    if not bool(bad.any()):
+        return []
+    e = int(bad.any(dim=0).nonzero()[0])
+    mol = int(owner[e])
+    return [f"{_molecule(ds, mol)} has a bond {int(d.edge_index[0, e])}–{int(d.edge_index[1, e])} to an atom "
+            f"outside its {int(atoms[mol])} atoms"]
 
 
 # ---------------------------------------------------------------------- batches

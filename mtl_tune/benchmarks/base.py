@@ -17,6 +17,7 @@ drives every benchmark through the same small surface:
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -95,9 +96,26 @@ class Benchmark(abc.ABC):
     synthetic: bool = False
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
+        if options:  # a misspelt option must not be ignored silently
+            valid = ", ".join(self.option_names()) or "none"
+            raise ValueError(f"unknown benchmark option(s) {', '.join(sorted(options))} for {self.name}; "
+                             f"valid: {valid}")
         self.data_root = data_root
         self.synthetic = synthetic
-        self.options = options
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The benchmark options (constructor keywords besides data_root and synthetic)."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is Benchmark:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if (p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                        and p.name not in ("self", "data_root", "synthetic") and p.name not in names):
+                    names.append(p.name)
+        return sorted(names)
 
     # ------------------------------------------------------------------ data
     def check_data(self) -> None:

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _celeba_data as cd
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 #: STL test F1 per attribute (FAMO issue #2 / MTLlib ``experiments/celeba/delta_m.py``)
@@ -122,8 +122,10 @@ class Celeba(Benchmark):
                 "image_size": 64, "scheduler": None, "train_balancer_params": True, "cache_dir": None}
     data_env = "MTL_TUNE_CELEBA_ROOT"
 
-    def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
+    def __init__(self, data_root: str | None = None, synthetic: bool = False, *, data_check: str = "headers",
+                 **options: Any) -> None:
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
+        self.data_check = data_check_level(data_check)
         root = data_root or os.environ.get(self.data_env or "") or None
         self.root = os.path.abspath(os.path.expanduser(root)) if root else None
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _multi_mnist_data as data
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -151,8 +151,9 @@ class MultiMnist(Benchmark):
     data_env = "MTL_TUNE_MNIST_ROOT"
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, source: str | None = None,
-                 **options: Any) -> None:
+                 data_check: str = "headers", **options: Any) -> None:
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
+        self.data_check = data_check_level(data_check)  # the idx files are always read in full
         root = data_root or os.environ.get(self.data_env or "") or None
         self.root = os.path.abspath(os.path.expanduser(root)) if root else None  # Ray trials chdir
         if source is None:

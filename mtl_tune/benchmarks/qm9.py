@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _qm9_data as qd
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec, delta_m
 
 TARGETS = (0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11)
@@ -127,8 +127,10 @@ class QM9Benchmark(Benchmark):
                 "num_workers": 0, "dim": 64}
     data_env = "MTL_TUNE_QM9_ROOT"
 
-    def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
+    def __init__(self, data_root: str | None = None, synthetic: bool = False, *, data_check: str = "headers",
+                 **options: Any) -> None:
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
+        self.data_check = data_check_level(data_check)
         root = data_root or os.environ.get(self.data_env or "") or None
         self.root = os.path.abspath(os.path.expanduser(root)) if root else None
 
@@ -143,7 +145,9 @@ class QM9Benchmark(Benchmark):
         return self.root
 
     def check_data(self) -> None:
-        """torch-geometric importable; processed/raw files present; storage shapes, dtypes, finiteness."""
+        """torch-geometric importable; processed/raw files present (raw files are processed once,
+        outside the data root); storage shapes, dtypes, finite values, bonds inside their molecule.
+        Always the whole storage (``data_check`` makes no difference: it is loaded anyway)."""
         if not self.synthetic:  # synthetic: no data to check (building still needs torch-geometric)
             qd.require_pyg()
             _dataset(self._root())
