@@ -136,26 +136,36 @@ def _break(root: str, case: str) -> str:
         open(attr, "w").write("\n".join(lines[:-3]) + "\n")
         return "announces 18 images"
     if case == "wrong_names":
-        lines[1] = lines[1].replace("Young", "Old")
+        lines[1] = lines[1].replace("Bangs", "Bangz")
         open(attr, "w").write("\n".join(lines) + "\n")
-        return "40 CelebA attributes"
+        return r"line 2: attribute 6 is 'Bangz', expected 'Bangs'; expected the 40 CelebA attributes"
     if case == "label_out_of_range":
         lines[4] = lines[4].replace("-1", " 0", 1) if "-1" in lines[4] else lines[4].replace(" 1", " 2", 1)
         open(attr, "w").write("\n".join(lines) + "\n")
-        return "must be -1 or 1"
+        return r"line 5 \(000003\.jpg\) attribute \w+ = '[02]'; labels must be -1 or 1"
     if case == "bad_partition_code":
         rows = open(part).read().splitlines()
         rows[2] = rows[2][:-1] + "3"
         open(part, "w").write("\n".join(rows) + "\n")
-        return "partition code"
+        return r"list_eval_partition\.txt line 3 \(000003\.jpg\) has partition code '3'"
     if case == "missing_image":
         os.remove(os.path.join(img, "000005.jpg"))
-        return "missing"
+        return r"1 of 18 images .* are missing from .*img_align_celeba: 000005\.jpg; get CelebA"
     if case == "truncated_image":
         p = os.path.join(img, "000001.jpg")
         data = open(p, "rb").read()
         open(p, "wb").write(data[: len(data) // 3])
-        return "cannot decode"
+        return r"image .*000001\.jpg: cannot decode it \(.*truncated"
+    if case == "swapped_rows":
+        rows = open(part).read().splitlines()
+        rows[3], rows[4] = rows[4], rows[3]
+        open(part, "w").write("\n".join(rows) + "\n")
+        return (r"list_eval_partition\.txt line 4 names 000005\.jpg, but line 6 of list_attr_celeba\.txt names "
+                r"000004\.jpg .*2 line\(s\) differ")
+    if case == "names_missing":
+        lines[1] = " ".join(cd.ATTRIBUTES[:38])
+        open(attr, "w").write("\n".join(lines) + "\n")
+        return r"38 attribute names, the last 2 missing \(from 'Wearing_Necktie'\)"
     if case == "wrong_image_size":
         Image.new("RGB", (100, 100)).save(os.path.join(img, "000001.jpg"))
         return "178×218"
@@ -163,11 +173,49 @@ def _break(root: str, case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["partial", "truncated_table", "wrong_names", "label_out_of_range",
-                                  "bad_partition_code", "missing_image", "truncated_image", "wrong_image_size"])
+                                  "bad_partition_code", "missing_image", "truncated_image", "wrong_image_size",
+                                  "swapped_rows", "names_missing"])
 def test_data_errors(celeba_root, case):
     match = _break(celeba_root, case)
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(DataError, match=match) as err:
         Celeba(data_root=celeba_root).check_data()
+    assert "np.str_" not in str(err.value) and "\n" not in str(err.value)
+
+
+def _sample_picks(n: int) -> set[int]:
+    """The images the default pre-flight check decodes (check_images: first, last, 8 seeded)."""
+    return {0, n - 1, *np.random.default_rng(0).integers(0, n, size=8).tolist()}
+
+
+def _corrupt_unsampled_train_image(root: str) -> str:
+    """A train image outside the decode sample, replaced by junk between JPEG start/end markers
+    (passes the marker screen; only decoding finds it)."""
+    k = min(set(range(8)) - _sample_picks(len(PARTITION)))
+    path = os.path.join(root, "celeba", "img_align_celeba", f"{k + 1:06d}.jpg")
+    open(path, "wb").write(b"\xff\xd8\xff" + np.random.default_rng(1).bytes(4000) + b"\xff\xd9")
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_the_precheck_did_not_decode_stops_the_run_with_its_name(celeba_root, workers):
+    path = _corrupt_unsampled_train_image(celeba_root)
+    Celeba(data_root=celeba_root).check_data()  # the default check does not decode it
+    with pytest.raises(DataError, match=f"celeba: image {path}: cannot decode it"):
+        Celeba(data_root=celeba_root, data_check="full").check_data()
+    bench = Celeba(data_root=celeba_root)
+    setup = bench.build(_config(bench, num_workers=workers, batch_size=8), CPU)
+    with pytest.raises(DataError) as err:
+        list(setup.train_batches(0))
+    assert str(err.value).startswith(f"celeba: image {path}: cannot decode it (")
+
+
+def test_cache_build_with_a_corrupt_image_names_it_and_leaves_no_partial_cache(celeba_root, tmp_path):
+    path = _corrupt_unsampled_train_image(celeba_root)
+    paths = cd.resolve_paths(celeba_root)
+    files, _ = cd.load_index(paths).split("train")
+    with pytest.raises(DataError, match=f"celeba: image {path}: cannot decode it"):
+        cd.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["celeba_train_32px.npy.lock"]
 
 
 def test_missing_root_errors(tmp_path, monkeypatch):

@@ -139,8 +139,10 @@ def _break(raw: str, case: str) -> str:
         open(img, "wb").write(idx_bytes(np.zeros((60, 27, 28)), mm.IMAGE_MAGIC))
         return r"\(28, 28\)"
     if case == "label_out_of_range":
-        open(lab, "wb").write(idx_bytes(np.full(60, 10), mm.LABEL_MAGIC))
-        return "label 10"
+        labels = np.full(60, 3)
+        labels[[17, 40]] = [12, 10]
+        open(lab, "wb").write(idx_bytes(labels, mm.LABEL_MAGIC))
+        return r"train-labels-idx1-ubyte item 17 has label 12 \(2 label\(s\) above 9\); MNIST labels are 0…9"
     if case == "count_mismatch":
         open(lab, "wb").write(idx_bytes(np.zeros(59), mm.LABEL_MAGIC))
         return "must match"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,8 @@ ATTRIBUTES = (
 )
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 IMAGE_SIZE = (178, 218)  # (width, height) of img_align_celeba
+#: bytes at the end of a JPEG searched for its end marker (0xFFD9), allowing a little padding
+_TAIL = 64
 HINT = ("get CelebA (aligned & cropped images + annotations) from "
         "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive: Img/img_align_celeba.zip, "
         "Anno/list_attr_celeba.txt, Eval/list_eval_partition.txt) and unpack it as <root>/celeba/"
@@ -93,8 +97,8 @@ def parse_attributes(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"celeba: cannot parse {path} ({e}); expected a count line, a line with the 40 "
                         f"attribute names, then '<file> ±1 ×40' rows; {HINT}") from e
     if tuple(names) != ATTRIBUTES:
-        raise DataError(f"celeba: {path} names {len(names)} attributes {names[:3]}…; expected the 40 CelebA "
-                        f"attributes in the official order ({ATTRIBUTES[0]} … {ATTRIBUTES[-1]}); {HINT}")
+        raise DataError(f"celeba: {path} line 2: {_names_difference(names)}; expected the 40 CelebA attributes in "
+                        f"the official order ({ATTRIBUTES[0]} … {ATTRIBUTES[-1]}); {HINT}")
     if table.shape != (count, 41):
         raise DataError(f"celeba: {path} has a table of shape {table.shape}, expected ({count}, 41) "
                         f"(line 1 announces {count} images; truncated file?); {HINT}")
@@ -102,8 +106,8 @@ def parse_attributes(path: str) -> tuple[np.ndarray, np.ndarray]:
     ok = (values == "1") | (values == "-1")
     if not ok.all():
         r, c = np.argwhere(~ok)[0]
-        raise DataError(f"celeba: {path} row {r + 3} attribute {ATTRIBUTES[c]} = {values[r, c]!r}; "
-                        f"labels must be -1 or 1; {HINT}")
+        raise DataError(f"celeba: {path} line {r + 3} ({table.iloc[r, 0]}) attribute {ATTRIBUTES[c]} = "
+                        f"'{values[r, c]}'; labels must be -1 or 1; {HINT}")
     return table.iloc[:, 0].to_numpy(dtype=str), (values == "1").astype(np.uint8)
 
 
@@ -116,35 +120,88 @@ def parse_partition(path: str, files: np.ndarray) -> np.ndarray:
     if table.shape != (len(files), 2):
         raise DataError(f"celeba: {path} has a table of shape {table.shape}, expected ({len(files)}, 2) "
                         f"to match list_attr_celeba.txt; {HINT}")
-    if not np.array_equal(table.iloc[:, 0].to_numpy(dtype=str), files):
-        raise DataError(f"celeba: the file names in {path} do not match list_attr_celeba.txt row by row; {HINT}")
+    names = table.iloc[:, 0].to_numpy(dtype=str)
+    differ = np.flatnonzero(names != files)
+    if differ.size:
+        r = int(differ[0])
+        raise DataError(f"celeba: {path} line {r + 1} names {names[r]}, but line {r + 3} of list_attr_celeba.txt "
+                        f"names {files[r]} (the two files must list the same images in the same order; "
+                        f"{differ.size} line(s) differ); {HINT}")
     codes = table.iloc[:, 1].to_numpy()
     ok = np.isin(codes, ["0", "1", "2"])
     if not ok.all():
-        raise DataError(f"celeba: {path} contains partition code {codes[~ok][0]!r}; expected 0, 1 or 2; {HINT}")
+        r = int(np.flatnonzero(~ok)[0])
+        raise DataError(f"celeba: {path} line {r + 1} ({names[r]}) has partition code '{codes[r]}'; expected 0 "
+                        f"(train), 1 (val) or 2 (test); {HINT}")
     return codes.astype(np.int64)
 
 
-def check_images(img_dir: str, files: np.ndarray, n_decode: int = 8, seed: int = 0) -> None:
-    """Every listed image exists; a sample (first, last, ``n_decode`` random) decodes at 178×218."""
+def _names_difference(names: list[str]) -> str:
+    """The first attribute name that differs from the official list, by position."""
+    for k, (got, want) in enumerate(zip(names, ATTRIBUTES)):
+        if got != want:
+            return f"attribute {k + 1} is '{got}', expected '{want}'"
+    if len(names) < len(ATTRIBUTES):
+        return f"{len(names)} attribute names, the last {len(ATTRIBUTES) - len(names)} missing (from '{ATTRIBUTES[len(names)]}')"
+    return f"{len(names)} attribute names, extra '{names[len(ATTRIBUTES)]}' after '{ATTRIBUTES[-1]}'"
+
+
+def _listing(files: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(str(f) for f in files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def decode_problem(path: str) -> str | None:
+    """Why ``path`` is not an aligned & cropped CelebA JPEG (decodes fully, 178×218), else None."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"cannot decode it ({e}): truncated or not a JPEG"
+    if size != IMAGE_SIZE:
+        return f"it is {size[0]}×{size[1]}, expected the aligned & cropped {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} (img_align_celeba)"
+    return None
+
+
+def _looks_whole(path: str) -> bool:
+    """JPEG start marker at the head and an end marker near the tail (a truncated file has none).
+
+    Only the first and last bytes are read; the end marker may be followed by a little padding.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(3)
+        fh.seek(max(0, os.fstat(fh.fileno()).st_size - _TAIL))
+        tail = fh.read(_TAIL)
+    return head == b"\xff\xd8\xff" and b"\xff\xd9" in tail
+
+
+def _image_error(path: str, problem: str) -> DataError:
+    return DataError(f"celeba: image {path}: {problem}; {HINT}")
+
+
+def check_images(img_dir: str, files: np.ndarray, level: str = "headers", n_decode: int = 8, seed: int = 0,
+                 workers: int = 8) -> None:
+    """Every listed image exists; ``"headers"``: each one has the JPEG start/end markers (a
+    screen that reads ~70 bytes per file; a file failing it is decoded to confirm) and a sample
+    (first, last, ``n_decode`` random) decodes at 178×218; ``"full"``: every image decodes."""
     present = set(os.listdir(img_dir))
-    missing = [f for f in files if f not in present]
+    missing = [str(f) for f in files if f not in present]
     if missing:
         raise DataError(f"celeba: {len(missing)} of {len(files)} images listed in the annotations are missing "
-                        f"from {img_dir} (e.g. {missing[:3]}); {HINT}")
-    rng = np.random.default_rng(seed)
-    picks = {0, len(files) - 1, *rng.integers(0, len(files), size=n_decode).tolist()}
-    for i in sorted(picks):
-        path = os.path.join(img_dir, files[i])
-        try:
-            with Image.open(path) as im:
-                im.load()
-                size = im.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"celeba: cannot decode {path} ({e}); truncated or not a JPEG; {HINT}") from e
-        if size != IMAGE_SIZE:
-            raise DataError(f"celeba: {path} is {size[0]}×{size[1]}, expected the aligned & cropped "
-                            f"{IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} images (img_align_celeba); {HINT}")
+                        f"from {img_dir}: {_listing(missing)}; {HINT}")
+    paths = [os.path.join(img_dir, str(f)) for f in files]
+    if level == "full":
+        decode = paths
+    else:
+        rng = np.random.default_rng(seed)
+        picks = {0, len(files) - 1, *rng.integers(0, len(files), size=n_decode).tolist()}
+        decode = [paths[i] for i in sorted(picks)]
+        decode += [p for p in paths if not _looks_whole(p)]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(decode)))) as pool:  # PIL decodes without the GIL
+        for path, problem in zip(decode, pool.map(decode_problem, decode)):
+            if problem:
+                raise _image_error(path, problem)
 
 
 def load_index(paths: CelebaPaths) -> CelebaIndex:
@@ -153,10 +210,16 @@ def load_index(paths: CelebaPaths) -> CelebaIndex:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-    """RGB → PIL bilinear resize to (size, size) → uint8 (3, size, size) (= torchvision Resize)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    """RGB → PIL bilinear resize to (size, size) → uint8 (3, size, size) (= torchvision Resize).
+
+    A file that does not decode raises :class:`DataError` naming it (met at run time when the
+    pre-flight check did not decode it)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _image_error(path, f"cannot decode it ({e}): truncated or not a JPEG") from e
 
 
 class CelebaImages(Dataset):
@@ -208,13 +271,17 @@ def cached_split(cache_dir: str, img_dir: str, files: np.ndarray, split: str, si
                                 f"({len(files)}, 3, {size}, {size}) uint8; delete it to rebuild")
             return path
         tmp = path + ".tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
-        ds = CelebaImages(img_dir, files, np.zeros((len(files), 40), np.uint8), size)
-        start = 0
-        for x, _ in DataLoader(ds, batch_size=512, num_workers=num_workers):
-            out[start:start + len(x)] = x.numpy()
-            start += len(x)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+            ds = CelebaImages(img_dir, files, np.zeros((len(files), 40), np.uint8), size)
+            start = 0
+            for x, _ in DataLoader(ds, batch_size=512, num_workers=num_workers):
+                out[start:start + len(x)] = x.numpy()
+                start += len(x)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:  # a bad image (DataError naming it) leaves no half-written cache behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path

@@ -100,7 +100,9 @@ def parse_idx(data: bytes, path: str, magic: int) -> np.ndarray:
                         f"(truncated or padded); {MNIST_HINT}")
     arr = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
     if magic == LABEL_MAGIC and arr.size and int(arr.max()) > 9:
-        raise DataError(f"multi_mnist: {path} contains label {int(arr.max())}; MNIST labels are 0…9; {MNIST_HINT}")
+        bad = np.flatnonzero(arr > 9)
+        raise DataError(f"multi_mnist: {path} item {int(bad[0])} has label {int(arr[bad[0]])} ({bad.size} label(s) "
+                        f"above 9); MNIST labels are 0…9; {MNIST_HINT}")
     return arr
 
 

@@ -142,12 +142,14 @@ class Celeba(Benchmark):
 
     def check_data(self) -> None:
         """Layout, annotation tables (header, 40 names, ±1 labels, partition codes), every image
-        present, a sample of images decodable at 178×218."""
+        present with JPEG start/end markers, a sample decodable at 178×218 (``data_check="full"``:
+        every image decoded). An image that fails to decode in a run raises :class:`DataError`
+        naming it."""
         if self.synthetic:
             return
         paths = self._paths()
         index = cd.load_index(paths)
-        cd.check_images(paths.img_dir, index.files)
+        cd.check_images(paths.img_dir, index.files, level=self.data_check)
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {}
