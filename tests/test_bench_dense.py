@@ -362,6 +362,23 @@ def test_bad_file_not_sampled_by_the_precheck_stops_the_run_with_its_name(tmp_pa
     assert str(err.value).startswith(f"NYUv2 file {path}: ")
 
 
+def test_trainer_raises_the_data_error_never_a_divergence(tmp_path):
+    """Through the generic trainer (what a trial runs): the DataError propagates, no report
+    with diverged = 1 is made."""
+    from mtl_tune.training.loop import Trainer
+
+    root = write_release(tmp_path / "t", "nyuv2", 6, 2)
+    path = os.path.join(root, "train", "depth", "4.npy")
+    _set(path, np.nan)
+    trainer = Trainer({"benchmark": "nyuv2", "method": "ls", "data_root": root, "device": "cpu", "epochs": 1,
+                       "benchmark_options": {"image_shape": [32, 64], "expected_counts": None, "check_samples": 1},
+                       "filters": TINY, "batch_size": 2, "val_fraction": 0.2})
+    reports = []
+    with pytest.raises(DataError, match=f"NYUv2 file {path}: NaN at pixel"):
+        trainer.run(lambda metrics, state: reports.append(metrics))
+    assert reports == []
+
+
 def test_bad_file_in_a_loader_worker_keeps_the_message(tmp_path):
     root = write_release(tmp_path / "w", "cityscapes", 4, 2)
     path = os.path.join(root, "val", "depth", "1.npy")
