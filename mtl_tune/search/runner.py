@@ -155,6 +155,7 @@ def prepare(options: SearchOptions) -> Plan:
     if options.address:
         check_address(options.address)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
     _check_storage(sweep_dir, options.resume)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
@@ -179,6 +180,15 @@ def check_address(address: str) -> None:
     except (OSError, ValueError) as err:
         raise SearchError(f"--address {address}: could not connect to a Ray cluster at {target} ({err}); start one "
                           "with `ray start --head` or pass host:port of a running head node") from None
+
+
+def check_name(name: str) -> None:
+    """``--name`` is one folder below ``--storage-path``: a single path component, never a way out of it."""
+    bad = (not name or name in (".", "..") or any(sep in name for sep in ("/", "\\"))
+           or any(ord(ch) < 32 for ch in name))
+    if bad:
+        raise SearchError(f"--name {name!r} must be a single folder name (no '/', '\\', '..' or control "
+                          "characters); the sweep is written to --storage-path/--name")
 
 
 def _check_storage(sweep_dir: Path, resume: bool) -> None:

@@ -30,8 +30,6 @@ class Outcome:
 def init_ray(plan: Plan) -> None:
     import ray
 
-    if plan.options.address is None:  # a throw-away local cluster; joining one keeps its auth
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Tune writes one checkpoint per epoch; short toy epochs would otherwise flood the log
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
