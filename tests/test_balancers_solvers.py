@@ -7,6 +7,7 @@ rows g_i of a chosen matrix G, so every written gradient has a closed form.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -225,21 +226,24 @@ def test_fair_solution_is_stationary_exactly_at_and_below_the_threshold():
             assert sol.stationary and sol.converged and not sol.x.any()
 
 
-def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float, p: np.ndarray | None = None) -> tuple[float, float]:
-    """(relative residual max_i |(Ax)_i/rhs_i − 1|, backward error max_i |(Ax)_i − rhs_i|/(rhs_i + (|A|x)_i))
-    with rhs_i = (p_i/x_i)^{1/α}, in 50-digit arithmetic on the float64 inputs (near the front (Ax)_i
-    cancels: its float64 evaluation carries an error ~1e-16/h of its own)."""
+def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float,
+                  p: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(relative residual max_i |(Ax)_i/rhs_i − 1|, backward error max_i |(Ax)_i − rhs_i|/(rhs_i + (|A|x)_i),
+    condition max_i (|A|x)_i / rhs_i) with rhs_i = (p_i/x_i)^{1/α}, in 50-digit arithmetic on the float64
+    inputs (near the front (Ax)_i cancels: its float64 evaluation carries an error ~1e-16/h of its own).
+    The condition is what turns a float64 rounding of the terms of (Ax)_i into relative residual."""
     import mpmath as mp
 
     p = np.ones(len(x)) if p is None else p
-    rel = bwd = 0
+    rel = bwd = cond = 0
     with mp.workdps(50):
         for i in range(len(x)):
             ax = mp.fsum(mp.mpf(float(a[i, j])) * mp.mpf(float(x[j])) for j in range(len(x)))
             size = mp.fsum(abs(mp.mpf(float(a[i, j]))) * mp.mpf(float(x[j])) for j in range(len(x)))
             rhs = (mp.mpf(float(p[i])) / mp.mpf(float(x[i]))) ** (1 / mp.mpf(alpha))
             rel, bwd = max(rel, abs(ax / rhs - 1)), max(bwd, abs(ax - rhs) / (rhs + size))
-        return float(rel), float(bwd)
+            cond = max(cond, size / rhs)
+        return float(rel), float(bwd), float(cond)
 
 
 def _exact_pair_solution(a: np.ndarray, alpha: float, p: np.ndarray | None = None) -> np.ndarray:
@@ -289,9 +293,16 @@ def test_nearly_opposite_above_the_threshold_converge(alpha):
             p = np.exp(rng.uniform(-np.log(2), np.log(2), k))
             sol = solve_fair(a, alpha, p)
             assert sol.converged and not sol.stationary, (alpha, k, h, sol.message)
-            rel, bwd = _exact_errors(a, sol.x, alpha, p)
-            # the 1e-6 acceptance, or (targets far apart) the float64 floor, and the message says which
-            assert rel <= 1e-6 or (bwd <= 1e-13 and "float64 floor" in sol.message), (alpha, k, h, rel, bwd)
+            rel, bwd, cond = _exact_errors(a, sol.x, alpha, p)
+            # The solver accepts its own float64 relative residual <= 1e-6. That residual is computed
+            # from (Ax)_i, whose float64 evaluation (a K-term dot product, plus the few roundings that
+            # map the scaled weights back to x) errs by at most (K + 4)·eps·(|A|x)_i: relative to the
+            # target, cond·(K + 4)·eps. So the exact residual is within 1e-6 plus that much — on any
+            # BLAS kernel and thread count — or the solve stopped at the float64 floor of the backward
+            # error and its message says so.
+            slack = (k + 4) * np.finfo(np.float64).eps * cond
+            at_floor = bwd <= 1e-13 and re.search(r"float64 (precision )?floor", sol.message)
+            assert rel <= 1e-6 + slack or at_floor, (alpha, k, h, rel, bwd, cond, sol.message)
 
 
 def test_genuine_non_convergence_still_fails_then_raises():

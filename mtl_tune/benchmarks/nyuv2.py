@@ -101,8 +101,8 @@ class DenseBenchmark(Benchmark):
     # ------------------------------------------------------------------ data
     @property
     def root(self) -> str | None:
-        """``data_root``, else the environment variable :attr:`data_env`."""
-        return self.data_root or (os.environ.get(self.data_env) if self.data_env else None)
+        """``data_root``, else the environment variable :attr:`data_env` (:meth:`resolve_root`)."""
+        return self.resolve_root(self.data_root)
 
     def check_data(self) -> None:
         """Validate the data folder (no-op for synthetic data); raises :class:`DataError`."""

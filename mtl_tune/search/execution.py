@@ -28,6 +28,9 @@ class Outcome:
 
 
 def init_ray(plan: Plan) -> None:
+    """Start a local Ray cluster, or join ``--address``, with Ray's token authentication as Ray
+    sets it: a new local cluster requires the token (``ray.init`` creates ``~/.ray/auth_token``
+    on first use) so no other process on the network can run code in it; never switched off here."""
     import ray
 
     # Tune writes one checkpoint per epoch; short toy epochs would otherwise flood the log
@@ -38,11 +41,12 @@ def init_ray(plan: Plan) -> None:
     if plan.options.address:
         try:
             ray.init(address=plan.options.address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SearchError(
                 f"--address {plan.options.address}: could not connect to a Ray cluster ({err}). Start one with "
-                "`ray start --head` or pass host:port of a running head node; clusters with token authentication "
-                "need RAY_AUTH_TOKEN (or the token file) in this environment.") from None
+                "`ray start --head` or pass host:port of a running head node. A cluster with token authentication "
+                "(Ray's default) needs RAY_AUTH_MODE=token and its token in this environment: RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md).") from None
     else:
         ray.init(num_cpus=plan.options.num_cpus, **kwargs)
 

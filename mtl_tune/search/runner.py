@@ -209,8 +209,10 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
                              "synthetic": o.synthetic, "cpus_per_trial": o.cpus_per_trial}
     if o.epochs is not None:
         const["epochs"] = o.epochs
-    if o.data_root:
-        const["data_root"] = str(Path(o.data_root).expanduser().resolve())  # trials run in their own cwd
+    if o.data_root or plan.bench.data_env:
+        # resolved once, here on the driver (flag, else the benchmark's variable), as an absolute
+        # path: trials run in their own cwd, on nodes whose environment may differ ("" = none)
+        const["data_root"] = type(plan.bench).resolve_root(o.data_root) or ""
     const.update(o.config)
     return const
 
