@@ -92,6 +92,16 @@ def test_name_is_a_single_folder_inside_the_storage_path(tmp_path, capsys, name)
     assert list(tmp_path.iterdir()) == [storage] and not any(storage.iterdir())
 
 
+def test_the_token_file_is_made_private(tmp_path):
+    from mtl_tune.search.execution import keep_token_private
+
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 32)
+    token.chmod(0o644)  # how Ray writes it under the usual umask
+    keep_token_private(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
 def test_resume_help_warns_about_pickles(capsys):
     with pytest.raises(SystemExit):
         search_main(["--help"])

@@ -41,7 +41,7 @@ from mtl_tune.metrics import MetricSpec
 PathLike = str | Path
 
 #: statuses written by the search; only TERMINATED counts as complete.
-STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY")
+STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY", "INCOMPLETE")
 ID_COLUMNS = ("sweep", "benchmark", "method", "trial_id", "status", "error", "seed", "epochs",
               "training_iteration")
 BOOKKEEPING = ("solver_failures", "diverged", "synthetic", "time_total_s", "logdir")

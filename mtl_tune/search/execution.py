@@ -49,6 +49,18 @@ def init_ray(plan: Plan) -> None:
                 "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md).") from None
     else:
         ray.init(num_cpus=plan.options.num_cpus, **kwargs)
+        keep_token_private()
+
+
+def keep_token_private(token_file: Path | None = None) -> None:
+    """Ray writes ``~/.ray/auth_token`` with the process umask (world-readable with the usual
+    022); whoever reads it can run code in our clusters, so make it readable by its owner only."""
+    token_file = token_file or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if token_file.is_file() and token_file.stat().st_mode & 0o077:
+            token_file.chmod(0o600)
+    except OSError as err:  # not ours (a shared token file): say so, do not fail the search
+        logger.warning("could not make the Ray token file %s private (%s)", token_file, err)
 
 
 def _scheduler(plan: Plan, epochs: int):
