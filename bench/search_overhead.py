@@ -44,8 +44,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 import torch  # noqa: E402
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 
 def alone_child(config: dict) -> dict[str, float]:
     """In a fresh process, as a trial starts: the registry's first scan (it imports every
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mtl_tune.search import SearchOptions, execute, prepare
-    from mtl_tune.search.execute import init_ray
+    from mtl_tune.search.execution import init_ray
     from mtl_tune.search.runner import trial_constants
 
     load0 = c.load_average()

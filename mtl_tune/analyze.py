@@ -1,7 +1,9 @@
 """``python -m mtl_tune.analyze RESULTS... [--out DIR] [--format md|html]``: report on sweeps.
 
 Each RESULTS is a sweep directory (``trials.csv`` + ``sweep.json``, or a Ray Tune
-experiment directory without ``trials.csv``) or a ``trials.csv`` file. The report
+experiment directory without ``trials.csv``, rebuilt from its JSON/CSV files) or a
+``trials.csv`` file. Nothing in RESULTS is unpickled unless ``--allow-pickle`` is given,
+so a folder from someone else is safe to analyse. The report
 (``report.md`` or ``report.html`` plus PNGs) goes to ``--out``. A missing or unreadable
 path prints one error line and exits with status 2 (no traceback).
 """
@@ -21,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("md", "html"), default="md", help="report format (default: md)")
     p.add_argument("--include-incomplete", action="store_true",
                    help="let errored / early-stopped / diverged trials take part in Pareto fronts and hypervolume")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="rebuild tables of folders without trials.csv with Ray's ExperimentAnalysis, which "
+                        "unpickles Tune's state and so RUNS CODE from the folder: only for sweeps you wrote "
+                        "(default: read JSON/CSV files only)")
     return p
 
 
@@ -31,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mtl_tune.analysis.sweep import SweepNotFoundError, load_sweep
 
     try:
-        df = load_sweep(args.results)
+        df = load_sweep(args.results, allow_pickle=args.allow_pickle)
     except (SweepNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

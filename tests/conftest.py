@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

@@ -136,7 +136,6 @@ def test_load_sweep_rebuilds_the_table_from_ray_experiments(tmp_path, capsys):
 
     from mtl_tune.search.cli import main as search
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         code = search(["--method", "ls,cagrad", "--num-samples", "2", "--epochs", "1", "--config",

@@ -7,6 +7,7 @@ rows g_i of a chosen matrix G, so every written gradient has a closed form.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -225,21 +226,24 @@ def test_fair_solution_is_stationary_exactly_at_and_below_the_threshold():
             assert sol.stationary and sol.converged and not sol.x.any()
 
 
-def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float, p: np.ndarray | None = None) -> tuple[float, float]:
-    """(relative residual max_i |(Ax)_i/rhs_i − 1|, backward error max_i |(Ax)_i − rhs_i|/(rhs_i + (|A|x)_i))
-    with rhs_i = (p_i/x_i)^{1/α}, in 50-digit arithmetic on the float64 inputs (near the front (Ax)_i
-    cancels: its float64 evaluation carries an error ~1e-16/h of its own)."""
+def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float,
+                  p: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(relative residual max_i |(Ax)_i/rhs_i − 1|, backward error max_i |(Ax)_i − rhs_i|/(rhs_i + (|A|x)_i),
+    condition max_i (|A|x)_i / rhs_i) with rhs_i = (p_i/x_i)^{1/α}, in 50-digit arithmetic on the float64
+    inputs (near the front (Ax)_i cancels: its float64 evaluation carries an error ~1e-16/h of its own).
+    The condition is what turns a float64 rounding of the terms of (Ax)_i into relative residual."""
     import mpmath as mp
 
     p = np.ones(len(x)) if p is None else p
-    rel = bwd = 0
+    rel = bwd = cond = 0
     with mp.workdps(50):
         for i in range(len(x)):
             ax = mp.fsum(mp.mpf(float(a[i, j])) * mp.mpf(float(x[j])) for j in range(len(x)))
             size = mp.fsum(abs(mp.mpf(float(a[i, j]))) * mp.mpf(float(x[j])) for j in range(len(x)))
             rhs = (mp.mpf(float(p[i])) / mp.mpf(float(x[i]))) ** (1 / mp.mpf(alpha))
             rel, bwd = max(rel, abs(ax / rhs - 1)), max(bwd, abs(ax - rhs) / (rhs + size))
-        return float(rel), float(bwd)
+            cond = max(cond, size / rhs)
+        return float(rel), float(bwd), float(cond)
 
 
 def _exact_pair_solution(a: np.ndarray, alpha: float, p: np.ndarray | None = None) -> np.ndarray:
@@ -289,9 +293,16 @@ def test_nearly_opposite_above_the_threshold_converge(alpha):
             p = np.exp(rng.uniform(-np.log(2), np.log(2), k))
             sol = solve_fair(a, alpha, p)
             assert sol.converged and not sol.stationary, (alpha, k, h, sol.message)
-            rel, bwd = _exact_errors(a, sol.x, alpha, p)
-            # the 1e-6 acceptance, or (targets far apart) the float64 floor, and the message says which
-            assert rel <= 1e-6 or (bwd <= 1e-13 and "float64 floor" in sol.message), (alpha, k, h, rel, bwd)
+            rel, bwd, cond = _exact_errors(a, sol.x, alpha, p)
+            # The solver accepts its own float64 relative residual <= 1e-6. That residual is computed
+            # from (Ax)_i, whose float64 evaluation (a K-term dot product, plus the few roundings that
+            # map the scaled weights back to x) errs by at most (K + 4)·eps·(|A|x)_i: relative to the
+            # target, cond·(K + 4)·eps. So the exact residual is within 1e-6 plus that much — on any
+            # BLAS kernel and thread count — or the solve stopped at the float64 floor of the backward
+            # error and its message says so.
+            slack = (k + 4) * np.finfo(np.float64).eps * cond
+            at_floor = bwd <= 1e-13 and re.search(r"float64 (precision )?floor", sol.message)
+            assert rel <= 1e-6 + slack or at_floor, (alpha, k, h, rel, bwd, cond, sol.message)
 
 
 def test_genuine_non_convergence_still_fails_then_raises():
@@ -1051,13 +1062,41 @@ def _cagrad_exact_x(a: np.ndarray, c: float) -> float:
         return float((lo + hi) / 2)
 
 
+def _cagrad_root_condition(a: np.ndarray, c: float, x: float) -> float:
+    """Condition of the interior minimiser x* (φ'(x*) = 0) under relative perturbations of the
+    Gram entries: Σ_ij |∂φ'/∂a_ij · a_ij| / φ''(x*), in 50-digit arithmetic. Entries known to a
+    few ulp (they come from a float64 matrix product, whose rounding differs between BLAS
+    kernels and thread counts) move x* by up to ~eps times this."""
+    import mpmath as mp
+
+    if x in (0.0, 1.0):
+        return 0.0
+    with mp.workdps(50):
+        def slope(t, a11, a12, a22):
+            c0 = mp.mpf(c) * mp.sqrt((a11 + 2 * a12 + a22) / 4 + mp.mpf(1e-8))
+            q = t * t * a11 + 2 * t * (1 - t) * a12 + (1 - t) ** 2 * a22 + mp.mpf(1e-8)
+            dq = 2 * t * a11 + 2 * (1 - 2 * t) * a12 - 2 * (1 - t) * a22
+            return (a11 - a22) / 2 + c0 * dq / (2 * mp.sqrt(q))
+
+        entries, xm = [mp.mpf(float(v)) for v in (a[0, 0], a[0, 1], a[1, 1])], mp.mpf(x)
+        curvature = mp.diff(lambda t: slope(t, *entries), xm)
+        sensitivity = mp.fsum(abs(mp.diff(lambda v, i=i: slope(xm, *(entries[:i] + [v] + entries[i + 1:])),
+                                          entries[i]) * entries[i]) for i in range(3))
+        return float(sensitivity / curvature)
+
+
 @pytest.mark.parametrize("c", [c for c in CAGRAD_CS if c > 0])
 def test_cagrad_two_task_closed_form_is_the_exact_minimiser(c):
     from mtl_tune.balancers.cagrad import cagrad_dual_2
 
+    eps = np.finfo(np.float64).eps
     for kind, a in _cagrad_two_task_grams():
         x = float(cagrad_dual_2(a[0, 0], a[0, 1], a[1, 1], c))
-        assert abs(x - _cagrad_exact_x(a, c)) <= 1e-12, (kind, c, a.tolist())
+        exact = _cagrad_exact_x(a, c)
+        # 1e-12, plus what a few-ulp change of the entries does to x* (near-opposite gradients make
+        # x* ill-conditioned: the combined gradient almost vanishes there)
+        tol = 1e-12 + 8 * eps * _cagrad_root_condition(a, c, exact)
+        assert abs(x - exact) <= tol, (kind, c, a.tolist(), tol)
 
 
 @pytest.mark.parametrize("c", CAGRAD_CS)

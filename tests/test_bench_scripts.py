@@ -30,7 +30,7 @@ TINY_MLP = ["--width", "16", "--depth", "2", "--head", "8", "--in-dim", "8", "--
 
 
 def run_script(name: str, *args: str, timeout: float = 240) -> str:
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,6 +1,5 @@
 """The search CLI: input validation (no compute spent) and a real Ray Tune + Optuna run."""
 
-import os
 import stat
 
 import pytest
@@ -59,7 +58,6 @@ def test_existing_sweep_needs_resume(capsys, tmp_path):
 def ray_cluster():
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

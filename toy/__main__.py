@@ -1,4 +1,4 @@
-from toy.trajectories import main
+from .trajectories import main
 import sys
 
 sys.exit(main())

@@ -20,7 +20,7 @@ from mtl_tune.balancers.base import Balancer, EpochInfo
 from mtl_tune.benchmarks.toy import INITS, Toy
 from mtl_tune.jacobian import JacobianEngine
 from mtl_tune.registry import balancer_class
-from toy.landscape import gap_scores
+from .landscape import gap_scores
 
 #: methods whose weights depend neither on the losses nor on the step: one call serves all inits.
 BATCHABLE = frozenset({"ls"})

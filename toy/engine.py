@@ -46,11 +46,11 @@ import numpy as np
 
 from mtl_tune.balancers.base import Balancer
 from mtl_tune.registry import balancer_class
-from toy.common import (BATCHABLE, TOY_SKIPS, EngineConfig, KnownJacobian, MethodSpec, RunResult, constructor_args,
+from .common import (BATCHABLE, TOY_SKIPS, EngineConfig, KnownJacobian, MethodSpec, RunResult, constructor_args,
                         loss_floor, protocol_hparams, start_point)
-from toy.fast import has_kernel, run_fast
-from toy.lockstep import run_lockstep
-from toy.reference import run_reference
+from .fast import has_kernel, run_fast
+from .lockstep import run_lockstep
+from .reference import run_reference
 
 __all__ = ["BATCHABLE", "TOY_SKIPS", "EngineConfig", "KnownJacobian", "MethodSpec", "RunResult", "constructor_args",
            "has_kernel", "loss_floor", "protocol_hparams", "run_fast", "run_lockstep", "run_method", "run_reference",

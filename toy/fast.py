@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from toy.common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
-from toy.kernels import Kernel, NumpyAdam, kernel_for
-from toy.landscape import gap_scores, toy_value_and_jacobian
+from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
+from .kernels import Kernel, NumpyAdam, kernel_for
+from .landscape import gap_scores, toy_value_and_jacobian
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from mtl_tune.registry import balancer_class
-from toy.common import (BATCHABLE, EngineConfig, KnownJacobian, MethodSpec, RunResult, epoch_end, extras_info,
+from .common import (BATCHABLE, EngineConfig, KnownJacobian, MethodSpec, RunResult, epoch_end, extras_info,
                         loss_floor, make_balancer, optimizers, seed_all, start_point, warn_info)
-from toy.landscape import gap_scores, toy_value_and_jacobian
+from .landscape import gap_scores, toy_value_and_jacobian
 
 
 class _Job:

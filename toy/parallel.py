@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from toy.engine import EngineConfig, MethodSpec, RunResult, run_fast, run_method, uses_fast, uses_reference
+from .engine import EngineConfig, MethodSpec, RunResult, run_fast, run_method, uses_fast, uses_reference
 
 PROBE_STEPS = 25
 FAST_PROBE_STEPS = 300

@@ -23,9 +23,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mtl_tune.benchmarks.toy import pareto_front, pareto_set
-from toy.engine import RunResult
-from toy.landscape import loss_grid
-from toy.report import SearchTrials, non_dominated, trajectory_losses
+from .engine import RunResult
+from .landscape import loss_grid
+from .report import SearchTrials, non_dominated, trajectory_losses
 
 FRONT_COLOUR = "#72727A"
 MAX_POINTS = 1500   # per trajectory; 35 000 points per run would only make the PNGs slow

@@ -22,9 +22,9 @@ import torch
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks.toy import toy_objectives
-from toy.common import (EngineConfig, MethodSpec, RunResult, epoch_end, extras_info, loss_floor, make_balancer,
+from .common import (EngineConfig, MethodSpec, RunResult, epoch_end, extras_info, loss_floor, make_balancer,
                         optimizers, seed_all, start_point, warn_info)
-from toy.landscape import toy_losses
+from .landscape import toy_losses
 
 
 def run_reference(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig, analytic: bool = False

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from mtl_tune.benchmarks.toy import INITS, pareto_distance, toy_objectives
-from toy.engine import RunResult
-from toy.landscape import FrontDistance, first_within
+from .engine import RunResult
+from .landscape import FrontDistance, first_within
 
 COLUMNS = ("method", "init", "x1_0", "x2_0", "status", "iters", "final_distance", "iters_to_tol",
            "x1", "x2", "L1", "L2", "weights", "solver_failures", "warnings", "us_per_step", "cpu_us_per_step",

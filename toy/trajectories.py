@@ -35,11 +35,11 @@ import yaml
 
 from mtl_tune.benchmarks.toy import INITS
 from mtl_tune.registry import available_balancers, balancer_class
-from toy.engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
-from toy.parallel import init_worker, run_all
-from toy.landscape import loss_grid
-from toy.plots import LIM, plot_gallery, plot_method, plot_search_overlay, subsample
-from toy.report import load_search_trials, markdown_table, summarize_all, write_csv
+from .engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
+from .parallel import init_worker, run_all
+from .landscape import loss_grid
+from .plots import LIM, plot_gallery, plot_method, plot_search_overlay, subsample
+from .report import load_search_trials, markdown_table, summarize_all, write_csv
 
 DEFAULT_ITERS = 35_000                 # nash-mtl and Aligned-MTL toy trainers
 PAPER_ITERS = {"famo": 50_000}         # FAMO's toy trainer

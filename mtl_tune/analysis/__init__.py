@@ -64,6 +64,7 @@ from mtl_tune.analysis.sweep import (
     metric_specs,
     sweep_meta_of,
     sweep_objective,
+    trials_from_folder,
     trials_from_ray,
 )
 
@@ -108,6 +109,7 @@ __all__ = [
     "task_drops",
     "task_spread",
     "task_weights",
+    "trials_from_folder",
     "trials_from_ray",
     "variance_performance",
     "variance_performance_from_metrics",

@@ -12,9 +12,13 @@ families of ``trials.csv``:
 * bookkeeping: ``solver_failures, diverged, synthetic, time_total_s, logdir``.
 
 When a directory has no ``trials.csv`` (e.g. a cluster run whose driver died before
-writing it) the table is rebuilt from the Ray Tune experiment directories below it with
-``ray.tune.ExperimentAnalysis``, which reads them offline (peers.md B.4), through the
-search's own row builder so both paths give the same columns.
+writing it) the table is rebuilt from the plain-text files of the Ray Tune experiment
+directories below it (``params.json``, ``result.json``, ``progress.csv``, the JSON fields
+of ``experiment_state-*.json``; :mod:`mtl_tune.analysis.trial_files`) through the
+search's own row builder, so both paths give the same columns. Nothing in a sweep folder
+is ever unpickled by default, so opening a folder from someone else runs none of its
+code. ``allow_pickle=True`` opts in to Ray's ``ExperimentAnalysis`` instead, which
+unpickles Tune's state: use it only on folders you wrote yourself.
 
 Only :func:`completed_trials` decides which trials are "finished": status
 ``TERMINATED``, not diverged and ``training_iteration >= epochs``. Pareto fronts and
@@ -37,7 +41,7 @@ from mtl_tune.metrics import MetricSpec
 PathLike = str | Path
 
 #: statuses written by the search; only TERMINATED counts as complete.
-STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY")
+STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY", "INCOMPLETE")
 ID_COLUMNS = ("sweep", "benchmark", "method", "trial_id", "status", "error", "seed", "epochs",
               "training_iteration")
 BOOKKEEPING = ("solver_failures", "diverged", "synthetic", "time_total_s", "logdir")
@@ -48,13 +52,19 @@ class SweepNotFoundError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------- loading
-def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True) -> pd.DataFrame:
+def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True,
+               allow_pickle: bool = False) -> pd.DataFrame:
     """Read the trial table(s) of one or several sweeps into one DataFrame.
 
     ``path`` is a sweep directory, a ``trials.csv`` file, or a list of either. Each
     table keeps (or gets) a ``sweep`` column, so several sweeps concatenate cleanly; a
     ``sweep_dir`` column records where each row came from. The parsed ``sweep.json`` of
     every sweep is in ``df.attrs["sweeps"]`` (``{sweep name: meta}``).
+
+    Without ``trials.csv`` the table is rebuilt from the experiment folders' JSON/CSV
+    files (``ray_fallback=False`` raises instead). ``allow_pickle=True`` rebuilds it with
+    Ray's ``ExperimentAnalysis``, which unpickles Tune's state and so runs code from the
+    folder: only for sweeps you wrote.
 
     Types are normalised: ``status`` upper-case text, ``error`` text ("" when none),
     ``diverged`` 0/1 int, ``synthetic`` bool, numeric metric columns float.
@@ -65,7 +75,7 @@ def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True
         raise SweepNotFoundError("load_sweep: no path given")
     frames, metas = [], {}
     for p in paths:
-        df, meta = _load_one(Path(p), ray_fallback=ray_fallback)
+        df, meta = _load_one(Path(p), ray_fallback=ray_fallback, allow_pickle=allow_pickle)
         frames.append(df)
         for name in dict.fromkeys(df["sweep"].astype(str)):
             metas[name] = meta
@@ -86,7 +96,7 @@ def load_sweep_meta(path: PathLike) -> dict[str, Any]:
         return json.load(fh)
 
 
-def _load_one(path: Path, *, ray_fallback: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _load_one(path: Path, *, ray_fallback: bool, allow_pickle: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not path.exists():
         raise SweepNotFoundError(f"sweep path {str(path)!r} does not exist")
     csv = path if path.is_file() else path / "trials.csv"
@@ -98,7 +108,7 @@ def _load_one(path: Path, *, ray_fallback: bool) -> tuple[pd.DataFrame, dict[str
         # fix the text columns in _normalise instead.
         df = pd.read_csv(csv, low_memory=False)
     elif ray_fallback and path.is_dir():
-        df = trials_from_ray(path)
+        df = trials_from_ray(path) if allow_pickle else trials_from_folder(path)
     else:
         raise SweepNotFoundError(f"no trials.csv in {str(path)!r}")
     name = meta.get("name") or (path.parent.name if path.is_file() else path.name)
@@ -139,6 +149,20 @@ def _to_bool(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- Ray fallback
+def trials_from_folder(root: PathLike) -> pd.DataFrame:
+    """Rebuild the ``trials.csv`` table from the JSON/CSV files of the Tune experiments under
+    ``root`` (never unpickling anything; :mod:`mtl_tune.analysis.trial_files`)."""
+    from mtl_tune.analysis.trial_files import trials_from_files
+
+    root = Path(root)
+    meta = load_sweep_meta(root)
+    df = trials_from_files(root, str(meta.get("name") or root.name), len(meta.get("tasks") or []))
+    if df.empty:
+        raise SweepNotFoundError(f"no trials.csv and no Ray Tune trial (params.json / experiment_state-*.json) "
+                                 f"under {str(root)!r}")
+    return df
+
+
 def find_ray_experiments(root: PathLike, max_depth: int = 3) -> list[Path]:
     """Directories at most ``max_depth`` below ``root`` holding ``experiment_state-*.json``."""
     root = Path(root)
@@ -156,7 +180,10 @@ def find_ray_experiments(root: PathLike, max_depth: int = 3) -> list[Path]:
 
 
 def trials_from_ray(root: PathLike) -> pd.DataFrame:
-    """Rebuild the ``trials.csv`` table from the Ray experiment(s) under ``root``.
+    """Rebuild the ``trials.csv`` table from the Ray experiment(s) under ``root`` with Ray's reader.
+
+    UNSAFE for folders you did not write: ``ExperimentAnalysis`` unpickles Tune's state,
+    which can run arbitrary code. :func:`load_sweep` uses it only with ``allow_pickle=True``.
 
     The search keeps one Tune experiment per method (``<sweep>/<method>/``); each one
     found is read offline with the search's own row builder

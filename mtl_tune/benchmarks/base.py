@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -116,6 +117,19 @@ class Benchmark(abc.ABC):
                         and p.name not in ("self", "data_root", "synthetic") and p.name not in names):
                     names.append(p.name)
         return sorted(names)
+
+    @classmethod
+    def resolve_root(cls, data_root: str | None) -> str | None:
+        """The absolute data root: ``data_root``, else the variable :attr:`data_env` of the
+        environment of *this* process, else None.
+
+        The search calls this once on the driver and passes the result in every trial's
+        config (``""`` when there is none), so trials on other nodes never read their own
+        environment: ``""`` means "resolved: no data root" and skips the variable.
+        """
+        if data_root is None and cls.data_env:
+            data_root = os.environ.get(cls.data_env) or None
+        return os.path.abspath(os.path.expanduser(data_root)) if data_root else None
 
     # ------------------------------------------------------------------ data
     def check_data(self) -> None:

@@ -126,8 +126,7 @@ class Celeba(Benchmark):
                  **options: Any) -> None:
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
         self.data_check = data_check_level(data_check)
-        root = data_root or os.environ.get(self.data_env or "") or None
-        self.root = os.path.abspath(os.path.expanduser(root)) if root else None
+        self.root = self.resolve_root(data_root)  # absolute: Ray trials chdir
 
     def info(self) -> dict[str, Any]:
         """Which data this benchmark uses (for the trainer to store with the results)."""

@@ -36,7 +36,6 @@ baseline and the default objective is the validation mean accuracy.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import numpy as np
@@ -154,8 +153,7 @@ class MultiMnist(Benchmark):
                  data_check: str = "headers", **options: Any) -> None:
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
         self.data_check = data_check_level(data_check)  # the idx files are always read in full
-        root = data_root or os.environ.get(self.data_env or "") or None
-        self.root = os.path.abspath(os.path.expanduser(root)) if root else None  # Ray trials chdir
+        self.root = self.resolve_root(data_root)  # absolute: Ray trials chdir
         if source is None:
             source = "mnist" if self.root else "sklearn_digits"
         if source not in SOURCES:

@@ -138,8 +138,8 @@ class DenseBenchmark(Benchmark):
     # ------------------------------------------------------------------ data
     @property
     def root(self) -> str | None:
-        """``data_root``, else the environment variable :attr:`data_env`."""
-        return self.data_root or (os.environ.get(self.data_env) if self.data_env else None)
+        """``data_root``, else the environment variable :attr:`data_env` (:meth:`resolve_root`)."""
+        return self.resolve_root(self.data_root)
 
     def _scan(self, level: str) -> DenseFiles:
         return check_dense_data(self.data_layout, self.root, self.data_env, self.check_samples, level)

@@ -61,13 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--storage-path", default="results", help="where sweeps are written (shared path on a cluster)")
-    p.add_argument("--name", default=None, help="sweep name (default: <benchmark>-<timestamp>); needed for --resume")
+    p.add_argument("--name", default=None,
+                   help="sweep name, one folder name under --storage-path (default: <benchmark>-<timestamp>); "
+                        "needed for --resume")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the benchmark's protocol)")
     p.add_argument("--data-root", default=None, help="data set location (or the benchmark's environment variable)")
     p.add_argument("--synthetic", action="store_true", help="random tensors of the real shapes (throughput only)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster: 'auto' or host:port")
-    p.add_argument("--resume", action="store_true", help="continue the search --storage-path/--name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search --storage-path/--name; this loads Ray's pickled state of that folder, "
+                        "which can run code: resume only sweeps you wrote")
     p.add_argument("--search-space", default=None, help="YAML file replacing search_spaces/<method>.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a hyperparameter of the method (repeatable)")
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownNameError, SearchError, SpaceError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from mtl_tune.search.execute import execute
+    from mtl_tune.search import execute
 
     try:
         outcome = execute(plan)

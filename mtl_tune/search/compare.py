@@ -74,7 +74,7 @@ def simplex_grid(n_tasks: int, n_points: int) -> list[list[float]]:
 def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     from ray import tune
 
-    from mtl_tune.search.execute import trial_dirname
+    from mtl_tune.search.execution import trial_dirname
     from mtl_tune.search.trainable import train_trial
 
     o = plan.options

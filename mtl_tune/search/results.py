@@ -43,17 +43,16 @@ def write_sweep_json(sweep_dir: Path, info: dict[str, Any]) -> None:
     atomic_write_text(sweep_dir / SWEEP, json.dumps(info, indent=2, default=str))
 
 
-def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "path", None) or getattr(trial, "local_path", None)
-    if path and (Path(path) / "error.txt").is_file():
-        text = _ANSI.sub("", (Path(path) / "error.txt").read_text(errors="replace")).strip()
+def error_text(trial_dir: str | Path | None) -> str:
+    """The last line of a trial's ``error.txt`` (plain text written by Tune), "" when none."""
+    if trial_dir and (Path(trial_dir) / "error.txt").is_file():
+        text = _ANSI.sub("", (Path(trial_dir) / "error.txt").read_text(errors="replace")).strip()
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return lines[-1][:500] if lines else text[:500]
     return ""
 
 
-def _status(trial: Any, last: dict[str, Any]) -> str:
-    status = str(trial.status)
+def _status(status: str, last: dict[str, Any]) -> str:
     if last.get("diverged"):
         return "DIVERGED"
     if status == "TERMINATED" and last and float(last.get("epoch", 0)) < float(last.get("epochs", 0)):
@@ -61,39 +60,53 @@ def _status(trial: Any, last: dict[str, Any]) -> str:
     return status
 
 
+def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: dict[str, Any],
+              last: dict[str, Any], trial_dir: str | Path | None) -> dict[str, Any]:
+    """One row of the tidy table from plain values (a trial's config, last result and folder).
+
+    Shared by the search (which reads Tune's experiment state) and by the analysis, which
+    rebuilds the same row from the JSON files of a trial folder alone.
+    """
+    row: dict[str, Any] = {
+        "sweep": sweep, "benchmark": config.get("benchmark"), "method": config.get("method"),
+        "trial_id": trial_id, "status": _status(status, last),
+        "error": last.get("error") or error_text(trial_dir) if status == "ERROR" or last.get("error") else "",
+        "seed": config.get("seed"), "epochs": config.get("epochs"),
+        "training_iteration": last.get("training_iteration", 0),
+    }
+    try:
+        hparams = resolve_hparams(config.get("hparams"), n_tasks)
+    except ValueError:
+        hparams = dict(config.get("hparams") or {})
+    for key, value in sorted(hparams.items()):
+        row[f"hp/{key}"] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+    for key, value in last.items():
+        if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("config/"):
+            row[key] = value
+    for key in ("solver_failures", "diverged", "synthetic", "time_total_s", "resumed_from_epoch"):
+        row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
+    row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
+    row["node_id"] = last.get("node_id", "")
+    row["data_source"] = last.get("data_source", "")
+    row["data_root"] = config.get("data_root") or ""  # resolved once on the driver
+    row["logdir"] = str(trial_dir or "")
+    return row
+
+
 def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str, Any]]:
-    """One row per trial of one Tune experiment folder (one method)."""
+    """One row per trial of one Tune experiment folder (one method) that this search wrote.
+
+    ``ExperimentAnalysis`` unpickles parts of the experiment state, so only the search
+    itself calls this on its own folders; :mod:`mtl_tune.analysis` rebuilds tables of
+    folders from elsewhere from their JSON files (:mod:`mtl_tune.analysis.trial_files`).
+    """
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(experiment_dir))
-    rows = []
-    for trial in analysis.trials:
-        config = dict(trial.config)
-        last = dict(trial.last_result or {})
-        row: dict[str, Any] = {
-            "sweep": sweep, "benchmark": config.get("benchmark"), "method": config.get("method"),
-            "trial_id": trial.trial_id, "status": _status(trial, last),
-            "error": last.get("error") or _trial_error(trial) if str(trial.status) == "ERROR" or last.get("error") else "",
-            "seed": config.get("seed"), "epochs": config.get("epochs"),
-            "training_iteration": last.get("training_iteration", 0),
-        }
-        try:
-            hparams = resolve_hparams(config.get("hparams"), n_tasks)
-        except ValueError:
-            hparams = dict(config.get("hparams") or {})
-        for key, value in sorted(hparams.items()):
-            row[f"hp/{key}"] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
-        for key, value in last.items():
-            if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("config/"):
-                row[key] = value
-        for key in ("solver_failures", "diverged", "synthetic", "time_total_s", "resumed_from_epoch"):
-            row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
-        row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
-        row["node_id"] = last.get("node_id", "")
-        row["data_source"] = last.get("data_source", "")
-        row["logdir"] = str(getattr(trial, "path", "") or getattr(trial, "local_path", ""))
-        rows.append(row)
-    return rows
+    return [trial_row(sweep, n_tasks, trial_id=trial.trial_id, status=str(trial.status), config=dict(trial.config),
+                      last=dict(trial.last_result or {}),
+                      trial_dir=getattr(trial, "path", None) or getattr(trial, "local_path", None))
+            for trial in analysis.trials]
 
 
 #: experiment-folder suffix → phase: the Optuna search, seed re-runs, preference sweep

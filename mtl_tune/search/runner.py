@@ -165,6 +165,7 @@ def prepare(options: SearchOptions) -> Plan:
     if options.address:
         check_address(options.address)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
     _check_storage(sweep_dir, options.resume)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
@@ -191,6 +192,15 @@ def check_address(address: str) -> None:
                           "with `ray start --head` or pass host:port of a running head node") from None
 
 
+def check_name(name: str) -> None:
+    """``--name`` is one folder below ``--storage-path``: a single path component, never a way out of it."""
+    bad = (not name or name in (".", "..") or any(sep in name for sep in ("/", "\\"))
+           or any(ord(ch) < 32 for ch in name))
+    if bad:
+        raise SearchError(f"--name {name!r} must be a single folder name (no '/', '\\', '..' or control "
+                          "characters); the sweep is written to --storage-path/--name")
+
+
 def _check_storage(sweep_dir: Path, resume: bool) -> None:
     if resume and not sweep_dir.is_dir():
         raise SearchError(f"--resume: {sweep_dir} does not exist; pass the --storage-path and --name of the search to resume")
@@ -209,8 +219,10 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
                              "synthetic": o.synthetic, "cpus_per_trial": o.cpus_per_trial}
     if o.epochs is not None:
         const["epochs"] = o.epochs
-    if o.data_root:
-        const["data_root"] = str(Path(o.data_root).expanduser().resolve())  # trials run in their own cwd
+    if o.data_root or plan.bench.data_env:
+        # resolved once, here on the driver (flag, else the benchmark's variable), as an absolute
+        # path: trials run in their own cwd, on nodes whose environment may differ ("" = none)
+        const["data_root"] = type(plan.bench).resolve_root(o.data_root) or ""
     const.update(o.config)
     return const
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from importlib import resources
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,16 @@ import yaml
 
 from mtl_tune.registry import balancer_class
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+def spaces_dir() -> Path:
+    """Where ``<method>.yaml`` files live: the checkout's top-level ``search_spaces/`` (the copy
+    a user edits) when running from a checkout, else the copy shipped in the package."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "search_spaces").is_dir():
+        return root / "search_spaces"
+    return Path(str(resources.files("mtl_tune") / "search_spaces"))
+
+
+SPACES_DIR = spaces_dir()
 TYPES = ("float", "int", "categorical", "simplex")
 PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices", "default", "search", "description"}
 TOP_FIELDS = {"method", "description", "params", "benchmarks"}

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from functools import lru_cache
 
-from toy.kernels._base import Kernel, NumpyAdam, clip_rows, combine, gram2
+from ._base import Kernel, NumpyAdam, clip_rows, combine, gram2
 
 __all__ = ["Kernel", "NumpyAdam", "clip_rows", "combine", "gram2", "kernel_for", "kernels"]
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows
+from ._base import Kernel, clip_rows
 
 
 #: smallest normal float64: a floor that changes no normal number's quotient

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers._fair_pairs import FairPairs
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 #: a warm-started solve needs 1–2 Newton steps where a cold one needs up to ~6 (α = 5): below this
 #: ``max_iter`` the kernel starts cold like the balancer, so that the same rows hit the limit

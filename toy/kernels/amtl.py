@@ -7,7 +7,7 @@ toy's trajectories hit on the Pareto set — switches at the same steps.
 
 from __future__ import annotations
 
-from toy.kernels._aligned import AlignedKernel
+from ._aligned import AlignedKernel
 
 
 class AMTLKernel(AlignedKernel):

@@ -7,7 +7,7 @@ J_z = J and ``backward(z, d_z)`` writes d_z into x.grad: the same update as ``am
 
 from __future__ import annotations
 
-from toy.kernels._aligned import AlignedKernel
+from ._aligned import AlignedKernel
 
 
 class AMTLUBKernel(AlignedKernel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers.cagrad import cagrad_coefficients_2
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 
 class CAGradKernel(Kernel):

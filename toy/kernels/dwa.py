@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 
 def dwa_weights_rows(recent: np.ndarray, older: np.ndarray, temp: np.ndarray) -> np.ndarray:

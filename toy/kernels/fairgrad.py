@@ -7,7 +7,7 @@ tasks — with the balancer's failure bookkeeping (:mod:`toy.kernels._fair`).
 
 from __future__ import annotations
 
-from toy.kernels._fair import FairGradFamilyKernel
+from ._fair import FairGradFamilyKernel
 
 
 class FairGradKernel(FairGradFamilyKernel):

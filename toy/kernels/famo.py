@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers.famo import EPS
-from toy.kernels._base import Kernel, clip_rows, combine
-from toy.kernels._losses import Float32Adam, one_thread
+from ._base import Kernel, clip_rows, combine
+from ._losses import Float32Adam, one_thread
 
 F32 = np.float32
 

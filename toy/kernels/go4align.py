@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 
 def log_softmax2(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from toy.kernels._base import Kernel, clip_rows
+from ._base import Kernel, clip_rows
 
 #: steps of uniforms drawn per row at a time.
 CHUNK = 1024

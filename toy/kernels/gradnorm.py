@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from toy.kernels._base import Kernel, clip_rows, combine
-from toy.kernels._losses import Float32Adam, ScalarPow
+from ._base import Kernel, clip_rows, combine
+from ._losses import Float32Adam, ScalarPow
 
 F32 = np.float32
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers.gradvac import TARGET_MARGIN
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 
 def vaccine_steps(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:

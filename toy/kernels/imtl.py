@@ -25,7 +25,7 @@ import torch
 
 from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.imtl import imtl_g_weights
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 #: rows with cos(g₁, g₂) > 1 − this run through the balancer's own solve (see the module docstring).
 NEAR_PARALLEL = 1e-3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 
 class LSKernel(Kernel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 
 def min_norm_weights_2(a11: np.ndarray, a12: np.ndarray, a22: np.ndarray) -> np.ndarray:

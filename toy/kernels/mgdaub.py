@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers.mgda import NORMALIZATIONS
-from toy.kernels._aligned import gram_entries
-from toy.kernels._base import Kernel, clip_rows, combine
-from toy.kernels.mgda import min_norm_weights_2
+from ._aligned import gram_entries
+from ._base import Kernel, clip_rows, combine
+from .mgda import min_norm_weights_2
 
 
 def normalizers(kinds: np.ndarray, norms: np.ndarray, losses: np.ndarray) -> np.ndarray:

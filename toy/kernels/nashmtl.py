@@ -21,8 +21,8 @@ import numpy as np
 
 from mtl_tune.balancers._fair_pairs import FairPairs
 from mtl_tune.balancers._fairness import solve_fair
-from toy.kernels._base import gram2
-from toy.kernels._fair import FairFamilyKernel
+from ._base import gram2
+from ._fair import FairFamilyKernel
 
 
 class NashMTLKernel(FairFamilyKernel):

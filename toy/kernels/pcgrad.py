@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toy.kernels._base import Kernel, clip_rows, combine, gram2
+from ._base import Kernel, clip_rows, combine, gram2
 
 
 class PCGradKernel(Kernel):

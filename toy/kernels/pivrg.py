@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_tune.balancers.pivrg import performance_priorities
-from toy.kernels._fair import FairGradFamilyKernel
+from ._fair import FairGradFamilyKernel
 
 
 class PIVRGKernel(FairGradFamilyKernel):

@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 #: steps pre-drawn per refill: the per-refill overhead (a few torch calls per row) is
 #: amortised; 35 000 steps take 35 refills

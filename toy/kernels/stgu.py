@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers.stgu import PairGrouping, affinity_similarity, affinity_update_pairs
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 #: the engine's ``adam_step`` steps every row of the block, so every row must take the same
 #: number of group steps per iteration; without the repeat a one-group batch takes one.

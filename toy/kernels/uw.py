@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toy.kernels._base import Kernel, clip_rows, combine
+from ._base import Kernel, clip_rows, combine
 
 
 def _group(balancer: Any, default_lr: float) -> dict[str, Any]:

@@ -28,10 +28,11 @@ class Outcome:
 
 
 def init_ray(plan: Plan) -> None:
+    """Start a local Ray cluster, or join ``--address``, with Ray's token authentication as Ray
+    sets it: a new local cluster requires the token (``ray.init`` creates ``~/.ray/auth_token``
+    on first use) so no other process on the network can run code in it; never switched off here."""
     import ray
 
-    if plan.options.address is None:  # a throw-away local cluster; joining one keeps its auth
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Tune writes one checkpoint per epoch; short toy epochs would otherwise flood the log
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -40,13 +41,26 @@ def init_ray(plan: Plan) -> None:
     if plan.options.address:
         try:
             ray.init(address=plan.options.address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SearchError(
                 f"--address {plan.options.address}: could not connect to a Ray cluster ({err}). Start one with "
-                "`ray start --head` or pass host:port of a running head node; clusters with token authentication "
-                "need RAY_AUTH_TOKEN (or the token file) in this environment.") from None
+                "`ray start --head` or pass host:port of a running head node. A cluster with token authentication "
+                "(Ray's default) needs RAY_AUTH_MODE=token and its token in this environment: RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md).") from None
     else:
         ray.init(num_cpus=plan.options.num_cpus, **kwargs)
+        keep_token_private()
+
+
+def keep_token_private(token_file: Path | None = None) -> None:
+    """Ray writes ``~/.ray/auth_token`` with the process umask (world-readable with the usual
+    022); whoever reads it can run code in our clusters, so make it readable by its owner only."""
+    token_file = token_file or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if token_file.is_file() and token_file.stat().st_mode & 0o077:
+            token_file.chmod(0o600)
+    except OSError as err:  # not ours (a shared token file): say so, do not fail the search
+        logger.warning("could not make the Ray token file %s private (%s)", token_file, err)
 
 
 def _scheduler(plan: Plan, epochs: int):
