@@ -51,13 +51,16 @@ def init_ray(plan: Plan) -> None:
 
 
 def _scheduler(plan: Plan, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+    from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler
 
     o = plan.options
     if o.scheduler == "asha":
         return ASHAScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs, grace_period=o.grace_period)
     if o.scheduler == "hyperband":
-        return HyperBandScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs)
+        # the asynchronous form (several ASHA brackets): Tune's synchronous HyperBandScheduler
+        # pauses trials at each rung, and after --resume its lost bracket state left them PAUSED
+        return AsyncHyperBandScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs,
+                                       grace_period=o.grace_period, brackets=3)
     return None
 
 

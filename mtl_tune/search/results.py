@@ -78,8 +78,8 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
             "error": last.get("error") or _trial_error(trial) if str(trial.status) == "ERROR" or last.get("error") else "",
             "seed": config.get("seed"), "epochs": config.get("epochs"),
             "training_iteration": last.get("training_iteration", 0),
-            # restarts after a lost worker/node (failure class 3); 0 for classes 1 and 2
-            "retries": int(getattr(trial, "num_failures", 0) or 0),
+            # times the trial's worker failed (class 3: each restart follows one); 0 for classes 1 and 2
+            "failures": int(getattr(trial, "num_failures", 0) or 0),
         }
         try:
             hparams = resolve_hparams(config.get("hparams"), n_tasks)
