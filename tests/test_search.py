@@ -43,7 +43,7 @@ def test_unwritable_storage_path(capsys, tmp_path):
     blocker.write_text("x")
     blocker.chmod(stat.S_IRUSR)
     code, _, err = run_cli(capsys, "--storage-path", str(blocker / "sub"))
-    assert code == 2 and "not writable" in err
+    assert code == 2 and f"{blocker} is not a folder" in err
 
 
 def test_existing_sweep_needs_resume(capsys, tmp_path):

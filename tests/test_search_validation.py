@@ -271,3 +271,35 @@ def test_module_entry_point_exits_2(tmp_path):
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-failures -1: must be at least 0"
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------- --address: ask the cluster
+@pytest.fixture
+def one_cpu_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("request_,match", [
+    (["--cpus-per-trial", "2"], r"--cpus-per-trial 2: the cluster at .* \(2 node\(s\)\) has 1 CPU\(s\) per node"),
+    (["--gpus-per-trial", "2"], r"--gpus-per-trial 2: the cluster at .* has 1 GPU\(s\) per node; ask for at most 1"),
+])
+def test_requests_larger_than_any_node_of_the_cluster_are_refused(one_cpu_nodes, tmp_path, capsys, request_, match):
+    import re
+
+    with deadline(120):
+        code = main(["--address", one_cpu_nodes.address, "--method", "ls", *request_,
+                     "--storage-path", str(tmp_path / "r"), "--name", "x"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "r").exists()

@@ -55,6 +55,14 @@ def check_numbers(options: Any) -> None:
         raise SearchError(f"--grace-period {options.grace_period}: must be at most --epochs ({options.epochs})")
 
 
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity mask; what a container grants, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def local_gpus() -> int:
     """GPUs a local Ray cluster would see (CUDA_VISIBLE_DEVICES is honoured by torch too)."""
     import torch
@@ -76,7 +84,7 @@ def check_local_resources(options: Any) -> None:
     """Local cluster: its size is known before Ray starts (``--num-cpus`` or this machine)."""
     if options.address:
         return
-    cpus = options.num_cpus or os.cpu_count() or 1
+    cpus = options.num_cpus or local_cpus()
     check_resources(options.cpus_per_trial, options.gpus_per_trial, cpus,
                     local_gpus() if options.gpus_per_trial > 0 else 0, "this machine" if not options.num_cpus
                     else f"the local cluster (--num-cpus {options.num_cpus})")
