@@ -36,6 +36,9 @@ def test_killed_worker_restarts_from_its_checkpoint(faulty_cluster, tmp_path, ca
     table = load_sweep(tmp_path / "f")
     assert set(table["status"]) == {"TERMINATED"} and (table["training_iteration"] == 3).all()
     assert (table["resumed_from_epoch"] == 1.0).all()  # continued after epoch 1, not restarted from scratch
+    assert (table["failures"] == 1).all()  # failure class 3: one lost worker each, one restart each
+    state = sorted((tmp_path / "f" / "ls").glob("searcher-state-*.pkl"))[-1]
+    assert [t.state.name for t in pickle.loads(state.read_bytes())["_ot_study"].trials] == ["COMPLETE"] * 2
     for logdir in table["logdir"]:
         results = [json.loads(line) for line in (Path(logdir) / "result.json").read_text().splitlines()]
         assert [r["epoch"] for r in results][-2:] == [2.0, 3.0]
