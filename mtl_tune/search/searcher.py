@@ -5,6 +5,9 @@
 * P1: a non-finite objective never reaches ``study.tell`` (which would raise, be swallowed
   and leave a zombie RUNNING trial); the trainer already reports finite penalties, and a
   value that is still not finite is told as FAIL with a warning.
+* A trial that reported ``failed = 1`` (bad data or configuration met at run time, failure
+  class 2 of docs/reliability.md) is told FAIL, like one that crashed for good.
+* NSGA-II is :class:`PicklableNSGAIISampler`, so the searcher can be checkpointed and resumed.
 """
 
 from __future__ import annotations
