@@ -66,7 +66,8 @@ def test_diverging_trials_are_recorded_and_the_search_goes_on(ray_local, tmp_pat
                  "--config", "steps_per_epoch=50", "--config", "init=3", "--objective", "pareto_distance",
                  "--storage-path", str(tmp_path), "--name", "d", "--verbose", "0"])
     out = capsys.readouterr().out
-    assert code == 0
+    assert code == 1  # no trial finished (all diverged): the summary says why and the command fails
+    assert 'trial status: {"DIVERGED": 3}' in out
     table = load_sweep(tmp_path / "d")
     assert len(table) == 3 and set(table["status"]) == {"DIVERGED"}
     assert table["error"].str.contains("min_losses").all() and (table["diverged"] == 1).all()
