@@ -12,14 +12,18 @@ drives every benchmark through the same small surface:
 * ``make_optimizer`` / ``make_scheduler`` / ``scheduler_step`` — the papers' training
   protocol (overridable through the trial config).
 * ``metrics`` — every reported metric with its direction, STL baseline and task.
+* ``settings`` — the schema of every ``--config`` key (type, range, allowed values);
+  :meth:`Benchmark.check_config` checks a configuration against it before Ray starts.
 """
 
 from __future__ import annotations
 
 import abc
 import inspect
+import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -64,6 +68,102 @@ def data_check_level(value: Any) -> str:
     return str(value)
 
 
+class ConfigError(ValueError):
+    """A configuration value the run cannot use (same error on every retry). The message
+    names the key, the value and what is allowed."""
+
+
+KINDS = ("int", "float", "bool", "str", "ints", "mapping")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Schema of one configuration key: its kind, range or allowed values.
+
+    ``kind``: int, float, bool, str (optionally ``choices`` or a regular-expression
+    ``pattern``), ints (a non-empty list of ints, each within the range) or mapping.
+    ``low``/``high`` bound numbers (``open_low``: strictly above ``low``); ``nullable``
+    lets ``none``/``null`` mean "the default behaviour".
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[Any, ...] = ()
+    pattern: str | None = None
+    nullable: bool = False
+    help: str = ""
+
+    def allowed(self) -> str:
+        """What the key accepts, in words (for error messages and ``--help`` text)."""
+        if self.choices:
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.pattern:
+            text = f"a string matching {self.pattern}"
+        elif self.kind in ("int", "float", "ints"):
+            noun = {"int": "an integer", "float": "a number", "ints": "a list of integers"}[self.kind]
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.open_high else '<='} {self.high:g}")
+            text = noun + (" " + " and ".join(bounds) if bounds else "")
+        else:
+            text = {"bool": "true or false", "mapping": "a mapping {key: value}", "str": "a string"}[self.kind]
+        return text + (" or none" if self.nullable and "none" not in self.choices else "")
+
+    def problem(self, value: Any) -> str | None:
+        """None if ``value`` is allowed, else why not (see :meth:`allowed`)."""
+        if value is None or (self.nullable and isinstance(value, str) and value.lower() in ("none", "null")):
+            return None if self.nullable else "a value is required"
+        if self.choices:
+            return None if value in self.choices else "not allowed"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "not true/false"
+        if self.kind == "str":
+            if not isinstance(value, str):
+                return "not a string"
+            return None if self.pattern is None or re.fullmatch(self.pattern, value) else "not allowed"
+        if self.kind == "mapping":
+            return None if isinstance(value, Mapping) else "not a mapping"
+        items = value if self.kind == "ints" else [value]
+        if self.kind == "ints" and (not isinstance(value, (list, tuple)) or not value):
+            return "not a non-empty list"
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                return "not a number"
+            if not math.isfinite(item):
+                return "not finite"
+            if self.kind in ("int", "ints") and int(item) != item:
+                return "not an integer"
+            if self.low is not None and (item < self.low or (self.open_low and item == self.low)):
+                return "out of range"
+            if self.high is not None and (item > self.high or (self.open_high and item == self.high)):
+                return "out of range"
+        return None
+
+
+def _positive(kind: str, help: str = "") -> Setting:
+    return Setting(kind, low=0, open_low=True, help=help)
+
+
+#: settings of the generic trainer (mtl_tune.training.loop) that every benchmark accepts
+TRAINER_SETTINGS: dict[str, Setting] = {
+    "epochs": Setting("int", low=1, help="epochs per trial"),
+    "lr": _positive("float", "learning rate"),
+    "device": Setting("str", pattern=r"auto|cpu|mps|cuda(:\d+)?", nullable=True, help="torch device"),
+    "method_params_lr": Setting("float", low=0, open_low=True, nullable=True,
+                                help="learning rate of learnable balancer parameters"),
+    "last_n_mean": Setting("int", low=0, help="average the test metrics of the last N epochs"),
+    "deterministic": Setting("bool", help="cuDNN deterministic kernels"),
+    "benchmark_options": Setting("mapping", help="constructor options of the benchmark"),
+    "amp": Setting("str", choices=("none", "bf16"), nullable=True, help="bf16 autocast of the model"),
+    "channels_last": Setting("bool", help="NHWC memory format for conv nets"),
+}
+
+
 @dataclass
 class Setup:
     """Everything one training run of a benchmark needs (built by :meth:`Benchmark.build`)."""
@@ -91,6 +191,8 @@ class Benchmark(abc.ABC):
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
     #: training defaults (the papers' protocol); a trial config may override any key.
     defaults: ClassVar[dict[str, Any]] = {"epochs": 10, "lr": 1e-3, "batch_size": 32}
+    #: schema of the benchmark's own --config keys (the trainer's are :data:`TRAINER_SETTINGS`)
+    settings: ClassVar[dict[str, Setting]] = {}
     #: environment variable that may hold the data root.
     data_env: ClassVar[str | None] = None
     #: True when results come from random tensors of the real shapes (throughput only).
@@ -134,6 +236,24 @@ class Benchmark(abc.ABC):
     # ------------------------------------------------------------------ data
     def check_data(self) -> None:
         """Raise :class:`DataError` if the data set is missing or malformed. Default: no data."""
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def all_settings(cls) -> dict[str, Setting]:
+        return {**TRAINER_SETTINGS, **cls.settings}
+
+    def check_config(self, config: Mapping[str, Any], flag: str = "--config") -> None:
+        """Raise :class:`ConfigError` for an unknown key or a value outside its schema.
+
+        Subclasses extend this for checks that relate keys or depend on the data found
+        (call ``super().check_config`` first)."""
+        schema = self.all_settings()
+        for key, value in config.items():
+            if key not in schema:
+                raise ConfigError(f"{flag} {key}: not a setting of benchmark {self.name}; "
+                                  f"valid: {', '.join(sorted(schema))}")
+            if schema[key].problem(value) is not None:
+                raise ConfigError(f"{flag} {key}={value!r}: {key} must be {schema[key].allowed()}")
 
     # ------------------------------------------------------------------ training
     @abc.abstractmethod

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _celeba_data as cd
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 #: STL test F1 per attribute (FAMO issue #2 / MTLlib ``experiments/celeba/delta_m.py``)
@@ -120,6 +120,12 @@ class Celeba(Benchmark):
                     for a, b in zip(cd.ATTRIBUTES, STL_F1))
     defaults = {"epochs": 15, "lr": 3e-4, "batch_size": 256, "eval_batch_size": 256, "num_workers": 2,
                 "image_size": 64, "scheduler": None, "train_balancer_params": True, "cache_dir": None}
+    settings = {
+        "batch_size": Setting("int", low=1), "eval_batch_size": Setting("int", low=1),
+        "num_workers": Setting("int", low=0), "image_size": Setting("int", low=8, help="square input size (three 2× poolings)"),
+        "scheduler": Setting("str", choices=("none", "cosine"), nullable=True),
+        "train_balancer_params": Setting("bool"), "cache_dir": Setting("str", nullable=True),
+    }
     data_env = "MTL_TUNE_CELEBA_ROOT"
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, *, data_check: str = "headers",

@@ -20,7 +20,7 @@ Units as in the official code (mIoU/PixAcc in [0, 1]); STL baselines = official 
 from __future__ import annotations
 
 from mtl_tune.benchmarks._dense import DenseLayout
-from mtl_tune.benchmarks.nyuv2 import DENSE_DEFAULTS, DenseBenchmark
+from mtl_tune.benchmarks.nyuv2 import DENSE_DEFAULTS, DENSE_SETTINGS, DenseBenchmark
 from mtl_tune.metrics import MetricSpec
 
 
@@ -44,6 +44,7 @@ class Cityscapes(DenseBenchmark):
         MetricSpec("depth/rel_err", "depth", False, 27.77),
     )
     defaults = {**DENSE_DEFAULTS, "batch_size": 8}
+    settings = DENSE_SETTINGS
 
 
 __all__ = ["Cityscapes"]

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _multi_mnist_data as data
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -147,6 +147,15 @@ class MultiMnist(Benchmark):
     defaults = {"epochs": 10, "lr": 1e-3, "batch_size": 256, "lr_decay": 0.85, "lr_decay_every": 10,
                 "dropout": 0.0, "data_seed": 0, "val_fraction": 1 / 6, "test_fraction": 0.2,
                 "pairs_per_image": None, "eval_batch_size": 2000}
+    settings = {
+        "batch_size": Setting("int", low=1), "eval_batch_size": Setting("int", low=1),
+        "lr_decay": Setting("float", low=0, high=1, open_low=True, help="lr factor every lr_decay_every epochs"),
+        "lr_decay_every": Setting("int", low=1),
+        "dropout": Setting("float", low=0, high=1, open_high=True),
+        "data_seed": Setting("int", low=0), "val_fraction": Setting("float", low=0, high=1, open_high=True),
+        "test_fraction": Setting("float", low=0, high=1, open_low=True, open_high=True),
+        "pairs_per_image": Setting("int", low=1, nullable=True, help="pairs per image (none: 1 for mnist, 10 else)"),
+    }
     data_env = "MTL_TUNE_MNIST_ROOT"
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, source: str | None = None,

@@ -38,7 +38,7 @@ from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks._dense import LOSSES, DenseDataset, DenseMetrics, epoch_order, split_indices
 from mtl_tune.benchmarks._dense_files import IGNORE_LABEL, DenseFiles, DenseLayout, check_dense_data, npy_source
 from mtl_tune.benchmarks._segnet import FILTERS, build_model, split_parameters
-from mtl_tune.benchmarks.base import Benchmark, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
 DENSE_DEFAULTS: dict[str, Any] = {
@@ -54,6 +54,17 @@ DENSE_DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "last_n_mean": 10,
     "seed": 0,
+}
+DENSE_SETTINGS: dict[str, Setting] = {
+    "batch_size": Setting("int", low=1), "eval_batch_size": Setting("int", low=1, nullable=True),
+    "weight_decay": Setting("float", low=0), "lr_step_size": Setting("int", low=1),
+    "lr_gamma": Setting("float", low=0, high=1, open_low=True),
+    "model": Setting("str", choices=("mtan", "segnet")), "param_split": Setting("str", choices=("famo", "cagrad")),
+    "filters": Setting("ints", low=1, help="SegNet widths"), "augmentation": Setting("bool"),
+    "depth_aug": Setting("str", choices=("official", "physical")),
+    "val_fraction": Setting("float", low=0, high=1, open_high=True), "split_seed": Setting("int", low=0),
+    "metric_averaging": Setting("str", choices=("batch", "pixel")), "num_workers": Setting("int", low=0),
+    "seed": Setting("int", low=0),
 }
 
 
@@ -278,6 +289,7 @@ class NYUv2(DenseBenchmark):
         MetricSpec("normal/within_30", "normal", True, 0.6915),
     )
     defaults = {**DENSE_DEFAULTS, "batch_size": 2}
+    settings = DENSE_SETTINGS
 
 
 __all__ = ["DENSE_DEFAULTS", "DenseBenchmark", "NYUv2"]

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _qm9_data as qd
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec, delta_m
 
 TARGETS = (0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11)
@@ -124,6 +124,13 @@ class QM9Benchmark(Benchmark):
     defaults = {"epochs": 300, "lr": 1e-3, "batch_size": 120, "eval_batch_size": None, "lr_patience": 5,
                 "lr_factor": 0.7, "min_lr": 1e-5, "n_test": 10000, "n_val": 10000, "split_seed": None,
                 "num_workers": 0, "dim": 64}
+    settings = {
+        "batch_size": Setting("int", low=1), "eval_batch_size": Setting("int", low=1, nullable=True),
+        "lr_patience": Setting("int", low=0), "lr_factor": Setting("float", low=0, high=1, open_low=True, open_high=True),
+        "min_lr": Setting("float", low=0), "n_test": Setting("int", low=1), "n_val": Setting("int", low=1),
+        "split_seed": Setting("int", low=0, nullable=True), "num_workers": Setting("int", low=0),
+        "dim": Setting("int", low=1, help="hidden width of the MPNN"),
+    }
     data_env = "MTL_TUNE_QM9_ROOT"
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, *, data_check: str = "headers",

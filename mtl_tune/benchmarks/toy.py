@@ -28,7 +28,7 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
 from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks.base import Benchmark, Setup
+from mtl_tune.benchmarks.base import Benchmark, ConfigError, Setting, Setup
 from mtl_tune.metrics import MetricSpec
 
 LOWER = 5e-6
@@ -109,6 +109,11 @@ class Toy(Benchmark):
         MetricSpec("pareto_distance", "all", higher_is_better=False),
     )
     defaults = {"epochs": 5, "lr": 1e-2, "steps_per_epoch": 1000, "scale": 0.1, "init": 0}
+    settings = {
+        "steps_per_epoch": Setting("int", low=1, help="Adam steps per epoch"),
+        "scale": Setting("float", low=0, open_low=True, help="factor of the first loss"),
+        "init": Setting("int", low=0, high=len(INITS) - 1, help="index of the initial point"),
+    }
 
     def default_objective(self) -> tuple[str, str]:
         return "val/pareto_distance", "min"
@@ -122,7 +127,7 @@ class Toy(Benchmark):
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
         init_index = int(config.get("init", 0))
         if not 0 <= init_index < len(INITS):
-            raise ValueError(f"toy: init must be an index in [0, {len(INITS) - 1}], got {init_index}")
+            raise ConfigError(f"toy: init must be an index in [0, {len(INITS) - 1}], got {init_index}")
         scale = float(config.get("scale", 0.1))
         steps = int(config.get("steps_per_epoch", 1000))
         model = ToyPoint(INITS[init_index]).to(device)

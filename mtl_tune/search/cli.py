@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-import yaml
+from typing import Any, NoReturn
 
 EXAMPLES = """\
 examples:
@@ -26,25 +24,56 @@ examples:
 """
 
 
-def _value(text: str) -> Any:
-    return yaml.safe_load(text)  # "0.5" → 0.5, "[1, 2]" → list, "none" stays a string
+def _value(text: str, where: str) -> Any:
+    """``0.5`` → 0.5, ``1e-3`` → 0.001, ``[1, 2]`` → list, ``none`` stays a string."""
+    import yaml
+
+    from mtl_tune.search.spaces import load_yaml
+    from mtl_tune.search.validate import SearchError
+
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise SearchError(f"{where}: not a YAML value ({' '.join(str(err).split())})") from None
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, Any]:
+    from mtl_tune.search.validate import SearchError
+
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"error: {flag} expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        out[key.strip()] = _value(text)
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise SearchError(f"{flag} {item!r}: expects KEY=VALUE, e.g. {flag} c=0.4")
+        out[key.strip()] = _value(text, f"{flag} {item}")
     return out
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+#: argparse destination → SearchOptions field where the names differ
+FIELD_OF_DEST = {"method": "methods", "set": "fixed", "wandb": "wandb_project"}
+
+
+def explicit_fields(argv: list[str] | None) -> set[str]:
+    """SearchOptions fields the user gave on the command line (not argparse defaults)."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse has no public switch for "only what was given"
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return {FIELD_OF_DEST.get(dest, dest) for dest in given}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mtl_tune.registry import available_balancers, available_benchmarks
 
-    p = argparse.ArgumentParser(prog="python -m mtl_tune.search", description=__doc__,
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m mtl_tune.search", description=__doc__,
+                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="toy", help=f"one of: {', '.join(available_benchmarks())} (default: toy)")
     p.add_argument("--method", default="ls,mgda,pcgrad,cagrad,famo",
                    help=f"comma-separated method names or 'all'; valid: {', '.join(available_balancers())}")
@@ -70,14 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true", help="random tensors of the real shapes (throughput only)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster: 'auto' or host:port")
     p.add_argument("--resume", action="store_true",
-                   help="continue the search --storage-path/--name; this loads Ray's pickled state of that folder, "
-                        "which can run code: resume only sweeps you wrote")
+                   help="continue the search --storage-path/--name with its stored arguments (given ones must match); "
+                        "this loads Ray's pickled state of that folder, which can run code: resume only sweeps you wrote")
     p.add_argument("--search-space", default=None, help="YAML file replacing search_spaces/<method>.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a hyperparameter of the method (repeatable)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a benchmark/training setting, e.g. lr=1e-3 (repeatable)")
-    p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial whose worker or node died")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts (>= 0) of a trial whose worker or node died, from its last checkpoint")
     p.add_argument("--seeds", type=int, default=0,
                    help="re-run each method's best configuration with N fresh seeds; rank methods by mean±std")
     p.add_argument("--preferences", type=int, default=0,
@@ -117,17 +147,42 @@ def _config_text(row, hp_columns: list[str]) -> str:
     return " ".join(parts) or "(defaults)"
 
 
-def print_summary(outcome, plan) -> None:
+def print_failures(table) -> None:
+    """Counts per status and the first line of each distinct error."""
+    counts = table["status"].value_counts().to_dict() if "status" in table else {}
+    print(f"trial status: {json.dumps(counts)}")
+    errors = table["error"].fillna("").astype(str) if "error" in table else []
+    seen: dict[str, int] = {}
+    for error in errors:
+        first = error.strip().splitlines()[0] if error.strip() else ""
+        if first:
+            seen[first] = seen.get(first, 0) + 1
+    for first, n in seen.items():
+        print(f"  {n} trial(s): {first}")
+
+
+def finished(table, plan):
+    """Search trials that ran to the end with every objective metric reported."""
+    if table.empty or "status" not in table:
+        return table.iloc[0:0]
+    done = table[(table["status"] == "TERMINATED") & (table.get("phase", "search") == "search")]
+    return done if all(m in done for m in plan.metrics) else done.iloc[0:0]
+
+
+def print_summary(outcome, plan) -> bool:
+    """Print the search's result; False when no search trial finished (the command fails)."""
     from mtl_tune.analysis import pareto_mask
 
     table = outcome.table
     print()
-    if table.empty:
+    if finished(table, plan).empty:
         print("no trial finished")
+        if not table.empty:
+            print_failures(table)
     else:
         table = table.assign(config=[_config_text(row, [c for c in table.columns if c.startswith("hp/")])
                                      for _, row in table.iterrows()])
-        done = table[(table["status"] == "TERMINATED") & (table["phase"] == "search")]
+        done = finished(table, plan)
         shown = ["method", "config", *plan.metrics]
         if plan.multi_objective and not done.empty:
             best = done[pareto_mask(done[plan.metrics].to_numpy(float), plan.modes)]
@@ -138,11 +193,8 @@ def print_summary(outcome, plan) -> None:
         print(title)
         print(best[[c for c in shown if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
               if not best.empty else "(none finished)")
-        counts = table["status"].value_counts().to_dict()
-        print(f"\ntrial status: {json.dumps(counts)}")
-        failed = table[table["error"].astype(str).str.len() > 0]
-        for _, row in failed.head(5).iterrows():
-            print(f"  {row['method']} {row['trial_id']}: {row['status']}: {row['error']}")
+        print()
+        print_failures(table)
     if outcome.comparison is not None and not outcome.comparison.empty:
         print("\nmethod comparison (same budget per method" +
               (f"; mean±std over {plan.options.seeds} fresh seeds of each best configuration)" if plan.options.seeds
@@ -158,18 +210,26 @@ def print_summary(outcome, plan) -> None:
         print(f"Pareto plot : {outcome.plot_path}")
     print(f"sweep folder: {outcome.sweep_dir}  (resume: --storage-path {plan.sweep_dir.parent} "
           f"--name {plan.name} --resume)")
+    return not finished(table, plan).empty
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl_tune.benchmarks.base import DataError
+    """Exit 0 when trials finished, 1 when none did, 2 for a bad argument (nothing started)."""
+    from mtl_tune.benchmarks.base import ConfigError, DataError
     from mtl_tune.registry import UnknownNameError
-    from mtl_tune.search.runner import SearchError, prepare
+    from mtl_tune.search.runner import prepare, sweep_dir_of
     from mtl_tune.search.spaces import SpaceError
+    from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 
     args = build_parser().parse_args(argv)
     try:
-        plan = prepare(options_from_args(args))
-    except (UnknownNameError, SearchError, SpaceError, DataError) as err:
+        options = options_from_args(args)
+        if options.resume and options.name:
+            sweep_dir = sweep_dir_of(options)
+            stored = stored_arguments(sweep_dir) if sweep_dir.is_dir() else None
+            options = resume_options(options, explicit_fields(argv), stored)
+        plan = prepare(options)
+    except (UnknownNameError, SearchError, SpaceError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from mtl_tune.search import execute
@@ -179,5 +239,4 @@ def main(argv: list[str] | None = None) -> int:
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_summary(outcome, plan)
-    return 0
+    return 0 if print_summary(outcome, plan) else 1

@@ -13,6 +13,7 @@ from mtl_tune.search.results import build_table, write_sweep_json, write_table
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
 from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler
 from mtl_tune.search.spaces import SpaceSampler
+from mtl_tune.search.validate import check_cluster_resources
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,16 @@ def keep_token_private(token_file: Path | None = None) -> None:
 
 
 def _scheduler(plan: Plan, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+    from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler
 
     o = plan.options
     if o.scheduler == "asha":
         return ASHAScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs, grace_period=o.grace_period)
     if o.scheduler == "hyperband":
-        return HyperBandScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs)
+        # the asynchronous form (several ASHA brackets): Tune's synchronous HyperBandScheduler
+        # pauses trials at each rung, and after --resume its lost bracket state left them PAUSED
+        return AsyncHyperBandScheduler(metric=plan.metrics[0], mode=plan.modes[0], max_t=epochs,
+                                       grace_period=o.grace_period, brackets=3)
     return None
 
 
@@ -154,9 +158,11 @@ def finish(plan: Plan) -> Outcome:
 def execute(plan: Plan) -> Outcome:
     from mtl_tune.search import compare
 
+    init_ray(plan)
+    if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
+        check_cluster_resources(plan.options)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_sweep_json(plan.sweep_dir, sweep_info(plan))
-    init_ray(plan)
     for method in plan.spaces:
         run_method(plan, method)
         finish(plan)  # keep the table current after every method: nothing finished is lost

@@ -53,6 +53,8 @@ def error_text(trial_dir: str | Path | None) -> str:
 
 
 def _status(status: str, last: dict[str, Any]) -> str:
+    if last.get("failed"):
+        return "FAILED"  # bad data or configuration: the trial ran once and reported its error
     if last.get("diverged"):
         return "DIVERGED"
     if status == "TERMINATED" and last and float(last.get("epoch", 0)) < float(last.get("epochs", 0)):
@@ -61,7 +63,7 @@ def _status(status: str, last: dict[str, Any]) -> str:
 
 
 def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: dict[str, Any],
-              last: dict[str, Any], trial_dir: str | Path | None) -> dict[str, Any]:
+              last: dict[str, Any], trial_dir: str | Path | None, failures: int = 0) -> dict[str, Any]:
     """One row of the tidy table from plain values (a trial's config, last result and folder).
 
     Shared by the search (which reads Tune's experiment state) and by the analysis, which
@@ -73,6 +75,8 @@ def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: d
         "error": last.get("error") or error_text(trial_dir) if status == "ERROR" or last.get("error") else "",
         "seed": config.get("seed"), "epochs": config.get("epochs"),
         "training_iteration": last.get("training_iteration", 0),
+        # times the trial's worker failed (class 3: each restart follows one); 0 for classes 1 and 2
+        "failures": failures,
     }
     try:
         hparams = resolve_hparams(config.get("hparams"), n_tasks)
@@ -105,7 +109,8 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
     analysis = ExperimentAnalysis(str(experiment_dir))
     return [trial_row(sweep, n_tasks, trial_id=trial.trial_id, status=str(trial.status), config=dict(trial.config),
                       last=dict(trial.last_result or {}),
-                      trial_dir=getattr(trial, "path", None) or getattr(trial, "local_path", None))
+                      trial_dir=getattr(trial, "path", None) or getattr(trial, "local_path", None),
+                      failures=int(getattr(trial, "num_failures", 0) or 0))
             for trial in analysis.trials]
 
 

@@ -15,18 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtl_tune.benchmarks.base import Benchmark, DataError
-from mtl_tune.registry import available_balancers, balancer_class, get_benchmark
+from mtl_tune.benchmarks.base import TRAINER_SETTINGS, Benchmark, ConfigError, DataError
+from mtl_tune.registry import available_balancers, balancer_class, benchmark_class
 from mtl_tune.search.spaces import SearchSpace, load_space
+from mtl_tune.search.validate import SearchError, check_local_resources, check_name, check_numbers, check_storage
 
-
-#: trainer settings every benchmark accepts in --config (besides its own defaults)
-CONFIG_KEYS = {"device", "method_params_lr", "last_n_mean", "deterministic", "benchmark_options", "amp",
-               "channels_last"}
-
-
-class SearchError(ValueError):
-    """A user mistake in the search arguments; the message says what is allowed."""
+__all__ = ["Plan", "SearchError", "SearchOptions", "prepare", "sweep_dir_of"]
 
 
 @dataclass
@@ -102,18 +96,38 @@ def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
     return [f"val/{name}"], [specs[name].mode]
 
 
+def sweep_dir_of(options: SearchOptions) -> Path | None:
+    """``<storage>/<name>`` (None while no --name is given: a fresh name is made later)."""
+    if not options.name:
+        return None
+    check_name(options.name)
+    return Path(options.storage_path).expanduser().resolve() / options.name
+
+
+def make_benchmark(options: SearchOptions) -> Benchmark:
+    """The benchmark with the constructor options the trials will use (``benchmark_options``),
+    so the pre-flight data check sees exactly what the trials read."""
+    cls = benchmark_class(options.benchmark)
+    extra = options.config.get("benchmark_options") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--config benchmark_options={extra!r}: benchmark_options must be "
+                          f"{TRAINER_SETTINGS['benchmark_options'].allowed()}, e.g. benchmark_options={{data_check: full}}")
+    try:  # unknown options are refused by Benchmark.__init__
+        return cls(data_root=options.data_root, synthetic=options.synthetic, **extra)
+    except DataError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config benchmark_options={extra!r}: {err}") from None
+
+
 def prepare(options: SearchOptions) -> Plan:
-    """Validate everything that can be checked without Ray; raise SearchError/SpaceError/DataError."""
-    if options.num_samples < 1:
-        raise SearchError(f"--num-samples must be at least 1, got {options.num_samples}")
-    if options.epochs is not None and options.epochs < 1:
-        raise SearchError(f"--epochs must be at least 1, got {options.epochs}")
-    if options.gpus_per_trial < 0 or options.cpus_per_trial <= 0:
-        raise SearchError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
-    if options.seeds < 0 or options.preferences < 0:
-        raise SearchError("--seeds and --preferences must be >= 0")
-    if options.max_concurrent is not None and options.max_concurrent < 1:
-        raise SearchError(f"--max-concurrent must be at least 1, got {options.max_concurrent}")
+    """Validate everything that can be checked without Ray; raise SearchError, SpaceError,
+    ConfigError or DataError (one line naming the flag or file, the value and what is allowed)."""
+    check_numbers(options)
+    if options.scheduler not in ("fifo", "asha", "hyperband"):
+        raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
+    if options.resume and not options.name:
+        raise SearchError("--resume needs the --name (and --storage-path) of the search to continue")
     methods = available_balancers() if options.methods == ["all"] else list(dict.fromkeys(options.methods))
     if not methods:
         raise SearchError("--method needs at least one method name")
@@ -123,21 +137,8 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError("--search-space replaces one method's space; use it with a single --method")
     if options.fixed and len(methods) != 1:
         raise SearchError("--set fixes hyperparameters of one method; use it with a single --method")
-    bench_options = options.config.get("benchmark_options") or {}
-    if not isinstance(bench_options, dict):
-        raise SearchError(f"--config benchmark_options must be a mapping such as '{{data_check: full}}', "
-                          f"got {bench_options!r}")
-    try:  # the same options the trials get, so the pre-flight data check sees them too
-        bench = get_benchmark(options.benchmark, data_root=options.data_root, synthetic=options.synthetic,
-                              **bench_options)
-    except DataError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise SearchError(f"--config benchmark_options: {err}") from None
-    unknown = set(options.config) - set(bench.defaults) - CONFIG_KEYS
-    if unknown:
-        raise SearchError(f"--config key(s) {sorted(unknown)} are not settings of benchmark {bench.name}; "
-                          f"valid: {', '.join(sorted(set(bench.defaults) | CONFIG_KEYS))}")
+    bench = make_benchmark(options)
+    bench.check_config(options.config)
     metrics, modes = _objective(bench, options.objective)
     val_fraction = options.config.get("val_fraction", bench.defaults.get("val_fraction"))
     if val_fraction is not None and float(val_fraction) == 0 and any(m.startswith("val/") for m in metrics):
@@ -145,8 +146,6 @@ def prepare(options: SearchOptions) -> Plan:
                           f"search objective {metrics} is never reported (and tuning on test/ metrics leaks the "
                           "test set); keep val_fraction > 0 for a search, or train one configuration with "
                           "val_fraction=0 for the papers' protocol")
-    if options.scheduler not in ("fifo", "asha", "hyperband"):
-        raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
     if options.scheduler != "fifo" and len(metrics) > 1:
         raise SearchError("early-stopping schedulers need a scalar objective; with --objective pareto use "
                           "--scheduler fifo (Tune has no multi-objective scheduler)")
@@ -154,6 +153,7 @@ def prepare(options: SearchOptions) -> Plan:
     for m in methods:
         space = load_space(m, bench.name, options.search_space)
         spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
+        spaces[m].check_for(bench.n_tasks, bench.name, bench.balancer_options(options.config).get(m))
     if options.preferences and len(bench.primary_metrics()) < 2:
         raise SearchError(f"--preferences needs a benchmark with at least two tasks; {bench.name} has one primary metric")
     if options.wandb_project:
@@ -161,13 +161,14 @@ def prepare(options: SearchOptions) -> Plan:
             import wandb  # noqa: F401
         except ImportError:
             raise SearchError('--wandb needs the wandb package: pip install "mtl_tune[wandb]"') from None
-    bench.check_data()
-    if options.address:
-        check_address(options.address)
+    check_local_resources(options)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
-    _check_storage(sweep_dir, options.resume)
+    check_storage(sweep_dir, options.resume)
+    bench.check_data()
+    if options.address:
+        check_address(options.address)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
                 sweep_dir=sweep_dir, name=name)
 
@@ -190,27 +191,6 @@ def check_address(address: str) -> None:
     except (OSError, ValueError) as err:
         raise SearchError(f"--address {address}: could not connect to a Ray cluster at {target} ({err}); start one "
                           "with `ray start --head` or pass host:port of a running head node") from None
-
-
-def check_name(name: str) -> None:
-    """``--name`` is one folder below ``--storage-path``: a single path component, never a way out of it."""
-    bad = (not name or name in (".", "..") or any(sep in name for sep in ("/", "\\"))
-           or any(ord(ch) < 32 for ch in name))
-    if bad:
-        raise SearchError(f"--name {name!r} must be a single folder name (no '/', '\\', '..' or control "
-                          "characters); the sweep is written to --storage-path/--name")
-
-
-def _check_storage(sweep_dir: Path, resume: bool) -> None:
-    if resume and not sweep_dir.is_dir():
-        raise SearchError(f"--resume: {sweep_dir} does not exist; pass the --storage-path and --name of the search to resume")
-    if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
-        raise SearchError(f"{sweep_dir} already holds a search; pass --resume to continue it or choose another --name")
-    probe_dir = sweep_dir
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise SearchError(f"storage path {sweep_dir} is not writable (checked {probe_dir})")
 
 
 def trial_constants(plan: Plan, method: str) -> dict[str, Any]:

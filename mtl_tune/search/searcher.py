@@ -5,12 +5,16 @@
 * P1: a non-finite objective never reaches ``study.tell`` (which would raise, be swallowed
   and leave a zombie RUNNING trial); the trainer already reports finite penalties, and a
   value that is still not finite is told as FAIL with a warning.
+* A trial that reported ``failed = 1`` (bad data or configuration met at run time, failure
+  class 2 of docs/reliability.md) is told FAIL, like one that crashed for good.
+* NSGA-II is :class:`PicklableNSGAIISampler`, so the searcher can be checkpointed and resumed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import optuna
@@ -22,13 +26,32 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose state can be pickled into Tune's searcher checkpoint.
+
+    Optuna's genetic samplers guard their generation cache with a ``threading.Lock``,
+    which cannot be pickled; Tune pickles the searcher (with its study and sampler) after
+    every trial and on ``--resume`` loads it back. The lock only serialises threads of one
+    process, so it is dropped from the state and a fresh one made on load; the cache itself
+    is kept (it is rebuilt from the study anyway when the study id changes)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def make_sampler(kind: str, seed: int, n_objectives: int, budget: int) -> optuna.samplers.BaseSampler:
     """A seeded Optuna sampler. NSGA-II's population is kept well below the budget,
     otherwise it never leaves its random first generation (peers.md B.5)."""
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, budget // 3)))
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget // 4)))
+        return PicklableNSGAIISampler(seed=seed, population_size=max(4, min(50, budget // 4)))
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
@@ -45,7 +68,7 @@ class MTLOptunaSearch(OptunaSearch):
         values = [None if not result else result.get(m) for m in metrics]
         truncated = bool(result) and float(result.get("epoch", 0)) < float(result.get("epochs", 0)) \
             and not result.get("diverged")
-        if error:
+        if error or (result and result.get("failed")):  # crashed for good, or bad data/configuration
             state, told = TrialState.FAIL, None
         elif not result or truncated or any(v is None for v in values):
             state, told = TrialState.PRUNED, None

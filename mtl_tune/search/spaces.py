@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from importlib import resources
+import re
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,24 @@ HP_PREFIX = "hparams/"
 
 class SpaceError(ValueError):
     """A malformed search-space file or override; the message names file, key and rule."""
+
+
+class NumberLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e40`` and ``1.0e40`` as numbers.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
+    and ``1.0e40`` would arrive as strings; YAML 1.2 (and every user) reads them as floats."""
+
+
+NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Safe YAML with YAML 1.2 numbers (see :class:`NumberLoader`)."""
+    return yaml.load(text, Loader=NumberLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,28 @@ class SearchSpace:
             by_name[key].check_value(value, f"--set {key}")
         return replace(self, fixed={**self.fixed, **values})
 
+    def check_for(self, n_tasks: int, benchmark: str, imposed: dict[str, Any] | None = None) -> None:
+        """Raise SpaceError unless the method can be built for ``n_tasks`` tasks with the
+        fixed values and defaults, and with every categorical choice: the balancers'
+        constructors check vector lengths (one entry per task) and ranges."""
+        for p in self.params:
+            value = self.fixed.get(p.name)
+            if p.type == "simplex" and value is not None and len(value) != n_tasks:
+                raise SpaceError(f"--set {p.name}={value!r}: {self.method} needs {n_tasks} values "
+                                 f"(one per task of {benchmark}), got {len(value)}")
+        base = {**(imposed or {}), **self.constants()}
+        cls = balancer_class(self.method)
+        trials = [("", base)] + [(f"{p.name}={c!r}", {**base, p.name: c}) for p in self.searchable()
+                                 if p.type == "categorical" for c in p.choices]
+        for label, kwargs in trials:
+            try:
+                cls(n_tasks, **kwargs)
+            except (ValueError, TypeError) as err:
+                where = f"choice {label} in {self.source}" if label else \
+                    (f"--set {', '.join(self.fixed)}" if self.fixed else self.source)
+                raise SpaceError(f"{where}: {self.method} cannot be built for the {n_tasks} tasks of "
+                                 f"{benchmark}: {err}") from None
+
 
 def _parse_param(name: str, raw: Any, where: str) -> Param:
     if not isinstance(raw, dict):
@@ -136,7 +177,7 @@ def _parse_param(name: str, raw: Any, where: str) -> Param:
         if log and low <= 0:
             raise SpaceError(f"{where}: params.{name} has log: true, which needs low > 0 (got {low})")
         kw.update(low=low if ptype == "float" else int(low), high=high if ptype == "float" else int(high), log=log,
-                  step=raw.get("step"))
+                  step=_parse_step(raw.get("step"), ptype, low, high, log, f"{where}: params.{name}.step"))
     elif ptype == "categorical":
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -145,6 +186,22 @@ def _parse_param(name: str, raw: Any, where: str) -> Param:
     param = Param(**kw)
     param.check_value(param.default, f"{where}: params.{name}.default")
     return param
+
+
+def _parse_step(step: Any, ptype: str, low: float, high: float, log: bool, where: str) -> float | int | None:
+    """Grid step of a float/int parameter: a number in (0, high − low], an integer for int,
+    not combined with ``log: true`` (Optuna cannot draw a log-scaled grid)."""
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        raise SpaceError(f"{where} must be a number, got {step!r}")
+    if not 0 < step <= high - low:
+        raise SpaceError(f"{where} must be in (0, high − low] = (0, {high - low:g}], got {step!r}")
+    if ptype == "int" and int(step) != step:
+        raise SpaceError(f"{where} must be an integer for type int, got {step!r}")
+    if log:
+        raise SpaceError(f"{where}: a grid step cannot be combined with log: true; drop one of them")
+    return int(step) if ptype == "int" else float(step)
 
 
 def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchSpace:
@@ -195,9 +252,9 @@ def load_space(method: str, benchmark: str | None = None, path: str | Path | Non
         raise SpaceError(f"search-space file {file} does not exist" +
                          ("" if path else f" (every method needs search_spaces/{method}.yaml)"))
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise SpaceError(f"{file}: not valid YAML: {err}") from None
+        data = load_yaml(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise SpaceError(f"{file}: not valid YAML: {' '.join(str(err).split())}") from None
     space = parse_space(data, str(file), benchmark)
     if space.method != method:
         raise SpaceError(f"{file}: declares method {space.method!r} but is used for {method!r}")

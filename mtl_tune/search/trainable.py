@@ -3,6 +3,11 @@
 Reports once per epoch with a checkpoint (the full training state) so a trial restarted
 after a crash or node loss continues from its last finished epoch. The checkpoint is a
 ``torch.save`` file written by this search; it is the only pickle we ever load.
+
+Bad data or configuration met at run time (``DataError``/``ConfigError``) would fail the
+same way on every restart, so it is not raised to Tune (which would retry it up to
+``--max-failures`` times): the trial reports one final result with ``failed = 1`` and the
+error, and ends; the searcher tells Optuna FAIL and the table shows status FAILED.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import Any
 import torch
 from ray import tune
 
+from mtl_tune.benchmarks.base import ConfigError, DataError
 from mtl_tune.training import train
+from mtl_tune.training.loop import failure_metrics
 
 STATE_FILE = "state.pt"
 
@@ -57,7 +64,11 @@ def train_trial(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         _maybe_inject_fault(metrics)
 
-    train(config, report, state)
+    try:
+        train(config, report, state)
+    except (DataError, ConfigError) as err:
+        epoch = int(state["epoch"]) if state else 0
+        tune.report({**failure_metrics(config, err, epoch), **placement})
 
 
 def _maybe_inject_fault(metrics: dict[str, Any]) -> None:

@@ -13,10 +13,17 @@ evaluation split, ``<split>/delta_m`` when the benchmark has single-task baselin
 ``resumed_from_epoch`` (0, or the checkpoint epoch a restarted trial continued from),
 ``best/test/…`` and ``best/epoch`` (test metrics at the best-validation epoch).
 
-Divergence (a non-finite loss, balancer output or objective metric) ends the run with
-``diverged = 1``, ``error`` text, and every metric replaced by a finite penalty in its
-worse direction, so a searcher learns "bad here" instead of receiving NaN (a NaN left in
-Optuna becomes a zombie RUNNING trial; peers.md B.5 P1).
+Failures are classified once (docs/reliability.md):
+
+1. Divergence — a non-finite or overflowing loss, balancer output, parameter, optimizer
+   state or objective metric (including overflow ``RuntimeError``/``OverflowError``) — ends
+   the run with ``diverged = 1``, ``error`` text, and every metric replaced by a finite
+   penalty in its worse direction, so a searcher learns "bad here" instead of receiving NaN
+   (a NaN left in Optuna becomes a zombie RUNNING trial; peers.md B.5 P1).
+2. Bad data or configuration met at run time (:class:`DataError`, :class:`ConfigError`:
+   the same error would recur on a retry) is raised to the caller;
+   :func:`failure_metrics` gives the one final result the search reports for it.
+3. Anything else propagates (the search's retry policy decides).
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
+from mtl_tune.benchmarks.base import ConfigError
 from mtl_tune.metrics import delta_m, task_scores
-from mtl_tune.registry import get_balancer, get_benchmark
+from mtl_tune.registry import benchmark_class, get_balancer, get_benchmark
 
 Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
 
@@ -45,6 +53,34 @@ CHECK_EVERY = 50
 
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss, update or metric."""
+
+
+#: phrases of numeric-overflow errors raised by torch / NumPy / Python inside a run
+_OVERFLOW = ("overflow", "non-finite", "math range error")
+
+
+def is_divergence(err: BaseException) -> bool:
+    """Failure class 1: the run's numbers blew up (not the data, not the machine)."""
+    if isinstance(err, (DivergedError, BalancerError, OverflowError, FloatingPointError)):
+        return True
+    return isinstance(err, RuntimeError) and any(p in str(err).lower() for p in _OVERFLOW)
+
+
+def nonfinite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """Name of the first parameter or optimizer-state tensor holding NaN/inf, else None
+    (one host sync when everything is finite)."""
+    named = [(f"parameter {n}", p) for n, p in model.named_parameters()]
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    named.append((f"optimizer state {key} (group {group_index}, parameter {param_index})", value))
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t.detach()).all().to("cpu", non_blocking=True) for _, t in named])
+    if bool(flags.all()):
+        return None
+    return next(name for (name, _), ok in zip(named, flags.tolist()) if not ok)
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +130,19 @@ def metric_directions(bench, splits: tuple[str, ...], last_n: int) -> dict[str, 
     return keys
 
 
+def failure_metrics(config: dict[str, Any], err: BaseException, epoch: int = 0) -> dict[str, Any]:
+    """The single final result of a run that failed on bad data or configuration (class 2):
+    ``failed = 1``, the error text and finite penalties for every objective a search may
+    use (a search must still receive its metrics; the searcher tells it FAIL)."""
+    cls = benchmark_class(config["benchmark"])
+    # metric metadata lives on the class; __init__ (which may itself have failed) is not needed
+    bench = object.__new__(cls)
+    directions = metric_directions(bench, ("val", "test"), 0)
+    epochs = config.get("epochs", cls.defaults.get("epochs", 1))
+    return penalised({"epoch": float(epoch), "epochs": float(epochs), "failed": 1.0, "diverged": 0.0,
+                      "error": f"{type(err).__name__}: {err}"}, directions)
+
+
 def penalised(metrics: dict[str, Any], directions: dict[str, str]) -> dict[str, Any]:
     out = dict(metrics)
     for key, mode in directions.items():
@@ -120,13 +169,16 @@ class Trainer:
         self.setup = bench.build(cfg, self.device)
         amp = cfg.get("amp")
         if amp not in (None, False, "none", "bf16"):
-            raise ValueError(f"amp must be 'bf16' or none, got {amp!r}")
+            raise ConfigError(f"amp must be 'bf16' or none, got {amp!r}")
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         if cfg.get("channels_last"):  # conv nets: NHWC kernels are faster on tensor cores
             self.setup.model.to(memory_format=torch.channels_last)
         self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
         extra = bench.balancer_options(cfg).get(cfg["method"], {})
-        self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
+        try:
+            self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
+        except (TypeError, ValueError) as err:  # the constructor rejects a hyperparameter: same on every retry
+            raise ConfigError(f"{cfg['method']} with {self.hparams}: {err}") from err
         if hasattr(self.balancer, "to"):
             self.balancer.to(self.device)
         groups: list[dict[str, Any]] = [{"params": list(self.setup.model.parameters())}]
@@ -224,6 +276,10 @@ class Trainer:
         mean_losses = (loss_sum / steps).cpu()
         if not bool(torch.isfinite(mean_losses).all()):
             raise DivergedError(f"non-finite training loss {mean_losses.tolist()}")
+        # a huge gradient can leave the loss finite but the parameters or Adam's moments inf
+        broken = nonfinite_state(setup.model, self.optimizer)
+        if broken:
+            raise DivergedError(f"non-finite {broken} after epoch {self.epoch + 1}")
         metrics = {f"train/loss/{t}": float(v) for t, v in zip(bench.tasks, mean_losses)}
         metrics.update({f"weights/{t}": float(v) for t, v in zip(bench.tasks, (weight_sum / steps).cpu())})
         self._train_losses = mean_losses
@@ -285,7 +341,9 @@ class Trainer:
                     scores = torch.tensor(task_scores(self._first_split_values, self.bench.metrics, self.bench.tasks))
                 # inside the try: epoch-level methods (DWA) may reject the epoch's losses
                 self.balancer.on_epoch_end(EpochInfo(epoch=self.epoch, train_losses=self._train_losses, scores=scores))
-            except (DivergedError, BalancerError) as err:
+            except (RuntimeError, OverflowError, FloatingPointError) as err:
+                if not is_divergence(err):
+                    raise
                 failed = penalised({**base, "epoch": float(self.epoch + 1), "diverged": 1.0,
                                     "solver_failures": float(self._solver_failures()), "error": f"{type(err).__name__}: {err}"},
                                    self.directions)

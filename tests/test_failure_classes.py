@@ -1,0 +1,242 @@
+"""Each failure class is handled once (docs/reliability.md): divergence, bad data or
+configuration at run time, lost infrastructure; the summary and --resume around them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl_tune.benchmarks.base import ConfigError, DataError
+from mtl_tune.training.loop import PENALTY, failure_metrics, is_divergence, nonfinite_state, train
+
+TOY = {"benchmark": "toy", "seed": 0, "epochs": 2, "steps_per_epoch": 20, "init": 3, "method": "ls"}
+
+
+def run(config):
+    rows = []
+    train(config, lambda m, s: rows.append(copy.deepcopy(m)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- class 1: divergence
+@pytest.mark.parametrize("err,expected", [
+    (RuntimeError("value cannot be converted to type float without overflow"), True),
+    (RuntimeError("The total norm of order 2.0 for gradients from `parameters` is non-finite"), True),
+    (OverflowError("math range error"), True),
+    (FloatingPointError("overflow encountered in exp"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (ValueError("overflow"), False),  # a ValueError is a configuration problem, not a blow-up
+])
+def test_what_counts_as_divergence(err, expected):
+    assert is_divergence(err) is expected
+
+
+def test_overflow_runtime_error_is_divergence_with_finite_penalties(monkeypatch):
+    from mtl_tune.balancers.ls import LinearScalarization as LS
+
+    def overflow(*args, **kwargs):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+
+    monkeypatch.setattr(LS, "train_step", overflow)
+    rows = run(TOY)
+    assert len(rows) == 1 and rows[0]["diverged"] == 1.0 and "overflow" in rows[0]["error"]
+    assert rows[0]["val/loss1"] == PENALTY and rows[0]["val/pareto_distance"] == PENALTY
+
+
+def test_non_finite_optimizer_state_is_found_and_named():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert nonfinite_state(model, opt) is None
+    opt.state[model.bias]["exp_avg_sq"].fill_(float("inf"))
+    assert nonfinite_state(model, opt) == "optimizer state exp_avg_sq (group 0, parameter 1)"
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert nonfinite_state(model, opt) == "parameter weight"
+
+
+def test_inf_optimizer_state_with_finite_loss_diverges(monkeypatch):
+    """A huge gradient leaves Adam's second moment inf while the loss stays finite."""
+    from mtl_tune.training import loop
+
+    original = loop.Trainer.train_epoch
+
+    def poisoned(self):
+        for state in self.optimizer.state.values():
+            state["exp_avg_sq"] = torch.full_like(state["exp_avg_sq"], float("inf"))
+        return original(self)
+
+    calls = {"n": 0}
+
+    def second_epoch_poisoned(self):
+        calls["n"] += 1
+        return poisoned(self) if calls["n"] == 2 else original(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_epoch", second_epoch_poisoned)
+    rows = run(TOY)
+    assert [r["diverged"] for r in rows] == [0.0, 1.0]
+    assert "optimizer state exp_avg_sq" in rows[-1]["error"]
+
+
+# ---------------------------------------------------------------------------- class 2: bad data/config
+def test_failure_metrics_carry_the_error_and_finite_penalties_for_every_objective():
+    out = failure_metrics({"benchmark": "nyuv2", "epochs": 3}, DataError("nyuv2: /d/train/depth/7.npy holds NaN"))
+    assert out["failed"] == 1.0 and out["diverged"] == 0.0 and out["error"].startswith("DataError: nyuv2: /d/train")
+    assert out["val/delta_m"] == PENALTY and out["val/seg/miou"] == -PENALTY and out["test/depth/abs_err"] == PENALTY
+
+
+def test_the_trial_reports_bad_data_once_instead_of_raising(monkeypatch):
+    from mtl_tune.search import trainable
+
+    reports = []
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+
+    def bad_file(config, report, state):
+        raise DataError("celeba: /data/img_align_celeba/000123.jpg cannot be decoded")
+
+    monkeypatch.setattr(trainable, "train", bad_file)
+    trainable.train_trial({**TOY, "benchmark": "celeba"})  # returns: Tune sees no exception, so no retry
+    assert len(reports) == 1 and reports[0]["failed"] == 1.0 and "000123.jpg" in reports[0]["error"]
+
+    def unexpected(config, report, state):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(trainable, "train", unexpected)
+    with pytest.raises(KeyError):  # anything else is Tune's to retry (bounded by --max-failures)
+        trainable.train_trial(TOY)
+
+
+def test_bad_hyperparameter_at_run_time_is_a_config_error():
+    with pytest.raises(ConfigError, match="task_weights"):
+        run({**TOY, "hparams": {"task_weights": [1.0, 2.0, 3.0]}})
+
+
+# ---------------------------------------------------------------------------- with Ray
+@pytest.fixture
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def optuna_states(experiment: Path) -> list[str]:
+    state = sorted(experiment.glob("searcher-state-*.pkl"))[-1]
+    study = pickle.loads(state.read_bytes())["_ot_study"]  # OptunaSearch pickles its __dict__
+    return [t.state.name for t in study.trials]
+
+
+@pytest.mark.slow
+def test_config_error_at_run_time_fails_once_and_the_summary_says_why(ray_local, tmp_path, capsys, monkeypatch):
+    from mtl_tune.analysis import load_sweep
+    from mtl_tune.search import runner
+    from mtl_tune.search.cli import main
+
+    real_prepare = runner.prepare
+
+    def slip_past_validation(options):  # what validation cannot see: a value that only fails inside the trial
+        plan = real_prepare(options)
+        plan.options.config["init"] = 9
+        return plan
+
+    monkeypatch.setattr(runner, "prepare", slip_past_validation)
+    code = main(["--method", "cagrad", "--num-samples", "2", "--epochs", "2", "--objective", "loss1",
+                 "--max-failures", "2", "--storage-path", str(tmp_path), "--name", "c", "--verbose", "0"])
+    out = capsys.readouterr().out
+    assert code == 1  # nothing finished: the command fails, without a traceback
+    assert "no trial finished" in out and 'trial status: {"FAILED": 2}' in out
+    assert "2 trial(s): ConfigError: toy: init must be an index in [0, 4], got 9" in out
+    table = load_sweep(tmp_path / "c")
+    assert set(table["status"]) == {"FAILED"} and (table["failures"] == 0).all()  # ran once, never retried
+    assert (table["diverged"] == 0).all() and table["error"].str.startswith("ConfigError").all()
+    assert optuna_states(tmp_path / "c" / "cagrad") == ["FAIL", "FAIL"]
+
+
+@pytest.mark.slow
+def test_lost_worker_without_retries_is_an_error_told_as_fail(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from mtl_tune.analysis import load_sweep
+    from mtl_tune.search.cli import main
+
+    if ray.is_initialized():
+        ray.shutdown()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("MTL_TUNE_FAULT_KILL_AT_EPOCH", "1")
+    monkeypatch.setenv("MTL_TUNE_FAULT_DIR", str(markers))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        code = main(["--method", "cagrad", "--num-samples", "2", "--epochs", "2", "--objective", "loss1",
+                     "--config", "steps_per_epoch=30", "--max-failures", "0", "--storage-path", str(tmp_path),
+                     "--name", "k", "--verbose", "0"])
+    finally:
+        ray.shutdown()
+    assert code == 1
+    table = load_sweep(tmp_path / "k")
+    assert set(table["status"]) == {"ERROR"} and (table["failures"] == 1).all()  # one failure, no restart
+    assert optuna_states(tmp_path / "k" / "cagrad") == ["FAIL", "FAIL"]
+
+
+# ---------------------------------------------------------------------------- --resume arguments
+def stored_sweep(tmp_path: Path, **kwargs) -> Path:
+    from mtl_tune.search.runner import SearchOptions
+
+    options = SearchOptions(storage_path=str(tmp_path), name="s", **kwargs)
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"name": "s", "args": asdict(options)}))
+    return sweep
+
+
+def test_resume_refuses_different_sweep_arguments(tmp_path, capsys):
+    from mtl_tune.search.cli import main
+
+    stored_sweep(tmp_path, methods=["ls", "cagrad"], num_samples=6, config={"steps_per_epoch": 30})
+    code = main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--method", "ls,famo",
+                 "--num-samples", "6", "--config", "steps_per_epoch=40", "--objective", "loss1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--method ['ls', 'famo'] (stored ['ls', 'cagrad'])" in err
+    assert "--config {'steps_per_epoch': 40} (stored {'steps_per_epoch': 30})" in err
+    assert "--objective 'loss1' (stored 'pareto')" in err and "--num-samples" not in err  # equal: fine
+
+
+def test_resume_with_only_the_name_reuses_the_stored_arguments(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from mtl_tune.search.cli import main
+
+    execute_module = importlib.import_module("mtl_tune.search.execution")
+
+    stored_sweep(tmp_path, methods=["ls", "cagrad"], num_samples=6, sampler="nsga2", seed=3,
+                 config={"steps_per_epoch": 30})
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(plan):
+        seen["options"] = plan.options
+        raise Stop
+
+    monkeypatch.setattr(execute_module, "execute", capture)
+    with pytest.raises(Stop):
+        main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-concurrent", "1",
+              "--sampler", "nsga2"])
+    o = seen["options"]
+    assert (o.methods, o.num_samples, o.sampler, o.seed, o.config) == (["ls", "cagrad"], 6, "nsga2", 3,
+                                                                       {"steps_per_epoch": 30})
+    assert o.max_concurrent == 1 and o.resume  # run-environment flags may change on resume

@@ -1,0 +1,101 @@
+"""Every sampler and scheduler the CLI offers runs a real (tiny) search, is interrupted
+after its first finished trial and completes through ``--resume`` (the searcher, with its
+Optuna sampler, is pickled into Tune's state and loaded back)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+
+import pytest
+
+from mtl_tune.search.searcher import SAMPLERS
+
+SCHEDULERS = ("fifo", "asha", "hyperband")
+#: (sampler, scheduler, objective): every sampler and every scheduler at least once
+CASES = [("tpe", "asha", "loss1"), ("random", "hyperband", "loss1"), ("nsga2", "fifo", "pareto")]
+
+
+def test_the_cases_cover_every_choice_of_the_cli():
+    from mtl_tune.search.cli import build_parser
+
+    choices = {a.dest: set(a.choices) for a in build_parser()._actions if a.choices}
+    assert choices["sampler"] == set(SAMPLERS) == {c[0] for c in CASES}
+    assert choices["scheduler"] == set(SCHEDULERS) == {c[1] for c in CASES}
+
+
+def test_nsga2_sampler_survives_pickling_with_its_study():
+    import optuna
+
+    from mtl_tune.search.searcher import make_sampler
+
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler("nsga2", 0, 2, 16))
+    for _ in range(6):
+        trial = study.ask()
+        x = trial.suggest_float("x", 0, 1)
+        study.tell(trial, [x, 1 - x])
+    restored = pickle.loads(pickle.dumps(study))
+    trial = restored.ask()
+    assert 0 <= trial.suggest_float("x", 0, 1) <= 1 and len(restored.trials) == 7
+
+
+def interrupting_callbacks(marker):
+    """Stands in for ``execute.callbacks``: SIGINT after the first finished trial, once —
+    Tune saves its state and returns, as when a user presses Ctrl+C. Tune pickles the
+    callbacks into tuner.pkl and restores them on resume, hence a marker file, not a flag."""
+    from ray.tune import Callback
+
+    class Interrupt(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return lambda plan: [Interrupt()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,scheduler,objective", CASES)
+def test_search_interrupted_and_resumed(ray_cluster, tmp_path, capsys, monkeypatch, sampler, scheduler, objective):
+    from mtl_tune.analysis import load_sweep
+    from mtl_tune.search.cli import main
+
+    marker = tmp_path / "interrupted"
+    import importlib
+
+    # the module behind the function mtl_tune.search.execute
+    monkeypatch.setattr(importlib.import_module("mtl_tune.search.execution"), "callbacks",
+                        interrupting_callbacks(str(marker)))
+    args = ["--method", "cagrad", "--num-samples", "4", "--epochs", "2", "--config", "steps_per_epoch=100",
+            "--sampler", sampler, "--scheduler", scheduler, "--objective", objective, "--verbose", "0"]
+    where = ["--storage-path", str(tmp_path), "--name", "s"]
+    main(args + where)
+    assert marker.exists()
+    first = load_sweep(tmp_path / "s")
+    assert len(first[first["status"].isin(["TERMINATED", "STOPPED_EARLY"])]) < 4  # really interrupted
+    capsys.readouterr()
+
+    code = main(where + ["--resume", "--verbose", "0"])  # the stored arguments are reused
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = load_sweep(tmp_path / "s")
+    assert len(table) == 4 and table["trial_id"].is_unique
+    assert set(table["status"]) <= {"TERMINATED", "STOPPED_EARLY"}
+    state = sorted((tmp_path / "s" / "cagrad").glob("searcher-state-*.pkl"))[-1]
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 4 and set(states) <= ({"COMPLETE", "PRUNED"} if scheduler != "fifo" else {"COMPLETE"})
+    assert type(study.sampler).__name__ == {"tpe": "TPESampler", "random": "RandomSampler",
+                                            "nsga2": "PicklableNSGAIISampler"}[sampler]
