@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("md", "html"), default="md", help="report format (default: md)")
     p.add_argument("--include-incomplete", action="store_true",
                    help="let errored / early-stopped / diverged trials take part in Pareto fronts and hypervolume")
+    p.add_argument("--rank-by", default=None, metavar="METRIC[:min|max]",
+                   help="also rank trials of multi-objective sweeps by this scalar (e.g. val/delta_m); by default "
+                        "they are summarised by per-method hypervolume and non-dominated counts only")
     return p
 
 
@@ -39,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no trials in {', '.join(args.results)}", file=sys.stderr)
         return 2
     try:
-        path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete)
+        path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete,
+                            rank_by=args.rank_by)
     except (KeyError, ValueError) as err:
         print(f"error: cannot analyse {', '.join(args.results)}: {err}", file=sys.stderr)
         return 2

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preferences", type=int, default=0,
                    help="also sweep N task-preference weight vectors for preference-aware methods (ls, amtl) "
                         "and compare their fronts by hypervolume")
+    p.add_argument("--optuna-storage", default=None, metavar="URL_OR_FILE",
+                   help="where the Optuna studies live (one per method, named <name>/<method>): an RDB URL "
+                        "(sqlite:///f.db, postgresql://...) or a journal file path; default: "
+                        "sqlite:///<storage-path>/<name>/optuna.db. View with optuna-dashboard.")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="log every trial to Weights & Biases")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     return p
@@ -95,7 +99,8 @@ def options_from_args(args: argparse.Namespace):
         epochs=args.epochs, data_root=args.data_root, synthetic=args.synthetic, address=args.address,
         num_cpus=args.num_cpus, resume=args.resume, search_space=args.search_space,
         fixed=_pairs(args.set, "--set"), config=_pairs(args.config, "--config"), max_failures=args.max_failures,
-        verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb)
+        verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb,
+        optuna_storage=args.optuna_storage)
 
 
 def _config_text(row, hp_columns: list[str]) -> str:

@@ -58,6 +58,7 @@ class SearchOptions:
     seeds: int = 0
     preferences: int = 0
     wandb_project: str | None = None
+    optuna_storage: str | None = None
 
 
 @dataclass
@@ -75,6 +76,18 @@ class Plan:
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
+
+    @property
+    def optuna_storage(self) -> str:
+        """Where the Optuna studies live: ``--optuna-storage`` (an RDB URL or a journal file)
+        or, by default, the SQLite file ``optuna.db`` in the sweep folder."""
+        from mtl_tune.search.searcher import default_storage_url
+
+        return self.options.optuna_storage or default_storage_url(self.sweep_dir)
+
+    def study_name(self, method: str) -> str:
+        """One Optuna study per method, named ``<sweep>/<method>`` inside the storage."""
+        return f"{self.name}/{method}"
 
 
 def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
@@ -157,6 +170,8 @@ def prepare(options: SearchOptions) -> Plan:
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
     _check_storage(sweep_dir, options.resume)
+    if options.optuna_storage:
+        options.optuna_storage = check_optuna_storage(options.optuna_storage)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
                 sweep_dir=sweep_dir, name=name)
 
@@ -179,6 +194,23 @@ def check_address(address: str) -> None:
     except (OSError, ValueError) as err:
         raise SearchError(f"--address {address}: could not connect to a Ray cluster at {target} ({err}); start one "
                           "with `ray start --head` or pass host:port of a running head node") from None
+
+
+def check_optuna_storage(spec: str) -> str:
+    """``--optuna-storage``: an RDB URL is kept as given; anything else is a journal file,
+    returned as an absolute path whose folder must exist and be writable."""
+    if "://" in spec:
+        if spec.startswith("sqlite:///") and not spec.startswith("sqlite:////"):
+            relative = Path(spec[len("sqlite:///"):]).expanduser().resolve()
+            return f"sqlite:///{relative}"  # recorded in sweep.json: pin a relative file to this cwd
+        return spec
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():
+        raise SearchError(f"--optuna-storage {spec}: is a folder; give an RDB URL (sqlite:///file.db, "
+                          "postgresql://...) or the path of a journal file")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise SearchError(f"--optuna-storage {spec}: folder {path.parent} does not exist or is not writable")
+    return str(path)
 
 
 def _check_storage(sweep_dir: Path, resume: bool) -> None:
@@ -206,10 +238,17 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
 
 
 def sweep_info(plan: Plan) -> dict[str, Any]:
+    from mtl_tune.search.searcher import public_storage_url
+
+    args = asdict(plan.options)
+    if args.get("optuna_storage"):
+        args["optuna_storage"] = public_storage_url(args["optuna_storage"])
     return {
         "name": plan.name, "benchmark": plan.bench.name, "methods": list(plan.spaces),
         "objective": {"metrics": plan.metrics, "modes": plan.modes},
         "metric_specs": [asdict(m) for m in plan.bench.metrics], "tasks": list(plan.bench.tasks),
-        "synthetic": plan.options.synthetic, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "args": asdict(plan.options),
+        "synthetic": plan.options.synthetic,
+        "optuna": {"storage": public_storage_url(plan.optuna_storage), "studies": {m: plan.study_name(m) for m in plan.spaces}},
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "args": args,
     }
