@@ -118,6 +118,21 @@ def _config_text(row, hp_columns: list[str]) -> str:
     return " ".join(parts) or "(defaults)"
 
 
+def _comparison_title(comparison, plan) -> str:
+    """What the comparison ranks by: hypervolume on the declared objectives for a Pareto
+    search, the scalar objective otherwise; and what the --seeds re-runs are."""
+    parts = ["same budget per method"]
+    scalar = comparison.attrs.get("scalar", plan.metrics[0])
+    if comparison.attrs.get("ranking") == "hypervolume":
+        ref = ", ".join(f"{r:g}" for r in comparison.attrs.get("reference") or [])
+        parts.append(f"ranked by hypervolume of the search trials on {', '.join(plan.metrics)}, reference point ({ref})")
+        if plan.options.seeds:
+            parts.append(f"re-runs: each method's best configuration by {scalar} (the benchmark's scalar objective)")
+    if plan.options.seeds:
+        parts.append(f"mean±std of {scalar} over {plan.options.seeds} fresh seeds")
+    return "; ".join(parts)
+
+
 def print_summary(outcome, plan) -> None:
     from mtl_tune.analysis import pareto_mask
 
@@ -145,18 +160,23 @@ def print_summary(outcome, plan) -> None:
         for _, row in failed.head(5).iterrows():
             print(f"  {row['method']} {row['trial_id']}: {row['status']}: {row['error']}")
     if outcome.comparison is not None and not outcome.comparison.empty:
-        print("\nmethod comparison (same budget per method" +
-              (f"; mean±std over {plan.options.seeds} fresh seeds of each best configuration)" if plan.options.seeds
-               else ")"))
+        print("\nmethod comparison (" + _comparison_title(outcome.comparison, plan) + ")")
         print(outcome.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for note in outcome.comparison.attrs.get("notes", []):
+            print(note)
     if outcome.preferences is not None and not outcome.preferences.empty:
         print("\npreference sweep: hypervolume of each method's reachable front")
         print(outcome.preferences.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for note in outcome.preferences.attrs.get("notes", []):
+            print(note)
     if plan.options.synthetic:
         print("NOTE: --synthetic: random inputs, for throughput only; these metrics mean nothing")
     print(f"\ntrial table : {outcome.table_path}")
     if outcome.plot_path:
         print(f"Pareto plot : {outcome.plot_path}")
+    from mtl_tune.search.searcher import public_storage_url
+
+    print(f"Optuna study: optuna-dashboard {public_storage_url(plan.optuna_storage)}")
     print(f"sweep folder: {outcome.sweep_dir}  (resume: --storage-path {plan.sweep_dir.parent} "
           f"--name {plan.name} --resume)")
 
