@@ -383,7 +383,7 @@ def render_html(blocks: Sequence[Block], out: str | Path) -> str:
             body.append(b.content.to_html(float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="tbl"))
         elif b.kind == "img":
             rel = Path(b.content).relative_to(Path(out)) if Path(b.content).is_relative_to(Path(out)) else Path(b.content)
-            body.append(f'<img src="{html.escape(rel.as_posix())}" style="max-width:100%">')
+            body.append(f'<img src="{html.escape(rel.as_posix())}" alt="{html.escape(rel.stem)}" style="max-width:100%">')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table.tbl{border-collapse:collapse;font-size:12px}"
              ".tbl td,.tbl th{border:1px solid #ccc;padding:2px 6px}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtl_tune sweep analysis</title>"
