@@ -162,6 +162,8 @@ def test_notebook_runs_top_to_bottom_on_a_sweep(sweeps, tmp_path):
     assert not errors
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert str(sweeps[0]) in text and "60 trials in 2 sweep(s)" in text
+    assert "toy-demo: multi-objective, no scalar ranking" in text  # the (loss1, loss2) sweep is never ranked on loss1
+    assert is_png(tmp_path / "toy-demo_parallel.png")  # drawn over the declared objectives only
     assert (tmp_path / "report" / "report.md").is_file() and is_png(tmp_path / "toy-demo_pareto.png")
     assert is_png(tmp_path / "published_nyuv2_variance.png")
 
