@@ -193,3 +193,21 @@ def test_load_sweep_rebuilds_the_table_from_ray_experiments(tmp_path, capsys):
     assert a["status"].tolist() == b["status"].tolist()
     np.testing.assert_allclose(a["val/loss1"].to_numpy(float), b["val/loss1"].to_numpy(float))
     pd.testing.assert_series_equal(a["hp/c"], b["hp/c"], check_dtype=False)
+
+
+def test_point_labels_of_the_nyuv2_spread_plot_do_not_overlap():
+    import itertools
+
+    from mtl_tune.analysis._figure import label_points, new_figure
+
+    res = variance_performance_from_metrics(NYUV2.frame(), NYUV2.metrics, n_boot=50)
+    x = res.table[f"task_{res.spread}"].to_numpy(float)
+    y = res.table[res.performance].to_numpy(float)
+    fig = new_figure(6.5, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(x, y)
+    texts = label_points(ax, x, y, list(res.table.index))
+    fig.canvas.draw()
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert len(boxes) == 21  # DB-MTL and NTKMTL-SR, DWA and GradDrop sit almost on top of each other
+    assert not [(a, b) for (a, ba), (b, bb) in itertools.combinations(zip(res.table.index, boxes), 2) if ba.overlaps(bb)]

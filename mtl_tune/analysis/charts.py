@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from mtl_tune.analysis._figure import Colours, new_figure, save, short
+from mtl_tune.analysis._figure import label_points as place_labels
 from mtl_tune.analysis.correlation import CorrelationResult
 from mtl_tune.analysis.sweep import completed_trials, decode_hp
 
@@ -90,9 +91,6 @@ def plot_variance_vs_delta_m(result: CorrelationResult, path: str | Path, title:
     fig = new_figure(6.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter(x, y, s=30, color="tab:blue", zorder=3)
-    if label_points:
-        for name, xi, yi in zip(t.index, x, y):
-            ax.annotate(str(name), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
     if len(x) >= 2 and np.ptp(x) > 0:
         slope, intercept = np.polyfit(x, y, 1)
         xs = np.linspace(x.min(), x.max(), 50)
@@ -108,6 +106,8 @@ def plot_variance_vs_delta_m(result: CorrelationResult, path: str | Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "Task-performance spread vs average performance")
+    if label_points:  # last: placed against the final layout so that names do not overlap
+        place_labels(ax, x, y, [str(n) for n in t.index])
     return save(fig, path)
 
 
