@@ -106,3 +106,15 @@ def test_search_writes_its_studies_to_sqlite_in_the_sweep_folder(ray_cluster, tm
         for trial_id, t in stored.items():
             assert rows.loc[trial_id, "status"] == "TERMINATED" and t.state.name == "COMPLETE"
             assert t.values == pytest.approx([rows.loc[trial_id, "val/loss1"], rows.loc[trial_id, "val/loss2"]])
+
+
+def test_resume_keeps_the_storage_recorded_in_sweep_json(tmp_path):
+    sweep = tmp_path / "r"
+    sweep.mkdir()
+    journal = str(tmp_path / "studies.journal")
+    (sweep / "sweep.json").write_text(json.dumps({"optuna": {"storage": journal}}))
+    plan = prepare(SearchOptions(methods=["ls"], storage_path=str(tmp_path), name="r", resume=True))
+    assert plan.optuna_storage == journal
+    (sweep / "sweep.json").write_text(json.dumps({"optuna": {"storage": "postgresql://u:***@db/x"}}))
+    with pytest.raises(SearchError, match="pass that URL again with --optuna-storage"):
+        prepare(SearchOptions(methods=["ls"], storage_path=str(tmp_path), name="r", resume=True))

@@ -172,6 +172,8 @@ def prepare(options: SearchOptions) -> Plan:
     _check_storage(sweep_dir, options.resume)
     if options.optuna_storage:
         options.optuna_storage = check_optuna_storage(options.optuna_storage)
+    elif options.resume:  # the restored searchers keep writing where the first run chose
+        options.optuna_storage = _previous_optuna_storage(sweep_dir)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
                 sweep_dir=sweep_dir, name=name)
 
@@ -211,6 +213,20 @@ def check_optuna_storage(spec: str) -> str:
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise SearchError(f"--optuna-storage {spec}: folder {path.parent} does not exist or is not writable")
     return str(path)
+
+
+def _previous_optuna_storage(sweep_dir: Path) -> str | None:
+    """The Optuna storage recorded in the sweep.json of the search being resumed (None when absent)."""
+    import json
+
+    try:
+        storage = json.loads((sweep_dir / "sweep.json").read_text())["optuna"]["storage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(storage, str) and "***" in storage:
+        raise SearchError(f"--resume: this search keeps its Optuna studies in {storage}; pass that URL again with "
+                          "--optuna-storage (its password is not stored in sweep.json)")
+    return storage if isinstance(storage, str) else None
 
 
 def _check_storage(sweep_dir: Path, resume: bool) -> None:
