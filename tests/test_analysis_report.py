@@ -93,7 +93,7 @@ def test_cli_writes_markdown_and_html_reports(sweeps, tmp_path, capsys):
     # the two-objective toy sweep is never ranked on one of its objectives (nor its x1/x2 coordinates)
     toy_part = report.split("## Sweep city-demo")[0]
     assert "Best trial per method" not in toy_part and "toy-demo_bars.png" not in toy_part
-    assert "★ = non-dominated" in toy_part or "toy-demo_hp_" in toy_part
+    assert "toy-demo_hp_cagrad_val_loss1.png" in toy_part and "toy-demo_hp_cagrad_val_loss2.png" in toy_part
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images and all(is_png(tmp_path / "md" / p) for p in images)
     assert main([str(sweeps[1]), "--out", str(tmp_path / "html"), "--format", "html"]) == 0

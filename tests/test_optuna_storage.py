@@ -37,6 +37,7 @@ def test_study_survives_the_searcher_checkpoint_and_keeps_every_state(tmp_path, 
     searcher.on_trial_complete("t1", {"val/a": 1.0, "val/b": 2.0, "epoch": 2, "epochs": 2})
     searcher.suggest("t2")
     searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune does for --resume: pickles the searcher
+    searcher.suggest("lost")  # asked after the checkpoint, then the driver is killed
     restored = _searcher()  # a fresh in-memory one, as Tuner.restore builds it
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_complete("t2", {"val/a": 0.5, "val/b": 3.0, "epoch": 1, "epochs": 2})  # truncated
@@ -47,8 +48,8 @@ def test_study_survives_the_searcher_checkpoint_and_keeps_every_state(tmp_path, 
     # read back through a new connection, as optuna-dashboard would
     study = optuna.load_study(study_name="sw/ls", storage=make_storage(spec))
     got = [(t.user_attrs["tune_trial_id"], t.state.name, t.values) for t in study.trials]
-    assert got == [("t1", "COMPLETE", [1.0, 2.0]), ("t2", "PRUNED", None), ("t3", "FAIL", None),
-                   ("t4", "COMPLETE", [0.2, 5.0])]
+    assert got == [("t1", "COMPLETE", [1.0, 2.0]), ("t2", "PRUNED", None), ("lost", "FAIL", None),
+                   ("t3", "FAIL", None), ("t4", "COMPLETE", [0.2, 5.0])]  # no zombie RUNNING trial
     assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
 
 

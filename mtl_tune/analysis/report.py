@@ -196,7 +196,7 @@ def _hp_blocks(name, df, metrics, modes, scalar, out, include_incomplete) -> lis
             png = plot_hp_vs_objective(part, hps, obj, mode, out / f"{slug}_hp_{_slug(method)}{suffix}.png",
                                        color_by=None, highlight=highlight, include_incomplete=include_incomplete,
                                        title=f"{name} / {method}: {obj} vs hyperparameters"
-                                             + (" (★ = non-dominated on all objectives)" if highlight is not None else ""))
+                                             + (" (★ = on the sweep's Pareto front)" if highlight is not None else ""))
             blocks.append(Block("img", png))
     return blocks
 

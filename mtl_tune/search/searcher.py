@@ -75,6 +75,23 @@ def public_storage_url(spec: str) -> str:
 class MTLOptunaSearch(OptunaSearch):
     """OptunaSearch that tells truncated trials PRUNED and never tells non-finite values."""
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """After a kill, the stored study may hold RUNNING trials asked after the searcher's last
+        checkpoint; Tune re-suggests their slots, so they would never finish. Tell them FAIL."""
+        study = getattr(self, "_ot_study", None)
+        if study is None:
+            return
+        mine = {t.number for t in self._ot_trials.values()}
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in mine:
+                logger.warning("Optuna trial %d of study %s was asked after the last searcher checkpoint of a "
+                               "killed search; told as FAIL", frozen.number, study.study_name)
+                study.tell(frozen.number, state=TrialState.FAIL)
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:  # lets a stored study be joined to trials.csv (and read in the dashboard)
