@@ -36,11 +36,14 @@ def test_study_survives_the_searcher_checkpoint_and_keeps_every_state(tmp_path, 
     searcher.suggest("t1")
     searcher.on_trial_complete("t1", {"val/a": 1.0, "val/b": 2.0, "epoch": 2, "epochs": 2})
     searcher.suggest("t2")
+    searcher.suggest("late")
     searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune does for --resume: pickles the searcher
+    searcher.on_trial_complete("late", {"val/a": 0.9, "val/b": 2.5, "epoch": 2, "epochs": 2})  # told after it
     searcher.suggest("lost")  # asked after the checkpoint, then the driver is killed
     restored = _searcher()  # a fresh in-memory one, as Tuner.restore builds it
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_complete("t2", {"val/a": 0.5, "val/b": 3.0, "epoch": 1, "epochs": 2})  # truncated
+    restored.on_trial_complete("late", {"val/a": 0.1, "val/b": 9.0, "epoch": 2, "epochs": 2})  # Tune re-ran it
     restored.suggest("t3")
     restored.on_trial_complete("t3", None, error=True)
     restored.suggest("t4")
@@ -48,8 +51,9 @@ def test_study_survives_the_searcher_checkpoint_and_keeps_every_state(tmp_path, 
     # read back through a new connection, as optuna-dashboard would
     study = optuna.load_study(study_name="sw/ls", storage=make_storage(spec))
     got = [(t.user_attrs["tune_trial_id"], t.state.name, t.values) for t in study.trials]
-    assert got == [("t1", "COMPLETE", [1.0, 2.0]), ("t2", "PRUNED", None), ("lost", "FAIL", None),
-                   ("t3", "FAIL", None), ("t4", "COMPLETE", [0.2, 5.0])]  # no zombie RUNNING trial
+    # no zombie RUNNING trial; the trial told before the kill keeps its first values
+    assert got == [("t1", "COMPLETE", [1.0, 2.0]), ("t2", "PRUNED", None), ("late", "COMPLETE", [0.9, 2.5]),
+                   ("lost", "FAIL", None), ("t3", "FAIL", None), ("t4", "COMPLETE", [0.2, 5.0])]
     assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
 
 

@@ -77,6 +77,16 @@ class MTLOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self._sync_with_storage()
+
+    def _sync_with_storage(self) -> None:
+        """A persistent study may be ahead of the searcher checkpoint: a trial told after it is
+        finished in storage, so it is marked completed here (a second tell would raise)."""
+        study = getattr(self, "_ot_study", None)
+        if study is None:
+            return
+        finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self._completed_trials.update(tid for tid, t in self._ot_trials.items() if t.number in finished)
         self._fail_orphans()
 
     def _fail_orphans(self) -> None:
