@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild tables of folders without trials.csv with Ray's ExperimentAnalysis, which "
                         "unpickles Tune's state and so RUNS CODE from the folder: only for sweeps you wrote "
                         "(default: read JSON/CSV files only)")
+    p.add_argument("--rank-by", default=None, metavar="METRIC[:min|max]",
+                   help="also rank trials of multi-objective sweeps by this scalar (e.g. val/delta_m); by default "
+                        "they are summarised by per-method hypervolume and non-dominated counts only")
     return p
 
 
@@ -45,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no trials in {', '.join(args.results)}", file=sys.stderr)
         return 2
     try:
-        path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete)
+        path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete,
+                            rank_by=args.rank_by)
     except (KeyError, ValueError) as err:
         print(f"error: cannot analyse {', '.join(args.results)}: {err}", file=sys.stderr)
         return 2

@@ -87,14 +87,51 @@ def test_cli_writes_markdown_and_html_reports(sweeps, tmp_path, capsys):
     assert main([str(sweeps[0]), str(sweeps[1]), "--out", str(tmp_path / "md")]) == 0
     report = (tmp_path / "md" / "report.md").read_text()
     for text in ("## Sweep toy-demo", "## Sweep city-demo", "Pareto front over", "Hypervolume (exact)",
-                 "Δm% and mean rank", "Variance–performance correlation", "All sweeps: best objective per method"):
+                 "Δm% and mean rank", "Variance–performance correlation", "All sweeps: best scalar objective per method",
+                 "All sweeps: hypervolume per method", "toy-demo: HV at (0, 0)"):
         assert text in report, text
+    # the two-objective toy sweep is never ranked on one of its objectives (nor its x1/x2 coordinates)
+    toy_part = report.split("## Sweep city-demo")[0]
+    assert "Best trial per method" not in toy_part and "toy-demo_bars.png" not in toy_part
+    assert "toy-demo_hp_cagrad_val_loss1.png" in toy_part and "toy-demo_hp_cagrad_val_loss2.png" in toy_part
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images and all(is_png(tmp_path / "md" / p) for p in images)
     assert main([str(sweeps[1]), "--out", str(tmp_path / "html"), "--format", "html"]) == 0
     page = (tmp_path / "html" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table" in page and '<img src="city-demo_pareto.png"' in page
+    assert "`" not in page.split("<body>")[1]  # inline code is <code>, in headings too
+    assert "<h3>Best trial per method on <code>val/delta_m</code> (min)</h3>" in page
     assert "wrote" in capsys.readouterr().out
+
+
+def test_rank_by_adds_a_scalar_view_to_a_multi_objective_sweep(sweeps, tmp_path):
+    assert main([str(sweeps[0]), "--out", str(tmp_path), "--rank-by", "val/loss2"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Best trial per method on `val/loss2` (min) — a scalar view asked for with --rank-by" in report
+    assert main([str(sweeps[0]), "--out", str(tmp_path), "--rank-by", "val/nope"]) == 2
+
+
+def test_method_front_summary_known_answer_and_degenerate_warnings():
+    from mtl_tune.analysis.summary import degenerate_notes, distinct_seed_stats, method_front_summary
+
+    df = pd.DataFrame({
+        "method": ["a", "a", "a", "b", "b", "c"], "seed": [0, 0, 1, 0, 0, 0], "status": "TERMINATED",
+        "val/l1": [1.0, 3.0, 2.0, 0.5, 0.6, 5.0], "val/l2": [3.0, 1.0, 4.0, 0.5, 0.7, 5.0]})
+    ref = [4.0, 4.0]
+    s = method_front_summary(df, ["val/l1", "val/l2"], ["min", "min"], ref)
+    # a: boxes of (1,3) and (3,1) under (4,4): 3·1 + 1·3 − overlap 1·1 = 5; b: (0.5,0.5) → 3.5² = 12.25; c beats nothing
+    assert s.loc["a", "hypervolume"] == pytest.approx(5.0) and s.loc["b", "hypervolume"] == pytest.approx(12.25)
+    assert s.loc["c", "hypervolume"] == 0.0 and s.loc["c", "beats_reference"] == 0
+    assert list(s.index) == ["(all)", "b", "a", "c"]
+    assert s.loc["a", "n_front"] == 2 and s.loc["a", "on_global_front"] == 0 and s.loc["b", "on_global_front"] == 1
+    assert s.loc["a", "seeds"] == 2 and s.loc["b", "seeds"] == 1  # distinct seeds, not runs
+    notes = degenerate_notes(s, ref, ["val/l1", "val/l2"])
+    assert any("hypervolume of c is 0" in n and "val/l1 = 4" in n for n in notes)
+    assert any("front of b is a single point" in n for n in notes)
+    assert not any(" of a " in n for n in notes)
+    stats = distinct_seed_stats(df, "val/l1")
+    assert stats.loc["a", "n"] == 2 and stats.loc["a", "mean"] == pytest.approx((2.0 + 2.0) / 2)
+    assert stats.loc["b", "n"] == 1 and np.isnan(stats.loc["b", "std"])  # one seed run twice: no spread
 
 
 def test_cli_missing_path_is_one_clear_error(tmp_path, capsys):
@@ -125,6 +162,8 @@ def test_notebook_runs_top_to_bottom_on_a_sweep(sweeps, tmp_path):
     assert not errors
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert str(sweeps[0]) in text and "60 trials in 2 sweep(s)" in text
+    assert "toy-demo: multi-objective, no scalar ranking" in text  # the (loss1, loss2) sweep is never ranked on loss1
+    assert is_png(tmp_path / "toy-demo_parallel.png")  # drawn over the declared objectives only
     assert (tmp_path / "report" / "report.md").is_file() and is_png(tmp_path / "toy-demo_pareto.png")
     assert is_png(tmp_path / "published_nyuv2_variance.png")
 
@@ -153,3 +192,21 @@ def test_load_sweep_rebuilds_the_table_from_ray_experiments(tmp_path, capsys):
     assert a["status"].tolist() == b["status"].tolist()
     np.testing.assert_allclose(a["val/loss1"].to_numpy(float), b["val/loss1"].to_numpy(float))
     pd.testing.assert_series_equal(a["hp/c"], b["hp/c"], check_dtype=False)
+
+
+def test_point_labels_of_the_nyuv2_spread_plot_do_not_overlap():
+    import itertools
+
+    from mtl_tune.analysis._figure import label_points, new_figure
+
+    res = variance_performance_from_metrics(NYUV2.frame(), NYUV2.metrics, n_boot=50)
+    x = res.table[f"task_{res.spread}"].to_numpy(float)
+    y = res.table[res.performance].to_numpy(float)
+    fig = new_figure(6.5, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(x, y)
+    texts = label_points(ax, x, y, list(res.table.index))
+    fig.canvas.draw()
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert len(boxes) == 21  # DB-MTL and NTKMTL-SR, DWA and GradDrop sit almost on top of each other
+    assert not [(a, b) for (a, ba), (b, bb) in itertools.combinations(zip(res.table.index, boxes), 2) if ba.overlaps(bb)]

@@ -173,3 +173,18 @@ def test_permutation_null_shows_the_mechanical_part():
     d = task_drops(CITYSCAPES.frame(), CITYSCAPES.metrics)
     null = permutation_null(d, task_weights(CITYSCAPES.metrics), n_perm=2000, seed=0)
     assert null["null_low"] <= null["observed_r"] <= null["null_high"]
+
+
+def test_published_tables_use_the_benchmarks_metric_names_and_convert_units():
+    from mtl_tune.data.published import CITYSCAPES, NYUV2
+    from mtl_tune.registry import benchmark_class
+
+    for table in (NYUV2, CITYSCAPES):
+        bench = {s.name: s for s in benchmark_class(table.benchmark).metrics}
+        assert [m.name for m in table.metrics] == list(bench)  # same names (seg/pixacc), same order
+        converted = table.in_benchmark_units()
+        ls = converted.loc["LS"]
+        assert ls["seg/pixacc"] == pytest.approx(table.rows["LS"][1] / 100)  # percent → fraction
+        assert ls["depth/abs_err"] == table.rows["LS"][2]  # same unit: untouched
+    assert NYUV2.in_benchmark_units().loc["LS", "normal/within_30"] == pytest.approx(0.6108)
+    assert NYUV2.in_benchmark_units().loc["LS", "normal/mean"] == 28.15

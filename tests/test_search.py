@@ -119,3 +119,56 @@ def test_seed_reruns_and_preference_sweep(ray_cluster, tmp_path, capsys):
     assert prefs["method"].tolist() == ["ls"] and prefs["points"].tolist() == [3]
     assert prefs["hypervolume"].iloc[0] > 0
     assert "method comparison" in out and "preference sweep" in out
+
+
+def _table(rows):
+    import pandas as pd
+
+    base = {"status": "TERMINATED", "training_iteration": 1, "epochs": 1, "seed": 0, "phase": "search"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_pareto_comparison_ranks_by_hypervolume_and_warns_on_degenerate_numbers(tmp_path):
+    from mtl_tune.search.cli import _comparison_title
+    from mtl_tune.search.compare import comparison_table, preference_hypervolumes
+    from mtl_tune.search.runner import SearchOptions, prepare
+
+    plan = prepare(SearchOptions(methods=["ls", "mgda"], storage_path=str(tmp_path), name="c", seeds=2))
+    table = _table([
+        # ls: two trade-off points under the toy's reference (0, 0): HV = 2 + 2 − 1 (overlap) = 3
+        {"method": "ls", "val/loss1": -1.0, "val/loss2": -2.0, "val/pareto_distance": 0.5},
+        {"method": "ls", "val/loss1": -2.0, "val/loss2": -1.0, "val/pareto_distance": 0.4},
+        # mgda: best on loss1 alone and on pareto_distance, but beats the reference in no objective pair
+        {"method": "mgda", "val/loss1": -5.0, "val/loss2": 1.0, "val/pareto_distance": 0.1},
+        {"method": "mgda", "val/loss1": -5.0, "val/loss2": 1.0, "val/pareto_distance": 0.1, "phase": "seeds", "seed": 1},
+        {"method": "mgda", "val/loss1": -5.0, "val/loss2": 1.0, "val/pareto_distance": 0.1, "phase": "seeds", "seed": 1},
+    ])
+    comp = comparison_table(plan, table)
+    assert comp["method"].tolist() == ["ls", "mgda"] and comp["rank"].tolist() == [1, 2]
+    assert comp.loc[0, "hypervolume"] == pytest.approx(3.0) and comp.loc[1, "hypervolume"] == 0.0
+    assert comp.loc[0, "non_dominated"] == 2
+    assert comp.loc[1, "seeds"] == 1  # two re-runs of seed 1 are one seed
+    notes = " ".join(comp.attrs["notes"])
+    assert "hypervolume of mgda is 0" in notes and "reference point (val/loss1 = 0, val/loss2 = 0)" in notes
+    title = _comparison_title(comp, plan)
+    assert "ranked by hypervolume" in title and "reference point (0, 0)" in title and "val/pareto_distance" in title
+
+    prefs = _table([{"method": "ls", "phase": "prefs", "val/loss1": 1.0, "val/loss2": 1.0},
+                    {"method": "ls", "phase": "prefs", "val/loss1": 2.0, "val/loss2": 0.5}])
+    out = preference_hypervolumes(plan, prefs)
+    assert out["hypervolume"].tolist() == [0.0] and out["beats_reference"].tolist() == [0]
+    assert any("hypervolume of ls is 0" in n for n in out.attrs["notes"])
+
+
+def test_seed_reruns_of_a_deterministic_toy_say_so(tmp_path):
+    from mtl_tune.search.compare import comparison_table
+    from mtl_tune.search.runner import SearchOptions, prepare
+
+    rows = [{"method": "ls", "val/pareto_distance": 0.3},
+            {"method": "ls", "val/pareto_distance": 0.3, "phase": "seeds", "seed": 1},
+            {"method": "ls", "val/pareto_distance": 0.3, "phase": "seeds", "seed": 2}]
+    for jitter, deterministic in ((0, True), (0.5, False)):
+        plan = prepare(SearchOptions(methods=["ls"], objective="pareto_distance", seeds=2, storage_path=str(tmp_path),
+                                     name=f"d{jitter}", config={"init_jitter": jitter}))
+        notes = comparison_table(plan, _table(rows)).attrs["notes"]
+        assert any("deterministic in this configuration" in n for n in notes) == deterministic

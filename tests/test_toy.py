@@ -52,3 +52,18 @@ def test_pareto_distance():
     # the single-task minima are the two ends of the front: −19.98943·scale and −19.98943
     assert front[:, 0].min() == pytest.approx(-1.998943, abs=1e-5)
     assert front[:, 1].min() == pytest.approx(-19.98943, abs=1e-4)
+
+
+def test_search_start_follows_the_seed_unless_jitter_is_zero():
+    from mtl_tune.benchmarks.toy import Toy, start_point
+
+    toy = Toy()
+    xs = [toy.build({"init": 0, "seed": s}, torch.device("cpu")).model.x.detach().numpy() for s in (0, 1, 0)]
+    assert np.array_equal(xs[0], xs[2]) and not np.allclose(xs[0], xs[1])  # same seed, same start; new seed, new start
+    offsets = np.array([np.subtract(start_point(1, s, 0.5), INITS[1]) for s in range(400)])
+    assert abs(offsets.mean()) < 0.1 and abs(offsets.std() - 0.5) < 0.05  # N(0, 0.5²) per coordinate
+    exact = toy.build({"init": 2, "seed": 7, "init_jitter": 0}, torch.device("cpu")).model.x.detach().numpy()
+    assert tuple(exact) == INITS[2]
+    assert toy.seed_changes_results({}) and not toy.seed_changes_results({"init_jitter": 0})
+    with pytest.raises(ValueError, match="init_jitter"):
+        start_point(0, 0, -1.0)

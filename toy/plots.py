@@ -8,6 +8,9 @@
   ``magma_r`` from 0.1 (early, light) to 0.6 (late, dark), the inits as big black dots.
   Optionally a toy search's trials on top.
 
+Both carry a colour bar keying the colours to the iteration (the step count when all runs
+in the figure have the same length, otherwise start → end of each run).
+
 Figures are built with :class:`matplotlib.figure.Figure` (no pyplot state), so they can be
 drawn in worker processes and in tests without a display.
 """
@@ -90,6 +93,22 @@ def draw_objective_space(ax: Axes, runs: Sequence[RunResult], scale: float, titl
         ax.set_title(title, fontsize=fontsize + 2)
 
 
+def _iteration_key(fig: Figure, axes, cmap_name: str, low: float, high: float, steps: int | None, **kw) -> None:
+    """A colour bar saying which colour is which iteration (points are coloured by their step,
+    start → end); ``steps=None``: runs of different lengths, so the key is in fractions."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    cmap = ListedColormap(matplotlib.colormaps[cmap_name](np.linspace(low, high, 256)))
+    sm = ScalarMappable(norm=Normalize(0, steps or 1), cmap=cmap)
+    bar = fig.colorbar(sm, ax=axes, **kw)
+    if steps:
+        bar.set_label("iteration")
+    else:
+        bar.set_ticks([0, 1], labels=["start", "end"])
+        bar.set_label("iteration (of each run)")
+
+
 def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
                 trials: np.ndarray | None = None, grid: tuple[np.ndarray, ...] | None = None) -> Path:
     """``<label>.png``: parameter space (left) and objective space (right) for one method;
@@ -99,6 +118,10 @@ def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
     ax_p, ax_o = fig.subplots(1, 2)
     draw_parameter_space(ax_p, runs, grid, title=f"{label}: parameter space")
     draw_objective_space(ax_o, runs, scale, title=f"{label}: objective space (scale {scale:g})", trials=trials)
+    lengths = {len(r.traj) - 1 for r in runs if len(r.traj)}
+    steps = lengths.pop() if len(lengths) == 1 else None
+    _iteration_key(fig, ax_p, "autumn", 0.0, 1.0, steps, fraction=0.046, pad=0.02)
+    _iteration_key(fig, ax_o, "magma_r", 0.1, 0.6, steps, fraction=0.046, pad=0.02)
     fig.savefig(path, dpi=110, facecolor="white")
     return path
 
@@ -121,6 +144,9 @@ def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Pat
     for k in range(len(labels), (nrows // 2) * ncols):
         axes[2 * (k // ncols), k % ncols].set_axis_off()
         axes[2 * (k // ncols) + 1, k % ncols].set_axis_off()
+    # one key for the figure: methods run different step counts, so colours are fractions of each run
+    _iteration_key(fig, axes[0, :].tolist(), "autumn", 0.0, 1.0, None, location="right", shrink=0.9)
+    _iteration_key(fig, axes[1, :].tolist(), "magma_r", 0.1, 0.6, None, location="right", shrink=0.9)
     fig.savefig(path, dpi=80, facecolor="white")
     return path
 

@@ -13,6 +13,7 @@ Command line: ``python -m mtl_tune.analyze RESULTS... --out DIR``. Details in do
 Modules: :mod:`.sweep` (loading, :func:`completed_trials`), :mod:`.pareto` (dominance),
 :mod:`.hypervolume`, :mod:`.ranking` (Δm%, MR), :mod:`.correlation` (PIVRG's claim),
 :mod:`.plots` / :mod:`.charts` (PNG figures), :mod:`.report` (Markdown/HTML),
+:mod:`.summary` (per-method hypervolume / non-dominated counts, degenerate-number warnings),
 :mod:`.synthetic` (demo sweeps in the results format).
 """
 
@@ -51,6 +52,7 @@ from mtl_tune.analysis.ranking import (
     task_drops,
 )
 from mtl_tune.analysis.report import build_report, write_report
+from mtl_tune.analysis.summary import degenerate_notes, distinct_seed_stats, method_front_summary
 from mtl_tune.analysis.sweep import (
     SweepNotFoundError,
     completed_trials,
@@ -76,6 +78,8 @@ __all__ = [
     "build_report",
     "completed_trials",
     "decode_hp",
+    "degenerate_notes",
+    "distinct_seed_stats",
     "delta_m_table",
     "dominates",
     "expand_list_hps",
@@ -87,6 +91,7 @@ __all__ = [
     "load_sweep",
     "load_sweep_meta",
     "mean_rank",
+    "method_front_summary",
     "metric_columns",
     "metric_ranks",
     "metric_specs",

@@ -96,3 +96,39 @@ def minmax_columns(arr: np.ndarray, better_up: Sequence[bool]) -> np.ndarray:
     flip = ~np.asarray(better_up, dtype=bool)
     z[:, flip] = 1.0 - z[:, flip]
     return z
+
+
+#: label offsets (points) tried in order around a marker: right, left, above, below, then further out
+_LABEL_OFFSETS = [(4, 3), (4, -9), (-4, 3), (-4, -9), (4, 11), (-4, 11), (4, -17), (-4, -17), (10, 19), (-10, 19),
+                  (10, -25), (-10, -25), (16, 27), (-16, 27), (16, -33), (-16, -33)]
+
+
+def label_points(ax, xs: Sequence[float], ys: Sequence[float], names: Sequence[str], fontsize: float = 7) -> list:
+    """Annotate each point with its name at the first offset whose text box overlaps no label
+    placed before it and no other marker (greedy; many crowded points may still need the
+    farthest offset). Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()  # final layout first: offsets are judged in display space
+    inv = fig.dpi / 72.0
+    pts = ax.transData.transform(np.column_stack([xs, ys]))
+    placed: list[tuple[float, float, float, float]] = []
+    texts = []
+    for (px, py), name in zip(pts, names):
+        width, height = 0.62 * fontsize * len(str(name)) * inv, 1.2 * fontsize * inv
+        choice = _LABEL_OFFSETS[0]
+        for dx, dy in _LABEL_OFFSETS:
+            x0 = px + dx * inv - (width if dx < 0 else 0.0)
+            y0 = py + dy * inv
+            box = (x0, y0, x0 + width, y0 + height)
+            clash = any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed)
+            hits_marker = any(box[0] - 2 < qx < box[2] + 2 and box[1] - 2 < qy < box[3] + 2 for qx, qy in pts)
+            if not clash and not hits_marker:
+                choice = (dx, dy)
+                break
+        dx, dy = choice
+        x0 = px + dx * inv - (width if dx < 0 else 0.0)
+        placed.append((x0, py + dy * inv, x0 + width, py + dy * inv + height))
+        texts.append(ax.annotate(str(name), ax.transData.inverted().transform((px, py)), xytext=(dx, dy),
+                                 textcoords="offset points", fontsize=fontsize, ha="right" if dx < 0 else "left",
+                                 va="bottom"))
+    return texts

@@ -12,14 +12,20 @@ import numpy as np
 import pandas as pd
 
 from mtl_tune.analysis._figure import Colours, new_figure, save, short
+from mtl_tune.analysis._figure import label_points as place_labels
 from mtl_tune.analysis.correlation import CorrelationResult
 from mtl_tune.analysis.sweep import completed_trials, decode_hp
 
 
 def plot_hp_vs_objective(df: pd.DataFrame, hp: Sequence[str], objective: str, mode: str, path: str | Path,
                          color_by: str | None = "method", log_x: bool | Sequence[bool] | None = None,
-                         include_incomplete: bool = False, title: str | None = None) -> Path:
+                         include_incomplete: bool = False, title: str | None = None,
+                         highlight: pd.Series | None = None, highlight_label: str = "non-dominated") -> Path:
     """One panel per hyperparameter column: objective vs its value, best trial starred.
+
+    ``highlight`` (a boolean Series aligned with ``df``): star these trials instead of the
+    single best on ``objective`` — for a multi-objective sweep, its non-dominated trials, so
+    no objective is singled out as "the" ranking.
 
     Numeric hyperparameters go on a log axis when ``log_x`` says so (default: when all
     values are > 0 and span more than two decades). Categorical / JSON-list values are
@@ -50,9 +56,16 @@ def plot_hp_vs_objective(df: pd.DataFrame, hp: Sequence[str], objective: str, mo
             ckw = {"c": colour} if isinstance(colour, np.ndarray) and np.ndim(colour) == 2 else {"color": colour}
             ax.scatter(x.loc[part.index], part[objective], s=18, alpha=0.7, label=label if i == 0 else None, **ckw)
         if len(data):
-            best = data[objective].astype(float).idxmin() if mode == "min" else data[objective].astype(float).idxmax()
-            ax.scatter([x.loc[best]], [data.loc[best, objective]], marker="*", s=220, color="gold",
-                       edgecolors="black", zorder=5, label="best" if i == 0 else None)
+            if highlight is not None:
+                starred = highlight.reindex(data.index).fillna(False).astype(bool)
+                stars, star_label = data.index[starred.to_numpy()], highlight_label
+            else:
+                obj = data[objective].astype(float)
+                stars, star_label = [obj.idxmin() if mode == "min" else obj.idxmax()], "best"
+            # clip_on=False + margins: a star at the edge of the data is drawn whole, not halved by the axis
+            ax.scatter(x.loc[stars], data.loc[stars, objective], marker="*", s=220, color="gold",
+                       edgecolors="black", zorder=5, clip_on=False, label=star_label if i == 0 else None)
+            ax.margins(x=0.06, y=0.1)
         use_log = logs[i]
         if use_log is None and is_num:
             pos = numeric.dropna()
@@ -78,9 +91,6 @@ def plot_variance_vs_delta_m(result: CorrelationResult, path: str | Path, title:
     fig = new_figure(6.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter(x, y, s=30, color="tab:blue", zorder=3)
-    if label_points:
-        for name, xi, yi in zip(t.index, x, y):
-            ax.annotate(str(name), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
     if len(x) >= 2 and np.ptp(x) > 0:
         slope, intercept = np.polyfit(x, y, 1)
         xs = np.linspace(x.min(), x.max(), 50)
@@ -96,18 +106,27 @@ def plot_variance_vs_delta_m(result: CorrelationResult, path: str | Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "Task-performance spread vs average performance")
+    if label_points:  # last: placed against the final layout so that names do not overlap
+        place_labels(ax, x, y, [str(n) for n in t.index])
     return save(fig, path)
 
 
 def plot_method_bars(df: pd.DataFrame, value: str, path: str | Path, by: str = "method", mode: str | None = None,
-                     title: str | None = None) -> Path:
-    """Bar per group: mean of ``value`` over its rows (e.g. seeds) with ±1 std error bars (ddof = 1).
+                     title: str | None = None, seed: str | None = "seed") -> Path:
+    """Bar per group: mean of ``value`` over distinct seeds with ±1 std error bars (ddof = 1).
 
-    Groups with one row get no error bar. Bars are sorted best first when ``mode`` is given.
+    With a ``seed`` column, runs of the same seed are averaged first and ``n`` counts
+    distinct seeds (two runs of seed 0 are one seed, not a spread); without one, every row
+    counts. Groups with one seed get no error bar. Bars are sorted best first when ``mode`` is given.
     """
-    vals = pd.to_numeric(df[value], errors="coerce")
-    g = vals.groupby(df[by].astype(str))
-    stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()})
+    from mtl_tune.analysis.summary import distinct_seed_stats
+
+    if seed and seed in df.columns:
+        stats, unit = distinct_seed_stats(df, value, by, seed), " seed"
+    else:
+        vals = pd.to_numeric(df[value], errors="coerce")
+        g = vals.groupby(df[by].astype(str))
+        stats, unit = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}), ""
     stats = stats[stats["n"] > 0]
     if mode in ("min", "max"):
         stats = stats.sort_values("mean", ascending=mode == "min")
@@ -115,7 +134,7 @@ def plot_method_bars(df: pd.DataFrame, value: str, path: str | Path, by: str = "
     ax = fig.add_subplot(1, 1, 1)
     pos = np.arange(len(stats))
     ax.bar(pos, stats["mean"], yerr=stats["std"].fillna(0.0), capsize=4, color="tab:blue", alpha=0.8)
-    ticks = [f"{name}\n(n={n})" for name, n in zip(stats.index, stats["n"])]
+    ticks = [f"{name}\n(n={n}{unit}{'s' if unit and n != 1 else ''})" for name, n in zip(stats.index, stats["n"])]
     ax.set_xticks(pos, ticks, rotation=30 if len(stats) > 5 else 0, ha="right" if len(stats) > 5 else "center")
     arrow = {"min": " (↓)", "max": " (↑)"}.get(mode or "", "")
     ax.set_ylabel(f"{short(value)}{arrow}, mean ± std")

@@ -30,9 +30,10 @@ import pandas as pd
 from mtl_tune.analysis.charts import plot_hp_vs_objective, plot_method_bars, plot_variance_vs_delta_m
 from mtl_tune.analysis.correlation import task_weights, permutation_null, variance_performance_from_metrics
 from mtl_tune.analysis.hypervolume import hypervolume_table, reference_point
-from mtl_tune.analysis.pareto import pareto_front
+from mtl_tune.analysis.pareto import pareto_front, pareto_mask
 from mtl_tune.analysis.plots import plot_pareto_front
 from mtl_tune.analysis.ranking import metric_table, summary_table
+from mtl_tune.analysis.summary import degenerate_notes, method_front_summary
 from mtl_tune.analysis.sweep import (
     completed_trials,
     expand_list_hps,
@@ -110,12 +111,32 @@ def best_config_seeds(df: pd.DataFrame, objective: str, mode: str) -> pd.DataFra
     return done[[(m, c) in keep for m, c in zip(done["method"], done["config"])]]
 
 
-def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, include_incomplete: bool) -> list[Block]:
+def scalar_ranking(df: pd.DataFrame, meta: dict[str, Any], metrics: list[str], modes: list[str],
+                   rank_by: str | None) -> tuple[str, str] | None:
+    """The scalar (metric, mode) that may rank trials: the declared objective when it is scalar,
+    else only what the user asked for with ``rank_by`` (``metric`` or ``metric:min|max``)."""
+    if rank_by:
+        key, _, mode = rank_by.partition(":")
+        if key not in df.columns:
+            raise KeyError(f"--rank-by {key!r} is not a column of the trial table")
+        if not mode:
+            spec = {s.name: s for s in metric_specs(meta)}.get(key.split("/", 1)[-1])
+            mode = spec.mode if spec else dict(zip(metrics, modes)).get(key, "min")
+        if mode not in ("min", "max"):
+            raise ValueError(f"--rank-by {rank_by!r}: the direction must be min or max")
+        return key, mode
+    return (metrics[0], modes[0]) if len(metrics) == 1 else None
+
+
+def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, include_incomplete: bool,
+                  rank_by: str | None = None) -> list[Block]:
     blocks: list[Block] = [Block("h2", f"Sweep {name}")]
     bench = meta.get("benchmark") or (df["benchmark"].iloc[0] if "benchmark" in df.columns and len(df) else "")
     metrics, modes = objective_of(df, meta)
     blocks.append(Block("p", f"Benchmark **{bench}**, {len(df)} trials, objective "
                              + ", ".join(f"`{m}` ({d})" for m, d in zip(metrics, modes))
+                             + (" (multi-objective: methods are compared by hypervolume and non-dominated counts)"
+                                if len(metrics) > 1 else "")
                              + (f", created {meta['created']}" if meta.get("created") else "") + "."))
     if "status" in df.columns:
         counts = pd.crosstab(df["method"], df["status"])
@@ -130,26 +151,53 @@ def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, 
         sf = df.groupby("method")["solver_failures"].sum().to_frame("solver failures (sum)")
         blocks += [Block("p", "Balancer solver failures were counted:"), Block("table", sf)]
     slug = _slug(name)
-    obj, mode = metrics[0], modes[0]
-    if len(metrics) == 1:
+    scalar = scalar_ranking(df, meta, metrics, modes, rank_by)
+    if scalar is not None:
+        obj, mode = scalar
         best = best_per_method(df, obj, mode)
         if len(best):
+            asked = len(metrics) > 1
             cols = ["method", "trial_id", "seed", obj] + [c for c in hp_columns(best) if best[c].notna().any()]
-            blocks += [Block("h3", f"Best trial per method on `{obj}`"),
+            blocks += [Block("h3", f"Best trial per method on `{obj}` ({mode})"
+                                   + (" — a scalar view asked for with --rank-by" if asked else "")),
                        Block("table", best[[c for c in cols if c in best.columns]].reset_index(drop=True))]
             seeds = best_config_seeds(df, obj, mode)
+            n_seeds = int(seeds["seed"].nunique()) if "seed" in seeds else 1
+            spread = "mean ± std over distinct seeds" if n_seeds > 1 else "one seed only: no spread"
             png = plot_method_bars(seeds, obj, out / f"{slug}_bars.png", mode=mode,
-                                   title=f"{name}: best configuration per method, mean ± std over seeds")
+                                   title=f"{name}: best configuration per method, {spread}")
             blocks.append(Block("img", png))
     blocks += _pareto_blocks(name, df, meta, bench, metrics, modes, out, include_incomplete)
-    for method, part in completed_trials(df).groupby("method"):
+    blocks += _hp_blocks(name, df, metrics, modes, scalar, out, include_incomplete)
+    blocks += _baseline_blocks(name, df, meta, scalar, out)
+    return blocks
+
+
+def _hp_blocks(name, df, metrics, modes, scalar, out, include_incomplete) -> list[Block]:
+    """Hyperparameter-vs-objective plots: the scalar objective with its best trial starred, or, for a
+    multi-objective sweep, every declared objective with the sweep's non-dominated trials starred."""
+    blocks: list[Block] = []
+    slug = _slug(name)
+    if scalar is not None:
+        targets, highlight = [scalar], None
+    else:
+        targets = list(zip(metrics, modes))
+        pool = completed_trials(df, include_incomplete)
+        pool = pool[np.isfinite(pool[metrics].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)).all(1)]
+        highlight = pd.Series(pareto_mask(pool[metrics], modes) if len(pool) else [], index=pool.index, dtype=bool)
+    for method, part in completed_trials(df, include_incomplete).groupby("method"):
         part = expand_list_hps(part)
         hps = [c for c in hp_columns(part) if part[c].nunique(dropna=True) > 1]
-        if hps and len(part) >= 2:
-            png = plot_hp_vs_objective(part, hps, obj, mode, out / f"{slug}_hp_{_slug(method)}.png", color_by=None,
-                                       title=f"{name} / {method}: {obj} vs hyperparameters")
-            blocks += [Block("h3", f"Hyperparameters of {method}"), Block("img", png)]
-    blocks += _baseline_blocks(name, df, meta, obj, mode, out)
+        if not hps or len(part) < 2:
+            continue
+        blocks.append(Block("h3", f"Hyperparameters of {method}"))
+        for obj, mode in targets:
+            suffix = "" if len(targets) == 1 else f"_{_slug(obj)}"
+            png = plot_hp_vs_objective(part, hps, obj, mode, out / f"{slug}_hp_{_slug(method)}{suffix}.png",
+                                       color_by=None, highlight=highlight, include_incomplete=include_incomplete,
+                                       title=f"{name} / {method}: {obj} vs hyperparameters"
+                                             + (" (★ = on the sweep's Pareto front)" if highlight is not None else ""))
+            blocks.append(Block("img", png))
     return blocks
 
 
@@ -178,18 +226,19 @@ def _pareto_blocks(name, df, meta, bench, metrics, modes, out, include_incomplet
         ref = reference_point(metrics, bench, specs)
     except ValueError as err:
         return blocks + [Block("p", f"Hypervolume not computed: {err}")]
-    hv = hypervolume_table(df, metrics, modes, ref, include_incomplete=include_incomplete)
-    global_front = front.groupby("method").size() if len(front) else pd.Series(dtype=int)
-    hv["on_global_front"] = global_front.reindex(hv.index).fillna(0).astype(int)
-    hv.loc["(all)", "on_global_front"] = len(front)
-    blocks += [Block("p", "Hypervolume (exact) with the fixed reference point "
+    summary = method_front_summary(df, metrics, modes, ref, include_incomplete=include_incomplete)
+    blocks += [Block("h3", "Per-method hypervolume and non-dominated counts"),
+               Block("p", "Hypervolume (exact) with the fixed reference point "
                           + ", ".join(f"`{m}` = {r:g}" for m, r in zip(metrics, ref))
-                          + "; `n_front` = the group's own non-dominated trials, `on_global_front` = its trials on the "
-                            "front of all trials:"), Block("table", hv)]
+                          + "; `n_front` = the method's own non-dominated trials, `on_global_front` = its trials "
+                            "on the front of all trials, `beats_reference` = trials better than the reference "
+                            "in every objective, `seeds` = distinct seeds:"), Block("table", summary)]
+    blocks += [Block("p", note) for note in degenerate_notes(summary, ref, metrics)]
     if "seed" in df.columns:
         per_seed = hypervolume_table(df, metrics, modes, ref, by=["method", "seed"], include_incomplete=include_incomplete)
         per_seed = per_seed.drop(index="(all)")
         per_seed["method"] = [g[0] for g in per_seed.index]
+        per_seed["seed"] = [g[1] for g in per_seed.index]
         if per_seed["method"].duplicated().any():
             png = plot_method_bars(per_seed, "hypervolume", out / f"{slug}_hv_bars.png", mode="max",
                                    title=f"{name}: hypervolume of each method's trials per seed, mean ± std over seeds")
@@ -206,13 +255,13 @@ def _registry_primary(bench: str) -> list[MetricSpec]:
         return []
 
 
-def _baseline_blocks(name, df, meta, obj, mode, out) -> list[Block]:
+def _baseline_blocks(name, df, meta, scalar, out) -> list[Block]:
     specs = [s for s in metric_specs(meta) if s.baseline is not None]
     split = report_split(df, specs)
     if not specs or split is None:
         return []
-    best = best_per_method(df, obj, mode)
     blocks: list[Block] = []
+    best = best_per_method(df, *scalar) if scalar is not None else df.iloc[:0]  # a ranking needs a scalar
     if len(best) >= 2:
         table = metric_table(best, specs, split, index="method")
         blocks += [Block("h3", f"Δm% and mean rank of each method's best trial (`{split}` metrics)"),
@@ -237,24 +286,51 @@ def _baseline_blocks(name, df, meta, obj, mode, out) -> list[Block]:
     return blocks
 
 
-def build_report(df: pd.DataFrame, out: str | Path, include_incomplete: bool = False) -> list[Block]:
-    """Blocks for every sweep in ``df`` (loaded with :func:`~mtl_tune.analysis.load_sweep`); PNGs go to ``out``."""
+def build_report(df: pd.DataFrame, out: str | Path, include_incomplete: bool = False,
+                 rank_by: str | None = None) -> list[Block]:
+    """Blocks for every sweep in ``df`` (loaded with :func:`~mtl_tune.analysis.load_sweep`); PNGs go to ``out``.
+
+    Each sweep is summarised on the objectives and directions of its ``sweep.json``: a
+    multi-objective sweep by per-method hypervolume and non-dominated counts; a scalar
+    ranking only for a scalar objective or the one asked for with ``rank_by``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     blocks = [Block("h1", "mtl_tune sweep analysis")]
     names = []
     for name, part, meta in iter_sweeps(df):
         names.append(name)
-        blocks += _sweep_blocks(name, part, meta, out, include_incomplete)
+        blocks += _sweep_blocks(name, part, meta, out, include_incomplete, rank_by)
     if len(names) > 1:
-        rows = []
-        for name, part, meta in iter_sweeps(df):
-            metrics, modes = objective_of(part, meta)
-            for _, r in best_per_method(part, metrics[0], modes[0]).iterrows():
-                rows.append({"sweep": name, "method": r["method"], "objective": metrics[0], "best": r[metrics[0]]})
-        if rows:
-            blocks += [Block("h2", "All sweeps: best objective per method"),
-                       Block("table", pd.DataFrame(rows).pivot_table(index="method", columns="sweep", values="best"))]
+        blocks += _cross_sweep_blocks(df, include_incomplete, rank_by)
+    return blocks
+
+
+def _cross_sweep_blocks(df: pd.DataFrame, include_incomplete: bool, rank_by: str | None) -> list[Block]:
+    """Scalar sweeps: best objective per method; multi-objective sweeps: hypervolume per method."""
+    best_rows, hv_rows = [], []
+    for name, part, meta in iter_sweeps(df):
+        metrics, modes = objective_of(part, meta)
+        scalar = scalar_ranking(part, meta, metrics, modes, rank_by)
+        if scalar is not None:
+            obj, mode = scalar
+            for _, r in best_per_method(part, obj, mode).iterrows():
+                best_rows.append({"sweep": f"{name}: {obj} ({mode})", "method": r["method"], "best": r[obj]})
+        if len(metrics) > 1:
+            try:
+                ref = reference_point(metrics, meta.get("benchmark"), metric_specs(meta))
+            except ValueError:
+                continue
+            summary = method_front_summary(part, metrics, modes, ref, include_incomplete).drop(index="(all)")
+            label = f"{name}: HV at ({', '.join(f'{r:g}' for r in ref)})"
+            hv_rows += [{"sweep": label, "method": m, "hypervolume": v} for m, v in summary["hypervolume"].items()]
+    blocks: list[Block] = []
+    if best_rows:
+        blocks += [Block("h2", "All sweeps: best scalar objective per method"),
+                   Block("table", pd.DataFrame(best_rows).pivot_table(index="method", columns="sweep", values="best"))]
+    if hv_rows:
+        blocks += [Block("h2", "All sweeps: hypervolume per method (multi-objective sweeps)"),
+                   Block("table", pd.DataFrame(hv_rows).pivot_table(index="method", columns="sweep",
+                                                                    values="hypervolume"))]
     return blocks
 
 
@@ -289,33 +365,38 @@ def render_markdown(blocks: Sequence[Block], out: str | Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _inline_html(text: str) -> str:
+    """Escape, then turn the Markdown the blocks use (`code`, **bold**) into tags (headings too)."""
+    text = html.escape(text)
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", re.sub(r"`(.+?)`", r"<code>\1</code>", text))
+
+
 def render_html(blocks: Sequence[Block], out: str | Path) -> str:
     """A standalone HTML page of the blocks (images linked relative to ``out``)."""
     body = []
     for b in blocks:
         if b.kind in ("h1", "h2", "h3"):
-            body.append(f"<{b.kind}>{html.escape(str(b.content))}</{b.kind}>")
+            body.append(f"<{b.kind}>{_inline_html(str(b.content))}</{b.kind}>")
         elif b.kind == "p":
-            text = html.escape(str(b.content))
-            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", re.sub(r"`(.+?)`", r"<code>\1</code>", text))
-            body.append(f"<p>{text}</p>")
+            body.append(f"<p>{_inline_html(str(b.content))}</p>")
         elif b.kind == "table":
             body.append(b.content.to_html(float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="tbl"))
         elif b.kind == "img":
             rel = Path(b.content).relative_to(Path(out)) if Path(b.content).is_relative_to(Path(out)) else Path(b.content)
-            body.append(f'<img src="{html.escape(rel.as_posix())}" style="max-width:100%">')
+            body.append(f'<img src="{html.escape(rel.as_posix())}" alt="{html.escape(rel.stem)}" style="max-width:100%">')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table.tbl{border-collapse:collapse;font-size:12px}"
              ".tbl td,.tbl th{border:1px solid #ccc;padding:2px 6px}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mtl_tune sweep analysis</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(df: pd.DataFrame, out: str | Path, fmt: str = "md", include_incomplete: bool = False) -> Path:
+def write_report(df: pd.DataFrame, out: str | Path, fmt: str = "md", include_incomplete: bool = False,
+                 rank_by: str | None = None) -> Path:
     """Build and write ``report.md`` / ``report.html`` (and its PNGs) into ``out``; returns the report path."""
     if fmt not in ("md", "html"):
         raise ValueError(f"format must be 'md' or 'html', got {fmt!r}")
     out = Path(out)
-    blocks = build_report(df, out, include_incomplete)
+    blocks = build_report(df, out, include_incomplete, rank_by)
     text = render_markdown(blocks, out) if fmt == "md" else render_html(blocks, out)
     path = out / f"report.{fmt}"
     path.write_text(text, encoding="utf-8")

@@ -40,8 +40,8 @@ from mtl_tune.metrics import MetricSpec
 
 PathLike = str | Path
 
-#: statuses written by the search; only TERMINATED counts as complete.
-STATUSES = ("TERMINATED", "ERROR", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY", "INCOMPLETE")
+#: statuses written by the search (FAILED: bad data or configuration found at run time); only TERMINATED counts as complete.
+STATUSES = ("TERMINATED", "ERROR", "FAILED", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY", "INCOMPLETE")
 ID_COLUMNS = ("sweep", "benchmark", "method", "trial_id", "status", "error", "seed", "epochs",
               "training_iteration")
 BOOKKEEPING = ("solver_failures", "diverged", "synthetic", "time_total_s", "logdir")

@@ -23,7 +23,7 @@ from mtl_tune.metrics import MetricSpec, delta_m
 METHOD_HPS = {"ls": {}, "famo": {"gamma": (1e-5, 1e-1), "w_lr": (5e-3, 1e-1)}, "cagrad": {"c": (0.0, 1.0)}}
 
 CITY_LIKE = (
-    MetricSpec("seg/miou", "seg", True, 74.01, True), MetricSpec("seg/pix_acc", "seg", True, 93.16),
+    MetricSpec("seg/miou", "seg", True, 74.01, True), MetricSpec("seg/pixacc", "seg", True, 93.16),
     MetricSpec("depth/abs_err", "depth", False, 0.0125, True), MetricSpec("depth/rel_err", "depth", False, 27.77),
 )
 
@@ -111,7 +111,7 @@ def write_baseline_sweep(path: str | Path, n_per_method: int = 8, seed: int = 1,
             i = m * n_per_method + j
             depth = quality[method] * rng.uniform(0.05, 0.5)
             seg = rng.normal(0.0, 0.02)
-            vals = {"seg/miou": 74.01 * (1 - seg), "seg/pix_acc": 93.16 * (1 - seg / 3),
+            vals = {"seg/miou": 74.01 * (1 - seg), "seg/pixacc": 93.16 * (1 - seg / 3),
                     "depth/abs_err": 0.0125 * (1 + depth), "depth/rel_err": 27.77 * (1 + 1.5 * depth)}
             if j % 2 == 0:  # one configuration, two seeds
                 hps = _hps(method, rng)

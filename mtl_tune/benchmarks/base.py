@@ -288,6 +288,11 @@ class Benchmark(abc.ABC):
         first = self.primary_metrics()[0]
         return f"val/{first.name}", first.mode
 
+    def seed_changes_results(self, config: dict[str, Any]) -> bool:
+        """Whether the trial seed changes anything with these settings (model init, data order);
+        a benchmark without randomness returns False, so seed re-runs are reported as repeats."""
+        return True
+
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """``{method: constructor arguments}`` a benchmark imposes (e.g. FAMO's min_losses)."""
         return {}

@@ -1,9 +1,12 @@
 """Published per-metric result tables (methods.md §6.1 NYUv2, §6.2 Cityscapes), as printed.
 
 Every number is copied from the cited paper tables (means over 3 seeds; test metrics
-averaged over the last 10 epochs; SegNet-MTAN, Nash-MTL protocol). Percent-valued
-metrics stay in percent, and the STL baselines are given in the same units, so Δm%
-(a ratio) is unchanged by the scaling. ``printed_delta_m`` / ``printed_mean_rank`` are
+averaged over the last 10 epochs; SegNet-MTAN, Nash-MTL protocol). Metric names are the
+benchmarks' own (``seg/pixacc``, as :mod:`mtl_tune.benchmarks.nyuv2` reports it). Percent-valued
+metrics stay in percent as printed, and the STL baselines are given in the same units, so
+Δm% (a ratio) is unchanged by the scaling; the benchmarks report mIoU, PixAcc and the
+normal-angle fractions as fractions, so :meth:`PublishedTable.in_benchmark_units` converts
+before a published row is put next to a trial's metrics. ``printed_delta_m`` / ``printed_mean_rank`` are
 the papers' own columns, kept to test that our Δm% and MR reproduce them.
 
 Known inconsistencies (kept as printed, documented in the tests):
@@ -55,6 +58,28 @@ class PublishedTable:
         return pd.DataFrame([self.rows[m] for m in names], index=pd.Index(names, name="method"),
                             columns=[m.name for m in self.metrics], dtype=float)
 
+    def in_benchmark_units(self, specs: tuple[MetricSpec, ...] | None = None) -> pd.DataFrame:
+        """:meth:`frame` in the units the benchmark reports (``specs``: its metric specs, by
+        default the registered benchmark's): a column is divided by 100 where the published STL
+        baseline is 100 × the benchmark's (percent → fraction). Raises when a column has no
+        counterpart or the baselines agree in neither unit."""
+        if specs is None:
+            from mtl_tune.registry import benchmark_class
+
+            specs = tuple(benchmark_class(self.benchmark).metrics)
+        theirs = {s.name: s for s in specs}
+        frame = self.frame()
+        for m in self.metrics:
+            if m.name not in theirs or theirs[m.name].baseline is None:
+                raise KeyError(f"published {self.benchmark} metric {m.name!r} has no baseline in the benchmark's specs")
+            ratio = float(m.baseline) / float(theirs[m.name].baseline)
+            if abs(ratio - 100.0) < 1e-6 * 100:
+                frame[m.name] = frame[m.name] / 100.0
+            elif abs(ratio - 1.0) > 1e-6:
+                raise ValueError(f"published {self.benchmark} {m.name}: baseline {m.baseline} vs the benchmark's "
+                                 f"{theirs[m.name].baseline} is neither the same unit nor percent vs fraction")
+        return frame
+
     def baseline(self) -> pd.Series:
         """The STL row (metric name → value)."""
         return pd.Series({m.name: m.baseline for m in self.metrics}, dtype=float, name="STL")
@@ -65,7 +90,7 @@ def _spec(name: str, task: str, higher: bool, baseline: float) -> MetricSpec:
 
 
 NYUV2_METRICS = (
-    _spec("seg/miou", "seg", True, 38.30), _spec("seg/pix_acc", "seg", True, 63.76),
+    _spec("seg/miou", "seg", True, 38.30), _spec("seg/pixacc", "seg", True, 63.76),
     _spec("depth/abs_err", "depth", False, 0.6754), _spec("depth/rel_err", "depth", False, 0.2780),
     _spec("normal/mean", "normal", False, 25.01), _spec("normal/median", "normal", False, 19.21),
     _spec("normal/within_11_25", "normal", True, 30.14), _spec("normal/within_22_5", "normal", True, 57.20),
@@ -113,7 +138,7 @@ NYUV2 = PublishedTable(
 )
 
 CITYSCAPES_METRICS = (
-    _spec("seg/miou", "seg", True, 74.01), _spec("seg/pix_acc", "seg", True, 93.16),
+    _spec("seg/miou", "seg", True, 74.01), _spec("seg/pixacc", "seg", True, 93.16),
     _spec("depth/abs_err", "depth", False, 0.0125), _spec("depth/rel_err", "depth", False, 27.77),
 )
 

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preferences", type=int, default=0,
                    help="also sweep N task-preference weight vectors for preference-aware methods (ls, amtl) "
                         "and compare their fronts by hypervolume")
+    p.add_argument("--optuna-storage", default=None, metavar="URL_OR_FILE",
+                   help="where the Optuna studies live (one per method, named <name>/<method>): an RDB URL "
+                        "(sqlite:///f.db, postgresql://...) or a journal file path; default: "
+                        "sqlite:///<storage-path>/<name>/optuna.db. View with optuna-dashboard.")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="log every trial to Weights & Biases")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     return p
@@ -129,7 +133,8 @@ def options_from_args(args: argparse.Namespace):
         epochs=args.epochs, data_root=args.data_root, synthetic=args.synthetic, address=args.address,
         num_cpus=args.num_cpus, resume=args.resume, search_space=args.search_space,
         fixed=_pairs(args.set, "--set"), config=_pairs(args.config, "--config"), max_failures=args.max_failures,
-        verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb)
+        verbose=args.verbose, seeds=args.seeds, preferences=args.preferences, wandb_project=args.wandb,
+        optuna_storage=args.optuna_storage)
 
 
 def _config_text(row, hp_columns: list[str]) -> str:
@@ -145,6 +150,21 @@ def _config_text(row, hp_columns: list[str]) -> str:
             value = f"{value:.4g}"
         parts.append(f"{col[3:]}={value}")
     return " ".join(parts) or "(defaults)"
+
+
+def _comparison_title(comparison, plan) -> str:
+    """What the comparison ranks by: hypervolume on the declared objectives for a Pareto
+    search, the scalar objective otherwise; and what the --seeds re-runs are."""
+    parts = ["same budget per method"]
+    scalar = comparison.attrs.get("scalar", plan.metrics[0])
+    if comparison.attrs.get("ranking") == "hypervolume":
+        ref = ", ".join(f"{r:g}" for r in comparison.attrs.get("reference") or [])
+        parts.append(f"ranked by hypervolume of the search trials on {', '.join(plan.metrics)}, reference point ({ref})")
+        if plan.options.seeds:
+            parts.append(f"re-runs: each method's best configuration by {scalar} (the benchmark's scalar objective)")
+    if plan.options.seeds:
+        parts.append(f"mean±std of {scalar} over {plan.options.seeds} fresh seeds")
+    return "; ".join(parts)
 
 
 def print_failures(table) -> None:
@@ -196,18 +216,23 @@ def print_summary(outcome, plan) -> bool:
         print()
         print_failures(table)
     if outcome.comparison is not None and not outcome.comparison.empty:
-        print("\nmethod comparison (same budget per method" +
-              (f"; mean±std over {plan.options.seeds} fresh seeds of each best configuration)" if plan.options.seeds
-               else ")"))
+        print("\nmethod comparison (" + _comparison_title(outcome.comparison, plan) + ")")
         print(outcome.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for note in outcome.comparison.attrs.get("notes", []):
+            print(note)
     if outcome.preferences is not None and not outcome.preferences.empty:
         print("\npreference sweep: hypervolume of each method's reachable front")
         print(outcome.preferences.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for note in outcome.preferences.attrs.get("notes", []):
+            print(note)
     if plan.options.synthetic:
         print("NOTE: --synthetic: random inputs, for throughput only; these metrics mean nothing")
     print(f"\ntrial table : {outcome.table_path}")
     if outcome.plot_path:
         print(f"Pareto plot : {outcome.plot_path}")
+    from mtl_tune.search.searcher import public_storage_url
+
+    print(f"Optuna study: optuna-dashboard {public_storage_url(plan.optuna_storage)}")
     print(f"sweep folder: {outcome.sweep_dir}  (resume: --storage-path {plan.sweep_dir.parent} "
           f"--name {plan.name} --resume)")
     return not finished(table, plan).empty

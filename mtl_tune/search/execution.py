@@ -11,7 +11,7 @@ import pandas as pd
 
 from mtl_tune.search.results import build_table, write_sweep_json, write_table
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
-from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler
+from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage
 from mtl_tune.search.spaces import SpaceSampler
 from mtl_tune.search.validate import check_cluster_resources
 
@@ -107,6 +107,7 @@ def run_method(plan: Plan, method: str) -> None:
         metric=plan.metrics if plan.multi_objective else plan.metrics[0],
         mode=plan.modes if plan.multi_objective else plan.modes[0],
         sampler=sampler,
+        study_name=plan.study_name(method), storage=make_storage(plan.optuna_storage),
         points_to_evaluate=[space.default_point(plan.bench.n_tasks)] if searchable else None,
     )
     limit = o.max_concurrent or max(1, int((o.num_cpus or os.cpu_count() or 1) // max(o.cpus_per_trial, 1e-9)))

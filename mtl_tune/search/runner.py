@@ -18,7 +18,10 @@ from typing import Any
 from mtl_tune.benchmarks.base import TRAINER_SETTINGS, Benchmark, ConfigError, DataError
 from mtl_tune.registry import available_balancers, balancer_class, benchmark_class
 from mtl_tune.search.spaces import SearchSpace, load_space
-from mtl_tune.search.validate import SearchError, check_local_resources, check_name, check_numbers, check_storage
+from mtl_tune.search.validate import (
+    SearchError, check_local_resources, check_name, check_numbers, check_optuna_storage, check_storage,
+    previous_optuna_storage,
+)
 
 __all__ = ["Plan", "SearchError", "SearchOptions", "prepare", "sweep_dir_of"]
 
@@ -52,6 +55,7 @@ class SearchOptions:
     seeds: int = 0
     preferences: int = 0
     wandb_project: str | None = None
+    optuna_storage: str | None = None
 
 
 @dataclass
@@ -69,6 +73,18 @@ class Plan:
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
+
+    @property
+    def optuna_storage(self) -> str:
+        """Where the Optuna studies live: ``--optuna-storage`` (an RDB URL or a journal file)
+        or, by default, the SQLite file ``optuna.db`` in the sweep folder."""
+        from mtl_tune.search.searcher import default_storage_url
+
+        return self.options.optuna_storage or default_storage_url(self.sweep_dir)
+
+    def study_name(self, method: str) -> str:
+        """One Optuna study per method, named ``<sweep>/<method>`` inside the storage."""
+        return f"{self.name}/{method}"
 
 
 def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
@@ -166,6 +182,10 @@ def prepare(options: SearchOptions) -> Plan:
     check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
     check_storage(sweep_dir, options.resume)
+    if options.optuna_storage:
+        options.optuna_storage = check_optuna_storage(options.optuna_storage)
+    elif options.resume:  # the restored searchers keep writing where the first run chose
+        options.optuna_storage = previous_optuna_storage(sweep_dir)
     bench.check_data()
     if options.address:
         check_address(options.address)
@@ -208,10 +228,17 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
 
 
 def sweep_info(plan: Plan) -> dict[str, Any]:
+    from mtl_tune.search.searcher import public_storage_url
+
+    args = asdict(plan.options)
+    if args.get("optuna_storage"):
+        args["optuna_storage"] = public_storage_url(args["optuna_storage"])
     return {
         "name": plan.name, "benchmark": plan.bench.name, "methods": list(plan.spaces),
         "objective": {"metrics": plan.metrics, "modes": plan.modes},
         "metric_specs": [asdict(m) for m in plan.bench.metrics], "tasks": list(plan.bench.tasks),
-        "synthetic": plan.options.synthetic, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "args": asdict(plan.options),
+        "synthetic": plan.options.synthetic,
+        "optuna": {"storage": public_storage_url(plan.optuna_storage), "studies": {m: plan.study_name(m) for m in plan.spaces}},
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "args": args,
     }

@@ -2,6 +2,11 @@
 
 * P2: a trial that ends before its epoch budget (stopped by ASHA/HyperBand) is told to
   Optuna as PRUNED, not COMPLETE with its truncated values, so it never lands on a front.
+* The study lives in a real Optuna storage (:func:`make_storage`: SQLite in the sweep
+  folder by default, any RDB URL or a journal file), so optuna-dashboard and Optuna's
+  plots read it while the search runs and after. Optuna's RDB and journal storages
+  pickle as their URL / file path and reconnect on unpickling, which is what Tune's
+  searcher checkpoint needs for ``--resume``.
 * P1: a non-finite objective never reaches ``study.tell`` (which would raise, be swallowed
   and leave a zombie RUNNING trial); the trainer already reports finite penalties, and a
   value that is still not finite is told as FAIL with a warning.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -57,8 +63,73 @@ def make_sampler(kind: str, seed: int, n_objectives: int, budget: int) -> optuna
     raise ValueError(f"unknown sampler {kind!r}; valid: {', '.join(SAMPLERS)}")
 
 
+STORAGE_FILE = "optuna.db"
+
+
+def default_storage_url(sweep_dir: Path) -> str:
+    """``sqlite:////abs/path/<sweep>/optuna.db``: the studies next to the trial table."""
+    return f"sqlite:///{Path(sweep_dir).resolve() / STORAGE_FILE}"
+
+
+def make_storage(spec: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from an RDB URL (``sqlite:///…``, ``postgresql://…``) or a journal
+    file path (the journal suits shared file systems, where SQLite's locking is unreliable)."""
+    if "://" in spec:
+        # a generous lock timeout: optuna-dashboard may read the SQLite file while trials finish
+        kwargs = {"connect_args": {"timeout": 30}} if spec.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(spec, engine_kwargs=kwargs)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(spec))
+
+
+def public_storage_url(spec: str) -> str:
+    """``spec`` with any password masked, for files and logs."""
+    if "://" not in spec:
+        return spec
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(spec).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: show the scheme only
+        return spec.split("://", 1)[0] + "://***"
+
+
 class MTLOptunaSearch(OptunaSearch):
     """OptunaSearch that tells truncated trials PRUNED and never tells non-finite values."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._sync_with_storage()
+
+    def _sync_with_storage(self) -> None:
+        """A persistent study may be ahead of the searcher checkpoint: a trial told after it is
+        finished in storage, so it is marked completed here (a second tell would raise)."""
+        study = getattr(self, "_ot_study", None)
+        if study is None:
+            return
+        finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self._completed_trials.update(tid for tid, t in self._ot_trials.items() if t.number in finished)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """After a kill, the stored study may hold RUNNING trials asked after the searcher's last
+        checkpoint; Tune re-suggests their slots, so they would never finish. Tell them FAIL."""
+        study = getattr(self, "_ot_study", None)
+        if study is None:
+            return
+        mine = {t.number for t in self._ot_trials.values()}
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in mine:
+                logger.warning("Optuna trial %d of study %s was asked after the last searcher checkpoint of a "
+                               "killed search; told as FAIL", frozen.number, study.study_name)
+                study.tell(frozen.number, state=TrialState.FAIL)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # lets a stored study be joined to trials.csv (and read in the dashboard)
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

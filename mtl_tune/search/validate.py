@@ -128,6 +128,35 @@ def check_storage(sweep_dir: Path, resume: bool) -> None:
         raise SearchError(f"--storage-path: {sweep_dir} is not writable (checked {probe})")
 
 
+def check_optuna_storage(spec: str) -> str:
+    """``--optuna-storage``: an RDB URL is kept as given; anything else is a journal file,
+    returned as an absolute path whose folder must exist and be writable."""
+    if "://" in spec:
+        if spec.startswith("sqlite:///") and not spec.startswith("sqlite:////"):
+            relative = Path(spec[len("sqlite:///"):]).expanduser().resolve()
+            return f"sqlite:///{relative}"  # recorded in sweep.json: pin a relative file to this cwd
+        return spec
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():
+        raise SearchError(f"--optuna-storage {spec}: is a folder; give an RDB URL (sqlite:///file.db, "
+                          "postgresql://...) or the path of a journal file")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise SearchError(f"--optuna-storage {spec}: folder {path.parent} does not exist or is not writable")
+    return str(path)
+
+
+def previous_optuna_storage(sweep_dir: Path) -> str | None:
+    """The Optuna storage recorded in the sweep.json of the search being resumed (None when absent)."""
+    try:
+        storage = json.loads((sweep_dir / "sweep.json").read_text())["optuna"]["storage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(storage, str) and "***" in storage:
+        raise SearchError(f"--resume: this search keeps its Optuna studies in {storage}; pass that URL again with "
+                          "--optuna-storage (its password is not stored in sweep.json)")
+    return storage if isinstance(storage, str) else None
+
+
 # ---------------------------------------------------------------------------- --resume
 #: fields that define a sweep: a resumed search must keep them (else the budget and the
 #: comparison change under the user's feet); the others describe where and how it runs
@@ -163,7 +192,10 @@ def resume_options(given: Any, explicit: set[str], stored_args: dict[str, Any] |
                           ". Drop them to reuse the stored ones, or start a new search with another --name")
     merged = {name: (getattr(given, name) if name in explicit or name not in stored_args else stored_args[name])
               for name in known}
-    merged.update(storage_path=given.storage_path, name=given.name, resume=True)
+    # the Optuna storage comes from sweep.json's "optuna" entry (previous_optuna_storage), which
+    # refuses a password-masked URL instead of connecting with it
+    merged.update(storage_path=given.storage_path, name=given.name, resume=True,
+                  optuna_storage=getattr(given, "optuna_storage", None))
     return type(given)(**merged)
 
 
