@@ -40,7 +40,7 @@ from mtl_tune.metrics import MetricSpec
 
 PathLike = str | Path
 
-#: statuses written by the search (FAILED: bad data or configuration found at run time); only TERMINATED counts as complete.
+#: statuses written by the search (FAILED: bad data or configuration); only TERMINATED is complete.
 STATUSES = ("TERMINATED", "ERROR", "FAILED", "DIVERGED", "RUNNING", "PENDING", "STOPPED_EARLY", "INCOMPLETE")
 ID_COLUMNS = ("sweep", "benchmark", "method", "trial_id", "status", "error", "seed", "epochs",
               "training_iteration")
