@@ -144,3 +144,19 @@ def test_path_validation_and_choice():
         cls = balancer_class(name)
         assert not issubclass(cls, GradientBalancer) or cls.supports_gram, name
     assert not balancer_class("graddrop").supports_gram
+
+
+def test_graddrop_row_by_row_equals_the_kxp_formulation():
+    """GradDrop's step works one row at a time (P-sized temporaries); same as the K×P formulas."""
+    from mtl_tune.balancers.graddrop import effective_weights, graddrop_multipliers, masked_sum
+
+    g = torch.Generator().manual_seed(3)
+    jac = torch.randn(5, 300, generator=g) * torch.tensor([1.0, 1e-3, 10.0, 1.0, 0.0])[:, None]
+    jac[1, :50] = 0.0
+    uniform = torch.rand(300, generator=g)
+    for leak in (0.0, 0.3):
+        mult = graddrop_multipliers(jac, uniform, leak)
+        d, w = masked_sum(jac, uniform, leak)
+        torch.testing.assert_close(d, (mult * jac).sum(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(w, effective_weights(jac, mult), rtol=1e-6, atol=1e-7)
+        assert w[4] == 1.0  # zero gradient
