@@ -160,3 +160,23 @@ def test_graddrop_row_by_row_equals_the_kxp_formulation():
         torch.testing.assert_close(d, (mult * jac).sum(0), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(w, effective_weights(jac, mult), rtol=1e-6, atol=1e-7)
         assert w[4] == 1.0  # zero gradient
+
+
+def test_gradient_step_bench_runs_and_reports_every_entry(tmp_path, capsys):
+    """bench/gradient_step.py at a tiny size: every entry gets a time, a memory figure and ratios."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gradient_step.py"
+    spec = importlib.util.spec_from_file_location("gradient_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "t.md"
+    mod.main(["--width", "32", "--depth", "2", "--batch-size", "16", "--threads", "1", "--reps", "2",
+              "--warmup", "1", "--methods", "mgda@gram,mgda@jacobian,graddrop", "--out", str(out)])
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    for entry in ("ls", "official", "official:graddrop", "mgda@gram", "mgda@jacobian", "graddrop"):
+        assert entry in rows, rows.keys()
+        assert "Error" not in rows[entry]
+    assert "| gram |" in rows["mgda@gram"] and "| jacobian |" in rows["mgda@jacobian"]
+    assert "kept Jacobian buffer" in rows["mgda@jacobian"]
