@@ -1,27 +1,54 @@
-"""Per-task gradients: the K×P Jacobian of the task losses w.r.t. the shared parameters.
+"""Per-task gradients of the shared parameters: the K×P Jacobian, or only its K×K Gramian.
 
-Two ways to compute it, which must agree (tested):
+Two ways to differentiate the K losses, which must agree (tested):
 
-* ``"batched"``: one call of ``torch.autograd.grad`` with ``is_grads_batched=True`` and the
-  K×K identity as ``grad_outputs`` — autograd vmaps the backward pass over the K rows,
-  so the trunk's backward graph is walked once with a batch of K cotangents.
+* ``"batched"``: one backward pass vectorised over the K rows of the identity (``torch.vmap``
+  over ``torch.autograd.grad``), so the trunk's backward graph is walked once with a batch of
+  K cotangents.
 * ``"loop"``: K calls of ``torch.autograd.grad(retain_graph=True)`` — always works.
 
-``"auto"`` (default) tries the batched path and falls back to the loop when an operator
-has no batching rule; the fallback is remembered and announced once with a warning.
-Parameters that a task does not reach get zeros in its row (not ``None``).
+``"auto"`` (default) tries the batched path and falls back to the loop when an operator has
+no batching rule; the fallback is remembered and announced once with a warning.
+
+What leaves the backward pass is never a list of per-parameter gradients that would then be
+concatenated (that held two K×P copies at the peak). A hook on every parameter receives its
+K×n gradient block while autograd still runs and either
+
+* copies it into one K×P buffer the engine keeps and reuses from step to step
+  (:meth:`JacobianEngine.jacobian` with ``reuse=True``: no per-step allocation), or
+* adds its contribution ``B Bᵀ`` to a float64 K×K Gram matrix and drops it
+  (:meth:`JacobianEngine.gram`): the K×P Jacobian never exists, only one parameter's block
+  at a time. Methods whose update is a weighted sum of the task gradients then need one
+  ordinary backward of Σ wᵢ ℓᵢ (``mtl_tune.balancers.base.GradientBalancer``).
+
+The hook hands autograd a stride-0 zero tensor back, so what ``autograd.grad`` returns costs
+no memory. Parameters that a task does not reach get zeros in its row (not ``None``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 Mode = Literal["auto", "batched", "loop"]
+
+#: columns per block of the Gram product. Each block is cast to float64 before its product, so the
+#: Gram matrix carries float64 rounding only (relative error ≲ 1e-16·√P, far below the float32
+#: gradients' own); the block keeps the temporary at K × 2^16 doubles (1.5 MiB for K = 3).
+GRAM_BLOCK = 1 << 16
+
+
+def add_gram(out: Tensor, block: Tensor, columns: int = GRAM_BLOCK) -> None:
+    """``out += block blockᵀ`` in float64, over column chunks of a (K, n) ``block``."""
+    n = block.shape[1]
+    for start in range(0, n, columns):
+        part = block[:, start:start + columns].to(torch.float64)
+        out += part @ part.T
 
 
 class JacobianEngine:
@@ -32,6 +59,7 @@ class JacobianEngine:
             raise ValueError(f"jacobian mode must be 'auto', 'batched' or 'loop', got {mode!r}")
         self.mode: Mode = mode
         self._batched_failed = False
+        self._buffer: Tensor | None = None
 
     @property
     def effective_mode(self) -> str:
@@ -39,44 +67,194 @@ class JacobianEngine:
             return "loop" if self._batched_failed else "batched"
         return self.mode
 
-    def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
-        """Return the (K, P) matrix whose row i is the flattened ∇_params ℓ_i."""
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            raise ValueError("jacobian: no shared parameter requires grad")
+    @property
+    def can_stream_gram(self) -> bool:
+        """Whether :meth:`gram` avoids the K×P Jacobian (only the batched pass streams)."""
+        return self.effective_mode == "batched"
+
+    # ------------------------------------------------------------------ public
+    def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False,
+                 reuse: bool = False) -> Tensor:
+        """Return the (K, P) matrix whose row i is the flattened ∇_params ℓ_i.
+
+        ``reuse=True`` writes into the engine's own buffer (allocated once per shape) and
+        returns it: valid until the next ``reuse=True`` call, so callers must not keep it.
+        """
+        params = _trainable(params)
+        k, total = losses.shape[0], sum(p.numel() for p in params)
+        buf = self._take_buffer(k, total, params[0]) if reuse else None
+        if buf is None:
+            buf = params[0].new_empty(k, total)
+        sinks = [_copy_sink(buf, off, p.numel()) for p, off in zip(params, _offsets(params))]
+        self._run(losses, params, sinks, retain_graph)
+        return buf
+
+    def gram(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = True) -> Tensor:
+        """The float64 K×K Gram matrix J Jᵀ of the per-task gradients, without the K×P Jacobian
+        when the batched pass works (else via the reusable Jacobian buffer)."""
+        params = _trainable(params)
+        k = losses.shape[0]
+        if not self.can_stream_gram:
+            return gram_of(self.jacobian(losses, params, retain_graph=retain_graph, reuse=True))
+        out = torch.zeros(k, k, dtype=torch.float64, device=losses.device)
+        sinks = [_gram_sink(out) for _ in params]
+        self._run(losses, params, sinks, retain_graph)
+        if not self.can_stream_gram:  # the batched pass failed just now and fell back to the loop
+            return gram_of(self.jacobian(losses, params, retain_graph=retain_graph, reuse=True))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _take_buffer(self, k: int, total: int, like: Tensor) -> Tensor:
+        buf = self._buffer
+        if buf is None or buf.shape != (k, total) or buf.dtype != like.dtype or buf.device != like.device:
+            self._buffer = None  # free the old one before allocating
+            buf = self._buffer = like.new_empty(k, total)
+        return buf
+
+    def _run(self, losses: Tensor, params: list[Tensor], sinks: list[Callable[[Tensor], None]],
+             retain_graph: bool) -> None:
         if self.effective_mode == "batched":
             try:
-                return jacobian_batched(losses, params, retain_graph=retain_graph)
+                _stream_batched(losses, params, sinks, retain_graph)
+                return
             except RuntimeError as err:  # an op without a vmap rule: fall back, but say so
                 if self.mode == "batched":
                     raise
                 self._batched_failed = True
                 warnings.warn(f"batched Jacobian unavailable for this model ({err!s:.200}); "
-                              "using the per-task loop from now on", RuntimeWarning, stacklevel=2)
-        return jacobian_loop(losses, params, retain_graph=retain_graph)
+                              "using the per-task loop from now on", RuntimeWarning, stacklevel=3)
+                if not any(s.copies_rows for s in sinks):  # a Gram sink cannot take rows one task at a time
+                    return
+        _stream_loop(losses, params, sinks, retain_graph)
 
 
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], lead: tuple[int, ...]) -> Tensor:
-    parts = [
-        (g if g is not None else torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)).reshape(*lead, -1)
-        for g, p in zip(grads, params)
-    ]
-    return torch.cat(parts, dim=-1)
+def gram_of(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """K×K Gram matrix ``J Jᵀ`` of an existing Jacobian, in float64 over column blocks."""
+    out = torch.zeros(jacobian.shape[0], jacobian.shape[0], dtype=torch.float64, device=jacobian.device)
+    add_gram(out, jacobian, block)
+    return out
 
 
-def jacobian_loop(losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
-    rows = []
+def _trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    out = [p for p in params if p.requires_grad]
+    if not out:
+        raise ValueError("jacobian: no shared parameter requires grad")
+    return out
+
+
+def _offsets(params: Sequence[Tensor]) -> list[int]:
+    offs, off = [], 0
+    for p in params:
+        offs.append(off)
+        off += p.numel()
+    return offs
+
+
+class _Sink:
+    """Receives one parameter's gradient block: (K, n) for the batched pass, or (n,) with the
+    task index for the loop. ``fired`` tells the caller which parameters no task reached."""
+
+    copies_rows = False
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def batched(self, block: Tensor) -> None:
+        raise NotImplementedError
+
+    def row(self, task: int, grad: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def missing(self) -> None:
+        """The parameter was reached by no task: its gradient is zero."""
+
+
+class _copy_sink(_Sink):  # noqa: N801 - used like a function
+    copies_rows = True
+
+    def __init__(self, buf: Tensor, offset: int, numel: int) -> None:
+        super().__init__()
+        self.view = buf[:, offset:offset + numel]
+
+    def batched(self, block: Tensor) -> None:
+        self.view.copy_(block)
+
+    def row(self, task: int, grad: Tensor | None) -> None:
+        if grad is None:
+            self.view[task].zero_()
+        else:
+            self.view[task].copy_(grad.reshape(-1))
+
+    def missing(self) -> None:
+        self.view.zero_()
+
+
+class _gram_sink(_Sink):  # noqa: N801
+    def __init__(self, out: Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def batched(self, block: Tensor) -> None:
+        add_gram(self.out, block)
+
+
+def _stream_batched(losses: Tensor, params: list[Tensor], sinks: list[_Sink], retain_graph: bool) -> None:
+    k = losses.shape[0]
+    for s in sinks:
+        s.fired = False
+
+    def make_hook(sink: _Sink) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            sink.fired = True
+            sink.batched(_unbatch(grad, k))
+            # autograd only needs a tensor of the right shape back: a stride-0 zero costs nothing
+            return grad.new_zeros(()).expand(grad.shape)
+        return hook
+
+    handles = [p.register_hook(make_hook(s)) for p, s in zip(params, sinks)]
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    def one_row(v: Tensor) -> Tensor:
+        torch.autograd.grad(losses, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return v.sum()  # vmap must return a tensor; the gradients went to the sinks
+
+    try:
+        torch.vmap(one_row)(eye)
+    finally:
+        for h in handles:
+            h.remove()
+    for s in sinks:
+        if not s.fired:
+            s.missing()
+    # ``retain_graph`` is not honoured here: vmap runs the rows with retain_graph=True, so the
+    # graph lives until the caller drops the losses (what the loop does for rows 1..K-1 anyway)
+    del retain_graph
+
+
+def _unbatch(grad: Tensor, k: int) -> Tensor:
+    """The (K, n) physical block behind the per-row gradient seen inside ``torch.vmap``."""
+    if not _functorch.is_batchedtensor(grad):  # the same for every row (did not depend on the cotangent)
+        return grad.reshape(1, -1).expand(k, -1)
+    level = _functorch.maybe_get_level(grad)
+    inner = _functorch.get_unwrapped(grad)
+    if _functorch.is_batchedtensor(inner):  # nested vmap from the caller: not ours to unwrap
+        raise RuntimeError(f"nested vmap (level {level}) around the Jacobian engine")
+    return inner.movedim(_functorch.maybe_get_bdim(grad), 0).reshape(k, -1)
+
+
+def _stream_loop(losses: Tensor, params: list[Tensor], sinks: list[_Sink], retain_graph: bool) -> None:
     k = losses.shape[0]
     for i in range(k):
         keep = retain_graph or i < k - 1
         grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
-        rows.append(_flatten(grads, params, ()))
-    return torch.stack(rows)
+        for sink, g in zip(sinks, grads):
+            sink.row(i, g)
+        del grads  # free task i's gradients before task i+1's
+
+
+# ---------------------------------------------------------------- kept as functional entry points
+def jacobian_loop(losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
+    return JacobianEngine("loop").jacobian(losses, params, retain_graph=retain_graph)
 
 
 def jacobian_batched(losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
-    k = losses.shape[0]
-    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True,
-                                retain_graph=retain_graph, allow_unused=True)
-    return _flatten(grads, params, (k,))
+    return JacobianEngine("batched").jacobian(losses, params, retain_graph=retain_graph)

@@ -390,9 +390,14 @@ class SpyEngine(JacobianEngine):
         super().__init__("auto")
         self.requests: list[list[int]] = []
 
-    def jacobian(self, losses: Tensor, params, retain_graph: bool = False) -> Tensor:
+    def jacobian(self, losses: Tensor, params, retain_graph: bool = False, **kw) -> Tensor:
         self.requests.append([id(p) for p in params])
-        return super().jacobian(losses, params, retain_graph=retain_graph)
+        return super().jacobian(losses, params, retain_graph=retain_graph, **kw)
+
+    def gram(self, losses: Tensor, params, retain_graph: bool = True) -> Tensor:
+        # the Gram path differentiates every task w.r.t. every shared parameter as well
+        self.requests.append([id(p) for p in params])
+        return super().gram(losses, params, retain_graph=retain_graph)
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])

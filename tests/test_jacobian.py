@@ -38,7 +38,7 @@ def test_auto_falls_back_loudly_when_batching_fails(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no batching rule")
 
-    monkeypatch.setattr(jmod, "jacobian_batched", broken)
+    monkeypatch.setattr(jmod, "_stream_batched", broken)
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     engine = JacobianEngine("auto")
     with pytest.warns(RuntimeWarning, match="batched Jacobian unavailable"):

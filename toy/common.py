@@ -143,11 +143,12 @@ class KnownJacobian(JacobianEngine):
     def prime(self, losses: Tensor, param: Tensor, jac: Tensor) -> None:
         self._losses, self._param, self._jac = losses, param, jac
 
-    def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
+    def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False,
+                 reuse: bool = False) -> Tensor:
         params = list(params)
         if losses is self._losses and len(params) == 1 and params[0] is self._param:
             return self._jac.clone()
-        return super().jacobian(losses, params, retain_graph)
+        return super().jacobian(losses, params, retain_graph, reuse=reuse)
 
 
 def make_balancer(spec: MethodSpec, engine: JacobianEngine | None = None) -> Balancer:

@@ -380,6 +380,7 @@ class FairBalancer(GradientBalancer):
     """
 
     default_max_norm: ClassVar[float | None] = 1.0
+    supports_gram: ClassVar[bool] = True
 
     def __init__(self, n_tasks: int, alpha: float = 2.0, solver: str = "newton", tol: float = 1e-10,
                  max_iter: int = 100, **kw: Any) -> None:
@@ -414,10 +415,8 @@ class FairBalancer(GradientBalancer):
             self.failures.failure(f"{sol.message}; relative residual {sol.residual:.2e}")
         return torch.from_numpy(sol.x).to(gram_matrix.device)
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.fair_weights(gram(jacobian))
-        coef = self.n_tasks * x
-        return coef.to(jacobian.dtype) @ jacobian, coef
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        return self.n_tasks * self.fair_weights(gram_matrix)
 
     def _step_extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {"solver_failures": self.failures.total, "stationary_steps": self.stationary_steps}

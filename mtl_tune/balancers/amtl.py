@@ -103,11 +103,15 @@ class AlignedCombination:
         self.preferences = check_preferences(preferences, n_tasks, self.name)
         self._last: dict[str, Any] = {}
 
-    def _aligned(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
-        coef, rank, sigma2 = aligned_mtl_weights(gram(jacobian), self.scale_mode, self.preferences,
-                                                 float(torch.finfo(jacobian.dtype).eps))
+    def _aligned_weights(self, gram_matrix: Tensor, grad_dtype: torch.dtype) -> Tensor:
+        """Coefficients c with the aligned direction Σ cᵢ gᵢ; ``grad_dtype`` sets the rank cut-off."""
+        coef, rank, sigma2 = aligned_mtl_weights(gram_matrix, self.scale_mode, self.preferences,
+                                                 float(torch.finfo(grad_dtype).eps))
         self._last = {"rank": rank, "sigma2": sigma2}
-        coef = coef.to(jacobian.device)
+        return coef.to(gram_matrix.device)
+
+    def _aligned(self, jacobian: Tensor) -> tuple[Tensor, Tensor]:
+        coef = self._aligned_weights(gram(jacobian), jacobian.dtype).to(jacobian.device)
         return coef.to(jacobian.dtype) @ jacobian, coef
 
     def _step_extras(self) -> dict[str, Any]:
@@ -116,6 +120,7 @@ class AlignedCombination:
 
 class AlignedMTL(AlignedCombination, GradientBalancer):
     name = "amtl"
+    supports_gram = True
 
     def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,
                  **kw) -> None:
@@ -124,3 +129,7 @@ class AlignedMTL(AlignedCombination, GradientBalancer):
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         return self._aligned(jacobian)
+
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        # the gradients share the losses' dtype (both come from the same float32/64 model)
+        return self._aligned_weights(gram_matrix, losses.dtype)

@@ -35,12 +35,12 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from mtl_tune.jacobian import JacobianEngine
+from mtl_tune.jacobian import JacobianEngine, gram_of
 
 
 class BalancerError(RuntimeError):
@@ -267,28 +267,80 @@ class LossBalancer(Balancer):
         return {}
 
 
+GradientPath = Literal["auto", "jacobian", "gram"]
+GRADIENT_PATHS = ("auto", "jacobian", "gram")
+#: ``"auto"`` takes the Gram path when the K×P Jacobian would be at least this large (bytes) or
+#: K ≥ :data:`GRAM_MIN_TASKS`; below both the Jacobian path's saved backward pass wins
+#: (measured in docs/performance.md §8).
+GRAM_MIN_JACOBIAN_BYTES = 256 * 2**20
+GRAM_MIN_TASKS = 8
+
+
 class GradientBalancer(Balancer):
     """A method that combines the K per-task gradients of the shared parameters.
 
-    Subclasses implement :meth:`combine` on the K×P Jacobian. The shared ``.grad``
-    receives the returned direction; task heads receive ``∇ Σ_i c_i ℓ_i`` where
-    ``c = head_weights(weights)`` (unweighted ones by default, as in the official code
-    of most gradient methods; see ``methods.md`` §1.2).
+    Two ways to get there, with the same update (tested to float tolerance):
+
+    * **Jacobian path**: the K×P Jacobian (in the engine's reusable buffer), then
+      :meth:`combine` on it; the direction is written into the shared ``.grad``.
+    * **Gram path**, for methods whose update is a weighted sum of the task gradients
+      (d = Σ cᵢ gᵢ with c from the K×K Gram matrix; they set ``supports_gram`` and implement
+      :meth:`gram_weights`): the engine streams the Gram matrix without ever holding the
+      Jacobian, and one ordinary backward of Σ cᵢ ℓᵢ writes d. It trades one extra backward pass
+      for the K×P memory. ``gradient_path="auto"`` picks it for large Jacobians or many tasks
+      (:func:`choose_gradient_path`); ``"jacobian"`` / ``"gram"`` force a path.
+
+    Task heads receive ``∇ Σ_i c_i ℓ_i`` where ``c = head_weights(weights)`` (unweighted ones by
+    default, as in the official code of most gradient methods; see ``methods.md`` §1.2).
     """
 
     needs_jacobian: ClassVar[bool] = True
     #: whether heads get the method's weights (True) or the plain sum of task losses.
     weighted_heads: ClassVar[bool] = False
+    #: the update is Σ cᵢ gᵢ with c a function of the Gram matrix (:meth:`gram_weights`).
+    supports_gram: ClassVar[bool] = False
 
-    @abc.abstractmethod
+    def __init__(self, n_tasks: int, *, gradient_path: GradientPath = "auto", **kw: Any) -> None:
+        super().__init__(n_tasks, **kw)
+        if gradient_path not in GRADIENT_PATHS:
+            raise ValueError(f"{self.name}: gradient_path must be one of {GRADIENT_PATHS}, got {gradient_path!r}")
+        if gradient_path == "gram" and not self.supports_gram:
+            raise ValueError(f"{self.name}: its update is not a weighted sum of the task gradients, so it "
+                             "needs the Jacobian (gradient_path='jacobian' or 'auto')")
+        self.gradient_path = gradient_path
+
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        """Coefficients c (K,) with d = Σ cᵢ gᵢ, from the float64 K×K Gram matrix (``supports_gram``)."""
+        raise NotImplementedError(f"{self.name} has no Gram-only form")
+
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""
+        coef = self.gram_weights(gram(jacobian), losses)
+        return coef.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian, coef
+
+    def path_for(self, losses: Tensor, shared: Sequence[Tensor]) -> str:
+        """The path this step takes (see :func:`choose_gradient_path`)."""
+        if self.gradient_path != "auto":
+            return self.gradient_path
+        if not self.supports_gram:
+            return "jacobian"
+        return choose_gradient_path(losses.shape[0], sum(p.numel() * p.element_size() for p in shared),
+                                    self.engine.can_stream_gram)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
-        jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+        if self.path_for(losses, shared) == "gram":
+            weights = self._gram_step(losses, shared, heads)
+        else:
+            weights = self._jacobian_step(losses, shared, heads)
+        self._clip(shared)
+        self.step_count += 1
+        return StepInfo(weights=weights.detach(), extras=self._step_extras())
+
+    def _jacobian_step(self, losses: Tensor, shared: list[Tensor], heads: list[Tensor]) -> Tensor:
+        jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True)
         if not math.isfinite(float(jac.sum())):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
         direction, weights = self.combine(jac, losses.detach())
@@ -299,25 +351,53 @@ class GradientBalancer(Balancer):
         if heads:
             coef = weights.detach() if self.weighted_heads else torch.ones_like(losses)
             (losses * coef.to(losses.dtype)).sum().backward(inputs=heads)
-        self._clip(shared)
-        self.step_count += 1
-        return StepInfo(weights=weights.detach(), extras=self._step_extras())
+        return weights
+
+    def _gram_step(self, losses: Tensor, shared: list[Tensor], heads: list[Tensor]) -> Tensor:
+        a = self.engine.gram(losses, shared)
+        # a NaN/inf entry of any gradient makes its diagonal entry ‖gᵢ‖² non-finite (float64: no overflow)
+        if not bool(torch.isfinite(a).all()):
+            raise BalancerError(f"{self.name}: non-finite per-task gradient")
+        coef = self.gram_weights(a, losses.detach())
+        if not bool(torch.isfinite(coef).all()):  # finite c and finite gᵢ give a finite Σ cᵢ gᵢ
+            raise BalancerError(f"{self.name}: produced a non-finite update direction")
+        backward_weighted(losses, coef, shared, heads,
+                          coef if self.weighted_heads else torch.ones_like(losses))
+        return coef
 
     def _step_extras(self) -> dict[str, Any]:
         return {}
 
 
-def gram(jacobian: Tensor, block: int = 1 << 20) -> Tensor:
+def choose_gradient_path(n_tasks: int, shared_bytes: int, can_stream: bool) -> str:
+    """``"gram"`` when the K×P Jacobian is large or K is large, and the engine can stream the Gram
+    matrix; else ``"jacobian"`` (one backward pass fewer)."""
+    if not can_stream:
+        return "jacobian"
+    big = n_tasks * shared_bytes >= GRAM_MIN_JACOBIAN_BYTES
+    return "gram" if big or n_tasks >= GRAM_MIN_TASKS else "jacobian"
+
+
+def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], heads: Sequence[Tensor],
+                      head_coef: Tensor) -> None:
+    """Add ∇ Σ cᵢ ℓᵢ to the shared ``.grad`` and ∇ Σ hᵢ ℓᵢ to the heads' (one pass when c = h)."""
+    c = coef.detach().to(device=losses.device, dtype=losses.dtype)
+    h = head_coef.detach().to(device=losses.device, dtype=losses.dtype)
+    if not heads:
+        (losses * c).sum().backward(inputs=list(shared))
+    elif torch.equal(c, h):
+        (losses * c).sum().backward(inputs=[*shared, *heads])
+    else:  # the second pass only walks the heads' part of the graph
+        (losses * c).sum().backward(inputs=list(shared), retain_graph=True)
+        (losses * h).sum().backward(inputs=list(heads))
+
+
+def gram(jacobian: Tensor) -> Tensor:
     """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision).
 
     Built over column blocks so that only one block at a time is copied to float64 (the
     full float64 copy of a K×P Jacobian doubled the step's memory on large models)."""
-    k, p = jacobian.shape
-    out = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
-    for start in range(0, p, block):
-        part = jacobian[:, start:start + block].double()
-        out += part @ part.T
-    return out
+    return gram_of(jacobian)
 
 
 def finite_or_raise(x: Tensor, what: str) -> Tensor:
@@ -328,5 +408,6 @@ def finite_or_raise(x: Tensor, what: str) -> Tensor:
 
 __all__ = [
     "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
-    "SolverFailureCounter", "StepInfo", "accumulate_grad", "check_losses", "gram", "finite_or_raise",
+    "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
+    "gram", "finite_or_raise",
 ]

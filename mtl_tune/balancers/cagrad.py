@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from mtl_tune.balancers._simplex import project_to_simplex
-from mtl_tune.balancers.base import GradientBalancer, SolverFailureCounter, gram
+from mtl_tune.balancers.base import GradientBalancer, SolverFailureCounter
 
 #: the dual's smoothing inside the square root, √(wᵀAw + EPS) (official code: 1e-8).
 EPS = 1e-8
@@ -165,6 +165,7 @@ def cagrad_coefficients(gram_matrix: np.ndarray, c: float, rescale: int = 1,
 
 class CAGrad(GradientBalancer):
     name = "cagrad"
+    supports_gram = True  # d = Σ γᵢ gᵢ: g₀ + λ G w* is linear in the gᵢ
 
     def __init__(self, n_tasks: int, c: float = 0.4, rescale: int = 1, **kw) -> None:
         super().__init__(n_tasks, **kw)
@@ -175,14 +176,13 @@ class CAGrad(GradientBalancer):
         self.c, self.rescale = float(c), int(rescale)
         self.failures = SolverFailureCounter(self.name)
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        coef, ok, msg = cagrad_coefficients(gram(jacobian).cpu().numpy(), self.c, self.rescale)
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        coef, ok, msg = cagrad_coefficients(gram_matrix.detach().cpu().numpy(), self.c, self.rescale)
         if ok:
             self.failures.success()
         else:
             self.failures.failure(msg)
-        coef_t = torch.from_numpy(coef * self.n_tasks).to(jacobian.device)
-        return coef_t.to(jacobian.dtype) @ jacobian, coef_t
+        return torch.from_numpy(coef * self.n_tasks).to(gram_matrix.device)
 
     def _step_extras(self) -> dict[str, Any]:
         return {"solver_failures": self.failures.total}

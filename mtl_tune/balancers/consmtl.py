@@ -125,13 +125,23 @@ class ConsMTL(FairBalancer):
         if needs_extra:
             reps = _representations(representation, k)
             deltas = [representation_gradient(losses[i], reps[i], i) for i in range(k)]
-        jac = self.engine.jacobian(losses, shared, retain_graph=True)
-        x = self.fair_weights(gram(jac))
-        coef = k * x
-        direction = coef.to(jac.dtype) @ jac
-        if not bool(torch.isfinite(direction).all()):
-            raise BalancerError(f"{self.name}: produced a non-finite update direction")
-        accumulate_grad(shared, direction)
+        if self.path_for(losses, shared) == "gram":  # d = K·Σ xᵢ gᵢ by one backward (heads handled below)
+            a = self.engine.gram(losses, shared)
+            if not bool(torch.isfinite(a).all()):
+                raise BalancerError(f"{self.name}: non-finite per-task gradient")
+            x = self.fair_weights(a)
+            coef = k * x
+            if not bool(torch.isfinite(coef).all()):
+                raise BalancerError(f"{self.name}: produced a non-finite update direction")
+            (losses * coef.detach().to(losses)).sum().backward(inputs=shared, retain_graph=True)
+        else:
+            jac = self.engine.jacobian(losses, shared, retain_graph=True, reuse=True)
+            x = self.fair_weights(gram(jac))
+            coef = k * x
+            direction = coef.to(jac.dtype) @ jac
+            if not bool(torch.isfinite(direction).all()):
+                raise BalancerError(f"{self.name}: produced a non-finite update direction")
+            accumulate_grad(shared, direction)
         joint = sum(float(x[j]) * deltas[j].detach() for j in range(k)) if needs_extra else None
         extra_norms = []
         for i in range(k):

@@ -40,9 +40,13 @@ from mtl_tune.balancers.base import GradientBalancer
 
 
 def purity(jacobian: Tensor) -> Tensor:
-    """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (P,), ½ where all g_ic are 0."""
+    """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (P,), ½ where all g_ic are 0.
+
+    Accumulated row by row: P-sized temporaries only (a ``jacobian.abs()`` would be a K×P copy)."""
     total = jacobian.sum(0)
-    magnitude = jacobian.abs().sum(0)
+    magnitude = torch.zeros_like(total)
+    for row in jacobian:
+        magnitude.add_(row.abs())
     nonzero = magnitude > 0
     ratio = torch.where(nonzero, total / torch.where(nonzero, magnitude, torch.ones_like(magnitude)),
                         torch.zeros_like(total))
@@ -52,19 +56,43 @@ def purity(jacobian: Tensor) -> Tensor:
 def graddrop_multipliers(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
     """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (K×P) for uniforms U (P,)."""
     keep_positive = uniform < purity(jacobian)  # (P,)
-    mask = torch.where(jacobian > 0, keep_positive, ~keep_positive) & (jacobian != 0)
-    return leak + (1.0 - leak) * mask.to(jacobian.dtype)
+    return torch.stack([_row_multiplier(row, keep_positive, leak) for row in jacobian])
+
+
+def _row_multiplier(row: Tensor, keep_positive: Tensor, leak: float) -> Tensor:
+    """m_i (P,) of one task: λ + (1 − λ)·[row's sign is the kept one]·[row ≠ 0]."""
+    mask = torch.where(row > 0, keep_positive, ~keep_positive) & (row != 0)
+    return leak + (1.0 - leak) * mask.to(row.dtype)
+
+
+def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The GradDrop direction d = Σ_i m_i ⊙ g_i (P,) and the effective weights (K,), one row at a
+    time: P-sized temporaries instead of the K×P multipliers and products."""
+    keep_positive = uniform < purity(jacobian)
+    direction = torch.zeros_like(jacobian[0])
+    weights = []
+    for row in jacobian:
+        mg = _row_multiplier(row, keep_positive, leak).mul_(row)
+        direction.add_(mg)
+        weights.append(_effective_weight(row, mg))
+    return direction, torch.stack(weights)
+
+
+def _effective_weight(row: Tensor, masked: Tensor) -> Tensor:
+    """⟨m ⊙ g, g⟩/‖g‖² (1 for a zero gradient), on g/max|g| so the squares neither overflow nor
+    underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖² for any s > 0."""
+    peak = row.abs().max()
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))  # no host sync (K of them per step on a GPU)
+    r = row / scale
+    energy, kept = torch.dot(r, r), torch.dot(masked / scale, r)
+    return torch.where(energy > 0, kept / torch.where(energy > 0, energy, torch.ones_like(energy)),
+                       torch.ones_like(energy))
 
 
 def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
     """w_i = ⟨m_i ⊙ g_i, g_i⟩/‖g_i‖² (1 for a zero gradient); rows are rescaled by their
     max |entry| first so the squares neither overflow nor underflow."""
-    peak = jacobian.abs().amax(1, keepdim=True)
-    r = jacobian / torch.where(peak > 0, peak, torch.ones_like(peak))
-    energy = (r * r).sum(1)
-    kept = (multipliers * r * r).sum(1)
-    return torch.where(energy > 0, kept / torch.where(energy > 0, energy, torch.ones_like(energy)),
-                       torch.ones_like(energy))
+    return torch.stack([_effective_weight(g, m * g) for g, m in zip(jacobian, multipliers)])
 
 
 class GradDrop(GradientBalancer):
@@ -88,9 +116,7 @@ class GradDrop(GradientBalancer):
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         gen = self._generator_on(jacobian.device)
         uniform = torch.rand(jacobian.shape[1], generator=gen, device=jacobian.device, dtype=jacobian.dtype)
-        mult = graddrop_multipliers(jacobian, uniform, self.leak)
-        direction = (mult * jacobian).sum(0)
-        return direction, effective_weights(jacobian, mult)
+        return masked_sum(jacobian, uniform, self.leak)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator_device": str(self.generator.device), "generator": self.generator.get_state()}

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import GradientBalancer, gram
+from mtl_tune.balancers.base import GradientBalancer
 
 TARGET_UPDATES = ("paper", "official")
 #: targets are kept this far from ±1 when used (the correction diverges at ±1).
@@ -90,6 +90,7 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: l
 
 class GradVac(GradientBalancer):
     name = "gradvac"
+    supports_gram = True  # the vaccinated gradients stay combinations of the originals
 
     def __init__(self, n_tasks: int, beta: float = 0.5, target_update: str = "paper", seed: int = 0,
                  **kw) -> None:
@@ -102,13 +103,12 @@ class GradVac(GradientBalancer):
         self.generator = torch.Generator().manual_seed(int(seed))
         self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
         orders = [torch.randperm(self.n_tasks, generator=self.generator).tolist() for _ in range(self.n_tasks)]
-        coef, targets = gradvac_coefficients(gram(jacobian).cpu().numpy(), self.targets.numpy(), orders,
+        coef, targets = gradvac_coefficients(gram_matrix.detach().cpu().numpy(), self.targets.numpy(), orders,
                                              self.beta, self.target_update)
         self.targets = torch.from_numpy(targets)
-        coef_t = torch.from_numpy(coef).to(jacobian.device)
-        return coef_t.to(jacobian.dtype) @ jacobian, coef_t
+        return torch.from_numpy(coef).to(gram_matrix.device)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "targets": self.targets.clone()}

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import BalancerError, GradientBalancer, gram
+from mtl_tune.balancers.base import BalancerError, GradientBalancer
 
 #: singular values below this fraction of the largest are treated as zero.
 RCOND = 1e-12
@@ -91,16 +91,16 @@ def imtl_g_weights(gram_matrix: Tensor) -> tuple[Tensor, int, float]:
 class IMTLG(GradientBalancer):
     name = "imtl"
     weighted_heads = True
+    supports_gram = True
 
     def __init__(self, n_tasks: int, **kw) -> None:
         super().__init__(n_tasks, **kw)
         self._last: dict[str, Any] = {}
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, n_zero, t = imtl_g_weights(gram(jacobian))
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        alpha, n_zero, t = imtl_g_weights(gram_matrix)
         self._last = {"zero_grad_tasks": n_zero, "projection": t}
-        alpha = alpha.to(jacobian.device)
-        return alpha.to(jacobian.dtype) @ jacobian, alpha
+        return alpha.to(gram_matrix.device)
 
     def _step_extras(self) -> dict[str, Any]:
         return dict(self._last)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._simplex import min_norm_simplex
-from mtl_tune.balancers.base import GradientBalancer, gram
+from mtl_tune.balancers.base import GradientBalancer
 
 NORMALIZATIONS = ("none", "loss", "loss+", "norm")
 
@@ -51,6 +51,7 @@ def mgda_weights(gram_matrix: Tensor) -> Tensor:
 class MGDA(GradientBalancer):
     name = "mgda"
     weighted_heads = True
+    supports_gram = True
 
     def __init__(self, n_tasks: int, normalization: str = "none", **kw) -> None:
         super().__init__(n_tasks, **kw)
@@ -58,9 +59,8 @@ class MGDA(GradientBalancer):
             raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        a = gram(jacobian)
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
+        a = gram_matrix
         n = gradient_normalizers(a, losses, self.normalization)
         w = mgda_weights(a / torch.outer(n, n))
-        coef = self.n_tasks * w / n  # weights on the raw gradients, ×K
-        return coef.to(jacobian.dtype) @ jacobian, coef
+        return self.n_tasks * w / n  # weights on the raw gradients, ×K

@@ -73,7 +73,8 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
-from mtl_tune.balancers.base import (Balancer, BalancerError, SolverFailureCounter, StepInfo, _as_param_list,
+from mtl_tune.balancers.base import (GRADIENT_PATHS, Balancer, BalancerError, SolverFailureCounter, StepInfo,
+                                     _as_param_list, choose_gradient_path,
                                      accumulate_grad, check_losses, gram)
 
 SOLVERS = ("newton", "cccp")
@@ -157,8 +158,11 @@ class NashMTL(Balancer):
     default_max_norm: ClassVar[float | None] = 1.0
 
     def __init__(self, n_tasks: int, update_weights_every: int = 1, optim_niter: int = 20, solver: str = "newton",
-                 **kw: Any) -> None:
+                 gradient_path: str = "auto", **kw: Any) -> None:
         super().__init__(n_tasks, **kw)
+        if gradient_path not in GRADIENT_PATHS:
+            raise ValueError(f"nashmtl: gradient_path must be one of {GRADIENT_PATHS}, got {gradient_path!r}")
+        self.gradient_path = gradient_path
         if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
             raise ValueError(f"nashmtl: update_weights_every must be a positive integer, got {update_weights_every!r}")
         if not (isinstance(optim_niter, int) and optim_niter >= 1):
@@ -204,8 +208,24 @@ class NashMTL(Balancer):
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
-        if self.step_count % self.update_weights_every == 0:
-            jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+        path = self.gradient_path if self.gradient_path != "auto" else choose_gradient_path(
+            self.n_tasks, sum(p.numel() * p.element_size() for p in shared), self.engine.can_stream_gram)
+        if self.step_count % self.update_weights_every == 0 and path == "gram":
+            # the update is Σ αᵢ gᵢ: the Gram matrix, then one backward of Σ αᵢ ℓᵢ (or 0 if stationary)
+            a = self.engine.gram(losses, shared)
+            if not bool(torch.isfinite(a).all()):
+                raise BalancerError(f"{self.name}: non-finite per-task gradient")
+            alpha = torch.from_numpy(self.solve(a)).to(losses)
+            if self.stationary:
+                for p in shared:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                if heads:
+                    (losses * alpha).sum().backward(inputs=heads)
+            else:
+                (losses * alpha).sum().backward(inputs=shared + heads)
+        elif self.step_count % self.update_weights_every == 0:
+            jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True)
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
             direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
             if not bool(torch.isfinite(direction).all()):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import GradientBalancer, gram
+from mtl_tune.balancers.base import GradientBalancer
 
 
 def pcgrad_coefficients(gram_matrix: Tensor, orders: list[list[int]], reduction: str = "sum") -> Tensor:
@@ -41,6 +41,7 @@ def pcgrad_coefficients(gram_matrix: Tensor, orders: list[list[int]], reduction:
 
 class PCGrad(GradientBalancer):
     name = "pcgrad"
+    supports_gram = True  # every projected gradient is a combination of the originals (module docstring)
 
     def __init__(self, n_tasks: int, reduction: str = "sum", seed: int = 0, **kw) -> None:
         super().__init__(n_tasks, **kw)
@@ -49,10 +50,9 @@ class PCGrad(GradientBalancer):
         self.reduction = reduction
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
         orders = [torch.randperm(self.n_tasks, generator=self.generator).tolist() for _ in range(self.n_tasks)]
-        coef = pcgrad_coefficients(gram(jacobian), orders, self.reduction)
-        return coef.to(jacobian.dtype) @ jacobian, coef
+        return pcgrad_coefficients(gram_matrix, orders, self.reduction)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
