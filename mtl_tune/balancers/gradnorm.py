@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses
+from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
+                                     rebind_private_optimizer)
 
 
 def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -84,7 +85,8 @@ class GradNorm(Balancer):
         if not (isinstance(last_shared_params, int) and last_shared_params >= 0):
             raise ValueError(f"gradnorm: last_shared_params must be an integer >= 0, got {last_shared_params!r}")
         self.alpha, self.lr, self.last_shared_params = float(alpha), float(lr), last_shared_params
-        self.weights = torch.ones(n_tasks, requires_grad=True)
+        # a buffer: GradNorm's own Adam steps it (never the training optimizer)
+        self.register_buffer("weights", torch.ones(n_tasks))
         self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
         self.initial_losses: Tensor | None = None
 
@@ -103,7 +105,7 @@ class GradNorm(Balancer):
         if not last:
             raise BalancerError("gradnorm: no shared parameter requires grad")
         if self.weights.device != losses.device:
-            self._move(losses.device)
+            self.to(losses.device)
         ell = losses.detach().to(self.weights.dtype)
         if bool((ell <= 0).any()):
             raise BalancerError(f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
@@ -123,22 +125,17 @@ class GradNorm(Balancer):
         return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
                                                "gradnorm_loss": (g - target).abs().sum()})
 
-    def _move(self, device: torch.device) -> None:
+    def _after_move(self) -> None:
         # the private optimizer holds the old tensor: rebuild it and carry its state over
-        state = self.w_optimizer.state_dict()
-        self.weights = self.weights.detach().to(device).requires_grad_(True)
-        self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
-        self.w_optimizer.load_state_dict(state)
+        self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.weights])
         if self.initial_losses is not None:
-            self.initial_losses = self.initial_losses.to(device)
+            self.initial_losses = self.initial_losses.to(self.weights)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"weights": self.weights.detach().cpu().clone(), "w_optimizer": self.w_optimizer.state_dict(),
+        return {"w_optimizer": self.w_optimizer.state_dict(),
                 "initial_losses": None if self.initial_losses is None else self.initial_losses.cpu()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.weights.copy_(state["weights"])
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         init = state["initial_losses"]
-        self.initial_losses = None if init is None else init.to(self.weights.device)
+        self.initial_losses = None if init is None else init.to(self.weights)

@@ -28,7 +28,7 @@ class LinearScalarization(LossBalancer):
         w = torch.ones(n_tasks) if task_weights is None else torch.as_tensor(list(task_weights), dtype=torch.float32)
         if w.shape != (n_tasks,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"ls: task_weights must be {n_tasks} finite non-negative numbers, got {task_weights!r}")
-        self.task_weights = w
+        self.register_buffer("task_weights", w)
 
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.task_weights.to(losses.device)

@@ -60,10 +60,10 @@ class ScaleInvariant(LossBalancer):
         if form not in FORMS:
             raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
         self.form = form
-        self.min_losses = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(
-            list(min_losses), dtype=torch.float64)
-        if self.min_losses.shape != (n_tasks,) or not bool(torch.isfinite(self.min_losses).all()):
+        floor = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(list(min_losses), dtype=torch.float64)
+        if floor.shape != (n_tasks,) or not bool(torch.isfinite(floor).all()):
             raise ValueError(f"si: min_losses must be {n_tasks} finite numbers, got {min_losses!r}")
+        self.register_buffer("min_losses", floor)
 
     def _check(self, losses: Tensor) -> None:
         # one host sync per step: the price of an error instead of a NaN the optimizer would eat
