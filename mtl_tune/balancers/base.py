@@ -49,6 +49,7 @@ from torch import Tensor
 
 from torch import nn
 
+from mtl_tune.distributed import AUTO, active_group, add_grad_through_autograd, distributed_run, mean_across_ranks
 from mtl_tune.jacobian import JacobianEngine
 
 #: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
@@ -184,6 +185,8 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
       (FAMO); trainers then call :meth:`after_optimizer_step`.
       ``needs_scores``: it reads per-task performance scores from :meth:`on_epoch_end`.
       ``default_max_norm``: gradient clipping on the shared parameters (``None`` = off).
+      ``supports_distributed``: the method is data-parallel correct (see
+      :mod:`mtl_tune.distributed`); the others raise under an active process group.
 
     Optional hooks, all with defaults here so a training loop calls them unconditionally:
     :meth:`train_step`, :meth:`after_optimizer_step`, :meth:`on_epoch_end`,
@@ -197,6 +200,7 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     needs_post_step_losses: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False
     default_max_norm: ClassVar[float | None] = None
+    supports_distributed: ClassVar[bool] = True
 
     def __init__(self, n_tasks: int, *, max_norm: float | None | str = "default",
                  jacobian_engine: JacobianEngine | None = None) -> None:
@@ -211,6 +215,36 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         self.step_count = 0
         #: solver failures (total / consecutive); methods with a solver count into it
         self.failures = SolverFailureCounter(self.name)
+        self.process_group: Any = AUTO
+
+    # ------------------------------------------------------------------ data parallel
+    def distribute(self, group: Any = AUTO) -> Balancer:
+        """Choose the ranks this balancer averages losses and per-task gradients over.
+
+        ``"auto"`` (the default): the default process group whenever ``torch.distributed``
+        is initialised with more than one rank; a process group: that group; ``None``:
+        never (each rank balances on its own shard). Returns ``self``.
+        See :mod:`mtl_tune.distributed` for what is averaged."""
+        self.process_group = group
+        return self
+
+    def _sync_group(self) -> Any | None:
+        group = active_group(self.process_group)
+        if group is not None and not self.supports_distributed:
+            raise BalancerError(f"{self.name} is not data-parallel correct (see mtl_tune.distributed); "
+                                "train it in one process, or call balancer.distribute(None) to balance "
+                                "each rank's shard on its own")
+        return group
+
+    def _rank_mean(self, tensor: Tensor, group: Any | None) -> Tensor:
+        """``tensor`` averaged over ``group``'s ranks (``tensor`` itself when ``group`` is None)."""
+        return tensor if group is None else mean_across_ranks(tensor, group)
+
+    def _write_shared(self, shared: list[Tensor], direction: Tensor, group: Any | None) -> None:
+        if group is None and not distributed_run():
+            accumulate_grad(shared, direction)
+        else:  # through autograd, so that DDP's reducer sees these parameters this step
+            add_grad_through_autograd(shared, direction)
 
     # ------------------------------------------------------------------ per step
     @abc.abstractmethod
@@ -355,15 +389,33 @@ class LossBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name, finite=False)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
-        total, weights = self.objective(losses)
-        params = shared + heads + list(self.parameters())
-        total.backward(inputs=[p for p in params if p.requires_grad])
+        group = self._sync_group()
+        if group is None:
+            total, weights = self.objective(losses)
+            params = shared + heads + list(self.parameters())
+            total.backward(inputs=[p for p in params if p.requires_grad])
+        else:
+            weights = self._distributed_backward(losses, shared + heads, group)
         self._clip(shared)
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
 
     def _step_extras(self) -> dict[str, Any]:
         return {}
+
+    def _distributed_backward(self, losses: Tensor, model_params: list[Tensor], group: Any) -> Tensor:
+        """f linearised at the rank-mean losses ℓ̄: back-propagate Σ_i ∂f/∂ℓ_i(ℓ̄) ℓ_i, which
+        DDP's gradient average turns into ∇f of the concatenated batch; state updates see ℓ̄."""
+        mean = self._rank_mean(losses.detach(), group).requires_grad_(True)
+        total, weights = self.objective(mean)
+        own = [p for p in self.parameters() if p.requires_grad]
+        coef, *own_grads = torch.autograd.grad(total, [mean, *own], allow_unused=True)
+        coef = torch.zeros_like(mean) if coef is None else coef
+        (losses * coef.detach().to(losses.dtype)).sum().backward(inputs=[p for p in model_params if p.requires_grad])
+        for p, g in zip(own, own_grads):  # the same on every rank: computed from ℓ̄
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        return weights
 
 
 class GradientBalancer(Balancer):
@@ -387,14 +439,16 @@ class GradientBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
-        jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+        group = self._sync_group()
+        # data parallel: every rank combines the rank-mean Jacobian (= the concatenated batch's)
+        jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads)), group)
         if not math.isfinite(float(jac.sum())):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
-        direction, weights = self.combine(jac, losses.detach())
+        direction, weights = self.combine(jac, self._rank_mean(losses.detach(), group))
         # one reduction instead of an elementwise isfinite pass: any NaN/inf entry makes the sum non-finite
         if not math.isfinite(float(direction.sum())):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
-        accumulate_grad(shared, direction)
+        self._write_shared(shared, direction, group)
         if heads:
             coef = weights.detach() if self.weighted_heads else torch.ones_like(losses)
             (losses * coef.to(losses.dtype)).sum().backward(inputs=heads)

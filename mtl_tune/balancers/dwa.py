@@ -99,8 +99,9 @@ class DynamicWeightAverage(LossBalancer):
         """Epoch mode: record this epoch's mean losses and set the next epoch's weights."""
         if self.mode != "epoch":
             return
-        if info.train_losses is not None:
-            mean = torch.as_tensor(info.train_losses, dtype=torch.float64).detach().flatten()
+        if info.train_losses is not None:  # rank-local epoch means: average them (data parallel)
+            mean = self._rank_mean(torch.as_tensor(info.train_losses, dtype=torch.float64).detach().flatten(),
+                                   self._sync_group())
         elif self.epoch_batches:
             mean = self.epoch_sum / self.epoch_batches
         else:

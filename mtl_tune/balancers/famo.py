@@ -85,6 +85,7 @@ class FAMO(LossBalancer):
     def after_optimizer_step(self, new_losses: Tensor) -> None:
         if self.prev_losses is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
+        new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
         self._check(new_losses)
         grad = famo_logit_grad(self.logits.detach(), self.prev_losses.to(self.logits),
                                new_losses.detach().to(self.logits), self.min_losses.to(self.logits))

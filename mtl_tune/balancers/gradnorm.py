@@ -74,6 +74,7 @@ class GradNorm(Balancer):
     """GradNorm with a private Adam on the task weights (see the module docstring)."""
 
     name = "gradnorm"
+    supports_distributed = False  # its weight update reads rank-local gradient norms
 
     def __init__(self, n_tasks: int, alpha: float = 1.5, lr: float = 0.025, last_shared_params: int = 2,
                  **kw) -> None:
@@ -99,6 +100,7 @@ class GradNorm(Balancer):
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
+        self._sync_group()  # raises under an active process group
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         last = self.last_layer(shared)

@@ -61,6 +61,7 @@ class RepresentationBalancer(Balancer):
     """
 
     needs_representation = True
+    supports_distributed = False  # the representation Jacobian has one column per local sample
 
     @abc.abstractmethod
     def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,6 +71,7 @@ class RepresentationBalancer(Balancer):
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
+        self._sync_group()  # raises under an active process group
         z = check_representation(representation, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]

@@ -75,6 +75,7 @@ from torch import Tensor
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers.base import (Balancer, BalancerError, SolverFailureCounter, StepInfo, _as_param_list,
                                      accumulate_grad, check_losses, gram)
+from mtl_tune.distributed import distributed_run
 
 SOLVERS = ("newton", "cccp")
 
@@ -204,17 +205,20 @@ class NashMTL(Balancer):
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        group = self._sync_group()
         if self.step_count % self.update_weights_every == 0:
-            jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads))
+            jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads)), group)
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
             direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
             if not bool(torch.isfinite(direction).all()):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
-            accumulate_grad(shared, direction)
+            self._write_shared(shared, direction, group)
             if heads:
                 (losses * alpha.to(losses)).sum().backward(inputs=heads)
         elif self.stationary:  # reuse a stationary decision: zero shared gradient, heads with α
             alpha = torch.from_numpy(self.alpha).to(losses)
+            if group is not None or distributed_run():  # DDP must see the (zero) shared gradient
+                self._write_shared(shared, torch.zeros(sum(p.numel() for p in shared), device=losses.device), group)
             for p in shared:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -242,6 +242,7 @@ def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter
 
 class STGU(Balancer):
     name = "stgu"
+    supports_distributed = False  # a chain of grouped optimizer steps per batch
 
     def __init__(self, n_tasks: int, affin_decay: float = 1e-3, prepos: int = 100, preference_quantile: float = 0.5,
                  attribution: str = "paper", repeat_single_group: bool = True, group_norm: bool = False,
@@ -296,6 +297,7 @@ class STGU(Balancer):
     def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
                    shared_params: Sequence[Tensor], task_params: Sequence[Sequence[Tensor]] | None = None
                    ) -> tuple[Tensor, StepInfo]:
+        self._sync_group()  # raises under an active process group
         self.batches += 1
         plan = self._plan()
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
