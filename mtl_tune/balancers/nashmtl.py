@@ -74,7 +74,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers.base import (Balancer, BalancerError, SolverFailureCounter, StepInfo, _as_param_list,
-                                     accumulate_grad, check_losses, gram)
+                                     check_losses, gram)
 from mtl_tune.distributed import distributed_run
 
 SOLVERS = ("newton", "cccp")
