@@ -101,6 +101,21 @@ def _representations(representation: Any, k: int) -> list[Tensor]:
 
 
 class ConsMTL(FairBalancer):
+    """ConsMTL (Qin, Wang & Yan, CVPR'25): FairGrad(α = 2) on the shared parameters plus a
+    head consistency gradient on the task heads.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        lambda_: weight λ of the head consistency loss (float ≥ 0, default 1).
+        head_clip: the extra head gradient is clipped to ``head_clip``·‖∇ℓ_i‖ (one float for
+            every task, or K floats; default 0.1).
+        solver: ``"newton"`` (default) or ``"least_squares"`` (scipy) for the α-fair system.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "consmtl"
     needs_representation = True
 

@@ -53,7 +53,23 @@ def window_ratio_levels(costs: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 
 class DynamicWeightAverage(LossBalancer):
-    """DWA; see the module docstring for the two modes."""
+    """Dynamic Weight Average (Liu et al., CVPR'19): weights from the ratios of recent
+    losses, K·softmax(r/T).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        temp: softmax temperature T > 0 (default 2).
+        mode: ``"epoch"`` (paper: epoch-mean losses, via :meth:`on_epoch_end`) or
+            ``"iteration"`` (a FIFO buffer of the last 2·window steps).
+        window: iteration-mode window W (int ≥ 1, default 25).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    DWA; see the module docstring for the two modes.
+    """
 
     name = "dwa"
 

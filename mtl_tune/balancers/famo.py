@@ -45,6 +45,23 @@ def famo_logit_grad(logits: Tensor, prev_losses: Tensor, new_losses: Tensor, min
 
 
 class FAMO(LossBalancer):
+    """FAMO, fast adaptive multitask optimisation (Liu et al., NeurIPS'23): loss-based,
+    O(1) per step. Task logits ξ (a buffer) are updated by a private Adam after each
+    optimizer step from the log-loss decrease, so call :meth:`after_optimizer_step`
+    (``train_step`` does).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        gamma: weight decay of the logits' Adam (float ≥ 0, default 1e-3).
+        w_lr: learning rate of the logits' Adam (float > 0, default 0.025).
+        min_losses: K lower bounds of the losses (default zeros); every loss must stay above
+            them (the method takes log(ℓ − min)).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "famo"
     needs_post_step_losses = True
 

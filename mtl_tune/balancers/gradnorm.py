@@ -71,7 +71,23 @@ def renormalise(weights: Tensor) -> Tensor:
 
 
 class GradNorm(Balancer):
-    """GradNorm with a private Adam on the task weights (see the module docstring)."""
+    """GradNorm (Chen et al., ICML'18): task weights, updated by a private Adam, that
+    balance the gradient norms on the last shared layer W.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        alpha: strength α ≥ 0 of the training-rate term (default 1.5; 0 = equal norms).
+        lr: learning rate of the weights' private Adam (float > 0, default 0.025).
+        last_shared_params: the trailing tensors of the shared parameter list forming W
+            (int ≥ 0, default 2; 0 = all).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    GradNorm with a private Adam on the task weights (see the module docstring).
+    """
 
     name = "gradnorm"
     supports_distributed = False  # its weight update reads rank-local gradient norms

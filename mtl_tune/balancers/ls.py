@@ -21,6 +21,17 @@ def weighted_sum(losses: Tensor, weights: Tensor) -> Tensor:
 
 
 class LinearScalarization(LossBalancer):
+    """Linear scalarisation: backpropagate Σ_i w_i ℓ_i.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        task_weights: K finite non-negative weights (default all ones, the plain sum).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "ls"
 
     def __init__(self, n_tasks: int, task_weights: Sequence[float] | None = None, **kw) -> None:

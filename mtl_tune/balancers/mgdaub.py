@@ -107,6 +107,18 @@ def mgdaub_coefficients(gram_matrix: Tensor, losses: Tensor, normalization: str 
 
 
 class MGDAUB(RepresentationBalancer):
+    """MGDA-UB (Sener & Koltun, NeurIPS'18): MGDA's weights from the gradients w.r.t. the
+    shared representation z (needs ``representation``).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        normalization: as in :class:`~mtl_tune.balancers.mgda.MGDA`.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "mgdaub"
 
     def __init__(self, n_tasks: int, normalization: str = "none", **kw) -> None:

@@ -153,6 +153,22 @@ class CCCPSolver:
 
 
 class NashMTL(Balancer):
+    """Nash-MTL (Navon et al., ICML'22): the bargaining solution G Gᵀ α = 1/α; the update
+    is Σ α_i g_i, α warm-starts the next solve. Clips at ``max_norm`` 1.0 by default.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        update_weights_every: re-solve α every n steps and reuse it in between (int ≥ 1,
+            default 1).
+        optim_niter: iteration cap of the solver (int ≥ 1, default 20).
+        solver: ``"newton"`` (exact, default) or ``"cccp"`` (the official convex-concave
+            procedure; needs cvxpy).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "nashmtl"
     needs_jacobian: ClassVar[bool] = True
     default_max_norm: ClassVar[float | None] = 1.0

@@ -50,7 +50,20 @@ def si_objective(losses: Tensor, min_losses: Tensor, form: str = "log") -> tuple
 
 
 class ScaleInvariant(LossBalancer):
-    """Sum of log-losses (see the module docstring)."""
+    """Scale-invariant loss Σ_i log(ℓ_i − min_i): LS with weights 1/ℓ_i.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        form: ``"log"`` (paper) or ``"log1p"`` (log(1 + ℓ), not scale invariant).
+        min_losses: K lower bounds of the losses (default zeros).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Sum of log-losses (see the module docstring).
+    """
 
     name = "si"
 

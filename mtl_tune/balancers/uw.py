@@ -48,7 +48,22 @@ def uw_objective(losses: Tensor, log_vars: Tensor, form: str = "regression") -> 
 
 
 class Uncertainty(LossBalancer):
-    """Learned log-variances s_i (see the module docstring)."""
+    """Homoscedastic uncertainty weighting (Kendall et al., CVPR'18): learned log-variances
+    s (an ``nn.Parameter``; add :meth:`param_groups` to the training optimizer).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        lr: learning rate of s in its param group (float > 0, default 0.025).
+        form: ``"regression"`` ½(e^{−s}ℓ + s) or ``"classification"`` e^{−s}ℓ + ½s.
+        init: initial value of every s_i (default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Learned log-variances s_i (see the module docstring).
+    """
 
     name = "uw"
 
