@@ -135,3 +135,18 @@ def test_hooks_have_defaults_on_the_base_class():
     assert get_balancer("ls", 2).param_groups() == []
     assert get_balancer("uw", 2, lr=0.3).param_groups()[0]["lr"] == 0.3
     assert Balancer.after_optimizer_step is get_balancer("ls", 2).after_optimizer_step.__func__
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_class_docstring_documents_every_hyperparameter(name):
+    """``help(CAGrad)`` must say what ``c`` is: every constructor argument is in the class's own docstring."""
+    import inspect
+
+    from mtl_tune.registry import balancer_class
+    cls = balancer_class(name)
+    doc = cls.__doc__ or ""
+    assert "Args:" in doc or not [p for p in inspect.signature(cls.__init__).parameters
+                                  if p not in ("self", "n_tasks", "kw")], f"{name}: no Args section"
+    for param in inspect.signature(cls.__init__).parameters:
+        if param not in ("self", "kw"):
+            assert f"{param}:" in doc, f"{name}: docstring does not document {param!r}"
