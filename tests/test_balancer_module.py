@@ -22,7 +22,7 @@ FLOAT_STATE = {"famo": ("logits", "min_losses"), "gradnorm": ("weights",), "uw":
                "dwa": ("weights", "costs"), "ls": ("task_weights",), "si": ("min_losses",)}
 
 
-def _problem(dtype: torch.dtype = torch.float32, seed: int = 0):
+def _problem(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     trunk = nn.Linear(3, 4).to(dtype)
     heads = nn.ModuleList([nn.Linear(4, 1).to(dtype) for _ in range(2)])
@@ -31,6 +31,7 @@ def _problem(dtype: torch.dtype = torch.float32, seed: int = 0):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
     x = torch.randn(8, 3, generator=gen, dtype=dtype)
     y = torch.randn(8, 2, generator=gen, dtype=dtype) * torch.tensor([1.0, 5.0], dtype=dtype)
+    trunk, heads, x, y = trunk.to(device), heads.to(device), x.to(device), y.to(device)
 
     def losses() -> torch.Tensor:
         z = torch.tanh(trunk(x))
@@ -150,3 +151,17 @@ def test_class_docstring_documents_every_hyperparameter(name):
     for param in inspect.signature(cls.__init__).parameters:
         if param not in ("self", "kw"):
             assert f"{param}:" in doc, f"{name}: docstring does not document {param!r}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(FLOAT_STATE) + ["nashmtl", "cagrad", "graddrop"])
+def test_state_follows_to_cuda_and_loads_a_cpu_checkpoint(name):
+    bal = get_balancer(name, 2).to("cuda")
+    for key in FLOAT_STATE.get(name, ()):
+        assert getattr(bal, key).is_cuda, key
+    trunk, heads, losses = _problem(device="cuda")
+    opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters(), *bal.parameters()], lr=0.01)
+    bal.train_step(lambda: _forward(losses), opt, list(trunk.parameters()), [list(h.parameters()) for h in heads])
+    fresh = get_balancer(name, 2)
+    fresh.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in bal.state_dict().items()})
+    assert fresh.step_count == 1
