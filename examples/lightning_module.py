@@ -10,8 +10,9 @@ The balancer is a submodule (it is an ``nn.Module``): Lightning moves it to the 
 and its state (FAMO's logits, Nash-MTL's warm start, ...) is part of every checkpoint.
 Use 32-bit or ``"bf16-mixed"`` precision: a balancer does not go through
 ``manual_backward``, so fp16 loss scaling would not be applied (and would change the
-answer of scale-dependent methods anyway). Under Lightning's DDP strategy the balancer
-averages losses and per-task gradients across ranks itself (``mtl_tune.distributed``).
+answer of scale-dependent methods anyway). With several processes the balancer averages
+losses and per-task gradients across ranks itself (``mtl_tune.distributed``); that is
+tested with plain DDP (``examples/ddp_train.py``), not with Lightning's DDP strategy.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as worker  # noqa: E402
 
-METHODS = ["ls", "famo", "mgda", "cagrad", "nashmtl"]
+METHODS = ["ls", "famo", "mgda", "cagrad", "nashmtl", "uw"]  # uw: a learnable balancer parameter
 WORLD = 2
 
 

@@ -412,9 +412,9 @@ class LossBalancer(Balancer):
         coef, *own_grads = torch.autograd.grad(total, [mean, *own], allow_unused=True)
         coef = torch.zeros_like(mean) if coef is None else coef
         (losses * coef.detach().to(losses.dtype)).sum().backward(inputs=[p for p in model_params if p.requires_grad])
-        for p, g in zip(own, own_grads):  # the same on every rank: computed from ℓ̄
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+        own_used = [(p, g) for p, g in zip(own, own_grads) if g is not None]
+        if own_used:  # the same on every rank (computed from ℓ̄); via autograd in case DDP holds them
+            torch.autograd.backward([p for p, _ in own_used], grad_tensors=[g for _, g in own_used])
         return weights
 
 
