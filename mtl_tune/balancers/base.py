@@ -45,11 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from torch import nn
-
-from mtl_tune.distributed import AUTO, active_group, add_grad_through_autograd, distributed_run, mean_across_ranks
+from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
+                                  mean_across_ranks)
 from mtl_tune.jacobian import JacobianEngine
 
 #: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
