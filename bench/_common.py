@@ -246,10 +246,8 @@ class Runner:
 def make_optimizer(workload: Workload, balancer: Any = None) -> torch.optim.Optimizer:
     """The trainer's optimizer: model params + the balancer's own groups (UW's log-variances)."""
     groups: list[dict[str, Any]] = [{"params": list(workload.setup.model.parameters())}]
-    if balancer is not None and hasattr(balancer, "param_groups"):
-        groups += [dict(g) for g in balancer.param_groups()]
-    elif balancer is not None and balancer.parameters():
-        groups.append({"params": balancer.parameters(), "lr": 0.025})
+    if balancer is not None:  # as the trainer: a group without its own lr gets 0.025
+        groups += [{"lr": 0.025, **g} for g in balancer.param_groups()]
     return workload.bench.make_optimizer(groups, workload.config)
 
 
@@ -260,8 +258,7 @@ def method_runner(workload: Workload, name: str, hparams: dict[str, Any] | None 
     cls = balancer_class(name)
     options = {**workload.bench.balancer_options(workload.config).get(name, {}), **(hparams or {})}
     balancer = cls(workload.n_tasks, jacobian_engine=JacobianEngine(jacobian_mode), **options)
-    if hasattr(balancer, "to"):
-        balancer.to(workload.device)
+    balancer.to(workload.device)
     setup = workload.setup
 
     def step(r: Runner) -> Any:

@@ -5,15 +5,30 @@ a ``name``) plus one ``search_spaces/<name>.yaml``; adding a benchmark is one fi
 ``mtl_tune/benchmarks/``. The registry imports those packages' public modules once and
 maps names to classes; modules whose name starts with ``_`` and ``base`` are skipped.
 Unknown names raise :class:`UnknownNameError`, whose message lists the valid names.
+
+**Plug-ins.** An installed package adds methods and benchmarks through the entry-point
+groups ``mtl_tune.balancers`` and ``mtl_tune.benchmarks`` (``name = "module:Class"``, the
+entry-point name equal to the class's ``name``). A plug-in method's search space is the
+YAML file its class names in ``search_space`` (relative to the class's module), by default
+``search_spaces/<name>.yaml`` next to that module. A plug-in whose name is taken, whose
+target is not a subclass of the right base, or which does not import is an error naming
+the distribution, never skipped in silence. See docs/api.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import pkgutil
 from functools import cache
+from pathlib import Path
 from typing import Any
+
+BALANCER_GROUP = "mtl_tune.balancers"
+BENCHMARK_GROUP = "mtl_tune.benchmarks"
+#: where the built-in methods' search spaces live (the repository's search_spaces/)
+BUILTIN_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
 class UnknownNameError(KeyError):
@@ -44,25 +59,75 @@ def _scan(package: str, base_name: str) -> dict[str, type]:
     return dict(sorted(found.items()))
 
 
+class PluginError(RuntimeError):
+    """An installed plug-in that cannot be registered; the message names its distribution."""
+
+
+def _plugins(group: str, base: type, builtin: dict[str, type]) -> dict[str, type]:
+    found: dict[str, type] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        dist = getattr(ep.dist, "name", None) or "an unknown distribution"
+        where = f"entry point {ep.name!r} = {ep.value!r} of {dist} (group {group})"
+        try:
+            obj = ep.load()
+        except Exception as err:  # noqa: BLE001 - any import failure of third-party code
+            raise PluginError(f"{where} does not load: {type(err).__name__}: {err}") from err
+        if not (inspect.isclass(obj) and issubclass(obj, base)):
+            raise PluginError(f"{where} is not a subclass of {base.__module__}.{base.__name__}")
+        taken = builtin.get(ep.name) or found.get(ep.name)
+        if taken is not None and taken is not obj:
+            raise PluginError(f"{where}: the name {ep.name!r} is already taken by {taken.__module__}.{taken.__name__}")
+        if getattr(obj, "name", "") != ep.name:
+            raise PluginError(f"{where}: the class's name is {getattr(obj, 'name', '')!r}, not {ep.name!r}")
+        found[ep.name] = obj
+    return found
+
+
 @cache
 def balancer_classes() -> dict[str, type]:
-    return _scan("mtl_tune.balancers", "Balancer")
+    """Every method name → its :class:`~mtl_tune.balancers.base.Balancer` subclass (plug-ins included)."""
+    from mtl_tune.balancers.base import Balancer
+    builtin = _scan("mtl_tune.balancers", "Balancer")
+    return dict(sorted({**builtin, **_plugins(BALANCER_GROUP, Balancer, builtin)}.items()))
 
 
 @cache
 def benchmark_classes() -> dict[str, type]:
-    return _scan("mtl_tune.benchmarks", "Benchmark")
+    """Every benchmark name → its :class:`~mtl_tune.benchmarks.base.Benchmark` subclass (plug-ins included)."""
+    from mtl_tune.benchmarks.base import Benchmark
+    builtin = _scan("mtl_tune.benchmarks", "Benchmark")
+    return dict(sorted({**builtin, **_plugins(BENCHMARK_GROUP, Benchmark, builtin)}.items()))
+
+
+def search_space_file(method: str) -> Path:
+    """The search-space YAML of ``method``: ``search_spaces/<method>.yaml`` for built-in
+    methods; for a plug-in the file its class names in ``search_space`` (relative to its
+    module's folder), by default ``search_spaces/<method>.yaml`` next to its module."""
+    cls = balancer_class(method)
+    if cls.__module__.startswith("mtl_tune."):
+        return BUILTIN_SPACES / f"{method}.yaml"
+    module_dir = Path(inspect.getfile(cls)).resolve().parent
+    return module_dir / (getattr(cls, "search_space", None) or f"search_spaces/{method}.yaml")
+
+
+def clear_cache() -> None:
+    """Forget the scanned names (after installing a plug-in into a running process)."""
+    balancer_classes.cache_clear()
+    benchmark_classes.cache_clear()
 
 
 def available_balancers() -> list[str]:
+    """Sorted method names, plug-ins included."""
     return list(balancer_classes())
 
 
 def available_benchmarks() -> list[str]:
+    """Sorted benchmark names, plug-ins included."""
     return list(benchmark_classes())
 
 
 def balancer_class(name: str) -> type:
+    """The Balancer subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones."""
     classes = balancer_classes()
     if name not in classes:
         raise UnknownNameError("method", name, list(classes))
@@ -70,6 +135,7 @@ def balancer_class(name: str) -> type:
 
 
 def benchmark_class(name: str) -> type:
+    """The Benchmark subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones."""
     classes = benchmark_classes()
     if name not in classes:
         raise UnknownNameError("benchmark", name, list(classes))
@@ -82,4 +148,5 @@ def get_balancer(name: str, n_tasks: int, **hparams: Any):
 
 
 def get_benchmark(name: str, **options: Any):
+    """Instantiate the benchmark ``name`` with its options (``data_root``, ``synthetic``, ...)."""
     return benchmark_class(name)(**options)

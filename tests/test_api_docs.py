@@ -24,7 +24,8 @@ def test_execute_stays_the_function_after_its_module_is_imported():
 
 @pytest.mark.slow
 def test_the_documented_example_runs(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    # the one runnable block is the search example (§2); §1's snippets are fragments of a loop
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S) if "execute(plan)" in b]
     assert len(blocks) == 1
     repo = str(DOC.parents[1])
     done = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True,

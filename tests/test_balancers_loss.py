@@ -233,7 +233,7 @@ def test_uw_model_gradient_and_weights():
     # ∂L/∂s_i = ½(1 − e^{−s_i} ℓ_i)
     ell = losses().detach().float()
     torch.testing.assert_close(bal.log_vars.grad, 0.5 * (1 - torch.exp(-bal.log_vars.detach()) * ell))
-    assert bal.parameters() == [bal.log_vars]
+    assert list(bal.parameters()) == [bal.log_vars]
 
 
 # ---------------------------------------------------------------- go4align
@@ -366,7 +366,7 @@ STATEFUL = [
 def test_state_round_trip(name, kwargs, other_kwargs):
     theta, heads, losses = make_problem(3)
     bal = get_balancer(name, 3, **kwargs)
-    opt = torch.optim.SGD([*bal.parameters()], lr=0.1) if bal.parameters() else None
+    opt = torch.optim.SGD([*bal.parameters()], lr=0.1) if list(bal.parameters()) else None
     for step in range(6):
         scale = torch.tensor([1.0, 1.0 + step, 2.0], dtype=torch.float64)
         run_step(bal, theta, heads, losses, scale)

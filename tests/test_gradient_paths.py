@@ -180,3 +180,17 @@ def test_gradient_step_bench_runs_and_reports_every_entry(tmp_path, capsys):
         assert "Error" not in rows[entry]
     assert "| gram |" in rows["mgda@gram"] and "| jacobian |" in rows["mgda@jacobian"]
     assert "kept Jacobian buffer" in rows["mgda@jacobian"]
+
+
+def test_data_parallel_steps_take_the_jacobian_path_and_refuse_a_forced_gram():
+    """Under DDP the ranks must combine the rank-mean Jacobian; its Gram matrix is not the mean
+    of the ranks' Gram matrices, so the Gram path is never taken there."""
+    from mtl_tune.balancers.base import BalancerError, pick_gradient_path
+
+    shared = [torch.zeros(2**20)]
+    group = object()  # any non-None process group
+    assert pick_gradient_path("mgda", "auto", True, 40, shared, True, None) == "gram"
+    assert pick_gradient_path("mgda", "auto", True, 40, shared, True, group) == "jacobian"
+    assert pick_gradient_path("mgda", "jacobian", True, 40, shared, True, group) == "jacobian"
+    with pytest.raises(BalancerError, match="data-parallel"):
+        pick_gradient_path("mgda", "gram", True, 40, shared, True, group)

@@ -161,15 +161,10 @@ def make_balancer(spec: MethodSpec, engine: JacobianEngine | None = None) -> Bal
 
 
 def optimizers(x: Tensor, balancers: Sequence[Balancer], cfg: EngineConfig) -> list[torch.optim.Optimizer]:
-    """Adam(lr) on x, plus Adam on the balancers' own parameters: their ``param_groups()``
-    if they define it (UW's ``lr``), else ``method_params_lr`` (FAMO-family second group)."""
+    """Adam(lr) on x, plus Adam on the balancers' own ``param_groups()`` (UW's ``lr``; a group
+    without one gets ``method_params_lr``, the FAMO-family second group)."""
     opts: list[torch.optim.Optimizer] = [torch.optim.Adam([x], lr=cfg.lr)]
-    groups: list[dict[str, Any]] = []
-    for b in balancers:
-        if not b.parameters():
-            continue
-        own = getattr(b, "param_groups", None)
-        groups.extend(own() if callable(own) else [{"params": b.parameters(), "lr": cfg.method_params_lr}])
+    groups: list[dict[str, Any]] = [g for b in balancers for g in b.param_groups()]
     if groups:
         opts.append(torch.optim.Adam(groups, lr=cfg.method_params_lr))
     return opts

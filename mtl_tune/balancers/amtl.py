@@ -119,6 +119,21 @@ class AlignedCombination:
 
 
 class AlignedMTL(AlignedCombination, GradientBalancer):
+    """Aligned-MTL (Senushkin et al., CVPR'23): the per-task gradients are made orthogonal
+    and of equal norm (condition number 1), then summed.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        scale_mode: which eigenvalue of the K×K Gram matrix sets the scale of the aligned
+            gradients: ``"min"`` (default, as the official code), ``"median"`` or ``"rmse"``.
+        preferences: K non-negative task preference weights replacing the ones vector
+            (scaled to sum to K); ``None`` = all ones (paper).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "amtl"
     supports_gram = True
 

@@ -25,6 +25,19 @@ from mtl_tune.balancers.mgdaub import RepresentationBalancer
 
 
 class AlignedMTLUB(AlignedCombination, RepresentationBalancer):
+    """Aligned-MTL-UB: Aligned-MTL on the gradients w.r.t. the shared representation z
+    (one backward through the encoder; needs ``representation``).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        scale_mode: as in :class:`~mtl_tune.balancers.amtl.AlignedMTL`.
+        preferences: as in :class:`~mtl_tune.balancers.amtl.AlignedMTL`.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "amtlub"
 
     def __init__(self, n_tasks: int, scale_mode: str = "min", preferences: Sequence[float] | None = None,

@@ -11,10 +11,17 @@ from *how to get the Jacobian*):
   for per-task gradients when it needs them, and writes ``.grad`` on the shared and
   task-specific parameters.
 
+A :class:`Balancer` is a :class:`torch.nn.Module`: its state lives in parameters (UW's
+log-variances, which the *training* optimizer updates), buffers (FAMO's logits, GradNorm's
+weights, DWA's loss buffer: moved and cast by ``.to()``) and a versioned extra state for
+host-side solver state (Nash-MTL's warm start α, counters, random generators), so
+``balancer.state_dict()`` is a complete, loadable checkpoint and a balancer can be a
+submodule of the model.
+
 Lifecycle inside *any* PyTorch training loop::
 
-    balancer = get_balancer("cagrad", n_tasks=K, c=0.4)
-    optimizer = Adam([*model.parameters(), *balancer.parameters()])
+    balancer = get_balancer("cagrad", n_tasks=K, c=0.4).to(device)
+    optimizer = Adam([{"params": model.parameters()}, *balancer.param_groups()])
     for batch in loader:
         optimizer.zero_grad()
         losses = torch.stack([...])                   # shape (K,)
@@ -38,9 +45,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
+                                  mean_across_ranks)
 from mtl_tune.jacobian import JacobianEngine, gram_of
+
+#: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
+#: written before balancers were modules (still loadable, see :meth:`Balancer.load_state_dict`).
+STATE_FORMAT = 1
 
 
 class BalancerError(RuntimeError):
@@ -154,8 +167,15 @@ def accumulate_grad(params: Sequence[Tensor], flat: Tensor) -> None:
         raise BalancerError(f"direction has {flat.numel()} entries but the shared parameters have {offset}")
 
 
-class Balancer(abc.ABC):
+class Balancer(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every balancing method. See the module docstring for the lifecycle.
+
+    Args:
+        n_tasks: K, the number of task losses each step receives (a positive integer).
+        max_norm: clip the shared parameters' gradient to this L2 norm after the balancer
+            wrote it; ``None`` = no clipping; ``"default"`` = the method's ``default_max_norm``.
+        jacobian_engine: how per-task gradients are computed (default: a new
+            :class:`~mtl_tune.jacobian.JacobianEngine` in ``"auto"`` mode).
 
     Class attributes a subclass sets:
       ``name``: registry name (``"cagrad"``).
@@ -164,6 +184,13 @@ class Balancer(abc.ABC):
       (FAMO); trainers then call :meth:`after_optimizer_step`.
       ``needs_scores``: it reads per-task performance scores from :meth:`on_epoch_end`.
       ``default_max_norm``: gradient clipping on the shared parameters (``None`` = off).
+      ``supports_distributed``: the method is data-parallel correct (see
+      :mod:`mtl_tune.distributed`); the others raise under an active process group.
+
+    Optional hooks, all with defaults here so a training loop calls them unconditionally:
+    :meth:`train_step`, :meth:`after_optimizer_step`, :meth:`on_epoch_end`,
+    :meth:`param_groups`; :attr:`failures` counts solver failures (0 for methods without a
+    solver).
     """
 
     name: ClassVar[str] = ""
@@ -172,9 +199,11 @@ class Balancer(abc.ABC):
     needs_post_step_losses: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False
     default_max_norm: ClassVar[float | None] = None
+    supports_distributed: ClassVar[bool] = True
 
     def __init__(self, n_tasks: int, *, max_norm: float | None | str = "default",
                  jacobian_engine: JacobianEngine | None = None) -> None:
+        super().__init__()
         if not isinstance(n_tasks, int) or n_tasks < 1:
             raise ValueError(f"{self.name}: n_tasks must be a positive integer, got {n_tasks!r}")
         self.n_tasks = n_tasks
@@ -183,13 +212,59 @@ class Balancer(abc.ABC):
             raise ValueError(f"{self.name}: max_norm must be a positive number or None, got {self.max_norm!r}")
         self.engine = jacobian_engine or JacobianEngine()
         self.step_count = 0
+        #: solver failures (total / consecutive); methods with a solver count into it
+        self.failures = SolverFailureCounter(self.name)
+        self.process_group: Any = AUTO
+
+    # ------------------------------------------------------------------ data parallel
+    def distribute(self, group: Any = AUTO) -> Balancer:
+        """Choose the ranks this balancer averages losses and per-task gradients over.
+
+        ``"auto"`` (the default): the default process group whenever ``torch.distributed``
+        is initialised with more than one rank; a process group: that group; ``None``:
+        never (each rank balances on its own shard). Returns ``self``.
+        See :mod:`mtl_tune.distributed` for what is averaged."""
+        self.process_group = group
+        return self
+
+    def _sync_group(self) -> Any | None:
+        group = active_group(self.process_group)
+        if group is not None and not self.supports_distributed:
+            raise BalancerError(f"{self.name} is not data-parallel correct (see mtl_tune.distributed); "
+                                "train it in one process, or call balancer.distribute(None) to balance "
+                                "each rank's shard on its own")
+        return group
+
+    def _rank_mean(self, tensor: Tensor, group: Any | None) -> Tensor:
+        """``tensor`` averaged over ``group``'s ranks (``tensor`` itself when ``group`` is None)."""
+        return tensor if group is None else mean_across_ranks(tensor, group)
+
+    def _write_shared(self, shared: list[Tensor], direction: Tensor, group: Any | None) -> None:
+        if group is None and not distributed_run():
+            accumulate_grad(shared, direction)
+        else:  # through autograd, so that DDP's reducer sees these parameters this step
+            add_grad_through_autograd(shared, direction)
 
     # ------------------------------------------------------------------ per step
     @abc.abstractmethod
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
-        """Write gradients for one step. ``task_params`` may be a flat list or one list per task."""
+        """Write (add to) ``.grad`` of the shared and task parameters for one step.
+
+        Args:
+            losses: the K task losses, shape ``(K,)``, still attached to the graph.
+            shared_params: the parameters every task uses (the encoder).
+            task_params: the task-specific parameters, a flat list or one list per task.
+            representation: the shared representation z the heads read (only methods with
+                ``needs_representation``).
+
+        Returns:
+            a :class:`StepInfo` with the effective per-task weights (K,) and method extras.
+
+        Raises:
+            BalancerError: non-finite losses or gradients, or repeated solver failures.
+        """
 
     def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
                    shared_params: Sequence[Tensor], task_params: Sequence[Sequence[Tensor]] | None = None
@@ -197,7 +272,8 @@ class Balancer(abc.ABC):
         """One full training step on one batch; the hook training-loop methods override.
 
         The default: zero grads, forward, :meth:`backward`, optimizer step, and the
-        post-step update for methods that need it. Returns the (detached) losses.
+        post-step update for methods that need it. Returns the (detached) losses and the
+        step's :class:`StepInfo`.
         """
         optimizer.zero_grad(set_to_none=True)
         out = forward()
@@ -209,36 +285,92 @@ class Balancer(abc.ABC):
         return out.losses.detach(), info
 
     def after_optimizer_step(self, new_losses: Tensor) -> None:
-        """Called with the losses recomputed on the same batch after the optimizer step."""
+        """Called with the losses (K,) recomputed on the same batch after the optimizer step.
+
+        Only methods with ``needs_post_step_losses`` (FAMO) use it; the default does nothing."""
 
     def on_epoch_end(self, info: EpochInfo) -> None:
         """Epoch-level hook (DWA's epoch losses, PIVRG's scores). Default: nothing."""
 
-    def parameters(self) -> list[Tensor]:
-        """Learnable balancer parameters the *training* optimizer must update (UW)."""
-        return []
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer param groups for the learnable balancer parameters (UW's log-variances).
+
+        Add them to the *training* optimizer. A group without ``"lr"`` takes the
+        optimizer's default; methods with a learning-rate hyperparameter set it. Buffers
+        updated by a method's own rule (FAMO's logits, GradNorm's weights) are not here.
+        Default: one group with :meth:`parameters`, or no group when there are none.
+        """
+        params = list(self.parameters())
+        return [{"params": params}] if params else []
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, **self._extra_state()}
+    def get_extra_state(self) -> dict[str, Any]:
+        """Non-tensor state (step count, solver failures, warm starts, generators), versioned."""
+        return {"format": STATE_FORMAT, "method": self.name, "n_tasks": self.n_tasks, "step_count": self.step_count,
+                "failures": self.failures.state_dict(), **self._extra_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        fmt = int(state.get("format", 0))
+        if fmt > STATE_FORMAT:
+            raise ValueError(f"{self.name}: balancer state has format {fmt}, newer than this mtl_tune "
+                             f"reads ({STATE_FORMAT}); upgrade mtl_tune to load it")
+        method = state.get("method", self.name)
+        if method != self.name:
+            raise ValueError(f"{self.name}: the balancer state was saved by method {method!r}")
+        if int(state.get("n_tasks", self.n_tasks)) != self.n_tasks:
+            raise ValueError(f"{self.name}: the balancer state is for {state['n_tasks']} tasks, "
+                             f"this balancer has {self.n_tasks}")
         self.step_count = int(state.get("step_count", 0))
+        if "failures" in state:
+            self.failures.load_state_dict(state["failures"])
         self._load_extra_state(state)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a :meth:`state_dict` (format 1), or the plain dict of format 0."""
+        if "_extra_state" not in state_dict and "step_count" in state_dict:
+            state_dict = self._from_format_0(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _from_format_0(self, old: dict[str, Any]) -> dict[str, Any]:
+        # format 0 kept everything in one flat dict; tensors that are now parameters or
+        # buffers sat under the same names (those it did not have keep their current value)
+        current = super().state_dict(keep_vars=False)
+        new: dict[str, Any] = {k: (old[k] if k in old else v) for k, v in current.items() if k != "_extra_state"}
+        new["_extra_state"] = {**old, "format": 0}
+        return new
+
     def _extra_state(self) -> dict[str, Any]:
+        """A subclass's non-tensor state (buffers and parameters are saved by ``nn.Module``)."""
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
+        # ``.to()``/``.double()`` replace buffers: let methods with a private optimizer re-bind it
+        out = super()._apply(fn, recurse)
+        self._after_move()
+        return out
+
+    def _after_move(self) -> None:
+        """Called after ``.to()`` / ``.cuda()`` / ``.double()`` moved or cast the buffers."""
 
     # ------------------------------------------------------------------ helpers
     def _clip(self, shared: Sequence[Tensor]) -> None:
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], self.max_norm)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_tasks={self.n_tasks})"
+    def extra_repr(self) -> str:
+        return f"n_tasks={self.n_tasks}"
+
+
+def rebind_private_optimizer(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> torch.optim.Optimizer:
+    """A new optimizer of the same class on ``params`` carrying ``optimizer``'s hyperparameters
+    and state (cast to the new tensors' device and dtype), after ``.to()`` replaced a buffer."""
+    state = optimizer.state_dict()
+    fresh = type(optimizer)(params, **optimizer.defaults)
+    fresh.load_state_dict(state)
+    return fresh
 
 
 class LossBalancer(Balancer):
@@ -256,15 +388,33 @@ class LossBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name, finite=False)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
-        total, weights = self.objective(losses)
-        params = shared + heads + self.parameters()
-        total.backward(inputs=[p for p in params if p.requires_grad])
+        group = self._sync_group()
+        if group is None:
+            total, weights = self.objective(losses)
+            params = shared + heads + list(self.parameters())
+            total.backward(inputs=[p for p in params if p.requires_grad])
+        else:
+            weights = self._distributed_backward(losses, shared + heads, group)
         self._clip(shared)
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
 
     def _step_extras(self) -> dict[str, Any]:
         return {}
+
+    def _distributed_backward(self, losses: Tensor, model_params: list[Tensor], group: Any) -> Tensor:
+        """f linearised at the rank-mean losses ℓ̄: back-propagate Σ_i ∂f/∂ℓ_i(ℓ̄) ℓ_i, which
+        DDP's gradient average turns into ∇f of the concatenated batch; state updates see ℓ̄."""
+        mean = self._rank_mean(losses.detach(), group).requires_grad_(True)
+        total, weights = self.objective(mean)
+        own = [p for p in self.parameters() if p.requires_grad]
+        coef, *own_grads = torch.autograd.grad(total, [mean, *own], allow_unused=True)
+        coef = torch.zeros_like(mean) if coef is None else coef
+        (losses * coef.detach().to(losses.dtype)).sum().backward(inputs=[p for p in model_params if p.requires_grad])
+        own_used = [(p, g) for p, g in zip(own, own_grads) if g is not None]
+        if own_used:  # the same on every rank (computed from ℓ̄); via autograd in case DDP holds them
+            torch.autograd.backward([p for p, _ in own_used], grad_tensors=[g for _, g in own_used])
+        return weights
 
 
 GradientPath = Literal["auto", "jacobian", "gram"]
@@ -318,36 +468,34 @@ class GradientBalancer(Balancer):
         coef = self.gram_weights(gram(jacobian), losses)
         return coef.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian, coef
 
-    def path_for(self, losses: Tensor, shared: Sequence[Tensor]) -> str:
-        """The path this step takes (see :func:`choose_gradient_path`)."""
-        if self.gradient_path != "auto":
-            return self.gradient_path
-        if not self.supports_gram:
-            return "jacobian"
-        return choose_gradient_path(losses.shape[0], sum(p.numel() * p.element_size() for p in shared),
-                                    self.engine.can_stream_gram)
+    def path_for(self, losses: Tensor, shared: Sequence[Tensor], group: Any = None) -> str:
+        """The path this step takes (see :func:`pick_gradient_path`)."""
+        return pick_gradient_path(self.name, self.gradient_path, self.supports_gram, losses.shape[0], shared,
+                                  self.engine.can_stream_gram, group)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
-        if self.path_for(losses, shared) == "gram":
+        group = self._sync_group()
+        if self.path_for(losses, shared, group) == "gram":
             weights = self._gram_step(losses, shared, heads)
         else:
-            weights = self._jacobian_step(losses, shared, heads)
+            weights = self._jacobian_step(losses, shared, heads, group)
         self._clip(shared)
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
 
-    def _jacobian_step(self, losses: Tensor, shared: list[Tensor], heads: list[Tensor]) -> Tensor:
-        jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True)
+    def _jacobian_step(self, losses: Tensor, shared: list[Tensor], heads: list[Tensor], group: Any = None) -> Tensor:
+        # data parallel: every rank combines the rank-mean Jacobian (= the concatenated batch's)
+        jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
         if not math.isfinite(float(jac.sum())):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
-        direction, weights = self.combine(jac, losses.detach())
+        direction, weights = self.combine(jac, self._rank_mean(losses.detach(), group))
         # one reduction instead of an elementwise isfinite pass: any NaN/inf entry makes the sum non-finite
         if not math.isfinite(float(direction.sum())):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
-        accumulate_grad(shared, direction)
+        self._write_shared(shared, direction, group)
         if heads:
             coef = weights.detach() if self.weighted_heads else torch.ones_like(losses)
             (losses * coef.to(losses.dtype)).sum().backward(inputs=heads)
@@ -367,6 +515,26 @@ class GradientBalancer(Balancer):
 
     def _step_extras(self) -> dict[str, Any]:
         return {}
+
+
+def pick_gradient_path(name: str, setting: str, supports_gram: bool, n_tasks: int, shared: Sequence[Tensor],
+                       can_stream: bool, group: Any = None) -> str:
+    """The path of one step: ``setting`` unless ``"auto"`` (then :func:`choose_gradient_path`).
+
+    Data parallel (``group`` set) always takes the Jacobian path: every rank must combine the
+    rank-mean Jacobian, and its Gram matrix J̄J̄ᵀ is not the mean of the ranks' Gram matrices,
+    so the Gram path would need the Jacobian anyway; a forced ``"gram"`` is refused there.
+    """
+    if group is not None:
+        if setting == "gram":
+            raise BalancerError(f"{name}: gradient_path='gram' is not data-parallel correct (the Gram matrix of "
+                                "the rank-mean Jacobian needs the Jacobian); use 'auto' or 'jacobian' under DDP")
+        return "jacobian"
+    if setting != "auto":
+        return setting
+    if not supports_gram:
+        return "jacobian"
+    return choose_gradient_path(n_tasks, sum(p.numel() * p.element_size() for p in shared), can_stream)
 
 
 def choose_gradient_path(n_tasks: int, shared_bytes: int, can_stream: bool) -> str:
@@ -407,7 +575,7 @@ def finite_or_raise(x: Tensor, what: str) -> Tensor:
 
 
 __all__ = [
-    "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
+    "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
     "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
-    "gram", "finite_or_raise",
+    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer",
 ]

@@ -164,6 +164,22 @@ def cagrad_coefficients(gram_matrix: np.ndarray, c: float, rescale: int = 1,
 
 
 class CAGrad(GradientBalancer):
+    """CAGrad, conflict-averse gradient descent (Liu et al., NeurIPS'21): the update
+    maximises the worst task's improvement inside a ball around the mean gradient g_0.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        c: radius of that ball relative to ‖g_0‖ (float ≥ 0, default 0.4); ``c = 0`` is the
+            mean gradient, larger ``c`` lets the update move further towards the
+            worst-off task.
+        rescale: 0, 1 or 2: divide the direction by 1, 1 + c² (default, official code) or
+            1 + c.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "cagrad"
     supports_gram = True  # d = Σ γᵢ gᵢ: g₀ + λ G w* is linear in the gᵢ
 

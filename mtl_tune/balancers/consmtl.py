@@ -101,8 +101,25 @@ def _representations(representation: Any, k: int) -> list[Tensor]:
 
 
 class ConsMTL(FairBalancer):
+    """ConsMTL (Qin, Wang & Yan, CVPR'25): FairGrad(α = 2) on the shared parameters plus a
+    head consistency gradient on the task heads.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        lambda_: weight λ of the head consistency loss (float ≥ 0, default 1).
+        head_clip: the extra head gradient is clipped to ``head_clip``·‖∇ℓ_i‖ (one float for
+            every task, or K floats; default 0.1).
+        solver: ``"newton"`` (default) or ``"least_squares"`` (scipy) for the α-fair system.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "consmtl"
     needs_representation = True
+    # its heads' extra consistency gradients are written per rank from rank-local representations
+    supports_distributed = False
 
     def __init__(self, n_tasks: int, lambda_: float = 1.0, head_clip: float | Sequence[float] = 0.1,
                  solver: str = "newton", **kw: Any) -> None:
@@ -118,6 +135,7 @@ class ConsMTL(FairBalancer):
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         k = self.n_tasks
         check_losses(losses, k, self.name)
+        self._sync_group()  # refuses an active process group (supports_distributed)
         heads = _task_groups(task_params, k)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         needs_extra = self.lambda_ > 0 and any(c > 0 for c in self.head_clip)

@@ -53,7 +53,23 @@ def window_ratio_levels(costs: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 
 class DynamicWeightAverage(LossBalancer):
-    """DWA; see the module docstring for the two modes."""
+    """Dynamic Weight Average (Liu et al., CVPR'19): weights from the ratios of recent
+    losses, K·softmax(r/T).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        temp: softmax temperature T > 0 (default 2).
+        mode: ``"epoch"`` (paper: epoch-mean losses, via :meth:`on_epoch_end`) or
+            ``"iteration"`` (a FIFO buffer of the last 2·window steps).
+        window: iteration-mode window W (int ≥ 1, default 25).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    DWA; see the module docstring for the two modes.
+    """
 
     name = "dwa"
 
@@ -66,13 +82,13 @@ class DynamicWeightAverage(LossBalancer):
         if not (isinstance(window, int) and window >= 1):
             raise ValueError(f"dwa: window must be a positive integer, got {window!r}")
         self.temp, self.mode, self.window = float(temp), mode, window
-        self.weights = torch.ones(n_tasks, dtype=torch.float64)
+        self.register_buffer("weights", torch.ones(n_tasks, dtype=torch.float64))
         # epoch mode: the last two epoch-mean losses (oldest first) and this epoch's running sum
         self.history: list[Tensor] = []
         self.epoch_sum: Tensor | None = None
         self.epoch_batches = 0
         # iteration mode: the official FIFO buffer, initialised to ones
-        self.costs = torch.ones(2 * window, n_tasks, dtype=torch.float64)
+        self.register_buffer("costs", torch.ones(2 * window, n_tasks, dtype=torch.float64))
         self.calls = 0
 
     # ------------------------------------------------------------------ per step
@@ -83,10 +99,10 @@ class DynamicWeightAverage(LossBalancer):
             self.epoch_batches += 1
             w = self.weights.to(losses)
             return (w * losses).sum(), w
-        self.costs = torch.cat([self.costs[1:].to(cur.device), cur[None]])
+        self.costs = torch.cat([self.costs[1:].to(cur.device), cur[None].to(self.costs.dtype)])
         if self.calls > self.window:
             recent, older = window_ratio_levels(self.costs, self.window)
-            self.weights = dwa_weights(recent, older, self.temp)
+            self.weights = dwa_weights(recent, older, self.temp).to(self.weights.dtype)
         self.calls += 1
         w = self.weights.to(losses)
         return (w * losses).mean(), w / self.n_tasks
@@ -99,8 +115,9 @@ class DynamicWeightAverage(LossBalancer):
         """Epoch mode: record this epoch's mean losses and set the next epoch's weights."""
         if self.mode != "epoch":
             return
-        if info.train_losses is not None:
-            mean = torch.as_tensor(info.train_losses, dtype=torch.float64).detach().flatten()
+        if info.train_losses is not None:  # rank-local epoch means: average them (data parallel)
+            mean = self._rank_mean(torch.as_tensor(info.train_losses, dtype=torch.float64).detach().flatten(),
+                                   self._sync_group())
         elif self.epoch_batches:
             mean = self.epoch_sum / self.epoch_batches
         else:
@@ -111,18 +128,16 @@ class DynamicWeightAverage(LossBalancer):
         self.history = [*self.history, mean.cpu()][-2:]
         self.epoch_sum, self.epoch_batches = None, 0
         if len(self.history) == 2:
-            self.weights = dwa_weights(self.history[1], self.history[0], self.temp)
+            self.weights = dwa_weights(self.history[1], self.history[0], self.temp).to(self.weights)
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
-        return {"weights": self.weights.cpu(), "history": [h.cpu() for h in self.history],
+        return {"history": [h.cpu() for h in self.history],
                 "epoch_sum": None if self.epoch_sum is None else self.epoch_sum.cpu(),
-                "epoch_batches": self.epoch_batches, "costs": self.costs.cpu(), "calls": self.calls}
+                "epoch_batches": self.epoch_batches, "calls": self.calls}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.weights = state["weights"].clone()
         self.history = [h.clone() for h in state["history"]]
         self.epoch_sum = None if state["epoch_sum"] is None else state["epoch_sum"].clone()
         self.epoch_batches = int(state["epoch_batches"])
-        self.costs = state["costs"].clone()
         self.calls = int(state["calls"])

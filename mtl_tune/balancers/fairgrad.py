@@ -35,6 +35,21 @@ from mtl_tune.balancers._fairness import FairBalancer
 
 
 class FairGrad(FairBalancer):
+    """FairGrad (Ban & Ji, ICML'24): the α-fair update direction; α = 1 is Nash-MTL's
+    condition.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        alpha: fairness exponent α > 0 (default 2, the official runs; → 0 utilitarian,
+            1 proportional, → ∞ max-min).
+        solver: ``"newton"`` (damped Newton on log x, default) or ``"least_squares"`` (scipy,
+            as in the official code).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "fairgrad"
 
     def __init__(self, n_tasks: int, alpha: float = 2.0, solver: str = "newton", **kw: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import BalancerError, LossBalancer
+from mtl_tune.balancers.base import BalancerError, LossBalancer, rebind_private_optimizer
 
 EPS = 1e-8
 
@@ -45,6 +45,23 @@ def famo_logit_grad(logits: Tensor, prev_losses: Tensor, new_losses: Tensor, min
 
 
 class FAMO(LossBalancer):
+    """FAMO, fast adaptive multitask optimisation (Liu et al., NeurIPS'23): loss-based,
+    O(1) per step. Task logits ξ (a buffer) are updated by a private Adam after each
+    optimizer step from the log-loss decrease, so call :meth:`after_optimizer_step`
+    (``train_step`` does).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        gamma: weight decay of the logits' Adam (float ≥ 0, default 1e-3).
+        w_lr: learning rate of the logits' Adam (float > 0, default 0.025).
+        min_losses: K lower bounds of the losses (default zeros); every loss must stay above
+            them (the method takes log(ℓ − min)).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "famo"
     needs_post_step_losses = True
 
@@ -56,11 +73,13 @@ class FAMO(LossBalancer):
         if w_lr <= 0:
             raise ValueError(f"famo: w_lr must be > 0, got {w_lr}")
         self.gamma, self.w_lr = float(gamma), float(w_lr)
-        self.min_losses = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(
-            list(min_losses), dtype=torch.float32)
-        if self.min_losses.shape != (n_tasks,):
+        floor = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(list(min_losses), dtype=torch.float32)
+        if floor.shape != (n_tasks,):
             raise ValueError(f"famo: min_losses must have {n_tasks} entries, got {min_losses!r}")
-        self.logits = torch.zeros(n_tasks, requires_grad=True)
+        self.register_buffer("min_losses", floor)
+        # a buffer, not a Parameter: the logits follow FAMO's own update (the private Adam
+        # below, stepped in after_optimizer_step), never the training optimizer
+        self.register_buffer("logits", torch.zeros(n_tasks))
         self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         self.prev_losses: Tensor | None = None
 
@@ -72,7 +91,7 @@ class FAMO(LossBalancer):
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         self._check(losses)
         if self.logits.device != losses.device:
-            self._move(losses.device)
+            self.to(losses.device)
         m = self.min_losses.to(losses)
         z = torch.softmax(self.logits.detach(), dim=-1).to(losses.dtype)
         d = losses - m + EPS
@@ -83,6 +102,7 @@ class FAMO(LossBalancer):
     def after_optimizer_step(self, new_losses: Tensor) -> None:
         if self.prev_losses is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
+        new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
         self._check(new_losses)
         grad = famo_logit_grad(self.logits.detach(), self.prev_losses.to(self.logits),
                                new_losses.detach().to(self.logits), self.min_losses.to(self.logits))
@@ -90,19 +110,16 @@ class FAMO(LossBalancer):
         self.logits.grad = grad
         self.w_optimizer.step()
 
-    def _move(self, device: torch.device) -> None:
-        state = self.w_optimizer.state_dict()
-        self.logits = self.logits.detach().to(device).requires_grad_(True)
-        self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
-        self.w_optimizer.load_state_dict(state)
-        self.min_losses = self.min_losses.to(device)
+    def _after_move(self) -> None:
+        self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.logits])
+        if self.prev_losses is not None:
+            self.prev_losses = self.prev_losses.to(self.logits.device)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"logits": self.logits.detach().cpu(), "w_optimizer": self.w_optimizer.state_dict(),
+        return {"w_optimizer": self.w_optimizer.state_dict(),
                 "prev_losses": None if self.prev_losses is None else self.prev_losses.cpu()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.logits.copy_(state["logits"])
         self.w_optimizer.load_state_dict(state["w_optimizer"])
-        self.prev_losses = state["prev_losses"]
+        prev = state["prev_losses"]
+        self.prev_losses = None if prev is None else prev.to(self.logits.device)

@@ -107,7 +107,22 @@ def group_weights(gamma: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
 
 
 class GO4Align(LossBalancer):
-    """Group risk minimisation weights (see the module docstring)."""
+    """GO4Align group risk minimisation (Shen et al., NeurIPS'24): weights from a k-means
+    grouping of the tasks' scaled risk indicators.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        num_groups: number of groups M, in 1..K (default 2).
+        beta: smoothness step β ≥ 0 of Q ← normalise(Q·exp(−βℓ)) (default 1e-4).
+        scale: ``"mean"`` (paper, mean(ℓ)/ℓ) or ``"sum"`` (official code, Σℓ/ℓ).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Group risk minimisation weights (see the module docstring).
+    """
 
     name = "go4align"
 

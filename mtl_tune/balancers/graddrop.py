@@ -96,6 +96,20 @@ def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
 
 
 class GradDrop(GradientBalancer):
+    """GradDrop (Chen et al., NeurIPS'20): per shared-parameter coordinate, keep only the
+    task gradients of one randomly drawn sign.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        leak: share of every gradient kept regardless of the sign draw, in [0, 1]
+            (0 = full dropout, default; 1 = plain sum).
+        seed: seed of the method's own random generator (int, default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "graddrop"
 
     def __init__(self, n_tasks: int, leak: float = 0.0, seed: int = 0, **kw) -> None:

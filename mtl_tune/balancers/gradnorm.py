@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses
+from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
+                                     rebind_private_optimizer)
 
 
 def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -70,9 +71,26 @@ def renormalise(weights: Tensor) -> Tensor:
 
 
 class GradNorm(Balancer):
-    """GradNorm with a private Adam on the task weights (see the module docstring)."""
+    """GradNorm (Chen et al., ICML'18): task weights, updated by a private Adam, that
+    balance the gradient norms on the last shared layer W.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        alpha: strength α ≥ 0 of the training-rate term (default 1.5; 0 = equal norms).
+        lr: learning rate of the weights' private Adam (float > 0, default 0.025).
+        last_shared_params: the trailing tensors of the shared parameter list forming W
+            (int ≥ 0, default 2; 0 = all).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    GradNorm with a private Adam on the task weights (see the module docstring).
+    """
 
     name = "gradnorm"
+    supports_distributed = False  # its weight update reads rank-local gradient norms
 
     def __init__(self, n_tasks: int, alpha: float = 1.5, lr: float = 0.025, last_shared_params: int = 2,
                  **kw) -> None:
@@ -84,7 +102,8 @@ class GradNorm(Balancer):
         if not (isinstance(last_shared_params, int) and last_shared_params >= 0):
             raise ValueError(f"gradnorm: last_shared_params must be an integer >= 0, got {last_shared_params!r}")
         self.alpha, self.lr, self.last_shared_params = float(alpha), float(lr), last_shared_params
-        self.weights = torch.ones(n_tasks, requires_grad=True)
+        # a buffer: GradNorm's own Adam steps it (never the training optimizer)
+        self.register_buffer("weights", torch.ones(n_tasks))
         self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
         self.initial_losses: Tensor | None = None
 
@@ -97,13 +116,14 @@ class GradNorm(Balancer):
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
+        self._sync_group()  # raises under an active process group
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         last = self.last_layer(shared)
         if not last:
             raise BalancerError("gradnorm: no shared parameter requires grad")
         if self.weights.device != losses.device:
-            self._move(losses.device)
+            self.to(losses.device)
         ell = losses.detach().to(self.weights.dtype)
         if bool((ell <= 0).any()):
             raise BalancerError(f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
@@ -123,22 +143,17 @@ class GradNorm(Balancer):
         return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
                                                "gradnorm_loss": (g - target).abs().sum()})
 
-    def _move(self, device: torch.device) -> None:
+    def _after_move(self) -> None:
         # the private optimizer holds the old tensor: rebuild it and carry its state over
-        state = self.w_optimizer.state_dict()
-        self.weights = self.weights.detach().to(device).requires_grad_(True)
-        self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)
-        self.w_optimizer.load_state_dict(state)
+        self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.weights])
         if self.initial_losses is not None:
-            self.initial_losses = self.initial_losses.to(device)
+            self.initial_losses = self.initial_losses.to(self.weights)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"weights": self.weights.detach().cpu().clone(), "w_optimizer": self.w_optimizer.state_dict(),
+        return {"w_optimizer": self.w_optimizer.state_dict(),
                 "initial_losses": None if self.initial_losses is None else self.initial_losses.cpu()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.weights.copy_(state["weights"])
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         init = state["initial_losses"]
-        self.initial_losses = None if init is None else init.to(self.weights.device)
+        self.initial_losses = None if init is None else init.to(self.weights)

@@ -89,6 +89,21 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: l
 
 
 class GradVac(GradientBalancer):
+    """Gradient Vaccine (Wang et al., ICLR'21): pairwise corrections towards adaptive
+    cosine-similarity targets.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        beta: EMA rate of the target similarities, in [0, 1] (default 0.5).
+        target_update: ``"paper"`` (update every pair's target, default) or ``"official"``
+            (only when the correction fires).
+        seed: seed of the random task orders (int, default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "gradvac"
     supports_gram = True  # the vaccinated gradients stay combinations of the originals
 

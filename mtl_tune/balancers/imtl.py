@@ -89,6 +89,17 @@ def imtl_g_weights(gram_matrix: Tensor) -> tuple[Tensor, int, float]:
 
 
 class IMTLG(GradientBalancer):
+    """IMTL-G (Liu et al., ICLR'21): weights that give the combined gradient equal
+    projections on every unit task gradient. No hyperparameter.
+
+    Args:
+        n_tasks: K, the number of tasks.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "imtl"
     weighted_heads = True
     supports_gram = True

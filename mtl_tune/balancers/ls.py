@@ -21,6 +21,17 @@ def weighted_sum(losses: Tensor, weights: Tensor) -> Tensor:
 
 
 class LinearScalarization(LossBalancer):
+    """Linear scalarisation: backpropagate Σ_i w_i ℓ_i.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        task_weights: K finite non-negative weights (default all ones, the plain sum).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "ls"
 
     def __init__(self, n_tasks: int, task_weights: Sequence[float] | None = None, **kw) -> None:
@@ -28,7 +39,7 @@ class LinearScalarization(LossBalancer):
         w = torch.ones(n_tasks) if task_weights is None else torch.as_tensor(list(task_weights), dtype=torch.float32)
         if w.shape != (n_tasks,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"ls: task_weights must be {n_tasks} finite non-negative numbers, got {task_weights!r}")
-        self.task_weights = w
+        self.register_buffer("task_weights", w)
 
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.task_weights.to(losses.device)

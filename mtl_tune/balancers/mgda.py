@@ -49,6 +49,19 @@ def mgda_weights(gram_matrix: Tensor) -> Tensor:
 
 
 class MGDA(GradientBalancer):
+    """MGDA (Sener & Koltun, NeurIPS'18): the min-norm point of the convex hull of the
+    task gradients.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        normalization: per-task gradient normalisation before the min-norm solve:
+            ``"none"`` (default), ``"loss"``, ``"loss+"`` or ``"norm"``.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "mgda"
     weighted_heads = True
     supports_gram = True

@@ -61,6 +61,7 @@ class RepresentationBalancer(Balancer):
     """
 
     needs_representation = True
+    supports_distributed = False  # the representation Jacobian has one column per local sample
 
     @abc.abstractmethod
     def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,6 +71,7 @@ class RepresentationBalancer(Balancer):
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)
+        self._sync_group()  # raises under an active process group
         z = check_representation(representation, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
@@ -105,6 +107,18 @@ def mgdaub_coefficients(gram_matrix: Tensor, losses: Tensor, normalization: str 
 
 
 class MGDAUB(RepresentationBalancer):
+    """MGDA-UB (Sener & Koltun, NeurIPS'18): MGDA's weights from the gradients w.r.t. the
+    shared representation z (needs ``representation``).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        normalization: as in :class:`~mtl_tune.balancers.mgda.MGDA`.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "mgdaub"
 
     def __init__(self, n_tasks: int, normalization: str = "none", **kw) -> None:

@@ -74,8 +74,8 @@ from torch import Tensor
 
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers.base import (GRADIENT_PATHS, Balancer, BalancerError, SolverFailureCounter, StepInfo,
-                                     _as_param_list, choose_gradient_path,
-                                     accumulate_grad, check_losses, gram)
+                                     _as_param_list, check_losses, gram, pick_gradient_path)
+from mtl_tune.distributed import distributed_run
 
 SOLVERS = ("newton", "cccp")
 
@@ -153,6 +153,22 @@ class CCCPSolver:
 
 
 class NashMTL(Balancer):
+    """Nash-MTL (Navon et al., ICML'22): the bargaining solution G Gᵀ α = 1/α; the update
+    is Σ α_i g_i, α warm-starts the next solve. Clips at ``max_norm`` 1.0 by default.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        update_weights_every: re-solve α every n steps and reuse it in between (int ≥ 1,
+            default 1).
+        optim_niter: iteration cap of the solver (int ≥ 1, default 20).
+        solver: ``"newton"`` (exact, default) or ``"cccp"`` (the official convex-concave
+            procedure; needs cvxpy).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "nashmtl"
     needs_jacobian: ClassVar[bool] = True
     default_max_norm: ClassVar[float | None] = 1.0
@@ -208,8 +224,9 @@ class NashMTL(Balancer):
         check_losses(losses, self.n_tasks, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
-        path = self.gradient_path if self.gradient_path != "auto" else choose_gradient_path(
-            self.n_tasks, sum(p.numel() * p.element_size() for p in shared), self.engine.can_stream_gram)
+        group = self._sync_group()
+        path = pick_gradient_path(self.name, self.gradient_path, True, self.n_tasks, shared,
+                                  self.engine.can_stream_gram, group)
         if self.step_count % self.update_weights_every == 0 and path == "gram":
             # the update is Σ αᵢ gᵢ: the Gram matrix, then one backward of Σ αᵢ ℓᵢ (or 0 if stationary)
             a = self.engine.gram(losses, shared)
@@ -217,27 +234,23 @@ class NashMTL(Balancer):
                 raise BalancerError(f"{self.name}: non-finite per-task gradient")
             alpha = torch.from_numpy(self.solve(a)).to(losses)
             if self.stationary:
-                for p in shared:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                self._zero_shared(shared, group, losses.device)
                 if heads:
                     (losses * alpha).sum().backward(inputs=heads)
             else:
                 (losses * alpha).sum().backward(inputs=shared + heads)
         elif self.step_count % self.update_weights_every == 0:
-            jac = self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True)
+            jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
             direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
             if not bool(torch.isfinite(direction).all()):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
-            accumulate_grad(shared, direction)
+            self._write_shared(shared, direction, group)
             if heads:
                 (losses * alpha.to(losses)).sum().backward(inputs=heads)
         elif self.stationary:  # reuse a stationary decision: zero shared gradient, heads with α
             alpha = torch.from_numpy(self.alpha).to(losses)
-            for p in shared:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            self._zero_shared(shared, group, losses.device)
             if heads:
                 (losses * alpha).sum().backward(inputs=heads)
         else:  # reuse α: one ordinary backward of Σ α_i ℓ_i
@@ -250,6 +263,15 @@ class NashMTL(Balancer):
         return StepInfo(weights=weights.detach(), extras={"solver_failures": self.failures.total,
                                                           "solver_iterations": self._iterations,
                                                           "stationary_steps": self.stationary_steps})
+
+    def _zero_shared(self, shared: list[Tensor], group: Any, device: torch.device) -> None:
+        """A stationary step: the shared parameters get a zero gradient (never None, so that
+        optimizers with momentum still step; through autograd when DDP must see it)."""
+        if group is not None or distributed_run():
+            self._write_shared(shared, torch.zeros(sum(p.numel() for p in shared), device=device), group)
+        for p in shared:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict(), "stationary": self.stationary,

@@ -40,6 +40,19 @@ def pcgrad_coefficients(gram_matrix: Tensor, orders: list[list[int]], reduction:
 
 
 class PCGrad(GradientBalancer):
+    """PCGrad (Yu et al., NeurIPS'20): project each task gradient off the others it
+    conflicts with, in random order.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        reduction: ``"sum"`` (default) or ``"mean"`` of the projected gradients.
+        seed: seed of the random task orders (int, default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "pcgrad"
     supports_gram = True  # every projected gradient is a combination of the originals (module docstring)
 

@@ -43,6 +43,21 @@ def performance_priorities(scores: np.ndarray, bound: float, mintemp: float) -> 
 
 
 class PIVRG(FairBalancer):
+    """PIVRG (Qin, Wang & Yan, CVPR'25): FairGrad(α = 2) with performance priorities
+    p = K·softmax(s/T) from the per-task scores handed to :meth:`on_epoch_end`.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        bound: cap on max p / min p (float > 1, default 2).
+        mintemp: lower bound of the softmax temperature T over the scores in percent
+            (default 10).
+        solver: as in :class:`~mtl_tune.balancers.fairgrad.FairGrad`.
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "pivrg"
     needs_scores = True
 

@@ -70,7 +70,23 @@ def rlw_weights(n_tasks: int, generator: torch.Generator, distribution: str = "n
 
 
 class RandomLossWeighting(LossBalancer):
-    """Fresh random simplex weights each step (see the module docstring)."""
+    """Random loss weighting (Lin et al., TMLR'22): fresh random simplex weights each step.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        distribution: ``"normal"`` (softmax of Gaussian logits, official) or
+            ``"dirichlet"``.
+        sigma: std of the Gaussian logits (float > 0, default 1).
+        concentration: Dirichlet concentration (float > 0, default 1; dirichlet only).
+        seed: seed of the method's generator (default: drawn from torch's global RNG).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Fresh random simplex weights each step (see the module docstring).
+    """
 
     name = "rlw"
 

@@ -50,7 +50,20 @@ def si_objective(losses: Tensor, min_losses: Tensor, form: str = "log") -> tuple
 
 
 class ScaleInvariant(LossBalancer):
-    """Sum of log-losses (see the module docstring)."""
+    """Scale-invariant loss Σ_i log(ℓ_i − min_i): LS with weights 1/ℓ_i.
+
+    Args:
+        n_tasks: K, the number of tasks.
+        form: ``"log"`` (paper) or ``"log1p"`` (log(1 + ℓ), not scale invariant).
+        min_losses: K lower bounds of the losses (default zeros).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Sum of log-losses (see the module docstring).
+    """
 
     name = "si"
 
@@ -60,10 +73,10 @@ class ScaleInvariant(LossBalancer):
         if form not in FORMS:
             raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
         self.form = form
-        self.min_losses = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(
-            list(min_losses), dtype=torch.float64)
-        if self.min_losses.shape != (n_tasks,) or not bool(torch.isfinite(self.min_losses).all()):
+        floor = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(list(min_losses), dtype=torch.float64)
+        if floor.shape != (n_tasks,) or not bool(torch.isfinite(floor).all()):
             raise ValueError(f"si: min_losses must be {n_tasks} finite numbers, got {min_losses!r}")
+        self.register_buffer("min_losses", floor)
 
     def _check(self, losses: Tensor) -> None:
         # one host sync per step: the price of an error instead of a NaN the optimizer would eat

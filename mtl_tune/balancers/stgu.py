@@ -241,7 +241,29 @@ def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter
 
 
 class STGU(Balancer):
+    """Selective task group updates (Jeong & Yoon, ICLR'25): tasks are grouped by a
+    proximal inter-task affinity and each group takes its own optimizer step, so use
+    :meth:`train_step` (``backward`` raises).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        affin_decay: EMA rate of the affinity, in (0, 1] (default 1e-3).
+        prepos: warm-up batches with one group per task (int ≥ 0, default 100).
+        preference_quantile: affinity-propagation preference as a quantile of the
+            similarities, in [0, 1] (default 0.5).
+        attribution: ``"paper"`` (a group is credited with its own step's loss change) or
+            ``"official"`` (with the previous group's).
+        repeat_single_group: step a single group twice per batch (default True, official).
+        group_norm: divide a group's summed loss by its size (default False).
+        seed: seed of the group order (int, default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+    """
     name = "stgu"
+    supports_distributed = False  # a chain of grouped optimizer steps per batch
 
     def __init__(self, n_tasks: int, affin_decay: float = 1e-3, prepos: int = 100, preference_quantile: float = 0.5,
                  attribution: str = "paper", repeat_single_group: bool = True, group_norm: bool = False,
@@ -296,6 +318,7 @@ class STGU(Balancer):
     def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
                    shared_params: Sequence[Tensor], task_params: Sequence[Sequence[Tensor]] | None = None
                    ) -> tuple[Tensor, StepInfo]:
+        self._sync_group()  # raises under an active process group
         self.batches += 1
         plan = self._plan()
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]

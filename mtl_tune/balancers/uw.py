@@ -48,7 +48,22 @@ def uw_objective(losses: Tensor, log_vars: Tensor, form: str = "regression") -> 
 
 
 class Uncertainty(LossBalancer):
-    """Learned log-variances s_i (see the module docstring)."""
+    """Homoscedastic uncertainty weighting (Kendall et al., CVPR'18): learned log-variances
+    s (an ``nn.Parameter``; add :meth:`param_groups` to the training optimizer).
+
+    Args:
+        n_tasks: K, the number of tasks.
+        lr: learning rate of s in its param group (float > 0, default 0.025).
+        form: ``"regression"`` ½(e^{−s}ℓ + s) or ``"classification"`` e^{−s}ℓ + ½s.
+        init: initial value of every s_i (default 0).
+
+    Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
+    see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
+    :meth:`train_step`) once per batch; the returned ``StepInfo.weights`` are the
+    effective task weights (K,).
+
+    Learned log-variances s_i (see the module docstring).
+    """
 
     name = "uw"
 
@@ -62,20 +77,9 @@ class Uncertainty(LossBalancer):
         self.lr, self.form = float(lr), form
         self.log_vars = nn.Parameter(torch.full((n_tasks,), float(init)))
 
-    def parameters(self) -> list[Tensor]:
-        return [self.log_vars]
-
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer param group for s with its own learning rate ``lr``."""
         return [{"params": [self.log_vars], "lr": self.lr}]
-
-    def to(self, device: torch.device | str) -> Uncertainty:
-        """Move s in place. The Parameter object stays the same, so an optimizer that already
-        holds it keeps working as long as it has not stepped yet (its state is created lazily).
-        Without this, s stays on the CPU and is copied to the losses' device each step
-        (gradients still flow back to it)."""
-        self.log_vars.data = self.log_vars.data.to(device)
-        return self
 
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         return uw_objective(losses, self.log_vars, self.form)
@@ -83,9 +87,4 @@ class Uncertainty(LossBalancer):
     def _step_extras(self) -> dict[str, Any]:
         return {"precision": torch.exp(-self.log_vars.detach()), "log_vars": self.log_vars.detach().clone()}
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"log_vars": self.log_vars.detach().cpu().clone()}
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.log_vars.copy_(state["log_vars"])

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mtl_tune.registry import balancer_class
+from mtl_tune.registry import balancer_class, search_space_file
 
 def spaces_dir() -> Path:
     """Where ``<method>.yaml`` files live: the checkout's top-level ``search_spaces/`` (the copy
@@ -246,8 +246,9 @@ def _constructor_args(cls: type) -> set[str]:
 
 
 def load_space(method: str, benchmark: str | None = None, path: str | Path | None = None) -> SearchSpace:
-    """Load ``path`` (or ``search_spaces/<method>.yaml``), apply ``benchmark`` overrides, validate."""
-    file = Path(path) if path is not None else SPACES_DIR / f"{method}.yaml"
+    """Load ``path`` (or the method's ``search_spaces/<method>.yaml``; a plug-in's own file, see
+    :func:`mtl_tune.registry.search_space_file`), apply ``benchmark`` overrides, validate."""
+    file = Path(path) if path is not None else search_space_file(method)
     if not file.is_file():
         raise SpaceError(f"search-space file {file} does not exist" +
                          ("" if path else f" (every method needs search_spaces/{method}.yaml)"))

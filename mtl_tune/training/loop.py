@@ -179,8 +179,7 @@ class Trainer:
             self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
         except (TypeError, ValueError) as err:  # the constructor rejects a hyperparameter: same on every retry
             raise ConfigError(f"{cfg['method']} with {self.hparams}: {err}") from err
-        if hasattr(self.balancer, "to"):
-            self.balancer.to(self.device)
+        self.balancer.to(self.device)
         groups: list[dict[str, Any]] = [{"params": list(self.setup.model.parameters())}]
         groups.extend(self._balancer_groups(config))
         self.optimizer = bench.make_optimizer(groups, cfg)
@@ -196,19 +195,16 @@ class Trainer:
     def _balancer_groups(self, user_config: dict[str, Any]) -> list[dict[str, Any]]:
         """Param groups for learnable balancer parameters (UW's log-variances).
 
-        A balancer with ``param_groups()`` brings its own learning rate (a searchable
-        hyperparameter); an explicit ``method_params_lr`` in the trial config overrides it.
-        Otherwise the official trainers' second group with lr ``method_params_lr`` (0.025).
+        A group that brings its own learning rate (UW's searchable ``lr``) keeps it unless the
+        trial config sets ``method_params_lr``; a group without one gets ``method_params_lr``
+        or the official trainers' 0.025.
         """
         lr = user_config.get("method_params_lr")
-        if hasattr(self.balancer, "param_groups"):
-            groups = [dict(g) for g in self.balancer.param_groups()]
-            if lr is not None:
-                for g in groups:
-                    g["lr"] = float(lr)
-            return groups
-        params = self.balancer.parameters()
-        return [{"params": params, "lr": float(lr if lr is not None else 0.025)}] if params else []
+        groups = [dict(g) for g in self.balancer.param_groups()]
+        for g in groups:
+            if lr is not None or "lr" not in g:
+                g["lr"] = float(lr if lr is not None else 0.025)
+        return groups
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -356,8 +352,7 @@ class Trainer:
             report(metrics, self.state_dict())
 
     def _solver_failures(self) -> int:
-        counter = getattr(self.balancer, "failures", None)
-        return int(getattr(counter, "total", 0))
+        return int(self.balancer.failures.total)
 
 
 def train(config: dict[str, Any], report: Reporter, resume_state: dict[str, Any] | None = None) -> Trainer:

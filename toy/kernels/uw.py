@@ -32,8 +32,7 @@ from ._base import Kernel, clip_rows, combine
 def _group(balancer: Any, default_lr: float) -> dict[str, Any]:
     """s's Adam settings as ``toy.common.optimizers`` builds them: the balancer's own group
     (``param_groups()``) over the optimizer defaults, lr = ``method_params_lr`` if it has none."""
-    own = getattr(balancer, "param_groups", None)
-    groups = own() if callable(own) else [{"params": balancer.parameters()}]
+    groups = balancer.param_groups()
     if len(groups) != 1:
         raise ValueError(f"uw kernel: expected one parameter group, got {len(groups)}")
     return {"lr": default_lr, "betas": (0.9, 0.999), "eps": 1e-8, **groups[0]}

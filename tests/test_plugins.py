@@ -1,0 +1,115 @@
+"""Plug-in registry: an installed package adds a method (with its search space) and a
+benchmark through the ``mtl_tune.balancers`` / ``mtl_tune.benchmarks`` entry points.
+
+The package is "installed" the way pip lays it out: a module and a ``*.dist-info`` folder
+(METADATA + entry_points.txt) in a directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl_tune import registry
+from mtl_tune.search.spaces import load_space
+
+PLUGIN = '''
+import torch
+from mtl_tune.balancers.base import LossBalancer
+from mtl_tune.benchmarks.toy import Toy
+
+
+class HalfSum(LossBalancer):
+    """Every task weighted by ``scale`` (a plug-in method)."""
+
+    name = "halfsum"
+    search_space = "spaces/halfsum.yaml"
+
+    def __init__(self, n_tasks, scale=0.5, **kw):
+        super().__init__(n_tasks, **kw)
+        self.scale = float(scale)
+
+    def objective(self, losses):
+        w = torch.full_like(losses, self.scale)
+        return (w * losses).sum(), w
+
+
+class ToyAgain(Toy):
+    name = "toy_again"
+'''
+
+SPACE = '''
+method: halfsum
+params:
+  scale:
+    type: float
+    low: 0.1
+    high: 1.0
+    default: 0.5
+'''
+
+
+def install(root: Path, entry_points: str, name: str = "mtl-halfsum") -> None:
+    pkg = root / "mtl_halfsum"
+    (pkg / "spaces").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(PLUGIN)
+    (pkg / "spaces" / "halfsum.yaml").write_text(SPACE)
+    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+@pytest.fixture
+def plugin_env(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.clear_cache()
+    yield tmp_path
+    sys.modules.pop("mtl_halfsum", None)
+    registry.clear_cache()
+
+
+GOOD = """
+[mtl_tune.balancers]
+halfsum = mtl_halfsum:HalfSum
+
+[mtl_tune.benchmarks]
+toy_again = mtl_halfsum:ToyAgain
+"""
+
+
+def test_installed_plugin_adds_a_method_its_space_and_a_benchmark(plugin_env):
+    install(plugin_env, GOOD)
+    assert "halfsum" in registry.available_balancers() and "cagrad" in registry.available_balancers()
+    assert "toy_again" in registry.available_benchmarks()
+    bal = registry.get_balancer("halfsum", 2, scale=0.25)
+    losses = torch.tensor([1.0, 3.0], requires_grad=True)
+    info = bal.backward(losses, [losses])
+    torch.testing.assert_close(losses.grad, torch.tensor([0.25, 0.25]))
+    torch.testing.assert_close(info.weights, torch.tensor([0.25, 0.25]))
+    space = load_space("halfsum")
+    assert [p.name for p in space.params] == ["scale"] and space.params[0].high == 1.0
+    assert type(registry.get_benchmark("toy_again")).__name__ == "ToyAgain"
+
+
+def test_without_the_plugin_the_name_is_unknown():
+    registry.clear_cache()
+    with pytest.raises(registry.UnknownNameError, match="halfsum"):
+        registry.balancer_class("halfsum")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("[mtl_tune.balancers]\ncagrad = mtl_halfsum:HalfSum\n", "already taken"),
+    ("[mtl_tune.balancers]\nhalfsum = mtl_halfsum:ToyAgain\n", "not a subclass"),
+    ("[mtl_tune.balancers]\nother = mtl_halfsum:HalfSum\n", "not 'other'"),
+    ("[mtl_tune.balancers]\nhalfsum = mtl_halfsum_missing:HalfSum\n", "does not load"),
+])
+def test_a_bad_plugin_is_a_clear_error_naming_its_distribution(plugin_env, entry, message):
+    install(plugin_env, entry, name="mtl-broken")
+    with pytest.raises(registry.PluginError, match=message) as err:
+        registry.available_balancers()
+    assert "mtl-broken" in str(err.value)
