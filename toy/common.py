@@ -29,7 +29,7 @@ BATCHABLE = frozenset({"ls"})
 TOY_SKIPS = {
     "consmtl": "needs task-specific heads (its lower level trains them against the joint representation "
                "gradient); the toy has none, and its shared-parameter update alone is FairGrad with alpha = 2: "
-               "run fairgrad:alpha=2 for that trajectory",
+               "run fairgrad:alpha=2 for that trajectory (the fairgrad panel: its default alpha = 2)",
 }
 
 

@@ -14,6 +14,7 @@ drawn in worker processes and in tests without a display.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,6 +91,23 @@ def draw_objective_space(ax: Axes, runs: Sequence[RunResult], scale: float, titl
         ax.set_title(title, fontsize=fontsize + 2)
 
 
+def skip_note(runs: Sequence[RunResult]) -> str | None:
+    """The reason a method did not run on the toy (shared by its runs), or None if any run ran.
+
+    A skipped method still gets its gallery panels, with this reason written in them, so the
+    figure says why it is empty (ConsMTL: the toy has no task heads)."""
+    reasons = {r.reason for r in runs if r.status == "skipped"}
+    if not runs or len(reasons) != 1 or any(r.status != "skipped" for r in runs):
+        return None
+    return f"skipped: {reasons.pop()}"
+
+
+def draw_note(ax: Axes, note: str, width: int = 34, fontsize: int = 8) -> None:
+    """``note`` wrapped in a white box across the middle of ``ax``."""
+    ax.text(0.5, 0.5, textwrap.fill(note, width), transform=ax.transAxes, ha="center", va="center",
+            fontsize=fontsize, zorder=10, bbox={"facecolor": "white", "edgecolor": FRONT_COLOUR, "alpha": 0.9})
+
+
 def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
                 trials: np.ndarray | None = None, grid: tuple[np.ndarray, ...] | None = None) -> Path:
     """``<label>.png``: parameter space (left) and objective space (right) for one method;
@@ -99,12 +117,21 @@ def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
     ax_p, ax_o = fig.subplots(1, 2)
     draw_parameter_space(ax_p, runs, grid, title=f"{label}: parameter space")
     draw_objective_space(ax_o, runs, scale, title=f"{label}: objective space (scale {scale:g})", trials=trials)
+    note = skip_note(runs)
+    if note:
+        draw_note(ax_p, note, width=60, fontsize=10)
     fig.savefig(path, dpi=110, facecolor="white")
     return path
 
 
 def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Path, ncols: int = 6) -> Path:
     """All methods side by side: parameter space above objective space, ``ncols`` methods per row."""
+    gallery_figure(groups, scale, ncols).savefig(path, dpi=80, facecolor="white")
+    return path
+
+
+def gallery_figure(groups: dict[str, Sequence[RunResult]], scale: float, ncols: int = 6) -> Figure:
+    """The figure of :func:`plot_gallery`; a skipped method's panel carries its reason (:func:`skip_note`)."""
     labels = list(groups)
     ncols = max(1, min(ncols, len(labels)))
     nrows = 2 * int(np.ceil(len(labels) / ncols))
@@ -118,11 +145,13 @@ def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Pat
         title = label if status == {"ok"} else f"{label} ({'/'.join(sorted(status))})"
         draw_parameter_space(axes[r, c], runs, grid, title=title, colorbar=False, fontsize=8)
         draw_objective_space(axes[r + 1, c], runs, scale, fontsize=8, legend=False)
+        note = skip_note(runs)
+        if note:
+            draw_note(axes[r, c], note, fontsize=6)
     for k in range(len(labels), (nrows // 2) * ncols):
         axes[2 * (k // ncols), k % ncols].set_axis_off()
         axes[2 * (k // ncols) + 1, k % ncols].set_axis_off()
-    fig.savefig(path, dpi=80, facecolor="white")
-    return path
+    return fig
 
 
 def plot_search_overlay(trials: SearchTrials, scale: float, path: Path,

@@ -15,7 +15,10 @@ S = (X + Xᵀ)/2, ``sklearn.cluster.AffinityPropagation(affinity="precomputed")`
 clusters = groups. For K = 2 sklearn never iterates (its equal-similarities branch, see
 :class:`PairGrouping`): two groups exactly when the preference exceeds S[0, 1], which
 :func:`group_tasks` evaluates in closed form (same answer, no 1 ms sklearn call per batch).
-During the first ``prepos`` batches every task is its own group. The group order is shuffled
+Warm-up: every task is its own group in the first ``prepos + 1`` batches (as the official
+``train_phase_affinity``, which tests ``iter_count <= prepos`` with ``iter_count`` counting from
+0 before its increment), so with ``prepos = 0`` the first batch trains each task alone and the
+first grouping sees an affinity that has been updated once. The group order is shuffled
 every batch with the balancer's own seeded generator (the official code uses Python's global
 ``random``).
 
@@ -26,6 +29,15 @@ the last group (M + 1 forwards per batch). The official code (``"official"``) in
 to group g the change between the previous group's forward and g's forward, i.e. the effect
 of the *previous* group's update, never measures the last group and skips the first group of
 every batch (methods.md §4). Losses must be positive (relative decrease).
+
+**Similarity: the intended formula, not the official code's.** The official ``next_group``
+normalises in place, ``X[:, i] /= X[i, i]`` on a torch tensor, whose divisor is a view of an
+entry of the column being divided: once the diagonal entry has been divided by itself (→ 1),
+the entries below it (rows j > i) are divided by 1, i.e. only the entries on and above the
+diagonal are normalised. The evident intent (each column relative to its task's
+self-affinity) divides the whole column by A[i, i]; :func:`affinity_similarity` does that. On a recorded affinity the two differ
+by up to 0.30 and can group the tasks differently. ``attribution="official"`` changes only the
+loss-change attribution, not this: no option reproduces the official similarity.
 
 **Zero self-affinity.** A starts at 0 and A[i, i] only grows by non-negative updates, so it can
 be exactly 0 (the official division then gives inf/NaN similarities). A column whose diagonal
@@ -269,8 +281,10 @@ class STGU(Balancer):
 
     # ------------------------------------------------------------------ grouping
     def next_groups(self) -> list[list[int]]:
-        """Groups for the next batch: singletons during warm-up, then affinity propagation."""
-        if self.batches <= self.prepos:
+        """Groups for the current batch (``self.batches``, counted from 1): singletons during
+        the warm-up (batches 1 … prepos + 1: the official 0-based ``iter_count <= prepos``), then
+        affinity propagation."""
+        if self.batches - 1 <= self.prepos:
             return [[i] for i in range(self.n_tasks)]
         groups = group_tasks(affinity_similarity(self.affinity), self.preference_quantile)
         if groups is None:

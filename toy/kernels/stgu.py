@@ -2,10 +2,11 @@
 
 One iteration of a row (batch b = step + 1), as the balancer does it with x the only parameter:
 
-1. groups: singletons while b ≤ ``prepos``; else affinity propagation on S = sim(A), which for
-   K = 2 is the closed form :class:`~mtl_tune.balancers.stgu.PairGrouping` (two groups ⟺ the
-   ``preference_quantile`` quantile of S exceeds S[0, 1]; the balancer's ``group_tasks`` takes
-   the same branch, tested against sklearn); the group order is ``torch.randperm`` from the
+1. groups: singletons while b ≤ ``prepos`` + 1 (the balancer's warm-up); else affinity
+   propagation on S = sim(A), which for K = 2 is the closed form
+   :class:`~mtl_tune.balancers.stgu.PairGrouping` (two groups ⟺ the ``preference_quantile``
+   quantile of S exceeds S[0, 1]; the balancer's ``group_tasks`` takes the same branch, tested
+   against sklearn); the group order is ``torch.randperm`` from the
    row's own generator (one draw per row and batch, as the balancer draws).
 2. plan = the ordered groups, a single group listed twice (``repeat_single_group``): M = 2
    group steps for K = 2 either way. Group step j: forward ℓ⁽ʲ⁾, J⁽ʲ⁾ at the current x, then
@@ -84,11 +85,12 @@ class STGUKernel(Kernel):
 
     # ------------------------------------------------------------------ grouping
     def _groups(self, step: int) -> np.ndarray:
-        """(B,) bool: whether batch ``step + 1`` has two groups (singletons during ``prepos``).
+        """(B,) bool: whether batch ``step + 1`` has two groups (singletons during the warm-up,
+        batches 1 … prepos + 1, i.e. steps 0 … prepos).
 
         S = (X + Xᵀ)/2 is symmetric bit for bit (fl(a + b) = fl(b + a)), so the closed form is
         ``group_tasks``'s answer wherever S is finite."""
-        grouping = step + 1 > self.prepos
+        grouping = step > self.prepos
         if grouping.any():
             sim = affinity_similarity(self.affinity)
             self.two = np.where(grouping, self.grouping.split(sim), self.two)
