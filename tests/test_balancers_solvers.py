@@ -1003,6 +1003,29 @@ def test_stgu_warm_up_lasts_prepos_plus_one_batches(prepos):
     assert warm.next_groups() == [[0, 1]]
 
 
+def test_stgu_official_similarity_is_the_official_in_place_normalisation():
+    """similarity="official" = the official ``X[:, i] /= X[i, i]`` run literally on a torch tensor
+    (below-diagonal entries not normalised); the default normalises every entry."""
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 5):
+        a = rng.normal(size=(k, k)) * 0.01
+        np.fill_diagonal(a, rng.uniform(0.001, 0.02, size=k))
+        x = torch.tensor(a)
+        for i in range(k):
+            x[:, i] /= x[i, i]
+        np.testing.assert_allclose(affinity_similarity(a, official=True), ((x + x.T) / 2).numpy(), rtol=1e-15)
+        np.testing.assert_allclose(affinity_similarity(a), (a / np.diag(a) + (a / np.diag(a)).T) / 2, rtol=1e-15)
+        assert not np.allclose(affinity_similarity(a, official=True), affinity_similarity(a))
+    batch = np.stack([a, a])
+    np.testing.assert_array_equal(affinity_similarity(batch, official=np.array([True, False])),
+                                  np.stack([affinity_similarity(a, official=True), affinity_similarity(a)]))
+    st = STGU(3, prepos=0, similarity="official")
+    st.affinity, st.batches = np.array([[1.0, 0.2, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]]) * 1e-3, 2
+    assert st.next_groups() == group_tasks(affinity_similarity(st.affinity, official=True))
+    with pytest.raises(ValueError, match="similarity"):
+        STGU(2, similarity="paper")
+
+
 def test_stgu_trains_a_small_model_and_round_trips_state():
     torch.manual_seed(0)
     trunk, heads = nn.Linear(4, 8), nn.ModuleList(nn.Linear(8, 1) for _ in range(3))

@@ -37,7 +37,9 @@ the entries below it (rows j > i) are divided by 1, i.e. only the entries on and
 diagonal are normalised. The evident intent (each column relative to its task's
 self-affinity) divides the whole column by A[i, i]; :func:`affinity_similarity` does that. On a recorded affinity the two differ
 by up to 0.30 and can group the tasks differently. ``attribution="official"`` changes only the
-loss-change attribution, not this: no option reproduces the official similarity.
+loss-change attribution, not this. ``similarity="official"`` reproduces the official values
+(entries below the diagonal left as they are; the zero-diagonal guard below still applies above
+it), for reproducing the official groupings; the default ``"intended"`` normalises every entry.
 
 **Zero self-affinity.** A starts at 0 and A[i, i] only grows by non-negative updates, so it can
 be exactly 0 (the official division then gives inf/NaN similarities). A column whose diagonal
@@ -71,6 +73,7 @@ from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, Sol
                                      _as_param_list, check_losses)
 
 ATTRIBUTIONS = ("paper", "official")
+SIMILARITIES = ("intended", "official")
 ZERO_DIAGONAL = 1e-12
 
 
@@ -138,15 +141,21 @@ def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.
     return out
 
 
-def affinity_similarity(affinity: np.ndarray) -> np.ndarray:
+def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
     """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring).
 
-    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix)."""
+    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix). ``official``
+    (a bool, or one per matrix of the batch): X[j, i] = A[j, i] for j > i, as the official in-place
+    ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
     a = np.asarray(affinity, dtype=np.float64)
     diag = np.diagonal(a, axis1=-2, axis2=-1)
     col_max = np.max(np.abs(a), axis=-2)
     divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
     x = a / divisor[..., None, :]
+    official = np.asarray(official, dtype=bool)
+    if official.any():
+        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
+        x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
     return (x + np.swapaxes(x, -1, -2)) / 2.0
 
 
@@ -257,7 +266,7 @@ class STGU(Balancer):
 
     def __init__(self, n_tasks: int, affin_decay: float = 1e-3, prepos: int = 100, preference_quantile: float = 0.5,
                  attribution: str = "paper", repeat_single_group: bool = True, group_norm: bool = False,
-                 seed: int = 0, **kw: Any) -> None:
+                 seed: int = 0, similarity: str = "intended", **kw: Any) -> None:
         super().__init__(n_tasks, **kw)
         if not (0 < affin_decay <= 1):
             raise ValueError(f"stgu: affin_decay must be in (0, 1], got {affin_decay!r}")
@@ -267,6 +276,9 @@ class STGU(Balancer):
             raise ValueError(f"stgu: preference_quantile must be in [0, 1], got {preference_quantile!r}")
         if attribution not in ATTRIBUTIONS:
             raise ValueError(f"stgu: attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"stgu: similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self.similarity = similarity
         self.affin_decay, self.prepos, self.preference_quantile = float(affin_decay), prepos, float(preference_quantile)
         self.attribution, self.repeat_single_group, self.group_norm = attribution, bool(repeat_single_group), group_norm
         self.affinity = np.zeros((n_tasks, n_tasks))
@@ -286,7 +298,8 @@ class STGU(Balancer):
         affinity propagation."""
         if self.batches - 1 <= self.prepos:
             return [[i] for i in range(self.n_tasks)]
-        groups = group_tasks(affinity_similarity(self.affinity), self.preference_quantile)
+        groups = group_tasks(affinity_similarity(self.affinity, self.similarity == "official"),
+                             self.preference_quantile)
         if groups is None:
             self.failures.failure("affinity propagation found no exemplar after 10 tries; keeping the previous groups")
         else:

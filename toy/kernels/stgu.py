@@ -54,7 +54,8 @@ class STGUKernel(Kernel):
     # prepos 5: grouping is active for almost all of the test windows; quantile 0.25 puts the
     # preference at or below S[0, 1] (one group every batch: the repeated step, group_norm's 1/2,
     # the in-group sign rule of the affinity update); max_norm 0.5 clips most steps of that variant
-    variants = ({"attribution": "official", "prepos": 5},
+    # (the first variant: everything official, attribution and similarity)
+    variants = ({"attribution": "official", "similarity": "official", "prepos": 5},
                 {"group_norm": True, "prepos": 5, "preference_quantile": 0.25},
                 {"affin_decay": 0.2, "prepos": 5, "max_norm": 0.5})
 
@@ -68,6 +69,7 @@ class STGUKernel(Kernel):
         self.prepos = self.attr("prepos", np.int64)
         self.grouping = PairGrouping(self.attr("preference_quantile"))
         self.paper = np.array([bal.attribution == "paper" for bal in b])
+        self.official_similarity = np.array([bal.similarity == "official" for bal in b])
         self.all_paper = bool(self.paper.all())
         self.any_paper = bool(self.paper.any())
         # weight of each group member: 1, or 1/|g| (group_norm) — as a (B,) factor per group size
@@ -92,7 +94,7 @@ class STGUKernel(Kernel):
         ``group_tasks``'s answer wherever S is finite."""
         grouping = step > self.prepos
         if grouping.any():
-            sim = affinity_similarity(self.affinity)
+            sim = affinity_similarity(self.affinity, self.official_similarity)
             self.two = np.where(grouping, self.grouping.split(sim), self.two)
             if not np.isfinite(sim).all():  # sklearn's input check raises there: the row's own call
                 for r in np.flatnonzero(grouping & ~np.isfinite(sim).all(axis=(-2, -1)) & ~self.failed):
