@@ -35,11 +35,12 @@ normalises in place, ``X[:, i] /= X[i, i]`` on a torch tensor, whose divisor is 
 entry of the column being divided: once the diagonal entry has been divided by itself (→ 1),
 the entries below it (rows j > i) are divided by 1, i.e. only the entries on and above the
 diagonal are normalised. The evident intent (each column relative to its task's
-self-affinity) divides the whole column by A[i, i]; :func:`affinity_similarity` does that. On a recorded affinity the two differ
-by up to 0.30 and can group the tasks differently. ``attribution="official"`` changes only the
-loss-change attribution, not this. ``similarity="official"`` reproduces the official values
-(entries below the diagonal left as they are; the zero-diagonal guard below still applies above
-it), for reproducing the official groupings; the default ``"intended"`` normalises every entry.
+self-affinity) divides the whole column by A[i, i]; :func:`affinity_similarity` does that by
+default (``similarity="intended"``). On a recorded affinity the two differ by up to 0.30 and can
+group the tasks differently. ``attribution="official"`` changes only the loss-change attribution,
+not this; ``similarity="official"`` reproduces the official values (entries below the diagonal
+left as they are; the zero-diagonal guard below still applies above it), for reproducing the
+official groupings.
 
 **Zero self-affinity.** A starts at 0 and A[i, i] only grows by non-negative updates, so it can
 be exactly 0 (the official division then gives inf/NaN similarities). A column whose diagonal
