@@ -23,10 +23,9 @@ w·K/Σw (``test_gradnorm_weight_grad_is_autograd_through_the_renormalisation``)
 Per step (the paper's Algorithm 1): the network gets ∇ Σ_i w_i(t) ℓ_i (weights *before*
 their update; heads weighted the same way), then w takes one step of its own Adam
 (``lr``) on ∂L_grad/∂w, and is renormalised to Σw = K (so at every step K/Σw = 1 and w̃ = w
-up to rounding). A task that trains slower than
-average (r_i > 1) or whose gradient is smaller than the target gains weight. α sets
-how strongly rates matter (α = 0: equalise gradient norms). ℓ_i(0) are the losses of
-the first step this balancer sees.
+up to rounding). A task that trains slower than average (r_i > 1) or whose gradient is
+smaller than the target gains weight. α sets how strongly rates matter (α = 0: equalise
+gradient norms). ℓ_i(0) are the losses of the first step this balancer sees.
 
 Which W: the trailing ``last_shared_params`` tensors of ``shared_params`` (default 2 —
 the weight and bias of a final Linear/Conv layer when parameters are listed in module
