@@ -53,7 +53,7 @@ from mtl_tune.jacobian import JacobianEngine  # noqa: E402
 SOLVER_HOOKS = ("solve", "fair_weights", "combine_representation", "combine")
 LOSS_TARGET, GRAD_TARGET, NASH_SHARE_TARGET = 1.05, 1.10, 0.05
 #: timing defaults that differ from the methods' own: STGU's steady state (after warm-up
-#: batches it runs affinity propagation every batch; its first ``prepos`` batches do not)
+#: batches it runs affinity propagation every batch; its first ``prepos`` + 1 batches do not)
 BENCH_HPARAMS: dict[str, dict[str, Any]] = {"stgu": {"prepos": 0}}
 
 

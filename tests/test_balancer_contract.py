@@ -42,15 +42,15 @@ KS = (2, 3)
 
 # ----------------------------------------------------------------------------- exception tables
 #: constructor overrides for the contract model (defaults otherwise), each with its reason.
-#: stgu: leave the one-group-per-task warm-up after one batch, so the driven steps of the state
-#: round trip reach the affinity-propagation grouping (default prepos = 100 batches)
-HPARAMS: dict[str, dict[str, Any]] = {"stgu": {"prepos": 1}}
+#: stgu: leave the one-group-per-task warm-up after one batch (prepos + 1 batches), so the driven
+#: steps of the state round trip reach the affinity-propagation grouping (default: 101 batches)
+HPARAMS: dict[str, dict[str, Any]] = {"stgu": {"prepos": 0}}
 
 #: extra configurations for the state round trip, whose state the default one does not exercise.
 STATE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("nashmtl", {"update_weights_every": 2}),  # the 6th step reuses the saved α (default: α is re-solved)
     ("dwa", {"mode": "iteration", "window": 1}),  # the FIFO loss buffer instead of epoch means
-    ("stgu", {"attribution": "official", "prepos": 1}),
+    ("stgu", {"attribution": "official", "prepos": 0}),
 ]
 
 #: methods that cannot take a plain ``backward`` and must go through ``train_step``.

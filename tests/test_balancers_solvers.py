@@ -688,6 +688,33 @@ def test_consmtl_lambda0_equals_fairgrad_and_plain_heads():
         torch.testing.assert_close(a, h.grad)
 
 
+@pytest.mark.parametrize("tilt", [0.0, 0.5])
+def test_consmtl_pareto_stationary_step_gives_heads_no_consistency_term(tilt):
+    """ℓ₁ = mean(z)·h₁ + 10, ℓ₂ = −mean(z)·h₂ + 10 with h₂ = h₁ (tilt 0): the shared gradients are
+    exactly opposite, the step is Pareto-stationary (x = 0, d = 0), Δ = 0 and each head gets its
+    plain gradient ±mean(z). Tilting h₂ leaves the stationary set: then the consistency term acts."""
+    g = torch.Generator().manual_seed(3)
+    trunk = nn.Linear(4, 3).double()
+    inputs = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    h1 = torch.randn(3, generator=g, dtype=torch.float64)
+    heads = [h1.clone().requires_grad_(), (h1 + tilt * torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64))
+             .requires_grad_()]
+    z = trunk(inputs)
+    losses = torch.stack([z.mean(0) @ heads[0] + 10, -(z.mean(0) @ heads[1]) + 10])
+    info = ConsMTL(2, lambda_=5.0, head_clip=1e6).backward(losses, list(trunk.parameters()),
+                                                            [[h] for h in heads], z)
+    if tilt == 0.0:
+        assert info.extras["stationary_steps"] == 1 and torch.all(info.weights == 0)
+        torch.testing.assert_close(info.extras["head_extra_norm"], torch.zeros(2, dtype=torch.float64))
+        mean_z = z.detach().mean(0)
+        torch.testing.assert_close(heads[0].grad, mean_z)
+        torch.testing.assert_close(heads[1].grad, -mean_z)
+        for p in trunk.parameters():
+            assert p.grad is None or torch.all(p.grad == 0)
+    else:
+        assert info.extras["stationary_steps"] == 0 and bool((info.extras["head_extra_norm"] > 0).all())
+
+
 @pytest.mark.parametrize("clip", [1e6, 0.05])
 def test_consmtl_head_gradient_matches_hand_derivation(clip):
     # ℓ_i = ½ mean_b (z_b·w_i − y_ib)²: δ_i = r_i w_iᵀ / n and
@@ -959,6 +986,55 @@ def test_stgu_one_group_takes_two_optimizer_steps(attribution):
     opt = _CountingSGD([script.param])
     single.train_step(script, opt, [script.param])
     assert opt.steps == 1
+
+
+@pytest.mark.parametrize("prepos", [0, 2])
+def test_stgu_warm_up_lasts_prepos_plus_one_batches(prepos):
+    """As the official loop (``iter_count <= prepos``, iter_count from 0): prepos + 1 batches with
+    every task alone. prepos = 0: the first batch trains each task alone (2 single-task steps,
+    weights e_0 and e_1), not one all-task group twice from clustering the all-zero affinity."""
+    script = _Script([[2.0, 2.0], [1.0, 3.0], [1.5, 1.5], [1.2, 1.4]])
+    st = STGU(2, affin_decay=0.5, prepos=prepos)
+    seen = []
+    real = st.next_groups
+    st.next_groups = lambda: seen.append((st.batches, real())) or seen[-1][1]
+    for _ in range(prepos + 2):
+        _, info = st.train_step(script, _CountingSGD([script.param]), [script.param])
+        if len(seen) <= prepos + 1:   # warm-up batch: each task its own group, one step each
+            assert info.extras["n_groups"] == 2 and info.extras["group_steps"] == 2
+            torch.testing.assert_close(info.weights, torch.ones(2))
+    assert [groups for _, groups in seen[:prepos + 1]] == [[[0], [1]]] * (prepos + 1)
+    assert [b for b, _ in seen] == list(range(1, prepos + 3))
+    # the first grouping (batch prepos + 2) sees an affinity updated by every warm-up batch
+    assert np.any(st.affinity != 0)
+    warm = STGU(2, prepos=prepos)
+    warm.batches = prepos + 1
+    assert warm.next_groups() == [[0], [1]]
+    warm.batches = prepos + 2           # all-zero affinity: S = 0 everywhere → one group
+    assert warm.next_groups() == [[0, 1]]
+
+
+def test_stgu_official_similarity_is_the_official_in_place_normalisation():
+    """similarity="official" = the official ``X[:, i] /= X[i, i]`` run literally on a torch tensor
+    (below-diagonal entries not normalised); the default normalises every entry."""
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 5):
+        a = rng.normal(size=(k, k)) * 0.01
+        np.fill_diagonal(a, rng.uniform(0.001, 0.02, size=k))
+        x = torch.tensor(a)
+        for i in range(k):
+            x[:, i] /= x[i, i]
+        np.testing.assert_allclose(affinity_similarity(a, official=True), ((x + x.T) / 2).numpy(), rtol=1e-15)
+        np.testing.assert_allclose(affinity_similarity(a), (a / np.diag(a) + (a / np.diag(a)).T) / 2, rtol=1e-15)
+        assert not np.allclose(affinity_similarity(a, official=True), affinity_similarity(a))
+    batch = np.stack([a, a])
+    np.testing.assert_array_equal(affinity_similarity(batch, official=np.array([True, False])),
+                                  np.stack([affinity_similarity(a, official=True), affinity_similarity(a)]))
+    st = STGU(3, prepos=0, similarity="official")
+    st.affinity, st.batches = np.array([[1.0, 0.2, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]]) * 1e-3, 2
+    assert st.next_groups() == group_tasks(affinity_similarity(st.affinity, official=True))
+    with pytest.raises(ValueError, match="similarity"):
+        STGU(2, similarity="paper")
 
 
 def test_stgu_trains_a_small_model_and_round_trips_state():

@@ -149,6 +149,22 @@ def test_every_registered_method_runs_or_says_why():
         assert all(r.status == "skipped" and "heads" in r.reason for r in results if r.name == "consmtl")
 
 
+def test_gallery_panel_of_a_skipped_method_says_why():
+    """ConsMTL cannot run on the toy (no heads): its gallery panel carries the reason, naming the
+    run that shows its shared-parameter update (fairgrad, α = 2); a method that ran gets no note."""
+    from toy.plots import gallery_figure, skip_note
+
+    cfg = EngineConfig(lr=1e-2)
+    groups = {"consmtl": run_method(MethodSpec("consmtl", "consmtl", {}, 5), [0, 1], cfg),
+              "ls": run_method(MethodSpec("ls", "ls", {}, 5), [0, 1], cfg)}
+    assert skip_note(groups["ls"]) is None
+    assert skip_note(groups["consmtl"]).startswith("skipped: needs task-specific heads")
+    fig = gallery_figure(groups, cfg.scale, ncols=2)
+    notes = {ax.get_title(): " ".join(t.get_text().split()) for ax in fig.axes for t in ax.texts}
+    assert set(notes) == {"consmtl (skipped)"}
+    assert "heads" in notes["consmtl (skipped)"] and "fairgrad:alpha=2" in notes["consmtl (skipped)"]
+
+
 def test_process_pool_gives_the_same_trajectories():
     specs = build_specs("ls,mgda,famo", iters=40)
     cfg = EngineConfig(lr=1e-2)

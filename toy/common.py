@@ -27,9 +27,8 @@ BATCHABLE = frozenset({"ls"})
 
 #: methods that cannot run on a problem without task heads, and why (listed in the table).
 TOY_SKIPS = {
-    "consmtl": "needs task-specific heads (its lower level trains them against the joint representation "
-               "gradient); the toy has none, and its shared-parameter update alone is FairGrad with alpha = 2: "
-               "run fairgrad:alpha=2 for that trajectory",
+    "consmtl": "needs task-specific heads (its lower level trains them); the toy has none. Its shared update "
+               "alone is FairGrad with alpha = 2: the fairgrad panel (fairgrad:alpha=2)",
 }
 
 

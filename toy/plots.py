@@ -17,6 +17,7 @@ drawn in worker processes and in tests without a display.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +110,23 @@ def _iteration_key(fig: Figure, axes, cmap_name: str, low: float, high: float, s
         bar.set_label("iteration (of each run)")
 
 
+def skip_note(runs: Sequence[RunResult]) -> str | None:
+    """The reason a method did not run on the toy (shared by its runs), or None if any run ran.
+
+    A skipped method still gets its gallery panels, with this reason written in them, so the
+    figure says why it is empty (ConsMTL: the toy has no task heads)."""
+    reasons = {r.reason for r in runs if r.status == "skipped"}
+    if not runs or len(reasons) != 1 or any(r.status != "skipped" for r in runs):
+        return None
+    return f"skipped: {reasons.pop()}"
+
+
+def draw_note(ax: Axes, note: str, width: int = 34, fontsize: int = 8) -> None:
+    """``note`` wrapped in a white box across the middle of ``ax``."""
+    ax.text(0.5, 0.5, textwrap.fill(note, width), transform=ax.transAxes, ha="center", va="center",
+            fontsize=fontsize, zorder=10, bbox={"facecolor": "white", "edgecolor": FRONT_COLOUR, "alpha": 0.9})
+
+
 def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
                 trials: np.ndarray | None = None, grid: tuple[np.ndarray, ...] | None = None) -> Path:
     """``<label>.png``: parameter space (left) and objective space (right) for one method;
@@ -122,12 +140,21 @@ def plot_method(label: str, runs: Sequence[RunResult], scale: float, path: Path,
     steps = lengths.pop() if len(lengths) == 1 else None
     _iteration_key(fig, ax_p, "autumn", 0.0, 1.0, steps, fraction=0.046, pad=0.02)
     _iteration_key(fig, ax_o, "magma_r", 0.1, 0.6, steps, fraction=0.046, pad=0.02)
+    note = skip_note(runs)
+    if note:
+        draw_note(ax_p, note, width=60, fontsize=10)
     fig.savefig(path, dpi=110, facecolor="white")
     return path
 
 
 def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Path, ncols: int = 6) -> Path:
     """All methods side by side: parameter space above objective space, ``ncols`` methods per row."""
+    gallery_figure(groups, scale, ncols).savefig(path, dpi=80, facecolor="white")
+    return path
+
+
+def gallery_figure(groups: dict[str, Sequence[RunResult]], scale: float, ncols: int = 6) -> Figure:
+    """The figure of :func:`plot_gallery`; a skipped method's panel carries its reason (:func:`skip_note`)."""
     labels = list(groups)
     ncols = max(1, min(ncols, len(labels)))
     nrows = 2 * int(np.ceil(len(labels) / ncols))
@@ -141,14 +168,16 @@ def plot_gallery(groups: dict[str, Sequence[RunResult]], scale: float, path: Pat
         title = label if status == {"ok"} else f"{label} ({'/'.join(sorted(status))})"
         draw_parameter_space(axes[r, c], runs, grid, title=title, colorbar=False, fontsize=8)
         draw_objective_space(axes[r + 1, c], runs, scale, fontsize=8, legend=False)
+        note = skip_note(runs)
+        if note:
+            draw_note(axes[r, c], note, fontsize=6)
     for k in range(len(labels), (nrows // 2) * ncols):
         axes[2 * (k // ncols), k % ncols].set_axis_off()
         axes[2 * (k // ncols) + 1, k % ncols].set_axis_off()
     # one key for the figure: methods run different step counts, so colours are fractions of each run
     _iteration_key(fig, axes[0, :].tolist(), "autumn", 0.0, 1.0, None, location="right", shrink=0.9)
     _iteration_key(fig, axes[1, :].tolist(), "magma_r", 0.1, 0.6, None, location="right", shrink=0.9)
-    fig.savefig(path, dpi=80, facecolor="white")
-    return path
+    return fig
 
 
 def plot_search_overlay(trials: SearchTrials, scale: float, path: Path,

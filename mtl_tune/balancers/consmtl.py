@@ -13,6 +13,15 @@ A bi-level update (methods.md §3.12):
   through the head: δ_i depends on θ_i), g2 rescaled to norm ≤ c_i‖g1‖ (``head_clip``). The
   extra gradient turns each head so that its representation gradient agrees with the joint one.
 
+**Pareto-stationary steps: no consistency term.** When the task gradients on the shared
+parameters are Pareto-stationary (0 in their convex hull), FairGrad's system has no solution and
+the project's solver reports the step as ``stationary`` with x = 0 and d = 0 (convergence, not a
+failure: :mod:`mtl_tune.balancers._fairness`). Then the joint direction Δ = Σ_j x_j δ_j is 0, so
+L_i = 0 and g2 = 0: every head gets its plain task gradient g1 = ∂ℓ_i/∂θ_i and nothing pulls
+the heads together on that step (the double backward is skipped). The official code has no such
+test: its ``least_squares`` returns some x of an unsolvable system, and the heads get a
+consistency term toward that Δ.
+
 ``head_clip``: one ratio for every task (official 0.1) or K ratios — the official Cityscapes
 run edits the code to [0.05, 0] (seg 0.05, depth 0: no extra gradient for depth). Clipping is
 exact, g2·min(1, c‖g1‖/‖g2‖), where torch's ``clip_grad_norm_`` in the official code divides by
@@ -160,7 +169,9 @@ class ConsMTL(FairBalancer):
             if not bool(torch.isfinite(direction).all()):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             accumulate_grad(shared, direction)
-        joint = sum(float(x[j]) * deltas[j].detach() for j in range(k)) if needs_extra else None
+        # Pareto-stationary step: x = 0, so Δ = 0 and the consistency term vanishes (module docstring)
+        stationary = not bool(torch.any(x != 0))
+        joint = sum(float(x[j]) * deltas[j].detach() for j in range(k)) if needs_extra and not stationary else None
         extra_norms = []
         for i in range(k):
             g1, g2 = consistency_head_gradient(losses[i], deltas[i] if needs_extra else None, joint, heads[i],

@@ -6,14 +6,26 @@ common scale adjusted by each task's relative training rate:
 
     G_i = ‖∇_W (w_i ℓ_i)‖₂ = w_i ‖∇_W ℓ_i‖₂,          Ḡ = mean_i G_i,
     L̃_i = ℓ_i(t) / ℓ_i(0),   r_i = L̃_i / mean_j L̃_j,   target_i = Ḡ · r_i^α  (held constant),
-    L_grad = Σ_i |G_i − target_i|,   ∂L_grad/∂w_i = sign(G_i − target_i) · ‖∇_W ℓ_i‖.
+    L_grad = Σ_i |G_i − target_i|.
+
+The gradient on w follows the official code (SamsungLabs/MTL), which builds G_i from the
+renormalised weights w̃ = w·K/Σw, so that ∂L_grad/∂w passes through the renormalisation.
+With u_i = ∂L_grad/∂w̃_i = sign(G_i − target_i) · ‖∇_W ℓ_i‖ and ∂w̃_i/∂w_j = (K/Σw)(δ_ij − w̃_i/K):
+
+    ∂L_grad/∂w_j = (K/Σw) · (u_j − Σ_i (w̃_i/K) u_i)           (:func:`gradnorm_weight_grad`)
+
+i.e. u centred by its w̃/K-weighted mean (plain mean at w = 1). The centring removes the
+component along w that the next renormalisation would undo anyway; it matters because Adam
+scales each coordinate by its own running RMS, so the uncentred u = sign · n (the paper's
+formula read literally) gives a different step. Tested against torch autograd through
+w·K/Σw (``test_gradnorm_weight_grad_is_autograd_through_the_renormalisation``).
 
 Per step (the paper's Algorithm 1): the network gets ∇ Σ_i w_i(t) ℓ_i (weights *before*
 their update; heads weighted the same way), then w takes one step of its own Adam
-(``lr``) on ∂L_grad/∂w, and is renormalised to Σw = K. A task that trains slower than
-average (r_i > 1) or whose gradient is smaller than the target gains weight. α sets
-how strongly rates matter (α = 0: equalise gradient norms). ℓ_i(0) are the losses of
-the first step this balancer sees.
+(``lr``) on ∂L_grad/∂w, and is renormalised to Σw = K (so at every step K/Σw = 1 and w̃ = w
+up to rounding). A task that trains slower than average (r_i > 1) or whose gradient is
+smaller than the target gains weight. α sets how strongly rates matter (α = 0: equalise
+gradient norms). ℓ_i(0) are the losses of the first step this balancer sees.
 
 Which W: the trailing ``last_shared_params`` tensors of ``shared_params`` (default 2 —
 the weight and bias of a final Linear/Conv layer when parameters are listed in module
@@ -27,7 +39,10 @@ Differences from the SamsungLabs/MTL code (the only official implementation): it
 computes the K norms with full per-task ``backward`` calls that leave Σ_i ∇ℓ_i in every
 other parameter, so those get Σ(1 + w_i)∇ℓ_i (double counting) — we do not; it trains w
 with the model optimizer and never projects, so weights can go negative — we clamp w at
-0 before renormalising (the paper is silent; a negative loss weight has no meaning).
+0 before renormalising (the paper is silent; a negative loss weight has no meaning); it
+never renormalises w itself (only w̃ enters its losses), so its gradient carries the factor
+K/Σw of a Σw that drifts under Adam, where ours is 1 (renormalised every step: the paper's
+rule). The centring of the weight gradient is the official one (see above).
 Non-positive losses raise :class:`BalancerError` (the ratios need ℓ > 0).
 """
 
@@ -54,9 +69,17 @@ def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_los
 
 def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
                          alpha: float) -> Tensor:
-    """∂/∂w Σ_i |w_i n_i − target_i| with the target constant: sign(G_i − target_i) · n_i."""
-    g, target = gradnorm_targets(weights, norms, losses, initial_losses, alpha)
-    return torch.sign(g - target) * norms
+    """∂/∂w Σ_i |w̃_i n_i − target_i| with w̃ = w·K/Σw and the target held constant (official rule).
+
+    u = sign(G − target) ⊙ n is the gradient with respect to w̃; the chain rule through the
+    renormalisation gives (K/Σw)(u − Σ_i (w̃_i/K) u_i): u centred by its w̃-weighted mean.
+    """
+    k = weights.numel()
+    scale = k / weights.sum()                       # K/Σw (1 when the weights are normalised)
+    scaled = weights * scale                        # w̃
+    g, target = gradnorm_targets(scaled, norms, losses, initial_losses, alpha)
+    u = torch.sign(g - target) * norms
+    return scale * (u - (scaled * u).sum() / k)
 
 
 def renormalise(weights: Tensor) -> Tensor:

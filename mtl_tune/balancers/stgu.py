@@ -15,7 +15,10 @@ S = (X + Xᵀ)/2, ``sklearn.cluster.AffinityPropagation(affinity="precomputed")`
 clusters = groups. For K = 2 sklearn never iterates (its equal-similarities branch, see
 :class:`PairGrouping`): two groups exactly when the preference exceeds S[0, 1], which
 :func:`group_tasks` evaluates in closed form (same answer, no 1 ms sklearn call per batch).
-During the first ``prepos`` batches every task is its own group. The group order is shuffled
+Warm-up: every task is its own group in the first ``prepos + 1`` batches (as the official
+``train_phase_affinity``, which tests ``iter_count <= prepos`` with ``iter_count`` counting from
+0 before its increment), so with ``prepos = 0`` the first batch trains each task alone and the
+first grouping sees an affinity that has been updated once. The group order is shuffled
 every batch with the balancer's own seeded generator (the official code uses Python's global
 ``random``).
 
@@ -26,6 +29,18 @@ the last group (M + 1 forwards per batch). The official code (``"official"``) in
 to group g the change between the previous group's forward and g's forward, i.e. the effect
 of the *previous* group's update, never measures the last group and skips the first group of
 every batch (methods.md §4). Losses must be positive (relative decrease).
+
+**Similarity: the intended formula, not the official code's.** The official ``next_group``
+normalises in place, ``X[:, i] /= X[i, i]`` on a torch tensor, whose divisor is a view of an
+entry of the column being divided: once the diagonal entry has been divided by itself (→ 1),
+the entries below it (rows j > i) are divided by 1, i.e. only the entries on and above the
+diagonal are normalised. The evident intent (each column relative to its task's
+self-affinity) divides the whole column by A[i, i]; :func:`affinity_similarity` does that by
+default (``similarity="intended"``). On a recorded affinity the two differ by up to 0.30 and can
+group the tasks differently. ``attribution="official"`` changes only the loss-change attribution,
+not this; ``similarity="official"`` reproduces the official values (entries below the diagonal
+left as they are; the zero-diagonal guard below still applies above it), for reproducing the
+official groupings.
 
 **Zero self-affinity.** A starts at 0 and A[i, i] only grows by non-negative updates, so it can
 be exactly 0 (the official division then gives inf/NaN similarities). A column whose diagonal
@@ -59,6 +74,7 @@ from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, Sol
                                      _as_param_list, check_losses)
 
 ATTRIBUTIONS = ("paper", "official")
+SIMILARITIES = ("intended", "official")
 ZERO_DIAGONAL = 1e-12
 
 
@@ -126,15 +142,21 @@ def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.
     return out
 
 
-def affinity_similarity(affinity: np.ndarray) -> np.ndarray:
+def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
     """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring).
 
-    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix)."""
+    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix). ``official``
+    (a bool, or one per matrix of the batch): X[j, i] = A[j, i] for j > i, as the official in-place
+    ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
     a = np.asarray(affinity, dtype=np.float64)
     diag = np.diagonal(a, axis1=-2, axis2=-1)
     col_max = np.max(np.abs(a), axis=-2)
     divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
     x = a / divisor[..., None, :]
+    official = np.asarray(official, dtype=bool)
+    if official.any():
+        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
+        x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
     return (x + np.swapaxes(x, -1, -2)) / 2.0
 
 
@@ -267,7 +289,7 @@ class STGU(Balancer):
 
     def __init__(self, n_tasks: int, affin_decay: float = 1e-3, prepos: int = 100, preference_quantile: float = 0.5,
                  attribution: str = "paper", repeat_single_group: bool = True, group_norm: bool = False,
-                 seed: int = 0, **kw: Any) -> None:
+                 seed: int = 0, similarity: str = "intended", **kw: Any) -> None:
         super().__init__(n_tasks, **kw)
         if not (0 < affin_decay <= 1):
             raise ValueError(f"stgu: affin_decay must be in (0, 1], got {affin_decay!r}")
@@ -277,6 +299,9 @@ class STGU(Balancer):
             raise ValueError(f"stgu: preference_quantile must be in [0, 1], got {preference_quantile!r}")
         if attribution not in ATTRIBUTIONS:
             raise ValueError(f"stgu: attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"stgu: similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self.similarity = similarity
         self.affin_decay, self.prepos, self.preference_quantile = float(affin_decay), prepos, float(preference_quantile)
         self.attribution, self.repeat_single_group, self.group_norm = attribution, bool(repeat_single_group), group_norm
         self.affinity = np.zeros((n_tasks, n_tasks))
@@ -291,10 +316,13 @@ class STGU(Balancer):
 
     # ------------------------------------------------------------------ grouping
     def next_groups(self) -> list[list[int]]:
-        """Groups for the next batch: singletons during warm-up, then affinity propagation."""
-        if self.batches <= self.prepos:
+        """Groups for the current batch (``self.batches``, counted from 1): singletons during
+        the warm-up (batches 1 … prepos + 1: the official 0-based ``iter_count <= prepos``), then
+        affinity propagation."""
+        if self.batches - 1 <= self.prepos:
             return [[i] for i in range(self.n_tasks)]
-        groups = group_tasks(affinity_similarity(self.affinity), self.preference_quantile)
+        groups = group_tasks(affinity_similarity(self.affinity, self.similarity == "official"),
+                             self.preference_quantile)
         if groups is None:
             self.failures.failure("affinity propagation found no exemplar after 10 tries; keeping the previous groups")
         else:

@@ -4,9 +4,12 @@ On the toy the shared parameters are x itself, so the "last shared layer" W is x
 ``last_shared_params`` is, and ‖∇_W ℓ_i‖ = ‖J_i‖. Per step, in float32 as the balancer
 (:func:`mtl_tune.balancers.gradnorm.gradnorm_targets` / ``gradnorm_weight_grad``):
 
-    n_i = ‖J_i‖,  G_i = w_i n_i,  r = (ℓ/ℓ(0)) / mean(ℓ/ℓ(0)),  target = mean(G) · r^α
+    s = K/Σw,  w̃ = s·w,  n_i = ‖J_i‖,  G_i = w̃_i n_i,  r = (ℓ/ℓ(0)) / mean(ℓ/ℓ(0)),
+    target = mean(G) · r^α,  u = sign(G − target) ⊙ n
     x.grad = Σ_i w_i J_i                       (the weights *before* their update)
-    w ← Adam(lr)(w, sign(G − target) ⊙ n),  w ← max(w, 0) · K / Σ max(w, 0)
+    w ← Adam(lr)(w, s·(u − Σ_i w̃_i u_i / K)),  w ← max(w, 0) · K / Σ max(w, 0)
+
+(the official weight gradient, through the renormalisation w̃ = w·K/Σw: ``gradnorm_weight_grad``).
 
 ℓ(0) are the float32 losses of the first step. The float32 arithmetic reproduces torch's bits
 (:mod:`toy.kernels._losses`: torch's norm, scalar pow loop and Adam, NumPy for the rest): the
@@ -56,11 +59,15 @@ class GradNormKernel(Kernel):
             self.initial = ell.copy()
         norms = torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(jac)), dim=-1).float().numpy()
         w_now = self.w.copy()
-        g = w_now * norms
+        scale = (F32(1) / (w_now[:, :1] + w_now[:, 1:])) * F32(2)   # K / Σw: reciprocal(Σw)·K, as torch
+        scaled = w_now * scale
+        g = scaled * norms
         ratio = ell / self.initial
         r = ratio / ((ratio[:, :1] + ratio[:, 1:]) / F32(2))    # torch's mean of two floats
         target = ((g[:, :1] + g[:, 1:]) / F32(2)) * self.pow(r)
-        self.adam.step(np.sign(g - target) * norms)
+        u = np.sign(g - target) * norms
+        su = scaled * u
+        self.adam.step(scale * (u - (su[:, :1] + su[:, 1:]) / F32(2)))
         w = np.maximum(self.w, F32(0))
         total = w[:, :1] + w[:, 1:]
         if not (total > 0).all():

@@ -2,10 +2,11 @@
 
 One iteration of a row (batch b = step + 1), as the balancer does it with x the only parameter:
 
-1. groups: singletons while b ≤ ``prepos``; else affinity propagation on S = sim(A), which for
-   K = 2 is the closed form :class:`~mtl_tune.balancers.stgu.PairGrouping` (two groups ⟺ the
-   ``preference_quantile`` quantile of S exceeds S[0, 1]; the balancer's ``group_tasks`` takes
-   the same branch, tested against sklearn); the group order is ``torch.randperm`` from the
+1. groups: singletons while b ≤ ``prepos`` + 1 (the balancer's warm-up); else affinity
+   propagation on S = sim(A), which for K = 2 is the closed form
+   :class:`~mtl_tune.balancers.stgu.PairGrouping` (two groups ⟺ the ``preference_quantile``
+   quantile of S exceeds S[0, 1]; the balancer's ``group_tasks`` takes the same branch, tested
+   against sklearn); the group order is ``torch.randperm`` from the
    row's own generator (one draw per row and batch, as the balancer draws).
 2. plan = the ordered groups, a single group listed twice (``repeat_single_group``): M = 2
    group steps for K = 2 either way. Group step j: forward ℓ⁽ʲ⁾, J⁽ʲ⁾ at the current x, then
@@ -53,7 +54,8 @@ class STGUKernel(Kernel):
     # prepos 5: grouping is active for almost all of the test windows; quantile 0.25 puts the
     # preference at or below S[0, 1] (one group every batch: the repeated step, group_norm's 1/2,
     # the in-group sign rule of the affinity update); max_norm 0.5 clips most steps of that variant
-    variants = ({"attribution": "official", "prepos": 5},
+    # (the first variant: everything official, attribution and similarity)
+    variants = ({"attribution": "official", "similarity": "official", "prepos": 5},
                 {"group_norm": True, "prepos": 5, "preference_quantile": 0.25},
                 {"affin_decay": 0.2, "prepos": 5, "max_norm": 0.5})
 
@@ -67,6 +69,7 @@ class STGUKernel(Kernel):
         self.prepos = self.attr("prepos", np.int64)
         self.grouping = PairGrouping(self.attr("preference_quantile"))
         self.paper = np.array([bal.attribution == "paper" for bal in b])
+        self.official_similarity = np.array([bal.similarity == "official" for bal in b])
         self.all_paper = bool(self.paper.all())
         self.any_paper = bool(self.paper.any())
         # weight of each group member: 1, or 1/|g| (group_norm) — as a (B,) factor per group size
@@ -84,13 +87,14 @@ class STGUKernel(Kernel):
 
     # ------------------------------------------------------------------ grouping
     def _groups(self, step: int) -> np.ndarray:
-        """(B,) bool: whether batch ``step + 1`` has two groups (singletons during ``prepos``).
+        """(B,) bool: whether batch ``step + 1`` has two groups (singletons during the warm-up,
+        batches 1 … prepos + 1, i.e. steps 0 … prepos).
 
         S = (X + Xᵀ)/2 is symmetric bit for bit (fl(a + b) = fl(b + a)), so the closed form is
         ``group_tasks``'s answer wherever S is finite."""
-        grouping = step + 1 > self.prepos
+        grouping = step > self.prepos
         if grouping.any():
-            sim = affinity_similarity(self.affinity)
+            sim = affinity_similarity(self.affinity, self.official_similarity)
             self.two = np.where(grouping, self.grouping.split(sim), self.two)
             if not np.isfinite(sim).all():  # sklearn's input check raises there: the row's own call
                 for r in np.flatnonzero(grouping & ~np.isfinite(sim).all(axis=(-2, -1)) & ~self.failed):
