@@ -197,6 +197,11 @@ class Benchmark(abc.ABC):
     data_env: ClassVar[str | None] = None
     #: True when results come from random tensors of the real shapes (throughput only).
     synthetic: bool = False
+    #: Whether a trial may span several data-parallel workers (``--workers-per-trial``):
+    #: the training batches are tensors (or tuples / lists / dicts of tensors) whose first
+    #: dimension is the sample, so each worker can take an equal slice of every batch
+    #: (:mod:`mtl_tune.training.data_parallel`). A string says why not.
+    data_parallel: ClassVar[bool | str] = True
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
         if options:  # a misspelt option must not be ignored silently

@@ -115,6 +115,7 @@ class _SyntheticLoader:
 
 
 class QM9Benchmark(Benchmark):
+    data_parallel = "its training batches are molecular graphs, which are not split into equal per-worker shards"
     name = "qm9"
     description = ("QM9, 11 molecular properties, Nash-MTL MPNN (NNConv+GRU+Set2Set), MAE per target "
                    "(needs torch-geometric)")

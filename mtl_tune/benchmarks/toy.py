@@ -115,6 +115,7 @@ class ToyPoint(nn.Module):
 
 
 class Toy(Benchmark):
+    data_parallel = "its training is one point moved by the balancer, with no data to split between workers"
     name = "toy"
     description = "Nash-MTL's two-task toy problem in R² (no data; runs anywhere)"
     tasks = ("task1", "task2")

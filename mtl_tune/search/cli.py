@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["fifo", "asha", "hyperband"], default="fifo",
                    help="early stopping for scalar objectives (pareto searches run every trial to the end)")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack trials on a GPU")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (per worker with --workers-per-trial); fractions pack trials on a GPU")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs per trial (per worker with --workers-per-trial)")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="data-parallel workers per trial (a Ray Train run; --cpus/--gpus-per-trial are per worker, "
+                        "--config batch_size stays the global batch; docs/cluster.md)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--storage-path", default="results", help="where sweeps are written (shared path on a cluster)")
@@ -129,6 +133,7 @@ def options_from_args(args: argparse.Namespace):
         benchmark=args.benchmark, methods=[m.strip() for m in args.method.split(",") if m.strip()],
         num_samples=args.num_samples, objective=args.objective, sampler=args.sampler, scheduler=args.scheduler,
         grace_period=args.grace_period, gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
         max_concurrent=args.max_concurrent, storage_path=args.storage_path, name=args.name, seed=args.seed,
         epochs=args.epochs, data_root=args.data_root, synthetic=args.synthetic, address=args.address,
         num_cpus=args.num_cpus, resume=args.resume, search_space=args.search_space,

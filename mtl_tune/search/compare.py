@@ -74,18 +74,20 @@ def simplex_grid(n_tasks: int, n_points: int) -> list[list[float]]:
 def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     from ray import tune
 
-    from mtl_tune.search.execution import trial_dirname
+    from mtl_tune.search.execution import fitting_trials, trial_dirname, trial_resources
     from mtl_tune.search.trainable import train_trial
 
     o = plan.options
     path = plan.sweep_dir / experiment
-    trainable = tune.with_resources(train_trial, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial})
+    trainable = tune.with_resources(train_trial, trial_resources(o))
+    # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
+    limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
     if tune.Tuner.can_restore(str(path)):
         tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
         return
     tune.Tuner(trainable, param_space=param_space,
                tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=trial_dirname,
-                                           max_concurrent_trials=o.max_concurrent),
+                                           max_concurrent_trials=limit),
                run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
                                          failure_config=tune.FailureConfig(max_failures=o.max_failures),
                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()

@@ -83,6 +83,27 @@ def trial_dirname(trial) -> str:
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
 
 
+#: what the driver of a multi-worker trial reserves: no CPU or GPU (its Ray Train workers
+#: reserve those), only a nominal 1 MiB of Ray's memory resource, as Tune refuses an empty request
+DRIVER_MEMORY = float(2**20)
+
+
+def trial_resources(options) -> dict[str, float]:
+    """What Tune reserves for a trial: its resources with one worker; with
+    ``--workers-per-trial N > 1`` only :data:`DRIVER_MEMORY`: the trial just drives a Ray Train
+    run whose N workers reserve ``--cpus/--gpus-per-trial`` each in their own placement group
+    (search/data_parallel.py), so a trial reserving CPUs too would hold them twice."""
+    if options.workers_per_trial > 1:
+        return {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY}
+    return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+
+
+def fitting_trials(options) -> int:
+    """Trials that fit on the CPUs at once (all workers of each)."""
+    cpus_per_trial = options.cpus_per_trial * max(1, options.workers_per_trial)
+    return max(1, int((options.num_cpus or os.cpu_count() or 1) // max(cpus_per_trial, 1e-9)))
+
+
 def run_method(plan: Plan, method: str) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -92,7 +113,7 @@ def run_method(plan: Plan, method: str) -> None:
     o = plan.options
     space = plan.spaces[method]
     exp_dir = plan.sweep_dir / method
-    trainable = tune.with_resources(train_trial, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial})
+    trainable = tune.with_resources(train_trial, trial_resources(o))
     if o.resume and tune.Tuner.can_restore(str(exp_dir)):
         logger.info("resuming %s from %s", method, exp_dir)
         tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -110,7 +131,7 @@ def run_method(plan: Plan, method: str) -> None:
         study_name=plan.study_name(method), storage=make_storage(plan.optuna_storage),
         points_to_evaluate=[space.default_point(plan.bench.n_tasks)] if searchable else None,
     )
-    limit = o.max_concurrent or max(1, int((o.num_cpus or os.cpu_count() or 1) // max(o.cpus_per_trial, 1e-9)))
+    limit = o.max_concurrent or fitting_trials(o)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),

@@ -90,6 +90,8 @@ def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: d
     for key in ("solver_failures", "diverged", "synthetic", "time_total_s", "resumed_from_epoch"):
         row[key] = last.get(key, 0.0 if key != "time_total_s" else math.nan)
     row["synthetic"] = bool(row["synthetic"]) or bool(config.get("synthetic", False))
+    # data-parallel workers of the trial (--workers-per-trial); results written before the flag: 1
+    row["workers"] = int(last.get("workers", config.get("workers_per_trial", 1)) or 1)
     row["node_id"] = last.get("node_id", "")
     row["data_source"] = last.get("data_source", "")
     row["data_root"] = config.get("data_root") or ""  # resolved once on the driver

@@ -19,8 +19,8 @@ from mtl_tune.benchmarks.base import TRAINER_SETTINGS, Benchmark, ConfigError, D
 from mtl_tune.registry import available_balancers, balancer_class, benchmark_class
 from mtl_tune.search.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
-    SearchError, check_local_resources, check_name, check_numbers, check_optuna_storage, check_storage,
-    previous_optuna_storage,
+    SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
+    check_storage, previous_optuna_storage,
 )
 
 __all__ = ["Plan", "SearchError", "SearchOptions", "prepare", "sweep_dir_of"]
@@ -37,6 +37,7 @@ class SearchOptions:
     grace_period: int = 1
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1
     max_concurrent: int | None = None
     storage_path: str = "results"
     name: str | None = None
@@ -177,6 +178,7 @@ def prepare(options: SearchOptions) -> Plan:
             import wandb  # noqa: F401
         except ImportError:
             raise SearchError('--wandb needs the wandb package: pip install "mtl_tune[wandb]"') from None
+    check_data_parallel(options, bench, methods)
     check_local_resources(options)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
@@ -217,6 +219,8 @@ def trial_constants(plan: Plan, method: str) -> dict[str, Any]:
     o = plan.options
     const: dict[str, Any] = {"benchmark": plan.bench.name, "method": method, "seed": o.seed,
                              "synthetic": o.synthetic, "cpus_per_trial": o.cpus_per_trial}
+    if o.workers_per_trial > 1:  # a Ray Train run per trial (search/data_parallel.py); N = 1 adds nothing
+        const.update(workers_per_trial=o.workers_per_trial, gpus_per_trial=o.gpus_per_trial)
     if o.epochs is not None:
         const["epochs"] = o.epochs
     if o.data_root or plan.bench.data_env:

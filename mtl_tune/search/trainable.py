@@ -38,6 +38,9 @@ def _placement() -> dict[str, Any]:
 
 
 def train_trial(config: dict[str, Any]) -> None:
+    if int(config.get("workers_per_trial", 1) or 1) > 1:
+        _train_on_workers(config)
+        return
     cpus = float(config.get("cpus_per_trial", 1) or 1)
     torch.set_num_threads(max(1, int(cpus)))
     state = None
@@ -53,32 +56,57 @@ def train_trial(config: dict[str, Any]) -> None:
                       "training on the CPU", RuntimeWarning)
 
     def report(metrics: dict[str, Any], training_state: dict[str, Any] | None) -> None:
-        metrics = {**metrics, **placement}
         if training_state is None:
-            tune.report(metrics)
+            _report({**metrics, **placement}, None)
             return
         with tempfile.TemporaryDirectory() as directory:
             tmp = Path(directory) / (STATE_FILE + ".tmp")
             torch.save(training_state, tmp)
             os.replace(tmp, Path(directory) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        _maybe_inject_fault(metrics)
+            _report({**metrics, **placement}, directory)
 
     try:
         train(config, report, state)
     except (DataError, ConfigError) as err:
         epoch = int(state["epoch"]) if state else 0
-        tune.report({**failure_metrics(config, err, epoch), **placement})
+        tune.report({**failure_metrics(config, err, epoch), **placement, "workers": 1.0})
 
 
-def _maybe_inject_fault(metrics: dict[str, Any]) -> None:
+def _report(metrics: dict[str, Any], checkpoint_dir: str | None, inject_fault: bool = True) -> None:
+    """One epoch's result to Tune, with the folder holding ``state.pt`` as its checkpoint."""
+    metrics = {"workers": 1.0, **metrics}
+    if checkpoint_dir is None:
+        tune.report(metrics)
+        return
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    if inject_fault:
+        _maybe_inject_fault(metrics, tune.get_context().get_trial_id())
+
+
+def _train_on_workers(config: dict[str, Any]) -> None:
+    """``--workers-per-trial N > 1``: a Ray Train run inside this trial (:mod:`.data_parallel`);
+    resources are the workers' (this driver reserves none), reported as one worker's share."""
+    import ray
+
+    from mtl_tune.search.data_parallel import run_trial
+
+    placement = {"resources/cpu": float(config.get("cpus_per_trial", 1) or 1),
+                 "resources/gpu": float(config.get("gpus_per_trial", 0) or 0),
+                 "node_id": ray.get_runtime_context().get_node_id()}
+    config = {**config, "_trial_id": tune.get_context().get_trial_id()}  # names the fault-injection marker
+    # the fault-injection test kills a Train worker (worker_loop), not this driver
+    run_trial(config, lambda metrics, directory: _report({**metrics, **placement}, directory, inject_fault=False))
+
+
+def _maybe_inject_fault(metrics: dict[str, Any], trial_id: str) -> None:
     """Fault injection for the reliability tests: with ``MTL_TUNE_FAULT_KILL_AT_EPOCH=N`` and
     ``MTL_TUNE_FAULT_DIR`` set, the worker process dies once per trial right after reporting
-    epoch N (as a lost node would), so Tune must restart it from its checkpoint."""
+    epoch N (as a lost node would), so Tune must restart it from its checkpoint. In a
+    multi-worker trial the last Train worker dies (:mod:`mtl_tune.search.data_parallel`)."""
     at, marker_dir = os.environ.get("MTL_TUNE_FAULT_KILL_AT_EPOCH"), os.environ.get("MTL_TUNE_FAULT_DIR")
     if not at or not marker_dir or float(metrics.get("epoch", -1)) != float(at):
         return
-    marker = Path(marker_dir) / tune.get_context().get_trial_id()
+    marker = Path(marker_dir) / trial_id
     if not marker.exists():
         marker.write_text("killed")
         os._exit(1)

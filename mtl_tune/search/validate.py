@@ -28,6 +28,7 @@ NUMERIC_FLAGS: tuple[tuple[str, str, float, float | None], ...] = (
     ("--gpus-per-trial", "gpus_per_trial", 0, None),
     ("--max-concurrent", "max_concurrent", 1, None),
     ("--num-cpus", "num_cpus", 1, None),
+    ("--workers-per-trial", "workers_per_trial", 1, None),
     ("--seed", "seed", 0, SEED_MAX),
     ("--max-failures", "max_failures", 0, None),
     ("--seeds", "seeds", 0, None),
@@ -81,13 +82,51 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float, cpus: float, g
 
 
 def check_local_resources(options: Any) -> None:
-    """Local cluster: its size is known before Ray starts (``--num-cpus`` or this machine)."""
+    """Local cluster: its size is known before Ray starts (``--num-cpus`` or this machine);
+    one node, so all the workers of a trial must fit on it together."""
     if options.address:
         return
     cpus = options.num_cpus or local_cpus()
-    check_resources(options.cpus_per_trial, options.gpus_per_trial, cpus,
-                    local_gpus() if options.gpus_per_trial > 0 else 0, "this machine" if not options.num_cpus
-                    else f"the local cluster (--num-cpus {options.num_cpus})")
+    where = "this machine" if not options.num_cpus else f"the local cluster (--num-cpus {options.num_cpus})"
+    gpus = local_gpus() if options.gpus_per_trial > 0 else 0
+    check_resources(options.cpus_per_trial, options.gpus_per_trial, cpus, gpus, where)
+    check_worker_total(options, cpus, gpus, where)
+
+
+def check_worker_total(options: Any, cpus: float, gpus: float, where: str) -> None:
+    """``--workers-per-trial N``: N workers of one trial together within ``cpus`` / ``gpus``."""
+    n = int(getattr(options, "workers_per_trial", 1) or 1)
+    if n <= 1:
+        return
+    if n * options.cpus_per_trial > cpus:
+        raise SearchError(f"--workers-per-trial {n} × --cpus-per-trial {options.cpus_per_trial:g} = "
+                          f"{n * options.cpus_per_trial:g} CPUs, but {where} has {cpus:g}; lower either, or use "
+                          "fractional --cpus-per-trial")
+    if n * options.gpus_per_trial > gpus:
+        raise SearchError(f"--workers-per-trial {n} × --gpus-per-trial {options.gpus_per_trial:g} = "
+                          f"{n * options.gpus_per_trial:g} GPUs, but {where} has {gpus:g}")
+
+
+def check_data_parallel(options: Any, bench: Any, methods: list[str]) -> None:
+    """``--workers-per-trial N > 1``: the benchmark can be split, every method averages across
+    ranks, and the global batch divides into N equal per-worker batches."""
+    from mtl_tune.registry import balancer_class
+
+    n = int(options.workers_per_trial)
+    if n <= 1:
+        return
+    flag = f"--workers-per-trial {n}"
+    if bench.data_parallel is not True:
+        raise SearchError(f"{flag}: benchmark {bench.name} cannot be split across workers: {bench.data_parallel}")
+    refused = [m for m in methods if not getattr(balancer_class(m), "supports_distributed", False)]
+    if refused:
+        raise SearchError(f"{flag}: method(s) {', '.join(refused)} do not support data-parallel training "
+                          "(their step is not defined on rank-averaged losses and gradients); run them with "
+                          "--workers-per-trial 1")
+    batch = options.config.get("batch_size", bench.defaults.get("batch_size"))
+    if batch is None or int(batch) % n:
+        raise SearchError(f"{flag}: batch_size {batch} (the global batch) is not divisible by {n}; each worker "
+                          f"trains on batch_size / {n} samples; pass --config batch_size=<a multiple of {n}>")
 
 
 def check_cluster_resources(options: Any) -> None:
@@ -97,8 +136,11 @@ def check_cluster_resources(options: Any) -> None:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     cpus = max((float(r.get("CPU", 0)) for r in nodes), default=0.0)
     gpus = max((float(r.get("GPU", 0)) for r in nodes), default=0.0)
-    check_resources(options.cpus_per_trial, options.gpus_per_trial, cpus, gpus,
-                    f"the cluster at {options.address} ({len(nodes)} node(s))")
+    where = f"the cluster at {options.address} ({len(nodes)} node(s))"
+    check_resources(options.cpus_per_trial, options.gpus_per_trial, cpus, gpus, where)
+    # the workers of one trial may sit on different nodes: together they need the cluster's total
+    check_worker_total(options, sum(float(r.get("CPU", 0)) for r in nodes),
+                       sum(float(r.get("GPU", 0)) for r in nodes), where)
 
 
 def check_name(name: str) -> None:
@@ -161,7 +203,8 @@ def previous_optuna_storage(sweep_dir: Path) -> str | None:
 #: fields that define a sweep: a resumed search must keep them (else the budget and the
 #: comparison change under the user's feet); the others describe where and how it runs
 SWEEP_FIELDS = ("benchmark", "methods", "num_samples", "objective", "sampler", "scheduler", "grace_period", "seed",
-                "epochs", "synthetic", "search_space", "fixed", "config", "seeds", "preferences")
+                "epochs", "synthetic", "search_space", "fixed", "config", "seeds", "preferences",
+                "workers_per_trial")  # N workers: the same global batches, but the short last one cut to a multiple of N
 #: SearchOptions field → CLI flag, for messages
 FLAG_OF = {"methods": "--method", "fixed": "--set", "config": "--config", "wandb_project": "--wandb"}
 

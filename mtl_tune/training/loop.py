@@ -264,12 +264,12 @@ class Trainer:
             weight_sum += info.weights.detach().to(device=self.device, dtype=weight_sum.dtype)
             steps += 1
             # one host sync every CHECK_EVERY steps: stop a diverged run early, not at epoch end
-            if steps % CHECK_EVERY == 0 and not bool(torch.isfinite(loss_sum).all()):
+            if steps % CHECK_EVERY == 0 and not bool(torch.isfinite(self._across_ranks(loss_sum)).all()):
                 raise DivergedError(f"non-finite training loss within the first {steps} steps of epoch {self.epoch + 1}")
         if steps == 0:
             raise ValueError(f"{bench.name}: the training split yielded no batch")
         # one host sync per epoch, not per step
-        mean_losses = (loss_sum / steps).cpu()
+        mean_losses = (self._across_ranks(loss_sum) / steps).cpu()
         if not bool(torch.isfinite(mean_losses).all()):
             raise DivergedError(f"non-finite training loss {mean_losses.tolist()}")
         # a huge gradient can leave the loss finite but the parameters or Adam's moments inf
@@ -280,6 +280,11 @@ class Trainer:
         metrics.update({f"weights/{t}": float(v) for t, v in zip(bench.tasks, (weight_sum / steps).cpu())})
         self._train_losses = mean_losses
         return metrics
+
+    def _across_ranks(self, per_rank_sum: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks (one process: the tensor itself); see
+        :mod:`mtl_tune.training.data_parallel`."""
+        return per_rank_sum
 
     def evaluate(self) -> dict[str, float]:
         bench = self.bench
