@@ -110,6 +110,19 @@ FLAG_CASES = [
     (["--preferences", "-2"], r"--preferences -2: must be at least 0"),
     (["--verbose", "7"], r"argument --verbose: invalid choice: 7"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
+    # --workers-per-trial: refused before Ray starts (tests/test_data_parallel.py runs a real one)
+    (["--workers-per-trial", "0"], r"--workers-per-trial 0: must be at least 1"),
+    (["--workers-per-trial", "2"], r"--workers-per-trial 2: benchmark toy cannot be split across workers: .*no data"),
+    (["--benchmark", "multi_mnist", "--method", "mgda,gradnorm,stgu", "--workers-per-trial", "2"],
+     r"--workers-per-trial 2: method\(s\) gradnorm, stgu do not support data-parallel training"),
+    (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "3"],
+     r"--workers-per-trial 3: batch_size 256 \(the global batch\) is not divisible by 3"),
+    (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "2", "--config", "batch_size=255"],
+     r"batch_size 255 \(the global batch\) is not divisible by 2"),
+    (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "4", "--num-cpus", "2"],
+     r"--workers-per-trial 4 × --cpus-per-trial 1 = 4 CPUs, but the local cluster \(--num-cpus 2\) has 2"),
+    (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "2", "--cpus-per-trial", "1.5",
+      "--num-cpus", "2"], r"--workers-per-trial 2 × --cpus-per-trial 1.5 = 3 CPUs"),
 ]
 
 

@@ -31,6 +31,8 @@ import torch
 STATE_FILE = "state.pt"
 #: seconds between the driver's checks of the Train run while it waits for a report
 POLL_S = 1.0
+#: fault injection (tests): seconds between the report and the death of the killed worker
+FAULT_DELAY_S = 5.0
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -67,7 +69,9 @@ def worker_loop(config: dict[str, Any]) -> None:
         if rank == world - 1 and training_state is not None:
             from mtl_tune.search.trainable import _maybe_inject_fault
 
-            _maybe_inject_fault(metrics, str(config.get("_trial_id", "")))
+            # dies a while after its report, in the next epoch: a worker dying within the Train
+            # controller's poll interval (2 s) of its report takes that epoch's report with it
+            _maybe_inject_fault(metrics, str(config.get("_trial_id", "")), delay_s=FAULT_DELAY_S)
 
     try:
         train_data_parallel(config, rank, world, report, state)

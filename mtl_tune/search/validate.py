@@ -123,6 +123,9 @@ def check_data_parallel(options: Any, bench: Any, methods: list[str]) -> None:
         raise SearchError(f"{flag}: method(s) {', '.join(refused)} do not support data-parallel training "
                           "(their step is not defined on rank-averaged losses and gradients); run them with "
                           "--workers-per-trial 1")
+    if (options.fixed or {}).get("gradient_path") == "gram":
+        raise SearchError(f"{flag}: --set gradient_path=gram is not data-parallel correct (the Gram matrix of the "
+                          "rank-mean Jacobian needs the Jacobian); use auto or jacobian")
     batch = options.config.get("batch_size", bench.defaults.get("batch_size"))
     if batch is None or int(batch) % n:
         raise SearchError(f"{flag}: batch_size {batch} (the global batch) is not divisible by {n}; each worker "
