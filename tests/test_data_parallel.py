@@ -121,3 +121,28 @@ def test_search_with_two_workers_per_trial_restarts_from_its_checkpoint(faulty_c
     assert state["epoch"] == 2
     for name, single in zip(dict(trainer.setup.model.named_parameters()), params):
         torch.testing.assert_close(state["model"][name], single, atol=PARAM_ATOL, rtol=0)
+
+
+def test_resume_keeps_the_number_of_workers():
+    from mtl_tune.search.runner import SearchOptions
+    from mtl_tune.search.validate import SearchError, resume_options
+
+    stored = {"benchmark": "multi_mnist", "methods": ["mgda"], "workers_per_trial": 2}
+    with pytest.raises(SearchError, match=r"--workers-per-trial 1 \(stored 2\)"):
+        resume_options(SearchOptions(workers_per_trial=1), {"workers_per_trial"}, stored)
+    assert resume_options(SearchOptions(), set(), stored).workers_per_trial == 2  # reused when not given
+
+
+def test_a_space_that_allows_the_gram_path_is_refused(tmp_path):
+    from mtl_tune.search.runner import SearchOptions, prepare
+    from mtl_tune.search.validate import SearchError
+
+    space = tmp_path / "nashmtl.yaml"
+    space.write_text("method: nashmtl\nparams:\n  gradient_path: {type: categorical, choices: [auto, gram], "
+                     "default: auto, search: true}\n")
+    options = SearchOptions(benchmark="multi_mnist", methods=["nashmtl"], search_space=str(space),
+                            workers_per_trial=2, storage_path=str(tmp_path / "results"))
+    with pytest.raises(SearchError, match="allows gradient_path=gram, which is not data-parallel correct"):
+        prepare(options)
+    space.write_text(space.read_text().replace("[auto, gram]", "[auto, jacobian]"))
+    assert prepare(options).options.workers_per_trial == 2  # the Jacobian path is fine

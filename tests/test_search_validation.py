@@ -115,6 +115,8 @@ FLAG_CASES = [
     (["--workers-per-trial", "2"], r"--workers-per-trial 2: benchmark toy cannot be split across workers: .*no data"),
     (["--benchmark", "multi_mnist", "--method", "mgda,gradnorm,stgu", "--workers-per-trial", "2"],
      r"--workers-per-trial 2: method\(s\) gradnorm, stgu do not support data-parallel training"),
+    (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "2", "--gpus-per-trial", "0.5"],
+     r"--workers-per-trial 2 with --gpus-per-trial 0.5: the workers of a trial need a whole GPU each"),
     (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "3"],
      r"--workers-per-trial 3: batch_size 256 \(the global batch\) is not divisible by 3"),
     (["--benchmark", "multi_mnist", "--method", "mgda", "--workers-per-trial", "2", "--config", "batch_size=255"],

@@ -178,7 +178,7 @@ def prepare(options: SearchOptions) -> Plan:
             import wandb  # noqa: F401
         except ImportError:
             raise SearchError('--wandb needs the wandb package: pip install "mtl_tune[wandb]"') from None
-    check_data_parallel(options, bench, methods)
+    check_data_parallel(options, bench, methods, spaces)
     check_local_resources(options)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_name(name)

@@ -107,7 +107,7 @@ def check_worker_total(options: Any, cpus: float, gpus: float, where: str) -> No
                           f"{n * options.gpus_per_trial:g} GPUs, but {where} has {gpus:g}")
 
 
-def check_data_parallel(options: Any, bench: Any, methods: list[str]) -> None:
+def check_data_parallel(options: Any, bench: Any, methods: list[str], spaces: dict[str, Any] | None = None) -> None:
     """``--workers-per-trial N > 1``: the benchmark can be split, every method averages across
     ranks, and the global batch divides into N equal per-worker batches."""
     from mtl_tune.registry import balancer_class
@@ -123,9 +123,17 @@ def check_data_parallel(options: Any, bench: Any, methods: list[str]) -> None:
         raise SearchError(f"{flag}: method(s) {', '.join(refused)} do not support data-parallel training "
                           "(their step is not defined on rank-averaged losses and gradients); run them with "
                           "--workers-per-trial 1")
-    if (options.fixed or {}).get("gradient_path") == "gram":
-        raise SearchError(f"{flag}: --set gradient_path=gram is not data-parallel correct (the Gram matrix of the "
-                          "rank-mean Jacobian needs the Jacobian); use auto or jacobian")
+    gpus = options.gpus_per_trial
+    if 0 < gpus < 1:
+        raise SearchError(f"{flag} with --gpus-per-trial {gpus:g}: the workers of a trial need a whole GPU each "
+                          "(nccl runs one rank per device); use --gpus-per-trial 1 or more, or 0 for CPU workers")
+    for method, space in (spaces or {}).items():  # a search-space file may declare the Gram path
+        path = next((p for p in space.params if p.name == "gradient_path"), None)
+        values = {space.constants().get("gradient_path")} | set((path.choices or ()) if path and path.searchable else ())
+        if "gram" in values:
+            raise SearchError(f"{flag}: {method}'s search space ({space.source}) allows gradient_path=gram, which is "
+                              "not data-parallel correct (the Gram matrix of the rank-mean Jacobian needs the "
+                              "Jacobian); use auto or jacobian")
     batch = options.config.get("batch_size", bench.defaults.get("batch_size"))
     if batch is None or int(batch) % n:
         raise SearchError(f"{flag}: batch_size {batch} (the global batch) is not divisible by {n}; each worker "
