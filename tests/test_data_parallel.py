@@ -146,3 +146,13 @@ def test_a_space_that_allows_the_gram_path_is_refused(tmp_path):
         prepare(options)
     space.write_text(space.read_text().replace("[auto, gram]", "[auto, jacobian]"))
     assert prepare(options).options.workers_per_trial == 2  # the Jacobian path is fine
+
+
+def test_ray_train_v1_is_refused_up_front(tmp_path, monkeypatch):
+    from mtl_tune.search.runner import SearchOptions, prepare
+    from mtl_tune.search.validate import SearchError
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    with pytest.raises(SearchError, match="RAY_TRAIN_V2_ENABLED=0 switches it off"):
+        prepare(SearchOptions(benchmark="multi_mnist", methods=["mgda"], workers_per_trial=2,
+                              storage_path=str(tmp_path)))

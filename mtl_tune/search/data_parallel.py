@@ -83,9 +83,12 @@ def worker_loop(config: dict[str, Any]) -> None:
 def _forwarder(results):
     """A Train callback (runs on the Train controller) putting rank 0's metrics and the
     persisted checkpoint on ``results``, a Ray queue read by the trial's driver."""
-    from ray.train import UserCallback
+    import ray.train
 
-    class ForwardToTune(UserCallback):
+    if not hasattr(ray.train, "UserCallback"):  # Ray Train V1 (RAY_TRAIN_V2_ENABLED=0, or an old Ray)
+        raise RuntimeError("--workers-per-trial needs Ray Train V2 (Ray >= 2.50 with RAY_TRAIN_V2_ENABLED unset or 1)")
+
+    class ForwardToTune(ray.train.UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             results.put((dict(metrics[0]), checkpoint))
 

@@ -134,6 +134,10 @@ def check_data_parallel(options: Any, bench: Any, methods: list[str], spaces: di
             raise SearchError(f"{flag}: {method}'s search space ({space.source}) allows gradient_path=gram, which is "
                               "not data-parallel correct (the Gram matrix of the rank-mean Jacobian needs the "
                               "Jacobian); use auto or jacobian")
+    v2 = os.environ.get("RAY_TRAIN_V2_ENABLED")
+    if v2 is not None and v2.lower() not in ("1", "true"):  # Ray reads any other value as "off"
+        raise SearchError(f"{flag}: multi-worker trials use Ray Train V2 (a TorchTrainer inside each Tune trial), "
+                          f"but RAY_TRAIN_V2_ENABLED={v2} switches it off; unset it or set it to 1")
     batch = options.config.get("batch_size", bench.defaults.get("batch_size"))
     if batch is None or int(batch) % n:
         raise SearchError(f"{flag}: batch_size {batch} (the global batch) is not divisible by {n}; each worker "
