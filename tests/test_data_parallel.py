@@ -94,14 +94,21 @@ def faulty_cluster(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_search_with_two_workers_per_trial_restarts_from_its_checkpoint(faulty_cluster, tmp_path, capsys):
+    import ray
+
     from mtl_tune.analysis import load_sweep
     from mtl_tune.search.cli import main
 
+    # ASHA stops the trial at its last epoch (Tune's stop, not the function's return): the
+    # path where the trial's Train run must be aborted or its workers' CPUs stay reserved
     code = main(["--benchmark", "multi_mnist", "--method", "mgda", "--num-samples", "1", "--epochs", "2",
                  "--config", "pairs_per_image=1", "--workers-per-trial", "2", "--max-failures", "1",
+                 "--objective", "mean_acc", "--scheduler", "asha",
                  "--storage-path", str(tmp_path), "--name", "dp", "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     assert len(list(faulty_cluster.iterdir())) == 1  # the worker was really killed
+    leftover = {k: v["state"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+    assert not leftover, leftover  # no Train run still holds its workers' resources
     table = load_sweep(tmp_path / "dp")
     row = table.iloc[0]
     assert row["status"] == "TERMINATED" and row["training_iteration"] == 2 and row["workers"] == 2

@@ -75,11 +75,11 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     from ray import tune
 
     from mtl_tune.search.execution import fitting_trials, trial_dirname, trial_resources
-    from mtl_tune.search.trainable import train_trial
+    from mtl_tune.search.trainable import trainable_for
 
     o = plan.options
     path = plan.sweep_dir / experiment
-    trainable = tune.with_resources(train_trial, trial_resources(o))
+    trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
     # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
     limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
     if tune.Tuner.can_restore(str(path)):

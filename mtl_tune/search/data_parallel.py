@@ -10,6 +10,10 @@ A callback on the Train controller passes rank 0's metrics and the persisted che
 through a Ray queue to the driver, which reports them to Tune with a Tune checkpoint, so
 the trial's results and checkpoints look exactly like a single-worker trial's.
 
+Stopping: when Tune stops a trial (ASHA, the last epoch under a scheduler) the trainable's
+``cleanup`` first aborts its Train run (:func:`abort_train_runs`,
+:class:`mtl_tune.search.trainable.MultiWorkerTrial`), which frees the workers' resources.
+
 Failures: the Train run itself never retries (``max_failures=0``); a lost worker fails the
 run, the driver raises, and Tune restarts the trial (``--max-failures``) from its last Tune
 checkpoint, which the new workers load — the same restart path as one worker. Bad data or
@@ -18,6 +22,7 @@ configuration (``DataError``/``ConfigError``) is reported once as a failed trial
 
 from __future__ import annotations
 
+import logging
 import os
 import queue as _queue
 import tempfile
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 #: seconds between the driver's checks of the Train run while it waits for a report
@@ -47,10 +54,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(float(config.get("cpus_per_trial", 1) or 1))))
-    resume = config.pop("_resume_checkpoint", None)
     config = dict(config)
+    resume = config.pop("_resume_checkpoint", None)
     if float(config.get("gpus_per_trial", 0) or 0) > 0:
-        config["device"] = str(ray.train.torch.get_device())
+        device = ray.train.torch.get_device()  # this worker's GPU; nccl collectives use the current device
+        torch.cuda.set_device(device)
+        config["device"] = str(device)
     state = None
     if resume is not None:
         with resume.as_directory() as directory:
@@ -82,17 +91,48 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 def _forwarder(results):
     """A Train callback (runs on the Train controller) putting rank 0's metrics and the
-    persisted checkpoint on ``results``, a Ray queue read by the trial's driver."""
+    persisted checkpoint on ``results``, a Ray queue read by the trial's driver; before the
+    first result, the controller's own handle (see :func:`abort_train_runs`)."""
+    import ray
     import ray.train
 
     if not hasattr(ray.train, "UserCallback"):  # Ray Train V1 (RAY_TRAIN_V2_ENABLED=0, or an old Ray)
         raise RuntimeError("--workers-per-trial needs Ray Train V2 (Ray >= 2.50 with RAY_TRAIN_V2_ENABLED unset or 1)")
 
     class ForwardToTune(ray.train.UserCallback):
+        announced = False
+
         def after_report(self, run_context, metrics, checkpoint):
-            results.put((dict(metrics[0]), checkpoint))
+            if not self.announced:
+                results.put(("controller", ray.get_runtime_context().current_actor))
+                self.announced = True
+            results.put(("result", dict(metrics[0]), checkpoint))
 
     return ForwardToTune()
+
+
+#: the Train controllers of the runs this trial's process drives, by run name
+_CONTROLLERS: dict[str, Any] = {}
+
+
+def abort_train_runs(timeout_s: float = 60.0) -> None:
+    """Abort the Train runs of this trial: called when Tune stops the trial (ASHA, the last
+    epoch under a scheduler), before its process ends.
+
+    Killing the trial's process would kill the Train controller with it, but not its
+    placement group, which Ray keeps until the search's driver exits (Ray Train's own cleaner
+    needs the dashboard's state API, off in mtl_tune): the workers' CPUs would stay reserved
+    and the next trials wait forever. ``abort`` releases them and ends the controller."""
+    import ray
+
+    for name, controller in list(_CONTROLLERS.items()):
+        try:
+            ray.get(controller.abort.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            pass  # abort ends the controller's process: the expected answer
+        except Exception as err:  # noqa: BLE001 - best effort while the trial is being stopped
+            logger.warning("could not abort the Ray Train run %s of this trial: %s", name, err)
+        _CONTROLLERS.pop(name, None)
 
 
 def _train_storage() -> tuple[str, Any]:
@@ -125,12 +165,13 @@ def run_trial(config: dict[str, Any], report_to_tune) -> None:
         loop_config["_resume_checkpoint"] = checkpoint
     results: Queue = Queue(actor_options={"num_cpus": 0})
     storage_path, filesystem = _train_storage()
+    name = f"attempt-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        run_config=RunConfig(name=f"attempt-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path,
                              storage_filesystem=filesystem, failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=[_forwarder(results)]),
     )
@@ -147,9 +188,13 @@ def run_trial(config: dict[str, Any], report_to_tune) -> None:
     try:
         while thread.is_alive() or not results.empty():
             try:
-                metrics, persisted = results.get(timeout=POLL_S)
+                item = results.get(timeout=POLL_S)
             except _queue.Empty:
                 continue
+            if item[0] == "controller":
+                _CONTROLLERS[name] = item[1]
+                continue
+            _, metrics, persisted = item
             if persisted is None:
                 report_to_tune(metrics, None)
             else:
@@ -157,9 +202,10 @@ def run_trial(config: dict[str, Any], report_to_tune) -> None:
                     report_to_tune(metrics, directory)
         thread.join()
     finally:
+        _CONTROLLERS.pop(name, None)
         results.shutdown()
     if "error" in outcome:
         raise outcome["error"]
 
 
-__all__ = ["run_trial", "worker_loop"]
+__all__ = ["abort_train_runs", "run_trial", "worker_loop"]

@@ -108,12 +108,12 @@ def run_method(plan: Plan, method: str) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from mtl_tune.search.trainable import train_trial
+    from mtl_tune.search.trainable import trainable_for
 
     o = plan.options
     space = plan.spaces[method]
     exp_dir = plan.sweep_dir / method
-    trainable = tune.with_resources(train_trial, trial_resources(o))
+    trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
     if o.resume and tune.Tuner.can_restore(str(exp_dir)):
         logger.info("resuming %s from %s", method, exp_dir)
         tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()

@@ -8,6 +8,10 @@ Bad data or configuration met at run time (``DataError``/``ConfigError``) would 
 same way on every restart, so it is not raised to Tune (which would retry it up to
 ``--max-failures`` times): the trial reports one final result with ``failed = 1`` and the
 error, and ends; the searcher tells Optuna FAIL and the table shows status FAILED.
+
+Every result carries ``workers`` (1 here); with ``--workers-per-trial N > 1`` the trial drives
+a Ray Train run of N workers instead (:mod:`mtl_tune.search.data_parallel`) and reports
+worker 0's results and checkpoints through the same ``_report``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 from ray import tune
+from ray.tune.trainable.function_trainable import wrap_function
 
 from mtl_tune.benchmarks.base import ConfigError, DataError
 from mtl_tune.training import train
@@ -97,6 +102,23 @@ def _train_on_workers(config: dict[str, Any]) -> None:
     config = {**config, "_trial_id": tune.get_context().get_trial_id()}  # names the fault-injection marker
     # the fault-injection test kills a Train worker (worker_loop), not this driver
     run_trial(config, lambda metrics, directory: _report({**metrics, **placement}, directory, inject_fault=False))
+
+
+class MultiWorkerTrial(wrap_function(train_trial)):
+    """:func:`train_trial` for ``--workers-per-trial N > 1``: when Tune stops the trial it
+    aborts the trial's Ray Train run before the process ends, freeing the workers' resources
+    (:func:`mtl_tune.search.data_parallel.abort_train_runs`)."""
+
+    def cleanup(self) -> None:
+        from mtl_tune.search.data_parallel import abort_train_runs
+
+        abort_train_runs()
+        super().cleanup()
+
+
+def trainable_for(workers_per_trial: int):
+    """The Tune trainable: :func:`train_trial` (one worker) or :class:`MultiWorkerTrial`."""
+    return MultiWorkerTrial if workers_per_trial > 1 else train_trial
 
 
 def _maybe_inject_fault(metrics: dict[str, Any], trial_id: str, delay_s: float = 0.0) -> None:
