@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mtl_tune.benchmarks.base import ConfigError
+from mtl_tune.benchmarks.base import ConfigError, DataError
 from mtl_tune.training.loop import DivergedError, Reporter, Trainer, is_divergence
 
 
@@ -135,18 +135,28 @@ class DataParallelTrainer(Trainer):
                 payload[0] = ("ok", out, self._first_split_values)
             except Exception as err:  # told to every rank before rank 0 raises it
                 failure = err
-                payload[0] = ("divergence" if is_divergence(err) else "error", f"{type(err).__name__}: {err}", None)
+                payload[0] = (_failure_kind(err), f"{type(err).__name__}: {err}", None)
         dist.broadcast_object_list(payload, src=0)
         kind, value, first = payload[0]
         if failure is not None:
             raise failure
-        if kind == "divergence":
-            raise DivergedError(f"on rank 0: {value}")
-        if kind == "error":
-            raise RuntimeError(f"evaluation failed on rank 0: {value}")
+        if kind != "ok":  # the other ranks fail in the same class (the trainer classifies it once)
+            raise _FAILURE_CLASSES[kind](f"on rank 0: {value}")
         if self.rank != 0:
             self._first_split_values = first
         return dict(value)
+
+
+_FAILURE_CLASSES: dict[str, type[Exception]] = {"divergence": DivergedError, "data": DataError,
+                                                "config": ConfigError, "error": RuntimeError}
+
+
+def _failure_kind(err: BaseException) -> str:
+    if isinstance(err, DataError):
+        return "data"
+    if isinstance(err, ConfigError):
+        return "config"
+    return "divergence" if is_divergence(err) else "error"
 
 
 def train_data_parallel(config: dict[str, Any], rank: int, world: int, report: Reporter,
