@@ -163,3 +163,19 @@ def test_ray_train_v1_is_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(SearchError, match="RAY_TRAIN_V2_ENABLED=0 switches it off"):
         prepare(SearchOptions(benchmark="multi_mnist", methods=["mgda"], workers_per_trial=2,
                               storage_path=str(tmp_path)))
+
+
+def test_on_a_cluster_each_worker_fits_a_node_and_all_fit_the_cluster(monkeypatch):
+    import ray
+
+    from mtl_tune.search.runner import SearchOptions
+    from mtl_tune.search.validate import SearchError, check_cluster_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    check_cluster_resources(SearchOptions(address="h:1", workers_per_trial=4, cpus_per_trial=1))  # 2 + 2 nodes
+    with pytest.raises(SearchError, match=r"--workers-per-trial 3 × --cpus-per-trial 2 = 6 CPUs, .* has 4"):
+        check_cluster_resources(SearchOptions(address="h:1", workers_per_trial=3, cpus_per_trial=2))
+    with pytest.raises(SearchError, match=r"--cpus-per-trial 3: .* has 2 CPU\(s\) per node"):
+        check_cluster_resources(SearchOptions(address="h:1", workers_per_trial=2, cpus_per_trial=3))
