@@ -110,6 +110,8 @@ FLAG_CASES = [
     (["--preferences", "-2"], r"--preferences -2: must be at least 0"),
     (["--verbose", "7"], r"argument --verbose: invalid choice: 7"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
+    (["--optuna-storage", "/nonexistent/dir/journal.log"], r"--optuna-storage .*: folder /nonexistent/dir does not exist"),
+    (["--name", "../outside"], r"--name '../outside' must be a single folder name"),
 ]
 
 
