@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.resources
 import inspect
 import pkgutil
 from functools import cache
@@ -27,8 +28,19 @@ from typing import Any
 
 BALANCER_GROUP = "mtl_tune.balancers"
 BENCHMARK_GROUP = "mtl_tune.benchmarks"
-#: where the built-in methods' search spaces live (the repository's search_spaces/)
-BUILTIN_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def builtin_spaces_dir() -> Path:
+    """Where the built-in methods' ``<method>.yaml`` files live: the checkout's top-level
+    ``search_spaces/`` (the copy a user edits) when running from a checkout, else the copy
+    shipped inside the installed package (``mtl_tune/search_spaces``)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "search_spaces").is_dir():
+        return root / "search_spaces"
+    return Path(str(importlib.resources.files("mtl_tune") / "search_spaces"))
+
+
+BUILTIN_SPACES = builtin_spaces_dir()
 
 
 class UnknownNameError(KeyError):

@@ -16,3 +16,29 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def _local_ray():
+    """A 2-CPU local Ray cluster with Ray's defaults (token authentication stays on)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """A fresh local Ray cluster for one test."""
+    ray = _local_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local_module():
+    """One local Ray cluster shared by a module's tests."""
+    ray = _local_ray()
+    yield
+    ray.shutdown()

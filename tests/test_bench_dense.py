@@ -446,7 +446,8 @@ def test_cli_data_errors_exit_2_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and os.path.join(root, "train", "depth", "2.npy") in err and "negative depth -3" in err
     assert main(base + ["--config", "benchmark_options={data_check: fast}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --config benchmark_options: benchmark option data_check must be one of headers, full, got 'fast'"
+    assert err == ("error: --config benchmark_options={'data_check': 'fast'}: benchmark option data_check must be "
+                   "one of headers, full, got 'fast'")
     assert main(base + ["--config", "benchmark_options=[1]"]) == 2
     assert "must be a mapping" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -121,17 +121,6 @@ def test_bad_hyperparameter_at_run_time_is_a_config_error():
 
 
 # ---------------------------------------------------------------------------- with Ray
-@pytest.fixture
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def optuna_states(experiment: Path) -> list[str]:
     state = sorted(experiment.glob("searcher-state-*.pkl"))[-1]
     study = pickle.loads(state.read_bytes())["_ot_study"]  # OptunaSearch pickles its __dict__

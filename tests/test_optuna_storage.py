@@ -76,20 +76,8 @@ def test_storage_flag_validation(tmp_path):
     assert plan.optuna_storage == default_storage_url(tmp_path / "p") and plan.study_name("ls") == "p/ls"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_search_writes_its_studies_to_sqlite_in_the_sweep_folder(ray_cluster, tmp_path, capsys):
+def test_search_writes_its_studies_to_sqlite_in_the_sweep_folder(ray_local, tmp_path, capsys):
     from mtl_tune.analysis import load_sweep
     from mtl_tune.search.cli import main
 

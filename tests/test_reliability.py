@@ -44,17 +44,6 @@ def test_killed_worker_restarts_from_its_checkpoint(faulty_cluster, tmp_path, ca
         assert [r["epoch"] for r in results][-2:] == [2.0, 3.0]
 
 
-@pytest.fixture
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_diverging_trials_are_recorded_and_the_search_goes_on(ray_local, tmp_path, capsys):
     # FAMO needs every loss above min_losses; from init 3 the toy's losses are negative, so min_losses = 0 fails at step 1

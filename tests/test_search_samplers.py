@@ -55,20 +55,9 @@ def interrupting_callbacks(marker):
     return lambda plan: [Interrupt()]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler,scheduler,objective", CASES)
-def test_search_interrupted_and_resumed(ray_cluster, tmp_path, capsys, monkeypatch, sampler, scheduler, objective):
+def test_search_interrupted_and_resumed(ray_local_module, tmp_path, capsys, monkeypatch, sampler, scheduler, objective):
     from mtl_tune.analysis import load_sweep
     from mtl_tune.search.cli import main
 

@@ -110,6 +110,8 @@ FLAG_CASES = [
     (["--preferences", "-2"], r"--preferences -2: must be at least 0"),
     (["--verbose", "7"], r"argument --verbose: invalid choice: 7"),
     (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
+    (["--optuna-storage", "/nonexistent/dir/journal.log"], r"--optuna-storage .*: folder /nonexistent/dir does not exist"),
+    (["--name", "../outside"], r"--name '../outside' must be a single folder name"),
     # --workers-per-trial: refused before Ray starts (tests/test_data_parallel.py runs a real one)
     (["--workers-per-trial", "0"], r"--workers-per-trial 0: must be at least 1"),
     (["--workers-per-trial", "2"], r"--workers-per-trial 2: benchmark toy cannot be split across workers: .*no data"),

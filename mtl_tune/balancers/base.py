@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
                                   mean_across_ranks)
-from mtl_tune.jacobian import JacobianEngine, gram_of
+from mtl_tune.jacobian import GRAM_BLOCK, JacobianEngine, gram_of
 
 #: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
 #: written before balancers were modules (still loadable, see :meth:`Balancer.load_state_dict`).
@@ -560,12 +560,12 @@ def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], he
         (losses * h).sum().backward(inputs=list(heads))
 
 
-def gram(jacobian: Tensor) -> Tensor:
+def gram(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision).
 
     Built over column blocks so that only one block at a time is copied to float64 (the
     full float64 copy of a K×P Jacobian doubled the step's memory on large models)."""
-    return gram_of(jacobian)
+    return gram_of(jacobian, block)
 
 
 def finite_or_raise(x: Tensor, what: str) -> Tensor:

@@ -163,6 +163,9 @@ class NashMTL(Balancer):
         optim_niter: iteration cap of the solver (int ≥ 1, default 20).
         solver: ``"newton"`` (exact, default) or ``"cccp"`` (the official convex-concave
             procedure; needs cvxpy).
+        gradient_path: ``"auto"`` (default), ``"jacobian"`` or ``"gram"``: how the per-task
+            gradients are combined (the Gram path streams the K×K Gram matrix and adds one
+            backward of Σ αᵢ ℓᵢ instead of holding the K×P Jacobian; docs/performance.md §8).
 
     Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
     see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or

@@ -278,6 +278,9 @@ class STGU(Balancer):
         repeat_single_group: step a single group twice per batch (default True, official).
         group_norm: divide a group's summed loss by its size (default False).
         seed: seed of the group order (int, default 0).
+        similarity: ``"intended"`` (default: each column of the affinity divided by its
+            diagonal entry) or ``"official"`` (the official code's in-place normalisation,
+            which reads already-normalised entries; see the module docstring).
 
     Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
     see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or

@@ -129,7 +129,8 @@ class Toy(Benchmark):
         "steps_per_epoch": Setting("int", low=1, help="Adam steps per epoch"),
         "scale": Setting("float", low=0, open_low=True, help="factor of the first loss"),
         "init": Setting("int", low=0, high=len(INITS) - 1, help="index of the initial point"),
-        "init_jitter": Setting("float", low=0, help="half-width of the seed-dependent uniform jitter of the start"),
+        "init_jitter": Setting("float", low=0,
+                               help="standard deviation of the seed-dependent Gaussian offset of the start"),
     }
 
     def default_objective(self) -> tuple[str, str]:

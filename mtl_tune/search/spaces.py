@@ -13,24 +13,15 @@ import inspect
 import math
 import re
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mtl_tune.registry import balancer_class, search_space_file
+from mtl_tune.registry import BUILTIN_SPACES, balancer_class, search_space_file
 
-def spaces_dir() -> Path:
-    """Where ``<method>.yaml`` files live: the checkout's top-level ``search_spaces/`` (the copy
-    a user edits) when running from a checkout, else the copy shipped in the package."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and (root / "search_spaces").is_dir():
-        return root / "search_spaces"
-    return Path(str(resources.files("mtl_tune") / "search_spaces"))
-
-
-SPACES_DIR = spaces_dir()
+#: the built-in methods' search-space folder (the checkout's search_spaces/, else the packaged copy)
+SPACES_DIR = BUILTIN_SPACES
 TYPES = ("float", "int", "categorical", "simplex")
 PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices", "default", "search", "description"}
 TOP_FIELDS = {"method", "description", "params", "benchmarks"}
