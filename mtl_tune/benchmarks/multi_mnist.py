@@ -1,7 +1,7 @@
 """``multi_mnist`` — Sener & Koltun's MultiMNIST: classify the left and the right digit.
 
 Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018
-(code: isl-org/MultiObjectiveOptimization; also SamsungLabs/MTL, benchmarks.md §6).
+(code: isl-org/MultiObjectiveOptimization; also SamsungLabs/MTL, docs/benchmarks.md#multi_mnist).
 Images: two overlapping digits on a 36×36 canvas resized to 28×28 (see
 :mod:`mtl_tune.benchmarks._multi_mnist_data`), normalised with MNIST's (0.1307, 0.3081).
 Tasks ``left`` and ``right`` are 10-way classifications, loss = NLL of log-softmax
