@@ -22,7 +22,8 @@ Data sources (reported by :meth:`MultiMnist.info` and in ``Setup.extras["data_so
   random partner per image (as the official pairing). The official code validates on the
   test set; a search must not, hence the validation carve-out.
 * ``sklearn_digits`` — default without a root: scikit-learn's bundled 8×8 digits upscaled to
-  MNIST frames; the 1,797 images are split 60/20/20 into disjoint pools before pairing and
+  MNIST frames; the 1,797 images are split into disjoint pools before pairing (test =
+  ``test_fraction`` 0.2, val = ``val_fraction`` 1/6 of the rest: ≈ 67/13/20 %) and
   every image is the left digit of ``pairs_per_image`` (10) pairs. Offline, deterministic
   (``data_seed``), ≈ 1 s per LS epoch on 2 CPU cores: the real-data benchmark for CI-sized
   searches. Its absolute accuracies are not comparable with MNIST numbers.
