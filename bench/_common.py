@@ -199,7 +199,7 @@ def method_names(spec: str | None) -> list[str]:
 
 
 def method_kind(cls: type) -> str:
-    """Cost class of a method (methods.md §5.2): what its step is compared with."""
+    """Cost class of a method (docs/methods.md#per-step-cost): what its step is compared with."""
     if cls.name == "stgu":
         return "training-loop"
     if getattr(cls, "combine_representation", None) is not None:

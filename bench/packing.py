@@ -11,7 +11,8 @@ so the table shows what sharing the device costs, not interpreter start-up.
 Each worker gets ``--threads-per-trial`` torch threads (default: cores // n, at least 1 —
 Ray sets ``OMP_NUM_THREADS`` to a trial's CPU count the same way). On a GPU all workers share
 the device, as Ray's fractional ``--gpus-per-trial 1/n`` would place them (Ray only counts;
-it isolates nothing, peers.md B.3). ``--max-steps`` caps training batches per epoch (for
+it isolates nothing, docs/references.md#fractional-gpus-only-count). ``--max-steps`` caps training
+batches per epoch (for
 benchmarks with long epochs, e.g. NYUv2 on a GPU).
 
 Examples::

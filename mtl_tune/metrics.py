@@ -1,4 +1,4 @@
-"""Metric specifications, Δm% and per-task relative drops (methods.md §1.6, benchmarks.md §7)."""
+"""Metric specifications, Δm% and per-task relative drops (docs/benchmarks.md#delta-m-and-mean-rank)."""
 
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def test_batch_versus_pixel_averaging():
 
 
 @pytest.mark.parametrize("bench, row, expected", [
-    # published LS and FAMO rows (methods.md §6.1/6.2), tables in %; the official units are fractions
+    # published LS and FAMO rows (docs/benchmarks.md#published-results), tables in %; the official
+    # units are fractions
     ("nyuv2", [39.29, 65.33, 0.5493, 0.2263, 28.15, 23.96, 22.09, 47.50, 61.08], 5.59),
     ("nyuv2", [38.88, 64.90, 0.5474, 0.2194, 25.06, 19.57, 29.21, 56.61, 68.98], -4.10),
     ("cityscapes", [75.18, 93.49, 0.0155, 46.77], 22.60),
@@ -179,7 +180,8 @@ def test_delta_m_reproduces_published_rows(bench, row, expected):
     specs = get_benchmark(bench).metrics
     percent = {"seg/miou", "seg/pixacc", "normal/within_11_25", "normal/within_22_5", "normal/within_30"}
     values = {s.name: v / 100 if s.name in percent else v for s, v in zip(specs, row)}
-    # the tables print rounded per-metric values (e.g. 0.0155), so agreement is ±0.1 (methods.md §1.6)
+    # the tables print rounded per-metric values (e.g. 0.0155), so agreement is ±0.1
+    # (docs/benchmarks.md#published-results)
     assert delta_m(values, specs) == pytest.approx(expected, abs=0.1)
 
 

@@ -125,7 +125,7 @@ def test_mae_units_and_mev_conversion():
 def test_delta_m_reproduces_published_rows():
     specs = QM9Benchmark.metrics
     assert delta_m({s.name: b for s, b in zip(specs, STL_MAE)}, specs) == pytest.approx(0.0)
-    # methods.md §6.5: LS 177.6, Nash-MTL 62.0 (MAEs printed rounded → ±0.4)
+    # docs/benchmarks.md#published-results: LS 177.6, Nash-MTL 62.0 (MAEs printed rounded → ±0.4)
     ls = (0.106, 0.325, 73.57, 89.67, 5.19, 14.06, 143.4, 144.2, 144.6, 140.3, 0.128)
     nash = (0.102, 0.248, 82.95, 81.89, 2.42, 5.38, 74.5, 75.02, 75.10, 74.16, 0.093)
     assert delta_m({s.name: v for s, v in zip(specs, ls)}, specs) == pytest.approx(177.6, abs=0.4)

@@ -62,7 +62,8 @@ def test_diverging_trials_are_recorded_and_the_search_goes_on(ray_local, tmp_pat
     assert table["error"].str.contains("min_losses").all() and (table["diverged"] == 1).all()
     assert (table["val/pareto_distance"] == 1e6).all()  # a finite penalty the sampler can learn from
     assert "DIVERGED" in out
-    # no zombie RUNNING trial in the Optuna study (peers.md B.5 P1)
+    # no zombie RUNNING trial in the Optuna study
+    # (docs/references.md#a-non-finite-objective-leaves-a-running-optuna-trial)
     state = sorted((tmp_path / "d" / "famo").glob("searcher-state-*.pkl"))[-1]
     study = pickle.loads(state.read_bytes())["_ot_study"]  # OptunaSearch pickles its __dict__
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3

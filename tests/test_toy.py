@@ -8,7 +8,7 @@ from mtl_tune.benchmarks.toy import INITS, pareto_distance, pareto_front, pareto
 @pytest.mark.parametrize("x1,f1,f2", [(0.0, -15.092, -15.092), (1.4, -16.855, -12.937), (2.8, -18.226, -10.390),
                                       (4.2, -19.206, -7.451), (5.6, -19.794, -4.121), (7.0, -19.989, -0.398)])
 def test_pareto_set_and_front_match_the_spec_table(x1, f1, f2):
-    # benchmarks.md §1.4: x₂*(x₁) and the unscaled losses along the Pareto set
+    # docs/benchmarks.md#toy-pareto-set-and-front: x₂*(x₁) and the unscaled losses along the Pareto set
     x2 = {0.0: -8.35511, 1.4: -8.35850, 2.8: -8.36856, 4.2: -8.38494, 5.6: -8.40712, 7.0: -8.43446}[x1]
     ps = pareto_set(1001)
     row = ps[np.argmin(abs(ps[:, 0] - x1))]
@@ -20,7 +20,7 @@ def test_pareto_set_and_front_match_the_spec_table(x1, f1, f2):
 
 
 def test_gradient_at_origin_is_not_zero():
-    # benchmarks.md §1.2: at (0, 0) both losses are 0 but ∇f₁ = ∇f₂ = (0, 10.856)
+    # docs/benchmarks.md#toy-losses: at (0, 0) both losses are 0 but ∇f₁ = ∇f₂ = (0, 10.856)
     x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     losses = toy_objectives(x, scale=1.0)
     assert losses.tolist() == [0.0, 0.0]

@@ -20,7 +20,8 @@ from toy.parallel import run_all
 from toy.report import load_search_trials, non_dominated, summarize, summarize_all
 from toy.trajectories import build_specs, main, parse_sets, run_trajectories, split_methods
 
-W_LS = 0.1 / 1.1                     # LS weight of f1 when L1 = 0.1·f1, L2 = f2 (benchmarks.md §1.4)
+# LS weight of f1 when L1 = 0.1·f1, L2 = f2 (docs/benchmarks.md#toy-pareto-set-and-front)
+W_LS = 0.1 / 1.1
 X1_LS = 7 * (2 * W_LS - 1)           # = −5.727: the weighted-sum optimum LS converges to
 
 
@@ -60,7 +61,7 @@ def test_analytic_jacobian_matches_autograd(scale):
 
 
 def test_gradient_at_origin_is_the_papers_kink_value():
-    # benchmarks.md §1.2: at (0, 0) ∇f1 = ∇f2 = (0, 10.856); f = 0
+    # docs/benchmarks.md#toy-losses: at (0, 0) ∇f1 = ∇f2 = (0, 10.856); f = 0
     vals, jac = toy_value_and_jacobian(np.zeros(2), 0.1)
     np.testing.assert_allclose(vals, [0.0, 0.0], atol=1e-15)
     np.testing.assert_allclose(jac, [[0.0, 1.0856], [0.0, 10.856]], atol=1e-3)
@@ -177,7 +178,8 @@ def test_process_pool_gives_the_same_trajectories():
 # ---------------------------------------------------------------- what the papers show
 @pytest.mark.parametrize("scale,weights,x1", [(0.1, None, X1_LS), (1.0, None, 0.0), (0.1, [10.0, 1.0], 0.0)])
 def test_ls_ends_at_the_weighted_sum_optimum(scale, weights, x1):
-    """LS on w·f1 + (1 − w)·f2 ends at x1 = 7(2w − 1), x2 = x2*(x1) (benchmarks.md §1.4),
+    """LS on w·f1 + (1 − w)·f2 ends at x1 = 7(2w − 1), x2 = x2*(x1)
+    (docs/benchmarks.md#toy-pareto-set-and-front),
     w = a1·s/(a1·s + a2) for task weights (a1, a2) and scale s. At the optimum Adam's steps
     (lr 3e-2) are driven by rounding noise, so the end point is the mean of the last 500 steps."""
     hp = {} if weights is None else {"task_weights": weights}

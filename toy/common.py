@@ -44,7 +44,7 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Protocol knobs shared by every run (defaults = the papers': benchmarks.md §1.3).
+    """Protocol knobs shared by every run (defaults = the papers': docs/benchmarks.md#toy-protocol).
 
     ``shift``: feed methods without a ``min_losses`` argument L − (−21s, −21) (no gradient
     changes; loss-value methods need positive losses). ``epoch_steps``: steps between

@@ -1,6 +1,6 @@
 """Run balancers on the toy problem: the public balancer API, and the fast batched kernels.
 
-Protocol (benchmarks.md §1.3, methods.md Appendix B): x ∈ R² starts at one of the five
+Protocol (docs/benchmarks.md#toy-protocol): x ∈ R² starts at one of the five
 :data:`~mtl_tune.benchmarks.toy.INITS`; Adam (lr 1e-3) on x; the balancer's own learnable
 parameters (UW) in a second Adam with their ``param_groups`` lr or ``method_params_lr``
 (0.025, the FAMO-family ``--method-params-lr``). The trajectory holds the init and the

@@ -10,7 +10,7 @@ operators forward plus two backward passes), which at 35 000 iterations is ~30 s
 of the trajectory engine — more than every cheap balancer together. The closed form
 below is one vectorised NumPy pass (~0.1 ms for any number of points). Its derivative
 conventions at the kinks copy PyTorch's, so it agrees with autograd everywhere:
-``max(t, 0)`` (the gate) passes the gradient for ``t >= 0`` (benchmarks.md §1.2: at
+``max(t, 0)`` (the gate) passes the gradient for ``t >= 0`` (docs/benchmarks.md#toy-losses: at
 (0, 0) ∇f₁ = ∇f₂ = (0, 10.856)), ``|u|`` has derivative ``sign(u)`` (0 at 0) and
 ``max(a, ε)`` passes the gradient only for ``a > ε``.
 """
@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from mtl_tune.benchmarks.toy import LOWER, pareto_front, toy_objectives
 
-#: unscaled single-task minimum of f₁ and f₂ (both −19.98943, benchmarks.md §1.4).
+#: unscaled single-task minimum of f₁ and f₂ (both −19.98943, docs/benchmarks.md#toy-pareto-set-and-front).
 F_MIN = float(pareto_front(1.0, 3)[-1, 0])
 
 
@@ -31,7 +31,7 @@ def toy_value_and_jacobian(x: np.ndarray, scale: float = 0.1) -> tuple[np.ndarra
     """Losses (…, 2) and Jacobian (…, 2 tasks, 2 coordinates) of (L₁, L₂) = (s·f₁, f₂).
 
     With c₁ = max(tanh(x₂/2), 0), c₂ = max(tanh(−x₂/2), 0) and the branches of
-    benchmarks.md §1.2 (u₁ = ½(−x₁ − 7) − tanh(−x₂), u₂ = ½(−x₁ + 3) + tanh(−x₂) + 2,
+    docs/benchmarks.md#toy-losses (u₁ = ½(−x₁ − 7) − tanh(−x₂), u₂ = ½(−x₁ + 3) + tanh(−x₂) + 2,
     gᵢ = log max(|uᵢ|, ε) + 6, q₁,₂ = ((−x₁ ± 7)² + 0.1(−x₂ − 8)²)/10 − 20):
 
         ∂f₁/∂x₁ = c₁ ∂g₁/∂x₁ + c₂ (x₁ − 7)/5,   ∂f₂/∂x₁ = c₁ ∂g₂/∂x₁ + c₂ (x₁ + 7)/5,

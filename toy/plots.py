@@ -1,4 +1,4 @@
-"""The two pictures every MTL paper draws for the toy problem (benchmarks.md §1.5).
+"""The two pictures every MTL paper draws for the toy problem (docs/benchmarks.md#toy-figures).
 
 * **Parameter space** (CAGrad's ``toy.py``): contour lines of the mean loss ½(L₁ + L₂) of
   the losses the methods optimise, the exact Pareto set {(x₁, x₂*(x₁))} as a grey line,

@@ -5,7 +5,7 @@
 
 Every method in :func:`mtl_tune.registry.available_balancers` (so methods added later show
 up by themselves) runs from the papers' five inits with the papers' protocol: Adam lr 1e-3
-on x, 35 000 iterations (FAMO: 50 000, its paper), scale 0.1 on L₁ (benchmarks.md §1.3).
+on x, 35 000 iterations (FAMO: 50 000, its paper), scale 0.1 on L₁ (docs/benchmarks.md#toy-protocol).
 A method can appear several times with different hyperparameters to see how they move
 the end point along the front: ``--methods cagrad,cagrad:c=0.9,fairgrad:alpha=0.5``
 (``name:param=value:...``); ``--set cagrad.c=0.2`` changes every variant of a method.

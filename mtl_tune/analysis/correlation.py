@@ -2,7 +2,7 @@
 
 PIVRG (Qin, Wang & Yan, CVPR'25) motivates its performance weights with "a strong
 positive correlation between cross-task performance variance and average benchmark
-performance" (MTLlib README; the paper's exact statistic was not retrievable, methods.md §7).
+performance" (MTLlib README; the paper's exact statistic was not retrievable, docs/methods.md#pivrg).
 We test it on any set of methods or trials:
 
 * per-task drop d_{m,k} = mean over task k's metrics of 100(−1)^δ (M − B)/B;

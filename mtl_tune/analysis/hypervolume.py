@@ -18,7 +18,8 @@ pymoo is not a dependency — the tests cross-check against optuna when it is im
 
 **Reference point.** HV values are only comparable when r is the same for every method,
 seed and sweep of a benchmark, so r is fixed per benchmark and never derived from the
-observed points (peers.md B.12). :func:`reference_point` resolves it per metric key:
+observed points (docs/references.md#hypervolume-reference-point). :func:`reference_point` resolves
+it per metric key:
 
 1. an explicit override;
 2. :data:`REFERENCE_POINTS` (benchmark, metric) — the toy: (loss1, loss2) = (0, 0), which

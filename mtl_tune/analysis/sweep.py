@@ -23,7 +23,8 @@ unpickles Tune's state: use it only on folders you wrote yourself.
 Only :func:`completed_trials` decides which trials are "finished": status
 ``TERMINATED``, not diverged and ``training_iteration >= epochs``. Pareto fronts and
 hypervolumes use it by default, because an early-stopped (ASHA) or crashed trial reports
-truncated metrics that would otherwise sit on the front (peers.md B.5 P2).
+truncated metrics that would otherwise sit on the front
+(docs/references.md#early-stopped-trials-told-as-complete).
 """
 
 from __future__ import annotations

@@ -364,8 +364,10 @@ class FairBalancer(GradientBalancer):
     """Base of FairGrad / PIVRG / ConsMTL: d = K · G x with x from :func:`solve_fair`.
 
     The ×K puts the update at the scale of the summed loss, and ``max_norm`` defaults to 1.0:
-    both are what the official FairGrad/MTLlib code effectively does (methods.md §1.3–1.4).
-    Heads receive the unweighted task gradients (official per-task ``backward``, §1.2).
+    both are what the official FairGrad/MTLlib code effectively does (docs/methods.md#update-scale,
+    docs/methods.md#gradient-clipping).
+    Heads receive the unweighted task gradients (official per-task ``backward``,
+    docs/methods.md#what-the-task-heads-receive).
     A non-converged solve is counted (``solver_failures`` in every step's extras), warned
     about, and raises :class:`BalancerError` after 20 in a row; that step uses the solver's
     best iterate (smallest relative residual), as the official least_squares would return

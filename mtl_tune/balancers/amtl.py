@@ -24,7 +24,7 @@ W p (they may be negative). Every aligned gradient gets the projection ⟨d, ĝ_
 claims; for mutually orthogonal gradients the update direction Σ_i p_i g_i/‖g_i‖ does not
 change at all when a gradient is rescaled.
 
-Conventions (methods.md §3.9, SamsungLabs/MTL ``ProcrustesSolver``): no ×K (the update is
+Conventions (docs/methods.md#amtl, SamsungLabs/MTL ``ProcrustesSolver``): no ×K (the update is
 d itself), no clipping, heads get their unweighted task gradients. ``torch.symeig`` of the
 official code is gone from PyTorch; ``torch.linalg.eigh`` computes the same decomposition.
 All-zero gradients (λ_max = 0) have rank 0: d = 0, weights 0 (the exact limit Ĝ = 0).

@@ -8,7 +8,7 @@ M_z = J_z J_zᵀ = V Λ Vᵀ and W = σ V_r Λ_r^{-1/2} V_rᵀ,
 
 As for MGDA-UB the trick costs K backward passes through the (small) heads plus one
 through the encoder; memory K × numel(z). Conventions follow SamsungLabs/MTL
-``AlignedMTLUBBalancer`` (methods.md §3.9): heads get their unweighted task gradients
+``AlignedMTLUBBalancer`` (docs/methods.md#amtlub): heads get their unweighted task gradients
 (the decoders run on a detached z there), no ×K, no clipping; ``scale_decoder_grad`` of the
 official code (off by default, and crashing when on) is not offered. See
 :class:`mtl_tune.balancers.mgdaub.RepresentationBalancer` for the representation contract.

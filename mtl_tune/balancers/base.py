@@ -421,7 +421,8 @@ GradientPath = Literal["auto", "jacobian", "gram"]
 GRADIENT_PATHS = ("auto", "jacobian", "gram")
 #: ``"auto"`` takes the Gram path when the K×P Jacobian would be at least this large (bytes) or
 #: K ≥ :data:`GRAM_MIN_TASKS`; below both the Jacobian path's saved backward pass wins
-#: (measured in docs/performance.md §8).
+#: (measured in
+#: docs/performance.md#8-gradient-methods-against-the-official-step-structure-benchgradient_steppy).
 GRAM_MIN_JACOBIAN_BYTES = 256 * 2**20
 GRAM_MIN_TASKS = 8
 
@@ -441,7 +442,8 @@ class GradientBalancer(Balancer):
       (:func:`choose_gradient_path`); ``"jacobian"`` / ``"gram"`` force a path.
 
     Task heads receive ``∇ Σ_i c_i ℓ_i`` where ``c = head_weights(weights)`` (unweighted ones by
-    default, as in the official code of most gradient methods; see ``methods.md`` §1.2).
+    default, as in the official code of most gradient methods; see
+    docs/methods.md#what-the-task-heads-receive).
     """
 
     needs_jacobian: ClassVar[bool] = True

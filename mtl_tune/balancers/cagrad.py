@@ -5,7 +5,7 @@ With g_0 = mean_i g_i and A = G Gᵀ, solve the dual over the simplex
 then d = g_0 + λ G w* with λ = c‖g_0‖ / ‖G w*‖. ``rescale`` 0/1/2 divides d by 1,
 1 + c², 1 + c (the official benchmarks use 1). c = 0 is gradient descent on the mean.
 The update is written at the scale of the summed loss (×K, as the official code does);
-task heads receive the unweighted task gradients (methods.md §3.7).
+task heads receive the unweighted task gradients (docs/methods.md#cagrad).
 
 Solver, K ≥ 3: SLSQP (as the official code) in float64 on the K×K Gram matrix, warm-started
 at uniform weights. Unlike the official code we check ``res.success``: a failed solve is

@@ -1,6 +1,6 @@
 """``consmtl`` — consistency-aware MTL (Qin, Wang & Yan, CVPR'25; arXiv 2503.06193).
 
-A bi-level update (methods.md §3.12):
+A bi-level update (docs/methods.md#consmtl):
 
 * **Upper level (shared parameters)** — FairGrad with α = 2: x > 0 with (A x)_i = x_i^{−1/2},
   shared grad ← K·G x, clipped to ``max_norm`` = 1.0 (official effective behaviour).
@@ -29,7 +29,7 @@ exact, g2·min(1, c‖g1‖/‖g2‖), where torch's ``clip_grad_norm_`` in the 
 
 Contract (checked, :class:`BalancerError` otherwise): ``task_params`` is one list of head
 parameters per task; ``representation`` is either one tensor that every head reads (QM9,
-CelebA: the official code must be edited for that case, methods.md §3.12) or a list of K
+CelebA: the official code must be edited for that case, docs/methods.md#consmtl) or a list of K
 per-task head inputs (MTAN's attention-decoder outputs), all of the same shape (Δ sums them),
 each in the autograd graph of its task's loss. λ = 0 (or c_i = 0) skips the double backward.
 """

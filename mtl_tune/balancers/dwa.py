@@ -1,5 +1,5 @@
 """``dwa`` — Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning
-with Attention", CVPR'19; methods.md §2.4).
+with Attention", CVPR'19; docs/methods.md#dwa).
 
 Tasks whose loss went down more slowly get more weight. With a temperature T:
 

@@ -12,7 +12,7 @@ the most lose weight, so the weights move toward the task that improves slowest.
 
 ``min_losses`` (ℓ*) must lie below every loss (the toy problem has negative losses; FAMO's
 toy trainer uses (−21·scale, −21)). A loss at or below ℓ* raises instead of producing NaN.
-Spec: methods.md §2.7; ``gamma`` defaults to the NYUv2 run.sh value 1e-3.
+Details: docs/methods.md#famo; ``gamma`` defaults to the NYUv2 run.sh value 1e-3.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``go4align`` — GO4Align, group risk minimisation (Shen et al., NeurIPS'24,
-arXiv 2404.06486; methods.md §2.8).
+arXiv 2404.06486; docs/methods.md#go4align).
 
 Per step, with the detached task losses ℓ (K,):
 

@@ -13,7 +13,7 @@ magnitude. λ = 0 is full sign dropout, λ = 1 the plain sum of gradients. Split
 uniform draw as "< P" / "≥ P" (instead of the paper's two strict inequalities) makes the
 two sign groups partition [0, 1): exactly one is kept even for a discrete RNG.
 
-Variants (methods.md §3.4, Appendix C.7) — we implement the first:
+Variants (docs/methods.md#graddrop) — we implement the first:
 * **FAMO-family / CAGrad repo** (default here; it produced the published NYUv2/Cityscapes/
   QM9/CelebA numbers): per shared-*parameter* coordinate, no sign(z) factor, no leak
   (λ = 0), written as the masked **sum** (= K × their masked mean), clipped at 1.0 in the

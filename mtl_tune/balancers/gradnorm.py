@@ -1,4 +1,4 @@
-"""``gradnorm`` — GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML'18; methods.md §2.6).
+"""``gradnorm`` — GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML'18; docs/methods.md#gradnorm).
 
 Learnable task weights w (init 1, Σw = K) train the network on L = Σ_i w_i ℓ_i while a
 second loss pulls the per-task gradient norms on the last shared layer W toward a

@@ -11,7 +11,7 @@ after which cos(g_i', g_j) = φ̂_ij exactly. The update is d = Σ_i g_i' (a sum
 at the scale of the summed loss; no extra ×K). With φ̂ ≡ 0 and β = 0 the correction is
 −⟨g_i', g_j⟩/‖g_j‖² g_j when φ_ij < 0: exactly PCGrad.
 
-``target_update`` (methods.md §3.6, Appendix C.8):
+``target_update`` (docs/methods.md#gradvac):
 * ``"paper"`` (default): the EMA is updated for every visited pair, so φ̂ tracks the
   observed similarities (and can become positive, which is the point of the method).
 * ``"official"``: SamsungLabs/MTL and LibMTL update φ̂ only inside the ``if`` — φ̂ can then
@@ -27,7 +27,7 @@ cosines are clipped to [−1, 1] and targets to [−1 + 1e-6, 1 − 1e-6] when u
 exactly ±1 would need an infinite correction).
 
 Heads get the unweighted task gradients. Samsung's GradVac writes only the shared gradient,
-so its decoders are never trained (an apparent bug, methods.md §3.6); we fix that.
+so its decoders are never trained (an apparent bug, docs/methods.md#gradvac); we fix that.
 Granularity (LibMTL's per-layer / per-matrix targets) is not offered: whole shared vector.
 """
 

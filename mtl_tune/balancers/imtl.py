@@ -33,7 +33,7 @@ solution is unique and identical to it. Degenerate cases, documented choices:
 α may be negative, and t (reported as ``extras["projection"]``) may even be negative for
 K ≥ 3, in which case d increases every loss to first order — a property of IMTL-G itself.
 
-Conventions (methods.md §3.5, FAMO-family ``IMTLG``): heads are **weighted** by α (the
+Conventions (docs/methods.md#imtl, FAMO-family ``IMTLG``): heads are **weighted** by α (the
 official code backpropagates Σ α_i ℓ_i); α sums to 1 and there is **no ×K** (the official
 code does not rescale), so the update is at the scale of the mean loss; no clipping.
 """

@@ -1,6 +1,6 @@
 """``ls`` — linear scalarization: L = Σ_i w_i ℓ_i with fixed weights (default all ones).
 
-The baseline every paper compares against (methods.md §2.1). With ``task_weights`` on the
+The baseline every paper compares against (docs/methods.md#ls). With ``task_weights`` on the
 simplex (scaled to sum K) it is also the canonical Pareto-front sweep: every point of a
 convex front is the optimum of some weighting.
 """

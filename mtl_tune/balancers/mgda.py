@@ -8,7 +8,7 @@ We solve the simplex QP exactly with an active-set method on the K×K Gram matri
 (:func:`mtl_tune.balancers._simplex.min_norm_simplex`; closed form for K = 2) instead of
 Sener's Frank–Wolfe loop, whose iteration guard is dead code in the official copy.
 As in the FAMO-family code the weights are multiplied by K (the update is at the scale
-of the summed loss) and task heads receive the same weights (methods.md §3.1).
+of the summed loss) and task heads receive the same weights (docs/methods.md#mgda).
 ``normalization``: gradients divided by 1 (``none``), ℓ_i (``loss``), ℓ_i‖g_i‖ (``loss+``)
 or ‖g_i‖ (``norm``) before solving; the weights are mapped back to raw-gradient weights.
 """

@@ -11,7 +11,7 @@ included, so A_z scales with batch size — harmless, the simplex solution is sc
 The encoder receives the single vector-Jacobian product ∂z/∂θ_sᵀ (Σ_i w*_i ∇_z ℓ_i): one
 backward through the trunk instead of K.
 
-Conventions (methods.md §3.2; the only official code is SamsungLabs/MTL):
+Conventions (docs/methods.md#mgdaub; the only official code is SamsungLabs/MTL):
 * heads get their **unweighted** task gradients ∇_{θ_i} ℓ_i (Samsung runs the decoders on a
   detached copy of z, so only the encoder sees the weights);
 * the weights sum to 1 — **no ×K** (Samsung convention), unlike our ``mgda``;

@@ -7,9 +7,10 @@ The Nash bargaining solution of the tasks is d = G α with α > 0 solving
 i.e. every task's directional derivative g_iᵀd equals 1/α_i. It is invariant to the scale of
 each task's loss: if g_i → c_i g_i then α_i → α_i / c_i and d is unchanged (tested). The
 update backpropagates Σ_i α_i ℓ_i: the shared gradient is G α (no ×K — α already carries the
-scale, as in the official code) and the heads get α-weighted gradients (methods.md §1.2).
+scale, as in the official code) and the heads get α-weighted gradients
+(docs/methods.md#what-the-task-heads-receive).
 The shared gradient is clipped to ``max_norm`` = 1.0 as in the Nash-MTL paper and its
-official repo (the FAMO-family copy lost the clip, methods.md §1.4).
+official repo (the FAMO-family copy lost the clip, docs/methods.md#gradient-clipping).
 
 Solvers (``solver``):
 

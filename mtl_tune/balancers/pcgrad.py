@@ -8,7 +8,7 @@ Every g_i^PC stays a linear combination of the original gradients, so we run the
 projections on coefficient vectors with the K×K Gram matrix (O(K³) instead of O(K²P))
 and form the direction once: d = cᵀ G. The random order comes from the balancer's own
 seeded generator (reproducible, saved in checkpoints). Task heads get the unweighted
-sum of task gradients (methods.md §3.3). A zero gradient g_j is never projected on.
+sum of task gradients (docs/methods.md#pcgrad). A zero gradient g_j is never projected on.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``pivrg`` — performance-informed variance reduction gradient (Qin, Wang & Yan, CVPR'25).
 
 FairGrad with α = 2 whose fairness equation carries per-task priorities p from the tasks'
-current performance gaps s (methods.md §3.11):
+current performance gaps s (docs/methods.md#pivrg):
 
     T = max((max s − min s) / ln(bound), mintemp),   p = K · softmax(s / T),
     (A x)_i = sqrt(p_i / x_i),   d = K · G x.

@@ -1,5 +1,5 @@
 """``rlw`` — random loss weighting (Lin et al., "Reasonable Effectiveness of Random
-Weighting", TMLR'22, arXiv 2111.10603; methods.md §2.3).
+Weighting", TMLR'22, arXiv 2111.10603; docs/methods.md#rlw).
 
 Every step draws fresh weights and backpropagates L = Σ_i w_i ℓ_i:
 

@@ -1,4 +1,4 @@
-"""``si`` — scale-invariant loss: L = Σ_i log ℓ_i (methods.md §2.2).
+"""``si`` — scale-invariant loss: L = Σ_i log ℓ_i (docs/methods.md#si).
 
 Used as a baseline by Nash-MTL (Navon et al., ICML'22) and every FAMO-family paper
 (``ScaleInvariantLinearScalarization``). Its gradient is

@@ -1,6 +1,6 @@
 """``stgu`` — selective task group updates (Jeong & Yoon, ICLR'25; arXiv 2502.11986).
 
-A training-loop method (methods.md §4): each batch is used for M grouped optimizer steps, one
+A training-loop method (docs/methods.md#stgu): each batch is used for M grouped optimizer steps, one
 per task group, each backpropagating only its group's losses Σ_{t∈g} w_t ℓ_t (w_t = 1, or
 1/|g| with ``group_norm``). Groups come from a *proximal inter-task affinity* A (K×K, EMA):
 
@@ -28,7 +28,7 @@ after it — we reuse the next group's forward as the lookahead, plus one no-gra
 the last group (M + 1 forwards per batch). The official code (``"official"``) instead credits
 to group g the change between the previous group's forward and g's forward, i.e. the effect
 of the *previous* group's update, never measures the last group and skips the first group of
-every batch (methods.md §4). Losses must be positive (relative decrease).
+every batch (docs/methods.md#stgu). Losses must be positive (relative decrease).
 
 **Similarity: the intended formula, not the official code's.** The official ``next_group``
 normalises in place, ``X[:, i] /= X[i, i]`` on a torch tensor, whose divisor is a view of an
@@ -53,7 +53,7 @@ Affinity propagation that finds no exemplar after 10 tries (``convergence_iter``
 try) keeps the previous groups and is counted in ``solver_failures`` (the official code keeps
 them silently); with K = 2 that cannot happen (no iterations). Every group step zeroes grads
 with ``set_to_none=True``, so Adam skips the parameters of tasks outside the group (torch ≥ 2
-behaviour; under torch 1.13 zeroed grads let Adam's momentum keep moving them, methods.md §4
+behaviour; under torch 1.13 zeroed grads let Adam's momentum keep moving them, docs/methods.md#stgu
 pitfall 2). The official ``lr_ts`` (task heads at K× the learning rate) is an optimizer setting
 of the trainer, not part of this class.
 """

@@ -1,5 +1,5 @@
 """``uw`` — homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR'18;
-methods.md §2.5).
+docs/methods.md#uw).
 
 Learnable s_i = log σ_i² (init 0), trained jointly with the model:
 
@@ -17,7 +17,8 @@ lr = ``--method-params-lr`` (0.025). ``lr`` is therefore a constructor argument 
 class only stores (and returns in :meth:`param_groups`, the ready-made group for
 ``torch.optim.Adam([{"params": model_params}, *balancer.param_groups()], lr=...)``); the
 trainer reads it. Note the official CelebA trainers forget this group, so there s never
-moves and UW degenerates to ½·LS (methods.md §1.5) — we do not reproduce that bug.
+moves and UW degenerates to ½·LS (docs/methods.md#learnable-balancer-parameters) — we do not
+reproduce that bug.
 
 Reported weights are the effective ∂L/∂ℓ_i (½e^{−s} or e^{−s}); the official code reports
 e^{−s} for the regression form, available here as ``extras["precision"]``.

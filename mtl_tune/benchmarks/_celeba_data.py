@@ -1,6 +1,6 @@
 """CelebA files: layout resolution, annotation parsing, validation, image datasets, cache.
 
-Layouts accepted under the data root (benchmarks.md §4.1):
+Layouts accepted under the data root (docs/benchmarks.md#celeba):
 
 * torchvision: ``<root>/celeba/{img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt}``
   (``<root>`` may also be the ``celeba`` folder itself);
@@ -256,7 +256,7 @@ def cached_split(cache_dir: str, img_dir: str, files: np.ndarray, split: str, si
                  num_workers: int) -> str:
     """Path of ``celeba_<split>_<size>px.npy`` (n, 3, s, s) uint8, built once if missing.
 
-    Decoding the 162k training JPEGs dominates CelebA's epoch time (benchmarks.md §8); the
+    Decoding the 162k training JPEGs dominates CelebA's epoch time (docs/benchmarks.md#compute-estimates); the
     cache holds exactly the bytes the on-the-fly transform produces. An exclusive file lock
     makes concurrent trials wait for one builder; the file appears atomically (rename).
     """

@@ -1,7 +1,7 @@
 """Data, augmentation, losses and metrics of the MTAN dense-prediction benchmarks.
 
 Shared by :mod:`mtl_tune.benchmarks.nyuv2` and :mod:`mtl_tune.benchmarks.cityscapes`
-(benchmarks.md §2–3). The on-disk layout, the pre-flight check
+(docs/benchmarks.md#nyuv2, docs/benchmarks.md#cityscapes). The on-disk layout, the pre-flight check
 and the checked loading of each sample live in :mod:`mtl_tune.benchmarks._dense_files`;
 arrays are cast to float32 here.
 

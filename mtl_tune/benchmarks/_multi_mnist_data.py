@@ -1,7 +1,7 @@
 """Data for the ``multi_mnist`` benchmark: MNIST idx files, sklearn digits, digit pairs.
 
 MultiMNIST (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
-NeurIPS 2018; benchmarks.md §6): a left digit L is pasted at rows/cols [0:28) and a second
+NeurIPS 2018; docs/benchmarks.md#multi_mnist): a left digit L is pasted at rows/cols [0:28) and a second
 digit R at [6:34) of a 36×36 canvas; where they overlap the pixel is max(L, R); the canvas
 is resized to 28×28 with nearest-neighbour sampling (PIL ``NEAREST``: source index
 ⌊(i + ½)·36/28⌋). Labels are (label(L), label(R)).

@@ -1,6 +1,6 @@
 """QM9 data: optional torch-geometric import, offline dataset, validation, graph completion.
 
-The dataset is ``torch_geometric.datasets.QM9(root)`` (benchmarks.md §5.1) read from the
+The dataset is ``torch_geometric.datasets.QM9(root)`` (docs/benchmarks.md#qm9) read from the
 user's ``root``: ``processed/data_v3.pt`` (PyG's processed file), or ``raw/qm9_v3.pt`` (PyG's
 pre-processed download), or — with RDKit — ``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``.
 Nothing is downloaded: :class:`OfflineQM9` replaces PyG's ``download`` with an error. Raw

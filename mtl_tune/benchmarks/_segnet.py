@@ -1,8 +1,9 @@
 """SegNet and SegNet-MTAN for the dense-prediction benchmarks (NYUv2, Cityscapes).
 
 Architecture of Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention"
-(MTAN, CVPR'19), as used by the Nash-MTL / FAMO family (benchmarks.md §2.4; written from the
-spec, not copied). With ``filters = (f₀, …, f₄) = (64, 128, 256, 512, 512)``:
+(MTAN, CVPR'19), as used by the Nash-MTL / FAMO family (docs/benchmarks.md#nyuv2; written from the
+papers' description of the architecture, not copied). With ``filters = (f₀, …, f₄) = (64, 128, 256,
+512, 512)``:
 
 * Shared SegNet: 5 encoder stages (conv f_{k−1}→f_k, 1–2 more convs, 2×2 max-pool with
   indices) and 5 mirrored decoder stages (unpool with the stage's indices, conv, 1–2 convs).
@@ -20,7 +21,7 @@ spec, not copied). With ``filters = (f₀, …, f₄) = (64, 128, 256, 512, 512)
 Parameter counts (checked by the tests): NYUv2 MTAN 44,229,073 (heads 111,889), NYUv2 SegNet
 25,055,185, Cityscapes MTAN 41,206,984 (heads 74,376) — identical to the official models.
 
-Shared / task-specific split (methods.md §1.1), :func:`split_parameters`:
+Shared / task-specific split (docs/methods.md#what-counts-as-shared), :func:`split_parameters`:
 
 * ``"famo"`` (default; Nash-MTL, FAMO, FairGrad, MTLlib): everything whose name does not start
   with ``pred_`` is shared — this *includes* the task-specific attention masks, so a task's

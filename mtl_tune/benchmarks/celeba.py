@@ -1,4 +1,4 @@
-"""``celeba`` — 40 binary face attributes, the FAMO-family protocol (benchmarks.md §4).
+"""``celeba`` — 40 binary face attributes, the FAMO-family protocol (docs/benchmarks.md#celeba).
 
 Data: :mod:`mtl_tune.benchmarks._celeba_data` (torchvision or original layout; 162,770 /
 19,867 / 19,962 train/val/test images by ``list_eval_partition.txt``), resized to 64×64,
@@ -24,7 +24,8 @@ F1 — hence :meth:`Celeba.default_objective` is ``val/mean_f1`` (``evaluate`` a
 Protocol: Adam lr 3e-4, batch 256, 15 epochs, no scheduler (FAMO/FairGrad); ``scheduler=
 "cosine"`` gives MTLlib's CosineAnnealingLR(T_max=epochs). The official CelebA trainers leave
 the balancer's own parameters out of the optimiser (so UW's log-variances never move, a bug,
-methods.md §1.5); we train them (paper-faithful) unless ``train_balancer_params=False``.
+docs/methods.md#learnable-balancer-parameters); we train them (paper-faithful) unless
+``train_balancer_params=False``.
 ``cache_dir`` stores the resized images once as ``.npy`` (identical bytes, far faster epochs).
 """
 

@@ -1,7 +1,7 @@
 """``cityscapes`` — Cityscapes, 2 tasks (7-class segmentation, inverse depth), SegNet-MTAN.
 
 Protocol of the FAMO family (Liu et al., NeurIPS'23 FAMO; Navon et al., ICML'22 Nash-MTL;
-benchmarks.md §3, methods.md §1.6): the pre-processed MTAN release at 128×256 (2975 training,
+docs/benchmarks.md#cityscapes): the pre-processed MTAN release at 128×256 (2975 training,
 500 "val" images; segmentation from ``label_7``), batch 8, Adam lr 1e-4, StepLR(100, ½), 200
 epochs, RandomScaleCrop + flip augmentation, last-10-epoch test mean reported.
 

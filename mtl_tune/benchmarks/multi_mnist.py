@@ -1,7 +1,7 @@
 """``multi_mnist`` — Sener & Koltun's MultiMNIST: classify the left and the right digit.
 
 Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018
-(code: isl-org/MultiObjectiveOptimization; also SamsungLabs/MTL, benchmarks.md §6).
+(code: isl-org/MultiObjectiveOptimization; also SamsungLabs/MTL, docs/benchmarks.md#multi_mnist).
 Images: two overlapping digits on a 36×36 canvas resized to 28×28 (see
 :mod:`mtl_tune.benchmarks._multi_mnist_data`), normalised with MNIST's (0.1307, 0.3081).
 Tasks ``left`` and ``right`` are 10-way classifications, loss = NLL of log-softmax
@@ -22,7 +22,8 @@ Data sources (reported by :meth:`MultiMnist.info` and in ``Setup.extras["data_so
   random partner per image (as the official pairing). The official code validates on the
   test set; a search must not, hence the validation carve-out.
 * ``sklearn_digits`` — default without a root: scikit-learn's bundled 8×8 digits upscaled to
-  MNIST frames; the 1,797 images are split 60/20/20 into disjoint pools before pairing and
+  MNIST frames; the 1,797 images are split into disjoint pools before pairing (test =
+  ``test_fraction`` 0.2, val = ``val_fraction`` 1/6 of the rest: ≈ 67/13/20 %) and
   every image is the left digit of ``pairs_per_image`` (10) pairs. Offline, deterministic
   (``data_seed``), ≈ 1 s per LS epoch on 2 CPU cores: the real-data benchmark for CI-sized
   searches. Its absolute accuracies are not comparable with MNIST numbers.

@@ -1,7 +1,7 @@
 """``nyuv2`` — NYUv2, 3 tasks (13-class segmentation, depth, surface normals), SegNet-MTAN.
 
-Protocol of Nash-MTL (Navon et al., ICML'22) and its FAMO-family forks (benchmarks.md §2,
-methods.md §1.6): the pre-processed MTAN release (Liu et al., CVPR'19) at 288×384, 795
+Protocol of Nash-MTL (Navon et al., ICML'22) and its FAMO-family forks (
+docs/benchmarks.md#nyuv2): the pre-processed MTAN release (Liu et al., CVPR'19) at 288×384, 795
 training and 654 "val" images; batch 2, Adam lr 1e-4 without weight decay, StepLR(100, ½),
 200 epochs, RandomScaleCrop + flip augmentation; papers report the test metrics averaged
 over the last 10 epochs (``last_n_mean = 10``; the generic trainer does the averaging).

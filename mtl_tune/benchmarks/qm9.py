@@ -1,4 +1,4 @@
-"""``qm9`` — 11 molecular-property regressions, the Nash-MTL protocol (benchmarks.md §5).
+"""``qm9`` — 11 molecular-property regressions, the Nash-MTL protocol (docs/benchmarks.md#qm9).
 
 Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (nash-mtl
 ``experiments/quantum_chemistry``), followed by FAMO, FairGrad, MTLlib. Needs the optional
@@ -8,7 +8,7 @@ Data: PyG's QM9 from the user's root, never downloaded (:mod:`._qm9_data`). Targ
 output order, PyG columns [0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11] = μ, α, ε_HOMO, ε_LUMO, ⟨R²⟩,
 ZPVE, U₀ᵃᵗᵒᵐ, Uᵃᵗᵒᵐ, Hᵃᵗᵒᵐ, Gᵃᵗᵒᵐ, c_v. Standardisation (``--scale-y True``):
 ỹ = (y − μ)/σ with μ, σ (unbiased) over **all** molecules — the official code takes them from
-``train_dataset.data``, which is the storage of the whole data set (benchmarks.md §5.2).
+``train_dataset.data``, which is the storage of the whole data set (docs/benchmarks.md#qm9).
 Split (official): after the model is built, ``torch.randperm`` on the global RNG (so the
 trial ``seed`` decides it); test = first 10,000, val = next 10,000, train = the rest
 (110,831). ``split_seed=<int>`` draws the permutation from its own generator instead (same

@@ -1,4 +1,4 @@
-"""``toy`` — the two-task toy problem of Nash-MTL / FAMO / Aligned-MTL (benchmarks.md §1).
+"""``toy`` — the two-task toy problem of Nash-MTL / FAMO / Aligned-MTL (docs/benchmarks.md#toy).
 
 x ∈ R² is the only (shared) parameter; no data. With ε = 5e-6,
 c₁ = max(tanh(x₂/2), 0), c₂ = max(tanh(−x₂/2), 0):
@@ -8,7 +8,7 @@ c₁ = max(tanh(x₂/2), 0), c₂ = max(tanh(−x₂/2), 0):
 
 Reported losses are L₁ = scale·f₁ and L₂ = f₂ (Nash-MTL/FAMO convention, ``scale`` = 0.1).
 The five initial points of the papers are :data:`INITS`. The true Pareto set is
-{(x₁, x₂*(x₁)) : x₁ ∈ [−7, 7]} with x₂* from a 1-D minimisation (benchmarks.md §1.4);
+{(x₁, x₂*(x₁)) : x₁ ∈ [−7, 7]} with x₂* from a 1-D minimisation (docs/benchmarks.md#toy-pareto-set-and-front);
 :func:`pareto_front` returns it densely and ``pareto_distance`` measures how far a point
 is from it in objective space.
 
@@ -42,8 +42,8 @@ INITS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (
 
 def _gate(t: Tensor) -> Tensor:
     """max(t, 0) whose derivative at t = 0 is 1, as ``torch.clamp`` had in the papers' code
-    (current PyTorch gives 0 there, which would pin the init (0, 0) forever; the spec's
-    gradient at (0, 0) is (0, 10.856) for both tasks)."""
+    (current PyTorch gives 0 there, which would pin the init (0, 0) forever; the papers'
+    gradient at (0, 0) is (0, 10.856) for both tasks, docs/benchmarks.md#toy-losses)."""
     return torch.where(t >= 0, t, torch.zeros_like(t))
 
 

@@ -1,4 +1,4 @@
-"""Published per-metric result tables (methods.md §6.1 NYUv2, §6.2 Cityscapes), as printed.
+"""Published per-metric result tables (NYUv2, Cityscapes; docs/benchmarks.md#published-results), as printed.
 
 Every number is copied from the cited paper tables (means over 3 seeds; test metrics
 averaged over the last 10 epochs; SegNet-MTAN, Nash-MTL protocol). Metric names are the

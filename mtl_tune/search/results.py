@@ -1,7 +1,8 @@
 """The tidy per-trial table and the sweep description, written next to Ray's own results.
 
 The table is rebuilt from Tune's experiment state (never by globbing trial folders: a
-restore can leave orphan folders; peers.md B.8) and written atomically (temp file +
+restore can leave orphan folders; docs/references.md#restore-needs-an-importable-search-space) and
+written atomically (temp file +
 rename), so a crash mid-write leaves the previous good copy.
 """
 

@@ -1,4 +1,4 @@
-"""OptunaSearch with the fixes a multi-objective MTL search needs (peers.md B.5, B.14).
+"""OptunaSearch with the fixes a multi-objective MTL search needs (docs/references.md#ray-tune-and-optuna).
 
 * P2: a trial that ends before its epoch budget (stopped by ASHA/HyperBand) is told to
   Optuna as PRUNED, not COMPLETE with its truncated values, so it never lands on a front.
@@ -53,7 +53,8 @@ class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
 
 def make_sampler(kind: str, seed: int, n_objectives: int, budget: int) -> optuna.samplers.BaseSampler:
     """A seeded Optuna sampler. NSGA-II's population is kept well below the budget,
-    otherwise it never leaves its random first generation (peers.md B.5)."""
+    otherwise it never leaves its random first generation
+    (docs/references.md#nsga-ii-population-and-small-budgets)."""
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, budget // 3)))
     if kind == "nsga2":

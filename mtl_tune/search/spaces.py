@@ -4,7 +4,8 @@ The file format is documented in ``search_spaces/README.md``. Loading validates 
 field and raises :class:`SpaceError` naming the file, the key and what is allowed.
 :class:`SpaceSampler` is the define-by-run function handed to OptunaSearch; it lives in
 this importable module (never ``__main__`` or a closure) so a pickled searcher can be
-restored by ``Tuner.restore`` from any entry point (peers.md B.8).
+restored by ``Tuner.restore`` from any entry point
+(docs/references.md#restore-needs-an-importable-search-space).
 """
 
 from __future__ import annotations

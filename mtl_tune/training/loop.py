@@ -19,7 +19,8 @@ Failures are classified once (docs/reliability.md):
    state or objective metric (including overflow ``RuntimeError``/``OverflowError``) — ends
    the run with ``diverged = 1``, ``error`` text, and every metric replaced by a finite
    penalty in its worse direction, so a searcher learns "bad here" instead of receiving NaN
-   (a NaN left in Optuna becomes a zombie RUNNING trial; peers.md B.5 P1).
+   (a NaN left in Optuna becomes a zombie RUNNING trial;
+   docs/references.md#a-non-finite-objective-leaves-a-running-optuna-trial).
 2. Bad data or configuration met at run time (:class:`DataError`, :class:`ConfigError`:
    the same error would recur on a retry) is raised to the caller;
    :func:`failure_metrics` gives the one final result the search reports for it.
