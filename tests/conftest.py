@@ -42,3 +42,17 @@ def ray_local_module():
     ray = _local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def faulty_cluster(tmp_path, monkeypatch):
+    """A local Ray cluster whose trial workers kill themselves once after epoch 1
+    (mtl_tune.training's fault hook); yields the folder of markers, one per kill."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # set before ray.init so that every worker process inherits it
+    monkeypatch.setenv("MTL_TUNE_FAULT_KILL_AT_EPOCH", "1")
+    monkeypatch.setenv("MTL_TUNE_FAULT_DIR", str(markers))
+    ray = _local_ray()
+    yield markers
+    ray.shutdown()

@@ -75,25 +75,10 @@ def test_two_workers_equal_one_worker_on_the_same_global_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------- a search (Ray Train in Tune)
-@pytest.fixture
-def faulty_cluster(tmp_path, monkeypatch):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    # set before ray.init so that every worker process inherits it: the last Train worker of
-    # each trial dies once, some seconds after reporting epoch 1
-    monkeypatch.setenv("MTL_TUNE_FAULT_KILL_AT_EPOCH", "1")
-    monkeypatch.setenv("MTL_TUNE_FAULT_DIR", str(markers))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield markers
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_search_with_two_workers_per_trial_restarts_from_its_checkpoint(faulty_cluster, tmp_path, capsys):
+    """faulty_cluster (conftest): the last Train worker of the trial dies once, some seconds
+    after reporting epoch 1."""
     import ray
 
     from mtl_tune.analysis import load_sweep

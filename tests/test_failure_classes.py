@@ -154,25 +154,13 @@ def test_config_error_at_run_time_fails_once_and_the_summary_says_why(ray_local,
 
 
 @pytest.mark.slow
-def test_lost_worker_without_retries_is_an_error_told_as_fail(tmp_path, capsys, monkeypatch):
-    import ray
-
+def test_lost_worker_without_retries_is_an_error_told_as_fail(faulty_cluster, tmp_path, capsys):
     from mtl_tune.analysis import load_sweep
     from mtl_tune.search.cli import main
 
-    if ray.is_initialized():
-        ray.shutdown()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    monkeypatch.setenv("MTL_TUNE_FAULT_KILL_AT_EPOCH", "1")
-    monkeypatch.setenv("MTL_TUNE_FAULT_DIR", str(markers))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        code = main(["--method", "cagrad", "--num-samples", "2", "--epochs", "2", "--objective", "loss1",
-                     "--config", "steps_per_epoch=30", "--max-failures", "0", "--storage-path", str(tmp_path),
-                     "--name", "k", "--verbose", "0"])
-    finally:
-        ray.shutdown()
+    code = main(["--method", "cagrad", "--num-samples", "2", "--epochs", "2", "--objective", "loss1",
+                 "--config", "steps_per_epoch=30", "--max-failures", "0", "--storage-path", str(tmp_path),
+                 "--name", "k", "--verbose", "0"])
     assert code == 1
     table = load_sweep(tmp_path / "k")
     assert set(table["status"]) == {"ERROR"} and (table["failures"] == 1).all()  # one failure, no restart

@@ -11,22 +11,6 @@ from mtl_tune.analysis import load_sweep
 from mtl_tune.search.cli import main
 
 
-@pytest.fixture
-def faulty_cluster(tmp_path, monkeypatch):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    # set before ray.init so every worker process inherits it
-    monkeypatch.setenv("MTL_TUNE_FAULT_KILL_AT_EPOCH", "1")
-    monkeypatch.setenv("MTL_TUNE_FAULT_DIR", str(markers))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield markers
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_killed_worker_restarts_from_its_checkpoint(faulty_cluster, tmp_path, capsys):
     code = main(["--method", "ls", "--num-samples", "2", "--epochs", "3", "--config", "steps_per_epoch=100",
