@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from mtl_tune.search.faults import maybe_inject_fault
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -76,11 +78,9 @@ def worker_loop(config: dict[str, Any]) -> None:
                 os.replace(tmp, Path(directory) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == world - 1 and training_state is not None:
-            from mtl_tune.search.trainable import _maybe_inject_fault
-
             # dies a while after its report, in the next epoch: a worker dying within the Train
             # controller's poll interval (2 s) of its report takes that epoch's report with it
-            _maybe_inject_fault(metrics, str(config.get("_trial_id", "")), delay_s=FAULT_DELAY_S)
+            maybe_inject_fault(metrics, str(config.get("_trial_id", "")), delay_s=FAULT_DELAY_S)
 
     try:
         train_data_parallel(config, rank, world, report, state)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from ray import tune
 from ray.tune.trainable.function_trainable import wrap_function
 
 from mtl_tune.benchmarks.base import ConfigError, DataError
+from mtl_tune.search.faults import maybe_inject_fault
 from mtl_tune.training import train
 from mtl_tune.training.loop import failure_metrics
 
@@ -86,7 +86,7 @@ def _report(metrics: dict[str, Any], checkpoint_dir: str | None, inject_fault: b
         return
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
     if inject_fault:
-        _maybe_inject_fault(metrics, tune.get_context().get_trial_id())
+        maybe_inject_fault(metrics, tune.get_context().get_trial_id())
 
 
 def _train_on_workers(config: dict[str, Any]) -> None:
@@ -119,19 +119,3 @@ class MultiWorkerTrial(wrap_function(train_trial)):
 def trainable_for(workers_per_trial: int):
     """The Tune trainable: :func:`train_trial` (one worker) or :class:`MultiWorkerTrial`."""
     return MultiWorkerTrial if workers_per_trial > 1 else train_trial
-
-
-def _maybe_inject_fault(metrics: dict[str, Any], trial_id: str, delay_s: float = 0.0) -> None:
-    """Fault injection for the reliability tests: with ``MTL_TUNE_FAULT_KILL_AT_EPOCH=N`` and
-    ``MTL_TUNE_FAULT_DIR`` set, the worker process dies once per trial right after reporting
-    epoch N (as a lost node would), so Tune must restart it from its checkpoint. In a
-    multi-worker trial the last Train worker dies ``delay_s`` after its report, in the next
-    epoch (:mod:`mtl_tune.search.data_parallel`)."""
-    at, marker_dir = os.environ.get("MTL_TUNE_FAULT_KILL_AT_EPOCH"), os.environ.get("MTL_TUNE_FAULT_DIR")
-    if not at or not marker_dir or float(metrics.get("epoch", -1)) != float(at):
-        return
-    marker = Path(marker_dir) / trial_id
-    if not marker.exists():
-        marker.write_text("killed")
-        time.sleep(delay_s)
-        os._exit(1)
