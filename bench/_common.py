@@ -22,13 +22,20 @@ import os
 # (see tests/conftest.py); it must be set before torch or sklearn is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
+# the bench scripts run from a checkout: the repository's top-level ``toy/`` package (not
+# installed into site-packages, see pyproject.toml) must be importable whatever the cwd
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(1, _REPO_ROOT)
+
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
