@@ -21,7 +21,7 @@ from mtl_tune.analysis import (
 from mtl_tune.analysis.report import best_config_seeds, best_per_method, objective_of
 from mtl_tune.analysis.synthetic import write_baseline_sweep, write_toy_sweep
 from mtl_tune.analyze import main
-from mtl_tune.data.published import NYUV2
+from mtl_tune.analysis.published import NYUV2
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -175,7 +175,7 @@ def test_load_sweep_rebuilds_the_table_from_ray_experiments(tmp_path, capsys):
 
     from mtl_tune.search.cli import main as search
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         code = search(["--method", "ls,cagrad", "--num-samples", "2", "--epochs", "1", "--config",
                        "steps_per_epoch=50", "--storage-path", str(tmp_path), "--name", "sw", "--verbose", "0"])

@@ -19,7 +19,7 @@ from mtl_tune.analysis import (
     variance_performance_from_metrics,
 )
 from mtl_tune.analysis.correlation import bootstrap_correlations
-from mtl_tune.data.published import CITYSCAPES, NYUV2, published_table
+from mtl_tune.analysis.published import CITYSCAPES, NYUV2, published_table
 from mtl_tune.metrics import MetricSpec
 
 
@@ -176,7 +176,7 @@ def test_permutation_null_shows_the_mechanical_part():
 
 
 def test_published_tables_use_the_benchmarks_metric_names_and_convert_units():
-    from mtl_tune.data.published import CITYSCAPES, NYUV2
+    from mtl_tune.analysis.published import CITYSCAPES, NYUV2
     from mtl_tune.registry import benchmark_class
 
     for table in (NYUV2, CITYSCAPES):

@@ -419,7 +419,7 @@ def test_search_space_params_are_constructor_args(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_search_space_loads(name):
-    spaces = pytest.importorskip("mtl_tune.search.spaces")
+    spaces = pytest.importorskip("mtl_tune.spaces")
     for benchmark in (None, "nyuv2"):
         space = spaces.load_space(name, benchmark)
         assert space.method == name

@@ -1067,7 +1067,7 @@ def test_stgu_trains_a_small_model_and_round_trips_state():
 # ---------------------------------------------------------------------------- search spaces
 @pytest.mark.parametrize("method", METHODS)
 def test_search_space_params_build_the_method(method):
-    from mtl_tune.search.spaces import load_space
+    from mtl_tune.spaces import load_space
 
     for bench, k in ((None, 3), ("nyuv2", 3), ("cityscapes", 2), ("celeba", 40), ("qm9", 11)):
         space = load_space(method, bench)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class
-from mtl_tune.search.spaces import load_space
+from mtl_tune.spaces import load_space
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

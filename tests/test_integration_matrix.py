@@ -39,7 +39,7 @@ import mtl_tune.benchmarks.qm9 as qm9_module
 from mtl_tune.benchmarks.cityscapes import Cityscapes
 from mtl_tune.benchmarks.nyuv2 import NYUv2
 from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class
-from mtl_tune.search.spaces import load_space
+from mtl_tune.spaces import load_space
 from mtl_tune.training.loop import Trainer
 
 METHODS = available_balancers()

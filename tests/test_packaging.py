@@ -32,7 +32,7 @@ def test_console_command_version_and_usage(capsys):
 
 
 def test_search_spaces_come_from_the_checkout_when_there_is_one():
-    from mtl_tune.search.spaces import SPACES_DIR
+    from mtl_tune.spaces import SPACES_DIR
 
     assert SPACES_DIR == REPO / "search_spaces"
 
@@ -71,7 +71,7 @@ def test_wheel_installs_and_searches_outside_the_repository(tmp_path):
     import mtl_tune
 
     assert run("--version").strip() == f"mtl-tune {mtl_tune.__version__}"
-    where = subprocess.run([sys.executable, "-c", "import mtl_tune.search.spaces as s; print(s.SPACES_DIR)"],
+    where = subprocess.run([sys.executable, "-c", "import mtl_tune.spaces as s; print(s.SPACES_DIR)"],
                            env=env, cwd=work, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where) == target / "mtl_tune" / "search_spaces"
     assert "--methods" in run("toy", "--help")

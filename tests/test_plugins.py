@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mtl_tune import registry
-from mtl_tune.search.spaces import load_space
+from mtl_tune.spaces import load_space
 
 PLUGIN = '''
 import torch

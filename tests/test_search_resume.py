@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from mtl_tune.analysis import load_sweep
-from mtl_tune.search.spaces import SpaceSampler, load_space
+from mtl_tune.spaces import SpaceSampler, load_space
 
 ARGS = ["--method", "ls,cagrad", "--num-samples", "4", "--epochs", "3", "--config", "steps_per_epoch=300",
         "--sampler", "random", "--num-cpus", "2", "--verbose", "0", "--seed", "3"]

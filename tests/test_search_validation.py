@@ -223,7 +223,7 @@ def test_settings_accept_what_users_type(capsys, tmp_path):
 
 def test_yaml_numbers_without_dot_or_exponent_sign_are_numbers(tmp_path, capsys):
     from mtl_tune.search.cli import _pairs
-    from mtl_tune.search.spaces import load_space
+    from mtl_tune.spaces import load_space
 
     assert _pairs(["lr=1e-3", "x=1.0e40", "y=2E5", "n=10", "s=abc"], "--config") == \
         {"lr": 1e-3, "x": 1e40, "y": 2e5, "n": 10, "s": "abc"}

@@ -164,3 +164,20 @@ def test_a_process_without_the_token_cannot_run_code_in_a_running_search(tmp_pat
         except subprocess.TimeoutExpired:
             host.kill()
             host.wait(timeout=30)
+
+
+def test_without_address_the_search_starts_a_cluster_of_its_own(monkeypatch, tmp_path):
+    """No --address: ``ray.init(address="local")``, so neither RAY_ADDRESS nor a cluster left by
+    ``ray start`` on this machine is joined (Ray would join it, and refuse --num-cpus there)."""
+    import ray
+
+    from mtl_tune.search import SearchOptions, prepare
+    from mtl_tune.search.execution import init_ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "10.255.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no_token"))
+    init_ray(prepare(SearchOptions(methods=["ls"], num_cpus=1, storage_path=str(tmp_path / "res"), verbose=0)))
+    assert len(calls) == 1 and calls[0]["address"] == "local" and calls[0]["num_cpus"] == 1

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class
-from mtl_tune.search.spaces import SPACES_DIR, SpaceError, SpaceSampler, load_space
+from mtl_tune.spaces import SPACES_DIR, SpaceError, SpaceSampler, load_space
 
 
 @pytest.mark.parametrize("method", available_balancers())

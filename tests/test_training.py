@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mtl_tune.training.loop import PENALTY, Trainer, resolve_hparams, train
+from mtl_tune.training.loop import PENALTY, Trainer, decode_hparams, train
 
 TOY = {"benchmark": "toy", "seed": 0, "epochs": 3, "steps_per_epoch": 50, "init": 3}
 
@@ -59,12 +59,12 @@ def test_balancer_error_is_a_recorded_failure_not_a_crash():
 
 
 def test_simplex_hparams_become_weights_summing_to_k():
-    out = resolve_hparams({"task_weights": {"0": 0.5, "1": 0.5, "2": 0.5}, "c": 0.3}, 3)
+    out = decode_hparams({"task_weights": {"0": 0.5, "1": 0.5, "2": 0.5}, "c": 0.3}, 3)
     assert out["task_weights"] == pytest.approx([1.0, 1.0, 1.0]) and out["c"] == 0.3
-    out = resolve_hparams({"task_weights": {"0": 0.9, "1": 0.1}}, 2)
+    out = decode_hparams({"task_weights": {"0": 0.9, "1": 0.1}}, 2)
     assert sum(out["task_weights"]) == pytest.approx(2.0) and out["task_weights"][1] > out["task_weights"][0]
     with pytest.raises(ValueError, match="2 components"):
-        resolve_hparams({"task_weights": {"0": 0.5, "1": 0.5}}, 3)
+        decode_hparams({"task_weights": {"0": 0.5, "1": 0.5}}, 3)
 
 
 def test_same_seed_same_result():

@@ -17,7 +17,6 @@ Modules: :mod:`.sweep` (loading, :func:`completed_trials`), :mod:`.pareto` (domi
 :mod:`.synthetic` (demo sweeps in the results format).
 """
 
-from mtl_tune.analysis.charts import plot_hp_vs_objective, plot_method_bars, plot_variance_vs_delta_m
 from mtl_tune.analysis.correlation import (
     CorrelationResult,
     permutation_null,
@@ -27,7 +26,6 @@ from mtl_tune.analysis.correlation import (
     variance_performance_from_metrics,
 )
 from mtl_tune.analysis.hypervolume import (
-    REFERENCE_POINTS,
     hypervolume,
     hypervolume_mc,
     hypervolume_table,
@@ -40,7 +38,8 @@ from mtl_tune.analysis.pareto import (
     pareto_front,
     pareto_mask,
 )
-from mtl_tune.analysis.plots import plot_parallel_coordinates, plot_pareto_front
+from mtl_tune.analysis.plots import (plot_hp_vs_objective, plot_method_bars, plot_parallel_coordinates,
+                                     plot_pareto_front, plot_variance_vs_delta_m)
 from mtl_tune.analysis.ranking import (
     delta_m_table,
     mean_rank,
@@ -71,7 +70,6 @@ from mtl_tune.analysis.sweep import (
 )
 
 __all__ = [
-    "REFERENCE_POINTS",
     "CorrelationResult",
     "SweepNotFoundError",
     "as_minimisation",

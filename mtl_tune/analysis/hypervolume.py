@@ -22,7 +22,8 @@ observed points (docs/references.md#hypervolume-reference-point). :func:`referen
 it per metric key:
 
 1. an explicit override;
-2. :data:`REFERENCE_POINTS` (benchmark, metric) — the toy: (loss1, loss2) = (0, 0), which
+2. the benchmark's own ``reference_points`` (a class attribute of
+   :class:`~mtl_tune.benchmarks.base.Benchmark`) — the toy: (loss1, loss2) = (0, 0), which
    every point of the true front beats (front L₁ ∈ [−2.0, −0.04], L₂ ∈ [−20.0, −0.4]);
 3. ``delta_m`` and ``drop/<task>`` keys (relative drops in %): 100;
 4. a metric with an STL baseline B: the value whose relative drop is +100 %, i.e. 2B for a
@@ -38,34 +39,26 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mtl_tune.analysis._benchmarks import bare_metric, registered_benchmark
 from mtl_tune.analysis.pareto import as_minimisation, check_modes, pareto_mask
 from mtl_tune.analysis.sweep import completed_trials
 from mtl_tune.metrics import MetricSpec
 
-#: fixed reference points in the metrics' own units, keyed by benchmark then bare metric name.
-REFERENCE_POINTS: dict[str, dict[str, float]] = {
-    "toy": {"loss1": 0.0, "loss2": 0.0, "pareto_distance": 10.0},
-}
 DROP_REFERENCE = 100.0
-
-
-def _bare(key: str) -> str:
-    """``val/seg/miou`` → ``seg/miou`` (drop the split prefix when there is one)."""
-    head, _, rest = key.partition("/")
-    return rest if rest and (head in ("val", "test", "train") or head.startswith("test_last")) else key
 
 
 def reference_point(metrics: Sequence[str], benchmark: str | None = None,
                     specs: Sequence[MetricSpec] | None = None,
                     overrides: Mapping[str, float] | None = None) -> np.ndarray:
     """The fixed reference point for ``metrics`` (in their own units); rules in the module docstring."""
-    table = REFERENCE_POINTS.get(benchmark or "", {})
+    cls = registered_benchmark(benchmark)
+    table = dict(getattr(cls, "reference_points", {}) or {})
     by_name = {s.name: s for s in specs or ()}
-    if not by_name and benchmark:
-        by_name = {s.name: s for s in _benchmark_specs(benchmark)}
+    if not by_name and cls is not None:
+        by_name = {s.name: s for s in cls.metrics}
     out = []
     for key in metrics:
-        bare = _bare(key)
+        bare = bare_metric(key)
         if overrides and (key in overrides or bare in overrides):
             out.append(float(overrides.get(key, overrides.get(bare))))
         elif bare in table:
@@ -77,17 +70,8 @@ def reference_point(metrics: Sequence[str], benchmark: str | None = None,
             out.append(0.0 if spec.higher_is_better else 2.0 * float(spec.baseline))
         else:
             raise ValueError(f"no fixed hypervolume reference for metric {key!r} of benchmark {benchmark!r}: "
-                             "pass overrides={...} or add it to REFERENCE_POINTS")
+                             "pass overrides={...} or declare it in the benchmark's reference_points")
     return np.array(out, dtype=np.float64)
-
-
-def _benchmark_specs(benchmark: str) -> tuple[MetricSpec, ...]:
-    try:
-        from mtl_tune.registry import benchmark_class
-
-        return tuple(benchmark_class(benchmark).metrics)
-    except Exception:  # unknown benchmark or an import error in another module: no specs
-        return ()
 
 
 def hypervolume(values: np.ndarray | pd.DataFrame, modes: Sequence[str], reference: Sequence[float]) -> float:

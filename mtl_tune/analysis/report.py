@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtl_tune.analysis.charts import plot_hp_vs_objective, plot_method_bars, plot_variance_vs_delta_m
+from mtl_tune.analysis._benchmarks import known_front_points, registered_benchmark
 from mtl_tune.analysis.correlation import task_weights, permutation_null, variance_performance_from_metrics
 from mtl_tune.analysis.hypervolume import hypervolume_table, reference_point
 from mtl_tune.analysis.pareto import pareto_front, pareto_mask
-from mtl_tune.analysis.plots import plot_pareto_front
+from mtl_tune.analysis.plots import plot_hp_vs_objective, plot_method_bars, plot_pareto_front, plot_variance_vs_delta_m
 from mtl_tune.analysis.ranking import metric_table, summary_table
 from mtl_tune.analysis.summary import degenerate_notes, method_front_summary
 from mtl_tune.analysis.sweep import (
@@ -212,11 +212,7 @@ def _pareto_blocks(name, df, meta, bench, metrics, modes, out, include_incomplet
             return []
     front = pareto_front(df, metrics, modes, include_incomplete)
     slug = _slug(name)
-    ref_front = None
-    if bench == "toy" and len(metrics) == 2 and all(m.endswith(("/loss1", "/loss2")) for m in metrics):
-        from mtl_tune.benchmarks.toy import pareto_front as toy_front
-
-        ref_front = toy_front()
+    ref_front = known_front_points(bench, metrics, (meta.get("args") or {}).get("config"))
     png = plot_pareto_front(df, metrics, modes, out / f"{slug}_pareto.png", title=f"{name}: Pareto front",
                             reference_front=ref_front, include_incomplete=include_incomplete)
     cols = ["method", "trial_id", "seed"] + list(metrics) + hp_columns(front)
@@ -247,12 +243,8 @@ def _pareto_blocks(name, df, meta, bench, metrics, modes, out, include_incomplet
 
 
 def _registry_primary(bench: str) -> list[MetricSpec]:
-    try:
-        from mtl_tune.registry import benchmark_class
-
-        return [s for s in benchmark_class(bench).metrics if s.primary]
-    except Exception:  # unknown benchmark: no primary metrics, the Pareto section is skipped
-        return []
+    cls = registered_benchmark(bench)  # unknown benchmark: no primary metrics, the Pareto section is skipped
+    return [s for s in cls.metrics if s.primary] if cls is not None else []
 
 
 def _baseline_blocks(name, df, meta, scalar, out) -> list[Block]:

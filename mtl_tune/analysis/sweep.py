@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from mtl_tune.analysis.trial_table import trial_rows
 from mtl_tune.metrics import MetricSpec
 
 PathLike = str | Path
@@ -188,7 +189,7 @@ def trials_from_ray(root: PathLike) -> pd.DataFrame:
 
     The search keeps one Tune experiment per method (``<sweep>/<method>/``); each one
     found is read offline with the search's own row builder
-    (:func:`mtl_tune.search.results.trial_rows`, ``ExperimentAnalysis`` underneath), so
+    (:func:`mtl_tune.analysis.trial_table.trial_rows`, ``ExperimentAnalysis`` underneath), so
     the rebuilt table has exactly the columns and status rules (``DIVERGED``,
     ``STOPPED_EARLY``) of a ``trials.csv`` written at the end of a sweep.
     """
@@ -196,8 +197,6 @@ def trials_from_ray(root: PathLike) -> pd.DataFrame:
     experiments = find_ray_experiments(root)
     if not experiments:
         raise SweepNotFoundError(f"no trials.csv and no Ray Tune experiment (experiment_state-*.json) under {str(root)!r}")
-    from mtl_tune.search.results import trial_rows  # imports Ray: only on this path
-
     meta = load_sweep_meta(root)
     name = str(meta.get("name") or root.name)
     n_tasks = len(meta.get("tasks") or [])  # 0 → simplex draws stay raw (trial_rows falls back)

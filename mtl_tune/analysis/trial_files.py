@@ -10,7 +10,7 @@ state, so opening a crafted folder with them runs its code. This module reads on
   (else the last row of ``progress.csv``) and ``error.txt``.
 
 ``params.pkl``, ``*.pkl`` searcher/tuner state and checkpoints are never opened. The
-rows come from the search's own row builder (:func:`mtl_tune.search.results.trial_row`),
+rows come from the search's own row builder (:func:`mtl_tune.analysis.trial_table.trial_row`),
 so the columns match a ``trials.csv`` written at the end of a sweep.
 """
 
@@ -23,8 +23,11 @@ from typing import Any
 
 import pandas as pd
 
-#: experiment-folder suffix → phase (as in mtl_tune.search.results.PHASES)
-PHASES = {".seeds": "seeds", ".prefs": "prefs"}
+from mtl_tune.analysis.trial_table import PHASES as _ALL_PHASES
+from mtl_tune.analysis.trial_table import trial_row
+
+#: experiment-folder suffix → phase, for the suffixed phases (a folder without one is the search)
+PHASES = {suffix: phase for suffix, phase in _ALL_PHASES.items() if suffix}
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -115,8 +118,6 @@ def _inferred_status(trial_dir: Path, config: dict[str, Any], last: dict[str, An
 
 def experiment_rows(experiment: Path, sweep: str, n_tasks: int) -> list[dict[str, Any]]:
     """One row per trial of one experiment folder, from JSON/CSV files only."""
-    from mtl_tune.search.results import trial_row
-
     phase = next((p for suffix, p in PHASES.items() if experiment.name.endswith(suffix)), "search")
     known = state_trials(experiment)
     if known:  # the state lists the trials; a restore can leave orphan folders, which it does not name

@@ -11,7 +11,7 @@ through the encoder; memory K × numel(z). Conventions follow SamsungLabs/MTL
 ``AlignedMTLUBBalancer`` (docs/methods.md#amtlub): heads get their unweighted task gradients
 (the decoders run on a detached z there), no ×K, no clipping; ``scale_decoder_grad`` of the
 official code (off by default, and crashing when on) is not offered. See
-:class:`mtl_tune.balancers.mgdaub.RepresentationBalancer` for the representation contract.
+:class:`mtl_tune.balancers._representation.RepresentationBalancer` for the representation contract.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from mtl_tune.balancers.amtl import AlignedCombination
-from mtl_tune.balancers.mgdaub import RepresentationBalancer
+from mtl_tune.balancers._aligned import AlignedCombination
+from mtl_tune.balancers._representation import RepresentationBalancer
 
 
 class AlignedMTLUB(AlignedCombination, RepresentationBalancer):

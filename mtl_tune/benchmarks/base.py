@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -202,6 +203,10 @@ class Benchmark(abc.ABC):
     #: dimension is the sample, so each worker can take an equal slice of every batch
     #: (:mod:`mtl_tune.training.data_parallel`). A string says why not.
     data_parallel: ClassVar[bool | str] = True
+    #: fixed hypervolume reference values per bare metric name, in the metric's own units, for
+    #: metrics the generic rules of :func:`mtl_tune.analysis.reference_point` cannot place
+    #: (no STL baseline, not a relative drop); e.g. the toy's losses
+    reference_points: ClassVar[dict[str, float]] = {}
 
     def __init__(self, data_root: str | None = None, synthetic: bool = False, **options: Any) -> None:
         if options:  # a misspelt option must not be ignored silently
@@ -301,3 +306,10 @@ class Benchmark(abc.ABC):
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """``{method: constructor arguments}`` a benchmark imposes (e.g. FAMO's min_losses)."""
         return {}
+
+    @classmethod
+    def known_front(cls, config: Mapping[str, Any] | None = None) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """The true Pareto front when the benchmark knows it (an analytic problem such as the toy):
+        ``(bare metric names of its columns, points (n, len(names)))``, drawn under the trials in
+        front plots; None (the default) when it is unknown, as for every real data set."""
+        return None

@@ -7,7 +7,7 @@ epochs, RandomScaleCrop + flip augmentation, last-10-epoch test mean reported.
 
 The pipeline, the honest validation split (``val_fraction``, default 0.1 of the training
 folder; "test" = the official ``val`` folder) and every option are those of
-:class:`mtl_tune.benchmarks.nyuv2.DenseBenchmark`.
+:class:`mtl_tune.benchmarks._dense_benchmark.DenseBenchmark`.
 
 Depth here is **inverse depth** (raw disparity, ≈ 0…0.49, 0 = invalid), so the relative error
 is large (STL 27.77). Under a zoom by sc the physical rule is d·sc; the official augmentation
@@ -20,7 +20,7 @@ Units as in the official code (mIoU/PixAcc in [0, 1]); STL baselines = official 
 from __future__ import annotations
 
 from mtl_tune.benchmarks._dense import DenseLayout
-from mtl_tune.benchmarks.nyuv2 import DENSE_DEFAULTS, DENSE_SETTINGS, DenseBenchmark
+from mtl_tune.benchmarks._dense_benchmark import DENSE_DEFAULTS, DENSE_SETTINGS, DenseBenchmark
 from mtl_tune.metrics import MetricSpec
 
 

@@ -28,7 +28,7 @@ def _value(text: str, where: str) -> Any:
     """``0.5`` → 0.5, ``1e-3`` → 0.001, ``[1, 2]`` → list, ``none`` stays a string."""
     import yaml
 
-    from mtl_tune.search.spaces import load_yaml
+    from mtl_tune.spaces import load_yaml
     from mtl_tune.search.validate import SearchError
 
     try:
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the benchmark's protocol)")
     p.add_argument("--data-root", default=None, help="data set location (or the benchmark's environment variable)")
     p.add_argument("--synthetic", action="store_true", help="random tensors of the real shapes (throughput only)")
-    p.add_argument("--address", default=None, help="join an existing Ray cluster: 'auto' or host:port")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster: 'auto' or host:port (without it the search starts a "
+                        "local cluster of its own; RAY_ADDRESS and a `ray start` cluster are not joined)")
     p.add_argument("--resume", action="store_true",
                    help="continue the search --storage-path/--name with its stored arguments (given ones must match); "
                         "this loads Ray's pickled state of that folder, which can run code: resume only sweeps you wrote")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtl_tune.benchmarks.base import ConfigError, DataError
     from mtl_tune.registry import UnknownNameError
     from mtl_tune.search.runner import prepare, sweep_dir_of
-    from mtl_tune.search.spaces import SpaceError
+    from mtl_tune.spaces import SpaceError
     from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 
     args = build_parser().parse_args(argv)

@@ -9,7 +9,10 @@
   front each method can reach is drawn and compared by hypervolume.
 
 Both are plain Tune grid searches (no Optuna), stored as ``<method>.seeds/`` and
-``<method>.prefs/`` next to the method's search and restored by ``--resume``.
+``<method>.prefs/`` next to the method's search and restored by ``--resume``; they are
+built and run by :mod:`mtl_tune.search.execution` (the one module that starts Tune runs).
+This module holds what they are made of (the ranking objective, the preference grid) and
+the tables that compare their results; it starts nothing.
 """
 
 from __future__ import annotations
@@ -36,21 +39,6 @@ def ranking_objective(plan: Plan) -> tuple[str, str]:
     return plan.bench.default_objective()
 
 
-def best_config(table: pd.DataFrame, method: str, metric: str, mode: str) -> dict[str, Any] | None:
-    from ray.tune import ExperimentAnalysis
-
-    done = table[(table["method"] == method) & (table["status"] == "TERMINATED")
-                 & (table.get("phase", "search") == "search")]
-    if done.empty or metric not in done:
-        return None
-    best = done.sort_values(metric, ascending=mode == "min").iloc[0]
-    analysis = ExperimentAnalysis(str(best["logdir"]).rsplit("/", 1)[0])
-    for trial in analysis.trials:
-        if trial.trial_id == best["trial_id"]:
-            return dict(trial.config)
-    return None
-
-
 def preference_arg(method: str) -> str | None:
     params = inspect.signature(balancer_class(method).__init__).parameters
     return next((a for a in PREFERENCE_ARGS if a in params), None)
@@ -69,57 +57,6 @@ def simplex_grid(n_tasks: int, n_points: int) -> list[list[float]]:
     grid = np.clip(np.array(points), 1e-3, None)
     grid = grid / grid.sum(1, keepdims=True) * n_tasks
     return grid.round(6).tolist()
-
-
-def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
-    from ray import tune
-
-    from mtl_tune.search.execution import fitting_trials, trial_dirname, trial_resources
-    from mtl_tune.search.trainable import trainable_for
-
-    o = plan.options
-    path = plan.sweep_dir / experiment
-    trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
-    # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
-    limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
-    if tune.Tuner.can_restore(str(path)):
-        tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
-        return
-    tune.Tuner(trainable, param_space=param_space,
-               tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=trial_dirname,
-                                           max_concurrent_trials=limit),
-               run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
-                                         failure_config=tune.FailureConfig(max_failures=o.max_failures),
-                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
-
-
-def run_seeds(plan: Plan, table: pd.DataFrame) -> None:
-    from ray import tune
-
-    metric, mode = ranking_objective(plan)
-    seeds = [plan.options.seed + i for i in range(1, plan.options.seeds + 1)]
-    for method in plan.spaces:
-        config = best_config(table, method, metric, mode)
-        if config is None:
-            print(f"--seeds: {method} has no finished trial with {metric}; no re-runs")
-            continue
-        run_grid(plan, f"{method}.seeds", {**config, "seed": tune.grid_search(seeds)})
-
-
-def run_preferences(plan: Plan) -> None:
-    from mtl_tune.search.runner import trial_constants
-
-    from ray import tune
-
-    grid = simplex_grid(plan.bench.n_tasks, plan.options.preferences)
-    for method in plan.spaces:
-        arg = preference_arg(method)
-        if arg is None:
-            continue
-        const = trial_constants(plan, method)
-        fixed = {k: v for k, v in plan.spaces[method].constants().items() if k != arg}
-        const["hparams"] = {**fixed, arg: tune.grid_search(grid)}
-        run_grid(plan, f"{method}.prefs", const)
 
 
 def comparison_table(plan: Plan, table: pd.DataFrame) -> pd.DataFrame:

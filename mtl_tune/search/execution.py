@@ -1,4 +1,10 @@
-"""Execute a validated :class:`~mtl_tune.search.runner.Plan` on Ray Tune."""
+"""Execute a validated :class:`~mtl_tune.search.runner.Plan` on Ray Tune.
+
+The one module that builds and starts Tune runs: the Optuna search of each method
+(:func:`run_method`), the seed re-runs and the preference sweep (:func:`run_grid`), then the
+tidy table (:mod:`mtl_tune.analysis.trial_table`) and the comparison tables
+(:mod:`mtl_tune.search.compare`) after each of them.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from mtl_tune.search.results import build_table, write_sweep_json, write_table
+from mtl_tune.analysis.trial_table import build_table, write_sweep_json, write_table
+from mtl_tune.search import compare
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
 from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage
-from mtl_tune.search.spaces import SpaceSampler
+from mtl_tune.spaces import SpaceSampler
 from mtl_tune.search.validate import check_cluster_resources
 
 logger = logging.getLogger(__name__)
@@ -49,7 +57,10 @@ def init_ray(plan: Plan) -> None:
                 "(Ray's default) needs RAY_AUTH_MODE=token and its token in this environment: RAY_AUTH_TOKEN, "
                 "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md).") from None
     else:
-        ray.init(num_cpus=plan.options.num_cpus, **kwargs)
+        # address="local": always a cluster of our own. Without it Ray would join a cluster named
+        # by RAY_ADDRESS or left running by `ray start` (refusing --num-cpus there): a search
+        # runs code only on a cluster the user named with --address
+        ray.init(address="local", num_cpus=plan.options.num_cpus, **kwargs)
         keep_token_private()
 
 
@@ -145,6 +156,71 @@ def run_method(plan: Plan, method: str) -> None:
     tuner.fit()
 
 
+def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
+    from ray import tune
+
+    from mtl_tune.search.trainable import trainable_for
+
+    o = plan.options
+    path = plan.sweep_dir / experiment
+    trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
+    # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
+    limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
+    if tune.Tuner.can_restore(str(path)):
+        tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
+        return
+    tune.Tuner(trainable, param_space=param_space,
+               tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=trial_dirname,
+                                           max_concurrent_trials=limit),
+               run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
+                                         failure_config=tune.FailureConfig(max_failures=o.max_failures),
+                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
+
+
+def run_seeds(plan: Plan, table: pd.DataFrame) -> None:
+    from ray import tune
+
+    metric, mode = compare.ranking_objective(plan)
+    seeds = [plan.options.seed + i for i in range(1, plan.options.seeds + 1)]
+    for method in plan.spaces:
+        config = best_config(table, method, metric, mode)
+        if config is None:
+            print(f"--seeds: {method} has no finished trial with {metric}; no re-runs")
+            continue
+        run_grid(plan, f"{method}.seeds", {**config, "seed": tune.grid_search(seeds)})
+
+
+def run_preferences(plan: Plan) -> None:
+    from ray import tune
+
+    grid = compare.simplex_grid(plan.bench.n_tasks, plan.options.preferences)
+    for method in plan.spaces:
+        arg = compare.preference_arg(method)
+        if arg is None:
+            continue
+        const = trial_constants(plan, method)
+        fixed = {k: v for k, v in plan.spaces[method].constants().items() if k != arg}
+        const["hparams"] = {**fixed, arg: tune.grid_search(grid)}
+        run_grid(plan, f"{method}.prefs", const)
+
+
+def best_config(table: pd.DataFrame, method: str, metric: str, mode: str) -> dict[str, Any] | None:
+    """The config of ``method``'s best finished search trial, read back from Tune's state of
+    this search's own folder (``ExperimentAnalysis`` unpickles it: never on other people's folders)."""
+    from ray.tune import ExperimentAnalysis
+
+    done = table[(table["method"] == method) & (table["status"] == "TERMINATED")
+                 & (table.get("phase", "search") == "search")]
+    if done.empty or metric not in done:
+        return None
+    best = done.sort_values(metric, ascending=mode == "min").iloc[0]
+    analysis = ExperimentAnalysis(str(best["logdir"]).rsplit("/", 1)[0])
+    for trial in analysis.trials:
+        if trial.trial_id == best["trial_id"]:
+            return dict(trial.config)
+    return None
+
+
 def callbacks(plan: Plan) -> list:
     """Opt-in Weights & Biases logging (the seed repos log there); TensorBoard event
     files are written by Tune for every trial anyway."""
@@ -164,12 +240,9 @@ def finish(plan: Plan) -> Outcome:
     if len(pareto_metrics) >= 2 and not table.empty and all(m in table for m in pareto_metrics):
         from mtl_tune.analysis import plot_pareto_front
 
-        reference = None
-        if plan.bench.name == "toy":
-            from mtl_tune.benchmarks.toy import pareto_front
+        from mtl_tune.analysis._benchmarks import known_front_points
 
-            scale = float(plan.options.config.get("scale", plan.bench.defaults["scale"]))
-            reference = pareto_front(scale)
+        reference = known_front_points(plan.bench.name, pareto_metrics, {**plan.bench.defaults, **plan.options.config})
         modes = [m.mode for m in plan.bench.primary_metrics()]
         plot_path = plot_pareto_front(table, pareto_metrics, modes, plan.sweep_dir / "pareto.png",
                                       title=f"{plan.bench.name}: trials and their Pareto front",
@@ -178,8 +251,6 @@ def finish(plan: Plan) -> Outcome:
 
 
 def execute(plan: Plan) -> Outcome:
-    from mtl_tune.search import compare
-
     init_ray(plan)
     if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
         check_cluster_resources(plan.options)
@@ -190,10 +261,10 @@ def execute(plan: Plan) -> Outcome:
         finish(plan)  # keep the table current after every method: nothing finished is lost
     outcome = finish(plan)
     if plan.options.seeds:
-        compare.run_seeds(plan, outcome.table)
+        run_seeds(plan, outcome.table)
         outcome = finish(plan)
     if plan.options.preferences:
-        compare.run_preferences(plan)
+        run_preferences(plan)
         outcome = finish(plan)
     if plan.options.seeds or len(plan.spaces) > 1:
         outcome.comparison = compare.comparison_table(plan, outcome.table)

@@ -17,7 +17,7 @@ from typing import Any
 
 from mtl_tune.benchmarks.base import TRAINER_SETTINGS, Benchmark, ConfigError, DataError
 from mtl_tune.registry import available_balancers, balancer_class, benchmark_class
-from mtl_tune.search.spaces import SearchSpace, load_space
+from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
     check_storage, previous_optuna_storage,

@@ -118,7 +118,7 @@ def check_data_parallel(options: Any, bench: Any, methods: list[str], spaces: di
     flag = f"--workers-per-trial {n}"
     if bench.data_parallel is not True:
         raise SearchError(f"{flag}: benchmark {bench.name} cannot be split across workers: {bench.data_parallel}")
-    refused = [m for m in methods if not getattr(balancer_class(m), "supports_distributed", False)]
+    refused = [m for m in methods if not balancer_class(m).supports_distributed]
     if refused:
         raise SearchError(f"{flag}: method(s) {', '.join(refused)} do not support data-parallel training "
                           "(their step is not defined on rank-averaged losses and gradients); run them with "

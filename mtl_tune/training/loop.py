@@ -43,6 +43,7 @@ from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
 from mtl_tune.benchmarks.base import ConfigError
 from mtl_tune.metrics import delta_m, task_scores
 from mtl_tune.registry import benchmark_class, get_balancer, get_benchmark
+from mtl_tune.spaces import decode_hparams
 
 Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
 
@@ -94,25 +95,6 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_hparams(raw: dict[str, Any] | None, n_tasks: int) -> dict[str, Any]:
-    """Turn sampled values into constructor arguments.
-
-    A simplex parameter arrives as ``{"0": u0, "1": u1, …}`` (K uniforms in (0, 1]); it
-    becomes weights w_i = −log u_i / Σ_j −log u_j · K (a uniform Dirichlet draw scaled to sum K).
-    """
-    out: dict[str, Any] = {}
-    for key, value in (raw or {}).items():
-        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
-            u = np.array([float(value[str(i)]) for i in range(len(value))])
-            if len(u) != n_tasks:
-                raise ValueError(f"hyperparameter {key!r} has {len(u)} components but the benchmark has {n_tasks} tasks")
-            e = -np.log(np.clip(u, 1e-12, 1.0))
-            out[key] = (e / e.sum() * n_tasks).tolist() if e.sum() > 0 else [1.0] * n_tasks
-        else:
-            out[key] = value
-    return out
 
 
 def metric_directions(bench, splits: tuple[str, ...], last_n: int) -> dict[str, str]:
@@ -174,7 +156,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         if cfg.get("channels_last"):  # conv nets: NHWC kernels are faster on tensor cores
             self.setup.model.to(memory_format=torch.channels_last)
-        self.hparams = resolve_hparams(cfg.get("hparams"), bench.n_tasks)
+        self.hparams = decode_hparams(cfg.get("hparams"), bench.n_tasks)
         extra = bench.balancer_options(cfg).get(cfg["method"], {})
         try:
             self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})

@@ -2,7 +2,7 @@
 
 On the toy the representation is x itself (identity encoder: the lockstep path passes the
 proxy leaf as ``representation``), so J_z = J and the single ``backward(z, d_z)`` of
-:class:`~mtl_tune.balancers.mgdaub.RepresentationBalancer` writes d_z into x.grad; the
+:class:`~mtl_tune.balancers._representation.RepresentationBalancer` writes d_z into x.grad; the
 base class then clips it (``max_norm``). w* is the min-norm simplex point of the normalised
 Gram matrix A_ij/(n_i n_j) — for K = 2 the solver's own closed form
 (:func:`toy.kernels.mgda.min_norm_weights_2`, the batched ``_two_task``) — and n the

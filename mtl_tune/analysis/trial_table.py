@@ -1,6 +1,12 @@
-"""The tidy per-trial table and the sweep description, written next to Ray's own results.
+"""The tidy per-trial table (``trials.csv``) and the sweep description (``sweep.json``).
 
-The table is rebuilt from Tune's experiment state (never by globbing trial folders: a
+One row per trial, built by :func:`trial_row` from plain values — by the search from Tune's
+experiment state of its own folders (:func:`build_table`), by the analysis from the JSON
+files of any folder (:mod:`mtl_tune.analysis.trial_files`) — so both give the same columns.
+It belongs to the analysis layer: the search writes the table through it, the analysis
+reads it back with :func:`mtl_tune.analysis.load_sweep`.
+
+The search's table is rebuilt from Tune's experiment state (never by globbing trial folders: a
 restore can leave orphan folders; docs/references.md#restore-needs-an-importable-search-space) and
 written atomically (temp file +
 rename), so a crash mid-write leaves the previous good copy.
@@ -19,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from mtl_tune.training.loop import resolve_hparams
+from mtl_tune.spaces import decode_hparams
 
 TABLE = "trials.csv"
 SWEEP = "sweep.json"
@@ -80,7 +86,7 @@ def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: d
         "failures": failures,
     }
     try:
-        hparams = resolve_hparams(config.get("hparams"), n_tasks)
+        hparams = decode_hparams(config.get("hparams"), n_tasks)
     except ValueError:
         hparams = dict(config.get("hparams") or {})
     for key, value in sorted(hparams.items()):

@@ -1,4 +1,10 @@
-"""Declarative search spaces: ``search_spaces/<method>.yaml`` → Optuna define-by-run.
+"""Declarative search spaces: ``search_spaces/<method>.yaml`` → Optuna define-by-run → constructor arguments.
+
+Both directions of a sampled value live here: :class:`SpaceSampler` ENCODES a space for
+Optuna (a simplex parameter becomes K uniforms ``hparams/<name>/<i>``) and
+:func:`decode_hparams` turns what a trial receives back into the balancer's constructor
+arguments (those K uniforms become Dirichlet(1) weights summing to K). The search uses the
+first, the trainer and the trial table the second; neither needs the other's layer.
 
 The file format is documented in ``search_spaces/README.md``. Loading validates every
 field and raises :class:`SpaceError` naming the file, the key and what is allowed.
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mtl_tune.registry import BUILTIN_SPACES, balancer_class, search_space_file
@@ -276,3 +283,23 @@ class SpaceSampler:
                     trial.suggest_float(f"{key}/{i}", 1e-6, 1.0)
         fixed = {f"{HP_PREFIX}{k}": v for k, v in self.space.constants().items()}
         return {**self.constants, **fixed}
+
+
+def decode_hparams(raw: dict[str, Any] | None, n_tasks: int) -> dict[str, Any]:
+    """Turn the hyperparameters a trial receives into constructor arguments (the inverse of
+    :class:`SpaceSampler`'s encoding).
+
+    A simplex parameter arrives as ``{"0": u0, "1": u1, …}`` (K uniforms in (0, 1]); it
+    becomes weights w_i = −log u_i / Σ_j −log u_j · K (a uniform Dirichlet draw scaled to sum K).
+    """
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            u = np.array([float(value[str(i)]) for i in range(len(value))])
+            if len(u) != n_tasks:
+                raise ValueError(f"hyperparameter {key!r} has {len(u)} components but the benchmark has {n_tasks} tasks")
+            e = -np.log(np.clip(u, 1e-12, 1.0))
+            out[key] = (e / e.sum() * n_tasks).tolist() if e.sum() > 0 else [1.0] * n_tasks
+        else:
+            out[key] = value
+    return out
