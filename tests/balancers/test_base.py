@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl_tune.balancers.base import BalancerError, gram
+from mtl_tune.balancers.base import BalancerError
 from mtl_tune.registry import UnknownNameError, get_balancer
 
 from ._helpers import linear_problem, shared_grad
