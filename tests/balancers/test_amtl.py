@@ -11,6 +11,8 @@ from mtl_tune.balancers.amtl import AlignedMTL, aligned_mtl_weights, alignment_m
 from mtl_tune.balancers.base import gram
 
 from ._helpers import combine
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 EPS64 = float(torch.finfo(torch.float64).eps)
@@ -79,3 +81,15 @@ def test_amtl_rank_deficient_and_zero():
     assert rank == 2 and torch.isfinite(weights).all()
     w, rank, sigma2 = aligned_mtl_weights(torch.zeros(3, 3))
     assert rank == 0 and sigma2 == 0.0 and torch.equal(w, torch.zeros(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_amtl_properties(case):
+    # G = U S Vᵀ → aG scales S only: d = σ_min V Uᵀ 1 scales by a, the weights do not.
+    # a Gram-matrix solve: rounding of eps·cond(A), cond(A) ≲ 1e3 for these K ≤ 4 independent rows
+    # with norms ~3× apart, so ≲ 1e-13; 1e-10 leaves a margin
+    step = balancer_step("amtl")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-10)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-10)

@@ -12,6 +12,8 @@ from mtl_tune.balancers.base import gram
 from mtl_tune.balancers.cagrad import cagrad_coefficients
 
 from ._helpers import shared_grad, written_direction
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def _cagrad_two_task_grams() -> list[tuple[str, np.ndarray]]:
@@ -232,3 +234,15 @@ def test_cagrad_balancer_uses_the_closed_form_for_two_tasks(monkeypatch):
         written_direction(CAGrad(3), torch.eye(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="solver"):
         cagrad_coefficients(np.eye(2), 0.4, solver="newton")
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_cagrad_properties(case):
+    # the dual (wᵀAb + c‖g₀‖√(wᵀAw)) scales as a² jointly, so w* and λ are scale-free and d = g₀ + λg_w
+    # is linear — up to the official 1e-8 smoothing, which is not scaled, and SLSQP's ftol 1e-12
+    # (~1e-6 in w for K > 2, see test_cagrad_two_task_closed_form_agrees_with_slsqp): rtol 1e-6
+    step = balancer_step("cagrad")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-6)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-6)

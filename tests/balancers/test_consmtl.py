@@ -11,6 +11,8 @@ from mtl_tune.balancers.consmtl import ConsMTL
 from mtl_tune.balancers.fairgrad import FairGrad
 
 from ._helpers import linear_heads_problem
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_consmtl_lambda0_equals_fairgrad_and_plain_heads():
@@ -93,3 +95,16 @@ def test_consmtl_per_task_representations_and_contract_errors():
         cons.backward(losses, list(trunk.parameters()), [[h] for h in heads], z.detach())
     with pytest.raises(ValueError, match="head_clip"):
         ConsMTL(2, head_clip=[0.1, 0.1, 0.1])
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_consmtl_properties(case):
+    # the shared update is FairGrad's with α = 2 (the consistency term acts on the heads only):
+    # degree (1−α)/(1+α) = −1/3, weights −2α/(α+1) = −4/3.
+    # Newton to relative residual 1e-10 (the solver's tol): the weights move by ≲ cond·1e-10 with
+    # cond ≲ 100 on these well-posed problems, hence 1e-8
+    step = balancer_step("consmtl")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-8)
+    assert_gradient_scaling(step, case, degree=-1 / 3, weight_degree=-4 / 3, rtol=1e-8)

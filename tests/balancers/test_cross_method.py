@@ -211,3 +211,17 @@ def test_k1_consmtl_and_stgu():
     opt = CountingSGD([script.param])
     STGU(1, prepos=0).train_step(script, opt, [script.param])
     assert opt.steps == 2  # the single group, stepped twice as in the official code
+
+
+def test_every_registered_method_has_its_file_and_property_test():
+    """The layout of this folder: one test_<method>.py per registered method, each with a
+    test_<method>_properties that runs the shared properties of _properties.py."""
+    from pathlib import Path
+
+    from mtl_tune.registry import available_balancers
+
+    folder = Path(__file__).resolve().parent
+    for name in available_balancers():
+        path = folder / f"test_{name}.py"
+        assert path.is_file(), f"add {path.relative_to(folder.parents[1])} for the method {name!r}"
+        assert f"def test_{name}_properties(" in path.read_text(), f"{path.name}: add test_{name}_properties"

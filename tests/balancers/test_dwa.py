@@ -11,6 +11,8 @@ from mtl_tune.balancers.base import BalancerError, EpochInfo
 from mtl_tune.balancers.dwa import DynamicWeightAverage
 
 from ._helpers import make_problem, reference_grads, run_step
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_dwa_epoch_mode_known_weights():
@@ -67,3 +69,14 @@ def test_dwa_iteration_mode_window():
     torch.testing.assert_close(info.weights, want / 2)   # the official loss is the task mean
     bal.on_epoch_end(EpochInfo(epoch=0, train_losses=torch.tensor([9.0, 1.0])))   # ignored
     torch.testing.assert_close(bal.weights, want)
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_dwa_properties(case):
+    # a fresh balancer has no loss history: w = 1 on the first step (the method's own rule), linear.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("dwa")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,8 @@ from mtl_tune.balancers.fairgrad import FairGrad
 from mtl_tune.balancers.nashmtl import CCCPSolver, NashMTL
 
 from ._helpers import near_stationary_gram, random_jacobian, written_direction
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_fairgrad_direction_is_k_times_gx_and_clipped():
@@ -74,3 +77,18 @@ def test_stationary_step_ends_a_run_of_failures():
                 written_direction(fg, hard)
             written_direction(fg, opposite)
     assert fg.failures.total == 45 and fg.stationary_steps == 3 and fg.failures.consecutive == 0
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_fairgrad_properties(case, alpha):
+    # A → A/s gives x → s^{α/(α+1)} x (test_fair_scaling_law); J → aJ is s = a⁻²: x → a^{−2α/(α+1)} x
+    # and d = K Σ x_i g_i → a^{(1−α)/(1+α)} d (α = 1: scale-invariant like Nash-MTL).
+    # Newton to relative residual 1e-10 (the solver's tol): the weights move by ≲ cond·1e-10 with
+    # cond ≲ 100 on these well-posed problems, hence 1e-8
+    step = balancer_step("fairgrad", alpha=alpha)
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-8)
+    assert_gradient_scaling(step, case, degree=(1 - alpha) / (1 + alpha), weight_degree=-2 * alpha / (alpha + 1),
+                            rtol=1e-8)

@@ -9,6 +9,9 @@ from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.famo import famo_logit_grad, famo_weights
 from mtl_tune.registry import get_balancer
 
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
+
 
 def test_famo_weights_sum_to_one_and_favour_small_losses():
     w = famo_weights(torch.zeros(2), torch.tensor([1.0, 4.0]), torch.zeros(2))
@@ -47,3 +50,14 @@ def test_famo_state_round_trip_and_min_loss_error():
     torch.testing.assert_close(a.logits, b.logits)
     with pytest.raises(BalancerError, match="min_losses"):
         a.backward(torch.stack([x.sum() - 1, x.sum() + 3]), [x])
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_famo_properties(case):
+    # w from the (zero, equal) initial logits and the losses only: linear in J, symmetric.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("famo")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

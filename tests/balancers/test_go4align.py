@@ -12,6 +12,9 @@ import torch
 from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.go4align import GO4Align, kmeans_1d
 
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
+
 
 def brute_force_sse(x, m):
     best = math.inf
@@ -70,3 +73,14 @@ def test_go4align_q_smoothing_and_errors():
         GO4Align(2, num_groups=0)
     with pytest.raises(BalancerError, match="positive"):
         bal.objective(torch.tensor([0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_go4align_properties(case):
+    # group scales from the losses only (1-D k-means on distinct values: no ties): linear in J.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("go4align")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

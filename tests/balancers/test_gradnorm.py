@@ -8,6 +8,9 @@ import torch
 from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.gradnorm import GradNorm, gradnorm_weight_grad
 
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
+
 
 def gradnorm_problem(norm_scale=(10.0, 1.0)):
     """Shared [A (unused by the norms), W]; ‖∇_W ℓ_i‖ ∝ norm_scale_i at W = 1."""
@@ -124,3 +127,15 @@ def test_gradnorm_renormalise_names_the_actual_problem():
         renormalise(torch.tensor([float("nan"), 1.0]))
     with pytest.raises(BalancerError, match="reached 0"):
         renormalise(torch.tensor([0.0, -1.0]))
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_gradnorm_properties(case):
+    # the step uses w(t) = 1 (the learned weights change after it): linear in J.
+    # last_shared_params=1: the linear problem has one shared tensor.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("gradnorm", last_shared_params=1)
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

@@ -11,6 +11,7 @@ from mtl_tune.balancers.gradvac import GradVac, gradvac_coefficients
 from mtl_tune.balancers.pcgrad import PCGrad, pcgrad_coefficients
 
 from ._helpers import unit
+from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
 
 
 def conflicting_jacobian(k: int = 4, p: int = 12) -> torch.Tensor:
@@ -72,3 +73,14 @@ def test_gradvac_extreme_targets_stay_finite():
         d, _ = bal.combine(jac, torch.ones(2))
         assert torch.isfinite(d).all()
     assert float(bal.targets.max()) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_gradvac_properties(case):
+    # the corrections depend on cosines and norm ratios only (targets start at 0); same seed.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("gradvac")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    # not permutation-equivariant: the random projection order is drawn per task index
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

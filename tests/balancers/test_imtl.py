@@ -11,6 +11,8 @@ from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.imtl import imtl_g_weights
 
 from ._helpers import unit
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def official_imtl(jac: torch.Tensor) -> torch.Tensor:
@@ -81,3 +83,15 @@ def test_imtl_extreme_norms():
     proj = unit(jac) @ (alpha @ jac)
     assert torch.isfinite(alpha).all()
     assert torch.allclose(proj, torch.full_like(proj, t), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_imtl_properties(case):
+    # the equal-projection conditions are homogeneous in J: α is scale-free, d = Σ α_i g_i.
+    # a Gram-matrix solve: rounding of eps·cond(A), cond(A) ≲ 1e3 for these K ≤ 4 independent rows
+    # with norms ~3× apart, so ≲ 1e-13; 1e-10 leaves a margin
+    step = balancer_step("imtl")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-10)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-10)

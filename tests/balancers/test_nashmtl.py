@@ -11,6 +11,8 @@ from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.nashmtl import NashMTL, nash_weights
 
 from ._helpers import random_jacobian, written_direction
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_nash_stationary_steps_and_reuse_steps():
@@ -127,3 +129,15 @@ def test_nash_state_round_trip_and_warm_start():
     # warm start from the saved α: the same problem converges immediately
     b.solve(gram(jac))
     assert b._iterations <= 1
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_nashmtl_properties(case):
+    # Aα = 1/α: A → a²A gives α → α/a, so d = Σ α_i g_i is scale-invariant (degree 0).
+    # Newton to relative residual 1e-10 (the solver's tol): the weights move by ≲ cond·1e-10 with
+    # cond ≲ 100 on these well-posed problems, hence 1e-8
+    step = balancer_step("nashmtl")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-8)
+    assert_gradient_scaling(step, case, degree=0, weight_degree=-1, rtol=1e-8)

@@ -9,6 +9,7 @@ import torch
 from mtl_tune.balancers.pcgrad import pcgrad_coefficients
 
 from ._helpers import shared_grad
+from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
 
 
 def test_pcgrad_removes_the_conflicting_component():
@@ -37,3 +38,14 @@ def test_pcgrad_is_reproducible_per_seed():
     a, _ = shared_grad("pcgrad", rows, seed=7)
     b, _ = shared_grad("pcgrad", rows, seed=7)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_pcgrad_properties(case):
+    # projection coefficients depend on cosines and norm ratios only; same seed → same order.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("pcgrad")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    # not permutation-equivariant: the random projection order is drawn per task index
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

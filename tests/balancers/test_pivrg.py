@@ -13,6 +13,8 @@ from mtl_tune.balancers.fairgrad import FairGrad
 from mtl_tune.balancers.pivrg import PIVRG, performance_priorities
 
 from ._helpers import random_jacobian, written_direction
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_pivrg_equal_scores_equals_fairgrad_alpha2():
@@ -58,3 +60,16 @@ def test_pivrg_validation_and_state():
     other = PIVRG(3)
     other.load_state_dict(pv.state_dict())
     np.testing.assert_array_equal(other.task_priorities(), pv.task_priorities())
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_pivrg_properties(case):
+    # without scores the priorities are equal: FairGrad with α = 2, x → a^{−2α/(α+1)} x = a^{−4/3} x,
+    # d = K Σ x_i g_i → a^{(1−α)/(1+α)} d = a^{−1/3} d.
+    # Newton to relative residual 1e-10 (the solver's tol): the weights move by ≲ cond·1e-10 with
+    # cond ≲ 100 on these well-posed problems, hence 1e-8
+    step = balancer_step("pivrg")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-8)
+    assert_gradient_scaling(step, case, degree=-1 / 3, weight_degree=-4 / 3, rtol=1e-8)

@@ -7,6 +7,8 @@ import torch
 
 from mtl_tune.balancers.rlw import RandomLossWeighting, sample_gamma
 
+from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
+
 
 @pytest.mark.parametrize("dist", ["normal", "dirichlet"])
 def test_rlw_weights_on_simplex_and_reproducible(dist):
@@ -44,3 +46,14 @@ def test_gamma_sampler_moments(alpha):
     assert bool((x > 0).all())
     assert abs(x.mean().item() - alpha) < 0.03 * alpha + 0.01       # E = α
     assert abs(x.var().item() - alpha) < 0.06 * alpha + 0.01        # Var = α
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_rlw_properties(case):
+    # the weights are draws of a seeded generator, independent of J: same seed → d linear in J.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("rlw", seed=3)
+    assert_valid_step(*step(case.jac, case.losses), case)
+    # not permutation-equivariant: fresh random weights drawn in task order (equivariant only in distribution)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

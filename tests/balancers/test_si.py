@@ -9,6 +9,8 @@ from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.si import ScaleInvariant
 
 from ._helpers import make_problem, reference_grads, run_step
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 def test_si_gradient_is_ls_with_inverse_loss_weights():
@@ -52,3 +54,14 @@ def test_si_rejects_non_positive_loss_and_shift_fixes_it():
         ScaleInvariant(2, min_losses=[0.0])
     with pytest.raises(ValueError):
         ScaleInvariant(2, form="log2")
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_si_properties(case):
+    # w_i = 1/ℓ_i depends on the losses only, which J → aJ keeps: d is linear in J.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("si")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)

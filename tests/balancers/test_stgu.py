@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from mtl_tune.balancers.base import BalancerError, ForwardOutput
-from mtl_tune.balancers.stgu import PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_pairs, group_tasks, linear_quantile, propagate_groups
+from mtl_tune.balancers.stgu import (PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_pairs,
+                                     group_tasks, linear_quantile, propagate_groups)
 
 from ._helpers import CountingSGD, ScriptedForward
+from ._properties import assert_valid_step, property_cases, train_step_weights
 
 
 def _pair_similarities() -> list[np.ndarray]:
@@ -248,3 +250,13 @@ def test_stgu_trains_a_small_model_and_round_trips_state():
     assert other._plan() == st._plan()  # same groups and same shuffled order
     with pytest.raises(BalancerError, match="train_step"):
         st.backward(first, list(trunk.parameters()))
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_stgu_properties(case):
+    # a training-loop method: one train_step (M grouped SGD steps) instead of a direction. Only the
+    # shape and finiteness properties apply: the group order is random (not permutation-equivariant),
+    # and the grouping reads loss ratios ℓ(after)/ℓ(before) = (b + aJθ)/b, not homogeneous in J.
+    params, weights = train_step_weights("stgu", case, prepos=0)
+    assert_valid_step(params, weights, case)

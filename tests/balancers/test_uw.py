@@ -8,6 +8,8 @@ import torch
 from mtl_tune.balancers.uw import Uncertainty
 
 from ._helpers import make_problem, reference_grads, run_step
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
 
 
 @pytest.mark.parametrize("form,factor", [("regression", 1.0), ("classification", 2.0)])
@@ -38,3 +40,14 @@ def test_uw_model_gradient_and_weights():
     ell = losses().detach().float()
     torch.testing.assert_close(bal.log_vars.grad, 0.5 * (1 - torch.exp(-bal.log_vars.detach()) * ell))
     assert list(bal.parameters()) == [bal.log_vars]
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_uw_properties(case):
+    # w_i = ½e^{−s_i} with the same initial s_i for every task: linear in J, symmetric in the tasks.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("uw")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
