@@ -16,10 +16,14 @@ it holds (a method that lacks one says why next to its test):
 * :func:`assert_valid_step`: d is (P,), w is (K,), both finite;
 * :func:`assert_permutation_equivariant`: relabelling the tasks (rows of J and the losses b)
   permutes w the same way and leaves d unchanged;
+* :func:`assert_gram_function_equivariant`: the same two properties one level down, for the
+  pure weight functions of a K×K Gram matrix A = J Jᵀ (``min_norm_simplex``, ``nash_weights``,
+  ``solve_fair``, ...): P A Pᵀ gives the permuted weights, a²A gives a^weight_degree times them;
 * :func:`assert_gradient_scaling`: scaling every gradient by a > 0 (J → aJ, the losses b kept)
   scales d by a^degree and w by a^weight_degree. degree = 1 for methods linear in the
   gradients whose weights ignore their overall size (weight_degree 0), degree = 0 for methods
-  whose direction is scale-invariant (Nash-MTL, MGDA with norm normalisation).
+  whose direction is scale-invariant (Nash-MTL, MGDA with norm normalisation), (1 − α)/(1 + α)
+  for FairGrad's α-fair update.
 
 Tolerances are relative and stated by each caller: ~1e-12 for closed forms (float64 rounding
 of K-term sums, eps ≈ 2.2e-16, times the size of the few intermediate quantities) and the
@@ -32,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -123,14 +128,17 @@ def assert_valid_step(d: Tensor, w: Tensor, case: Case) -> None:
     assert bool(torch.isfinite(w).all()), f"non-finite weights {w}"
 
 
+def _permutations(k: int) -> list[Tensor]:
+    swap = torch.cat([torch.tensor([1, 0]), torch.arange(2, k)])
+    return [torch.roll(torch.arange(k), 1), swap]
+
+
 def assert_permutation_equivariant(step: Step, case: Case, rtol: float) -> None:
     """A cyclic shift and a swap of the first two tasks (together they generate every
     permutation of K tasks, so equivariance under both is equivariance under all): w follows,
     d stays."""
     d, w = step(case.jac, case.losses)
-    k = case.k
-    swap = torch.cat([torch.tensor([1, 0]), torch.arange(2, k)])
-    for perm in (torch.roll(torch.arange(k), 1), swap):
+    for perm in _permutations(case.k):
         d_p, w_p = step(case.jac[perm], case.losses[perm])
         _close(w_p, w[perm], rtol, f"weights under permutation {perm.tolist()}")
         _close(d_p, d, rtol, f"direction under permutation {perm.tolist()}")
@@ -143,3 +151,21 @@ def assert_gradient_scaling(step: Step, case: Case, degree: float, weight_degree
     d_a, w_a = step(scale * case.jac, case.losses)
     _close(d_a, scale ** degree * d, rtol, f"direction under J → {scale}·J (degree {degree})")
     _close(w_a, scale ** weight_degree * w, rtol, f"weights under J → {scale}·J (degree {weight_degree})")
+
+
+def assert_gram_function_equivariant(weights_of: Callable[[np.ndarray], Any], case: Case, weight_degree: float,
+                                     rtol: float, scale: float = SCALE) -> None:
+    """``weights_of(A) -> (K,)`` for the case's Gram matrix A = J Jᵀ: P A Pᵀ → w[perm] (the same
+    two permutations as above) and a²A → a^weight_degree w."""
+    a = (case.jac @ case.jac.T).numpy()
+
+    def weights(m: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(weights_of(m), dtype=np.float64))
+
+    w = weights(a)
+    assert w.shape == (case.k,) and bool(torch.isfinite(w).all()), f"weights {w}"
+    for perm in _permutations(case.k):
+        idx = perm.numpy()
+        _close(weights(a[np.ix_(idx, idx)]), w[perm], rtol, f"weights of P A Pᵀ, permutation {perm.tolist()}")
+    _close(weights(scale * scale * a), scale ** weight_degree * w, rtol,
+           f"weights of {scale}²·A (degree {weight_degree})")

@@ -11,8 +11,8 @@ from mtl_tune.balancers.amtl import AlignedMTL, aligned_mtl_weights, alignment_m
 from mtl_tune.balancers.base import gram
 
 from ._helpers import combine
-from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
-                          property_cases)
+from ._properties import (assert_gradient_scaling, assert_gram_function_equivariant, assert_permutation_equivariant,
+                          assert_valid_step, balancer_step, property_cases)
 
 
 EPS64 = float(torch.finfo(torch.float64).eps)
@@ -93,3 +93,11 @@ def test_amtl_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-10)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_aligned_mtl_weights_properties(case):
+    # d = σ_min V Uᵀ 1 in terms of the gradients: the weights on them do not change with a²A;
+    # an eigendecomposition of A: eps·cond(A) ≲ 1e-13, hence 1e-10
+    assert_gram_function_equivariant(lambda a: aligned_mtl_weights(torch.from_numpy(a))[0], case, weight_degree=0,
+                                     rtol=1e-10)

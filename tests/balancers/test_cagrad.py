@@ -12,8 +12,8 @@ from mtl_tune.balancers.base import gram
 from mtl_tune.balancers.cagrad import cagrad_coefficients
 
 from ._helpers import shared_grad, written_direction
-from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
-                          property_cases)
+from ._properties import (assert_gradient_scaling, assert_gram_function_equivariant, assert_permutation_equivariant,
+                          assert_valid_step, balancer_step, property_cases)
 
 
 def _cagrad_two_task_grams() -> list[tuple[str, np.ndarray]]:
@@ -246,3 +246,10 @@ def test_cagrad_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-6)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_cagrad_coefficients_properties(case):
+    # the dual scales as a² (w*, λ scale-free), up to the unscaled 1e-8 smoothing and SLSQP's
+    # ftol (see test_cagrad_properties): rtol 1e-6
+    assert_gram_function_equivariant(lambda a: cagrad_coefficients(a, 0.4)[0], case, weight_degree=0, rtol=1e-6)

@@ -221,7 +221,9 @@ def test_every_registered_method_has_its_file_and_property_test():
     from mtl_tune.registry import available_balancers
 
     folder = Path(__file__).resolve().parent
-    for name in available_balancers():
+    builtin = [n for n in available_balancers() if balancer_class(n).__module__.startswith("mtl_tune.balancers.")]
+    assert len(builtin) >= 22
+    for name in builtin:  # installed plug-ins test themselves
         path = folder / f"test_{name}.py"
         assert path.is_file(), f"add {path.relative_to(folder.parents[1])} for the method {name!r}"
         assert f"def test_{name}_properties(" in path.read_text(), f"{path.name}: add test_{name}_properties"

@@ -15,6 +15,7 @@ from mtl_tune.balancers.base import gram
 from mtl_tune.balancers.pivrg import PIVRG
 
 from ._helpers import linear_losses, near_stationary_gram, random_jacobian, two_task_gram
+from ._properties import assert_gram_function_equivariant, property_cases
 
 
 def _exact_errors(a: np.ndarray, x: np.ndarray, alpha: float,
@@ -226,3 +227,13 @@ def test_mocked_solver_failure_is_counted(monkeypatch):
     with pytest.warns(RuntimeWarning, match="mocked failure"):
         info = pv.backward(losses, [theta])
     assert info.extras["solver_failures"] == 1 and pv.failures.consecutive == 1
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_solve_fair_properties(case, alpha):
+    # A → A/s gives x → s^{α/(α+1)} x (test_fair_scaling_law): a²A gives a^{−2α/(α+1)} x;
+    # Newton to relative residual 1e-10, hence 1e-8
+    assert_gram_function_equivariant(lambda a: solve_fair(a, alpha).x, case, weight_degree=-2 * alpha / (alpha + 1),
+                                     rtol=1e-8)

@@ -11,8 +11,8 @@ from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.imtl import imtl_g_weights
 
 from ._helpers import unit
-from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
-                          property_cases)
+from ._properties import (assert_gradient_scaling, assert_gram_function_equivariant, assert_permutation_equivariant,
+                          assert_valid_step, balancer_step, property_cases)
 
 
 def official_imtl(jac: torch.Tensor) -> torch.Tensor:
@@ -95,3 +95,11 @@ def test_imtl_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-10)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_imtl_g_weights_properties(case):
+    # α on the simplex from homogeneous equal-projection conditions: scale-free, symmetric;
+    # a K×K solve: eps·cond(A) ≲ 1e-13, hence 1e-10
+    assert_gram_function_equivariant(lambda a: imtl_g_weights(torch.from_numpy(a))[0], case, weight_degree=0,
+                                     rtol=1e-10)

@@ -11,8 +11,8 @@ from mtl_tune.balancers.base import BalancerError, gram
 from mtl_tune.balancers.nashmtl import NashMTL, nash_weights
 
 from ._helpers import random_jacobian, written_direction
-from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
-                          property_cases)
+from ._properties import (assert_gradient_scaling, assert_gram_function_equivariant, assert_permutation_equivariant,
+                          assert_valid_step, balancer_step, property_cases)
 
 
 def test_nash_stationary_steps_and_reuse_steps():
@@ -141,3 +141,9 @@ def test_nashmtl_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-8)
     assert_gradient_scaling(step, case, degree=0, weight_degree=-1, rtol=1e-8)
+
+
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_nash_weights_properties(case):
+    # A α = 1/α: a²A gives α/a (weight degree −1); Newton to relative residual 1e-10, hence 1e-8
+    assert_gram_function_equivariant(lambda a: nash_weights(a)[0], case, weight_degree=-1, rtol=1e-8)

@@ -7,6 +7,8 @@ import pytest
 
 from mtl_tune.balancers._simplex import min_norm_simplex, project_to_simplex
 
+from ._properties import assert_gram_function_equivariant, property_cases
+
 
 def test_min_norm_simplex_matches_brute_force():
     rng = np.random.default_rng(1)
@@ -31,3 +33,11 @@ def test_project_to_simplex():
     assert project_to_simplex(np.array([0.2, 0.3, 0.5])).tolist() == pytest.approx([0.2, 0.3, 0.5])
     assert project_to_simplex(np.array([2.0, 0.0])).tolist() == pytest.approx([1.0, 0.0])
     assert project_to_simplex(np.array([1.0, 1.0])).tolist() == pytest.approx([0.5, 0.5])
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_min_norm_simplex_properties(case):
+    # the min-norm point of the hull is symmetric in the tasks and its weights are scale-free;
+    # active-set solve, exact on the support: rounding of eps·cond(A) ≲ 1e-13, hence 1e-10
+    assert_gram_function_equivariant(lambda a: min_norm_simplex(a)[0], case, weight_degree=0, rtol=1e-10)
