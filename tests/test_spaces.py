@@ -1,7 +1,12 @@
+import copy
+import inspect
+from pathlib import Path
+
 import pytest
 import yaml
 
-from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class
+from mtl_tune.balancers.base import Balancer
+from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class, get_balancer
 from mtl_tune.spaces import SPACES_DIR, SpaceError, SpaceSampler, load_space
 
 
@@ -80,3 +85,77 @@ def test_sampler_suggests_declared_params_and_returns_constants():
     t2 = study.ask()
     ls(t2)
     assert sorted(t2.params) == ["hparams/task_weights/0", "hparams/task_weights/1", "hparams/task_weights/2"]
+
+
+# ----------------------------------------------------------------------------- per-family checks
+# (moved from the balancer test files: each family's spaces against its constructors)
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "search_spaces"
+GRAD_METHODS = ["mgdaub", "graddrop", "imtl", "gradvac", "amtl", "amtlub"]
+LOSS_METHODS = ("si", "rlw", "dwa", "uw", "go4align", "gradnorm")
+SOLVER_METHODS = ("nashmtl", "fairgrad", "pivrg", "consmtl", "stgu")
+BENCHMARK_TASKS = {"nyuv2": 3, "cityscapes": 2, "celeba": 40, "qm9": 11, "toy": 2}
+
+
+@pytest.mark.parametrize("name", GRAD_METHODS)
+def test_search_space_params_are_constructor_args(name):
+    spec = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
+    assert spec["method"] == name
+    cls = balancer_class(name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    accepted |= set(inspect.signature(Balancer.__init__).parameters)  # max_norm etc. reach it via **kw
+    params = spec.get("params") or {}
+    assert set(params) <= accepted - {"self", "n_tasks", "kw"}
+    defaults = {k: v["default"] for k, v in params.items() if v.get("default") is not None}
+    cls(3, **defaults)
+
+
+@pytest.mark.parametrize("name", GRAD_METHODS)
+def test_search_space_loads(name):
+    spaces = pytest.importorskip("mtl_tune.spaces")
+    for benchmark in (None, "nyuv2"):
+        space = spaces.load_space(name, benchmark)
+        assert space.method == name
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_search_space_params_are_ctor_args(method):
+    space = yaml.safe_load((SPACES / f"{method}.yaml").read_text())
+    assert space["method"] == method
+    cls = balancer_class(method)
+    ctor = inspect.signature(cls.__init__).parameters
+    for key in space["params"]:
+        assert key in ctor, f"{method}.yaml: {key} is not a constructor argument of {cls.__name__}"
+
+    def build(params: dict, k: int):
+        kwargs = {key: spec["default"] for key, spec in params.items() if spec.get("default") is not None}
+        bal = cls(k, **kwargs)
+        for key, spec in params.items():  # every categorical choice and the numeric bounds are accepted
+            for value in spec.get("choices", []):
+                cls(k, **{**kwargs, key: value})
+            for bound in ("low", "high"):
+                if spec.get(bound) is not None:
+                    cls(k, **{**kwargs, key: spec[bound]})
+        return bal
+
+    assert build(space["params"], 3).name == method
+    for bench, overrides in (space.get("benchmarks") or {}).items():
+        assert bench in BENCHMARK_TASKS, bench
+        params = copy.deepcopy(space["params"])
+        for key, fields in overrides.items():
+            assert key in params
+            params[key].update(fields)
+        build(params, BENCHMARK_TASKS[bench])
+
+
+@pytest.mark.parametrize("method", SOLVER_METHODS)
+def test_search_space_params_build_the_method(method):
+    from mtl_tune.spaces import load_space
+
+    for bench, k in ((None, 3), ("nyuv2", 3), ("cityscapes", 2), ("celeba", 40), ("qm9", 11)):
+        space = load_space(method, bench)
+        values = {p.name: p.default for p in space.params if p.default is not None}
+        bal = get_balancer(method, k, **values)
+        for name, value in values.items():
+            if name != "max_norm":
+                assert getattr(bal, name) == value or getattr(bal, name) == [value] * k

@@ -1,0 +1,1 @@
+"""Unit tests of the balancers, one file per method (see tests/balancers/_properties.py)."""

@@ -1,0 +1,63 @@
+"""FAMO: loss-based weights from softmax logits updated after each optimizer step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtl_tune.balancers.base import BalancerError
+from mtl_tune.balancers.famo import famo_logit_grad, famo_weights
+from mtl_tune.registry import get_balancer
+
+from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
+                          property_cases)
+
+
+def test_famo_weights_sum_to_one_and_favour_small_losses():
+    w = famo_weights(torch.zeros(2), torch.tensor([1.0, 4.0]), torch.zeros(2))
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w.tolist() == pytest.approx([0.8, 0.2], rel=1e-6)  # ∝ 1/ℓ with equal logits
+
+
+def test_famo_moves_weight_to_the_task_whose_loss_falls_slowest():
+    k = 2
+    balancer = get_balancer("famo", k, gamma=0.0, w_lr=0.1)
+    x = torch.zeros(1, requires_grad=True)
+    for _ in range(20):
+        losses = torch.stack([x.sum() + 2.0, x.sum() + 2.0])
+        balancer.backward(losses, [x])
+        # task 0 halves its loss each step, task 1 only drops by 1%
+        balancer.after_optimizer_step(torch.tensor([1.0, 1.98]))
+    z = torch.softmax(balancer.logits.detach(), 0)
+    assert z[1] > 0.6 > z[0]
+
+
+def test_famo_logit_gradient_formula():
+    logits = torch.tensor([0.3, -0.2, 0.1])
+    g = famo_logit_grad(logits, torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 1.5]), torch.zeros(3))
+    delta = torch.log(torch.tensor([2.0, 2.0, 2.0])) - torch.log(torch.tensor([1.0, 2.0, 1.5]))
+    jac = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, 0), logits)
+    torch.testing.assert_close(g, jac.T @ delta)
+
+
+def test_famo_state_round_trip_and_min_loss_error():
+    a = get_balancer("famo", 2, w_lr=0.05)
+    x = torch.zeros(1, requires_grad=True)
+    a.backward(torch.stack([x.sum() + 1, x.sum() + 3]), [x])
+    a.after_optimizer_step(torch.tensor([0.5, 2.9]))
+    b = get_balancer("famo", 2, w_lr=0.05)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.logits, b.logits)
+    with pytest.raises(BalancerError, match="min_losses"):
+        a.backward(torch.stack([x.sum() - 1, x.sum() + 3]), [x])
+
+
+# ---------------------------------------------------------------------------- properties (_properties.py)
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_famo_properties(case):
+    # w from the (zero, equal) initial logits and the losses only: linear in J, symmetric.
+    # closed form in float64: K-term sums round at a few eps ≈ 2.2e-16; 1e-12 leaves a wide margin
+    step = balancer_step("famo")
+    assert_valid_step(*step(case.jac, case.losses), case)
+    assert_permutation_equivariant(step, case, rtol=1e-12)
+    assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
