@@ -39,132 +39,23 @@ from __future__ import annotations
 
 import abc
 import math
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES, GRAM_MIN_TASKS,
+                                        BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
+                                        StepInfo, _as_param_list, accumulate_grad, backward_weighted, check_losses,
+                                        choose_gradient_path, finite_or_raise, gram, pick_gradient_path)
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
                                   mean_across_ranks)
-from mtl_tune.jacobian import GRAM_BLOCK, JacobianEngine, gram_of
+from mtl_tune.jacobian import JacobianEngine
 
 #: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
 #: written before balancers were modules (still loadable, see :meth:`Balancer.load_state_dict`).
 STATE_FORMAT = 1
-
-
-class BalancerError(RuntimeError):
-    """A balancer cannot produce a valid update (bad input or repeated solver failure)."""
-
-
-@dataclass
-class StepInfo:
-    """What one balancer step did. ``weights`` are the effective per-task weights.
-
-    Values stay tensors (no host sync); the trainer converts them at logging time.
-    """
-
-    weights: Tensor
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EpochInfo:
-    """Epoch-level information a training loop hands to :meth:`Balancer.on_epoch_end`.
-
-    ``train_losses``: mean training loss per task over the epoch (K,).
-    ``scores``: per-task performance gaps (K,), positive = worse than the single-task
-    baseline, in percent (PIVRG's scores); ``None`` when the benchmark has no baseline.
-    """
-
-    epoch: int
-    train_losses: Tensor | None = None
-    scores: Tensor | None = None
-
-
-@dataclass
-class ForwardOutput:
-    """What a model's forward pass gives a balancer: K losses and, optionally,
-    the representation(s) the task heads consumed (for representation-level methods)."""
-
-    losses: Tensor
-    representation: Tensor | Sequence[Tensor] | None = None
-
-
-class SolverFailureCounter:
-    """Counts solver failures; warns on each and raises after ``max_consecutive``.
-
-    The official Nash-MTL swallows solver errors and silently keeps its previous
-    weights; we count them, report the count in every step's extras, warn, and stop
-    the run when failures keep happening.
-    """
-
-    def __init__(self, method: str, max_consecutive: int = 20) -> None:
-        self.method = method
-        self.max_consecutive = max_consecutive
-        self.total = 0
-        self.consecutive = 0
-
-    def success(self) -> None:
-        self.consecutive = 0
-
-    def failure(self, reason: str) -> None:
-        self.total += 1
-        self.consecutive += 1
-        warnings.warn(f"{self.method}: solver failed ({reason}); failure #{self.total}", RuntimeWarning,
-                      stacklevel=3)
-        if self.consecutive >= self.max_consecutive:
-            raise BalancerError(
-                f"{self.method}: solver failed {self.consecutive} times in a row (last: {reason})"
-            )
-
-    def state_dict(self) -> dict[str, int]:
-        return {"total": self.total, "consecutive": self.consecutive}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
-
-
-def check_losses(losses: Tensor, n_tasks: int, method: str, finite: bool = True) -> None:
-    """Shape check, and (``finite=True``) a non-finite-loss check that raises BalancerError.
-
-    The finiteness check reads one K-vector on the host: gradient methods sync for their
-    solvers anyway; loss-based methods skip it (``finite=False``) to keep their step free of
-    host syncs, and the trainer checks their losses every few steps instead.
-    """
-    if losses.dim() != 1 or losses.shape[0] != n_tasks:
-        raise BalancerError(f"{method}: expected a loss vector of shape ({n_tasks},), got {tuple(losses.shape)}")
-    if finite and not bool(torch.isfinite(losses.detach()).all()):
-        raise BalancerError(f"{method}: non-finite task loss {losses.detach().tolist()}")
-
-
-def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
-    if params is None:
-        return []
-    if isinstance(params, Tensor):
-        return [params]
-    out: list[Tensor] = []
-    for p in params:
-        if isinstance(p, Tensor):
-            out.append(p)
-        else:  # a per-task group of parameters
-            out.extend(_as_param_list(p))
-    return out
-
-
-def accumulate_grad(params: Sequence[Tensor], flat: Tensor) -> None:
-    """Add a flat vector (sum of numels) into ``.grad`` of ``params``, in order."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = flat[offset:offset + n].view_as(p).to(p.dtype)
-        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-        offset += n
-    if offset != flat.numel():
-        raise BalancerError(f"direction has {flat.numel()} entries but the shared parameters have {offset}")
 
 
 class Balancer(nn.Module, metaclass=abc.ABCMeta):
@@ -417,16 +308,6 @@ class LossBalancer(Balancer):
         return weights
 
 
-GradientPath = Literal["auto", "jacobian", "gram"]
-GRADIENT_PATHS = ("auto", "jacobian", "gram")
-#: ``"auto"`` takes the Gram path when the K×P Jacobian would be at least this large (bytes) or
-#: K ≥ :data:`GRAM_MIN_TASKS`; below both the Jacobian path's saved backward pass wins
-#: (measured in
-#: docs/performance.md#8-gradient-methods-against-the-official-step-structure-benchgradient_steppy).
-GRAM_MIN_JACOBIAN_BYTES = 256 * 2**20
-GRAM_MIN_TASKS = 8
-
-
 class GradientBalancer(Balancer):
     """A method that combines the K per-task gradients of the shared parameters.
 
@@ -519,65 +400,8 @@ class GradientBalancer(Balancer):
         return {}
 
 
-def pick_gradient_path(name: str, setting: str, supports_gram: bool, n_tasks: int, shared: Sequence[Tensor],
-                       can_stream: bool, group: Any = None) -> str:
-    """The path of one step: ``setting`` unless ``"auto"`` (then :func:`choose_gradient_path`).
-
-    Data parallel (``group`` set) always takes the Jacobian path: every rank must combine the
-    rank-mean Jacobian, and its Gram matrix J̄J̄ᵀ is not the mean of the ranks' Gram matrices,
-    so the Gram path would need the Jacobian anyway; a forced ``"gram"`` is refused there.
-    """
-    if group is not None:
-        if setting == "gram":
-            raise BalancerError(f"{name}: gradient_path='gram' is not data-parallel correct (the Gram matrix of "
-                                "the rank-mean Jacobian needs the Jacobian); use 'auto' or 'jacobian' under DDP")
-        return "jacobian"
-    if setting != "auto":
-        return setting
-    if not supports_gram:
-        return "jacobian"
-    return choose_gradient_path(n_tasks, sum(p.numel() * p.element_size() for p in shared), can_stream)
-
-
-def choose_gradient_path(n_tasks: int, shared_bytes: int, can_stream: bool) -> str:
-    """``"gram"`` when the K×P Jacobian is large or K is large, and the engine can stream the Gram
-    matrix; else ``"jacobian"`` (one backward pass fewer)."""
-    if not can_stream:
-        return "jacobian"
-    big = n_tasks * shared_bytes >= GRAM_MIN_JACOBIAN_BYTES
-    return "gram" if big or n_tasks >= GRAM_MIN_TASKS else "jacobian"
-
-
-def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], heads: Sequence[Tensor],
-                      head_coef: Tensor) -> None:
-    """Add ∇ Σ cᵢ ℓᵢ to the shared ``.grad`` and ∇ Σ hᵢ ℓᵢ to the heads' (one pass when c = h)."""
-    c = coef.detach().to(device=losses.device, dtype=losses.dtype)
-    h = head_coef.detach().to(device=losses.device, dtype=losses.dtype)
-    if not heads:
-        (losses * c).sum().backward(inputs=list(shared))
-    elif torch.equal(c, h):
-        (losses * c).sum().backward(inputs=[*shared, *heads])
-    else:  # the second pass only walks the heads' part of the graph
-        (losses * c).sum().backward(inputs=list(shared), retain_graph=True)
-        (losses * h).sum().backward(inputs=list(heads))
-
-
-def gram(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision).
-
-    Built over column blocks so that only one block at a time is copied to float64 (the
-    full float64 copy of a K×P Jacobian doubled the step's memory on large models)."""
-    return gram_of(jacobian, block)
-
-
-def finite_or_raise(x: Tensor, what: str) -> Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise BalancerError(f"{what} is not finite: {x.tolist() if x.numel() <= 50 else '...'}")
-    return x
-
-
 __all__ = [
-    "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
+    "GRADIENT_PATHS", "GRAM_MIN_JACOBIAN_BYTES", "GRAM_MIN_TASKS", "GradientPath", "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
     "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
     "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer",
 ]
