@@ -60,6 +60,8 @@ def worker(rank: int, world: int, method: str, steps: int, out_dir: str) -> None
             result = {"method": method, "ranks_identical": same, "last_losses": losses.detach().tolist(),
                       "weights": info.weights.tolist()}
             Path(out_dir, "result.json").write_text(json.dumps(result))
+        # leave together: a rank tearing gloo down while the other still works in it can abort it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -71,5 +71,6 @@ def run(rank: int, world: int, init_file: str, out_dir: str, methods: list[str])
         results: dict[str, Any] = {m: train(m, rank, world) for m in methods}
         results["mgda/unsynced"] = train("mgda", rank, world, sync=False)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together (see examples/ddp_train.py)
     finally:
         dist.destroy_process_group()

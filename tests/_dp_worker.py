@@ -24,5 +24,6 @@ def run(rank: int, world: int, init_file: str, out_dir: str, config: dict[str, A
         params = [p.detach().clone() for p in trainer.setup.model.parameters()]
         torch.save({"reports": reports, "params": params, "state": trainer.state_dict()},
                    Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together (see examples/ddp_train.py)
     finally:
         dist.destroy_process_group()
