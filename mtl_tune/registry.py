@@ -17,8 +17,10 @@ the distribution, never skipped in silence. See docs/api.md.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import importlib.resources
 import inspect
 import pkgutil
@@ -109,6 +111,73 @@ def benchmark_classes() -> dict[str, type]:
     from mtl_tune.benchmarks.base import Benchmark
     builtin = _scan("mtl_tune.benchmarks", "Benchmark")
     return dict(sorted({**builtin, **_plugins(BENCHMARK_GROUP, Benchmark, builtin)}.items()))
+
+
+def _declared_names(package: str) -> list[str] | None:
+    """The ``name = "..."`` class attributes in ``package``'s public modules, read from their
+    source without importing them (the modules import torch, SciPy, cvxpy: seconds). None when
+    a module has no readable source (then only the full scan can tell)."""
+    spec = importlib.util.find_spec(package)  # imports the parent package only
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(spec.submodule_search_locations):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        source = Path(getattr(info.module_finder, "path", "")) / f"{info.name}.py"
+        if info.ispkg or not source.is_file():
+            return None
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                names.update(_class_name_attr(node))
+    return sorted(names)
+
+
+def _class_name_attr(node: ast.ClassDef) -> list[str]:
+    """``["cagrad"]`` for a class body with ``name = "cagrad"`` (or ``name: str = "cagrad"``)."""
+    for stmt in node.body:
+        target, value = None, None
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign):
+            target, value = stmt.target, stmt.value
+        if (isinstance(target, ast.Name) and target.id == "name" and isinstance(value, ast.Constant)
+                and isinstance(value.value, str) and value.value):
+            return [value.value]
+    return []
+
+
+def _cheap_names(package: str, group: str, full: Any) -> list[str]:
+    """Sorted names of ``package``'s classes plus the plug-ins' entry-point names, without
+    importing any of them; the full registry's names when it is loaded already or when a
+    module's source cannot be read. Equal to the full registry's names (tests/test_registry_names.py);
+    a plug-in that does not load still fails when it is used (the full scan)."""
+    if full.cache_info().currsize:
+        return list(full())
+    declared = _declared_names(package)
+    if declared is None:
+        return list(full())
+    return sorted({*declared, *(ep.name for ep in importlib.metadata.entry_points(group=group))})
+
+
+def balancer_names() -> list[str]:
+    """Sorted method names (plug-ins included) without importing the methods' modules: for
+    ``--help`` and name checks, which must answer before torch loads."""
+    return _cheap_names("mtl_tune.balancers", BALANCER_GROUP, balancer_classes)
+
+
+def benchmark_names() -> list[str]:
+    """Sorted benchmark names (plug-ins included) without importing the benchmarks' modules."""
+    return _cheap_names("mtl_tune.benchmarks", BENCHMARK_GROUP, benchmark_classes)
+
+
+def check_names(kind: str, names: list[str]) -> None:
+    """:class:`UnknownNameError` for the first of ``names`` that is not a registered ``kind``
+    (``"method"`` or ``"benchmark"``), checked without importing the modules."""
+    valid = balancer_names() if kind == "method" else benchmark_names()
+    for name in names:
+        if name not in valid:
+            raise UnknownNameError(kind, name, valid)
 
 
 def search_space_file(method: str) -> Path:

@@ -113,3 +113,11 @@ def test_a_bad_plugin_is_a_clear_error_naming_its_distribution(plugin_env, entry
     with pytest.raises(registry.PluginError, match=message) as err:
         registry.available_balancers()
     assert "mtl-broken" in str(err.value)
+
+
+def test_cheap_name_listing_includes_plugins_without_loading_them(plugin_env):
+    install(plugin_env, GOOD)
+    assert "halfsum" in registry.balancer_names() and "toy_again" in registry.benchmark_names()
+    assert "mtl_halfsum" not in sys.modules  # listed from the entry points, not imported
+    assert registry.balancer_names() == registry.available_balancers()
+    assert registry.benchmark_names() == registry.available_benchmarks()
