@@ -69,3 +69,27 @@ def test_help_and_early_errors_do_not_import_torch_or_ray(argv, code, text):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert f"EXIT {code} HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert text in proc.stdout + proc.stderr
+
+
+def test_one_name_lookup_gives_the_full_registrys_class():
+    full_b, full_m = registry.balancer_classes(), registry.benchmark_classes()
+    registry.clear_cache()
+    for name, cls in full_b.items():
+        assert registry._one_class("mtl_tune.balancers", "Balancer", registry.BALANCER_GROUP, name) is cls
+    for name, cls in full_m.items():
+        assert registry._one_class("mtl_tune.benchmarks", "Benchmark", registry.BENCHMARK_GROUP, name) is cls
+    assert registry._one_class("mtl_tune.balancers", "Balancer", registry.BALANCER_GROUP, "nope") is None
+
+
+def test_a_trial_imports_only_its_own_method_and_benchmark():
+    script = textwrap.dedent("""
+        import sys
+        from mtl_tune.registry import balancer_class, benchmark_class
+        balancer_class("cagrad"), benchmark_class("toy")
+        print(sorted(m for m in sys.modules if m.startswith(("mtl_tune.balancers.", "mtl_tune.benchmarks."))))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    loaded = proc.stdout.strip()
+    assert "mtl_tune.balancers.cagrad" in loaded and "mtl_tune.benchmarks.toy" in loaded, proc.stderr
+    assert "nashmtl" not in loaded and "multi_mnist" not in loaded, loaded

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtl_tune.registry import available_balancers, balancer_class, benchmark_class, check_names
+from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class, benchmark_class, check_names
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
@@ -194,6 +194,9 @@ def prepare(options: SearchOptions) -> Plan:
         options.optuna_storage = check_optuna_storage(options.optuna_storage)
     elif options.resume:  # the restored searchers keep writing where the first run chose
         options.optuna_storage = previous_optuna_storage(sweep_dir)
+    # the full scan, once, in the driver, after the argument checks: a plug-in that does not load
+    # is an error here (the trials look up only their own method and benchmark, balancer_class)
+    available_balancers(), available_benchmarks()
     bench.check_data()
     if options.address:
         check_address(options.address)
