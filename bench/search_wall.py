@@ -9,7 +9,9 @@ the trials, the tables and plots. Workloads:
 * ``help``: ``--help``; ``bad-name``: ``--method nope`` (exit 2);
 * ``readme``: the README's main command (no arguments: toy, five methods, what fits on the CPUs);
 * ``toy1``: ``--method cagrad --num-samples 4 --max-concurrent 1 --config steps_per_epoch=200`` on
-  the toy, one short trial at a time (≈ 1 s of training each: the overhead shows);
+  the toy, one short trial at a time (≈ 1 s of training each: the overhead shows); ``toy8``: the
+  same with 8 trials: the difference of the two, ((W − S)₈ − (W − S)₄)/4, is the overhead each
+  further trial adds, without the command's fixed start (interpreter, Ray, the driver's imports);
 * ``mnist1``: ``--benchmark multi_mnist --method cagrad --num-samples 3 --epochs 2 --max-concurrent 1``.
 
 From the search's ``trials.csv``: N trials, S = Σ ``time_total_s`` (time inside the
@@ -48,10 +50,11 @@ WORKLOADS = {
     "bad-name": ["--method", "nope"],
     "readme": [],
     "toy1": ["--method", "cagrad", "--num-samples", "4", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],
+    "toy8": ["--method", "cagrad", "--num-samples", "8", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],
     "mnist1": ["--benchmark", "multi_mnist", "--method", "cagrad", "--num-samples", "3", "--epochs", "2",
                "--max-concurrent", "1"],
 }
-SEARCHES = {"readme", "toy1", "mnist1"}
+SEARCHES = {"readme", "toy1", "toy8", "mnist1"}
 
 
 def run_once(tree: Path, workload: str) -> dict:
