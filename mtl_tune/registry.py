@@ -6,6 +6,13 @@ a ``name``) plus one ``search_spaces/<name>.yaml``; adding a benchmark is one fi
 maps names to classes; modules whose name starts with ``_`` and ``base`` are skipped.
 Unknown names raise :class:`UnknownNameError`, whose message lists the valid names.
 
+**Cheap look-ups.** The names are also read from the modules' source (classes with a
+``name = "..."`` attribute) and the entry points' names, without importing anything
+(:func:`balancer_names`, :func:`check_names`: ``--help`` and name errors answer before torch
+loads), and :func:`balancer_class` / :func:`benchmark_class` import only the one module that
+declares a built-in name no plug-in claims (a trial needs one method and one benchmark).
+tests/test_registry_names.py checks both against the full scan.
+
 **Plug-ins.** An installed package adds methods and benchmarks through the entry-point
 groups ``mtl_tune.balancers`` and ``mtl_tune.benchmarks`` (``name = "module:Class"``, the
 entry-point name equal to the class's ``name``). A plug-in method's search space is the
@@ -17,8 +24,10 @@ the distribution, never skipped in silence. See docs/api.md.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import importlib.resources
 import inspect
 import pkgutil
@@ -111,6 +120,95 @@ def benchmark_classes() -> dict[str, type]:
     return dict(sorted({**builtin, **_plugins(BENCHMARK_GROUP, Benchmark, builtin)}.items()))
 
 
+@cache
+def _declarations(package: str) -> dict[str, tuple[str, ...]] | None:
+    """Name → the public modules of ``package`` whose classes declare ``name = "<name>"``,
+    read from their source without importing them (the modules import torch, SciPy, cvxpy:
+    seconds). None when a module has no readable source (then only the full scan can tell)."""
+    spec = importlib.util.find_spec(package)  # imports the parent package only
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found: dict[str, tuple[str, ...]] = {}
+    for info in pkgutil.iter_modules(spec.submodule_search_locations):
+        if info.name.startswith("_") or info.name == "base":
+            continue
+        source = Path(getattr(info.module_finder, "path", "")) / f"{info.name}.py"
+        if info.ispkg or not source.is_file():
+            return None
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                for name in _class_name_attr(node):
+                    found[name] = (*found.get(name, ()), info.name)
+    return found
+
+
+def _declared_names(package: str) -> list[str] | None:
+    declared = _declarations(package)
+    return None if declared is None else sorted(declared)
+
+
+def _one_class(package: str, base_name: str, group: str, name: str) -> type | None:
+    """``name``'s class, importing only the one built-in module that declares it; None when
+    only the full scan can answer (the name declared in no module or in several, taken by a
+    plug-in's entry point too, or not found as a subclass of the base where declared). A
+    trial needs one method and one benchmark: this spares it importing all of them."""
+    declared = (_declarations(package) or {}).get(name, ())
+    if len(declared) != 1 or any(ep.name == name for ep in importlib.metadata.entry_points(group=group)):
+        return None
+    module = importlib.import_module(f"{package}.{declared[0]}")
+    base = getattr(importlib.import_module(f"{package}.base"), base_name)
+    matches = [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+               if issubclass(obj, base) and obj.__module__ == module.__name__ and getattr(obj, "name", "") == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _class_name_attr(node: ast.ClassDef) -> list[str]:
+    """``["cagrad"]`` for a class body with ``name = "cagrad"`` (or ``name: str = "cagrad"``)."""
+    for stmt in node.body:
+        target, value = None, None
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign):
+            target, value = stmt.target, stmt.value
+        if (isinstance(target, ast.Name) and target.id == "name" and isinstance(value, ast.Constant)
+                and isinstance(value.value, str) and value.value):
+            return [value.value]
+    return []
+
+
+def _cheap_names(package: str, group: str, full: Any) -> list[str]:
+    """Sorted names of ``package``'s classes plus the plug-ins' entry-point names, without
+    importing any of them; the full registry's names when it is loaded already or when a
+    module's source cannot be read. Equal to the full registry's names (tests/test_registry_names.py);
+    a plug-in that does not load still fails when it is used (the full scan)."""
+    if full.cache_info().currsize:
+        return list(full())
+    declared = _declared_names(package)
+    if declared is None:
+        return list(full())
+    return sorted({*declared, *(ep.name for ep in importlib.metadata.entry_points(group=group))})
+
+
+def balancer_names() -> list[str]:
+    """Sorted method names (plug-ins included) without importing the methods' modules: for
+    ``--help`` and name checks, which must answer before torch loads."""
+    return _cheap_names("mtl_tune.balancers", BALANCER_GROUP, balancer_classes)
+
+
+def benchmark_names() -> list[str]:
+    """Sorted benchmark names (plug-ins included) without importing the benchmarks' modules."""
+    return _cheap_names("mtl_tune.benchmarks", BENCHMARK_GROUP, benchmark_classes)
+
+
+def check_names(kind: str, names: list[str]) -> None:
+    """:class:`UnknownNameError` for the first of ``names`` that is not a registered ``kind``
+    (``"method"`` or ``"benchmark"``), checked without importing the modules."""
+    valid = balancer_names() if kind == "method" else benchmark_names()
+    for name in names:
+        if name not in valid:
+            raise UnknownNameError(kind, name, valid)
+
+
 def search_space_file(method: str) -> Path:
     """The search-space YAML of ``method``: ``search_spaces/<method>.yaml`` for built-in
     methods; for a plug-in the file its class names in ``search_space`` (relative to its
@@ -126,6 +224,7 @@ def clear_cache() -> None:
     """Forget the scanned names (after installing a plug-in into a running process)."""
     balancer_classes.cache_clear()
     benchmark_classes.cache_clear()
+    _declarations.cache_clear()
 
 
 def available_balancers() -> list[str]:
@@ -139,7 +238,12 @@ def available_benchmarks() -> list[str]:
 
 
 def balancer_class(name: str) -> type:
-    """The Balancer subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones."""
+    """The Balancer subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones.
+    A built-in name no plug-in claims imports only its own module (the others are not needed)."""
+    if not balancer_classes.cache_info().currsize:
+        cls = _one_class("mtl_tune.balancers", "Balancer", BALANCER_GROUP, name)
+        if cls is not None:
+            return cls
     classes = balancer_classes()
     if name not in classes:
         raise UnknownNameError("method", name, list(classes))
@@ -147,7 +251,12 @@ def balancer_class(name: str) -> type:
 
 
 def benchmark_class(name: str) -> type:
-    """The Benchmark subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones."""
+    """The Benchmark subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones.
+    A built-in name no plug-in claims imports only its own module."""
+    if not benchmark_classes.cache_info().currsize:
+        cls = _one_class("mtl_tune.benchmarks", "Benchmark", BENCHMARK_GROUP, name)
+        if cls is not None:
+            return cls
     classes = benchmark_classes()
     if name not in classes:
         raise UnknownNameError("benchmark", name, list(classes))

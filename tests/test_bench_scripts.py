@@ -24,6 +24,7 @@ import _common as c  # noqa: E402
 import packing  # noqa: E402
 import peak_memory  # noqa: E402
 import search_overhead  # noqa: E402
+import search_wall  # noqa: E402
 import step_time  # noqa: E402
 
 TINY_MLP = ["--width", "16", "--depth", "2", "--head", "8", "--in-dim", "8", "--batch-size", "16", "--threads", "1"]
@@ -201,6 +202,23 @@ def test_search_overhead_runs_a_tiny_search():
     rows = table_rows(text)
     assert any(k.startswith("**overhead share") for k in rows)
     assert "TERMINATED: 2" in text
+
+
+def test_search_wall_compares_results_by_method_hparams_and_metrics():
+    import pandas as pd
+
+    a = pd.DataFrame({"method": ["ls", "cagrad"], "hp/c": [float("nan"), 0.4], "val/loss1": [1.0, 2.0],
+                      "time_total_s": [3.0, 4.0], "trial_id": ["x", "y"]})
+    b = a.iloc[::-1].assign(time_total_s=[9.0, 9.0], trial_id=["p", "q"])  # order, times and ids differ
+    assert search_wall.result_rows(a) == search_wall.result_rows(b)
+    assert search_wall.result_rows(a) != search_wall.result_rows(b.assign(**{"val/loss1": [2.0, 1.5]}))
+
+
+def test_search_wall_times_help_of_two_trees():
+    # this tree against itself: the command-line workloads need no Ray
+    text = run_script("search_wall.py", "--base", str(ROOT), "--workloads", "help,bad-name", "--repeats", "1")
+    rows = table_rows(text)
+    assert rows["help"][5] == "exit 0" and rows["bad-name"][5] == "exit 2", text
 
 
 def test_toy_engine_smoke():

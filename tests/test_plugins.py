@@ -113,3 +113,17 @@ def test_a_bad_plugin_is_a_clear_error_naming_its_distribution(plugin_env, entry
     with pytest.raises(registry.PluginError, match=message) as err:
         registry.available_balancers()
     assert "mtl-broken" in str(err.value)
+
+
+def test_cheap_name_listing_includes_plugins_without_loading_them(plugin_env):
+    install(plugin_env, GOOD)
+    assert "halfsum" in registry.balancer_names() and "toy_again" in registry.benchmark_names()
+    assert "mtl_halfsum" not in sys.modules  # listed from the entry points, not imported
+    assert registry.balancer_names() == registry.available_balancers()
+    assert registry.benchmark_names() == registry.available_benchmarks()
+
+
+def test_a_plugin_claiming_a_builtin_name_is_an_error_even_for_a_single_lookup(plugin_env):
+    install(plugin_env, "[mtl_tune.balancers]\ncagrad = mtl_halfsum:HalfSum\n", name="mtl-broken")
+    with pytest.raises(registry.PluginError, match="already taken"):
+        registry.balancer_class("cagrad")  # the one-module path must not bypass the plug-ins

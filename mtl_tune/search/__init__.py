@@ -10,17 +10,17 @@ Programmatic use (documented with a runnable example in ``docs/api.md``)::
 
 The public names are exactly those in ``__all__``. :func:`execute` is a function here; the
 module that implements it is :mod:`mtl_tune.search.execution` (imported on first call,
-because Ray is heavy and validation does not need it).
+because Ray is heavy and validation does not need it); the other names load on first use too,
+so ``python -m mtl_tune.search --help`` imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mtl_tune.search.runner import Plan, SearchError, SearchOptions, prepare
-
 if TYPE_CHECKING:
     from mtl_tune.search.execution import Outcome
+    from mtl_tune.search.runner import Plan, SearchError, SearchOptions, prepare
 
 __all__ = ["Outcome", "Plan", "SearchError", "SearchOptions", "execute", "prepare"]
 
@@ -33,6 +33,10 @@ def execute(plan: Plan) -> Outcome:
 
 
 def __getattr__(name: str):
+    if name in ("Plan", "SearchError", "SearchOptions", "prepare"):
+        from mtl_tune.search import runner
+
+        return getattr(runner, name)
     if name == "Outcome":
         from mtl_tune.search.execution import Outcome
 

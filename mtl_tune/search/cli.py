@@ -70,13 +70,13 @@ def explicit_fields(argv: list[str] | None) -> set[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtl_tune.registry import available_balancers, available_benchmarks
+    from mtl_tune.registry import balancer_names, benchmark_names
 
     p = OneLineParser(prog="python -m mtl_tune.search", description=__doc__,
                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", default="toy", help=f"one of: {', '.join(available_benchmarks())} (default: toy)")
+    p.add_argument("--benchmark", default="toy", help=f"one of: {', '.join(benchmark_names())} (default: toy)")
     p.add_argument("--method", default="ls,mgda,pcgrad,cagrad,famo",
-                   help=f"comma-separated method names or 'all'; valid: {', '.join(available_balancers())}")
+                   help=f"comma-separated method names or 'all'; valid: {', '.join(balancer_names())}")
     p.add_argument("--num-samples", type=int, default=4, help="trials per method (same budget for every method)")
     p.add_argument("--objective", default="pareto",
                    help="'pareto' (all per-task primary metrics, multi-objective), 'default' (Δm%% where baselines "
@@ -244,12 +244,24 @@ def print_summary(outcome, plan) -> bool:
     return not finished(table, plan).empty
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a bad argument (exit 2). ConfigError and DataError live in the
+    benchmarks package, which imports torch: when it is not loaded yet, neither can have been
+    raised, and importing it here would make every early error (a bad name) take seconds."""
+    from mtl_tune.registry import UnknownNameError
+    from mtl_tune.spaces import SpaceError
+    from mtl_tune.search.validate import SearchError
+
+    errors: list[type[Exception]] = [UnknownNameError, SearchError, SpaceError]
+    base = sys.modules.get("mtl_tune.benchmarks.base")
+    if base is not None:
+        errors += [base.ConfigError, base.DataError]
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when trials finished, 1 when none did, 2 for a bad argument (nothing started)."""
-    from mtl_tune.benchmarks.base import ConfigError, DataError
-    from mtl_tune.registry import UnknownNameError
     from mtl_tune.search.runner import prepare, sweep_dir_of
-    from mtl_tune.spaces import SpaceError
     from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 
     args = build_parser().parse_args(argv)
@@ -260,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             stored = stored_arguments(sweep_dir) if sweep_dir.is_dir() else None
             options = resume_options(options, explicit_fields(argv), stored)
         plan = prepare(options)
-    except (UnknownNameError, SearchError, SpaceError, ConfigError, DataError) as err:
+    except Exception as err:  # noqa: BLE001 - narrowed to the user errors just below
+        if not isinstance(err, user_errors()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     from mtl_tune.search import execute

@@ -115,6 +115,18 @@ def fitting_trials(options) -> int:
     return max(1, int((options.num_cpus or os.cpu_count() or 1) // max(cpus_per_trial, 1e-9)))
 
 
+def reuse_actors(options) -> bool:
+    """Run a method's trials one after another in the same Ray actor (Tune's ``reuse_actors``)
+    instead of a fresh worker process each: that start (re-importing torch, Ray and every
+    balancer and benchmark) was most of the ≈ 3–5 s per trial outside the trainable
+    (docs/performance.md §4). Safe because :func:`~mtl_tune.search.trainable.train_trial`
+    sets all the process state it depends on at each start (seeds, torch threads, cuDNN flags)
+    and the data caches are keyed by everything that shapes the data. Not with
+    ``--workers-per-trial N > 1``: that trial's clean-up (aborting its Ray Train run) runs when
+    its actor stops."""
+    return options.workers_per_trial <= 1
+
+
 def run_method(plan: Plan, method: str) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -146,7 +158,7 @@ def run_method(plan: Plan, method: str) -> None:
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
-                                    scheduler=_scheduler(plan, epochs), num_samples=budget, reuse_actors=False,
+                                    scheduler=_scheduler(plan, epochs), num_samples=budget, reuse_actors=reuse_actors(o),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=method, storage_path=str(plan.sweep_dir), verbose=o.verbose,
@@ -170,7 +182,7 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
         tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
         return
     tune.Tuner(trainable, param_space=param_space,
-               tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=trial_dirname,
+               tune_config=tune.TuneConfig(num_samples=1, reuse_actors=reuse_actors(o), trial_dirname_creator=trial_dirname,
                                            max_concurrent_trials=limit),
                run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
                                          failure_config=tune.FailureConfig(max_failures=o.max_failures),
@@ -231,13 +243,13 @@ def callbacks(plan: Plan) -> list:
     return [WandbLoggerCallback(project=plan.options.wandb_project, group=plan.name)]
 
 
-def finish(plan: Plan) -> Outcome:
-    """Rebuild the tidy table from Tune's state and draw the Pareto front of the trials."""
+def finish(plan: Plan, plot: bool = True) -> Outcome:
+    """Rebuild the tidy table from Tune's state and (``plot``) draw the Pareto front of the trials."""
     table = build_table(plan.sweep_dir, plan.spaces, plan.name, plan.bench.n_tasks)
     table_path = write_table(table, plan.sweep_dir)
     plot_path = None
     pareto_metrics = [f"val/{m.name}" for m in plan.bench.primary_metrics()]
-    if len(pareto_metrics) >= 2 and not table.empty and all(m in table for m in pareto_metrics):
+    if plot and len(pareto_metrics) >= 2 and not table.empty and all(m in table for m in pareto_metrics):
         from mtl_tune.analysis import plot_pareto_front
 
         from mtl_tune.analysis._benchmarks import known_front_points
@@ -258,11 +270,13 @@ def execute(plan: Plan) -> Outcome:
     write_sweep_json(plan.sweep_dir, sweep_info(plan))
     for method in plan.spaces:
         run_method(plan, method)
-        finish(plan)  # keep the table current after every method: nothing finished is lost
-    outcome = finish(plan)
+        # keep the table current after every method (nothing finished is lost); the plot is
+        # drawn once, at the end (≈ 0.35 s each on 2 CPUs)
+        finish(plan, plot=False)
+    outcome = finish(plan, plot=not (plan.options.seeds or plan.options.preferences))
     if plan.options.seeds:
         run_seeds(plan, outcome.table)
-        outcome = finish(plan)
+        outcome = finish(plan, plot=not plan.options.preferences)
     if plan.options.preferences:
         run_preferences(plan)
         outcome = finish(plan)

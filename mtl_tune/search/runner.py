@@ -13,15 +13,17 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mtl_tune.benchmarks.base import TRAINER_SETTINGS, Benchmark, ConfigError, DataError
-from mtl_tune.registry import available_balancers, balancer_class, benchmark_class
+from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class, benchmark_class, check_names
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
     check_storage, previous_optuna_storage,
 )
+
+if TYPE_CHECKING:  # the benchmarks import torch: loaded by prepare(), not by `--help` or a name check
+    from mtl_tune.benchmarks.base import Benchmark
 
 __all__ = ["Plan", "SearchError", "SearchOptions", "prepare", "sweep_dir_of"]
 
@@ -124,6 +126,8 @@ def sweep_dir_of(options: SearchOptions) -> Path | None:
 def make_benchmark(options: SearchOptions) -> Benchmark:
     """The benchmark with the constructor options the trials will use (``benchmark_options``),
     so the pre-flight data check sees exactly what the trials read."""
+    from mtl_tune.benchmarks.base import TRAINER_SETTINGS, ConfigError, DataError
+
     cls = benchmark_class(options.benchmark)
     extra = options.config.get("benchmark_options") or {}
     if not isinstance(extra, dict):
@@ -148,6 +152,8 @@ def prepare(options: SearchOptions) -> Plan:
     methods = available_balancers() if options.methods == ["all"] else list(dict.fromkeys(options.methods))
     if not methods:
         raise SearchError("--method needs at least one method name")
+    check_names("method", methods)  # from the modules' source: fails before torch loads
+    check_names("benchmark", [options.benchmark])
     for m in methods:
         balancer_class(m)  # UnknownNameError lists the valid names
     if options.search_space and len(methods) != 1:
@@ -188,6 +194,9 @@ def prepare(options: SearchOptions) -> Plan:
         options.optuna_storage = check_optuna_storage(options.optuna_storage)
     elif options.resume:  # the restored searchers keep writing where the first run chose
         options.optuna_storage = previous_optuna_storage(sweep_dir)
+    # the full scan, once, in the driver, after the argument checks: a plug-in that does not load
+    # is an error here (the trials look up only their own method and benchmark, balancer_class)
+    available_balancers(), available_benchmarks()
     bench.check_data()
     if options.address:
         check_address(options.address)

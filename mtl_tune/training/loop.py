@@ -147,8 +147,10 @@ class Trainer:
         cfg = self.config
         self.device = resolve_device(cfg.get("device"))
         seed_everything(int(cfg.get("seed", 0)))
-        if cfg.get("deterministic"):  # the official trainers' setting; slower convolutions on GPU
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        # the official trainers' setting (slower convolutions on GPU); set both ways, as a reused
+        # Tune actor runs several trials in one process
+        torch.backends.cudnn.deterministic = bool(cfg.get("deterministic"))
+        torch.backends.cudnn.benchmark = False
         self.setup = bench.build(cfg, self.device)
         amp = cfg.get("amp")
         if amp not in (None, False, "none", "bf16"):

@@ -1,0 +1,95 @@
+"""The registry's cheap name listing (read from the modules' source, no import) equals the
+full registry's, and the search command's `--help` and name errors answer without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mtl_tune import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cheap_names_equal_the_full_registry():
+    registry.clear_cache()  # the cheap path must read the sources, not the filled cache
+    cheap = registry.balancer_names(), registry.benchmark_names()
+    assert cheap == (registry.available_balancers(), registry.available_benchmarks())
+    assert "cagrad" in cheap[0] and "toy" in cheap[1]
+
+
+def test_a_class_name_attribute_is_read_from_source():
+    import ast
+
+    tree = ast.parse(textwrap.dedent('''
+        class A:
+            name = "a_name"
+        class B:
+            name: str = "b_name"
+        class C:
+            name = ""
+        class D:
+            label = "d"
+    '''))
+    assert [registry._class_name_attr(node) for node in tree.body] == [["a_name"], ["b_name"], [], []]
+
+
+def test_unknown_name_lists_the_valid_ones_without_loading_the_modules():
+    with pytest.raises(registry.UnknownNameError, match="valid methods: .*cagrad"):
+        registry.check_names("method", ["ls", "nope"])
+    with pytest.raises(registry.UnknownNameError, match="valid benchmarks: .*multi_mnist"):
+        registry.check_names("benchmark", ["nope"])
+    registry.check_names("method", ["ls", "cagrad"])  # known names pass
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["--help"], 0, "valid: amtl"),
+    (["--method", "ls,nope"], 2, "unknown method 'nope'; valid methods:"),
+    (["--benchmark", "nope"], 2, "unknown benchmark 'nope'; valid benchmarks:"),
+    (["--num-samples", "0"], 2, "--num-samples 0: must be at least 1"),
+    (["--sampler", "x"], 2, "invalid choice"),
+])
+def test_help_and_early_errors_do_not_import_torch_or_ray(argv, code, text):
+    # a fresh interpreter: this test process has torch loaded already
+    script = textwrap.dedent(f"""
+        import sys
+        from mtl_tune.search.cli import main
+        try:
+            code = main({argv!r})
+        except SystemExit as exit:
+            code = exit.code
+        heavy = sorted(m for m in ("torch", "ray", "scipy", "sklearn") if m in sys.modules)
+        print("EXIT", code, "HEAVY", heavy)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert f"EXIT {code} HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert text in proc.stdout + proc.stderr
+
+
+def test_one_name_lookup_gives_the_full_registrys_class():
+    full_b, full_m = registry.balancer_classes(), registry.benchmark_classes()
+    registry.clear_cache()
+    for name, cls in full_b.items():
+        assert registry._one_class("mtl_tune.balancers", "Balancer", registry.BALANCER_GROUP, name) is cls
+    for name, cls in full_m.items():
+        assert registry._one_class("mtl_tune.benchmarks", "Benchmark", registry.BENCHMARK_GROUP, name) is cls
+    assert registry._one_class("mtl_tune.balancers", "Balancer", registry.BALANCER_GROUP, "nope") is None
+
+
+def test_a_trial_imports_only_its_own_method_and_benchmark():
+    script = textwrap.dedent("""
+        import sys
+        from mtl_tune.registry import balancer_class, benchmark_class
+        balancer_class("cagrad"), benchmark_class("toy")
+        print(sorted(m for m in sys.modules if m.startswith(("mtl_tune.balancers.", "mtl_tune.benchmarks."))))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    loaded = proc.stdout.strip()
+    assert "mtl_tune.balancers.cagrad" in loaded and "mtl_tune.benchmarks.toy" in loaded, proc.stderr
+    assert "nashmtl" not in loaded and "multi_mnist" not in loaded, loaded
