@@ -12,11 +12,13 @@ Command line: ``python -m mtl_tune.analyze RESULTS... --out DIR``. Details in do
 
 Modules: :mod:`.sweep` (loading, :func:`completed_trials`), :mod:`.pareto` (dominance),
 :mod:`.hypervolume`, :mod:`.ranking` (Δm%, MR), :mod:`.correlation` (PIVRG's claim),
-:mod:`.plots` / :mod:`.charts` (PNG figures), :mod:`.report` (Markdown/HTML),
+:mod:`.plots` (PNG figures), :mod:`.trial_table` (the ``trials.csv`` rows),
+:mod:`.published` (the papers' tables), :mod:`.report` (Markdown/HTML),
 :mod:`.summary` (per-method hypervolume / non-dominated counts, degenerate-number warnings),
 :mod:`.synthetic` (demo sweeps in the results format).
 """
 
+from mtl_tune.analysis._benchmarks import known_front_points
 from mtl_tune.analysis.correlation import (
     CorrelationResult,
     permutation_null,
@@ -86,6 +88,7 @@ __all__ = [
     "hypervolume_mc",
     "hypervolume_table",
     "iter_sweeps",
+    "known_front_points",
     "load_sweep",
     "load_sweep_meta",
     "mean_rank",

@@ -52,7 +52,7 @@ def reference_point(metrics: Sequence[str], benchmark: str | None = None,
                     overrides: Mapping[str, float] | None = None) -> np.ndarray:
     """The fixed reference point for ``metrics`` (in their own units); rules in the module docstring."""
     cls = registered_benchmark(benchmark)
-    table = dict(getattr(cls, "reference_points", {}) or {})
+    table = cls.reference_points if cls is not None else {}
     by_name = {s.name: s for s in specs or ()}
     if not by_name and cls is not None:
         by_name = {s.name: s for s in cls.metrics}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtl_tune.registry import available_balancers, available_benchmarks, balancer_class, benchmark_class, check_names
+from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class, check_names
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
@@ -154,8 +154,6 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError("--method needs at least one method name")
     check_names("method", methods)  # from the modules' source: fails before torch loads
     check_names("benchmark", [options.benchmark])
-    for m in methods:
-        balancer_class(m)  # UnknownNameError lists the valid names
     if options.search_space and len(methods) != 1:
         raise SearchError("--search-space replaces one method's space; use it with a single --method")
     if options.fixed and len(methods) != 1:
