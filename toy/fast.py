@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
-from .kernels import Kernel, NumpyAdam, kernel_for
+from .kernels import Kernel, NumpyAdam, RowsKernel, kernel_for
 from .landscape import gap_scores, toy_value_and_jacobian
 
 
@@ -63,10 +63,14 @@ def _build(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
     """Group specs by (method, iters) into kernels; specs whose balancer cannot be built are skipped."""
     keyed: dict[tuple[str, int], list[MethodSpec]] = {}
     for s in specs:
-        keyed.setdefault((s.name, s.iters), []).append(s)
+        cls = kernel_for(s.name)
+        # the generic kernel runs one variant's rule on its rows: one kernel per variant
+        key = s.label if cls is not None and issubclass(cls, RowsKernel) else s.name
+        keyed.setdefault((key, s.iters), []).append(s)
     pending: list[tuple[type[Kernel], list, list[RunResult], list[np.ndarray], int]] = []
     skipped: list[RunResult] = []
-    for (name, iters), group_specs in keyed.items():
+    for (_, iters), group_specs in keyed.items():
+        name = group_specs[0].name
         cls = kernel_for(name)
         if cls is None:
             raise ValueError(f"method {name!r} has no toy kernel; run it on the lockstep path")

@@ -11,14 +11,15 @@ back-propagation; a subclass only maps J_z to a z-direction in ``combine_represe
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses
+from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses, gram
 
 _CONTRACT = ("the model's forward must return ForwardOutput(losses, representation=z) where z is ONE "
              "tensor (non-leaf, requires grad) computed from the shared parameters and consumed by every "
@@ -49,9 +50,23 @@ class RepresentationBalancer(Balancer):
     needs_representation = True
     supports_distributed = False  # the representation Jacobian has one column per local sample
 
-    @abc.abstractmethod
     def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(d_z (numel(z),), effective weights (K,))`` for the K×numel(z) ``jacobian``."""
+        """Return ``(d_z (numel(z),), effective weights (K,))`` for the K×numel(z) ``jacobian``.
+
+        Default: d_z = Σᵢ cᵢ ∇_z ℓᵢ with c from the batch-first rule :meth:`weights_rows` on one row."""
+        if not self.has_rows_rule():
+            raise NotImplementedError(f"{self.name}: implement combine_representation() or weights_rows()")
+        w = torch.from_numpy(one_row(self.weights_rows(host(gram(jacobian)), host(losses)), self.failures))
+        return w.to(jacobian) @ jacobian, w.to(jacobian.device)
+
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        """Batch-first rule: coefficients (..., K) on the gradients w.r.t. z, from their float64 Gram
+        matrices (..., K, K) and the losses (..., K) (see :mod:`mtl_tune.balancers._rows`)."""
+        raise NotImplementedError(f"{self.name} has no batch-first rule")
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return cls.weights_rows is not RepresentationBalancer.weights_rows
 
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,

@@ -1,4 +1,4 @@
-"""Small exact solvers on the probability simplex (float64 NumPy; K is tiny)."""
+"""Small exact solvers on the probability simplex (float64; K is tiny)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,34 @@ def _two_task(a: np.ndarray) -> np.ndarray:
         return np.array([0.5, 0.5])
     gamma = float(np.clip((a[1, 1] - a[0, 1]) / denom, 0.0, 1.0))
     return np.array([gamma, 1.0 - gamma])
+
+
+def min_norm_weights(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batch-first min-norm simplex weights: argmin_{w ∈ Δ} wᵀ A w for float64 Gram matrices
+    (..., K, K). Returns ``(w (..., K), converged (...))``; w is NaN where the solver did not converge.
+
+    K = 2 is the closed form of :func:`_two_task` on every row at once (on A scaled by its largest
+    diagonal entry, as :func:`min_norm_simplex`); K ≥ 3 runs :func:`min_norm_simplex` row by row.
+    """
+    k = gram.shape[-1]
+    shape = gram.shape[:-2]
+    if k == 1:
+        return np.ones((*shape, 1)), np.ones(shape, dtype=bool)
+    if k == 2:
+        a11, a12, a22 = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
+        scale = np.maximum(np.maximum(np.abs(a11), np.abs(a22)), 1e-300)
+        a11, a12, a22 = a11 / scale, a12 / scale, a22 / scale
+        denom = a11 + a22 - 2 * a12
+        flat = denom <= 1e-300  # identical gradients: any point is optimal, take the midpoint
+        gamma = np.where(flat, 0.5, np.clip((a22 - a12) / np.where(flat, 1.0, denom), 0.0, 1.0))
+        return np.stack([gamma, 1.0 - gamma], axis=-1), np.ones(shape, dtype=bool)
+    rows = gram.reshape(-1, k, k)
+    out = np.full((len(rows), k), np.nan)
+    ok = np.zeros(len(rows), dtype=bool)
+    for r, a in enumerate(rows):
+        try:
+            out[r], _ = min_norm_simplex(a)
+            ok[r] = True
+        except RuntimeError:  # did not converge: NaN weights, the caller fails the row
+            pass
+    return out.reshape(*shape, k), ok.reshape(shape)

@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +50,7 @@ from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES,
                                         BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
                                         StepInfo, _as_param_list, accumulate_grad, backward_weighted, check_losses,
                                         choose_gradient_path, finite_or_raise, gram, pick_gradient_path)
+from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
                                   mean_across_ranks)
 from mtl_tune.jacobian import JacobianEngine
@@ -106,6 +108,12 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         #: solver failures (total / consecutive); methods with a solver count into it
         self.failures = SolverFailureCounter(self.name)
         self.process_group: Any = AUTO
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        """Whether the method's math is a batch-first rule ``weights_rows`` (see
+        :mod:`mtl_tune.balancers._rows`), which the toy's generic driver runs on many rows."""
+        return False
 
     # ------------------------------------------------------------------ data parallel
     def distribute(self, group: Any = AUTO) -> Balancer:
@@ -271,9 +279,23 @@ class LossBalancer(Balancer):
     Task heads receive the gradient of the same objective (weighted), as in the papers.
     """
 
-    @abc.abstractmethod
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(scalar loss to backpropagate, effective per-task weights (K,))``."""
+        """Return ``(scalar loss to backpropagate, effective per-task weights (K,))``.
+
+        Default, for a method with a batch-first rule: Σᵢ wᵢ ℓᵢ with w = ``weights_rows(ℓ)``
+        detached (the same gradient as the method's objective, whose ∂f/∂ℓ the rule returns)."""
+        if not self.has_rows_rule():
+            raise NotImplementedError(f"{self.name}: implement objective() or weights_rows()")
+        w = torch.from_numpy(one_row(self.weights_rows(host(losses)))).to(losses)
+        return (losses * w).sum(), w
+
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """Batch-first rule: ∂f/∂ℓ (..., K) for float64 losses (..., K) (see :mod:`mtl_tune.balancers._rows`)."""
+        raise NotImplementedError(f"{self.name} has no batch-first rule")
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return cls.weights_rows is not LossBalancer.weights_rows
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name, finite=False)
@@ -343,8 +365,23 @@ class GradientBalancer(Balancer):
         self.gradient_path = gradient_path
 
     def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
-        """Coefficients c (K,) with d = Σ cᵢ gᵢ, from the float64 K×K Gram matrix (``supports_gram``)."""
-        raise NotImplementedError(f"{self.name} has no Gram-only form")
+        """Coefficients c (K,) with d = Σ cᵢ gᵢ, from the float64 K×K Gram matrix (``supports_gram``).
+
+        Default: the batch-first rule :meth:`weights_rows` on one row; a failed row raises
+        :class:`BalancerError`, a solver failure is counted in :attr:`failures`."""
+        if not self.has_rows_rule():
+            raise NotImplementedError(f"{self.name} has no Gram-only form")
+        w = one_row(self.weights_rows(host(gram_matrix), host(losses)), self.failures)
+        return torch.from_numpy(w).to(gram_matrix.device)
+
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        """Batch-first rule: coefficients (..., K) from float64 Gram matrices (..., K, K) and losses
+        (..., K) (see :mod:`mtl_tune.balancers._rows`)."""
+        raise NotImplementedError(f"{self.name} has no batch-first rule")
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return cls.weights_rows is not GradientBalancer.weights_rows
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""
@@ -403,5 +440,5 @@ class GradientBalancer(Balancer):
 __all__ = [
     "GRADIENT_PATHS", "GRAM_MIN_JACOBIAN_BYTES", "GRAM_MIN_TASKS", "GradientPath", "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
     "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
-    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer",
+    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer", "RowStep",
 ]

@@ -20,7 +20,7 @@ which cannot fail. It replaced SLSQP there because SLSQP was most of the toy's C
 SLSQP for K = 2: the tests check the closed form against a 50-digit minimisation (x to 1e-12)
 and against SLSQP on random, nearly opposite, nearly parallel and very unequal gradients (same
 minimiser to SLSQP's own accuracy, ~1e-6 in x; never a larger dual objective). The same
-function serves the toy's batched kernel (``toy/kernels/cagrad.py``: arrays of any shape).
+function serves the balancer and the toy's generic driver (:meth:`CAGrad.weights_rows`: any rows).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
-from torch import Tensor
 
+from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers._simplex import project_to_simplex
 from mtl_tune.balancers.base import GradientBalancer, SolverFailureCounter
 
@@ -192,13 +191,23 @@ class CAGrad(GradientBalancer):
         self.c, self.rescale = float(c), int(rescale)
         self.failures = SolverFailureCounter(self.name)
 
-    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
-        coef, ok, msg = cagrad_coefficients(gram_matrix.detach().cpu().numpy(), self.c, self.rescale)
-        if ok:
-            self.failures.success()
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        """K × the coefficients γ (..., K): the K = 2 closed form on every row at once, SLSQP row by row
+        for K ≥ 3 (a failed solve keeps its projected iterate and is counted)."""
+        a = gram
+        k = a.shape[-1]
+        if k == 2:
+            coef = cagrad_coefficients_2(a[..., 0, 0], a[..., 0, 1], a[..., 1, 1], self.c, self.rescale)
+            failed, message = None, ""
         else:
-            self.failures.failure(msg)
-        return torch.from_numpy(coef * self.n_tasks).to(gram_matrix.device)
+            rows = a.reshape(-1, k, k)
+            coef, ok, message = np.empty((len(rows), k)), np.ones(len(rows), dtype=bool), ""
+            for r, row in enumerate(rows):
+                coef[r], ok[r], msg = cagrad_coefficients(row, self.c, self.rescale)
+                message = message if ok[r] else msg
+            coef, failed = coef.reshape(a.shape[:-1]), ~ok.reshape(a.shape[:-2])
+        return RowStep(coef * self.n_tasks, solver_failed=failed,
+                       solver_message=message)
 
     def _step_extras(self) -> dict[str, Any]:
         return {"solver_failures": self.failures.total}

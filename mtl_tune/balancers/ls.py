@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import LossBalancer
 
 
@@ -44,3 +46,7 @@ class LinearScalarization(LossBalancer):
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.task_weights.to(losses.device)
         return weighted_sum(losses, w), w
+
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """The fixed ``task_weights`` on every row (float32 as stored, so 0.1 means the same number)."""
+        return RowStep(np.broadcast_to(host(self.task_weights), losses.shape))

@@ -5,7 +5,7 @@ w* = argmin_{w ∈ Δ} ‖Σ_i w_i g_i‖² = argmin_{w ∈ Δ} wᵀ A w with A 
 along Σ_i w*_i g_i — a direction that decreases every task whose gradient is not zero.
 
 We solve the simplex QP exactly with an active-set method on the K×K Gram matrix
-(:func:`mtl_tune.balancers._simplex.min_norm_simplex`; closed form for K = 2) instead of
+(:func:`mtl_tune.balancers._simplex.min_norm_weights`; closed form for K = 2, batch-first) instead of
 Sener's Frank–Wolfe loop, whose iteration guard is dead code in the official copy.
 As in the FAMO-family code the weights are multiplied by K (the update is at the scale
 of the summed loss) and task heads receive the same weights (docs/methods.md#mgda).
@@ -19,33 +19,49 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._simplex import min_norm_simplex
+from mtl_tune.balancers._rows import RowStep, host
+from mtl_tune.balancers._simplex import min_norm_weights
 from mtl_tune.balancers.base import GradientBalancer
 
 NORMALIZATIONS = ("none", "loss", "loss+", "norm")
 
 
-def gradient_normalizers(gram_matrix: Tensor, losses: Tensor, normalization: str) -> Tensor:
-    """Per-task divisors n_i (gradients are used as g_i / n_i)."""
-    norms = gram_matrix.diagonal().clamp_min(0).sqrt()
+def gradient_normalizers(gram_matrix: np.ndarray, losses: np.ndarray, normalization: str) -> np.ndarray:
+    """Per-task divisors n_i (..., K) (gradients are used as g_i / n_i), for Gram matrices (..., K, K)."""
+    norms = np.sqrt(np.maximum(np.diagonal(gram_matrix, axis1=-2, axis2=-1), 0.0))
     if normalization == "none":
-        n = torch.ones_like(norms)
-    elif normalization == "loss":
-        n = losses.to(norms).abs()
+        return np.ones_like(norms)
+    if normalization == "loss":
+        n = np.abs(losses)
     elif normalization == "loss+":
-        n = losses.to(norms).abs() * norms
+        n = np.abs(losses) * norms
     elif normalization == "norm":
         n = norms
     else:
         raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     # a zero divisor (zero gradient or zero loss) leaves that task unnormalised
-    return torch.where(n > 0, n, torch.ones_like(n))
+    return np.where(n > 0, n, 1.0)
 
 
 def mgda_weights(gram_matrix: Tensor) -> Tensor:
-    """Min-norm simplex weights for a K×K Gram matrix (sum to 1)."""
-    w, _ = min_norm_simplex(gram_matrix.detach().cpu().double().numpy())
-    return torch.from_numpy(np.ascontiguousarray(w)).to(gram_matrix.device)
+    """Min-norm simplex weights (K,) for a K×K Gram matrix (sum to 1); raises RuntimeError when the
+    active-set solver does not converge (K ≥ 3)."""
+    w, ok = min_norm_weights(host(gram_matrix))
+    if not bool(ok.all()):
+        raise RuntimeError("min-norm solver did not converge")
+    return torch.from_numpy(w).to(gram_matrix.device)
+
+
+def normalized_min_norm(gram: np.ndarray, losses: np.ndarray, normalization: str, method: str) -> RowStep:
+    """Batch-first rule shared by ``mgda`` and ``mgdaub``: raw-gradient coefficients c = w*/n, with w* the
+    min-norm simplex point of A_ij/(n_i n_j) and n the ``normalization`` divisors (Σc = 1 for ``none``)."""
+    if normalization == "none":  # n = 1: skip the divisions (the toy runs this every step)
+        w, ok = min_norm_weights(gram)
+    else:
+        n = gradient_normalizers(gram, losses, normalization)
+        w, ok = min_norm_weights(gram / (n[..., :, None] * n[..., None, :]))
+        w = w / n
+    return RowStep(w, failed=~ok, reason=f"{method}: min-norm solver did not converge")
 
 
 class MGDA(GradientBalancer):
@@ -72,8 +88,7 @@ class MGDA(GradientBalancer):
             raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
 
-    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
-        a = gram_matrix
-        n = gradient_normalizers(a, losses, self.normalization)
-        w = mgda_weights(a / torch.outer(n, n))
-        return self.n_tasks * w / n  # weights on the raw gradients, ×K
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        out = normalized_min_norm(gram, losses, self.normalization, self.name)
+        out.weights = self.n_tasks * out.weights  # ×K: the update at the scale of the summed loss
+        return out

@@ -24,25 +24,24 @@ Jacobian to a z-direction.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtl_tune.balancers._representation import RepresentationBalancer
-from mtl_tune.balancers.base import BalancerError, gram
-from mtl_tune.balancers.mgda import NORMALIZATIONS, gradient_normalizers, mgda_weights
+from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers.mgda import NORMALIZATIONS, normalized_min_norm
+
 
 def mgdaub_coefficients(gram_matrix: Tensor, losses: Tensor, normalization: str = "none") -> Tensor:
     """Raw-gradient coefficients c (K,) with d_z = Σ_i c_i ∇_z ℓ_i.
 
     c_i = w*_i / n_i where w* is the min-norm simplex point of the normalised Gram matrix
     A_ij / (n_i n_j) and n the ``normalization`` divisors (all ones for ``"none"``, so Σc = 1).
+    Raises BalancerError when the active-set solver does not converge (report, do not guess).
     """
-    n = gradient_normalizers(gram_matrix, losses, normalization)
-    try:
-        w = mgda_weights(gram_matrix / torch.outer(n, n))
-    except RuntimeError as err:  # the active-set solver did not converge: report, do not guess
-        raise BalancerError(f"mgdaub: min-norm solver failed: {err}") from err
-    return w / n
+    w = one_row(normalized_min_norm(host(gram_matrix), host(losses), normalization, "mgdaub"))
+    return torch.from_numpy(w).to(gram_matrix.device)
 
 
 class MGDAUB(RepresentationBalancer):
@@ -66,6 +65,5 @@ class MGDAUB(RepresentationBalancer):
             raise ValueError(f"mgdaub: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
 
-    def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        coef = mgdaub_coefficients(gram(jacobian), losses, self.normalization)
-        return coef.to(jacobian.dtype) @ jacobian, coef
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        return normalized_min_norm(gram, losses, self.normalization, self.name)

@@ -27,26 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torch import Tensor
 
-from mtl_tune.balancers.base import BalancerError, LossBalancer
+from mtl_tune.balancers._rows import RowStep
+from mtl_tune.balancers.base import LossBalancer
 
 FORMS = ("log", "log1p")
-
-
-def si_objective(losses: Tensor, min_losses: Tensor, form: str = "log") -> tuple[Tensor, Tensor]:
-    """Return (Σ_i log D_i, weights 1/D_i) with D_i = ℓ_i − ℓ*_i; ``log1p`` uses log(1 + D_i).
-
-    The weights are ∂L/∂ℓ_i, so the gradient of the objective equals that of the
-    weighted sum Σ_i w_i ℓ_i with w detached. No validity check (see :class:`ScaleInvariant`).
-    """
-    d = losses - min_losses.to(losses)
-    if form == "log":
-        return d.log().sum(), 1.0 / d.detach()
-    if form == "log1p":
-        return torch.log1p(d).sum(), 1.0 / (1.0 + d.detach())
-    raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
 
 
 class ScaleInvariant(LossBalancer):
@@ -78,16 +65,16 @@ class ScaleInvariant(LossBalancer):
             raise ValueError(f"si: min_losses must be {n_tasks} finite numbers, got {min_losses!r}")
         self.register_buffer("min_losses", floor)
 
-    def _check(self, losses: Tensor) -> None:
-        # one host sync per step: the price of an error instead of a NaN the optimizer would eat
-        d = losses.detach() - self.min_losses.to(losses)
-        floor = 0.0 if self.form == "log" else -1.0
-        if bool((d <= floor).any()):
-            what = "ℓ − min_losses" if self.form == "log" else "1 + ℓ − min_losses"
-            raise BalancerError(f"si: {what} must be > 0 for every task, got losses "
-                                f"{losses.detach().tolist()} with min_losses {self.min_losses.tolist()}; "
-                                "set min_losses below the lowest reachable loss")
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """1/D (or 1/(1 + D)) per row; a row with D ≤ 0 (1 + D ≤ 0) fails with the losses named."""
+        d = losses - self.min_losses.cpu().numpy()
+        if self.form == "log1p":
+            d = d + 1.0
+        bad = (d <= 0).any(-1)
+        what = "ℓ − min_losses" if self.form == "log" else "1 + ℓ − min_losses"
 
-    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(losses)
-        return si_objective(losses, self.min_losses, self.form)
+        def reason(index: tuple[int, ...]) -> str:
+            return (f"si: {what} must be > 0 for every task, got losses {losses[index].tolist()} with min_losses "
+                    f"{self.min_losses.tolist()}; set min_losses below the lowest reachable loss")
+
+        return RowStep(1.0 / d, failed=bad, reason=reason)

@@ -36,9 +36,7 @@ from mtl_tune.balancers.base import Balancer
 class Kernel:
     """Batched per-step rule of one balancer (see the module docstring).
 
-    Class attributes: ``name`` (registry name of the method), ``tolerance`` (largest
-    trajectory difference from the lockstep path the equivalence test accepts),
-    ``needs_post_step_losses`` (FAMO: :meth:`after_step` gets the losses after the
+    Class attributes: ``name`` (registry name of the method), ``needs_post_step_losses`` (FAMO: :meth:`after_step` gets the losses after the
     optimizer step), ``training_loop`` (the kernel moves x itself in :meth:`train_step`,
     e.g. STGU's several optimizer steps per iteration).
 
@@ -48,11 +46,8 @@ class Kernel:
     """
 
     name: ClassVar[str] = ""
-    tolerance: ClassVar[float] = 1e-8
     needs_post_step_losses: ClassVar[bool] = False
     training_loop: ClassVar[bool] = False
-    #: hyperparameter variants the equivalence test runs besides the defaults
-    variants: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def __init__(self, balancers: Sequence[Balancer], cfg: Any) -> None:
         self.balancers = list(balancers)

@@ -12,8 +12,5 @@ from ._aligned import AlignedKernel
 
 class AMTLKernel(AlignedKernel):
     name = "amtl"
-    # median = min for K = 2 (lower median of two eigenvalues): the variant checks that claim
-    variants = ({"scale_mode": "rmse"}, {"scale_mode": "median"}, {"preferences": [0.2, 1.0]},
-                {"max_norm": 0.3})
     # not {"scale_mode": "rmse", "max_norm": 0.5}: from init 4 its free-running trajectory grows a
     # 1e-14 perturbation of x to 3e-8 in 150 steps (the balancer alone does the same), past the check

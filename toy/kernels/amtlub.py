@@ -13,4 +13,3 @@ from ._aligned import AlignedKernel
 class AMTLUBKernel(AlignedKernel):
     name = "amtlub"
     jacobian_error = "produced a non-finite representation gradient"  # RepresentationBalancer checks d_z
-    variants = ({"scale_mode": "rmse"}, {"preferences": [1.0, 0.3], "scale_mode": "rmse"}, {"max_norm": 0.3})

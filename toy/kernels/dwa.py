@@ -47,8 +47,6 @@ class _Fifo:
 
 class DWAKernel(Kernel):
     name = "dwa"
-    variants = ({"temp": 0.5}, {"mode": "iteration"}, {"mode": "iteration", "window": 5, "temp": 5.0},
-                {"max_norm": 0.3})
 
     def setup(self) -> None:
         self.temp = self.attr("temp")

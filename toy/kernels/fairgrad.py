@@ -12,6 +12,3 @@ from ._fair import FairGradFamilyKernel
 
 class FairGradKernel(FairGradFamilyKernel):
     name = "fairgrad"
-    #: α changes the equation (α = 1: closed form s = 0; 0.5 and 5: the scalar Newton with
-    #: the exponents on either side of 1); max_norm None: the unclipped ×K direction
-    variants = ({"alpha": 0.5}, {"alpha": 1.0}, {"alpha": 5.0}, {"max_norm": None})

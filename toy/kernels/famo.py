@@ -38,8 +38,6 @@ def softmax2(logits: np.ndarray) -> np.ndarray:
 class FAMOKernel(Kernel):
     name = "famo"
     needs_post_step_losses = True
-    # γ > 0 adds the logits' weight decay (the protocol runs γ = 0); w_lr is the logits' Adam lr
-    variants = ({"gamma": 1e-2}, {"w_lr": 0.1}, {"gamma": 1e-3, "max_norm": 0.5})
 
     def setup(self) -> None:
         # ℓ* as the balancer stores it (float32): −2.1 is −2.0999999046… in both forms

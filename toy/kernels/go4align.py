@@ -26,8 +26,6 @@ def log_softmax2(x: np.ndarray) -> np.ndarray:
 
 class GO4AlignKernel(Kernel):
     name = "go4align"
-    # M = 1 (one shared centre), a β large enough for Q to move in a short run, the code's Σℓ scale
-    variants = ({"num_groups": 1}, {"beta": 0.05}, {"scale": "sum", "beta": 1e-3}, {"max_norm": 0.5})
 
     def setup(self) -> None:
         self.log_q = np.stack([b.log_q.double().numpy().copy() for b in self.balancers])

@@ -27,7 +27,6 @@ CHUNK = 1024
 
 class GradDropKernel(Kernel):
     name = "graddrop"
-    variants = ({"leak": 0.3}, {"leak": 1.0}, {"max_norm": 0.5, "seed": 7})
 
     def setup(self) -> None:
         self.leak = self.attr("leak")[:, None, None]

@@ -30,8 +30,6 @@ F32 = np.float32
 
 class GradNormKernel(Kernel):
     name = "gradnorm"
-    # α = 0: equalise the norms; α = 0.5 with a larger lr: another exponent, faster weights
-    variants = ({"alpha": 0.0}, {"alpha": 0.5, "lr": 0.1}, {"max_norm": 0.5})
 
     def setup(self) -> None:
         self.w_t = torch.stack([b.weights.detach().clone() for b in self.balancers])  # float32 ones

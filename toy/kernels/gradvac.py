@@ -31,7 +31,6 @@ def vaccine_steps(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, tar
 
 class GradVacKernel(Kernel):
     name = "gradvac"
-    variants = ({"target_update": "official"}, {"beta": 0.05}, {"beta": 1.0, "max_norm": 2.0})
 
     def setup(self) -> None:
         self.beta = self.attr("beta")[:, None]

@@ -33,10 +33,6 @@ NEAR_PARALLEL = 1e-3
 
 class IMTLKernel(Kernel):
     name = "imtl"
-    # max_norm 0.3 clips from the papers' init (0, 0), which starts on the x₁ = 0 line where the
-    # balancer's own rounding drives x₁ chaotically (module docstring): the free-running check
-    # holds there only because the engine's Adam is torch's arithmetic bit for bit
-    variants = ({"max_norm": 0.3}, {"max_norm": 1.5})
 
     def setup(self) -> None:
         self.max_norm = self.max_norms()

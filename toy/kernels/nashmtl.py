@@ -27,9 +27,6 @@ from ._fair import FairFamilyKernel
 
 class NashMTLKernel(FairFamilyKernel):
     name = "nashmtl"
-    #: max_norm None: unclipped (‖α·G‖ = √2 when solved); update_weights_every = 3: reuse steps,
-    #: also across stationary decisions
-    variants = ({"max_norm": None}, {"update_weights_every": 3}, {"update_weights_every": 3, "max_norm": 0.5})
 
     def setup(self) -> None:
         self.setup_family()

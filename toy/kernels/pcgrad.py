@@ -21,7 +21,6 @@ from ._base import Kernel, clip_rows, combine, gram2
 
 class PCGradKernel(Kernel):
     name = "pcgrad"
-    variants = ({"reduction": "mean"}, {"max_norm": 0.3})
 
     def setup(self) -> None:
         self.divisor = np.array([2.0 if b.reduction == "mean" else 1.0 for b in self.balancers])[:, None]

@@ -17,11 +17,6 @@ from ._fair import FairGradFamilyKernel
 
 class PIVRGKernel(FairGradFamilyKernel):
     name = "pivrg"
-    #: bound and mintemp shape p (a wide cap with a low temperature: p saturates at the bound;
-    #: a tight cap with a high one: p stays near 1); max_norm None: unclipped; max_iter 0: every
-    #: solve that is not stationary stops at its start — the failure bookkeeping shared with
-    #: fairgrad and nashmtl (count, warning, the 20th miss in a row fails the row, cold starts)
-    variants = ({"bound": 5.0, "mintemp": 0.5}, {"bound": 1.5, "mintemp": 50.0}, {"max_norm": None}, {"max_iter": 0})
 
     def setup(self) -> None:
         super().setup()

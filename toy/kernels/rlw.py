@@ -97,8 +97,6 @@ def dirichlet_pair(stream: _Stream, alpha: float) -> tuple[float, float]:
 
 class RLWKernel(Kernel):
     name = "rlw"
-    variants = ({"sigma": 3.0, "max_norm": 0.2}, {"distribution": "dirichlet"},
-                {"distribution": "dirichlet", "concentration": 0.4})
 
     def setup(self) -> None:
         dist = [b.distribution for b in self.balancers]

@@ -51,13 +51,6 @@ _TASKS = np.arange(2)
 class STGUKernel(Kernel):
     name = "stgu"
     training_loop = True
-    # prepos 5: grouping is active for almost all of the test windows; quantile 0.25 puts the
-    # preference at or below S[0, 1] (one group every batch: the repeated step, group_norm's 1/2,
-    # the in-group sign rule of the affinity update); max_norm 0.5 clips most steps of that variant
-    # (the first variant: everything official, attribution and similarity)
-    variants = ({"attribution": "official", "similarity": "official", "prepos": 5},
-                {"group_norm": True, "prepos": 5, "preference_quantile": 0.25},
-                {"affin_decay": 0.2, "prepos": 5, "max_norm": 0.5})
 
     @classmethod
     def unsupported(cls, balancer) -> str | None:

@@ -40,7 +40,6 @@ def _group(balancer: Any, default_lr: float) -> dict[str, Any]:
 
 class UWKernel(Kernel):
     name = "uw"
-    variants = ({"form": "classification"}, {"lr": 0.1, "init": 1.0}, {"max_norm": 0.5})
 
     def setup(self) -> None:
         self.s = torch.stack([b.log_vars.detach().clone() for b in self.balancers])  # (B, 2), s's dtype

@@ -1,0 +1,92 @@
+"""The generic kernel: any balancer with a batch-first rule, on all rows of one variant at once.
+
+A method whose math is a batch-first rule (``weights_rows``, :mod:`mtl_tune.balancers._rows`)
+needs no kernel of its own: this one calls the balancer's rule on the B rows (the inits of one
+hyperparameter variant) — the very function the balancer's ``backward`` calls on one row — and
+does what the balancer's ``backward`` does around it, row by row:
+
+* the input checks of its base class (a non-finite loss, then a non-finite Jacobian, fail the row
+  with the balancer's message; loss methods check nothing, as ``LossBalancer``);
+* x.grad = Σᵢ cᵢ ∇ℓᵢ with the rule's coefficients (the Jacobian is the one w.r.t. x, which is also
+  z for representation methods: the toy's encoder is the identity), then ``max_norm`` clipping;
+* the rule's failed rows fail with its reason; its solver failures are counted, warned about, and
+  fail the row after the balancer's limit of failures in a row (``SolverFailureCounter``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from mtl_tune.balancers._representation import RepresentationBalancer
+from mtl_tune.balancers._rows import RowStep, gram_rows
+from mtl_tune.balancers.base import Balancer, GradientBalancer, LossBalancer
+from ._base import Kernel, clip_rows, combine
+
+
+def rule_kind(balancer_cls: type[Balancer]) -> str | None:
+    """``"loss"``, ``"gradient"`` or ``"representation"`` for a class with a batch-first rule, else None."""
+    if not balancer_cls.has_rows_rule():
+        return None
+    for base, kind in ((LossBalancer, "loss"), (GradientBalancer, "gradient"), (RepresentationBalancer, "representation")):
+        if issubclass(balancer_cls, base):
+            return kind
+    return None
+
+
+class RowsKernel(Kernel):
+    """Runs ``balancers[0]``'s batch-first rule on every row (all rows are one variant: see
+    :func:`toy.fast._build`). Subclassed per method by :meth:`for_method`."""
+
+    kind: ClassVar[str] = ""
+    one_variant: ClassVar[bool] = True   # the engine builds one instance per variant
+
+    @classmethod
+    def for_method(cls, name: str, kind: str) -> type[RowsKernel]:
+        return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__})
+
+    def setup(self) -> None:
+        self.balancer = self.balancers[0]
+        self.max_norm = self.max_norms()
+        self.clip = bool(np.isfinite(self.max_norm).any())
+        # methods with a solver report its failures in every step's extras (the table's column)
+        if "solver_failures" in self.balancer._step_extras():
+            self.solver_failures = np.zeros(self.rows, dtype=np.int64)
+        self.consecutive = np.zeros(self.rows, dtype=np.int64)
+        self.limit = self.balancer.failures.max_consecutive
+
+    def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
+        if self.kind == "gradient":
+            self.fail_bad_inputs(step, losses, jac)
+        elif self.kind == "representation":
+            self.fail_bad_inputs(step, losses, jac, "produced a non-finite representation gradient")
+        if self.kind == "loss":
+            out = self.balancer.weights_rows(losses)
+        else:
+            out = self.balancer.weights_rows(gram_rows(jac), losses)
+        w = out.weights
+        if out.failed is not None or out.solver_failed is not None:
+            w = self._failures(step, out, w)
+        self.weights = w
+        d = combine(w, jac)
+        return clip_rows(d, self.max_norm) if self.clip else d
+
+    def _failures(self, step: int, out: RowStep, w: np.ndarray) -> np.ndarray:
+        if out.solver_failed is not None:
+            missed = out.solver_failed
+            self.consecutive = np.where(missed, self.consecutive + 1, 0)
+            if missed.any():
+                if self.solver_failures is not None:
+                    self.solver_failures += missed
+                self.warn(missed, f"{self.name}: solver failed ({out.solver_message})")
+                self.fail(self.consecutive >= self.limit, step,
+                          f"BalancerError: {self.name}: solver failed {self.limit} times in a row "
+                          f"(last: {out.solver_message})")
+        if out.failed is not None:
+            failed = out.failed
+            if failed.any():
+                reasons = [f"BalancerError: {out.reason_of((r,))}" if failed[r] else "" for r in range(self.rows)]
+                self.fail(failed, step, reasons)
+                w = np.where(failed[:, None], np.nan, w)
+        return np.where(self.failed[:, None], 0.0, w) if self.failed.any() else w
