@@ -15,11 +15,15 @@ We solve the same conditions as one linear system in the well-scaled variables �
     [ wᵀ   0 ] [t] = [1]      (last row divided by ‖w‖, which leaves the solution unchanged),
 
 by least squares (SVD, relative cut-off 1e-12). Where the closed form is defined the
-solution is unique and identical to it. Degenerate cases, documented choices:
+solution is unique and identical to it. For K = 2 we use the closed form itself, on every row
+at once (:func:`imtl_rows`): the 3×3 system has condition number ~1/(1 − cos θ), so near
+parallel gradients its solve returns the closed form plus rounding noise of relative size
+~ε/(1 − cos θ), and for exactly parallel ones (where every α has equal projections) its
+minimum-norm answer; the closed form is exact in both cases. Degenerate cases, documented choices:
 
-* collinear / duplicated gradients (D Uᵀ singular, the official code inverts it or adds a
+* collinear / duplicated gradients, K ≥ 3 (D Uᵀ singular, the official code inverts it or adds a
   1e-8 ridge): the conditions have many solutions; we take the minimum-norm one — finite,
-  and still with equal projections (e.g. opposite gradients give d = 0 and the K = 2 α).
+  and still with equal projections. For K = 2 the closed form (opposite gradients: d = 0).
 * an exactly zero gradient has no unit vector: the task is dropped from the equal-projection
   conditions and gets α_i = 0 (its gradient adds nothing to d). This is NOT the limit
   ‖g_i‖ → 0 of the closed form (which puts all weight on the vanishing task and sends d → 0);
@@ -42,50 +46,80 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import BalancerError, GradientBalancer
 
 #: singular values below this fraction of the largest are treated as zero.
 RCOND = 1e-12
 #: relative residual above which the equal-projection system counts as inconsistent.
 RESIDUAL_TOL = 1e-6
+UNDEFINED = ("imtl: no combination of the task gradients with weights summing to 1 has equal projections on "
+             "every unit gradient (the gradients are affinely dependent); IMTL-G is undefined here")
 
 
-def imtl_g_weights(gram_matrix: Tensor) -> tuple[Tensor, int, float]:
-    """IMTL-G weights α (K,), the number of zero-gradient tasks and the common projection t.
+def imtl_rows(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """IMTL-G on float64 Gram matrices (..., K, K): α (..., K), the number of zero-gradient tasks (...),
+    the common projection t (...) and whether the conditions are consistent (...; α is NaN where not).
 
-    Works on the K×K Gram matrix A = G Gᵀ only (float64, CPU). See the module docstring.
+    K = 2: the closed form α = (‖g₂‖, ‖g₁‖)/(‖g₁‖ + ‖g₂‖) on every row (a zero gradient's task is
+    dropped and the other gets α = 1; both zero: ½ each). K ≥ 3: the least-squares system of the
+    module docstring, row by row.
     """
-    a = gram_matrix.detach().double().cpu()
-    k = a.shape[0]
-    norms = a.diagonal().clamp_min(0).sqrt()
-    nonzero = norms > 0
-    n_zero = int((~nonzero).sum())
-    if n_zero == k:
-        return torch.full((k,), 1.0 / k, dtype=torch.float64), n_zero, 0.0
-    idx = nonzero.nonzero().flatten()
+    k = gram.shape[-1]
+    norms = np.sqrt(np.maximum(np.diagonal(gram, axis1=-2, axis2=-1), 0.0))
+    if k == 2:
+        n1, n2 = norms[..., 0], norms[..., 1]
+        nonzero = (n1 > 0) & (n2 > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha1 = np.where(nonzero, n2 / (n1 + n2), np.where(n1 > 0, 1.0, np.where(n2 > 0, 0.0, 0.5)))
+            # t = u₁ᵀd: n₁n₂(1 + cos θ)/(n₁ + n₂) = (n₁n₂ + a₁₂)/(n₁ + n₂); one task left: its ‖g‖
+            t = np.where(nonzero, (n1 * n2 + gram[..., 0, 1]) / (n1 + n2), np.maximum(n1, n2))
+        n_zero = (n1 == 0).astype(np.int64) + (n2 == 0)
+        return np.stack([alpha1, 1.0 - alpha1], -1), n_zero, t, np.ones(n_zero.shape, dtype=bool)
+    rows, shape = gram.reshape(-1, k, k), gram.shape[:-2]
+    alpha, n_zero, t = np.full((len(rows), k), np.nan), np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows))
+    ok = np.ones(len(rows), dtype=bool)
+    for r, (a, n_all) in enumerate(zip(rows, norms.reshape(-1, k))):
+        alpha[r], n_zero[r], t[r], ok[r] = _imtl_one(a, n_all)
+    return alpha.reshape(*shape, k), n_zero.reshape(shape), t.reshape(shape), ok.reshape(shape)
+
+
+def _imtl_one(a: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int, float, bool]:
+    k = len(norms)
+    idx = np.flatnonzero(norms > 0)
+    m = len(idx)
+    if m == 0:
+        return np.full(k, 1.0 / k), k, 0.0, True
     n = norms[idx]
-    m = idx.numel()
-    cos = (a[idx][:, idx] / torch.outer(n, n)).clamp(-1.0, 1.0)
+    cos = np.clip(a[np.ix_(idx, idx)] / np.outer(n, n), -1.0, 1.0)
     w = 1.0 / n
-    w_norm = torch.linalg.vector_norm(w)
-    system = torch.zeros(m + 1, m + 1, dtype=torch.float64)
+    w_norm = np.linalg.norm(w)
+    system = np.zeros((m + 1, m + 1))
     system[:m, :m] = cos
     system[:m, m] = -1.0
     system[m, :m] = w / w_norm
-    rhs = torch.zeros(m + 1, dtype=torch.float64)
+    rhs = np.zeros(m + 1)
     rhs[m] = 1.0 / w_norm
-    sol = torch.linalg.lstsq(system, rhs.unsqueeze(1), rcond=RCOND, driver="gelsd").solution.squeeze(1)
-    residual = torch.linalg.vector_norm(system @ sol - rhs)
-    if not bool(torch.isfinite(sol).all()) or float(residual) > RESIDUAL_TOL * float(rhs[m]):
-        raise BalancerError("imtl: no combination of the task gradients with weights summing to 1 has equal "
-                            "projections on every unit gradient (the gradients are affinely dependent); "
-                            f"IMTL-G is undefined here (residual {float(residual):.3g})")
-    alpha = torch.zeros(k, dtype=torch.float64)
+    sol = np.linalg.lstsq(system, rhs, rcond=RCOND)[0]
+    residual = np.linalg.norm(system @ sol - rhs)
+    if not np.isfinite(sol).all() or residual > RESIDUAL_TOL * rhs[m]:
+        return np.full(k, np.nan), k - m, float(residual), False
+    alpha = np.zeros(k)
     alpha[idx] = sol[:m] / n
-    return alpha, n_zero, float(sol[m])
+    return alpha, k - m, float(sol[m]), True
+
+
+def imtl_g_weights(gram_matrix: Tensor) -> tuple[Tensor, int, float]:
+    """IMTL-G weights α (K,), the number of zero-gradient tasks and the common projection t for one
+    K×K Gram matrix (:func:`imtl_rows` on one row); raises BalancerError where IMTL-G is undefined."""
+    alpha, n_zero, t, ok = imtl_rows(host(gram_matrix))
+    if not ok:
+        raise BalancerError(f"{UNDEFINED} (residual {float(t):.3g})")
+    return torch.from_numpy(alpha), int(n_zero), float(t)
 
 
 class IMTLG(GradientBalancer):
@@ -108,10 +142,15 @@ class IMTLG(GradientBalancer):
         super().__init__(n_tasks, **kw)
         self._last: dict[str, Any] = {}
 
-    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
-        alpha, n_zero, t = imtl_g_weights(gram_matrix)
-        self._last = {"zero_grad_tasks": n_zero, "projection": t}
-        return alpha.to(gram_matrix.device)
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        alpha, n_zero, t, ok = imtl_rows(gram)
+        if gram.ndim == 2:  # one row: the balancer's step reports these
+            self._last = {"zero_grad_tasks": int(n_zero), "projection": float(t)} if ok else {}
+
+        def reason(index: tuple[int, ...]) -> str:
+            return f"{UNDEFINED} (residual {float(t[index]):.3g})"
+
+        return RowStep(alpha, failed=~ok, reason=reason)
 
     def _step_extras(self) -> dict[str, Any]:
         return dict(self._last)
