@@ -293,7 +293,17 @@ def test_a_variant_the_kernel_cannot_run_goes_to_the_reference_path():
         run_fast([spec], [3], cfg)
 
 
-@pytest.mark.parametrize("name,hp", [("fairgrad", {"solver": "least_squares"}), ("nashmtl", {"solver": "cccp"})])
+def test_a_rule_runs_every_solver_of_its_balancer():
+    """The generic kernel calls the balancer's own rule, so FairGrad's scipy least_squares solver (row
+    by row) runs on the fast engine too, and agrees with the API step by step."""
+    from toy.engine import uses_fast
+
+    spec = make_spec("fairgrad", {"solver": "least_squares"}, 5)
+    assert uses_fast(spec, EngineConfig(lr=1e-2))
+    compare_forced("fairgrad", {"solver": "least_squares"}, steps=60, lr=1e-2, epoch_steps=50)
+
+
+@pytest.mark.parametrize("name,hp", [("nashmtl", {"solver": "cccp"})])
 def test_other_solvers_run_on_the_lockstep_path(name, hp):
     """The kernels are the balancers' Newton/closed-form path; another solver is another numerical
     method, so those variants are routed to the public API instead of being silently replaced."""

@@ -90,6 +90,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._fair_pairs import (STATIONARY_HULL, ZERO_GRAD_RTOL, FairPairs, PairSolution,  # noqa: F401
                                              solve_fair_pairs)
+from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers._simplex import min_norm_simplex
 from mtl_tune.balancers.base import BalancerError, GradientBalancer, SolverFailureCounter, gram
 
@@ -98,6 +99,9 @@ SOLVERS = ("newton", "least_squares")
 MAX_LOG_STEP = 4.0
 #: backward error at which float64 cannot improve the solution any further.
 BACKWARD_FLOOR = 1e-14
+#: a warm-started K = 2 solve needs 1–2 Newton steps where a cold one needs up to ~6 (α = 5); below
+#: this ``max_iter`` the count decides convergence, so every solve starts cold
+WARM_START_MIN_ITER = 10
 
 
 
@@ -394,37 +398,92 @@ class FairBalancer(GradientBalancer):
         self.alpha, self.solver, self.tol, self.max_iter = float(alpha), solver, float(tol), int(max_iter)
         self.failures = SolverFailureCounter(self.name)
         self.stationary_steps = 0
-        self._last: FairSolution | None = None
+        self._pairs = FairPairs(self.alpha, self.tol, self.max_iter)
+        self._pair_starts: tuple[tuple[np.ndarray, np.ndarray], ...] = ()  # warm starts of the K = 2 solve
+        self._warm = False
+        self._hints: np.ndarray | None = None   # the previous x (K > 2): a stationarity hint
+        self.stationary_rows: np.ndarray = np.zeros((), dtype=bool)
+        self.last_solve: dict[str, np.ndarray] | None = None
 
     def task_priorities(self) -> np.ndarray | None:
-        """The p of the fairness equation (None = all ones); PIVRG overrides this."""
+        """The p of the fairness equation, (..., K) for the rows' leading shape (None = all ones);
+        PIVRG overrides this."""
         return None
 
-    def fair_weights(self, gram_matrix: Tensor) -> Tensor:
-        """Solve for x on this step's Gram matrix, with failure accounting; returns x (K,) float64."""
-        hint = None if self._last is None or self._last.stationary else self._last.x
-        sol = solve_fair(gram_matrix.detach().cpu().double().numpy(), self.alpha, self.task_priorities(),
-                         tol=self.tol, max_iter=self.max_iter, method=self.solver, hint=hint)
-        self._last = sol
-        if not np.all(np.isfinite(sol.x)):
-            raise BalancerError(f"{self.name}: solver produced non-finite weights ({sol.message})")
-        if sol.stationary:  # converged by definition: x = 0, no failure
-            self.stationary_steps += 1
-            self.failures.success()
-        elif sol.converged:
-            self.failures.success()
+    def start_rows(self, n: int) -> None:
+        # warm starts only for rows in lockstep: a training step starts cold, so that a checkpoint
+        # (which does not hold the Newton variable) continues bit for bit
+        self._pair_starts, self._warm = (), self.max_iter >= WARM_START_MIN_ITER
+
+    def fair_rows(self, gram: np.ndarray) -> RowStep:
+        """Batch-first solve for x (..., K) on Gram matrices (..., K, K) (no ×K; see :func:`solve_fair`).
+
+        Two tasks with the Newton solver: :class:`FairPairs` on every row at once; after
+        :meth:`start_rows` warm-started from the previous call's solution extrapolated linearly (the
+        root is the same to ``tol``; a consecutive step needs 1–2 Newton steps instead of up to ~6)
+        unless ``max_iter`` < :data:`WARM_START_MIN_ITER` (then the iteration count decides
+        convergence, so every solve starts cold). Otherwise :func:`solve_fair` row by row, with the
+        previous solution as its stationarity hint. Sets :attr:`stationary_rows` and
+        :attr:`last_solve` (iterations, residual, zero-gradient tasks per row).
+        """
+        k, shape = gram.shape[-1], gram.shape[:-2]
+        rows = gram.reshape(-1, k, k)
+        p = self.task_priorities()
+        p = None if p is None else np.broadcast_to(p, (*shape, k)).reshape(-1, k)
+        if k == 2 and self.solver == "newton":
+            starts = self._pair_starts if self._warm else ()
+            start = None
+            if starts and starts[-1][0].shape == (len(rows),):
+                start = starts[-1]
+                if len(starts) == 2:  # the trajectory moves smoothly: extrapolate the Newton variable
+                    (v0, neg0), (v1, neg1) = starts
+                    start = (np.where(neg1 == neg0, 2.0 * v1 - v0, v1), neg1)
+            sol = self._pairs.solve(rows[:, 0, 0], rows[:, 0, 1], rows[:, 1, 1], p, start)
+            if self._warm:
+                self._pair_starts = (*self._pair_starts[-1:], sol.start) if start is not None else (sol.start,)
+            x, ok, stationary, residual = sol.x, sol.converged, sol.stationary, sol.residual
+            iterations, zero = sol.iterations, sol.zero.sum(-1)
+            message = f"K = 2 solve stopped at relative residual {float(residual.max()):.1e} > 1e-06"
         else:
-            self.failures.failure(f"{sol.message}; relative residual {sol.residual:.2e}")
-        return torch.from_numpy(sol.x).to(gram_matrix.device)
+            x, ok, stationary = np.empty((len(rows), k)), np.empty(len(rows), bool), np.empty(len(rows), bool)
+            residual, iterations, zero = np.empty(len(rows)), np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+            hints = self._hints if self._hints is not None and self._hints.shape == (len(rows), k) else None
+            message = ""
+            for r, a in enumerate(rows):
+                hint = None if hints is None or not np.all(hints[r] > 0) else hints[r]
+                sol = solve_fair(a, self.alpha, None if p is None else p[r], tol=self.tol, max_iter=self.max_iter,
+                                 method=self.solver, hint=hint)
+                x[r], ok[r], stationary[r], residual[r] = sol.x, sol.converged, sol.stationary, sol.residual
+                iterations[r], zero[r] = sol.iterations, len(sol.zero_tasks)
+                if not sol.converged:
+                    message = f"{sol.message}; relative residual {sol.residual:.2e}"
+            self._hints = np.where(stationary[:, None], np.nan, x)
+        self.stationary_rows = stationary.reshape(shape)
+        self.last_solve = {"solver_iterations": iterations.reshape(shape), "solver_residual": residual.reshape(shape),
+                           "zero_grad_tasks": zero.reshape(shape)}
+        finite = np.isfinite(x).all(-1)
+        return RowStep(x.reshape(*shape, k), failed=~finite.reshape(shape),
+                       reason=f"{self.name}: solver produced non-finite weights",
+                       solver_failed=(~ok & finite).reshape(shape), solver_message=message)
+
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        out = self.fair_rows(gram)
+        out.weights = self.n_tasks * out.weights  # ×K; 0 on stationary rows
+        return out
+
+    def fair_weights(self, gram_matrix: Tensor) -> Tensor:
+        """x (K,) float64 for this step's Gram matrix (:meth:`fair_rows` on one row), with failure accounting."""
+        x = one_row(self.fair_rows(host(gram_matrix)), self.failures)
+        self.stationary_steps += int(self.stationary_rows)
+        return torch.from_numpy(x).to(gram_matrix.device)
 
     def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
         return self.n_tasks * self.fair_weights(gram_matrix)
 
     def _step_extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {"solver_failures": self.failures.total, "stationary_steps": self.stationary_steps}
-        if self._last is not None:
-            out.update(solver_iterations=self._last.iterations, solver_residual=self._last.residual,
-                       zero_grad_tasks=len(self._last.zero_tasks))
+        if self.last_solve is not None and np.ndim(self.last_solve["solver_iterations"]) == 0:
+            out.update({key: value.item() for key, value in self.last_solve.items()})
         return out
 
     def _extra_state(self) -> dict[str, Any]:

@@ -115,6 +115,16 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         :mod:`mtl_tune.balancers._rows`), which the toy's generic driver runs on many rows."""
         return False
 
+    def start_rows(self, n: int) -> None:
+        """Give the rule's per-row state a leading dimension of ``n`` rows: from here on this balancer
+        runs ``n`` independent copies of its method in lockstep (the toy's generic driver). Methods
+        whose rule keeps state across steps override it; the default has none to reshape."""
+
+    def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
+        """Batch-first epoch hook of a rule: the epoch's mean losses and scores (..., K); returns the
+        rows that fail (their ``reason``), or None. ``on_epoch_end`` of such a method calls it with one row."""
+        return None
+
     # ------------------------------------------------------------------ data parallel
     def distribute(self, group: Any = AUTO) -> Balancer:
         """Choose the ranks this balancer averages losses and per-task gradients over.

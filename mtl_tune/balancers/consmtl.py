@@ -126,6 +126,12 @@ class ConsMTL(FairBalancer):
     effective task weights (K,).
     """
     name = "consmtl"
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        # its update adds per-task representation terms to the fair direction (backward below):
+        # the inherited FairGrad rule is only a part of it
+        return False
     needs_representation = True
     # its heads' extra consistency gradients are written per rank from rank-local representations
     supports_distributed = False

@@ -31,15 +31,19 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers._fairness import FairBalancer
+from mtl_tune.balancers._rows import RowStep, one_row
 from mtl_tune.balancers.base import BalancerError, EpochInfo
 
 
 def performance_priorities(scores: np.ndarray, bound: float, mintemp: float) -> np.ndarray:
-    """p = K·softmax(s/T) with T = max((max s − min s)/ln(bound), mintemp); max p / min p ≤ bound."""
+    """p = K·softmax(s/T) with T = max((max s − min s)/ln(bound), mintemp); max p / min p ≤ bound.
+
+    Batch-first: scores (..., K) give priorities (..., K)."""
     s = np.asarray(scores, dtype=np.float64)
-    temp = max(float(s.max() - s.min()) / math.log(bound), mintemp)
-    e = np.exp((s - s.max()) / temp)  # shifted: same softmax, no overflow
-    return len(s) * e / e.sum()
+    top = s.max(-1, keepdims=True)
+    temp = np.maximum((top - s.min(-1, keepdims=True)) / math.log(bound), mintemp)
+    e = np.exp((s - top) / temp)  # shifted: same softmax, no overflow
+    return s.shape[-1] * e / e.sum(-1, keepdims=True)
 
 
 class PIVRG(FairBalancer):
@@ -75,6 +79,23 @@ class PIVRG(FairBalancer):
     def task_priorities(self) -> np.ndarray:
         return performance_priorities(self.scores, self.bound, self.mintemp)
 
+    def start_rows(self, n: int) -> None:
+        super().start_rows(n)
+        self.scores = np.zeros((n, self.n_tasks))
+
+    def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
+        """Keep each row's finite scores (..., K) for the next epoch's priorities; a row with a
+        non-finite score fails (``on_epoch_end`` raises), and keeps its previous scores."""
+        if scores is None:
+            return None
+        finite = np.isfinite(scores).all(-1)
+        self.scores = np.where(finite[..., None], scores, self.scores)
+
+        def reason(index: tuple[int, ...]) -> str:
+            return f"pivrg: scores must be {self.n_tasks} finite numbers, got {scores[index].tolist()}"
+
+        return RowStep(self.scores, failed=~finite, reason=reason)
+
     def on_epoch_end(self, info: EpochInfo) -> None:
         if info.scores is None:
             if not self._warned_missing:
@@ -83,9 +104,9 @@ class PIVRG(FairBalancer):
                 self._warned_missing = True
             return
         s = torch.as_tensor(info.scores, dtype=torch.float64).detach().cpu().numpy()
-        if s.shape != (self.n_tasks,) or not np.all(np.isfinite(s)):
+        if s.shape != (self.n_tasks,):
             raise BalancerError(f"pivrg: scores must be {self.n_tasks} finite numbers, got {s.tolist()}")
-        self.scores = s.copy()
+        one_row(self.epoch_rows(np.full(self.n_tasks, np.nan), s))
 
     def _step_extras(self) -> dict[str, Any]:
         return {**super()._step_extras(), "priorities": torch.from_numpy(self.task_priorities())}

@@ -48,6 +48,7 @@ class RowsKernel(Kernel):
 
     def setup(self) -> None:
         self.balancer = self.balancers[0]
+        self.balancer.start_rows(self.rows)
         self.max_norm = self.max_norms()
         self.clip = bool(np.isfinite(self.max_norm).any())
         # methods with a solver report its failures in every step's extras (the table's column)
@@ -72,17 +73,26 @@ class RowsKernel(Kernel):
         d = combine(w, jac)
         return clip_rows(d, self.max_norm) if self.clip else d
 
+    def epoch_end(self, epoch: int, mean_losses: np.ndarray, scores: np.ndarray) -> None:
+        out = self.balancer.epoch_rows(mean_losses, scores)
+        if out is not None and out.failed is not None and out.failed.any():
+            step = (epoch + 1) * self.cfg.epoch_steps  # the step the engine reports an epoch-end failure at
+            self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" if out.failed[r] else ""
+                                         for r in range(self.rows)])
+
     def _failures(self, step: int, out: RowStep, w: np.ndarray) -> np.ndarray:
         if out.solver_failed is not None:
-            missed = out.solver_failed
+            missed = out.solver_failed & ~self.failed
             self.consecutive = np.where(missed, self.consecutive + 1, 0)
             if missed.any():
-                if self.solver_failures is not None:
-                    self.solver_failures += missed
                 self.warn(missed, f"{self.name}: solver failed ({out.solver_message})")
-                self.fail(self.consecutive >= self.limit, step,
-                          f"BalancerError: {self.name}: solver failed {self.limit} times in a row "
-                          f"(last: {out.solver_message})")
+                ending = missed & (self.consecutive >= self.limit)
+                self.fail(ending, step, f"BalancerError: {self.name}: solver failed {self.limit} times in a row "
+                                        f"(last: {out.solver_message})")
+                if self.solver_failures is not None:
+                    # a row failing now keeps the count of its last completed step (the balancer raised
+                    # before returning this step's StepInfo)
+                    self.solver_failures += missed & ~ending
         if out.failed is not None:
             failed = out.failed
             if failed.any():
