@@ -293,27 +293,16 @@ def test_a_variant_the_kernel_cannot_run_goes_to_the_reference_path():
         run_fast([spec], [3], cfg)
 
 
-def test_a_rule_runs_every_solver_of_its_balancer():
-    """The generic kernel calls the balancer's own rule, so FairGrad's scipy least_squares solver (row
-    by row) runs on the fast engine too, and agrees with the API step by step."""
+@pytest.mark.parametrize("name,hp,steps", [("fairgrad", {"solver": "least_squares"}, 60),
+                                           ("nashmtl", {"solver": "cccp"}, 12)])
+def test_a_rule_runs_every_solver_of_its_balancer(name, hp, steps):
+    """The generic kernel calls the balancer's own rule, so the other solvers (FairGrad's scipy
+    least_squares, Nash-MTL's CCCP through cvxpy; row by row) run on the fast engine too, and agree
+    with the API step by step."""
     from toy.engine import uses_fast
 
-    spec = make_spec("fairgrad", {"solver": "least_squares"}, 5)
-    assert uses_fast(spec, EngineConfig(lr=1e-2))
-    compare_forced("fairgrad", {"solver": "least_squares"}, steps=60, lr=1e-2, epoch_steps=50)
-
-
-@pytest.mark.parametrize("name,hp", [("nashmtl", {"solver": "cccp"})])
-def test_other_solvers_run_on_the_lockstep_path(name, hp):
-    """The kernels are the balancers' Newton/closed-form path; another solver is another numerical
-    method, so those variants are routed to the public API instead of being silently replaced."""
-    from toy.engine import run_method, uses_fast
-
-    cfg = EngineConfig(lr=1e-2)
-    spec = make_spec(name, hp, 5)
-    assert not uses_fast(spec, cfg)
-    out = run_method(spec, [3], cfg)
-    assert out[0].path == "lockstep" and out[0].status == "ok", out[0].reason
+    assert uses_fast(make_spec(name, hp, 5), EngineConfig(lr=1e-2))
+    compare_forced(name, hp, steps=steps, lr=1e-2, epoch_steps=50)
 
 
 def test_fail_bad_inputs_fails_only_the_bad_rows_with_the_balancers_message():

@@ -443,7 +443,7 @@ class FairBalancer(GradientBalancer):
                 self._pair_starts = (*self._pair_starts[-1:], sol.start) if start is not None else (sol.start,)
             x, ok, stationary, residual = sol.x, sol.converged, sol.stationary, sol.residual
             iterations, zero = sol.iterations, sol.zero.sum(-1)
-            message = f"K = 2 solve stopped at relative residual {float(residual.max()):.1e} > 1e-06"
+            message = "" if ok.all() else f"K = 2 solve stopped at relative residual {float(residual[~ok].max()):.1e} > 1e-06"
         else:
             x, ok, stationary = np.empty((len(rows), k)), np.empty(len(rows), bool), np.empty(len(rows), bool)
             residual, iterations, zero = np.empty(len(rows)), np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)

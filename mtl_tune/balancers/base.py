@@ -120,6 +120,10 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         runs ``n`` independent copies of its method in lockstep (the toy's generic driver). Methods
         whose rule keeps state across steps override it; the default has none to reshape."""
 
+    def _step_extras(self) -> dict[str, Any]:
+        """Method extras of a step's :class:`StepInfo` (``solver_failures`` for methods with a solver)."""
+        return {}
+
     def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
         """Batch-first epoch hook of a rule: the epoch's mean losses and scores (..., K); returns the
         rows that fail (their ``reason``), or None. ``on_epoch_end`` of such a method calls it with one row."""

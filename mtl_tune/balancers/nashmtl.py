@@ -67,13 +67,16 @@ FAMO-family copy and works here.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._fair_pairs import FairPairs
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
+from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers.base import (GRADIENT_PATHS, Balancer, BalancerError, SolverFailureCounter, StepInfo,
                                      _as_param_list, check_losses, gram, pick_gradient_path)
 from mtl_tune.distributed import distributed_run
@@ -192,36 +195,81 @@ class NashMTL(Balancer):
         self.update_weights_every, self.optim_niter, self.solver = update_weights_every, optim_niter, solver
         self.alpha = np.ones(n_tasks)  # official initial α; replaced by the first successful solve
         self.failures = SolverFailureCounter(self.name)
-        self.stationary = False        # the last solve found a Pareto-stationary point (shared update 0)
+        # the last solve found a Pareto-stationary point (shared update 0); per row after start_rows
+        self.stationary: np.ndarray = np.zeros((), dtype=bool)
         self.stationary_steps = 0
         self._cccp: CCCPSolver | None = None
-        self._iterations = 0
+        self._iterations: Any = 0
+        # NashMTL.solve → solve_fair(gram, 1.0, x0=α, max_iter=optim_niter) with solve_fair's default tol
+        self._pairs = FairPairs(1.0, inspect.signature(solve_fair).parameters["tol"].default, optim_niter)
+
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return True
+
+    def start_rows(self, n: int) -> None:
+        self.alpha = np.ones((n, self.n_tasks))
+        self.stationary = np.zeros(n, dtype=bool)
+
+    def solve_rows(self, gram: np.ndarray) -> RowStep:
+        """Batch-first solve on Gram matrices (..., K, K): updates :attr:`alpha` (..., K) and
+        :attr:`stationary` (...) row by row as the module docstring says, and returns the weights of
+        the shared update (0 on stationary rows) with the rows whose solve failed.
+
+        Two tasks with the Newton solver: :class:`FairPairs` (its Nash closed form) on every row at
+        once; otherwise :func:`solve_fair` (or CCCP) row by row, warm-started at the row's α.
+        """
+        k, shape = gram.shape[-1], gram.shape[:-2]
+        rows = gram.reshape(-1, k, k)
+        old = np.broadcast_to(self.alpha, (*shape, k)).reshape(-1, k)
+        if k == 2 and self.solver == "newton":
+            sol = self._pairs.solve(rows[:, 0, 0], rows[:, 0, 1], rows[:, 1, 1])
+            stationary = sol.stationary
+            ok = sol.converged & ~sol.zero.any(-1)
+            alpha = np.where(sol.converged[:, None] & ~sol.zero, sol.x, np.nan)  # α_i → ∞ for a zero task
+            iterations = sol.iterations
+            message = "" if ok.all() else (
+                "a task has a zero gradient (α_i → ∞)" if sol.zero.any() else
+                f"K = 2 solve stopped at relative residual {float(sol.residual[~ok].max()):.1e} > 1e-06")
+        else:
+            alpha, ok = np.full((len(rows), k), np.nan), np.zeros(len(rows), dtype=bool)
+            stationary, iterations, message = np.zeros(len(rows), dtype=bool), np.zeros(len(rows), np.int64), ""
+            for r, a in enumerate(rows):
+                if self.solver == "newton":  # solve_fair tests stationarity first (the previous α is its hint)
+                    sol = solve_fair(a, 1.0, x0=old[r], max_iter=self.optim_niter)
+                    stationary[r] = sol.stationary
+                    alpha[r], ok[r], iterations[r], msg = _nash_alpha(sol)
+                else:
+                    stationary[r] = pareto_stationary(a, hint=old[r])[0]
+                    if not stationary[r]:
+                        self._cccp = self._cccp or CCCPSolver(self.n_tasks, self.optim_niter)
+                        alpha[r], ok[r], iterations[r], msg = self._cccp.solve(a, old[r])
+                if not (ok[r] or stationary[r]):
+                    message = msg
+        # entries without a valid solution (failed solve, zero-gradient task) keep their previous α;
+        # a stationary row keeps all of α (converged by definition: no failure)
+        keep = stationary[:, None] | ~np.isfinite(alpha)
+        self.alpha = np.where(keep, old, alpha).reshape(*shape, k)
+        self.stationary = stationary.reshape(shape)
+        self._iterations = np.where(stationary, 0, iterations).reshape(shape)
+        return RowStep(self.step_weights(), solver_failed=(~ok & ~stationary).reshape(shape),
+                       solver_message=message)
+
+    def step_weights(self) -> np.ndarray:
+        """Weights of the shared update (..., K): α, or 0 on rows whose last solve was stationary."""
+        return np.where(self.stationary[..., None], 0.0, self.alpha)
+
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        """The rule of one step: a solve every ``update_weights_every`` steps (``step_count`` counts
+        them, as :meth:`backward` does), the stored α (0 if stationary) in between."""
+        if self.step_count % self.update_weights_every == 0:
+            return self.solve_rows(gram)
+        return RowStep(self.step_weights())
 
     def solve(self, gram_matrix: Tensor) -> np.ndarray:
-        """Update and return α from this step's Gram matrix (warm start, failure accounting).
-
-        Sets :attr:`stationary`; on a Pareto-stationary step α is returned unchanged.
-        """
-        a = gram_matrix.detach().cpu().double().numpy()
-        if self.solver == "newton":  # solve_fair tests stationarity first (the previous α is its hint)
-            sol = solve_fair(a, 1.0, x0=self.alpha, max_iter=self.optim_niter)
-            self.stationary = sol.stationary
-            alpha, ok, self._iterations, msg = _nash_alpha(sol)
-        else:
-            self.stationary = pareto_stationary(a, hint=self.alpha)[0]
-            if not self.stationary:
-                self._cccp = self._cccp or CCCPSolver(self.n_tasks, self.optim_niter)
-                alpha, ok, self._iterations, msg = self._cccp.solve(a, self.alpha)
-        if self.stationary:  # converged by definition: no failure, α kept for the heads
-            self._iterations = 0
-            self.failures.success()
-            return self.alpha
-        # entries without a valid solution (failed solve, zero-gradient task) keep their previous α
-        self.alpha = np.where(np.isfinite(alpha), alpha, self.alpha)
-        if ok:
-            self.failures.success()
-        else:
-            self.failures.failure(msg)
+        """Update and return α (K,) from this step's Gram matrix (:meth:`solve_rows` on one row, with
+        failure accounting). Sets :attr:`stationary`; on a Pareto-stationary step α is returned unchanged."""
+        one_row(self.solve_rows(host(gram_matrix)), self.failures)
         return self.alpha
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
@@ -263,10 +311,12 @@ class NashMTL(Balancer):
         self._clip(shared)
         self.step_count += 1
         self.stationary_steps += int(self.stationary)
-        weights = torch.zeros_like(alpha) if self.stationary else alpha
-        return StepInfo(weights=weights.detach(), extras={"solver_failures": self.failures.total,
-                                                          "solver_iterations": self._iterations,
-                                                          "stationary_steps": self.stationary_steps})
+        weights = torch.zeros_like(alpha) if bool(self.stationary) else alpha
+        return StepInfo(weights=weights.detach(), extras=self._step_extras())
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {"solver_failures": self.failures.total, "solver_iterations": int(self._iterations),
+                "stationary_steps": self.stationary_steps}
 
     def _zero_shared(self, shared: list[Tensor], group: Any, device: torch.device) -> None:
         """A stationary step: the shared parameters get a zero gradient (never None, so that
@@ -278,7 +328,7 @@ class NashMTL(Balancer):
                 p.grad = torch.zeros_like(p)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict(), "stationary": self.stationary,
+        return {"alpha": self.alpha.copy(), "failures": self.failures.state_dict(), "stationary": bool(self.stationary),
                 "stationary_steps": self.stationary_steps}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -288,5 +338,5 @@ class NashMTL(Balancer):
         self.alpha = alpha.copy()
         self.failures.load_state_dict(state["failures"])
         # absent in checkpoints written before stationarity was detected: none had been seen then
-        self.stationary = bool(state.get("stationary", False))
+        self.stationary = np.array(bool(state.get("stationary", False)))
         self.stationary_steps = int(state.get("stationary_steps", 0))

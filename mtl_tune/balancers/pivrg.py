@@ -73,15 +73,20 @@ class PIVRG(FairBalancer):
         if not (isinstance(mintemp, (int, float)) and math.isfinite(mintemp) and mintemp > 0):
             raise ValueError(f"pivrg: mintemp must be a positive number, got {mintemp!r}")
         self.bound, self.mintemp = float(bound), float(mintemp)
-        self.scores = np.zeros(n_tasks)
+        self._set_scores(np.zeros(n_tasks))
         self._warned_missing = False
 
     def task_priorities(self) -> np.ndarray:
-        return performance_priorities(self.scores, self.bound, self.mintemp)
+        return self.priorities
+
+    def _set_scores(self, scores: np.ndarray) -> None:
+        # the priorities change only with the scores (once per epoch): computed here, not every step
+        self.scores = scores
+        self.priorities = performance_priorities(scores, self.bound, self.mintemp)
 
     def start_rows(self, n: int) -> None:
         super().start_rows(n)
-        self.scores = np.zeros((n, self.n_tasks))
+        self._set_scores(np.zeros((n, self.n_tasks)))
 
     def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
         """Keep each row's finite scores (..., K) for the next epoch's priorities; a row with a
@@ -89,7 +94,7 @@ class PIVRG(FairBalancer):
         if scores is None:
             return None
         finite = np.isfinite(scores).all(-1)
-        self.scores = np.where(finite[..., None], scores, self.scores)
+        self._set_scores(np.where(finite[..., None], scores, self.scores))
 
         def reason(index: tuple[int, ...]) -> str:
             return f"pivrg: scores must be {self.n_tasks} finite numbers, got {scores[index].tolist()}"
@@ -116,4 +121,4 @@ class PIVRG(FairBalancer):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         super()._load_extra_state(state)
-        self.scores = np.asarray(state["scores"], dtype=np.float64).copy()
+        self._set_scores(np.asarray(state["scores"], dtype=np.float64).copy())

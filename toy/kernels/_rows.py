@@ -19,20 +19,19 @@ from typing import ClassVar
 
 import numpy as np
 
-from mtl_tune.balancers._representation import RepresentationBalancer
 from mtl_tune.balancers._rows import RowStep, gram_rows
-from mtl_tune.balancers.base import Balancer, GradientBalancer, LossBalancer
+from mtl_tune.balancers.base import Balancer
 from ._base import Kernel, clip_rows, combine
 
 
 def rule_kind(balancer_cls: type[Balancer]) -> str | None:
-    """``"loss"``, ``"gradient"`` or ``"representation"`` for a class with a batch-first rule, else None."""
+    """``"loss"``, ``"gradient"`` or ``"representation"`` for a class with a batch-first rule, else None:
+    which inputs its rule takes and which input checks its ``backward`` makes."""
     if not balancer_cls.has_rows_rule():
         return None
-    for base, kind in ((LossBalancer, "loss"), (GradientBalancer, "gradient"), (RepresentationBalancer, "representation")):
-        if issubclass(balancer_cls, base):
-            return kind
-    return None
+    if balancer_cls.needs_representation:
+        return "representation"
+    return "gradient" if balancer_cls.needs_jacobian else "loss"
 
 
 class RowsKernel(Kernel):
@@ -70,6 +69,7 @@ class RowsKernel(Kernel):
         if out.failed is not None or out.solver_failed is not None:
             w = self._failures(step, out, w)
         self.weights = w
+        self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
         d = combine(w, jac)
         return clip_rows(d, self.max_norm) if self.clip else d
 
