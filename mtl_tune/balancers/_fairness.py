@@ -80,6 +80,8 @@ Newton's float64 floor as explained above). For K = 2 (after dropping zero-gradi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -92,7 +94,7 @@ from mtl_tune.balancers._fair_pairs import (STATIONARY_HULL, ZERO_GRAD_RTOL, Fai
                                              solve_fair_pairs)
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers._simplex import min_norm_simplex
-from mtl_tune.balancers.base import BalancerError, GradientBalancer, SolverFailureCounter, gram
+from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer, SolverFailureCounter, gram
 
 SOLVERS = ("newton", "least_squares")
 #: largest change of log z in one Newton step (a weight changes by at most e^4 ≈ 55×).
@@ -410,7 +412,7 @@ class FairBalancer(GradientBalancer):
         PIVRG overrides this."""
         return None
 
-    def start_rows(self, n: int) -> None:
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
         # warm starts only for rows in lockstep: a training step starts cold, so that a checkpoint
         # (which does not hold the Newton variable) continues bit for bit
         self._pair_starts, self._warm = (), self.max_iter >= WARM_START_MIN_ITER

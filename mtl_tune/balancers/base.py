@@ -115,10 +115,13 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         :mod:`mtl_tune.balancers._rows`), which the toy's generic driver runs on many rows."""
         return False
 
-    def start_rows(self, n: int) -> None:
-        """Give the rule's per-row state a leading dimension of ``n`` rows: from here on this balancer
-        runs ``n`` independent copies of its method in lockstep (the toy's generic driver). Methods
-        whose rule keeps state across steps override it; the default has none to reshape."""
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        """Run one independent copy of this method per balancer in ``rows`` (same class and
+        hyperparameters as this one) in lockstep, through this balancer's rule: from here on its
+        per-row state has a leading dimension of ``len(rows)``, initialised from each row's own
+        balancer (its random generator, say: the toy seeds every init's balancer). Used by the toy's
+        generic driver; methods whose rule keeps state across steps override it; the default has
+        none to reshape."""
 
     def _step_extras(self) -> dict[str, Any]:
         """Method extras of a step's :class:`StepInfo` (``solver_failures`` for methods with a solver)."""

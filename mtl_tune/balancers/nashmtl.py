@@ -67,6 +67,8 @@ FAMO-family copy and works here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import inspect
 from typing import Any, ClassVar
 
@@ -207,7 +209,8 @@ class NashMTL(Balancer):
     def has_rows_rule(cls) -> bool:
         return True
 
-    def start_rows(self, n: int) -> None:
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        n = len(rows)
         self.alpha = np.ones((n, self.n_tasks))
         self.stationary = np.zeros(n, dtype=bool)
 

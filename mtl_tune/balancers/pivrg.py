@@ -23,6 +23,8 @@ Heads unweighted, ×K, ``max_norm`` 1.0, and Pareto-stationary steps (d = 0, cou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 import warnings
 from typing import Any
@@ -32,7 +34,7 @@ import torch
 
 from mtl_tune.balancers._fairness import FairBalancer
 from mtl_tune.balancers._rows import RowStep, one_row
-from mtl_tune.balancers.base import BalancerError, EpochInfo
+from mtl_tune.balancers.base import Balancer, BalancerError, EpochInfo
 
 
 def performance_priorities(scores: np.ndarray, bound: float, mintemp: float) -> np.ndarray:
@@ -84,8 +86,9 @@ class PIVRG(FairBalancer):
         self.scores = scores
         self.priorities = performance_priorities(scores, self.bound, self.mintemp)
 
-    def start_rows(self, n: int) -> None:
-        super().start_rows(n)
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        n = len(rows)
+        super().start_rows(rows)
         self._set_scores(np.zeros((n, self.n_tasks)))
 
     def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:

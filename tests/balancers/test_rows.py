@@ -42,7 +42,7 @@ def test_the_converted_methods_declare_a_rule():
 def test_a_rule_on_many_rows_equals_the_rule_on_each_row(name, k):
     gram, losses = inputs(k, 7, seed=k)
     many = get_balancer(name, n_tasks=k)
-    many.start_rows(len(gram))
+    many.start_rows([get_balancer(name, n_tasks=k) for _ in gram])
     out = call(many, gram, losses)
     assert out.weights.shape == (len(gram), k)
     for r in range(len(gram)):
@@ -67,7 +67,7 @@ def test_a_failed_row_fails_alone_with_its_own_reason():
 
 def test_pivrg_epoch_rows_keep_each_rows_scores():
     bal = get_balancer("pivrg", n_tasks=2)
-    bal.start_rows(3)
+    bal.start_rows([get_balancer("pivrg", n_tasks=2) for _ in range(3)])
     out = bal.epoch_rows(np.ones((3, 2)), np.array([[10.0, 0.0], [np.nan, 1.0], [0.0, 5.0]]))
     assert out.failed.tolist() == [False, True, False]
     assert bal.scores[1].tolist() == [0.0, 0.0]          # the failed row keeps its previous scores

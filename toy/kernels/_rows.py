@@ -47,7 +47,7 @@ class RowsKernel(Kernel):
 
     def setup(self) -> None:
         self.balancer = self.balancers[0]
-        self.balancer.start_rows(self.rows)
+        self.balancer.start_rows(self.balancers)
         self.max_norm = self.max_norms()
         self.clip = bool(np.isfinite(self.max_norm).any())
         # methods with a solver report its failures in every step's extras (the table's column)
