@@ -127,6 +127,12 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         """Method extras of a step's :class:`StepInfo` (``solver_failures`` for methods with a solver)."""
         return {}
 
+    def after_rows(self, new_losses: np.ndarray) -> RowStep | None:
+        """Batch-first post-step hook of a rule (``needs_post_step_losses``): the losses (..., K) after
+        the optimizer step; returns the rows that fail, or None. ``after_optimizer_step`` of such a
+        method calls it with one row."""
+        return None
+
     def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
         """Batch-first epoch hook of a rule: the epoch's mean losses and scores (..., K); returns the
         rows that fail (their ``reason``), or None. ``on_epoch_end`` of such a method calls it with one row."""

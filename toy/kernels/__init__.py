@@ -41,7 +41,7 @@ def kernels() -> dict[str, type[Kernel]]:
         if name in found:
             raise RuntimeError(f"method {name!r} has a batch-first rule and a toy kernel module; delete "
                                f"toy/kernels/{name}.py (the generic kernel runs the rule)")
-        found[name] = RowsKernel.for_method(name, kind)
+        found[name] = RowsKernel.for_method(name, kind, balancer_class(name).needs_post_step_losses)
     return found
 
 

@@ -42,8 +42,9 @@ class RowsKernel(Kernel):
     one_variant: ClassVar[bool] = True   # the engine builds one instance per variant
 
     @classmethod
-    def for_method(cls, name: str, kind: str) -> type[RowsKernel]:
-        return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__})
+    def for_method(cls, name: str, kind: str, needs_post_step_losses: bool = False) -> type[RowsKernel]:
+        return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__,
+                                                  "needs_post_step_losses": needs_post_step_losses})
 
     def setup(self) -> None:
         self.balancer = self.balancers[0]
@@ -73,10 +74,16 @@ class RowsKernel(Kernel):
         d = combine(w, jac)
         return clip_rows(d, self.max_norm) if self.clip else d
 
+    def after_step(self, losses: np.ndarray) -> None:
+        self._row_failures(self.balancer.after_rows(losses), self.balancer.step_count)
+
     def epoch_end(self, epoch: int, mean_losses: np.ndarray, scores: np.ndarray) -> None:
-        out = self.balancer.epoch_rows(mean_losses, scores)
+        # the step the engine reports an epoch-end failure at
+        self._row_failures(self.balancer.epoch_rows(mean_losses, scores), (epoch + 1) * self.cfg.epoch_steps)
+
+    def _row_failures(self, out: RowStep | None, step: int) -> None:
+        """Fail the rows a hook reports as failed, each with its reason."""
         if out is not None and out.failed is not None and out.failed.any():
-            step = (epoch + 1) * self.cfg.epoch_steps  # the step the engine reports an epoch-end failure at
             self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" if out.failed[r] else ""
                                          for r in range(self.rows)])
 
