@@ -17,31 +17,33 @@ Details: docs/methods.md#famo; ``gamma`` defaults to the NYUv2 run.sh value 1e-3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import BalancerError, LossBalancer, rebind_private_optimizer
+from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers.base import Balancer, BalancerError, LossBalancer, rebind_private_optimizer
 
 EPS = 1e-8
 
 
 def famo_weights(logits: Tensor, losses: Tensor, min_losses: Tensor) -> Tensor:
-    """Effective raw-loss weights z_i/(c·D_i) (they sum to 1)."""
+    """Effective raw-loss weights z_i/(c·D_i) (they sum to 1), batch-first: (..., K)."""
     z = torch.softmax(logits, dim=-1)
     d = losses - min_losses + EPS
-    c = (z / d).sum()
+    c = (z / d).sum(-1, keepdim=True)
     return z / (c * d)
 
 
 def famo_logit_grad(logits: Tensor, prev_losses: Tensor, new_losses: Tensor, min_losses: Tensor) -> Tensor:
-    """J_softmax(ξ)ᵀ δ with δ_i = log D_i(prev) − log D_i(new)."""
+    """J_softmax(ξ)ᵀ δ with δ_i = log D_i(prev) − log D_i(new), batch-first: (..., K)."""
     delta = (prev_losses - min_losses + EPS).log() - (new_losses - min_losses + EPS).log()
     z = torch.softmax(logits, dim=-1)
     # softmax Jacobian is diag(z) − z zᵀ (symmetric), so Jᵀδ = z ⊙ (δ − zᵀδ)
-    return z * (delta - (z * delta).sum())
+    return z * (delta - (z * delta).sum(-1, keepdim=True))
 
 
 class FAMO(LossBalancer):
@@ -83,32 +85,56 @@ class FAMO(LossBalancer):
         self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         self.prev_losses: Tensor | None = None
 
-    def _check(self, losses: Tensor) -> None:
-        if bool((losses.detach() <= self.min_losses.to(losses)).any()):
-            raise BalancerError(f"famo: a loss {losses.detach().tolist()} is not above min_losses "
-                                f"{self.min_losses.tolist()}; set min_losses below the lowest reachable loss")
+    def _below_floor(self, losses: np.ndarray) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
+        """Rows with a loss at or below ``min_losses`` (the logs are undefined there), and why."""
+        floor = host(self.min_losses)
+        bad = (losses <= floor).any(-1)
 
-    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(losses)
-        if self.logits.device != losses.device:
-            self.to(losses.device)
-        m = self.min_losses.to(losses)
-        z = torch.softmax(self.logits.detach(), dim=-1).to(losses.dtype)
-        d = losses - m + EPS
-        c = (z / d.detach()).sum()
-        self.prev_losses = losses.detach().clone()
-        return (z * d.log()).sum() / c, famo_weights(self.logits.detach().to(losses.dtype), losses.detach(), m)
+        def reason(index: tuple[int, ...]) -> str:
+            return (f"famo: a loss {losses[index].tolist()} is not above min_losses {self.min_losses.tolist()}; "
+                    "set min_losses below the lowest reachable loss")
 
-    def after_optimizer_step(self, new_losses: Tensor) -> None:
+        return bad, reason
+
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """∂L/∂ℓ = z_i/(c D_i) per row, z = softmax(ξ) in the logits' float32 (as the update sees it);
+        remembers the losses for :meth:`after_rows`."""
+        bad, reason = self._below_floor(losses)
+        z = host(torch.softmax(self.logits, dim=-1))
+        d = losses - host(self.min_losses) + EPS
+        zd = z / d
+        self.prev_losses = torch.from_numpy(np.array(losses))
+        return RowStep(zd / zd.sum(-1, keepdims=True), failed=bad, reason=reason)
+
+    def after_rows(self, new_losses: np.ndarray) -> RowStep:
+        """One Adam step of the logits (each row's own) on ξ.grad = J_softmax(ξ)ᵀ δ, in float32."""
         if self.prev_losses is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
-        new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
-        self._check(new_losses)
-        grad = famo_logit_grad(self.logits.detach(), self.prev_losses.to(self.logits),
-                               new_losses.detach().to(self.logits), self.min_losses.to(self.logits))
+        bad, reason = self._below_floor(new_losses)
+        if bad.ndim == 0 and bad:  # one row: fail before touching the logits (the step raises)
+            return RowStep(host(self.logits), failed=bad, reason=reason)
+        grad = famo_logit_grad(self.logits, self.prev_losses.to(self.logits),
+                               torch.from_numpy(np.asarray(new_losses)).to(self.logits), self.min_losses)
         self.w_optimizer.zero_grad()
         self.logits.grad = grad
         self.w_optimizer.step()
+        return RowStep(host(self.logits), failed=bad, reason=reason)
+
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        self.logits = torch.stack([b.logits.detach().clone() for b in rows])
+        self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        self.prev_losses = None
+
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        if self.logits.device != losses.device:
+            self.to(losses.device)
+        w = one_row(self.weights_rows(host(losses)))
+        weights = famo_weights(self.logits.to(losses.dtype), losses.detach(), self.min_losses.to(losses))
+        return (losses * torch.from_numpy(w).to(losses)).sum(), weights
+
+    def after_optimizer_step(self, new_losses: Tensor) -> None:
+        new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
+        one_row(self.after_rows(host(new_losses)))
 
     def _after_move(self) -> None:
         self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.logits])

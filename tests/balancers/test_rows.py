@@ -33,7 +33,7 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl"} <= set(rule_methods())
+    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo"} <= set(rule_methods())
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
@@ -86,3 +86,21 @@ def test_gradient_rules_serve_the_balancers_gram_weights():
         w = bal.gram_weights(torch.from_numpy(gram[0]), torch.from_numpy(losses[0]))
         np.testing.assert_allclose(w.numpy(), get_balancer(name, n_tasks=2).weights_rows(gram[0], losses[0]).weights,
                                    rtol=1e-12, err_msg=name)
+
+
+def test_famo_post_step_rows_equal_each_rows_own_update():
+    """FAMO's logits: one private Adam over the (B, K) logits is B independent Adams (element-wise);
+    float32 state, so equal to float32 resolution (torch may vectorise a (B, K) tensor differently)."""
+    rng = np.random.default_rng(3)
+    before, after = rng.uniform(1.0, 3.0, size=(4, 5, 2)), rng.uniform(0.5, 3.0, size=(4, 5, 2))
+    rows = [get_balancer("famo", n_tasks=2, w_lr=0.1) for _ in range(5)]
+    many = get_balancer("famo", n_tasks=2, w_lr=0.1)
+    many.start_rows(rows)
+    for b, a in zip(before, after):
+        w = many.weights_rows(b).weights
+        many.after_rows(a)
+        for r, one in enumerate(rows):
+            np.testing.assert_allclose(w[r], one.weights_rows(b[r]).weights, rtol=1e-6)
+            one.after_rows(a[r])
+    np.testing.assert_allclose(many.logits.numpy(), np.stack([one.logits.numpy() for one in rows]), rtol=1e-6, atol=1e-7)
+    assert np.abs(many.logits.numpy()).max() > 0.05  # the logits moved: the comparison is not of zeros

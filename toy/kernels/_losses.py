@@ -1,7 +1,7 @@
-"""Float32 state of the loss-weighting kernels (FAMO's logits, GradNorm's weights), batched.
+"""Float32 state of the GradNorm kernel (its weights), batched.
 
-FAMO and GradNorm keep their learnable weights as float32 tensors stepped by a private
-``torch.optim.Adam``. Their trajectories are sensitive to the last bit of that state: FAMO's
+GradNorm (like FAMO, whose batch-first rule runs torch's own Adam on its (B, K) logits) keeps its
+learnable weights as float32 tensors stepped by a private ``torch.optim.Adam``. Their trajectories are sensitive to the last bit of that state: FAMO's
 logit gradient is a difference of two float32 logs of nearly equal losses (δ ≈ 1e-5, float32
 resolution 6e-8), GradNorm's is the sign of G − target; Adam divides either by its own running
 RMS, so a one-ulp difference in one step becomes a different step of the weights. The kernels
@@ -20,35 +20,16 @@ over 10⁴–10⁵ random inputs each):
   vector width, so the scalar tail loop runs) but Sleef on longer contiguous tensors: it runs on
   a non-contiguous view (:class:`ScalarPow`), which takes the same scalar loop;
 * a two-element ``sum``/``mean`` is one addition (then a halving), ``reciprocal`` is 1/x.
-
-Torch's ``softmax`` runs inside :func:`one_thread`: its ``parallel_for`` has grain 0, so on a
-tensor of several rows it opens an OpenMP region per call, which costs milliseconds when the
-other core is busy; a row's result does not depend on the thread that computes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 F32 = np.float32
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one intra-op thread for the block, the caller's thread count restored after."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class Float32Adam:
