@@ -8,7 +8,11 @@ A *rule* is what a method does with one step's numbers, written for any number o
   the update d = Σᵢ cᵢ gᵢ;
 * a loss method (:class:`~mtl_tune.balancers.base.LossBalancer`) implements
   ``weights_rows(losses)``: the losses (..., K) give ∂f/∂ℓ (..., K), the weights of the
-  objective's gradient.
+  objective's gradient;
+* a gradient method whose update is not a combination of the task gradients (GradDrop's
+  per-coordinate masks) implements ``direction_rows(jacobian, losses)`` on torch Jacobians
+  (..., K, P) instead, and returns the direction (..., P) too — in torch, on the Jacobian's device
+  (a K×P Jacobian must not cross to the host every step).
 
 Rules compute in float64 NumPy on the host. Why not torch: the numbers are K or K×K per row,
 where a torch call costs 2–8 µs of dispatch against NumPy's ~1 µs (a min-norm solve on 5 rows:
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +55,8 @@ class RowStep:
             when S is empty), or one string for every row.
         solver_failed: bool (S...) rows whose solver failed this step, or None.
         solver_message: the solver's message for those rows.
+        direction: the update (..., P) of a ``direction_rows`` rule (its ``weights`` are then the
+            reported effective weights; both torch tensors), else None.
     """
 
     weights: np.ndarray
@@ -57,6 +64,7 @@ class RowStep:
     reason: Callable[[tuple[int, ...]], str] | str = ""
     solver_failed: np.ndarray | None = None
     solver_message: str = ""
+    direction: Any = None
 
     def reason_of(self, index: tuple[int, ...]) -> str:
         """The failure message of the row at ``index``."""

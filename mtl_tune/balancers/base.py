@@ -402,9 +402,15 @@ class GradientBalancer(Balancer):
         (..., K) (see :mod:`mtl_tune.balancers._rows`)."""
         raise NotImplementedError(f"{self.name} has no batch-first rule")
 
+    def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
+        """Batch-first rule of a method whose update is not Σ cᵢ gᵢ: the direction (..., P) and the
+        reported weights (..., K) from torch Jacobians (..., K, P) (see :mod:`mtl_tune.balancers._rows`)."""
+        raise NotImplementedError(f"{self.name} has no batch-first Jacobian rule")
+
     @classmethod
     def has_rows_rule(cls) -> bool:
-        return cls.weights_rows is not GradientBalancer.weights_rows
+        return (cls.weights_rows is not GradientBalancer.weights_rows
+                or cls.direction_rows is not GradientBalancer.direction_rows)
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""

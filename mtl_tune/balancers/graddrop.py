@@ -31,21 +31,24 @@ w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import GradientBalancer
+from mtl_tune.balancers._rows import RowStep
+from mtl_tune.balancers.base import Balancer, GradientBalancer
 
 
 def purity(jacobian: Tensor) -> Tensor:
-    """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (P,), ½ where all g_ic are 0.
-
-    Accumulated row by row: P-sized temporaries only (a ``jacobian.abs()`` would be a K×P copy)."""
-    total = jacobian.sum(0)
+    """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (..., P) of Jacobians (..., K, P), ½ where
+    all g_ic are 0. Accumulated task by task: P-sized temporaries only (a ``jacobian.abs()`` would be
+    a K×P copy)."""
+    rows = jacobian.unbind(-2)
+    total = jacobian.sum(-2)
     magnitude = torch.zeros_like(total)
-    for row in jacobian:
+    for row in rows:
         magnitude.add_(row.abs())
     nonzero = magnitude > 0
     ratio = torch.where(nonzero, total / torch.where(nonzero, magnitude, torch.ones_like(magnitude)),
@@ -54,45 +57,45 @@ def purity(jacobian: Tensor) -> Tensor:
 
 
 def graddrop_multipliers(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
-    """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (K×P) for uniforms U (P,)."""
-    keep_positive = uniform < purity(jacobian)  # (P,)
-    return torch.stack([_row_multiplier(row, keep_positive, leak) for row in jacobian])
+    """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (..., K, P) for uniforms U (..., P)."""
+    keep_positive = uniform < purity(jacobian)  # (..., P)
+    return torch.stack([_row_multiplier(row, keep_positive, leak) for row in jacobian.unbind(-2)], -2)
 
 
 def _row_multiplier(row: Tensor, keep_positive: Tensor, leak: float) -> Tensor:
-    """m_i (P,) of one task: λ + (1 − λ)·[row's sign is the kept one]·[row ≠ 0]."""
+    """m_i (..., P) of one task: λ + (1 − λ)·[row's sign is the kept one]·[row ≠ 0]."""
     mask = torch.where(row > 0, keep_positive, ~keep_positive) & (row != 0)
     return leak + (1.0 - leak) * mask.to(row.dtype)
 
 
 def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
-    """The GradDrop direction d = Σ_i m_i ⊙ g_i (P,) and the effective weights (K,), one row at a
-    time: P-sized temporaries instead of the K×P multipliers and products."""
+    """The GradDrop direction d = Σ_i m_i ⊙ g_i (..., P) and the effective weights (..., K) of
+    Jacobians (..., K, P), one task at a time: P-sized temporaries instead of the K×P multipliers."""
     keep_positive = uniform < purity(jacobian)
-    direction = torch.zeros_like(jacobian[0])
+    direction = torch.zeros_like(jacobian.select(-2, 0))
     weights = []
-    for row in jacobian:
+    for row in jacobian.unbind(-2):
         mg = _row_multiplier(row, keep_positive, leak).mul_(row)
         direction.add_(mg)
         weights.append(_effective_weight(row, mg))
-    return direction, torch.stack(weights)
+    return direction, torch.stack(weights, -1)
 
 
 def _effective_weight(row: Tensor, masked: Tensor) -> Tensor:
-    """⟨m ⊙ g, g⟩/‖g‖² (1 for a zero gradient), on g/max|g| so the squares neither overflow nor
+    """⟨m ⊙ g, g⟩/‖g‖² (...) (1 for a zero gradient), on g/max|g| so the squares neither overflow nor
     underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖² for any s > 0."""
-    peak = row.abs().max()
+    peak = row.abs().amax(-1, keepdim=True)
     scale = torch.where(peak > 0, peak, torch.ones_like(peak))  # no host sync (K of them per step on a GPU)
     r = row / scale
-    energy, kept = torch.dot(r, r), torch.dot(masked / scale, r)
+    energy, kept = (r * r).sum(-1), ((masked / scale) * r).sum(-1)
     return torch.where(energy > 0, kept / torch.where(energy > 0, energy, torch.ones_like(energy)),
                        torch.ones_like(energy))
 
 
 def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
-    """w_i = ⟨m_i ⊙ g_i, g_i⟩/‖g_i‖² (1 for a zero gradient); rows are rescaled by their
+    """w_i = ⟨m_i ⊙ g_i, g_i⟩/‖g_i‖² (..., K) (1 for a zero gradient); rows are rescaled by their
     max |entry| first so the squares neither overflow nor underflow."""
-    return torch.stack([_effective_weight(g, m * g) for g, m in zip(jacobian, multipliers)])
+    return torch.stack([_effective_weight(g, m * g) for g, m in zip(jacobian.unbind(-2), multipliers.unbind(-2))], -1)
 
 
 class GradDrop(GradientBalancer):
@@ -127,10 +130,25 @@ class GradDrop(GradientBalancer):
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        self.row_generators = [b.generator for b in rows]  # each init's own stream
+
+    def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
+        """Batch-first rule on Jacobians (..., K, P): uniforms U (..., P) from the generator (one per row
+        after :meth:`start_rows`), then the masked sum; ``weights`` and ``direction`` are tensors on
+        the Jacobian's device."""
+        p = jacobian.shape[-1]
+        if jacobian.dim() == 2:
+            gen = self._generator_on(jacobian.device)
+            uniform = torch.rand(p, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
+        else:  # one draw per row from its own generator (CPU: the toy)
+            uniform = torch.stack([torch.rand(p, generator=g, dtype=jacobian.dtype) for g in self.row_generators])
+        direction, weights = masked_sum(jacobian, uniform, self.leak)
+        return RowStep(weights, direction=direction)
+
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        gen = self._generator_on(jacobian.device)
-        uniform = torch.rand(jacobian.shape[1], generator=gen, device=jacobian.device, dtype=jacobian.dtype)
-        return masked_sum(jacobian, uniform, self.leak)
+        out = self.direction_rows(jacobian, losses)
+        return out.direction, out.weights
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator_device": str(self.generator.device), "generator": self.generator.get_state()}

@@ -20,6 +20,13 @@ def rule_methods() -> list[str]:
     return sorted(n for n in available_balancers() if balancer_class(n).has_rows_rule())
 
 
+def weight_rule_methods() -> list[str]:
+    """Methods whose rule gives weights (``weights_rows``), not a direction (``direction_rows``)."""
+    return [n for n in rule_methods()
+            if not (issubclass(balancer_class(n), GradientBalancer)
+                    and balancer_class(n).direction_rows is not GradientBalancer.direction_rows)]
+
+
 def inputs(k: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     jac = rng.normal(size=(rows, k, 4)) * rng.uniform(0.1, 3.0, size=(rows, k, 1))
@@ -33,12 +40,12 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo"} <= set(rule_methods())
+    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop"} <= set(rule_methods())
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("name", rule_methods())
+@pytest.mark.parametrize("name", weight_rule_methods())
 def test_a_rule_on_many_rows_equals_the_rule_on_each_row(name, k):
     gram, losses = inputs(k, 7, seed=k)
     many = get_balancer(name, n_tasks=k)
@@ -79,7 +86,7 @@ def test_gradient_rules_serve_the_balancers_gram_weights():
     import torch
 
     gram, losses = inputs(2, 1, seed=5)
-    for name in rule_methods():
+    for name in weight_rule_methods():
         bal = get_balancer(name, n_tasks=2)
         if not isinstance(bal, GradientBalancer):
             continue
@@ -104,3 +111,23 @@ def test_famo_post_step_rows_equal_each_rows_own_update():
             one.after_rows(a[r])
     np.testing.assert_allclose(many.logits.numpy(), np.stack([one.logits.numpy() for one in rows]), rtol=1e-6, atol=1e-7)
     assert np.abs(many.logits.numpy()).max() > 0.05  # the logits moved: the comparison is not of zeros
+
+
+def test_graddrop_jacobian_rule_on_rows_draws_each_rows_own_stream():
+    """A ``direction_rows`` rule: row r of the batch uses row r's generator exactly as that row's own
+    balancer would (the toy compares each init with its own balancer run)."""
+    import torch
+
+    jac = torch.from_numpy(np.random.default_rng(4).normal(size=(3, 2, 6)))
+    seeds = [1, 2, 3]
+    many = get_balancer("graddrop", n_tasks=2, leak=0.2)
+    many.start_rows([get_balancer("graddrop", n_tasks=2, leak=0.2, seed=s) for s in seeds])
+    for _ in range(3):
+        out = many.direction_rows(jac, torch.ones(3, 2))
+        assert out.direction.shape == (3, 6) and out.weights.shape == (3, 2)
+    singles = [get_balancer("graddrop", n_tasks=2, leak=0.2, seed=s) for s in seeds]
+    for _ in range(3):
+        ones = [b.direction_rows(jac[r], torch.ones(2)) for r, b in enumerate(singles)]
+    for r, one in enumerate(ones):  # the third draw of each stream
+        torch.testing.assert_close(out.direction[r], one.direction, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(out.weights[r], one.weights, rtol=1e-12, atol=1e-15)

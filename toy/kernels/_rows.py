@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from mtl_tune.balancers._rows import RowStep, gram_rows
-from mtl_tune.balancers.base import Balancer
+from mtl_tune.balancers.base import Balancer, GradientBalancer
 from ._base import Kernel, clip_rows, combine
 
 
@@ -31,6 +32,8 @@ def rule_kind(balancer_cls: type[Balancer]) -> str | None:
         return None
     if balancer_cls.needs_representation:
         return "representation"
+    if issubclass(balancer_cls, GradientBalancer) and balancer_cls.direction_rows is not GradientBalancer.direction_rows:
+        return "jacobian"
     return "gradient" if balancer_cls.needs_jacobian else "loss"
 
 
@@ -58,10 +61,12 @@ class RowsKernel(Kernel):
         self.limit = self.balancer.failures.max_consecutive
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        if self.kind == "gradient":
+        if self.kind in ("gradient", "jacobian"):
             self.fail_bad_inputs(step, losses, jac)
         elif self.kind == "representation":
             self.fail_bad_inputs(step, losses, jac, "produced a non-finite representation gradient")
+        if self.kind == "jacobian":
+            return self._jacobian_step(step, losses, jac)
         if self.kind == "loss":
             out = self.balancer.weights_rows(losses)
         else:
@@ -72,6 +77,14 @@ class RowsKernel(Kernel):
         self.weights = w
         self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
         d = combine(w, jac)
+        return clip_rows(d, self.max_norm) if self.clip else d
+
+    def _jacobian_step(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
+        """A ``direction_rows`` rule: the rule's own direction (torch, on the rows' Jacobians)."""
+        out = self.balancer.direction_rows(torch.from_numpy(jac), torch.from_numpy(losses))
+        self.weights = out.weights.numpy()
+        self.balancer.step_count += 1
+        d = out.direction.numpy()
         return clip_rows(d, self.max_norm) if self.clip else d
 
     def after_step(self, losses: np.ndarray) -> None:
