@@ -115,6 +115,17 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         :mod:`mtl_tune.balancers._rows`), which the toy's generic driver runs on many rows."""
         return False
 
+    def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
+        """Batch-first rule of a method whose update is not Σ cᵢ gᵢ of Gram-matrix weights: the
+        direction (..., P) and the reported weights (..., K) from torch Jacobians (..., K, P) of the
+        shared parameters (see :mod:`mtl_tune.balancers._rows`)."""
+        raise NotImplementedError(f"{self.name} has no batch-first Jacobian rule")
+
+    @classmethod
+    def has_jacobian_rule(cls) -> bool:
+        """Whether the method's rule is :meth:`direction_rows` (on Jacobians, in torch)."""
+        return cls.direction_rows is not Balancer.direction_rows
+
     def start_rows(self, rows: Sequence[Balancer]) -> None:
         """Run one independent copy of this method per balancer in ``rows`` (same class and
         hyperparameters as this one) in lockstep, through this balancer's rule: from here on its
@@ -402,15 +413,9 @@ class GradientBalancer(Balancer):
         (..., K) (see :mod:`mtl_tune.balancers._rows`)."""
         raise NotImplementedError(f"{self.name} has no batch-first rule")
 
-    def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
-        """Batch-first rule of a method whose update is not Σ cᵢ gᵢ: the direction (..., P) and the
-        reported weights (..., K) from torch Jacobians (..., K, P) (see :mod:`mtl_tune.balancers._rows`)."""
-        raise NotImplementedError(f"{self.name} has no batch-first Jacobian rule")
-
     @classmethod
     def has_rows_rule(cls) -> bool:
-        return (cls.weights_rows is not GradientBalancer.weights_rows
-                or cls.direction_rows is not GradientBalancer.direction_rows)
+        return cls.weights_rows is not GradientBalancer.weights_rows or cls.has_jacobian_rule()
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""

@@ -54,17 +54,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._rows import RowStep, one_row
 from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
                                      rebind_private_optimizer)
 
 
+def _pow_per_row(r: Tensor, alpha: float) -> Tensor:
+    """r ** α row by row: torch computes a scalar power of a K-element tensor in a scalar loop but of
+    a longer one with vectorised code that rounds differently, and the sign of G − target flips on
+    one ulp near balance — so rows in lockstep get exactly the bits of their one-row balancer."""
+    return r ** alpha if r.dim() == 1 else torch.stack([row ** alpha for row in r.unbind(0)])
+
+
 def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
                      alpha: float) -> tuple[Tensor, Tensor]:
-    """(G_i = w_i‖∇_W ℓ_i‖, target_i = Ḡ · r_i^α) with r the relative inverse training rate."""
+    """(G_i = w_i‖∇_W ℓ_i‖, target_i = Ḡ · r_i^α) with r the relative inverse training rate;
+    batch-first: (..., K)."""
     g = weights * norms
     ratio = losses / initial_losses
-    r = ratio / ratio.mean()
-    return g, g.mean() * r ** alpha
+    r = ratio / ratio.mean(-1, keepdim=True)
+    return g, g.mean(-1, keepdim=True) * _pow_per_row(r, alpha)
 
 
 def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -73,24 +82,35 @@ def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial
 
     u = sign(G − target) ⊙ n is the gradient with respect to w̃; the chain rule through the
     renormalisation gives (K/Σw)(u − Σ_i (w̃_i/K) u_i): u centred by its w̃-weighted mean.
+    Batch-first: (..., K).
     """
-    k = weights.numel()
-    scale = k / weights.sum()                       # K/Σw (1 when the weights are normalised)
+    k = weights.shape[-1]
+    scale = k / weights.sum(-1, keepdim=True)       # K/Σw (1 when the weights are normalised)
     scaled = weights * scale                        # w̃
     g, target = gradnorm_targets(scaled, norms, losses, initial_losses, alpha)
     u = torch.sign(g - target) * norms
-    return scale * (u - (scaled * u).sum() / k)
+    return scale * (u - (scaled * u).sum(-1, keepdim=True) / k)
+
+
+def renormalise_rows(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Clamp at 0 and rescale to Σw = K, per row (..., K); also the rows whose weights are not finite
+    and the rows whose weights all reached 0 (left unchanged: those rows fail)."""
+    w = weights.clamp_min(0)
+    total = w.sum(-1, keepdim=True)
+    nonfinite = ~torch.isfinite(total[..., 0])
+    dead = ~(total[..., 0] > 0) & ~nonfinite
+    ok = ~(nonfinite | dead)
+    return torch.where(ok[..., None], w * (w.shape[-1] / total), weights), nonfinite, dead
 
 
 def renormalise(weights: Tensor) -> Tensor:
-    """Clamp at 0 and rescale to Σw = K."""
-    w = weights.clamp_min(0)
-    total = w.sum()
-    if not bool(torch.isfinite(total)):  # NaN/inf weights (e.g. from non-finite gradient norms)
+    """Clamp at 0 and rescale to Σw = K (one row); raises when that is impossible."""
+    w, nonfinite, dead = renormalise_rows(weights)
+    if bool(nonfinite.any()):  # NaN/inf weights (e.g. from non-finite gradient norms)
         raise BalancerError(f"gradnorm: non-finite task weights {weights.tolist()}")
-    if not bool(total > 0):
+    if bool(dead.any()):
         raise BalancerError(f"gradnorm: all task weights reached 0: {weights.tolist()}")
-    return w * (w.numel() / total)
+    return w
 
 
 class GradNorm(Balancer):
@@ -135,6 +155,49 @@ class GradNorm(Balancer):
         n = self.last_shared_params
         return list(shared) if n == 0 else list(shared[-n:])
 
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return True
+
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        self.weights = torch.stack([b.weights.detach().clone() for b in rows])
+        self.w_optimizer = torch.optim.Adam([self.weights], lr=self.lr)  # B independent Adams (element-wise)
+        self.initial_losses = None
+
+    def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
+        """Batch-first rule on the Jacobians (..., K, P) of W: the step's weights w (the ones before
+        their update, float32), then one Adam step of w on :func:`gradnorm_weight_grad` and the
+        renormalisation; ``direction`` = Σᵢ wᵢ ∇_W ℓᵢ (the whole update when W is every shared
+        parameter, as on the toy). Rows fail on a non-positive loss (before any update) or when their
+        weights cannot be renormalised."""
+        ell = losses.detach().to(self.weights.dtype)
+        bad_loss = (ell <= 0).any(-1)
+        w_now = self.weights.detach().clone()
+        if ell.dim() == 1 and bool(bad_loss):
+            return RowStep(w_now, failed=bad_loss.numpy(),
+                           reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
+        if self.initial_losses is None:
+            self.initial_losses = ell.clone()
+        norms = jacobian.norm(dim=-1).detach().to(ell)
+        self._last = gradnorm_targets(w_now, norms, ell, self.initial_losses, self.alpha)
+        self.w_optimizer.zero_grad(set_to_none=True)
+        self.weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
+        self.w_optimizer.step()
+        with torch.no_grad():
+            renormalised, nonfinite, dead = renormalise_rows(self.weights)
+            self.weights.copy_(renormalised)
+        w_now_host, new = w_now.cpu(), self.weights.detach().cpu()
+
+        def reason(index: tuple[int, ...]) -> str:
+            if bool(bad_loss[index]):
+                return f"gradnorm: loss ratios need positive losses, got {ell[index].tolist()}"
+            what = "non-finite task weights" if bool(nonfinite[index]) else "all task weights reached 0:"
+            return f"gradnorm: {what} {new[index].tolist()}"
+
+        failed = (bad_loss | nonfinite | dead).cpu().numpy()
+        direction = (w_now.to(jacobian.dtype).unsqueeze(-1) * jacobian).sum(-2)
+        return RowStep(w_now_host, failed=failed, reason=reason, direction=direction)
+
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
@@ -147,22 +210,12 @@ class GradNorm(Balancer):
             raise BalancerError("gradnorm: no shared parameter requires grad")
         if self.weights.device != losses.device:
             self.to(losses.device)
-        ell = losses.detach().to(self.weights.dtype)
-        if bool((ell <= 0).any()):
-            raise BalancerError(f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
-        if self.initial_losses is None:
-            self.initial_losses = ell.clone()
-        norms = self.engine.jacobian(losses, last, retain_graph=True).norm(dim=1).detach().to(ell)
-        w_now = self.weights.detach().clone()
-        g, target = gradnorm_targets(w_now, norms, ell, self.initial_losses, self.alpha)
+        out = self.direction_rows(self.engine.jacobian(losses, last, retain_graph=True), losses)
+        w_now = one_row(out).to(self.weights.device)
         (losses * w_now.to(losses.dtype)).sum().backward(inputs=shared + heads)
-        self.w_optimizer.zero_grad(set_to_none=True)
-        self.weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
-        self.w_optimizer.step()
-        with torch.no_grad():
-            self.weights.copy_(renormalise(self.weights))
         self._clip(shared)
         self.step_count += 1
+        g, target = self._last
         return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
                                                "gradnorm_loss": (g - target).abs().sum()})
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mtl_tune.balancers._rows import RowStep, gram_rows
-from mtl_tune.balancers.base import Balancer, GradientBalancer
+from mtl_tune.balancers.base import Balancer
 from ._base import Kernel, clip_rows, combine
 
 
@@ -32,7 +32,7 @@ def rule_kind(balancer_cls: type[Balancer]) -> str | None:
         return None
     if balancer_cls.needs_representation:
         return "representation"
-    if issubclass(balancer_cls, GradientBalancer) and balancer_cls.direction_rows is not GradientBalancer.direction_rows:
+    if balancer_cls.has_jacobian_rule():
         return "jacobian"
     return "gradient" if balancer_cls.needs_jacobian else "loss"
 
