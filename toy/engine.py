@@ -1,4 +1,4 @@
-"""Run balancers on the toy problem: the public balancer API, and the fast batched kernels.
+"""Run balancers on the toy problem: the public balancer API, and the fast batched engine.
 
 Protocol (docs/benchmarks.md#toy-protocol): x ∈ R² starts at one of the five
 :data:`~mtl_tune.benchmarks.toy.INITS`; Adam (lr 1e-3) on x; the balancer's own learnable
@@ -8,12 +8,13 @@ point after every step (``iters + 1`` rows).
 
 Three interchangeable paths (tested to agree):
 
-* **fast** (default) — :mod:`toy.fast`: every method that has a batched NumPy kernel
-  (:mod:`toy.kernels`) runs with all its variants and inits — and with the other methods
-  of the same worker — in one lockstep; ~5–40 µs per step for all rows of a method instead
-  of 50 µs–2 ms per step and init. Each kernel is tested to write the same x.grad as the
-  balancer's ``backward`` at every step (``tests/test_toy_kernels.py``). Methods without a
-  kernel fall through to the paths below, and the table's ``path`` column says which ran.
+* **fast** (default) — :mod:`toy.fast`: every method with a batched kernel (:mod:`toy.kernels`:
+  the balancer's own batch-first rule on all inits of a variant) runs with all its variants and
+  inits — and with the other methods of the same worker — in one lockstep; ~5–40 µs per step for
+  all rows of a method instead of 50 µs–2 ms per step and init. Each kernel is tested to write
+  the same x.grad as the balancer's ``backward`` at every step (``tests/test_toy_kernels.py``).
+  Methods without a kernel fall through to the paths below, and the table's ``path`` column says
+  which ran.
 
 * **reference** — per init, ``balancer.train_step(forward, optimizer, [x], None)`` with the
   real forward :func:`~mtl_tune.benchmarks.toy.toy_objectives`; ~0.7–2 ms per step.

@@ -1,26 +1,22 @@
 """The batched kernel interface of the fast toy engine, and the NumPy pieces kernels share.
 
-A kernel is one balancer's per-step rule for the toy problem, written for B rows at once
-(hyperparameter variants × inits, K = 2 tasks, P = 2 coordinates) in NumPy: ``direction``
-takes the losses (B, 2) and the Jacobian (B, 2 tasks, 2 coordinates) and returns the
-gradient the balancer's ``backward`` would write into x.grad (B, 2) — after its ×K scaling
-and its ``max_norm`` clipping. Why a second form of each method exists: one call of the
-public API costs 50 µs–1 ms on a 2 × 2 problem (torch dispatch, host syncs, a general-K
-solver), which made all methods × 5 inits × 35 000 steps take ~18 min; a NumPy step over
-all rows costs a few µs per operation whatever B is.
+A kernel is one balancer's per-step rule for the toy problem run on B rows at once (the inits
+of one hyperparameter variant, K = 2 tasks, P = 2 coordinates): ``direction`` takes the losses
+(B, 2) and the Jacobian (B, 2 tasks, 2 coordinates) and returns the gradient the balancer's
+``backward`` would write into x.grad (B, 2) — after its ×K scaling and its ``max_norm``
+clipping. Why batch: one call of the public API costs 50 µs–1 ms on a 2 × 2 problem (autograd,
+torch dispatch, host syncs), which made all methods × 5 inits × 35 000 steps take ~18 min; one
+NumPy call over all rows costs a few µs whatever B is.
 
-What keeps the two forms the same method:
-
-* every row also builds the real balancer (``balancers[r]``, with the row's hyperparameters
-  and seed): it validates the hyperparameters and supplies their defaults (kernels read
-  ``self.attr("c")`` instead of repeating defaults), and kernels call the balancer module's own
-  pure functions where they are the math (closed forms shared with the balancer for K = 2);
-* ``tests/test_toy_kernels.py`` runs every kernel and the lockstep path (the public API on the
-  exact linearisation) side by side from the papers' inits and from points on the front, and
-  requires the same trajectories (to ``tolerance``), statuses, failure counts and weights.
-
-A method without a kernel still runs (lockstep path) and the table says so (``path``);
-adding a kernel is one module ``toy/kernels/<method>.py`` with a :class:`Kernel` subclass.
+The kernel of a method is the generic :class:`~toy.kernels._rows.RowsKernel`, which calls the
+balancer's own batch-first rule (:mod:`mtl_tune.balancers._rows`) — the function its
+``backward`` calls on one row — so the method's math exists once. A method not yet written
+batch-first keeps a module ``toy/kernels/<method>.py`` with a :class:`Kernel` subclass that
+restates its step (the kernel registry refuses a method with both); ``tests/test_toy_kernels.py``
+runs every kernel and the lockstep path (the public API on the exact linearisation) side by side
+from the papers' inits and from points on the front, and requires the same directions at every
+step, trajectories, statuses, failure counts and weights. A method with neither still runs, on
+the lockstep path, and the table's ``path`` column says so.
 """
 
 from __future__ import annotations
