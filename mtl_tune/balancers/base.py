@@ -115,6 +115,11 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         :mod:`mtl_tune.balancers._rows`), which the toy's generic driver runs on many rows."""
         return False
 
+    def rows_unsupported(self) -> str | None:
+        """Why this configuration cannot run as rows in lockstep (None = it can); such a variant runs
+        one row at a time on the public API instead (the toy's table says which path ran)."""
+        return None
+
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """Batch-first rule of a method whose update is not Σ cᵢ gᵢ of Gram-matrix weights: the
         direction (..., P) and the reported weights (..., K) from torch Jacobians (..., K, P) of the

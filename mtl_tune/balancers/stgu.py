@@ -60,206 +60,25 @@ of the trainer, not part of this class.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import AffinityPropagation
-from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
+from mtl_tune.balancers._rows import host
+from mtl_tune.balancers._task_affinity import (ZERO_DIAGONAL, PairGrouping, affinity_similarity,  # noqa: F401
+                                               affinity_update, affinity_update_pairs, group_tasks, interpolate,
+                                               linear_quantile, propagate_groups, quantile_neighbours)
 from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, SolverFailureCounter, StepInfo,
                                      _as_param_list, check_losses)
 
+#: the toy steps a method's rows together, so every row must take the same number of group steps
+NO_REPEAT = ("repeat_single_group=False takes one or two optimizer steps per batch depending on the grouping; "
+             "rows in lockstep step together")
 ATTRIBUTIONS = ("paper", "official")
 SIMILARITIES = ("intended", "official")
-ZERO_DIAGONAL = 1e-12
-
-
-def affinity_update(affinity: np.ndarray, group: Sequence[int], before: np.ndarray, after: np.ndarray,
-                    decay: float) -> np.ndarray:
-    """One EMA update of the proximal inter-task affinity for group ``group`` (returns a new array).
-
-    ``before``/``after``: per-task losses around the update; NaN in ``before`` = not measured
-    (that target is skipped). See the module docstring for the formula.
-    """
-    out = np.array(affinity, dtype=np.float64, copy=True)
-    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    valid = np.isfinite(before)
-    if np.any(before[valid] <= 0):
-        raise BalancerError(f"stgu: affinities are relative loss decreases and need positive losses, got {before}")
-    a = np.full_like(before, np.nan)
-    a[valid] = (1.0 - after[valid] / before[valid]) / len(group)
-    members = set(group)
-    for s in group:
-        for t in np.flatnonzero(valid):
-            if t == s:
-                if a[t] < 0:
-                    continue
-                value = a[t]
-            elif t in members and np.isfinite(a[s]) and a[t] * a[s] < 0:
-                value = -max(a[t], a[s])
-            else:
-                value = a[t]
-            out[s, t] = (1.0 - decay) * out[s, t] + decay * value
-    return out
-
-
-_DIAG = np.eye(2, dtype=bool)   # entry masks of a 2 × 2 affinity (K = 2 closed forms)
-_OFF = ~_DIAG
-
-
-def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.ndarray, after: np.ndarray,
-                          decay: np.ndarray) -> np.ndarray:
-    """:func:`affinity_update` for K = 2 on a batch of B affinities at once (returns a new array).
-
-    ``affinity`` (B, 2, 2); ``members`` (B, 2) bool, each row's group, with ``before``/``after``
-    (B, 2) the losses around the update — or (N, B, 2) each: N updates applied in order (the
-    batch's group steps), a row with no member being left alone by that update; ``before``
-    finite and > 0 (the caller checks positivity, where :func:`affinity_update` raises);
-    ``decay`` (B,) or (B, 1, 1). Same formula and the same floating-point operations as
-    :func:`affinity_update`, its per-entry branches as masks: a_t = (1 − ℓ_t^after/ℓ_t^before)/|g|;
-    entry (s, t) is updated for s ∈ g; the diagonal only by a_s ≥ 0 (``not a_s < 0``, as there);
-    an off-diagonal entry by −max(a_t, a_s) when t ∈ g, a_s is finite and a_t a_s < 0 (the
-    product, as there), else by a_t. For K = 2 the product and −max(a₀, a₁) are shared by both
-    off-diagonal entries.
-    """
-    m = np.asarray(members, dtype=bool)
-    d = np.asarray(decay, dtype=np.float64).reshape(-1, 1, 1)
-    ratio = np.asarray(after, dtype=np.float64) / np.asarray(before, dtype=np.float64)
-    a = (1.0 - ratio) / np.maximum(m.sum(-1, keepdims=True), 1)
-    a0, a1 = a[..., 0], a[..., 1]
-    conflict = (a0 * a1 < 0)[..., None, None] & m[..., None, :] & np.isfinite(a)[..., :, None] & _OFF
-    value = np.where(conflict, -np.maximum(a0, a1)[..., None, None], a[..., None, :])
-    update = m[..., :, None] & ~(_DIAG & (a < 0)[..., :, None])
-    if m.ndim == 2:
-        return np.where(update, (1.0 - d) * affinity + d * value, affinity)
-    out = np.asarray(affinity, dtype=np.float64)
-    for upd, val in zip(update, value):  # in order: each EMA step starts from the previous one
-        out = np.where(upd, (1.0 - d) * out + d * val, out)
-    return out
-
-
-def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
-    """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring).
-
-    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix). ``official``
-    (a bool, or one per matrix of the batch): X[j, i] = A[j, i] for j > i, as the official in-place
-    ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
-    a = np.asarray(affinity, dtype=np.float64)
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
-    col_max = np.max(np.abs(a), axis=-2)
-    divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
-    x = a / divisor[..., None, :]
-    official = np.asarray(official, dtype=bool)
-    if official.any():
-        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
-        x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
-    return (x + np.swapaxes(x, -1, -2)) / 2.0
-
-
-def quantile_neighbours(n: int, q: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where NumPy's linear-method quantile q of n values lies: sorted indices (i, j) and weight γ.
-
-    As ``np.quantile``: virtual index v = (n − 1) q, i = ⌊v⌋, j = i + 1, γ = v − i, except that
-    v ≥ n − 1 takes the maximum (i = j = n − 1, γ = v + 1: NumPy sets i to −1 before γ).
-    """
-    virtual = (n - 1) * np.asarray(q, dtype=np.float64)
-    top = virtual >= n - 1
-    lower = np.where(top, -1.0, np.floor(virtual))
-    gamma = virtual - lower
-    i = np.where(top, n - 1, lower).astype(np.intp)
-    j = np.where(top, n - 1, lower + 1).astype(np.intp)
-    return i, j, gamma
-
-
-def interpolate(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    """NumPy's quantile ``_lerp``: a + (b − a) γ, or b − (b − a)(1 − γ) where γ ≥ 0.5."""
-    diff = b - a
-    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-
-
-def linear_quantile(values: np.ndarray, q: np.ndarray | float) -> np.ndarray:
-    """``np.quantile(values[b], q[b])`` (method "linear") for every row b, with NumPy's arithmetic.
-
-    ``values`` (B, n), ``q`` (B,) or a scalar. Reproduced operation by operation
-    (:func:`quantile_neighbours`, :func:`interpolate`) because the K = 2 grouping compares this
-    value with a similarity (:class:`PairGrouping`): an ulp decides there.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    i, j, gamma = quantile_neighbours(v.shape[-1], np.broadcast_to(q, v.shape[:-1]))
-    ordered = np.sort(v, axis=-1)
-    rows = np.arange(v.shape[0])
-    return interpolate(ordered[rows, i], ordered[rows, j], gamma)
-
-
-class PairGrouping:
-    """K = 2: whether affinity propagation puts the two tasks into two groups (else one), for
-    B rows with fixed preference quantiles (positions computed once: the per-batch cost is a sort
-    of four numbers and a comparison).
-
-    Why there is a closed form: sklearn's ``_affinity_propagation`` first checks whether all
-    preferences are equal (one scalar preference: always) and all off-diagonal similarities are
-    equal — for K = 2 these are S[0, 1] and S[1, 0], equal in a symmetric S — and then returns
-    without iterating: one cluster per sample when preference > S[0, 1], else a single cluster
-    (its "All samples have mutually equal similarities" branch). So for K = 2 the damping, the
-    random_state noise, ``convergence_iter``, the retries and the "no exemplar" outcome never
-    come into play: two groups ⟺ quantile_q(S) > S[0, 1], with the quantile over the four
-    entries (diagonal included) exactly as :func:`group_tasks` computes it. Valid for finite S
-    with S[0, 1] == S[1, 0] (sklearn raises on non-finite input; :func:`affinity_similarity` is
-    symmetric by construction).
-    """
-
-    def __init__(self, preference_quantile: np.ndarray | float) -> None:
-        q = np.atleast_1d(np.asarray(preference_quantile, dtype=np.float64))
-        self.i, self.j, self.gamma = quantile_neighbours(4, q)
-        self.rows = np.arange(q.shape[0])
-
-    def split(self, similarity: np.ndarray) -> np.ndarray:
-        """(B,) bool from (B, 2, 2) similarities: True = two groups {0}, {1}."""
-        ordered = np.sort(similarity.reshape(-1, 4), axis=-1)
-        preference = interpolate(ordered[self.rows, self.i], ordered[self.rows, self.j], self.gamma)
-        return preference > similarity[:, 0, 1]
-
-
-def group_tasks(similarity: np.ndarray, preference_quantile: float = 0.5, convergence_iter: int = 50,
-                tries: int = 10) -> list[list[int]] | None:
-    """Affinity-propagation clusters of the K tasks (sorted lists), or None if AP never converges.
-
-    K = 2 with a finite symmetric S takes sklearn's own no-iteration branch in closed form
-    (:class:`PairGrouping`; ~1 ms saved per batch); everything else runs sklearn
-    (:func:`propagate_groups`), which also raises on non-finite similarities.
-    """
-    s = np.asarray(similarity, dtype=np.float64)
-    k = s.shape[0]
-    if k == 1:
-        return [[0]]
-    if k == 2 and bool(np.isfinite(s).all()) and s[0, 1] == s[1, 0]:
-        return [[0], [1]] if bool(PairGrouping(preference_quantile).split(s[None])[0]) else [[0, 1]]
-    return propagate_groups(s, float(np.quantile(s, preference_quantile)), convergence_iter, tries)
-
-
-def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter: int = 50,
-                     tries: int = 10) -> list[list[int]] | None:
-    """sklearn ``AffinityPropagation`` on a precomputed similarity with a scalar ``preference``:
-    clusters as sorted lists, retried with a longer ``convergence_iter``; None if no try finds
-    an exemplar."""
-    s = np.asarray(similarity, dtype=np.float64)
-    for attempt in range(tries):
-        ap = AffinityPropagation(affinity="precomputed", preference=preference,
-                                 convergence_iter=convergence_iter + 100 * attempt, random_state=0)
-        with warnings.catch_warnings():
-            # non-convergence is detected below and counted by the caller; sklearn's note on
-            # all-equal similarities is a tie (it then returns one group, or one per task when
-            # the preference exceeds the common similarity), not a failure
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            warnings.filterwarnings("ignore", message="All samples have mutually equal similarities")
-            labels = ap.fit(s).labels_
-        if len(ap.cluster_centers_indices_) > 0 and np.all(labels >= 0):
-            return [sorted(int(i) for i in np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    return None
 
 
 class STGU(Balancer):
@@ -310,78 +129,178 @@ class STGU(Balancer):
         self.affinity = np.zeros((n_tasks, n_tasks))
         self.groups: list[list[int]] = [[i] for i in range(n_tasks)]
         self.batches = 0
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.failures = SolverFailureCounter(self.name)
+        self.generator: Any = torch.Generator().manual_seed(int(seed))
+        self.failures: Any = SolverFailureCounter(self.name)
+        self._last_groups = self._last_steps = 0   # of the last batch, for its StepInfo
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         raise BalancerError("stgu is a training-loop method (several grouped optimizer steps per batch): "
                             "call balancer.train_step(forward, optimizer, shared_params, task_params), not backward()")
 
+    # ------------------------------------------------------------------ rows (the toy's lockstep)
+    @classmethod
+    def has_rows_rule(cls) -> bool:
+        return True
+
+    def rows_unsupported(self) -> str | None:
+        return None if self.repeat_single_group else NO_REPEAT
+
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        self.affinity = np.stack([b.affinity for b in rows])
+        self.groups = [b.groups for b in rows]            # per row from here on
+        self.generator = [b.generator for b in rows]      # each init's own stream
+        self.failures = [b.failures for b in rows]
+
+    def _per_row(self) -> tuple[bool, np.ndarray, list, list, list]:
+        """(one row?, affinities (R, K, K), groups, generators, failure counters) as lists of rows."""
+        one = self.affinity.ndim == 2
+        wrap = (lambda v: [v]) if one else (lambda v: v)
+        return (one, self.affinity.reshape(-1, self.n_tasks, self.n_tasks), wrap(self.groups),
+                wrap(self.generator), wrap(self.failures))
+
     # ------------------------------------------------------------------ grouping
     def next_groups(self) -> list[list[int]]:
-        """Groups for the current batch (``self.batches``, counted from 1): singletons during
-        the warm-up (batches 1 … prepos + 1: the official 0-based ``iter_count <= prepos``), then
-        affinity propagation."""
+        """Groups for the current batch of a one-row balancer (``self.batches``, counted from 1):
+        singletons during the warm-up (batches 1 … prepos + 1: the official 0-based
+        ``iter_count <= prepos``), then affinity propagation."""
+        return self._groups_rows(np.zeros(1, dtype=bool), [""])[0]
+
+    def _groups_rows(self, failed: np.ndarray, reasons: list[str]) -> list[list[list[int]]]:
+        one, affinity, groups, _, counters = self._per_row()
         if self.batches - 1 <= self.prepos:
-            return [[i] for i in range(self.n_tasks)]
-        groups = group_tasks(affinity_similarity(self.affinity, self.similarity == "official"),
-                             self.preference_quantile)
-        if groups is None:
-            self.failures.failure("affinity propagation found no exemplar after 10 tries; keeping the previous groups")
-        else:
-            self.failures.success()
-            self.groups = groups
-        return self.groups
+            return [[[i] for i in range(self.n_tasks)] for _ in groups]
+        sim = affinity_similarity(affinity, self.similarity == "official")
+        if self.n_tasks == 2 and np.isfinite(sim).all():  # group_tasks' K = 2 closed form, all rows at once
+            two = PairGrouping(self.preference_quantile).split(sim)
+            groups = [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
+            self.groups = groups[0] if one else groups
+            return groups
+        for r in range(len(groups)):
+            try:
+                found = group_tasks(sim[r], self.preference_quantile)
+                if found is None:
+                    counters[r].failure("affinity propagation found no exemplar after 10 tries; keeping the "
+                                        "previous groups")
+                else:
+                    counters[r].success()
+                    groups[r] = found
+            except Exception as err:  # sklearn on a non-finite similarity, 20 failures in a row: the row's
+                if one:
+                    raise
+                failed[r], reasons[r] = True, f"{type(err).__name__}: {err}"
+        self.groups = groups[0] if one else groups
+        return groups
 
-    def _plan(self) -> list[list[int]]:
-        groups = self.next_groups()
-        order = torch.randperm(len(groups), generator=self.generator).tolist()
-        plan = [groups[i] for i in order]
-        return plan * 2 if len(plan) == 1 and self.repeat_single_group else plan
+    def plan_rows(self, failed: np.ndarray, reasons: list[str]) -> np.ndarray:
+        """The batch's group steps as loss coefficients (M, R, K): each row's groups in the order its
+        generator draws, a single group listed twice (``repeat_single_group``); a member's
+        coefficient is 1, or 1/|g| with ``group_norm``. Counts the batch."""
+        self.batches += 1
+        one, _, _, generators, _ = self._per_row()
+        plans = []
+        groups = [self.next_groups()] if one else self._groups_rows(failed, reasons)
+        self._last_groups = len(groups[0])
+        for row_groups, gen in zip(groups, generators):
+            order = torch.randperm(len(row_groups), generator=gen).tolist()
+            plan = [row_groups[i] for i in order]
+            plans.append(plan * 2 if len(plan) == 1 and self.repeat_single_group else plan)
+        steps = {len(p) for p in plans}
+        if len(steps) != 1:
+            raise ValueError(f"stgu: rows in lockstep take different numbers of group steps {sorted(steps)}")
+        self._last_steps = steps.pop()
+        coef = np.zeros((self._last_steps, len(plans), self.n_tasks))
+        for r, plan in enumerate(plans):
+            for m, group in enumerate(plan):
+                coef[m, r, group] = 1.0 / len(group) if self.group_norm else 1.0
+        return coef
 
-    def _update(self, group: list[int], before: Tensor | None, after: Tensor) -> None:
+    def _update(self, members: np.ndarray, before: np.ndarray | None, after: np.ndarray, failed: np.ndarray,
+                reasons: list[str]) -> None:
+        """The affinity EMA of each row's group ``members`` (R, K) over ``before`` → ``after`` (R, K);
+        a row with a non-positive loss before fails (a one-row balancer raises)."""
         if before is None:
             return
-        self.affinity = affinity_update(self.affinity, group, before.double().cpu().numpy(),
-                                        after.double().cpu().numpy(), self.affin_decay)
+        one, affinity, _, _, _ = self._per_row()
+        bad = (before <= 0).any(-1) & ~failed
+        if bad.any():
+            message = "stgu: affinities are relative loss decreases and need positive losses, got {}"
+            if one:
+                raise BalancerError(message.format(before[0]))
+            for r in np.flatnonzero(bad):
+                failed[r], reasons[r] = True, "BalancerError: " + message.format(before[r])
+        live = members & ~failed[:, None]
+        if self.n_tasks == 2:  # the K = 2 form, all rows at once (same operations as affinity_update)
+            new = affinity_update_pairs(affinity, live, np.where(failed[:, None], 1.0, before), after,
+                                        np.full(len(affinity), self.affin_decay))
+        else:
+            new = np.stack([affinity_update(a, np.flatnonzero(m).tolist(), b, f, self.affin_decay) if m.any() else a
+                            for a, m, b, f in zip(affinity, live, before, after)])
+        self.affinity = new.reshape(self.affinity.shape)
+
+    def train_rows(self, forward: Callable[[bool], np.ndarray], step: Callable[[np.ndarray], None],
+                   dead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """One batch of every row: the group steps of :meth:`plan_rows` and the affinity updates.
+
+        ``forward(with_grad)`` evaluates the losses (R, K) at the current parameters (the last one
+        with ``with_grad`` is what ``step`` differentiates); ``step(coef)`` takes one optimizer step on
+        Σ coef ℓ (coef (R, K)). ``dead``: rows that failed before (their affinity is left alone).
+        Returns (the first forward's losses, the summed coefficients, failed rows, their reasons as
+        "ErrorType: message")."""
+        rows = self.affinity.reshape(-1, self.n_tasks, self.n_tasks).shape[0]
+        failed = np.zeros(rows, dtype=bool) if dead is None else dead.copy()
+        reasons = [""] * rows
+        plan = self.plan_rows(failed, reasons)
+        first = prev_members = prev_losses = None
+        weights = np.zeros((rows, self.n_tasks))
+        for coef in plan:
+            now = forward(True)
+            members = coef > 0
+            if self.attribution == "paper" and prev_members is not None:
+                self._update(prev_members, prev_losses, now, failed, reasons)  # lookahead of the previous group
+            first = now if first is None else first
+            step(coef)
+            if self.attribution == "official":
+                self._update(members, prev_losses, now, failed, reasons)  # change since the previous forward
+            weights += coef
+            prev_members, prev_losses = members, now
+        if self.attribution == "paper":
+            self._update(prev_members, prev_losses, forward(False), failed, reasons)
+        self.step_count += 1
+        return first, weights, failed, reasons
 
     # ------------------------------------------------------------------ one batch
     def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
                    shared_params: Sequence[Tensor], task_params: Sequence[Sequence[Tensor]] | None = None
                    ) -> tuple[Tensor, StepInfo]:
         self._sync_group()  # raises under an active process group
-        self.batches += 1
-        plan = self._plan()
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
-        first: Tensor | None = None
-        weights: Tensor | None = None
-        prev_group: list[int] | None = None
-        prev_losses: Tensor | None = None
-        for group in plan:
+        graph: dict[str, Tensor] = {}
+
+        def losses_now(with_grad: bool) -> np.ndarray:
+            if not with_grad:
+                with torch.no_grad():
+                    return host(forward().losses)
             losses = forward().losses
             check_losses(losses, self.n_tasks, self.name)
-            now = losses.detach()
-            if self.attribution == "paper" and prev_group is not None:
-                self._update(prev_group, prev_losses, now)  # lookahead of the previous group's step
-            if first is None:
-                first, weights = now.clone(), torch.zeros_like(now)
-            coef = torch.zeros_like(now)
-            coef[group] = 1.0 / len(group) if self.group_norm else 1.0
+            graph["losses"] = losses
+            graph.setdefault("first", losses.detach())
+            return host(losses)
+
+        def group_step(coef: np.ndarray) -> None:
+            losses = graph["losses"]
             optimizer.zero_grad(set_to_none=True)
-            (losses * coef).sum().backward()
+            (losses * torch.from_numpy(coef[0]).to(losses)).sum().backward()
             self._clip(shared)
             optimizer.step()
-            if self.attribution == "official":
-                self._update(group, prev_losses, now)  # change since the previous group's forward
-            weights += coef
-            prev_group, prev_losses = group, now
-        if self.attribution == "paper":
-            with torch.no_grad():
-                self._update(prev_group, prev_losses, forward().losses.detach())
-        self.step_count += 1
-        return first, StepInfo(weights=weights, extras={"n_groups": len(set(map(tuple, plan))),
-                                                        "group_steps": len(plan),
-                                                        "solver_failures": self.failures.total})
+
+        _, weights, _, _ = self.train_rows(lambda with_grad: losses_now(with_grad)[None], group_step)
+        first = graph["first"]
+        return first, StepInfo(weights=torch.from_numpy(weights[0]).to(first),
+                               extras={"n_groups": self._last_groups, "group_steps": self._last_steps,
+                                       **self._step_extras()})
+
+    def _step_extras(self) -> dict[str, Any]:
+        return {"solver_failures": sum(f.total for f in self._per_row()[4])}
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtl_tune.balancers._rows import RowStep, gram_rows, one_row
-from mtl_tune.balancers.base import BalancerError, GradientBalancer, LossBalancer
+from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer, LossBalancer
 from mtl_tune.registry import available_balancers, balancer_class, get_balancer
 
 
@@ -22,7 +22,8 @@ def rule_methods() -> list[str]:
 
 def weight_rule_methods() -> list[str]:
     """Methods whose rule gives weights (``weights_rows``), not a direction (``direction_rows``)."""
-    return [n for n in rule_methods() if not balancer_class(n).has_jacobian_rule()]
+    return [n for n in rule_methods() if not balancer_class(n).has_jacobian_rule()
+            and balancer_class(n).train_step is Balancer.train_step]  # not a training-loop rule (stgu)
 
 
 def inputs(k: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm"} <= set(rule_methods())
+    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu"} <= set(rule_methods())
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
@@ -129,3 +130,19 @@ def test_graddrop_jacobian_rule_on_rows_draws_each_rows_own_stream():
     for r, one in enumerate(ones):  # the third draw of each stream
         torch.testing.assert_close(out.direction[r], one.direction, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(out.weights[r], one.weights, rtol=1e-12, atol=1e-15)
+
+
+def test_stgu_groups_each_row_by_its_own_affinity():
+    """The K = 2 closed-form grouping on many rows gives each row sklearn's answer for its own
+    affinity (a quantile taken from one row for all would not)."""
+    from mtl_tune.balancers.stgu import affinity_similarity, group_tasks
+
+    rng = np.random.default_rng(6)
+    affinities = rng.uniform(-0.2, 1.0, size=(12, 2, 2))
+    rows = [get_balancer("stgu", n_tasks=2, prepos=0, seed=s) for s in range(12)]
+    many = get_balancer("stgu", n_tasks=2, prepos=0)
+    many.start_rows(rows)
+    many.affinity, many.batches = affinities.copy(), 5
+    got = many._groups_rows(np.zeros(12, dtype=bool), [""] * 12)
+    expected = [group_tasks(affinity_similarity(a), 0.5) for a in affinities]
+    assert got == expected and len({len(g) for g in expected}) == 2  # both outcomes occur

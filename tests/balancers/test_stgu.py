@@ -247,7 +247,8 @@ def test_stgu_trains_a_small_model_and_round_trips_state():
     other = STGU(3, prepos=3, affin_decay=0.1)
     other.load_state_dict(st.state_dict())
     np.testing.assert_array_equal(other.affinity, st.affinity)
-    assert other._plan() == st._plan()  # same groups and same shuffled order
+    np.testing.assert_array_equal(  # same groups and same shuffled order
+        other.plan_rows(np.zeros(1, dtype=bool), [""]), st.plan_rows(np.zeros(1, dtype=bool), [""]))
     with pytest.raises(BalancerError, match="train_step"):
         st.backward(first, list(trunk.parameters()))
 

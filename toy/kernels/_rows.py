@@ -15,6 +15,7 @@ does what the balancer's ``backward`` does around it, row by row:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +31,8 @@ def rule_kind(balancer_cls: type[Balancer]) -> str | None:
     which inputs its rule takes and which input checks its ``backward`` makes."""
     if not balancer_cls.has_rows_rule():
         return None
+    if balancer_cls.train_step is not Balancer.train_step:
+        return "loop"            # a training-loop rule (train_rows): several optimizer steps per batch
     if balancer_cls.needs_representation:
         return "representation"
     if balancer_cls.has_jacobian_rule():
@@ -47,10 +50,16 @@ class RowsKernel(Kernel):
     @classmethod
     def for_method(cls, name: str, kind: str, needs_post_step_losses: bool = False) -> type[RowsKernel]:
         return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__,
-                                                  "needs_post_step_losses": needs_post_step_losses})
+                                                  "needs_post_step_losses": needs_post_step_losses,
+                                                  "training_loop": kind == "loop"})
+
+    @classmethod
+    def unsupported(cls, balancer: Balancer) -> str | None:
+        return balancer.rows_unsupported()
 
     def setup(self) -> None:
         self.balancer = self.balancers[0]
+        self.limit = self.balancer.failures.max_consecutive   # (before start_rows: it may make state per row)
         self.balancer.start_rows(self.balancers)
         self.max_norm = self.max_norms()
         self.clip = bool(np.isfinite(self.max_norm).any())
@@ -58,7 +67,7 @@ class RowsKernel(Kernel):
         if "solver_failures" in self.balancer._step_extras():
             self.solver_failures = np.zeros(self.rows, dtype=np.int64)
         self.consecutive = np.zeros(self.rows, dtype=np.int64)
-        self.limit = self.balancer.failures.max_consecutive
+        self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (x, losses, jac)
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         if self.kind in ("gradient", "jacobian"):
@@ -86,6 +95,41 @@ class RowsKernel(Kernel):
         self.balancer.step_count += 1
         d = out.direction.numpy()
         return clip_rows(d, self.max_norm) if self.clip else d
+
+    def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
+                   landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        """A training-loop rule (``train_rows``): its forwards are landscape evaluations at the rows'
+        current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The last forward of
+        an iteration (a lookahead at the final x) is kept and reused by the next one's first."""
+        jac: dict[str, np.ndarray] = {}
+
+        def forward(with_grad: bool) -> np.ndarray:
+            cached = self._cached
+            if cached is not None and np.array_equal(cached[0], x):
+                losses, j = cached[1], cached[2]
+            else:
+                losses, j = landscape(x)
+                self._cached = (x.copy(), losses, j)
+            if with_grad:
+                bad = ~np.isfinite(losses).all(-1)
+                if bad.any():
+                    self.fail(bad, step, [f"BalancerError: {self.name}: non-finite task loss {row.tolist()}"
+                                          for row in losses])
+                jac["now"] = j
+            return losses
+
+        def group_step(coef: np.ndarray) -> None:
+            d = combine(coef, jac["now"])
+            adam_step(clip_rows(d, self.max_norm) if self.clip else d)
+
+        _, weights, failed, reasons = self.balancer.train_rows(forward, group_step, self.failed)
+        if failed.any():
+            self.fail(failed, step, reasons)
+        bad = ~np.isfinite(x).all(-1)
+        if bad.any():
+            self.fail(bad, step, [f"RuntimeError: non-finite point {row.tolist()}" for row in x])
+        # a failed row's table weights are those of its last completed batch (the API's last StepInfo)
+        self.weights = np.where(self.failed[:, None], self.weights, weights)
 
     def after_step(self, losses: np.ndarray) -> None:
         self._row_failures(self.balancer.after_rows(losses), self.balancer.step_count)

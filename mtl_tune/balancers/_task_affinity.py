@@ -1,0 +1,201 @@
+"""The task-affinity pieces of ``stgu`` (mtl_tune/balancers/stgu.py has the method and its maths):
+the EMA update of the proximal inter-task affinity, the similarity, and the grouping by affinity
+propagation (sklearn, with the K = 2 closed form of :class:`PairGrouping`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.cluster import AffinityPropagation
+from sklearn.exceptions import ConvergenceWarning
+
+from mtl_tune.balancers.base import BalancerError
+
+ZERO_DIAGONAL = 1e-12
+
+
+def affinity_update(affinity: np.ndarray, group: Sequence[int], before: np.ndarray, after: np.ndarray,
+                    decay: float) -> np.ndarray:
+    """One EMA update of the proximal inter-task affinity for group ``group`` (returns a new array).
+
+    ``before``/``after``: per-task losses around the update; NaN in ``before`` = not measured
+    (that target is skipped). See the module docstring for the formula.
+    """
+    out = np.array(affinity, dtype=np.float64, copy=True)
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    valid = np.isfinite(before)
+    if np.any(before[valid] <= 0):
+        raise BalancerError(f"stgu: affinities are relative loss decreases and need positive losses, got {before}")
+    a = np.full_like(before, np.nan)
+    a[valid] = (1.0 - after[valid] / before[valid]) / len(group)
+    members = set(group)
+    for s in group:
+        for t in np.flatnonzero(valid):
+            if t == s:
+                if a[t] < 0:
+                    continue
+                value = a[t]
+            elif t in members and np.isfinite(a[s]) and a[t] * a[s] < 0:
+                value = -max(a[t], a[s])
+            else:
+                value = a[t]
+            out[s, t] = (1.0 - decay) * out[s, t] + decay * value
+    return out
+
+
+_DIAG = np.eye(2, dtype=bool)   # entry masks of a 2 × 2 affinity (K = 2 closed forms)
+_OFF = ~_DIAG
+
+
+def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.ndarray, after: np.ndarray,
+                          decay: np.ndarray) -> np.ndarray:
+    """:func:`affinity_update` for K = 2 on a batch of B affinities at once (returns a new array).
+
+    ``affinity`` (B, 2, 2); ``members`` (B, 2) bool, each row's group, with ``before``/``after``
+    (B, 2) the losses around the update — or (N, B, 2) each: N updates applied in order (the
+    batch's group steps), a row with no member being left alone by that update; ``before``
+    finite and > 0 (the caller checks positivity, where :func:`affinity_update` raises);
+    ``decay`` (B,) or (B, 1, 1). Same formula and the same floating-point operations as
+    :func:`affinity_update`, its per-entry branches as masks: a_t = (1 − ℓ_t^after/ℓ_t^before)/|g|;
+    entry (s, t) is updated for s ∈ g; the diagonal only by a_s ≥ 0 (``not a_s < 0``, as there);
+    an off-diagonal entry by −max(a_t, a_s) when t ∈ g, a_s is finite and a_t a_s < 0 (the
+    product, as there), else by a_t. For K = 2 the product and −max(a₀, a₁) are shared by both
+    off-diagonal entries.
+    """
+    m = np.asarray(members, dtype=bool)
+    d = np.asarray(decay, dtype=np.float64).reshape(-1, 1, 1)
+    ratio = np.asarray(after, dtype=np.float64) / np.asarray(before, dtype=np.float64)
+    a = (1.0 - ratio) / np.maximum(m.sum(-1, keepdims=True), 1)
+    a0, a1 = a[..., 0], a[..., 1]
+    conflict = (a0 * a1 < 0)[..., None, None] & m[..., None, :] & np.isfinite(a)[..., :, None] & _OFF
+    value = np.where(conflict, -np.maximum(a0, a1)[..., None, None], a[..., None, :])
+    update = m[..., :, None] & ~(_DIAG & (a < 0)[..., :, None])
+    if m.ndim == 2:
+        return np.where(update, (1.0 - d) * affinity + d * value, affinity)
+    out = np.asarray(affinity, dtype=np.float64)
+    for upd, val in zip(update, value):  # in order: each EMA step starts from the previous one
+        out = np.where(upd, (1.0 - d) * out + d * val, out)
+    return out
+
+
+def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
+    """S = (X + Xᵀ)/2 with X[:, i] = A[:, i] / A[i, i] (zero-diagonal guard, see the docstring).
+
+    ``affinity`` (K, K), or a batch (…, K, K) (the same operations on each matrix). ``official``
+    (a bool, or one per matrix of the batch): X[j, i] = A[j, i] for j > i, as the official in-place
+    ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
+    a = np.asarray(affinity, dtype=np.float64)
+    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    col_max = np.max(np.abs(a), axis=-2)
+    divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
+    x = a / divisor[..., None, :]
+    official = np.asarray(official, dtype=bool)
+    if official.any():
+        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
+        x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
+    return (x + np.swapaxes(x, -1, -2)) / 2.0
+
+
+def quantile_neighbours(n: int, q: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where NumPy's linear-method quantile q of n values lies: sorted indices (i, j) and weight γ.
+
+    As ``np.quantile``: virtual index v = (n − 1) q, i = ⌊v⌋, j = i + 1, γ = v − i, except that
+    v ≥ n − 1 takes the maximum (i = j = n − 1, γ = v + 1: NumPy sets i to −1 before γ).
+    """
+    virtual = (n - 1) * np.asarray(q, dtype=np.float64)
+    top = virtual >= n - 1
+    lower = np.where(top, -1.0, np.floor(virtual))
+    gamma = virtual - lower
+    i = np.where(top, n - 1, lower).astype(np.intp)
+    j = np.where(top, n - 1, lower + 1).astype(np.intp)
+    return i, j, gamma
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """NumPy's quantile ``_lerp``: a + (b − a) γ, or b − (b − a)(1 − γ) where γ ≥ 0.5."""
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def linear_quantile(values: np.ndarray, q: np.ndarray | float) -> np.ndarray:
+    """``np.quantile(values[b], q[b])`` (method "linear") for every row b, with NumPy's arithmetic.
+
+    ``values`` (B, n), ``q`` (B,) or a scalar. Reproduced operation by operation
+    (:func:`quantile_neighbours`, :func:`interpolate`) because the K = 2 grouping compares this
+    value with a similarity (:class:`PairGrouping`): an ulp decides there.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    i, j, gamma = quantile_neighbours(v.shape[-1], np.broadcast_to(q, v.shape[:-1]))
+    ordered = np.sort(v, axis=-1)
+    rows = np.arange(v.shape[0])
+    return interpolate(ordered[rows, i], ordered[rows, j], gamma)
+
+
+class PairGrouping:
+    """K = 2: whether affinity propagation puts the two tasks into two groups (else one), for
+    B rows with fixed preference quantiles (positions computed once: the per-batch cost is a sort
+    of four numbers and a comparison).
+
+    Why there is a closed form: sklearn's ``_affinity_propagation`` first checks whether all
+    preferences are equal (one scalar preference: always) and all off-diagonal similarities are
+    equal — for K = 2 these are S[0, 1] and S[1, 0], equal in a symmetric S — and then returns
+    without iterating: one cluster per sample when preference > S[0, 1], else a single cluster
+    (its "All samples have mutually equal similarities" branch). So for K = 2 the damping, the
+    random_state noise, ``convergence_iter``, the retries and the "no exemplar" outcome never
+    come into play: two groups ⟺ quantile_q(S) > S[0, 1], with the quantile over the four
+    entries (diagonal included) exactly as :func:`group_tasks` computes it. Valid for finite S
+    with S[0, 1] == S[1, 0] (sklearn raises on non-finite input; :func:`affinity_similarity` is
+    symmetric by construction).
+    """
+
+    def __init__(self, preference_quantile: np.ndarray | float) -> None:
+        q = np.atleast_1d(np.asarray(preference_quantile, dtype=np.float64))
+        self.i, self.j, self.gamma = quantile_neighbours(4, q)
+
+    def split(self, similarity: np.ndarray) -> np.ndarray:
+        """(B,) bool from (B, 2, 2) similarities: True = two groups {0}, {1} (one quantile for every
+        row, or one per row)."""
+        ordered = np.sort(similarity.reshape(-1, 4), axis=-1)
+        rows = np.arange(ordered.shape[0])
+        preference = interpolate(ordered[rows, self.i], ordered[rows, self.j], self.gamma)
+        return preference > similarity[:, 0, 1]
+
+
+def group_tasks(similarity: np.ndarray, preference_quantile: float = 0.5, convergence_iter: int = 50,
+                tries: int = 10) -> list[list[int]] | None:
+    """Affinity-propagation clusters of the K tasks (sorted lists), or None if AP never converges.
+
+    K = 2 with a finite symmetric S takes sklearn's own no-iteration branch in closed form
+    (:class:`PairGrouping`; ~1 ms saved per batch); everything else runs sklearn
+    (:func:`propagate_groups`), which also raises on non-finite similarities.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    k = s.shape[0]
+    if k == 1:
+        return [[0]]
+    if k == 2 and bool(np.isfinite(s).all()) and s[0, 1] == s[1, 0]:
+        return [[0], [1]] if bool(PairGrouping(preference_quantile).split(s[None])[0]) else [[0, 1]]
+    return propagate_groups(s, float(np.quantile(s, preference_quantile)), convergence_iter, tries)
+
+
+def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter: int = 50,
+                     tries: int = 10) -> list[list[int]] | None:
+    """sklearn ``AffinityPropagation`` on a precomputed similarity with a scalar ``preference``:
+    clusters as sorted lists, retried with a longer ``convergence_iter``; None if no try finds
+    an exemplar."""
+    s = np.asarray(similarity, dtype=np.float64)
+    for attempt in range(tries):
+        ap = AffinityPropagation(affinity="precomputed", preference=preference,
+                                 convergence_iter=convergence_iter + 100 * attempt, random_state=0)
+        with warnings.catch_warnings():
+            # non-convergence is detected below and counted by the caller; sklearn's note on
+            # all-equal similarities is a tie (it then returns one group, or one per task when
+            # the preference exceeds the common similarity), not a failure
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.filterwarnings("ignore", message="All samples have mutually equal similarities")
+            labels = ap.fit(s).labels_
+        if len(ap.cluster_centers_indices_) > 0 and np.all(labels >= 0):
+            return [sorted(int(i) for i in np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return None
