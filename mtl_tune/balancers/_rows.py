@@ -24,7 +24,8 @@ and, for a stateless method, nothing else.
 A rule returns a :class:`RowStep`: the coefficients, and per row whether the method cannot
 step at all (``failed``: the balancer raises :class:`BalancerError` with ``reason``) or its
 solver failed but produced usable coefficients (``solver_failed``: counted, warned, and fatal
-after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`).
+after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`), and optionally
+per-row diagnostics for the balancer's step extras.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class RowStep:
             when S is empty), or one string for every row.
         solver_failed: bool (S...) rows whose solver failed this step, or None.
         solver_message: the solver's message for those rows.
+        extras: per-row diagnostics (name → array of shape S...) the balancer reports in its step's
+            extras (``amtl``'s rank and σ²); None when the method reports none.
     """
 
     weights: np.ndarray
@@ -57,6 +60,7 @@ class RowStep:
     reason: Callable[[tuple[int, ...]], str] | str = ""
     solver_failed: np.ndarray | None = None
     solver_message: str = ""
+    extras: dict[str, np.ndarray] | None = None
 
     def reason_of(self, index: tuple[int, ...]) -> str:
         """The failure message of the row at ``index``."""
