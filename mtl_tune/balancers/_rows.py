@@ -28,7 +28,8 @@ and, for a stateless method, nothing else.
 A rule returns a :class:`RowStep`: the coefficients, and per row whether the method cannot
 step at all (``failed``: the balancer raises :class:`BalancerError` with ``reason``) or its
 solver failed but produced usable coefficients (``solver_failed``: counted, warned, and fatal
-after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`).
+after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`), and optionally
+per-row diagnostics for the balancer's step extras.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class RowStep:
         solver_message: the solver's message for those rows.
         direction: the update (..., P) of a ``direction_rows`` rule (its ``weights`` are then the
             reported effective weights; both torch tensors), else None.
+        extras: per-row diagnostics (name → array of shape S...) the balancer reports in its step's
+            extras (``amtl``'s rank and σ²); None when the method reports none.
     """
 
     weights: np.ndarray
@@ -65,6 +68,7 @@ class RowStep:
     solver_failed: np.ndarray | None = None
     solver_message: str = ""
     direction: Any = None
+    extras: dict[str, np.ndarray] | None = None
 
     def reason_of(self, index: tuple[int, ...]) -> str:
         """The failure message of the row at ``index``."""

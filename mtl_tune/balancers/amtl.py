@@ -2,7 +2,9 @@
 Learning", CVPR'23): the task gradients made orthogonal and of equal norm, then summed.
 
 The update rule, its rank cut-off and scale modes are derived in :mod:`mtl_tune.balancers._aligned`
-(shared with ``amtlub``, which aligns the gradients w.r.t. the shared representation instead).
+(shared with ``amtlub``, which aligns the gradients w.r.t. the shared representation instead),
+where the batch-first rule ``weights_rows`` (Gram matrices → W p) lives: the balancer's Jacobian
+and Gram paths and the toy's generic driver all call it.
 Conventions (docs/methods.md#amtl): no ×K, no clipping, heads get their unweighted task gradients.
 """
 
@@ -12,8 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from mtl_tune.balancers._aligned import (SCALE_MODES, AlignedCombination, aligned_mtl_weights,  # noqa: F401
-                                         alignment_matrix)
+from mtl_tune.balancers._aligned import SCALE_MODES, AlignedCombination, aligned_mtl_weights, alignment_matrix
 from mtl_tune.balancers.base import GradientBalancer
 
 __all__ = ["SCALE_MODES", "AlignedMTL", "aligned_mtl_weights", "alignment_matrix"]
@@ -44,8 +45,8 @@ class AlignedMTL(AlignedCombination, GradientBalancer):
         self._init_aligned(scale_mode, preferences, n_tasks)
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        return self._aligned(jacobian)
+        return self._aligned(jacobian, losses)
 
     def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
         # the gradients share the losses' dtype (both come from the same float32/64 model)
-        return self._aligned_weights(gram_matrix, losses.dtype)
+        return self._step_weights(gram_matrix, losses, losses.dtype)

@@ -46,4 +46,4 @@ class AlignedMTLUB(AlignedCombination, RepresentationBalancer):
         self._init_aligned(scale_mode, preferences, n_tasks)
 
     def combine_representation(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        return self._aligned(jacobian)
+        return self._aligned(jacobian, losses)
