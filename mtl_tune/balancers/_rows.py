@@ -25,6 +25,12 @@ A rule returns a :class:`RowStep`: the coefficients, and per row whether the met
 step at all (``failed``: the balancer raises :class:`BalancerError` with ``reason``) or its
 solver failed but produced usable coefficients (``solver_failed``: counted, warned, and fatal
 after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`).
+
+A method with learnable parameters θ of its own, trained by the *training* optimizer (they are in
+its ``param_groups``: UW's log-variances), also returns ∂f/∂θ (``param_grads``). Its balancer
+makes autograd deliver exactly these to θ (e.g. backpropagating Σᵢ wᵢℓᵢ + Σⱼ gⱼθⱼ with w and g
+detached: the linearisation of f at this step has f's gradients), and the toy's generic kernel
+steps θ with the optimizer the training loop would use, after taking the step's weights.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class RowStep:
             when S is empty), or one string for every row.
         solver_failed: bool (S...) rows whose solver failed this step, or None.
         solver_message: the solver's message for those rows.
+        param_grads: ∂f/∂θ (S..., P) of the balancer's own learnable parameters θ (those of its
+            ``param_groups``, trained by the training optimizer), every parameter's per-row
+            entries flattened and concatenated in ``parameters()`` order; None for a method
+            without such parameters.
     """
 
     weights: np.ndarray
@@ -57,6 +67,7 @@ class RowStep:
     reason: Callable[[tuple[int, ...]], str] | str = ""
     solver_failed: np.ndarray | None = None
     solver_message: str = ""
+    param_grads: np.ndarray | None = None
 
     def reason_of(self, index: tuple[int, ...]) -> str:
         """The failure message of the row at ``index``."""
