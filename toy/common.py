@@ -160,13 +160,17 @@ def make_balancer(spec: MethodSpec, engine: JacobianEngine | None = None) -> Bal
 
 
 def optimizers(x: Tensor, balancers: Sequence[Balancer], cfg: EngineConfig) -> list[torch.optim.Optimizer]:
-    """Adam(lr) on x, plus Adam on the balancers' own ``param_groups()`` (UW's ``lr``; a group
-    without one gets ``method_params_lr``, the FAMO-family second group)."""
-    opts: list[torch.optim.Optimizer] = [torch.optim.Adam([x], lr=cfg.lr)]
+    """Adam(lr) on x, plus :func:`balancer_optimizer` on the balancers' own parameters if they have any."""
+    own = balancer_optimizer(balancers, cfg)
+    return [torch.optim.Adam([x], lr=cfg.lr)] + ([own] if own is not None else [])
+
+
+def balancer_optimizer(balancers: Sequence[Balancer], cfg: EngineConfig) -> torch.optim.Optimizer | None:
+    """Adam on the balancers' own ``param_groups()`` (UW's ``lr``; a group without one gets
+    ``method_params_lr``, the FAMO-family second group), or None when they have no parameters.
+    The toy's generic kernel steps its rows' parameters with the same optimizer."""
     groups: list[dict[str, Any]] = [g for b in balancers for g in b.param_groups()]
-    if groups:
-        opts.append(torch.optim.Adam(groups, lr=cfg.method_params_lr))
-    return opts
+    return torch.optim.Adam(groups, lr=cfg.method_params_lr) if groups else None
 
 
 def seed_all(seed: int) -> None:

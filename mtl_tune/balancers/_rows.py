@@ -30,6 +30,12 @@ step at all (``failed``: the balancer raises :class:`BalancerError` with ``reaso
 solver failed but produced usable coefficients (``solver_failed``: counted, warned, and fatal
 after 20 in a row, as :class:`~mtl_tune.balancers.base.SolverFailureCounter`), and optionally
 per-row diagnostics for the balancer's step extras.
+
+A method with learnable parameters θ of its own, trained by the *training* optimizer (they are in
+its ``param_groups``: UW's log-variances), also returns ∂f/∂θ (``param_grads``). Its balancer
+makes autograd deliver exactly these to θ (e.g. backpropagating Σᵢ wᵢℓᵢ + Σⱼ gⱼθⱼ with w and g
+detached: the linearisation of f at this step has f's gradients), and the toy's generic kernel
+steps θ with the optimizer the training loop would use, after taking the step's weights.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class RowStep:
             reported effective weights; both torch tensors), else None.
         extras: per-row diagnostics (name → array of shape S...) the balancer reports in its step's
             extras (``amtl``'s rank and σ²); None when the method reports none.
+        param_grads: ∂f/∂θ (S..., P) of the balancer's own learnable parameters θ (those of its
+            ``param_groups``, trained by the training optimizer), every parameter's per-row
+            entries flattened and concatenated in ``parameters()`` order; None for a method
+            without such parameters.
     """
 
     weights: np.ndarray
@@ -69,6 +79,7 @@ class RowStep:
     solver_message: str = ""
     direction: Any = None
     extras: dict[str, np.ndarray] | None = None
+    param_grads: np.ndarray | None = None
 
     def reason_of(self, index: tuple[int, ...]) -> str:
         """The failure message of the row at ``index``."""

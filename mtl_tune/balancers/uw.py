@@ -23,29 +23,42 @@ reproduce that bug.
 Reported weights are the effective ∂L/∂ℓ_i (½e^{−s} or e^{−s}); the official code reports
 e^{−s} for the regression form, available here as ``extras["precision"]``.
 Heads receive the same weighted gradient (official behaviour).
+
+The batch-first rule (:meth:`Uncertainty.weights_rows`, :func:`uw_rows`) gives both gradients of
+L per row, with c = ½ (regression) or 1 (classification):
+
+    ∂L/∂ℓ_i = c·e^{−s_i},     ∂L/∂s_i = ½ − c·e^{−s_i}·ℓ_i
+
+(the s term is ½s_i in both forms). :meth:`Uncertainty.objective` back-propagates the
+linearisation Σ_i w_i ℓ_i + Σ_i g_i s_i with w, g those two (detached), whose gradients are L's:
+one copy of the math serves the balancer and the toy's generic kernel (which steps each row's s
+with the training optimizer's Adam, as the trainer does after the backward). Its *value* is not L.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mtl_tune.balancers.base import LossBalancer
+from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers.base import Balancer, LossBalancer
 
 FORMS = ("regression", "classification")
+#: c of ∂L/∂ℓ_i = c·e^{−s_i} per form (the ½ of the regression form's ½(e^{−s}ℓ + s))
+LOSS_COEF = {"regression": 0.5, "classification": 1.0}
 
 
-def uw_objective(losses: Tensor, log_vars: Tensor, form: str = "regression") -> tuple[Tensor, Tensor]:
-    """Return (L, ∂L/∂ℓ) for the uncertainty objective; see the module docstring."""
-    s = log_vars.to(losses)
-    precision = torch.exp(-s)
-    if form == "regression":
-        return 0.5 * (precision * losses + s).sum(), 0.5 * precision.detach()
-    if form == "classification":
-        return (precision * losses + 0.5 * s).sum(), precision.detach()
-    raise ValueError(f"uw: form must be one of {FORMS}, got {form!r}")
+def uw_rows(losses: np.ndarray, log_vars: np.ndarray, form: str = "regression") -> tuple[np.ndarray, np.ndarray]:
+    """(∂L/∂ℓ, ∂L/∂s), each (..., K), of the uncertainty objective at losses ℓ and log-variances s
+    (..., K), float64: w = c·e^{−s} and ½ − w·ℓ (see the module docstring)."""
+    if form not in LOSS_COEF:
+        raise ValueError(f"uw: form must be one of {FORMS}, got {form!r}")
+    w = LOSS_COEF[form] * np.exp(-log_vars)
+    return w, 0.5 - w * losses
 
 
 class Uncertainty(LossBalancer):
@@ -82,8 +95,24 @@ class Uncertainty(LossBalancer):
         """The optimizer param group for s with its own learning rate ``lr``."""
         return [{"params": [self.log_vars], "lr": self.lr}]
 
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """∂L/∂ℓ (..., K) and, as ``param_grads``, ∂L/∂s (..., K) at this balancer's s (float32,
+        exact in float64); s has the rows' leading dimension after :meth:`start_rows`."""
+        w, grad_s = uw_rows(losses, host(self.log_vars), self.form)
+        return RowStep(w, param_grads=grad_s)
+
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        # one (B, K) parameter: the toy's one Adam over it is B independent Adams (element-wise)
+        self.log_vars = nn.Parameter(torch.stack([b.log_vars.detach().clone() for b in rows]))
+
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        return uw_objective(losses, self.log_vars, self.form)
+        """Σ w_i ℓ_i + Σ g_i s_i with w = ∂L/∂ℓ and g = ∂L/∂s from the rule, detached: autograd then
+        gives ℓ the weights w and s the gradient g (float64, cast to s's dtype as for L itself)."""
+        out = self.weights_rows(host(losses))
+        w = torch.from_numpy(one_row(out)).to(losses)
+        s = self.log_vars
+        grad_s = torch.from_numpy(out.param_grads).to(s.device)
+        return (losses * w).sum() + (s.double() * grad_s).sum().to(losses), w
 
     def _step_extras(self) -> dict[str, Any]:
         return {"precision": torch.exp(-self.log_vars.detach()), "log_vars": self.log_vars.detach().clone()}

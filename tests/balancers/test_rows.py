@@ -39,7 +39,7 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu"} <= set(rule_methods())
+    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu", "uw"} <= set(rule_methods())
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
@@ -60,6 +60,10 @@ def test_a_rule_on_many_rows_equals_the_rule_on_each_row(name, k):
         for field in ("failed", "solver_failed"):
             a, b = getattr(out, field), getattr(single, field)
             assert (a is None) == (b is None) and (a is None or bool(a[r]) == bool(b)), (name, field, r)
+        assert (out.param_grads is None) == (single.param_grads is None), name
+        if out.param_grads is not None:
+            np.testing.assert_allclose(out.param_grads[r], single.param_grads, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{name} row {r}")
 
 
 def test_a_failed_row_fails_alone_with_its_own_reason():
@@ -146,3 +150,35 @@ def test_stgu_groups_each_row_by_its_own_affinity():
     got = many._groups_rows(np.zeros(12, dtype=bool), [""] * 12)
     expected = [group_tasks(affinity_similarity(a), 0.5) for a in affinities]
     assert got == expected and len({len(g) for g in expected}) == 2  # both outcomes occur
+
+
+def test_uw_rows_use_each_rows_log_variances_and_the_objective_has_the_rules_gradients():
+    """UW's rule gives ∂L/∂ℓ and, as param_grads, ∂L/∂s from each row's own s (start_rows stacks
+    them); the one-row objective (the rule's linearisation) gives autograd exactly those, and they
+    are the gradients of L = Σ ½(e^{−s}ℓ + s) itself."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    losses = rng.uniform(0.5, 3.0, size=(4, 3))
+    rows = [get_balancer("uw", n_tasks=3) for _ in losses]
+    for one in rows:
+        with torch.no_grad():
+            one.log_vars.copy_(torch.from_numpy(rng.normal(size=3)))
+    many = get_balancer("uw", n_tasks=3)
+    many.start_rows(rows)
+    assert many.log_vars.shape == (4, 3) and isinstance(many.log_vars, torch.nn.Parameter)
+    out = many.weights_rows(losses)
+    for r, one in enumerate(rows):
+        single = one.weights_rows(losses[r])
+        np.testing.assert_array_equal(out.weights[r], single.weights)
+        np.testing.assert_array_equal(out.param_grads[r], single.param_grads)
+        ell = torch.from_numpy(losses[r]).requires_grad_(True)
+        total, w = one.objective(ell)
+        total.backward()
+        np.testing.assert_array_equal(ell.grad.numpy(), single.weights)
+        np.testing.assert_array_equal(one.log_vars.grad.numpy(), single.param_grads.astype(np.float32))
+        s = one.log_vars.detach().double().requires_grad_(True)
+        ell = torch.from_numpy(losses[r]).requires_grad_(True)
+        (0.5 * (torch.exp(-s) * ell + s)).sum().backward()
+        np.testing.assert_allclose(ell.grad.numpy(), single.weights, rtol=1e-15)
+        np.testing.assert_allclose(s.grad.numpy(), single.param_grads, rtol=1e-14, atol=1e-16)

@@ -10,7 +10,14 @@ does what the balancer's ``backward`` does around it, row by row:
 * x.grad = Σᵢ cᵢ ∇ℓᵢ with the rule's coefficients (the Jacobian is the one w.r.t. x, which is also
   z for representation methods: the toy's encoder is the identity), then ``max_norm`` clipping;
 * the rule's failed rows fail with its reason; its solver failures are counted, warned about, and
-  fail the row after the balancer's limit of failures in a row (``SolverFailureCounter``).
+  fail the row after the balancer's limit of failures in a row (``SolverFailureCounter``);
+* a rule that reports gradients of the balancer's own learnable parameters (``param_grads``: UW's
+  log-variances, which the *training* optimizer trains) gets them stepped as the training loop
+  steps them after the backward: the optimizer of :func:`toy.common.balancer_optimizer` (torch's
+  float32 Adam, the lockstep path's arithmetic) over the balancer's parameters, which
+  ``start_rows`` gave a leading row dimension. Adam is element-wise, so one Adam over a (B, …)
+  parameter is B independent Adams (bit for bit: checked against one Adam per row, and by the
+  kernel tests). Failed rows keep stepping their own entries, which nothing reads.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 
 from mtl_tune.balancers._rows import RowStep, gram_rows
 from mtl_tune.balancers.base import Balancer
+from ..common import balancer_optimizer
 from ._base import Kernel, clip_rows, combine
 
 
@@ -67,6 +75,13 @@ class RowsKernel(Kernel):
         if "solver_failures" in self.balancer._step_extras():
             self.solver_failures = np.zeros(self.rows, dtype=np.int64)
         self.consecutive = np.zeros(self.rows, dtype=np.int64)
+        self.params_optimizer = balancer_optimizer([self.balancer], self.cfg)
+        self.params = [] if self.params_optimizer is None else \
+            [p for group in self.params_optimizer.param_groups for p in group["params"]]
+        if any(p.dim() == 0 or p.shape[0] != self.rows for p in self.params):
+            raise ValueError(f"{self.name}: start_rows must give the balancer's parameters a leading dimension of "
+                             f"{self.rows} rows, got shapes {[tuple(p.shape) for p in self.params]}")
+        self.param_sizes = [p.numel() // self.rows for p in self.params]  # entries per row
         self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (x, losses, jac)
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
@@ -85,6 +100,8 @@ class RowsKernel(Kernel):
             w = self._failures(step, out, w)
         self.weights = w
         self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
+        if out.param_grads is not None:  # the optimizer step follows the backward: after taking w
+            self._step_params(out.param_grads)
         d = combine(w, jac)
         return clip_rows(d, self.max_norm) if self.clip else d
 
@@ -137,6 +154,19 @@ class RowsKernel(Kernel):
     def epoch_end(self, epoch: int, mean_losses: np.ndarray, scores: np.ndarray) -> None:
         # the step the engine reports an epoch-end failure at
         self._row_failures(self.balancer.epoch_rows(mean_losses, scores), (epoch + 1) * self.cfg.epoch_steps)
+
+    def _step_params(self, grads: np.ndarray) -> None:
+        """One optimizer step of the balancer's own parameters on the rule's ∂f/∂θ (B, P): each
+        parameter (B, …) takes its per-row entries' columns, cast to its dtype (as autograd casts
+        the float64 gradient of the objective)."""
+        if grads.shape != (self.rows, sum(self.param_sizes)):
+            raise ValueError(f"{self.name}: the rule's param_grads have shape {grads.shape}, the balancer's "
+                             f"parameters need ({self.rows}, {sum(self.param_sizes)})")
+        start = 0
+        for p, n in zip(self.params, self.param_sizes):
+            p.grad = torch.from_numpy(grads[:, start:start + n]).reshape(p.shape).to(p.dtype)
+            start += n
+        self.params_optimizer.step()
 
     def _row_failures(self, out: RowStep | None, step: int) -> None:
         """Fail the rows a hook reports as failed, each with its reason."""
