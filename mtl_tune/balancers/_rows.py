@@ -25,6 +25,12 @@ one method variant in lockstep (its generic driver, ``toy/kernels/_rows.py``). B
 same function, so a method's math exists once. A rule reads the balancer's hyperparameters
 and, for a stateless method, nothing else.
 
+A method with a random stream (``rlw``'s weights, ``pcgrad``'s and ``gradvac``'s task orders) draws
+row r's numbers from row r's own generator (:func:`row_generators`): the balancer's own for one row,
+and in lockstep the generators :meth:`~mtl_tune.balancers.base.Balancer.start_rows` adopted from the
+rows' balancers, so every row draws exactly what its balancer would have drawn alone. The draws loop
+over the rows (a generator is one stream); what is computed from them is batched.
+
 A rule returns a :class:`RowStep`: the coefficients, and per row whether the method cannot
 step at all (``failed``: the balancer raises :class:`BalancerError` with ``reason``) or its
 solver failed but produced usable coefficients (``solver_failed``: counted, warned, and fatal
@@ -40,7 +46,8 @@ steps θ with the optimizer the training loop would use, after taking the step's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,3 +116,17 @@ def gram_rows(jacobian: np.ndarray) -> np.ndarray:
 def host(x: Tensor) -> np.ndarray:
     """``x`` detached, as a float64 NumPy array on the host (what rules take)."""
     return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def row_generators(own: torch.Generator, rows: Sequence[torch.Generator] | None,
+                   shape: tuple[int, ...]) -> list[torch.Generator]:
+    """The random generator of every row of leading shape ``shape``, in C order: ``[own]`` (the
+    balancer's own) for one row (``shape == ()``), else ``rows``, the generators ``start_rows``
+    adopted from the rows' balancers (one per row)."""
+    if shape == ():
+        return [own]
+    if rows is None or len(rows) != math.prod(shape):
+        have = "none" if rows is None else len(rows)
+        raise ValueError(f"a rule with a random stream needs one generator per row: rows of shape {shape}, "
+                         f"generators adopted by start_rows: {have}")
+    return list(rows)

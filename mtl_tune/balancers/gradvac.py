@@ -21,8 +21,11 @@ at the scale of the summed loss; no extra ×K). With φ̂ ≡ 0 and β = 0 the c
 Like :mod:`mtl_tune.balancers.pcgrad` every g_i' stays a combination of the original
 gradients, so we run the loop on coefficient vectors with the K×K Gram matrix (O(K³), not
 O(K²P)), keeping A c and ‖g_i'‖² up to date incrementally. Orders come from the balancer's
-own seeded generator (same draws as ``pcgrad`` for the same seed). Guards (documented, the
-official code has none and NaNs): a zero g_j or a zero g_i' is skipped (no cosine exists);
+own seeded generator (same draws as ``pcgrad`` for the same seed). The rule
+(:meth:`GradVac.weights_rows`) runs any number of rows at once, each with its own generator and
+targets (in lockstep, taken from the rows' balancers by :meth:`GradVac.start_rows`).
+
+Guards (documented, the official code has none and NaNs): a zero g_j or a zero g_i' is skipped (no cosine exists);
 cosines are clipped to [−1, 1] and targets to [−1 + 1e-6, 1 − 1e-6] when used (a target of
 exactly ±1 would need an infinite correction).
 
@@ -33,59 +36,71 @@ Granularity (LibMTL's per-layer / per-matrix targets) is not offered: whole shar
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from mtl_tune.balancers.base import GradientBalancer
+from mtl_tune.balancers._rows import RowStep, row_generators
+from mtl_tune.balancers.base import Balancer, GradientBalancer
+from mtl_tune.balancers.pcgrad import identities, order_array, other_tasks, random_orders, rows_of
 
 TARGET_UPDATES = ("paper", "official")
 #: targets are kept this far from ±1 when used (the correction diverges at ±1).
 TARGET_MARGIN = 1e-6
 
 
-def vaccine_step(gi_norm: float, gj_norm: float, phi: float, target: float) -> float:
-    """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target``."""
-    return gi_norm * (target * math.sqrt(1.0 - phi * phi) - phi * math.sqrt(1.0 - target * target)) / (
-        gj_norm * math.sqrt(1.0 - target * target))
+def vaccine_step(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target`` (elementwise)."""
+    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * np.sqrt(1.0 - target * target)) / (
+        gj_norm * np.sqrt(1.0 - target * target))
 
 
-def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: list[list[int]], beta: float,
-                         target_update: str = "paper") -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients c (K,) with d = Σ_j c_j g_j, and the updated targets φ̂ (K×K).
+def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]] | np.ndarray,
+                         beta: float, target_update: str = "paper") -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients c (..., K) with d = Σ_j c_j g_j, and the updated targets φ̂ (..., K, K), for Gram
+    matrices A (..., K, K), targets (..., K, K) and task orders (..., K, T) (or, for one row, lists:
+    ``orders[i]`` lists the tasks j visited for task i; i itself is skipped; see
+    :func:`~mtl_tune.balancers.pcgrad.order_array`).
 
-    ``orders[i]`` lists the tasks j visited for task i (i itself is skipped).
+    Task i keeps g_i' = Σ_l C_il g_l (C_i = e_i at the start), (A C_i)_j = ⟨g_i', g_j⟩ and
+    ‖g_i'‖² = C_iᵀ A C_i, both updated incrementally: a correction s·g_j adds s·A[:, j] to A C_i and
+    2s⟨g_i', g_j⟩ + s²A_jj to ‖g_i'‖². Task i alone reads and writes the targets φ̂_i·, so the tasks are
+    independent: every row and every task takes its t-th visit at once.
     """
     a = np.asarray(gram_matrix, dtype=np.float64)
-    phi_hat = np.array(targets, dtype=np.float64, copy=True)
-    k = a.shape[0]
-    norms = np.sqrt(np.clip(np.diag(a), 0.0, None))
-    total = np.zeros(k)
-    for i in range(k):
-        c = np.zeros(k)
-        c[i] = 1.0
-        ac = a[:, i].copy()  # A c, so ⟨g_i', g_j⟩ = (A c)_j
-        sq = float(a[i, i])  # ‖g_i'‖²
-        for j in orders[i]:
-            if j == i or norms[j] == 0.0 or sq <= 0.0:
-                continue
-            gi_norm = math.sqrt(sq)
-            phi = float(np.clip(ac[j] / (gi_norm * norms[j]), -1.0, 1.0))
-            target = float(np.clip(phi_hat[i, j], -1.0 + TARGET_MARGIN, 1.0 - TARGET_MARGIN))
-            if phi < target:
-                step = vaccine_step(gi_norm, float(norms[j]), phi, target)
-                sq = max(sq + 2.0 * step * ac[j] + step * step * a[j, j], 0.0)
-                c[j] += step
-                ac += step * a[:, j]
-                if target_update == "official":
-                    phi_hat[i, j] = (1.0 - beta) * phi_hat[i, j] + beta * phi
-            if target_update == "paper":
-                phi_hat[i, j] = (1.0 - beta) * phi_hat[i, j] + beta * phi
-        total += c
-    return total, phi_hat
+    k, shape = a.shape[-1], a.shape[:-2]
+    a = a.reshape(-1, k, k)
+    n = len(a)
+    visits = rows_of(order_array(orders), shape, k)
+    phi_hat = np.array(np.broadcast_to(targets, (*shape, k, k)), dtype=np.float64).reshape(n, k, k)
+    rows, tasks = np.arange(n)[:, None], np.arange(k)
+    columns = a.swapaxes(-1, -2)                        # columns[r, j] = A[r][:, j]
+    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    norms = np.sqrt(np.maximum(diag, 0.0))
+    c = identities(n, k)                                # c[r, i] = C_i of row r
+    ac = columns.copy()                                 # ac[r, i] = A C_i, so ⟨g_i', g_j⟩ = ac[r, i, j]
+    sq = diag.copy()                                    # ‖g_i'‖²
+    with np.errstate(divide="ignore", invalid="ignore"):  # skipped visits may divide by 0: masked
+        for t in range(visits.shape[-1]):
+            j = visits[..., t]                          # (rows, K): the task each task visits now
+            gj_norm = norms[rows, j]
+            visit = (j != tasks) & (gj_norm != 0.0) & (sq > 0.0)  # no cosine with a zero gradient
+            gi_norm = np.sqrt(sq)
+            dot = ac[rows, tasks, j]
+            phi = np.minimum(np.maximum(dot / (gi_norm * gj_norm), -1.0), 1.0)       # clip (ufuncs: cheaper)
+            old = phi_hat[rows, tasks, j]
+            target = np.minimum(np.maximum(old, -1.0 + TARGET_MARGIN), 1.0 - TARGET_MARGIN)
+            fire = visit & (phi < target)
+            if fire.any():                              # (elsewhere the step is 0: nothing moves)
+                step = np.where(fire, vaccine_step(gi_norm, gj_norm, phi, target), 0.0)
+                sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[rows, j], 0.0), sq)
+                c[rows, tasks, j] += step
+                ac += step[..., None] * columns[rows, j]
+            moved = (1.0 - beta) * old + beta * phi
+            phi_hat[rows, tasks, j] = np.where(visit if target_update == "paper" else fire, moved, old)
+    return c.sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
 
 
 class GradVac(GradientBalancer):
@@ -116,14 +131,24 @@ class GradVac(GradientBalancer):
             raise ValueError(f"gradvac: target_update must be one of {TARGET_UPDATES}, got {target_update!r}")
         self.beta, self.target_update = float(beta), target_update
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)
+        self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)  # (rows, K, K) after start_rows
+        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
+        self.row_generators: list[torch.Generator] | None = None
 
-    def gram_weights(self, gram_matrix: Tensor, losses: Tensor) -> Tensor:
-        orders = [torch.randperm(self.n_tasks, generator=self.generator).tolist() for _ in range(self.n_tasks)]
-        coef, targets = gradvac_coefficients(gram_matrix.detach().cpu().numpy(), self.targets.numpy(), orders,
-                                             self.beta, self.target_update)
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        # generators adopted, not copied (row r draws the orders its own balancer would); targets from each row
+        self.row_generators = [b.generator for b in rows]
+        self.targets = torch.stack([b.targets for b in rows])
+
+    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
+        """The rule: K fresh task orders per row from the row's generator, then the corrections
+        towards each row's targets, which it updates."""
+        shape, k = gram.shape[:-2], self.n_tasks
+        orders = other_tasks(random_orders(row_generators(self.generator, self.row_generators, shape), k))
+        coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders.reshape(*shape, k, k - 1), self.beta,
+                                             self.target_update)
         self.targets = torch.from_numpy(targets)
-        return torch.from_numpy(coef).to(gram_matrix.device)
+        return RowStep(coef)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "targets": self.targets.clone()}

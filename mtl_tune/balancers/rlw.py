@@ -22,12 +22,15 @@ which makes a seeded trial reproducible without a separate seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import LossBalancer
+from mtl_tune.balancers._rows import RowStep, row_generators
+from mtl_tune.balancers.base import Balancer, LossBalancer
 
 DISTRIBUTIONS = ("normal", "dirichlet")
 
@@ -58,14 +61,25 @@ def sample_gamma(alpha: float, n: int, generator: torch.Generator) -> Tensor:
     return out
 
 
-def rlw_weights(n_tasks: int, generator: torch.Generator, distribution: str = "normal",
-                sigma: float = 1.0, concentration: float = 1.0) -> Tensor:
-    """One draw of simplex weights (K,), float64 on the CPU; see the module docstring."""
+def rlw_weights(generators: Sequence[torch.Generator], n_tasks: int, distribution: str = "normal",
+                sigma: float = 1.0, concentration: float = 1.0) -> np.ndarray:
+    """One draw of simplex weights per generator: (len(generators), K) float64; row r takes its
+    numbers from ``generators[r]`` alone, exactly as a balancer stepping with that generator would.
+
+    ``normal``: w = softmax(σ z), z ~ N(0, I_K) drawn as ``torch.randn(K, generator=…)`` draws
+    (``normal_`` on a row of K < 16 entries is the same element-by-element sampler); the softmax
+    runs once on the stacked rows, in torch so that the weights stay those of the published runs
+    bit for bit. ``dirichlet``: w = γ / Σγ with γ = :func:`sample_gamma` (α, K) per row (its
+    rejection loop takes a data-dependent number of draws, so it runs row by row).
+    """
     if distribution == "normal":
-        return torch.softmax(sigma * torch.randn(n_tasks, generator=generator, dtype=torch.float64), dim=0)
+        z = torch.empty(len(generators), n_tasks, dtype=torch.float64)
+        for row, generator in zip(z, generators):
+            row.normal_(generator=generator)
+        return torch.softmax(sigma * z, dim=-1).numpy()
     if distribution == "dirichlet":
-        g = sample_gamma(concentration, n_tasks, generator)
-        return g / g.sum()
+        gamma = torch.stack([sample_gamma(concentration, n_tasks, generator) for generator in generators])
+        return (gamma / gamma.sum(-1, keepdim=True)).numpy()
     raise ValueError(f"rlw: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
@@ -104,11 +118,20 @@ class RandomLossWeighting(LossBalancer):
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
+        self.row_generators: list[torch.Generator] | None = None
 
-    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        w = rlw_weights(self.n_tasks, self.generator, self.distribution, self.sigma, self.concentration)
-        w = w.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
-        return (losses * w).sum(), w
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        # adopted, not copied: row r draws what its own balancer would, and that balancer's
+        # generator ends where its own run would have left it
+        self.row_generators = [b.generator for b in rows]
+
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """The rule: fresh weights (..., K) from each row's generator (the losses only give the shape)."""
+        shape = losses.shape[:-1]
+        generators = row_generators(self.generator, self.row_generators, shape)
+        w = rlw_weights(generators, self.n_tasks, self.distribution, self.sigma, self.concentration)
+        return RowStep(w.reshape(*shape, self.n_tasks))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "generator": self.generator.get_state()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_tune.balancers.pcgrad import pcgrad_coefficients
+from mtl_tune.balancers.pcgrad import pcgrad_coefficients, random_orders
 
 from ._helpers import shared_grad
 from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
@@ -49,3 +49,16 @@ def test_pcgrad_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     # not permutation-equivariant: the random projection order is drawn per task index
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 22, 23])
+def test_random_orders_are_the_randperm_draws(k):
+    # K ≤ 22 replays randperm's shuffle from one bounded draw per row (random_orders' docstring), K = 23
+    # calls randperm: the orders and the generator states after must be torch.randperm's exactly
+    mine = [torch.Generator().manual_seed(s) for s in (0, 5, 17)]
+    theirs = [torch.Generator().manual_seed(s) for s in (0, 5, 17)]
+    for _ in range(3):
+        orders = random_orders(mine, k)
+        expected = [[torch.randperm(k, generator=g).tolist() for _ in range(k)] for g in theirs]
+        assert orders.tolist() == expected
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, theirs))

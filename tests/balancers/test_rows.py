@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mtl_tune.balancers._rows import RowStep, gram_rows, one_row
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer, LossBalancer
@@ -32,6 +33,13 @@ def inputs(k: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return gram_rows(jac), rng.uniform(0.5, 3.0, size=(rows, k))
 
 
+def twin_of(balancer):
+    """A new balancer of the same method and hyperparameters in ``balancer``'s state (its state_dict)."""
+    twin = get_balancer(balancer.name, n_tasks=balancer.n_tasks)
+    twin.load_state_dict(balancer.state_dict())
+    return twin
+
+
 def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
     if isinstance(balancer, LossBalancer):
         return balancer.weights_rows(losses)
@@ -39,7 +47,7 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu", "uw"} <= set(rule_methods())
+    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu", "uw", "rlw", "pcgrad", "gradvac", "amtl", "amtlub"} <= set(rule_methods())
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
@@ -47,13 +55,16 @@ def test_the_converted_methods_declare_a_rule():
 @pytest.mark.parametrize("name", weight_rule_methods())
 def test_a_rule_on_many_rows_equals_the_rule_on_each_row(name, k):
     gram, losses = inputs(k, 7, seed=k)
+    rows = [get_balancer(name, n_tasks=k) for _ in gram]
+    # row r is its own balancer's copy: a twin of it in the same state answers for it alone (rlw's rows
+    # differ by their generators, seeded from the global RNG)
+    twins = [twin_of(b) for b in rows]
     many = get_balancer(name, n_tasks=k)
-    many.start_rows([get_balancer(name, n_tasks=k) for _ in gram])
+    many.start_rows(rows)
     out = call(many, gram, losses)
     assert out.weights.shape == (len(gram), k)
     for r in range(len(gram)):
-        one = get_balancer(name, n_tasks=k)
-        single = call(one, gram[r], losses[r])
+        single = call(twins[r], gram[r], losses[r])
         assert single.weights.shape == (k,)
         # the same arithmetic on a row of a batch and on the row alone: equal to rounding
         np.testing.assert_allclose(out.weights[r], single.weights, rtol=1e-9, atol=1e-12, err_msg=f"{name} row {r}")
@@ -86,8 +97,6 @@ def test_pivrg_epoch_rows_keep_each_rows_scores():
 
 
 def test_gradient_rules_serve_the_balancers_gram_weights():
-    import torch
-
     gram, losses = inputs(2, 1, seed=5)
     for name in weight_rule_methods():
         bal = get_balancer(name, n_tasks=2)
@@ -182,3 +191,28 @@ def test_uw_rows_use_each_rows_log_variances_and_the_objective_has_the_rules_gra
         (0.5 * (torch.exp(-s) * ell + s)).sum().backward()
         np.testing.assert_allclose(ell.grad.numpy(), single.weights, rtol=1e-15)
         np.testing.assert_allclose(s.grad.numpy(), single.param_grads, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name,hp", [("rlw", {}), ("rlw", {"distribution": "dirichlet", "concentration": 0.4}),
+                                     ("pcgrad", {}), ("gradvac", {}), ("gradvac", {"target_update": "official"})])
+def test_random_rules_draw_each_rows_own_stream(name, hp, k):
+    """Rows of a method with a random stream, seeded apart, step after step: row r draws what its own
+    balancer draws alone (same weights, the same generator state and state after), and each row's
+    balancer is left where its own run would have left it (the generators are adopted, not copied)."""
+    rows = [get_balancer(name, n_tasks=k, seed=seed, **hp) for seed in (3, 11, 12, 40)]
+    alone = [get_balancer(name, n_tasks=k, seed=seed, **hp) for seed in (3, 11, 12, 40)]
+    many = get_balancer(name, n_tasks=k, seed=99, **hp)
+    many.start_rows(rows)
+    for step in range(6):
+        gram, losses = inputs(k, len(rows), seed=10 * k + step)
+        out = call(many, gram, losses)
+        for r, one in enumerate(alone):
+            np.testing.assert_allclose(out.weights[r], call(one, gram[r], losses[r]).weights, rtol=1e-12, atol=1e-15,
+                                       err_msg=f"{name} step {step} row {r}")
+    for r, (row, one) in enumerate(zip(rows, alone)):
+        assert torch.equal(row.generator.get_state(), one.generator.get_state()), (name, r)
+        if name == "gradvac":
+            np.testing.assert_allclose(many.targets[r].numpy(), one.targets.numpy(), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="one generator per row"):
+        call(many, *inputs(k, len(rows) + 1, seed=0))
