@@ -108,9 +108,14 @@ def one_row(out: RowStep, failures: SolverFailureCounter | None = None) -> np.nd
 
 
 def gram_rows(jacobian: np.ndarray) -> np.ndarray:
-    """A = J Jᵀ (..., K, K) in float64 for Jacobians (..., K, P)."""
+    """A = J Jᵀ (..., K, K) in float64 for Jacobians (..., K, P) of small P (the toy's).
+
+    Summed products, not a matmul: for the toy's 2 × 2 Jacobians this is what torch's float64
+    ``J @ Jᵀ`` (the balancer's Gram matrix) computes, bit for bit on 5 000 random cases, while
+    NumPy's matmul differs in the last bit on ~half of them — a difference that dynamics near
+    the front amplify into visibly different trajectories."""
     j = np.asarray(jacobian, dtype=np.float64)
-    return j @ j.swapaxes(-1, -2)
+    return (j[..., :, None, :] * j[..., None, :, :]).sum(-1)
 
 
 def host(x: Tensor) -> np.ndarray:
