@@ -25,31 +25,83 @@ the balancer uses the mean of the losses it has itself seen in :meth:`backward` 
 the previous call (an unweighted mean over batches; accumulated on the device, no sync),
 and raises if it has seen none. In ``iteration`` mode the hook does nothing.
 A ratio with a non-positive denominator (negative losses) raises :class:`BalancerError`.
+
+Batch-first rules (:mod:`mtl_tune.balancers._rows`): :meth:`DynamicWeightAverage.weights_rows`
+is ∂f/∂ℓ of one step for losses (..., K) — w in epoch mode, w/K in iteration mode, where it
+also pushes the losses into the FIFO and recomputes w — and
+:meth:`DynamicWeightAverage.epoch_rows` is the epoch update. Host syncs: an epoch-mode step has
+none (:meth:`~DynamicWeightAverage.objective` multiplies by a device copy of w, which changes only
+at epoch end; the epoch means cross to the host once per epoch); an iteration-mode step reads
+its K losses on the host (one sync per step; the official rule's positivity test needed one
+from call W + 2 on anyway).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import BalancerError, EpochInfo, LossBalancer
+from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers.base import Balancer, BalancerError, EpochInfo, LossBalancer
 
 MODES = ("epoch", "iteration")
 
 
-def dwa_weights(recent: Tensor, older: Tensor, temp: float) -> Tensor:
-    """K · softmax((recent/older) / T) — the DWA rule for one pair of loss levels."""
-    if bool((older <= 0).any()):
-        raise BalancerError(f"dwa: loss ratios need positive losses, got denominators {older.tolist()}")
-    r = recent / older
-    return r.numel() * torch.softmax(r / temp, dim=0)
+def dwa_weights(recent: np.ndarray, older: np.ndarray, temp: float) -> np.ndarray:
+    """K · softmax((recent / older) / T) over the last axis — the DWA rule for loss levels (..., K).
+
+    The caller makes sure that ``older`` > 0 (:func:`ratio_failed`)."""
+    x = (recent / older) / temp
+    e = np.exp(x - x.max(-1, keepdims=True))  # shifted: the same softmax, no overflow
+    return x.shape[-1] * e / e.sum(-1, keepdims=True)
 
 
-def window_ratio_levels(costs: Tensor, window: int) -> tuple[Tensor, Tensor]:
-    """(mean of the newest ``window`` rows, mean of the oldest ``window`` rows) of a 2W×K buffer."""
-    return costs[window:].mean(0), costs[:window].mean(0)
+def ratio_failed(older: np.ndarray) -> np.ndarray:
+    """Rows (...) whose ratio r = recent / older has a non-positive denominator (negative losses)."""
+    return (older <= 0).any(-1)
+
+
+def ratio_reason(older: np.ndarray) -> Callable[[tuple[int, ...]], str]:
+    """The failure message of a row of :func:`ratio_failed`, by its index."""
+    return lambda index: f"dwa: loss ratios need positive losses, got denominators {older[index].tolist()}"
+
+
+def safe_weights(recent: np.ndarray, older: np.ndarray, temp: float, failed: np.ndarray,
+                 previous: np.ndarray) -> np.ndarray:
+    """:func:`dwa_weights` on the rows that did not fail; a failed row keeps its ``previous``
+    weights (the balancer raises before it would change them)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN losses give NaN weights, visible as before
+        if not failed.any():
+            return dwa_weights(recent, older, temp)
+        denominators = np.where(failed[..., None], 1.0, older)  # no division by 0 on failed rows
+        return np.where(failed[..., None], previous, dwa_weights(recent, denominators, temp))
+
+
+def push_fifo(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """The FIFO (..., 2W, K) without its oldest row and with ``losses`` (..., K) as its newest."""
+    return np.concatenate([costs[..., 1:, :], losses[..., None, :]], axis=-2)
+
+
+def window_ratio_levels(costs: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of the newest ``window`` rows, mean of the oldest ``window`` rows) of FIFOs (..., 2W, K)."""
+    # sum / n is what ndarray.mean computes, without its Python overhead (~5 µs a call)
+    return costs[..., window:, :].sum(-2) / window, costs[..., :window, :].sum(-2) / window
+
+
+@dataclass
+class _Rows:
+    """The rules' state of rows in lockstep (after :meth:`DynamicWeightAverage.start_rows`); a plain
+    object, as setting a module attribute costs ~2 µs (a toy step costs a few)."""
+
+    weights: np.ndarray        # (B, K) DWA's own w
+    costs: np.ndarray          # (B, 2W, K) iteration mode's FIFO
+    previous: np.ndarray | None  # (B, K) the last epoch's mean losses, None before the first epoch end
+    calls: int                 # iteration mode's earlier calls (the rows step together)
 
 
 class DynamicWeightAverage(LossBalancer):
@@ -90,29 +142,121 @@ class DynamicWeightAverage(LossBalancer):
         # iteration mode: the official FIFO buffer, initialised to ones
         self.register_buffer("costs", torch.ones(2 * window, n_tasks, dtype=torch.float64))
         self.calls = 0
+        # the rules' state: the buffers and the history above for one row, these arrays for rows in lockstep
+        self._rows: _Rows | None = None
+        # epoch mode's w on the device and in the dtype of the losses (a step then needs no copy)
+        self._device_weights: Tensor | None = None
+
+    # ------------------------------------------------------------------ the rules' state
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        histories = {len(b.history) > 0 for b in rows}
+        if len(histories) > 1:
+            raise ValueError("dwa: rows in lockstep must all have ended an epoch, or none")
+        self._rows = _Rows(weights=np.stack([host(b.weights) for b in rows]),
+                           costs=np.stack([host(b.costs) for b in rows]),
+                           previous=np.stack([host(b.history[-1]) for b in rows]) if histories == {True} else None,
+                           calls=self.calls)
+
+    def _state(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(w (..., K), FIFO (..., 2W, K)) as float64 arrays on the host, and the calls so far."""
+        if self._rows is not None:
+            return self._rows.weights, self._rows.costs, self._rows.calls
+        return host(self.weights), host(self.costs), self.calls
+
+    def _keep(self, weights: np.ndarray, fifo: tuple[np.ndarray, int] | None = None) -> None:
+        """Store the rules' new w and (iteration mode) the new FIFO and call count; arrays are
+        replaced, never changed in place."""
+        if self._rows is not None:
+            self._rows.weights = weights
+            if fifo is not None:
+                self._rows.costs, self._rows.calls = fifo
+            return
+        # new buffers (in their device and dtype), not copies into the old ones: a step's reported
+        # weights may be the old buffer itself (epoch mode), and must not change afterwards
+        self.weights = torch.tensor(weights, dtype=self.weights.dtype, device=self.weights.device)
+        if fifo is not None:
+            costs, self.calls = fifo
+            self.costs = torch.tensor(costs, dtype=self.costs.dtype, device=self.costs.device)
+        self._device_weights = None
+
+    def _previous_epoch(self) -> np.ndarray | None:
+        """The last epoch's mean losses (..., K), or None before the first epoch end."""
+        if self._rows is not None:
+            return self._rows.previous
+        return host(self.history[-1]) if self.history else None
+
+    def _push_epoch(self, mean_losses: np.ndarray) -> None:
+        if self._rows is not None:
+            self._rows.previous = mean_losses.copy()
+        else:  # the last two, as the checkpoints written before the rules hold them
+            self.history = [*self.history, torch.from_numpy(mean_losses.copy())][-2:]
+
+    # ------------------------------------------------------------------ rules
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """∂f/∂ℓ (..., K) of one step for losses (..., K).
+
+        Epoch mode: this epoch's w (the losses only enter the epoch means, which the caller hands
+        to :meth:`epoch_rows`). Iteration mode: push the losses into the FIFO; from call W + 2 on
+        (more than W earlier calls) w = K·softmax(r/T) with r = mean(newest W) / mean(oldest W);
+        returns w/K (the objective is the mean Σ wᵢ ℓᵢ / K). A row with a non-positive oldest-window
+        mean fails (and keeps its w)."""
+        weights, costs, calls = self._state()
+        if self.mode == "epoch":
+            return RowStep(weights)
+        costs = push_fifo(costs, losses)
+        out = RowStep(weights)
+        if calls > self.window:
+            recent, older = window_ratio_levels(costs, self.window)
+            failed = ratio_failed(older)
+            weights = safe_weights(recent, older, self.temp, failed, weights)
+            out = RowStep(weights, failed=failed, reason=ratio_reason(older))
+        self._keep(weights, (costs, calls + 1))
+        out.weights = weights / self.n_tasks
+        return out
+
+    def epoch_rows(self, mean_losses: np.ndarray, scores: np.ndarray | None) -> RowStep | None:
+        """Epoch mode: remember the epoch's mean losses (..., K) and, from the second epoch end on,
+        set w = K·softmax(r/T) with r = this epoch's means / the previous epoch's; returns the rows' w, and
+        fails a row whose previous means are not all positive (it keeps its w). Iteration mode: nothing (None)."""
+        if self.mode != "epoch":
+            return None
+        older = self._previous_epoch()
+        self._push_epoch(mean_losses)
+        weights = self._state()[0]
+        if older is None:  # the first epoch end: w stays 1
+            return RowStep(weights)
+        failed = ratio_failed(older)
+        weights = safe_weights(mean_losses, older, self.temp, failed, weights)
+        self._keep(weights)
+        return RowStep(weights, failed=failed, reason=ratio_reason(older))
 
     # ------------------------------------------------------------------ per step
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mode == "iteration":
+            return super().objective(losses)  # the rule on one row
         cur = losses.detach().to(torch.float64)
-        if self.mode == "epoch":
-            self.epoch_sum = cur.clone() if self.epoch_sum is None else self.epoch_sum + cur
-            self.epoch_batches += 1
-            w = self.weights.to(losses)
-            return (w * losses).sum(), w
-        self.costs = torch.cat([self.costs[1:].to(cur.device), cur[None].to(self.costs.dtype)])
-        if self.calls > self.window:
-            recent, older = window_ratio_levels(self.costs, self.window)
-            self.weights = dwa_weights(recent, older, self.temp).to(self.weights.dtype)
-        self.calls += 1
-        w = self.weights.to(losses)
-        return (w * losses).mean(), w / self.n_tasks
+        self.epoch_sum = cur.clone() if self.epoch_sum is None else self.epoch_sum + cur
+        self.epoch_batches += 1
+        w = self._weights_like(losses)
+        return (w * losses).sum(), w
+
+    def _weights_like(self, losses: Tensor) -> Tensor:
+        """Epoch mode's w on the losses' device and dtype: copied once per change of w, not per step
+        (a copy from the host would be a sync when the balancer was not moved to the model's device)."""
+        cached = self._device_weights
+        if cached is None or cached.device != losses.device or cached.dtype != losses.dtype:
+            cached = self._device_weights = self.weights.to(losses)
+        return cached
 
     def _step_extras(self) -> dict[str, Any]:
         return {"dwa_weights": self.weights.detach().clone()}
 
+    def _after_move(self) -> None:
+        self._device_weights = None
+
     # ------------------------------------------------------------------ per epoch
     def on_epoch_end(self, info: EpochInfo) -> None:
-        """Epoch mode: record this epoch's mean losses and set the next epoch's weights."""
+        """Epoch mode: record this epoch's mean losses and set the next epoch's weights (:meth:`epoch_rows`)."""
         if self.mode != "epoch":
             return
         if info.train_losses is not None:  # rank-local epoch means: average them (data parallel)
@@ -125,10 +269,8 @@ class DynamicWeightAverage(LossBalancer):
                                 "call during the epoch")
         if mean.shape != (self.n_tasks,):
             raise BalancerError(f"dwa: expected {self.n_tasks} epoch losses, got shape {tuple(mean.shape)}")
-        self.history = [*self.history, mean.cpu()][-2:]
         self.epoch_sum, self.epoch_batches = None, 0
-        if len(self.history) == 2:
-            self.weights = dwa_weights(self.history[1], self.history[0], self.temp).to(self.weights)
+        one_row(self.epoch_rows(host(mean), None))
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
@@ -141,3 +283,4 @@ class DynamicWeightAverage(LossBalancer):
         self.epoch_sum = None if state["epoch_sum"] is None else state["epoch_sum"].clone()
         self.epoch_batches = int(state["epoch_batches"])
         self.calls = int(state["calls"])
+        self._device_weights = None  # the weights buffer was loaded

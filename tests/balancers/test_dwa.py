@@ -53,6 +53,18 @@ def test_dwa_epoch_mode_uses_its_own_loss_means_outside_a_trainer():
         ref.on_epoch_end(EpochInfo(epoch=3, train_losses=torch.tensor([1.0, 1.0])))
 
 
+def test_dwa_reported_weights_stay_those_of_their_step():
+    """Epoch mode multiplies by a kept copy of w (no host copy per step); the epoch end replaces it, so
+    the weights a step reported are not changed afterwards."""
+    leaf = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    bal = DynamicWeightAverage(2)
+    for epoch, mean in enumerate(([1.0, 1.0], [0.5, 1.0])):
+        info = bal.backward(leaf, [leaf])
+        bal.on_epoch_end(EpochInfo(epoch=epoch, train_losses=torch.tensor(mean)))
+    torch.testing.assert_close(info.weights, torch.ones(2, dtype=torch.float64))
+    assert not torch.equal(bal.weights, info.weights)
+
+
 def test_dwa_iteration_mode_window():
     w_size = 3
     bal = DynamicWeightAverage(2, temp=2.0, mode="iteration", window=w_size)

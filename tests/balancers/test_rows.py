@@ -47,7 +47,9 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 
 def test_the_converted_methods_declare_a_rule():
-    assert {"ls", "si", "mgda", "mgdaub", "cagrad", "imtl", "fairgrad", "pivrg", "nashmtl", "famo", "graddrop", "gradnorm", "stgu", "uw", "rlw", "pcgrad", "gradvac", "amtl", "amtlub"} <= set(rule_methods())
+    toy_methods = {"amtl", "amtlub", "cagrad", "dwa", "fairgrad", "famo", "go4align", "graddrop", "gradnorm", "gradvac",
+                   "imtl", "ls", "mgda", "mgdaub", "nashmtl", "pcgrad", "pivrg", "rlw", "si", "stgu", "uw"}
+    assert toy_methods <= set(rule_methods())  # every method the toy runs (all but consmtl) is a rule
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 
 
@@ -75,6 +77,44 @@ def test_a_rule_on_many_rows_equals_the_rule_on_each_row(name, k):
         if out.param_grads is not None:
             np.testing.assert_allclose(out.param_grads[r], single.param_grads, rtol=1e-9, atol=1e-12,
                                        err_msg=f"{name} row {r}")
+
+
+#: stateful loss rules, with settings that make their state move within a few steps
+STATEFUL_LOSS_RULES = [("dwa", {"temp": 0.5}), ("dwa", {"mode": "iteration", "window": 2}),
+                       ("go4align", {"num_groups": 2, "beta": 0.3}), ("go4align", {"num_groups": 1, "beta": 0.3})]
+
+
+@pytest.mark.parametrize("name,hparams", STATEFUL_LOSS_RULES, ids=repr)
+def test_stateful_loss_rules_on_many_rows_follow_each_row_over_steps_and_epochs(name, hparams):
+    """Per-row state (DWA's FIFO and epoch means, GO4Align's log Q) stays with its row: 9 steps with an
+    epoch end every 3, all rows at once vs each row's own balancer through the same rules."""
+    rng = np.random.default_rng(3)
+    k, rows = 3, 4
+    losses = rng.uniform(0.5, 3.0, size=(9, rows, k))
+    means = rng.uniform(0.5, 3.0, size=(3, rows, k))
+    many = get_balancer(name, n_tasks=k, **hparams)
+    many.start_rows([get_balancer(name, n_tasks=k, **hparams) for _ in range(rows)])
+    ones = [get_balancer(name, n_tasks=k, **hparams) for _ in range(rows)]
+    for t in range(9):
+        out = many.weights_rows(losses[t])
+        for r, one in enumerate(ones):
+            np.testing.assert_allclose(out.weights[r], one.weights_rows(losses[t, r]).weights, rtol=1e-12,
+                                       err_msg=f"{name} step {t} row {r}")
+        if t % 3 == 2:
+            many.epoch_rows(means[t // 3], None)
+            for r, one in enumerate(ones):
+                one.epoch_rows(means[t // 3, r], None)
+
+
+def test_dwa_epoch_rows_fail_the_rows_with_non_positive_previous_means():
+    bal = get_balancer("dwa", n_tasks=2)
+    bal.start_rows([get_balancer("dwa", n_tasks=2) for _ in range(3)])
+    assert bal.epoch_rows(np.array([[1.0, 2.0], [-1.0, 2.0], [3.0, 0.0]]), None).failed is None  # first epoch
+    out = bal.epoch_rows(np.array([[2.0, 2.0], [1.0, 1.0], [1.0, 1.0]]), None)
+    assert out.failed.tolist() == [False, True, True]
+    assert "[-1.0, 2.0]" in out.reason_of((1,)) and "[3.0, 0.0]" in out.reason_of((2,))
+    assert out.weights[1].tolist() == out.weights[2].tolist() == [1.0, 1.0]   # failed rows keep their w
+    assert out.weights[0, 0] > 1.0 > out.weights[0, 1]                        # task 0's loss rose (r = 2 vs 1)
 
 
 def test_a_failed_row_fails_alone_with_its_own_reason():
