@@ -19,7 +19,7 @@ from mtl_tune.registry import available_balancers
 from toy.common import EngineConfig, MethodSpec, protocol_hparams
 from toy.engine import is_training_loop, run_lockstep, run_reference
 from toy.fast import run_fast
-from toy.kernels import Kernel, NumpyAdam, RowsKernel, clip_rows, kernels
+from toy.kernels import Kernel, NumpyAdam, clip_rows, kernels
 
 #: the papers' inits, then points near the Pareto set (x₂* ≈ −8.36) on both sides and across.
 STARTS = tuple(tuple(p) for p in INITS) + ((2.0, -8.0), (-3.0, -8.6), (0.3, -8.35), (6.5, -8.2))
@@ -168,14 +168,13 @@ def compare_free(name: str, hparams: dict, steps: int, lr: float, epoch_steps: i
     """Free-running trajectories from the papers' inits over a short window (engine-level check:
     Adam, row layout, freezing, the training-loop kernels' own optimizer steps).
 
-    Not from the init (0, 0) of the generic kernel's methods: it lies on the symmetry line x₁ = 0,
+    Not from the init (0, 0): it lies on the symmetry line x₁ = 0,
     where the true ∂/∂x₁ of every method's update is 0 and what x₁ sees is rounding, which Adam
     divides by its own RMS — two correct computations of the same direction (a Gram matrix summed in
     another order) leave the line in different directions within a few steps. The step-by-step check
     (:func:`compare_forced`) covers that init on the API path's inputs."""
     cfg = EngineConfig(lr=lr, epoch_steps=epoch_steps)
-    generic = issubclass(kernels()[name], RowsKernel)
-    inits = [i for i, p in enumerate(INITS) if not (generic and p[0] == 0.0)]
+    inits = [i for i, p in enumerate(INITS) if p[0] != 0.0]
     spec = make_spec(name, hparams, steps)
     fast = run_fast([spec], inits, cfg)
     ref = run_reference(spec, inits, cfg, analytic=True) if is_training_loop(name) else run_lockstep(spec, inits, cfg)

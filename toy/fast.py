@@ -2,7 +2,7 @@
 
 Rows = (method variant, init) pairs of every spec handed in. Per step: one evaluation of the
 losses and the analytic Jacobian at all rows (:func:`toy.landscape.toy_value_and_jacobian`,
-whose cost hardly depends on the number of rows), one call per method of its batched kernel
+whose cost hardly depends on the number of rows), one call per method variant of its kernel
 (:mod:`toy.kernels`) on its block of rows, and one Adam step on all rows (Adam is
 element-wise: one Adam on (N, 2) is N independent Adams). Training-loop kernels (STGU) move
 their rows themselves. The protocol is the lockstep path's (:mod:`toy.engine`): the same
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
-from .kernels import Kernel, NumpyAdam, RowsKernel, kernel_for
+from .kernels import Kernel, NumpyAdam, kernel_for
 from .landscape import gap_scores, toy_value_and_jacobian
 
 
@@ -60,13 +60,10 @@ def _shift(spec: MethodSpec, cfg: EngineConfig) -> np.ndarray:
 
 def _build(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
            ) -> tuple[list[_Group], list[RunResult], list[tuple[float, float]]]:
-    """Group specs by (method, iters) into kernels; specs whose balancer cannot be built are skipped."""
+    """One kernel per (variant, iters); specs whose balancer cannot be built are skipped."""
     keyed: dict[tuple[str, int], list[MethodSpec]] = {}
-    for s in specs:
-        cls = kernel_for(s.name)
-        # the generic kernel runs one variant's rule on its rows: one kernel per variant
-        key = s.label if cls is not None and issubclass(cls, RowsKernel) else s.name
-        keyed.setdefault((key, s.iters), []).append(s)
+    for s in specs:  # a kernel runs one variant's rule on its rows (the inits): one kernel per variant
+        keyed.setdefault((s.label, s.iters), []).append(s)
     pending: list[tuple[type[Kernel], list, list[RunResult], list[np.ndarray], int]] = []
     skipped: list[RunResult] = []
     for (_, iters), group_specs in keyed.items():

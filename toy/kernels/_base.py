@@ -138,12 +138,6 @@ def combine(coef: np.ndarray, jac: np.ndarray) -> np.ndarray:
     return coef[:, 0:1] * jac[:, 0] + coef[:, 1:2] * jac[:, 1]
 
 
-def gram2(jac: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a₁₁, a₁₂, a₂₂) of A = G Gᵀ for (B, 2, 2) Jacobians: three (B,) arrays."""
-    g1, g2 = jac[:, 0], jac[:, 1]
-    return ((g1 * g1).sum(-1), (g1 * g2).sum(-1), (g2 * g2).sum(-1))
-
-
 def clip_rows(d: np.ndarray, max_norm: np.ndarray) -> np.ndarray:
     """``torch.nn.utils.clip_grad_norm_`` per row: d · min(max_norm / (‖d‖ + 1e-6), 1).
 

@@ -35,8 +35,10 @@ from ._base import Kernel, clip_rows, combine
 
 
 def rule_kind(balancer_cls: type[Balancer]) -> str | None:
-    """``"loss"``, ``"gradient"`` or ``"representation"`` for a class with a batch-first rule, else None:
-    which inputs its rule takes and which input checks its ``backward`` makes."""
+    """Which rule a class has (None: none): ``"loop"`` (``train_rows``: a training-loop method),
+    ``"representation"`` / ``"gradient"`` (``weights_rows`` on Gram matrices), ``"jacobian"``
+    (``direction_rows``) or ``"loss"`` (``weights_rows`` on losses) — which inputs the rule takes and
+    which input checks the balancer's ``backward`` makes."""
     if not balancer_cls.has_rows_rule():
         return None
     if balancer_cls.train_step is not Balancer.train_step:
@@ -53,7 +55,6 @@ class RowsKernel(Kernel):
     :func:`toy.fast._build`). Subclassed per method by :meth:`for_method`."""
 
     kind: ClassVar[str] = ""
-    one_variant: ClassVar[bool] = True   # the engine builds one instance per variant
 
     @classmethod
     def for_method(cls, name: str, kind: str, needs_post_step_losses: bool = False) -> type[RowsKernel]:
