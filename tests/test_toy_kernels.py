@@ -321,3 +321,20 @@ def test_fail_bad_inputs_fails_only_the_bad_rows_with_the_balancers_message():
     assert k.fail_step[1] == k.fail_step[2] == 3
     assert "cagrad: non-finite task loss [nan, 1.0]" in k.fail_reason[1]
     assert "cagrad: produced a non-finite representation gradient" in k.fail_reason[2]
+
+
+def test_resource_warnings_are_not_counted_as_the_methods():
+    """A ResourceWarning is the garbage collector closing what earlier code left open (it fired inside
+    a toy run after a Ray test once); the method's own warnings are counted."""
+    import types
+    import warnings
+
+    from toy.common import warn_info
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.warn("unclosed file", ResourceWarning)
+        warnings.warn("famo: solver failed", RuntimeWarning)
+    res = types.SimpleNamespace()
+    warn_info(caught, res)
+    assert res.warnings == 1 and res.first_warning == "famo: solver failed"

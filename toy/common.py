@@ -180,8 +180,12 @@ def seed_all(seed: int) -> None:
 
 
 def warn_info(caught: list[warnings.WarningMessage], res: RunResult) -> None:
-    res.warnings = len(caught)
-    res.first_warning = str(caught[0].message)[:300] if caught else ""
+    """The run's warnings in its table row. ResourceWarnings are left out: they come from the garbage
+    collector closing something an earlier piece of code left open (a file a finished Ray run held,
+    say), whenever it happens to run — never from the method."""
+    own = [w for w in caught if not issubclass(w.category, ResourceWarning)]
+    res.warnings = len(own)
+    res.first_warning = str(own[0].message)[:300] if own else ""
 
 
 def extras_info(info: Any, res: RunResult) -> None:

@@ -109,9 +109,12 @@ class RowsKernel(Kernel):
     def _jacobian_step(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         """A ``direction_rows`` rule: the rule's own direction (torch, on the rows' Jacobians)."""
         out = self.balancer.direction_rows(torch.from_numpy(jac), torch.from_numpy(losses))
-        self.weights = out.weights.numpy()
+        w, d = out.weights.numpy(), out.direction.numpy()
+        if out.failed is not None or out.solver_failed is not None:
+            w = self._failures(step, out, w)
+            d = np.where(self.failed[:, None], 0.0, d) if self.failed.any() else d
+        self.weights = w
         self.balancer.step_count += 1
-        d = out.direction.numpy()
         return clip_rows(d, self.max_norm) if self.clip else d
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
