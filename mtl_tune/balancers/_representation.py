@@ -12,7 +12,6 @@ back-propagation; a subclass only maps J_z to a z-direction in ``combine_represe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -89,5 +88,3 @@ class RepresentationBalancer(Balancer):
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
 
-    def _step_extras(self) -> dict[str, Any]:
-        return {}

@@ -351,9 +351,6 @@ class LossBalancer(Balancer):
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
 
-    def _step_extras(self) -> dict[str, Any]:
-        return {}
-
     def _distributed_backward(self, losses: Tensor, model_params: list[Tensor], group: Any) -> Tensor:
         """f linearised at the rank-mean losses ℓ̄: back-propagate Σ_i ∂f/∂ℓ_i(ℓ̄) ℓ_i, which
         DDP's gradient average turns into ∇f of the concatenated batch; state updates see ℓ̄."""
@@ -471,9 +468,6 @@ class GradientBalancer(Balancer):
         backward_weighted(losses, coef, shared, heads,
                           coef if self.weighted_heads else torch.ones_like(losses))
         return coef
-
-    def _step_extras(self) -> dict[str, Any]:
-        return {}
 
 
 __all__ = [

@@ -85,9 +85,9 @@ class FAMO(LossBalancer):
         self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         self.prev_losses: Tensor | None = None
 
-    def _below_floor(self, losses: np.ndarray) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
-        """Rows with a loss at or below ``min_losses`` (the logs are undefined there), and why."""
-        floor = host(self.min_losses)
+    def _below_floor(self, losses: np.ndarray, floor: np.ndarray
+                     ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
+        """Rows with a loss at or below ``min_losses`` (``floor``; the logs are undefined there), and why."""
         bad = (losses <= floor).any(-1)
 
         def reason(index: tuple[int, ...]) -> str:
@@ -99,9 +99,10 @@ class FAMO(LossBalancer):
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """∂L/∂ℓ = z_i/(c D_i) per row, z = softmax(ξ) in the logits' float32 (as the update sees it);
         remembers the losses for :meth:`after_rows`."""
-        bad, reason = self._below_floor(losses)
+        floor = host(self.min_losses)
+        bad, reason = self._below_floor(losses, floor)
         z = host(torch.softmax(self.logits, dim=-1))
-        d = losses - host(self.min_losses) + EPS
+        d = losses - floor + EPS
         zd = z / d
         self.prev_losses = torch.from_numpy(np.array(losses))
         return RowStep(zd / zd.sum(-1, keepdims=True), failed=bad, reason=reason)
@@ -110,7 +111,7 @@ class FAMO(LossBalancer):
         """One Adam step of the logits (each row's own) on ξ.grad = J_softmax(ξ)ᵀ δ, in float32."""
         if self.prev_losses is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
-        bad, reason = self._below_floor(new_losses)
+        bad, reason = self._below_floor(new_losses, host(self.min_losses))
         if bad.ndim == 0 and bad:  # one row: fail before touching the logits (the step raises)
             return RowStep(host(self.logits), failed=bad, reason=reason)
         grad = famo_logit_grad(self.logits, self.prev_losses.to(self.logits),

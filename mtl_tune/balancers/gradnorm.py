@@ -174,7 +174,7 @@ class GradNorm(Balancer):
         bad_loss = (ell <= 0).any(-1)
         w_now = self.weights.detach().clone()
         if ell.dim() == 1 and bool(bad_loss):
-            return RowStep(w_now, failed=bad_loss.numpy(),
+            return RowStep(w_now.cpu(), failed=bad_loss.cpu().numpy(),
                            reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
         if self.initial_losses is None:
             self.initial_losses = ell.clone()
