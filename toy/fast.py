@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtl_tune.balancers._rows import gram_rows
+
 from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
 from .kernels import Kernel, NumpyAdam, kernel_for
+from .kernels._base import clip_rows, combine
 from .landscape import gap_scores, toy_value_and_jacobian
 
 
@@ -169,6 +172,12 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
             freeze(rows)
 
     any_frozen = False
+    coef = np.zeros((n_plain, 2))
+    # clipping per row where the balancer clips (+inf: off); direct kernels clip their own direction
+    max_norm = np.concatenate([np.full(g.kernel.rows, np.inf) if g.kernel.direct else g.kernel.max_norms()
+                               for g in plain]) if plain else np.zeros(0)
+    clip = bool(np.isfinite(max_norm).any())
+    gram_iters = max((g.iters for g in plain if g.kernel.uses_gram), default=0)
     shift_all = np.concatenate([g.shift for g in groups])
     lo, hi = 0, n                          # span of rows whose group is still running
     vals, jac = toy_value_and_jacobian(x, scale)
@@ -176,14 +185,29 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
     start, cpu = time.perf_counter(), time.process_time()
     with np.errstate(all="ignore"):  # kernels report non-finite values themselves (check())
         for t in range(iters_all):
-            for g in plain:
-                if t < g.iters:
-                    t0 = time.perf_counter()
-                    grad[g.rows] = g.kernel.direction(t, svals[g.rows], jac[g.rows])
-                    if g.kernel.new_failures:
-                        check(g, t, None)
-                    g.seconds += time.perf_counter() - t0
             if n_plain:
+                # what every plain kernel needs, once for all rows: the input check and the Gram matrices
+                inputs_ok = bool(np.isfinite(svals[:n_plain].sum()) and np.abs(jac[:n_plain]).max() < 1e307)
+                gram = gram_rows(jac[:n_plain]) if t < gram_iters else None
+                direct = []
+                for g in plain:
+                    if t < g.iters:
+                        t0 = time.perf_counter()
+                        r = g.rows
+                        c, d = g.kernel.step_rows(t, svals[r], jac[r], None if gram is None else gram[r], inputs_ok)
+                        coef[r] = c
+                        if d is not None:
+                            direct.append((r, d))
+                        if g.kernel.new_failures:
+                            check(g, t, None)
+                        g.seconds += time.perf_counter() - t0
+                # x.grad = Σᵢ cᵢ ∇ℓᵢ for all rows at once (the same products and sum per row as one
+                # kernel's), clipped where the balancer clips; Jacobian rules bring their own direction
+                grad[:n_plain] = combine(coef[:n_plain], jac[:n_plain])
+                if clip:
+                    grad[:n_plain] = clip_rows(grad[:n_plain], max_norm)
+                for r, d in direct:
+                    grad[r] = d
                 if not np.isfinite(grad[:n_plain].sum()):  # one reduction; find the rows only when needed
                     for g in plain:
                         if t < g.iters:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .engine import EngineConfig, MethodSpec, RunResult, run_fast, run_method, uses_fast, uses_reference
+from .report import measure_runs
 
 PROBE_STEPS = 25
 FAST_PROBE_STEPS = 300
@@ -114,6 +115,7 @@ def _run_bin(args: tuple[Bin, EngineConfig]) -> list[RunResult]:
     for u in b.units:
         if not u.fast:
             out.extend(run_method(u.spec, u.inits, cfg))
+    measure_runs(out, cfg.scale)   # the table's distances, here in parallel rather than in the parent
     return out
 
 

@@ -38,8 +38,7 @@ from mtl_tune.registry import available_balancers, balancer_class
 from .engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
 from .parallel import init_worker, run_all
 from .landscape import loss_grid
-from .plots import LIM, plot_gallery, plot_method, plot_search_overlay, subsample
-from .report import load_search_trials, markdown_table, summarize_all, write_csv
+from .report import load_search_trials, markdown_table, summarize_all, write_csv, write_npz
 
 DEFAULT_ITERS = 35_000                 # nash-mtl and Aligned-MTL toy trainers
 PAPER_ITERS = {"famo": 50_000}         # FAMO's toy trainer
@@ -140,9 +139,10 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "table.csv")
     (out / "table.md").write_text(markdown_table(rows, tol))
-    np.savez_compressed(out / "trajectories.npz",
-                        **{f"{file_label(r.label)}__init{r.init_index}": r.traj for r in results})
+    write_npz(out / "trajectories.npz", {f"{file_label(r.label)}__init{r.init_index}": r.traj for r in results})
     if plots:
+        from .plots import LIM, plot_gallery, plot_search_overlay, subsample  # matplotlib: only when drawing
+
         start = time.perf_counter()
         groups: dict[str, list[RunResult]] = {}
         for r in results:  # the figures draw ≤ MAX_POINTS per run: send only those to the workers
@@ -168,6 +168,8 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
 
 
 def _plot_method(job: tuple) -> Path:
+    from .plots import plot_method
+
     label, runs, scale, path, trials, grid = job
     return plot_method(label, runs, scale, path, trials=trials, grid=grid)
 

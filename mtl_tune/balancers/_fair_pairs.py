@@ -148,7 +148,9 @@ class FairPairs:
                 iters += moving
             # z₁^{1+1/α} = q₁/(1 + ρt), z₂ = t z₁ (x = z e^{shift/(α+1)}/c: the shift folds back in)
             log_x1 = (log_p1 - self.alpha * log_u2) * self.inv_alpha1
-            x = np.stack([np.exp(log_x1) / c1, np.exp(log_x1 + s) / c2], axis=-1)
+            x = np.empty(rho.shape + (2,))
+            np.divide(np.exp(log_x1), c1, out=x[:, 0])
+            np.divide(np.exp(log_x1 + s), c2, out=x[:, 1])
             residual = np.abs(np.expm1(g))   # (Âz)₂/rhs₂ = e^G; the first equation holds by construction
             return self._finish(a11, a22, c1, c2, log_p1, log_p2, x, residual, iters, lone, stationary, (v, neg))
 
@@ -156,7 +158,9 @@ class FairPairs:
                      lone: np.ndarray, stationary: np.ndarray) -> PairSolution:
         """α = 1, p = 1: x_i = 1/(c_i √(1 + ρ)) (both equations hold exactly: z(1 + ρ)z = 1)."""
         root = np.sqrt(1.0 + rho)
-        x = np.stack([1.0 / (c1 * root), 1.0 / (c2 * root)], axis=-1)
+        x = np.empty(rho.shape + (2,))
+        np.divide(1.0, c1 * root, out=x[:, 0])
+        np.divide(1.0, c2 * root, out=x[:, 1])
         zeros = np.zeros(rho.shape)
         return self._finish(a11, a22, c1, c2, zeros, zeros, x, zeros, zeros.astype(np.int64), lone, stationary,
                             (zeros, rho < 0))

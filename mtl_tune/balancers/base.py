@@ -109,6 +109,16 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         self.failures = SolverFailureCounter(self.name)
         self.process_group: Any = AUTO
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Rules keep plain per-step state (arrays, counters, warm starts) on the balancer; nn.Module's
+        # __setattr__ checks every assignment for parameters, buffers and submodules (~2 µs, several
+        # times a step). A name that is already a plain attribute (in __dict__, hence none of those)
+        # getting a value that is no tensor or module is exactly what nn.Module would store: store it.
+        if name in self.__dict__ and not isinstance(value, (Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @classmethod
     def has_rows_rule(cls) -> bool:
         """Whether the method's math is a batch-first rule ``weights_rows`` (see

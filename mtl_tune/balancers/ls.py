@@ -49,4 +49,5 @@ class LinearScalarization(LossBalancer):
 
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """The fixed ``task_weights`` on every row (float32 as stored, so 0.1 means the same number)."""
-        return RowStep(np.broadcast_to(host(self.task_weights), losses.shape))
+        w = host(self.task_weights)
+        return RowStep(w if losses.ndim == 1 else np.repeat(w[None], losses.size // len(w), 0).reshape(losses.shape))

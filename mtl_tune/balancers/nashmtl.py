@@ -224,7 +224,7 @@ class NashMTL(Balancer):
         """
         k, shape = gram.shape[-1], gram.shape[:-2]
         rows = gram.reshape(-1, k, k)
-        old = np.broadcast_to(self.alpha, (*shape, k)).reshape(-1, k)
+        old = self.alpha.reshape(-1, k) if self.alpha.shape == (*shape, k) else np.broadcast_to(self.alpha, (*shape, k)).reshape(-1, k)
         if k == 2 and self.solver == "newton":
             sol = self._pairs.solve(rows[:, 0, 0], rows[:, 0, 1], rows[:, 1, 1])
             stationary = sol.stationary

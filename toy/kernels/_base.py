@@ -44,6 +44,10 @@ class Kernel:
     name: ClassVar[str] = ""
     needs_post_step_losses: ClassVar[bool] = False
     training_loop: ClassVar[bool] = False
+    #: :meth:`step_rows` returns the step's direction itself (clipped), not only coefficients
+    direct: ClassVar[bool] = True
+    #: :meth:`step_rows` takes the rows' Gram matrices (the engine computes them once for all rows)
+    uses_gram: bool = False
 
     def __init__(self, balancers: Sequence[Balancer], cfg: Any) -> None:
         self.balancers = list(balancers)
@@ -72,6 +76,15 @@ class Kernel:
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         """x.grad (B, 2) the balancer writes for losses (B, 2) and Jacobian (B, 2, 2) at ``step``."""
         raise NotImplementedError
+
+    def step_rows(self, step: int, losses: np.ndarray, jac: np.ndarray, gram: np.ndarray | None,
+                  inputs_ok: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the engine calls: (coefficients c (B, 2), None), the engine then forming x.grad =
+        Σᵢ cᵢ ∇ℓᵢ for all its rows at once and clipping it at :meth:`max_norms` (kernels with
+        ``direct = False``), or (weights, the clipped x.grad (B, 2)). ``gram``: the rows' Gram
+        matrices when ``uses_gram``; ``inputs_ok``: every loss and Jacobian entry of the step is
+        finite (checked once by the engine for all rows). Default: :meth:`direction`."""
+        return self.weights, self.direction(step, losses, jac)
 
     def after_step(self, losses: np.ndarray) -> None:
         """Losses (B, 2) at the new x after the optimizer step (``needs_post_step_losses``)."""

@@ -60,7 +60,7 @@ class RowsKernel(Kernel):
     def for_method(cls, name: str, kind: str, needs_post_step_losses: bool = False) -> type[RowsKernel]:
         return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__,
                                                   "needs_post_step_losses": needs_post_step_losses,
-                                                  "training_loop": kind == "loop"})
+                                                  "training_loop": kind == "loop", "direct": kind == "jacobian"})
 
     @classmethod
     def unsupported(cls, balancer: Balancer) -> str | None:
@@ -84,29 +84,44 @@ class RowsKernel(Kernel):
                              f"{self.rows} rows, got shapes {[tuple(p.shape) for p in self.params]}")
         self.param_sizes = [p.numel() // self.rows for p in self.params]  # entries per row
         self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (x, losses, jac)
+        self.uses_gram = self.kind in ("gradient", "representation")
+        # step_count lives in the balancer's __dict__ (a plain int): counting there skips nn.Module's
+        # __setattr__ (~2 µs a step)
+        self._state = self.balancer.__dict__
+
+    def count_step(self) -> None:
+        self._state["step_count"] += 1
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
-        if self.kind in ("gradient", "jacobian"):
-            self.fail_bad_inputs(step, losses, jac)
-        elif self.kind == "representation":
-            self.fail_bad_inputs(step, losses, jac, "produced a non-finite representation gradient")
+        coef, d = self.step_rows(step, losses, jac, gram_rows(jac) if self.uses_gram else None, False)
+        if d is not None:  # a Jacobian rule's direction, clipped
+            return d
+        d = combine(coef, jac)
+        return clip_rows(d, self.max_norm) if self.clip else d
+
+    def step_rows(self, step: int, losses: np.ndarray, jac: np.ndarray, gram: np.ndarray | None,
+                  inputs_ok: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One step of the rule on the rows: (coefficients (B, 2), None) — x.grad is Σᵢ cᵢ ∇ℓᵢ, which
+        the engine forms for all its rows at once, then clips — or, for a Jacobian rule, (weights,
+        its direction (B, 2), already clipped). ``gram``: the rows' Gram matrices (gradient and
+        representation rules); ``inputs_ok``: the engine found every loss and Jacobian entry of the
+        step finite (one check for all its rows), so the per-row input checks can be skipped."""
+        if not inputs_ok and self.kind != "loss":
+            self.fail_bad_inputs(step, losses, jac, "produced a non-finite representation gradient"
+                                 if self.kind == "representation" else "non-finite per-task gradient")
         if self.kind == "jacobian":
             return self._jacobian_step(step, losses, jac)
-        if self.kind == "loss":
-            out = self.balancer.weights_rows(losses)
-        else:
-            out = self.balancer.weights_rows(gram_rows(jac), losses)
+        out = self.balancer.weights_rows(losses) if self.kind == "loss" else self.balancer.weights_rows(gram, losses)
         w = out.weights
         if out.failed is not None or out.solver_failed is not None:
             w = self._failures(step, out, w)
         self.weights = w
-        self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
+        self.count_step()  # as backward does (rules that act every n steps count on it)
         if out.param_grads is not None:  # the optimizer step follows the backward: after taking w
             self._step_params(out.param_grads)
-        d = combine(w, jac)
-        return clip_rows(d, self.max_norm) if self.clip else d
+        return w, None
 
-    def _jacobian_step(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
+    def _jacobian_step(self, step: int, losses: np.ndarray, jac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A ``direction_rows`` rule: the rule's own direction (torch, on the rows' Jacobians)."""
         out = self.balancer.direction_rows(torch.from_numpy(jac), torch.from_numpy(losses))
         w, d = out.weights.numpy(), out.direction.numpy()
@@ -114,8 +129,8 @@ class RowsKernel(Kernel):
             w = self._failures(step, out, w)
             d = np.where(self.failed[:, None], 0.0, d) if self.failed.any() else d
         self.weights = w
-        self.balancer.step_count += 1
-        return clip_rows(d, self.max_norm) if self.clip else d
+        self.count_step()
+        return w, (clip_rows(d, self.max_norm) if self.clip else d)
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
                    landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
@@ -179,7 +194,7 @@ class RowsKernel(Kernel):
                                          for r in range(self.rows)])
 
     def _failures(self, step: int, out: RowStep, w: np.ndarray) -> np.ndarray:
-        if out.solver_failed is not None:
+        if out.solver_failed is not None and (out.solver_failed.any() or self.consecutive.any()):
             missed = out.solver_failed & ~self.failed
             self.consecutive = np.where(missed, self.consecutive + 1, 0)
             if missed.any():
