@@ -28,8 +28,8 @@ class AlignedMTL(AlignedCombination, GradientBalancer):
         n_tasks: K, the number of tasks.
         scale_mode: which eigenvalue of the K×K Gram matrix sets the scale of the aligned
             gradients: ``"min"`` (default, as the official code), ``"median"`` or ``"rmse"``.
-        preferences: K non-negative task preference weights replacing the ones vector
-            (scaled to sum to K); ``None`` = all ones (paper).
+        preferences: K non-negative task preference weights p replacing the ones vector, used as
+            given (d = Σᵢ (W p)ᵢ gᵢ, not rescaled); ``None`` = all ones (paper).
 
     Common keyword arguments ``max_norm`` (shared-gradient clipping) and ``jacobian_engine``:
     see :class:`~mtl_tune.balancers.base.Balancer`. Call :meth:`backward` (or
