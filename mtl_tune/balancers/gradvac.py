@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_tune.balancers._rows import RowStep, row_generators
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator
+from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
-from mtl_tune.balancers.pcgrad import identities, order_array, other_tasks, random_orders, rows_of
+from mtl_tune.balancers.pcgrad import identities, lockstep_orders, order_array, rows_of, step_orders
 
 TARGET_UPDATES = ("paper", "official")
 #: targets are kept this far from ±1 when used (the correction diverges at ±1).
@@ -103,7 +104,7 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
     return c.sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
 
 
-class GradVac(GradientBalancer):
+class GradVac(OwnGenerator, GradientBalancer):
     """Gradient Vaccine (Wang et al., ICLR'21): pairwise corrections towards adaptive
     cosine-similarity targets.
 
@@ -132,21 +133,19 @@ class GradVac(GradientBalancer):
         self.beta, self.target_update = float(beta), target_update
         self.generator = torch.Generator().manual_seed(int(seed))
         self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)  # (rows, K, K) after start_rows
-        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
-        self.row_generators: list[torch.Generator] | None = None
+        #: the rows' orders in lockstep (:meth:`start_rows`); None for one row
+        self.row_draws: BlockDraws | None = None
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
-        # generators adopted, not copied (row r draws the orders its own balancer would); targets from each row
-        self.row_generators = [b.generator for b in rows]
+        # generators used, not copied (row r draws the orders its own balancer would); targets from each row
+        self.row_draws = lockstep_orders(rows, self.n_tasks)
         self.targets = torch.stack([b.targets for b in rows])
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
         """The rule: K fresh task orders per row from the row's generator, then the corrections
         towards each row's targets, which it updates."""
-        shape, k = gram.shape[:-2], self.n_tasks
-        orders = other_tasks(random_orders(row_generators(self.generator, self.row_generators, shape), k))
-        coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders.reshape(*shape, k, k - 1), self.beta,
-                                             self.target_update)
+        orders = step_orders(self, gram.shape[:-2])
+        coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders, self.beta, self.target_update)
         self.targets = torch.from_numpy(targets)
         return RowStep(coef)
 
