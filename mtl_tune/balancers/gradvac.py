@@ -36,6 +36,7 @@ Granularity (LibMTL's per-layer / per-matrix targets) is not offered: whole shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ import torch
 from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
-from mtl_tune.balancers.pcgrad import identities, lockstep_orders, order_array, rows_of, step_orders
+from mtl_tune.balancers.pcgrad import flat_pairs, identities, lockstep_orders, order_array, rows_of, step_orders
 
 TARGET_UPDATES = ("paper", "official")
 #: targets are kept this far from ±1 when used (the correction diverges at ±1).
@@ -54,8 +55,8 @@ TARGET_MARGIN = 1e-6
 
 def vaccine_step(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target`` (elementwise)."""
-    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * np.sqrt(1.0 - target * target)) / (
-        gj_norm * np.sqrt(1.0 - target * target))
+    sin_target = np.sqrt(1.0 - target * target)   # (once: it appears twice)
+    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * sin_target) / (gj_norm * sin_target)
 
 
 def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]] | np.ndarray,
@@ -68,40 +69,45 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
     Task i keeps g_i' = Σ_l C_il g_l (C_i = e_i at the start), (A C_i)_j = ⟨g_i', g_j⟩ and
     ‖g_i'‖² = C_iᵀ A C_i, both updated incrementally: a correction s·g_j adds s·A[:, j] to A C_i and
     2s⟨g_i', g_j⟩ + s²A_jj to ‖g_i'‖². Task i alone reads and writes the targets φ̂_i·, so the tasks are
-    independent: every row and every task takes its t-th visit at once.
+    independent: every row and every task takes its t-th visit at once (entries (row, task) flattened:
+    :func:`~mtl_tune.balancers.pcgrad.flat_pairs`).
     """
     a = np.asarray(gram_matrix, dtype=np.float64)
     k, shape = a.shape[-1], a.shape[:-2]
-    a = a.reshape(-1, k, k)
-    n = len(a)
-    visits = rows_of(order_array(orders), shape, k)
-    phi_hat = np.array(np.broadcast_to(targets, (*shape, k, k)), dtype=np.float64).reshape(n, k, k)
-    rows, tasks = np.arange(n)[:, None], np.arange(k)
-    columns = a.swapaxes(-1, -2)                        # columns[r, j] = A[r][:, j]
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    n = math.prod(shape)
+    a = a.reshape(n, k, k)
+    visits = rows_of(order_array(orders), shape, k).reshape(n * k, -1)   # visits[m]: entry m = (r, i)'s tasks
+    phi_hat = np.asarray(targets, dtype=np.float64)
+    phi_hat = (phi_hat.copy() if phi_hat.shape == (*shape, k, k)     # (a copy: the caller's stay as they are)
+               else np.array(np.broadcast_to(phi_hat, (*shape, k, k)))).reshape(n * k * k)
+    columns = a.swapaxes(-1, -2).reshape(n * k, k)      # columns[r·K + j] = A[r][:, j] (a copy)
+    diag = np.diagonal(a, axis1=-2, axis2=-1).reshape(n * k)
     norms = np.sqrt(np.maximum(diag, 0.0))
-    c = identities(n, k)                                # c[r, i] = C_i of row r
-    ac = columns.copy()                                 # ac[r, i] = A C_i, so ⟨g_i', g_j⟩ = ac[r, i, j]
+    tasks, first, pair = flat_pairs(n, k)               # (entries m flattened: see flat_pairs)
+    c = identities(n, k).reshape(n * k, k)              # c[m] = C_i of row r
+    ac = columns.copy()                                 # ac[m] = A C_i, so ⟨g_i', g_j⟩ = ac[m, j]
     sq = diag.copy()                                    # ‖g_i'‖²
+    update_all = target_update == "paper"
     with np.errstate(divide="ignore", invalid="ignore"):  # skipped visits may divide by 0: masked
         for t in range(visits.shape[-1]):
-            j = visits[..., t]                          # (rows, K): the task each task visits now
-            gj_norm = norms[rows, j]
+            j = visits[:, t]                            # (n·K,): the task each entry visits now
+            col, ij = first + j, pair + j               # row r's task j; the pair (r, i, j)
+            gj_norm = norms[col]
             visit = (j != tasks) & (gj_norm != 0.0) & (sq > 0.0)  # no cosine with a zero gradient
             gi_norm = np.sqrt(sq)
-            dot = ac[rows, tasks, j]
+            dot = ac.ravel()[ij]
             phi = np.minimum(np.maximum(dot / (gi_norm * gj_norm), -1.0), 1.0)       # clip (ufuncs: cheaper)
-            old = phi_hat[rows, tasks, j]
+            old = phi_hat[ij]
             target = np.minimum(np.maximum(old, -1.0 + TARGET_MARGIN), 1.0 - TARGET_MARGIN)
             fire = visit & (phi < target)
             if fire.any():                              # (elsewhere the step is 0: nothing moves)
                 step = np.where(fire, vaccine_step(gi_norm, gj_norm, phi, target), 0.0)
-                sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[rows, j], 0.0), sq)
-                c[rows, tasks, j] += step
-                ac += step[..., None] * columns[rows, j]
+                sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[col], 0.0), sq)
+                c.ravel()[ij] += step
+                ac += step[:, None] * columns[col]
             moved = (1.0 - beta) * old + beta * phi
-            phi_hat[rows, tasks, j] = np.where(visit if target_update == "paper" else fire, moved, old)
-    return c.sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
+            phi_hat[ij] = np.where(visit if update_all else fire, moved, old)
+    return c.reshape(n, k, k).sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
 
 
 class GradVac(OwnGenerator, GradientBalancer):

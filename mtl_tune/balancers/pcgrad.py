@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import reduce
+from functools import lru_cache, reduce
 from typing import Any
 
 import numpy as np
@@ -112,10 +112,28 @@ def rows_of(orders: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
 
 
 def identities(n: int, k: int) -> np.ndarray:
-    """n K×K identity matrices (n, K, K), writable."""
+    """n K×K identity matrices (n, K, K), writable (a copy of a cached template: one NumPy call)."""
+    return _identities(n, k).copy()
+
+
+@lru_cache(maxsize=64)
+def _identities(n: int, k: int) -> np.ndarray:
     eye = np.zeros((n, k * k))
     eye[:, ::k + 1] = 1.0
+    eye.flags.writeable = False
     return eye.reshape(n, k, k)
+
+
+@lru_cache(maxsize=64)
+def flat_pairs(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices for n rows of K tasks flattened to n·K entries m = r·K + i (read-only, cached): the task i of
+    each entry, r·K (where row r's K entries start) and m·K (where entry m's K entries of an (n·K, K) array
+    start). With them a visit j (n·K,) is one flat gather: ``x[first + j]`` (row r's task j) or
+    ``y.ravel()[pair + j]`` (entry (r, i, j)): cheaper than indexing (n, K, K) arrays with (row, task) pairs."""
+    tasks, first, pair = np.tile(np.arange(k), n), np.repeat(np.arange(n) * k, k), np.arange(n * k) * k
+    for x in (tasks, first, pair):
+        x.flags.writeable = False
+    return tasks, first, pair
 
 
 def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") -> np.ndarray:
@@ -125,7 +143,7 @@ def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") ->
     Task i's projected gradient is g_i^PC = Σ_l C_il g_l, C = I at the start. Visiting j (not i itself,
     and only if ‖g_j‖² = A_jj > 0): ⟨g_i^PC, g_j⟩ = Σ_l C_il A_lj, and when it is < 0, C_ij −= it / A_jj.
     c = Σ_i C_i (÷ K for ``"mean"``). The tasks' projections are independent of each other, so every
-    row and every task takes its t-th visit at once.
+    row and every task takes its t-th visit at once (entries m = (row, task) flattened: :func:`flat_pairs`).
 
     The inner product is NumPy's sum of the K products; the balancer before the rule used torch's dot,
     whose vectorised accumulation rounds differently from K = 5 on (then c can differ in the last bit;
@@ -133,21 +151,23 @@ def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") ->
     """
     a = np.asarray(gram, dtype=np.float64)
     k, shape = a.shape[-1], a.shape[:-2]
-    a = a.reshape(-1, k, k)
-    orders = rows_of(orders, shape, k)
-    rows, tasks = np.arange(len(a))[:, None], np.arange(k)
-    columns = a.swapaxes(-1, -2)                      # columns[r, j] = A[r][:, j]
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
-    c = identities(len(a), k)                         # c[r, i] = C_i of row r
-    with np.errstate(invalid="ignore"):               # non-finite Gram rows (failed toy rows): never projected
-        for t in range(orders.shape[-1]):
-            j = orders[..., t]                        # (rows, K): the task each task visits now
-            a_jj = diag[rows, j]
-            dot = (c * columns[rows, j]).sum(-1)      # ⟨g_i^PC, g_j⟩
+    n = math.prod(shape)
+    a = a.reshape(n, k, k)
+    visits = rows_of(orders, shape, k).reshape(n * k, -1)   # visits[m]: the tasks entry m = (r, i) visits
+    columns = a.swapaxes(-1, -2).reshape(n * k, k)          # columns[r·K + j] = A[r][:, j] (a copy)
+    diag = np.diagonal(a, axis1=-2, axis2=-1).reshape(n * k)
+    tasks, first, pair = flat_pairs(n, k)
+    c = identities(n, k).reshape(n * k, k)                  # c[m] = C_i of row r
+    with np.errstate(invalid="ignore"):                     # non-finite Gram rows (failed toy rows): never projected
+        for t in range(visits.shape[-1]):
+            j = visits[:, t]                                # (n·K,): the task each entry visits now
+            col = first + j                                 # row r's task j
+            a_jj = diag[col]
+            dot = (c * columns[col]).sum(-1)                # ⟨g_i^PC, g_j⟩
             project = (dot < 0) & (a_jj > 0) & (j != tasks)
-            if project.any():                         # (elsewhere it subtracts 0/1 = 0: unchanged)
-                c[rows, tasks, j] -= np.where(project, dot, 0.0) / np.where(project, a_jj, 1.0)
-    total = c.sum(-2)
+            if project.any():                               # (elsewhere it subtracts 0/1 = 0: unchanged)
+                c.ravel()[pair + j] -= np.where(project, dot, 0.0) / np.where(project, a_jj, 1.0)
+    total = c.reshape(n, k, k).sum(-2)
     return (total / k if reduction == "mean" else total).reshape(*shape, k)
 
 
