@@ -136,9 +136,9 @@ def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Te
 
 
 def _effective_weights(group: Tensor, masked: Tensor, magnitude: Tensor) -> Tensor:
-    """⟨m ⊙ g, g⟩/‖g‖² (..., G) per task of a group (1 for a zero gradient), from |g| (``magnitude``), on
-    g/max|g| so the squares neither overflow nor underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖² for
-    any s > 0. No host sync (elementwise, not a branch): K of them per step on a GPU otherwise.
+    """⟨m ⊙ g, g⟩/‖g‖² (..., G) per task of a group (1 for a zero gradient), from |g| (``magnitude``),
+    on g/max|g| so the squares neither overflow nor underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖²
+    for any s > 0. No host sync (elementwise, not a branch): K of them per step on a GPU otherwise.
 
     A non-zero g has an entry ±1 after scaling, so ‖g/s‖² ≥ 1 and the ratio is finite; a zero g gives
     0/0 = NaN, which becomes 1 (so does a NaN entry's)."""

@@ -111,7 +111,8 @@ def lockstep_weights(rows: Sequence[RandomLossWeighting], n_tasks: int, distribu
         return BlockDraws(rows, lambda generator, steps: normal_draws(generator, n_tasks, steps),
                           lambda blocks: torch.softmax(sigma * torch.stack(blocks, 1), dim=-1).numpy(),
                           block_steps(n_tasks))
-    return BlockDraws(rows, lambda generator, steps: rlw_weights([generator], n_tasks, distribution, sigma, concentration),
+    return BlockDraws(rows,
+                      lambda generator, steps: rlw_weights([generator], n_tasks, distribution, sigma, concentration),
                       lambda blocks: np.stack(blocks, 1), 1)
 
 

@@ -95,7 +95,8 @@ def test_graddrop_numbers_do_not_depend_on_the_task_groups(monkeypatch, group_en
 
     monkeypatch.setattr(graddrop, "GROUP_ENTRIES", group_entries)
     g = torch.Generator().manual_seed(k)
-    jac = torch.randn(2, k, 33, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, k, dtype=torch.float64)[:, None]
+    scales = torch.logspace(-3, 3, k, dtype=torch.float64)[:, None]
+    jac = torch.randn(2, k, 33, generator=g, dtype=torch.float64) * scales
     jac[:, 0, :10] = 0.0
     jac[:, -1, -1] = -jac[:, 0, -1]
     uniform = torch.rand(2, 33, generator=g, dtype=torch.float64)
