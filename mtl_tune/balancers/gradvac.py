@@ -86,8 +86,9 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
     tasks, first, pair = flat_pairs(n, k)               # (entries m flattened: see flat_pairs)
     c = identities(n, k).reshape(n * k, k)              # c[m] = C_i of row r
     ac = columns.copy()                                 # ac[m] = A C_i, so ⟨g_i', g_j⟩ = ac[m, j]
-    sq = diag.copy()                                    # ‖g_i'‖²
+    sq = diag                                           # ‖g_i'‖² (replaced, never written into)
     update_all = target_update == "paper"
+    last = visits.shape[-1] - 1
     with np.errstate(divide="ignore", invalid="ignore"):  # skipped visits may divide by 0: masked
         for t in range(visits.shape[-1]):
             j = visits[:, t]                            # (n·K,): the task each entry visits now
@@ -102,9 +103,10 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
             fire = visit & (phi < target)
             if fire.any():                              # (elsewhere the step is 0: nothing moves)
                 step = np.where(fire, vaccine_step(gi_norm, gj_norm, phi, target), 0.0)
-                sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[col], 0.0), sq)
                 c.ravel()[ij] += step
-                ac += step[:, None] * columns[col]
+                if t < last:                            # (A C_i and ‖g_i'‖² serve the next visits only)
+                    sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[col], 0.0), sq)
+                    ac += step[:, None] * columns[col]
             moved = (1.0 - beta) * old + beta * phi
             phi_hat[ij] = np.where(visit if update_all else fire, moved, old)
     return c.reshape(n, k, k).sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
