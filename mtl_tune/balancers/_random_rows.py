@@ -63,6 +63,12 @@ class OwnGenerator:
             self._ahead.settle()
         self._generator = value
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled (torch.save of the module, a copy): settled first, so the copy holds no block
+        if self._ahead is not None:
+            self._ahead.settle()
+        return super().__getstate__()  # type: ignore[misc]
+
 
 class BlockDraws:
     """The random draws of lockstep rows (the balancers ``owners``, one per row), a block at a time.

@@ -38,6 +38,7 @@ w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -154,6 +155,15 @@ def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
     return _effective_weights(jacobian, multipliers * jacobian, jacobian.abs())
 
 
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _uniform_block(generator: torch.Generator, steps: int, p: int, dtype: torch.dtype) -> Tensor:
+    return torch.rand(steps, p, generator=generator, dtype=dtype)
+
+
+def _uniform_rows(blocks: list[Tensor]) -> Tensor:
+    return torch.stack(blocks, 1).unsqueeze(-2)      # (steps, rows, 1, P)
+
+
 class GradDrop(OwnGenerator, GradientBalancer):
     """GradDrop (Chen et al., NeurIPS'20): per shared-parameter coordinate, keep only the
     task gradients of one randomly drawn sign.
@@ -220,8 +230,8 @@ class GradDrop(OwnGenerator, GradientBalancer):
         if draws is None or draws.key != (p, dtype):   # (a new P or dtype: settle, and draw afresh)
             if draws is not None:
                 draws.settle()
-            draws = BlockDraws(self.row_balancers, lambda g, steps: torch.rand(steps, p, generator=g, dtype=dtype),
-                               lambda blocks: torch.stack(blocks, 1).unsqueeze(-2), block_steps(p), key=(p, dtype))
+            draws = BlockDraws(self.row_balancers, partial(_uniform_block, p=p, dtype=dtype), _uniform_rows,
+                               block_steps(p), key=(p, dtype))
             self.row_draws = draws
         return draws.take(rows)
 

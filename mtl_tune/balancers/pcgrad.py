@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache, reduce
+from functools import lru_cache, partial, reduce
 from typing import Any
 
 import numpy as np
@@ -181,8 +181,16 @@ def lockstep_orders(rows: Sequence[OwnGenerator], k: int) -> BlockDraws:
     """The task orders of lockstep rows (the balancers ``rows``), each row's from its own generator, a block of
     steps at a time (:mod:`~mtl_tune.balancers._random_rows`): every step hands out (rows, K, K − 1), each task's
     visits without itself (:func:`other_tasks`)."""
-    return BlockDraws(rows, lambda generator, steps: order_draws(generator, k, steps),
-                      lambda blocks: other_tasks(np.stack(blocks, 1)), block_steps(k * (k - 1)))
+    return BlockDraws(rows, partial(_order_block, k=k), _visits_block, block_steps(k * (k - 1)))
+
+
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _order_block(generator: torch.Generator, steps: int, k: int) -> np.ndarray:
+    return order_draws(generator, k, steps)
+
+
+def _visits_block(blocks: list[np.ndarray]) -> np.ndarray:
+    return other_tasks(np.stack(blocks, 1))
 
 
 def step_orders(balancer: PCGrad | Any, shape: tuple[int, ...]) -> np.ndarray:

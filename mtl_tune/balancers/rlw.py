@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def rlw_weights(generators: Sequence[torch.Generator], n_tasks: int, distributio
     raise ValueError(f"rlw: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
-def normal_draws(generator: torch.Generator, n_tasks: int, steps: int) -> Tensor:
+def normal_draws(generator: torch.Generator, steps: int, n_tasks: int) -> Tensor:
     """z (steps, K) float64: what ``steps`` one-step draws (:func:`rlw_weights`, K < :data:`SERIAL_NORMALS`)
     draw from ``generator``, in one call. Those draw K entries with torch's entry-by-entry sampler
     (Box–Muller pairs, the second of a pair kept in the generator for the next entry); a block of
@@ -108,12 +109,24 @@ def lockstep_weights(rows: Sequence[RandomLossWeighting], n_tasks: int, distribu
     normal sampler, or the Dirichlet's rejection loop, whose number of draws depends on the numbers)
     one step at a time, as :func:`rlw_weights`."""
     if distribution == "normal" and n_tasks < SERIAL_NORMALS:
-        return BlockDraws(rows, lambda generator, steps: normal_draws(generator, n_tasks, steps),
-                          lambda blocks: torch.softmax(sigma * torch.stack(blocks, 1), dim=-1).numpy(),
+        return BlockDraws(rows, partial(normal_draws, n_tasks=n_tasks), partial(_softmax_block, sigma=sigma),
                           block_steps(n_tasks))
-    return BlockDraws(rows,
-                      lambda generator, steps: rlw_weights([generator], n_tasks, distribution, sigma, concentration),
-                      lambda blocks: np.stack(blocks, 1), 1)
+    return BlockDraws(rows, partial(_one_step, n_tasks=n_tasks, distribution=distribution, sigma=sigma,
+                                    concentration=concentration), _stack_rows, 1)
+
+
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _softmax_block(blocks: list[Tensor], sigma: float) -> np.ndarray:
+    return torch.softmax(sigma * torch.stack(blocks, 1), dim=-1).numpy()
+
+
+def _one_step(generator: torch.Generator, steps: int, n_tasks: int, distribution: str, sigma: float,
+              concentration: float) -> np.ndarray:
+    return rlw_weights([generator], n_tasks, distribution, sigma, concentration)   # (steps is 1)
+
+
+def _stack_rows(blocks: list[np.ndarray]) -> np.ndarray:
+    return np.stack(blocks, 1)
 
 
 class RandomLossWeighting(OwnGenerator, LossBalancer):

@@ -68,7 +68,7 @@ def test_a_block_of_logits_is_the_one_step_draws(k, steps):
     # entry-by-entry normal sampler gives the same numbers, and leaves the same state (its cached second
     # Box-Muller value included: odd K)
     block, one = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    z = normal_draws(block, k, steps)
+    z = normal_draws(block, steps, k)
     expected = torch.stack([torch.empty(k, dtype=torch.float64).normal_(generator=one) for _ in range(steps)])
     assert torch.equal(z, expected)
     assert torch.equal(block.get_state(), one.get_state())

@@ -306,3 +306,26 @@ def test_lockstep_rows_drawn_ahead_look_as_if_they_were_not(name, hp):
     for _ in range(4):
         step_all([(1, resumed)])
     assert many.row_draws.steps > 4 or name == "rlw" and hp      # (the draws were ahead: blocks of steps)
+
+
+@pytest.mark.parametrize("name,hp", RANDOM_RULES, ids=repr)
+def test_lockstep_rows_pickle_mid_block(name, hp):
+    """A row balancer pickled mid-block (torch.save of a module, a copy) is settled first: the copy holds no
+    block and draws on as the row's own run; the rule's balancer pickles too (no lambdas)."""
+    import pickle
+
+    k, seeds = 2, (1, 2, 3)
+    rows = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    alone = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    many = get_balancer(name, n_tasks=k, seed=99, **hp)
+    many.start_rows(rows)
+    rng = np.random.default_rng(2)
+    jac, losses = rng.normal(size=(len(rows), k, 3)), rng.uniform(0.5, 3.0, size=(len(rows), k))
+    random_step(many, jac, losses)
+    for r, one in enumerate(alone):
+        random_step(one, jac[r], losses[r])
+    pickle.loads(pickle.dumps(many))
+    copy = pickle.loads(pickle.dumps(rows[1]))
+    if name == "gradvac":
+        copy.targets = alone[1].targets.clone()
+    np.testing.assert_array_equal(random_step(copy, jac[1], losses[1]), random_step(alone[1], jac[1], losses[1]))
