@@ -24,7 +24,13 @@ Variants (docs/methods.md#graddrop) — we implement the first:
   tasks kept or attenuated), their ``leak`` = 1 − λ (not offered).
 
 Randomness: the balancer's own generator (seeded by ``seed``, saved in ``state_dict``),
-created on the Jacobian's device so U is drawn where the gradients live.
+created on the Jacobian's device so U is drawn where the gradients live (lockstep rows, the toy's,
+draw on the CPU, blocks of steps ahead: :mod:`~mtl_tune.balancers._random_rows`).
+
+The formulas run on a group of tasks at a time (:func:`task_groups`): all K for a small Jacobian
+(few torch calls: each costs microseconds whatever its size), one or a few for a model's (P-sized
+temporaries). Sums over the tasks are taken task by task in order, so the numbers do not depend on
+the grouping.
 Reported weights: the least-squares effective weight of each task,
 w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for a zero gradient).
 """
@@ -32,73 +38,133 @@ w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
+
+#: a Jacobian of at most this many entries (all rows) is taken all tasks at once (:func:`task_groups`)
+GROUP_ENTRIES = 2 ** 16
 
 
 def purity(jacobian: Tensor) -> Tensor:
     """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (..., P) of Jacobians (..., K, P), ½ where
-    all g_ic are 0. Accumulated task by task: P-sized temporaries only (a ``jacobian.abs()`` would be
-    a K×P copy)."""
-    rows = jacobian.unbind(-2)
-    total = jacobian.sum(-2)
-    magnitude = torch.zeros_like(total)
-    for row in rows:
-        magnitude.add_(row.abs())
-    nonzero = magnitude > 0
-    ratio = torch.where(nonzero, total / torch.where(nonzero, magnitude, torch.ones_like(magnitude)),
-                        torch.zeros_like(total))
-    return 0.5 * (1.0 + ratio)
+    all g_ic are 0 (a group of tasks at a time: :func:`task_groups`)."""
+    return _purity(jacobian, _magnitude(task_groups(jacobian))).squeeze(-2)
+
+
+def task_groups(jacobian: Tensor) -> tuple[Tensor, ...]:
+    """The Jacobian (..., K, P) split into groups of tasks (..., G, P) that the formulas take at once.
+
+    All K tasks when the Jacobian (all rows) has at most :data:`GROUP_ENTRIES` entries: few torch calls
+    (each costs microseconds, whatever its size) for a small Jacobian like the toy's. A large one goes
+    as many tasks at a time as fit in that many entries, at least one, so the temporaries stay
+    P-sized (a K×P ``abs`` of a model's Jacobian would double its memory)."""
+    k = jacobian.shape[-2]
+    per_task = jacobian.numel() // max(k, 1)
+    group = max(1, min(k, GROUP_ENTRIES // max(per_task, 1)))
+    return (jacobian,) if group >= k else jacobian.split(group, dim=-2)
+
+
+def _task_sum(group: Tensor, keepdim: bool = False, total: Tensor | None = None) -> Tensor:
+    """total + g₀ + g₁ + … over a group's tasks (..., G, P), from left to right: the task-by-task sum, the
+    same numbers whatever the grouping (torch's sum over a dimension regroups the terms from 5 on; for
+    two terms it is the one addition, so it serves there, in one call)."""
+    if total is None and group.shape[-2] <= 2:
+        return group.sum(-2, keepdim=keepdim)
+    for part in (group.split(1, dim=-2) if keepdim else group.unbind(-2)):
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _magnitude(groups: Sequence[Tensor], magnitudes: Sequence[Tensor] | None = None) -> Tensor:
+    """Σ_i |g_ic| (..., 1, P), from the groups' |g| when given (one group: kept for the weights)."""
+    total = None
+    for m in magnitudes or (g.abs() for g in groups):
+        total = _task_sum(m, keepdim=True, total=total)
+    assert total is not None
+    return total
+
+
+def _purity(jacobian: Tensor, magnitude: Tensor) -> Tensor:
+    """P (..., 1, P) from the Jacobian and Σ_i |g_ic|. Where that is 0, so is Σ_i g_ic, and 0/0 = NaN
+    becomes the ratio 0 (P = ½); |Σ_i g_ic| ≤ Σ_i |g_ic| keeps every other ratio in [−1, 1] (a NaN entry
+    gives ½ too; infinite entries, which balancers refuse before, would give ½ instead of NaN)."""
+    return (jacobian.sum(-2, keepdim=True) / magnitude).nan_to_num_(0.0).add_(1.0).mul_(0.5)
+
+
+def _keep_positive(uniform: Tensor, purity_: Tensor) -> Tensor:
+    """[U_c < P_c] (..., 1, P) for uniforms (..., P) or (..., 1, P) (lockstep rows draw them so: one call less)."""
+    return (uniform if uniform.dim() == purity_.dim() else uniform.unsqueeze(-2)) < purity_
+
+
+def _kept(group: Tensor, keep_positive: Tensor) -> Tensor:
+    """M (..., G, P) bool: the entry's sign is the kept one (a zero entry has neither sign)."""
+    return torch.where(keep_positive, group > 0, group < 0)
+
+
+def _masked(group: Tensor, keep_positive: Tensor, leak: float) -> Tensor:
+    """m ⊙ g (..., G, P) of a group of tasks (λ = 0: g·M, the same numbers as (0 + 1·M)·g in one call)."""
+    kept = _kept(group, keep_positive)
+    return group * kept if leak == 0.0 else kept.to(group.dtype).mul_(1.0 - leak).add_(leak).mul_(group)
 
 
 def graddrop_multipliers(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
     """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (..., K, P) for uniforms U (..., P)."""
-    keep_positive = uniform < purity(jacobian)  # (..., P)
-    return torch.stack([_row_multiplier(row, keep_positive, leak) for row in jacobian.unbind(-2)], -2)
-
-
-def _row_multiplier(row: Tensor, keep_positive: Tensor, leak: float) -> Tensor:
-    """m_i (..., P) of one task: λ + (1 − λ)·[row's sign is the kept one]·[row ≠ 0]."""
-    mask = torch.where(row > 0, keep_positive, ~keep_positive) & (row != 0)
-    return leak + (1.0 - leak) * mask.to(row.dtype)
+    keep = _keep_positive(uniform, _purity(jacobian, _magnitude((jacobian,))))
+    return _kept(jacobian, keep).to(jacobian.dtype).mul_(1.0 - leak).add_(leak)
 
 
 def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
     """The GradDrop direction d = Σ_i m_i ⊙ g_i (..., P) and the effective weights (..., K) of
-    Jacobians (..., K, P), one task at a time: P-sized temporaries instead of the K×P multipliers."""
-    keep_positive = uniform < purity(jacobian)
-    direction = torch.zeros_like(jacobian.select(-2, 0))
-    weights = []
-    for row in jacobian.unbind(-2):
-        mg = _row_multiplier(row, keep_positive, leak).mul_(row)
-        direction.add_(mg)
-        weights.append(_effective_weight(row, mg))
-    return direction, torch.stack(weights, -1)
+    Jacobians (..., K, P) for uniforms U (..., P), a group of tasks at a time (:func:`task_groups`): the
+    whole Jacobian in 22 torch calls when it is small, P-sized temporaries when it is large."""
+    groups = task_groups(jacobian)
+    magnitudes = [groups[0].abs()] if len(groups) == 1 else None
+    keep_positive = _keep_positive(uniform, _purity(jacobian, _magnitude(groups, magnitudes)))
+    direction, weights = None, []
+    for i, group in enumerate(groups):
+        masked = _masked(group, keep_positive, leak)
+        direction = _task_sum(masked, total=direction)
+        weights.append(_effective_weights(group, masked, magnitudes[i] if magnitudes else group.abs()))
+    return direction, (weights[0] if len(weights) == 1 else torch.cat(weights, -1))
 
 
-def _effective_weight(row: Tensor, masked: Tensor) -> Tensor:
-    """⟨m ⊙ g, g⟩/‖g‖² (...) (1 for a zero gradient), on g/max|g| so the squares neither overflow nor
-    underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖² for any s > 0."""
-    peak = row.abs().amax(-1, keepdim=True)
-    scale = torch.where(peak > 0, peak, torch.ones_like(peak))  # no host sync (K of them per step on a GPU)
-    r = row / scale
+def _effective_weights(group: Tensor, masked: Tensor, magnitude: Tensor) -> Tensor:
+    """⟨m ⊙ g, g⟩/‖g‖² (..., G) per task of a group (1 for a zero gradient), from |g| (``magnitude``),
+    on g/max|g| so the squares neither overflow nor underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖²
+    for any s > 0. No host sync (elementwise, not a branch): K of them per step on a GPU otherwise.
+
+    A non-zero g has an entry ±1 after scaling, so ‖g/s‖² ≥ 1 and the ratio is finite; a zero g (s = 0)
+    gives NaNs (0/0), and its weight becomes 1 (so does a NaN entry's)."""
+    scale = magnitude.amax(-1, keepdim=True)
+    r = group / scale
     energy, kept = (r * r).sum(-1), ((masked / scale) * r).sum(-1)
-    return torch.where(energy > 0, kept / torch.where(energy > 0, energy, torch.ones_like(energy)),
-                       torch.ones_like(energy))
+    return (kept / energy).nan_to_num_(1.0)
 
 
 def effective_weights(jacobian: Tensor, multipliers: Tensor) -> Tensor:
     """w_i = ⟨m_i ⊙ g_i, g_i⟩/‖g_i‖² (..., K) (1 for a zero gradient); rows are rescaled by their
     max |entry| first so the squares neither overflow nor underflow."""
-    return torch.stack([_effective_weight(g, m * g) for g, m in zip(jacobian.unbind(-2), multipliers.unbind(-2))], -1)
+    return _effective_weights(jacobian, multipliers * jacobian, jacobian.abs())
 
 
-class GradDrop(GradientBalancer):
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _uniform_block(generator: torch.Generator, steps: int, p: int, dtype: torch.dtype) -> Tensor:
+    return torch.rand(steps, p, generator=generator, dtype=dtype)
+
+
+def _uniform_rows(blocks: list[Tensor]) -> Tensor:
+    return torch.stack(blocks, 1).unsqueeze(-2)      # (steps, rows, 1, P)
+
+
+class GradDrop(OwnGenerator, GradientBalancer):
     """GradDrop (Chen et al., NeurIPS'20): per shared-parameter coordinate, keep only the
     task gradients of one randomly drawn sign.
 
@@ -122,6 +188,10 @@ class GradDrop(GradientBalancer):
         self.leak = float(leak)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        #: the rows' balancers in lockstep (:meth:`start_rows`), and their uniforms (made at the first step,
+        #: which gives P and the dtype); None for one row
+        self.row_balancers: list[GradDrop] | None = None
+        self.row_draws: BlockDraws | None = None
 
     def _generator_on(self, device: torch.device) -> torch.Generator:
         # Draw U where the gradients live (no P-sized host→device copy per step). The first
@@ -131,7 +201,7 @@ class GradDrop(GradientBalancer):
         return self.generator
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
-        self.row_generators = [b.generator for b in rows]  # each init's own stream
+        self.row_balancers, self.row_draws = list(rows), None  # each init's own stream
 
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """Batch-first rule on Jacobians (..., K, P): uniforms U (..., P) from the generator (one per row
@@ -141,10 +211,29 @@ class GradDrop(GradientBalancer):
         if jacobian.dim() == 2:
             gen = self._generator_on(jacobian.device)
             uniform = torch.rand(p, generator=gen, device=jacobian.device, dtype=jacobian.dtype)
-        else:  # one draw per row from its own generator (CPU: the toy)
-            uniform = torch.stack([torch.rand(p, generator=g, dtype=jacobian.dtype) for g in self.row_generators])
+        else:  # each row's draw from its own (CPU) generator, in blocks of steps (the toy)
+            uniform = self._lockstep_uniforms(jacobian.shape[:-2].numel(), p, jacobian.dtype)
+            if uniform.device != jacobian.device:
+                uniform = uniform.to(jacobian.device)
+            if jacobian.dim() != 3:
+                uniform = uniform.reshape(*jacobian.shape[:-2], 1, p)
         direction, weights = masked_sum(jacobian, uniform, self.leak)
         return RowStep(weights, direction=direction)
+
+    def _lockstep_uniforms(self, rows: int, p: int, dtype: torch.dtype) -> Tensor:
+        """This step's uniforms (rows, 1, P) of the lockstep rows. ``torch.rand`` on the CPU fills entry by entry
+        (53 bits of one 64-bit draw per float64, 24 of one 32-bit draw per float32), so a block of steps'
+        uniforms is what one-step draws of P would draw (tests/balancers/test_graddrop.py compares both)."""
+        if self.row_balancers is None:
+            raise rows_mismatch(rows, None)
+        draws = self.row_draws
+        if draws is None or draws.key != (p, dtype):   # (a new P or dtype: settle, and draw afresh)
+            if draws is not None:
+                draws.settle()
+            draws = BlockDraws(self.row_balancers, partial(_uniform_block, p=p, dtype=dtype), _uniform_rows,
+                               block_steps(p), key=(p, dtype))
+            self.row_draws = draws
+        return draws.take(rows)
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         out = self.direction_rows(jacobian, losses)

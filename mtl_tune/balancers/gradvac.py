@@ -36,15 +36,17 @@ Granularity (LibMTL's per-layer / per-matrix targets) is not offered: whole shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtl_tune.balancers._rows import RowStep, row_generators
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator
+from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
-from mtl_tune.balancers.pcgrad import identities, order_array, other_tasks, random_orders, rows_of
+from mtl_tune.balancers.pcgrad import flat_pairs, identities, lockstep_orders, order_array, rows_of, step_orders
 
 TARGET_UPDATES = ("paper", "official")
 #: targets are kept this far from ±1 when used (the correction diverges at ±1).
@@ -53,8 +55,8 @@ TARGET_MARGIN = 1e-6
 
 def vaccine_step(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target`` (elementwise)."""
-    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * np.sqrt(1.0 - target * target)) / (
-        gj_norm * np.sqrt(1.0 - target * target))
+    sin_target = np.sqrt(1.0 - target * target)   # (once: it appears twice)
+    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * sin_target) / (gj_norm * sin_target)
 
 
 def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]] | np.ndarray,
@@ -67,43 +69,50 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
     Task i keeps g_i' = Σ_l C_il g_l (C_i = e_i at the start), (A C_i)_j = ⟨g_i', g_j⟩ and
     ‖g_i'‖² = C_iᵀ A C_i, both updated incrementally: a correction s·g_j adds s·A[:, j] to A C_i and
     2s⟨g_i', g_j⟩ + s²A_jj to ‖g_i'‖². Task i alone reads and writes the targets φ̂_i·, so the tasks are
-    independent: every row and every task takes its t-th visit at once.
+    independent: every row and every task takes its t-th visit at once (entries (row, task) flattened:
+    :func:`~mtl_tune.balancers.pcgrad.flat_pairs`).
     """
     a = np.asarray(gram_matrix, dtype=np.float64)
     k, shape = a.shape[-1], a.shape[:-2]
-    a = a.reshape(-1, k, k)
-    n = len(a)
-    visits = rows_of(order_array(orders), shape, k)
-    phi_hat = np.array(np.broadcast_to(targets, (*shape, k, k)), dtype=np.float64).reshape(n, k, k)
-    rows, tasks = np.arange(n)[:, None], np.arange(k)
-    columns = a.swapaxes(-1, -2)                        # columns[r, j] = A[r][:, j]
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    n = math.prod(shape)
+    a = a.reshape(n, k, k)
+    visits = rows_of(order_array(orders), shape, k).reshape(n * k, -1)   # visits[m]: entry m = (r, i)'s tasks
+    phi_hat = np.asarray(targets, dtype=np.float64)
+    phi_hat = (phi_hat.copy() if phi_hat.shape == (*shape, k, k)     # (a copy: the caller's stay as they are)
+               else np.array(np.broadcast_to(phi_hat, (*shape, k, k)))).reshape(n * k * k)
+    columns = a.swapaxes(-1, -2).reshape(n * k, k)      # columns[r·K + j] = A[r][:, j] (a copy)
+    diag = np.diagonal(a, axis1=-2, axis2=-1).reshape(n * k)
     norms = np.sqrt(np.maximum(diag, 0.0))
-    c = identities(n, k)                                # c[r, i] = C_i of row r
-    ac = columns.copy()                                 # ac[r, i] = A C_i, so ⟨g_i', g_j⟩ = ac[r, i, j]
-    sq = diag.copy()                                    # ‖g_i'‖²
+    tasks, first, pair = flat_pairs(n, k)               # (entries m flattened: see flat_pairs)
+    c = identities(n, k).reshape(n * k, k)              # c[m] = C_i of row r
+    ac = columns.copy()                                 # ac[m] = A C_i, so ⟨g_i', g_j⟩ = ac[m, j]
+    sq = diag                                           # ‖g_i'‖² (replaced, never written into)
+    update_all = target_update == "paper"
+    last = visits.shape[-1] - 1
     with np.errstate(divide="ignore", invalid="ignore"):  # skipped visits may divide by 0: masked
         for t in range(visits.shape[-1]):
-            j = visits[..., t]                          # (rows, K): the task each task visits now
-            gj_norm = norms[rows, j]
+            j = visits[:, t]                            # (n·K,): the task each entry visits now
+            col, ij = first + j, pair + j               # row r's task j; the pair (r, i, j)
+            gj_norm = norms[col]
             visit = (j != tasks) & (gj_norm != 0.0) & (sq > 0.0)  # no cosine with a zero gradient
             gi_norm = np.sqrt(sq)
-            dot = ac[rows, tasks, j]
+            dot = ac.ravel()[ij]
             phi = np.minimum(np.maximum(dot / (gi_norm * gj_norm), -1.0), 1.0)       # clip (ufuncs: cheaper)
-            old = phi_hat[rows, tasks, j]
+            old = phi_hat[ij]
             target = np.minimum(np.maximum(old, -1.0 + TARGET_MARGIN), 1.0 - TARGET_MARGIN)
             fire = visit & (phi < target)
             if fire.any():                              # (elsewhere the step is 0: nothing moves)
                 step = np.where(fire, vaccine_step(gi_norm, gj_norm, phi, target), 0.0)
-                sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[rows, j], 0.0), sq)
-                c[rows, tasks, j] += step
-                ac += step[..., None] * columns[rows, j]
+                c.ravel()[ij] += step
+                if t < last:                            # (A C_i and ‖g_i'‖² serve the next visits only)
+                    sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[col], 0.0), sq)
+                    ac += step[:, None] * columns[col]
             moved = (1.0 - beta) * old + beta * phi
-            phi_hat[rows, tasks, j] = np.where(visit if target_update == "paper" else fire, moved, old)
-    return c.sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
+            phi_hat[ij] = np.where(visit if update_all else fire, moved, old)
+    return c.reshape(n, k, k).sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
 
 
-class GradVac(GradientBalancer):
+class GradVac(OwnGenerator, GradientBalancer):
     """Gradient Vaccine (Wang et al., ICLR'21): pairwise corrections towards adaptive
     cosine-similarity targets.
 
@@ -132,21 +141,19 @@ class GradVac(GradientBalancer):
         self.beta, self.target_update = float(beta), target_update
         self.generator = torch.Generator().manual_seed(int(seed))
         self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)  # (rows, K, K) after start_rows
-        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
-        self.row_generators: list[torch.Generator] | None = None
+        #: the rows' orders in lockstep (:meth:`start_rows`); None for one row
+        self.row_draws: BlockDraws | None = None
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
-        # generators adopted, not copied (row r draws the orders its own balancer would); targets from each row
-        self.row_generators = [b.generator for b in rows]
+        # generators used, not copied (row r draws the orders its own balancer would); targets from each row
+        self.row_draws = lockstep_orders(rows, self.n_tasks)
         self.targets = torch.stack([b.targets for b in rows])
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
         """The rule: K fresh task orders per row from the row's generator, then the corrections
         towards each row's targets, which it updates."""
-        shape, k = gram.shape[:-2], self.n_tasks
-        orders = other_tasks(random_orders(row_generators(self.generator, self.row_generators, shape), k))
-        coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders.reshape(*shape, k, k - 1), self.beta,
-                                             self.target_update)
+        orders = step_orders(self, gram.shape[:-2])
+        coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders, self.beta, self.target_update)
         self.targets = torch.from_numpy(targets)
         return RowStep(coef)
 

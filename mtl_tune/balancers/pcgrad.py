@@ -11,7 +11,8 @@ seeded generator (reproducible, saved in checkpoints). Task heads get the unweig
 sum of task gradients (docs/methods.md#pcgrad). A zero gradient g_j is never projected on.
 
 The rule (:meth:`PCGrad.weights_rows`) runs on any number of rows at once: each row's orders come
-from its own generator (:func:`random_orders`), the projections of all rows and tasks are batched
+from its own generator (:func:`order_draws`; in lockstep a block of steps per call, see
+:mod:`~mtl_tune.balancers._random_rows`), the projections of all rows and tasks are batched
 (:func:`pcgrad_rows`).
 """
 
@@ -19,14 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import reduce
+from functools import lru_cache, partial, reduce
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._rows import RowStep, host, row_generators
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
+from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import Balancer, GradientBalancer
 
 #: draws of ``Tensor.random_(0, m)`` below this bound take one 32-bit draw of the generator each
@@ -40,33 +42,48 @@ def swap_modulus(k: int) -> int | None:
     return modulus if modulus < _ONE_DRAW_BOUND else None
 
 
-def random_orders(generators: Sequence[torch.Generator], k: int) -> np.ndarray:
-    """Task orders (len(generators), K, K): ``orders[r, i]`` is the i-th of K calls
-    ``torch.randperm(K, generator=generators[r])``, the same numbers and generator states after.
+def order_draws(generator: torch.Generator, k: int, steps: int = 1) -> np.ndarray:
+    """``steps`` steps' task orders of one generator (steps, K, K): ``[t, i]`` is task i's order at step t,
+    each a uniformly random permutation of the K tasks (every visit skips task i itself).
 
-    ``torch.randperm`` (CPU, K < 2³²/20) is a Fisher–Yates shuffle on K − 1 32-bit draws uₛ of the
-    generator: swap p[s] ↔ p[s + uₛ mod (K − s)], s = 0 … K − 2. ``random_(0, L)`` with L < 2³² also
-    takes one 32-bit draw u per entry and returns u mod L; with L = lcm(2, …, K) every modulus m ≤ K
-    divides L, so (u mod L) mod m = u mod m. One ``random_`` call per row therefore fetches all
-    K(K − 1) draws of a step's K permutations (tests/balancers/test_pcgrad.py checks the orders and
-    the generator states against ``torch.randperm``), and the shuffles run on all rows at once.
-    For K > 22 (L ≥ 2³²: ``random_`` would take 64-bit draws) each order is a ``torch.randperm`` call.
+    The orders are our own Fisher–Yates shuffles: permutation p starts as 0 … K − 1 and swaps
+    p[s] ↔ p[s + uₛ mod (K − s)] for s = 0 … K − 2, on 32-bit draws uₛ of the generator taken as
+    ``random_(0, L)`` with L = lcm(2, …, K) (:func:`swap_modulus`): ``random_`` takes one 32-bit draw u per
+    entry and returns u mod L, and every modulus m ≤ K divides L, so (u mod L) mod m = u mod m. One call
+    fetches all K(K − 1) draws of a step's K permutations — or of ``steps`` steps' (the entries are
+    filled one after the other, so a block of steps holds what one-step calls would have drawn, and
+    leaves the generator where they would have left it: what lockstep rows rely on,
+    :mod:`~mtl_tune.balancers._random_rows`).
+
+    These orders do not call ``torch.randperm``, so they do not depend on its algorithm; they equal its
+    draws on torch's CPU generator (the same swaps; tests/balancers/test_pcgrad.py compares orders and
+    generator states), which keeps them those of earlier runs. Should a torch release change
+    ``randperm``, this shuffle stays as documented here. For K > 22 (L ≥ 2³²: ``random_`` would take
+    64-bit draws) each order is a ``torch.randperm`` call instead, whose numbers are torch's.
     """
-    n = len(generators)
     modulus = swap_modulus(k)
     if modulus is None:
-        return np.stack([np.stack([torch.randperm(k, generator=g).numpy() for _ in range(k)]) for g in generators])
-    draws = np.empty((n, k, k - 1), dtype=np.int64)
-    for row, generator in zip(torch.from_numpy(draws), generators):
-        row.random_(0, modulus, generator=generator)
-    orders = np.broadcast_to(np.arange(k), (n, k, k)).copy()
-    rows, perms = np.arange(n)[:, None], np.arange(k)
+        return np.array([[torch.randperm(k, generator=generator).numpy() for _ in range(k)]
+                         for _ in range(steps)], dtype=np.int64).reshape(steps, k, k)
+    draws = torch.empty(steps, k, k - 1, dtype=torch.int64).random_(0, modulus, generator=generator).numpy()
+    return shuffle(draws, k)
+
+
+def shuffle(draws: np.ndarray, k: int) -> np.ndarray:
+    """The Fisher–Yates permutations (..., K) of 0 … K − 1 for swap draws (..., K − 1) (:func:`order_draws`),
+    all at once: step s swaps p[s] with p[s + uₛ mod (K − s)]."""
+    orders = np.broadcast_to(np.arange(k), (*draws.shape[:-1], k)).copy()
     for s in range(k - 1):
-        swap = s + draws[..., s] % (k - s)                 # (n, K): the position p[s] trades with
-        partner = orders[rows, perms, swap]
-        orders[rows, perms, swap] = orders[..., s]
-        orders[..., s] = partner
+        swap = (s + draws[..., s] % (k - s))[..., None]   # the position p[s] trades with
+        partner = np.take_along_axis(orders, swap, -1)
+        np.put_along_axis(orders, swap, orders[..., s:s + 1], -1)
+        orders[..., s:s + 1] = partner
     return orders
+
+
+def random_orders(generators: Sequence[torch.Generator], k: int) -> np.ndarray:
+    """One step's task orders (len(generators), K, K), row r's from ``generators[r]`` (:func:`order_draws`)."""
+    return np.stack([order_draws(g, k)[0] for g in generators]).reshape(len(generators), k, k)
 
 
 def other_tasks(orders: np.ndarray) -> np.ndarray:
@@ -95,10 +112,28 @@ def rows_of(orders: np.ndarray, shape: tuple[int, ...], k: int) -> np.ndarray:
 
 
 def identities(n: int, k: int) -> np.ndarray:
-    """n K×K identity matrices (n, K, K), writable."""
+    """n K×K identity matrices (n, K, K), writable (a copy of a cached template: one NumPy call)."""
+    return _identities(n, k).copy()
+
+
+@lru_cache(maxsize=64)
+def _identities(n: int, k: int) -> np.ndarray:
     eye = np.zeros((n, k * k))
     eye[:, ::k + 1] = 1.0
+    eye.flags.writeable = False
     return eye.reshape(n, k, k)
+
+
+@lru_cache(maxsize=64)
+def flat_pairs(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices for n rows of K tasks flattened to n·K entries m = r·K + i (read-only, cached): the task i of
+    each entry, r·K (where row r's K entries start) and m·K (where entry m's K entries of an (n·K, K) array
+    start). With them a visit j (n·K,) is one flat gather: ``x[first + j]`` (row r's task j) or
+    ``y.ravel()[pair + j]`` (entry (r, i, j)): cheaper than indexing (n, K, K) arrays with (row, task) pairs."""
+    tasks, first, pair = np.tile(np.arange(k), n), np.repeat(np.arange(n) * k, k), np.arange(n * k) * k
+    for x in (tasks, first, pair):
+        x.flags.writeable = False
+    return tasks, first, pair
 
 
 def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") -> np.ndarray:
@@ -108,7 +143,7 @@ def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") ->
     Task i's projected gradient is g_i^PC = Σ_l C_il g_l, C = I at the start. Visiting j (not i itself,
     and only if ‖g_j‖² = A_jj > 0): ⟨g_i^PC, g_j⟩ = Σ_l C_il A_lj, and when it is < 0, C_ij −= it / A_jj.
     c = Σ_i C_i (÷ K for ``"mean"``). The tasks' projections are independent of each other, so every
-    row and every task takes its t-th visit at once.
+    row and every task takes its t-th visit at once (entries m = (row, task) flattened: :func:`flat_pairs`).
 
     The inner product is NumPy's sum of the K products; the balancer before the rule used torch's dot,
     whose vectorised accumulation rounds differently from K = 5 on (then c can differ in the last bit;
@@ -116,21 +151,23 @@ def pcgrad_rows(gram: np.ndarray, orders: np.ndarray, reduction: str = "sum") ->
     """
     a = np.asarray(gram, dtype=np.float64)
     k, shape = a.shape[-1], a.shape[:-2]
-    a = a.reshape(-1, k, k)
-    orders = rows_of(orders, shape, k)
-    rows, tasks = np.arange(len(a))[:, None], np.arange(k)
-    columns = a.swapaxes(-1, -2)                      # columns[r, j] = A[r][:, j]
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
-    c = identities(len(a), k)                         # c[r, i] = C_i of row r
-    with np.errstate(invalid="ignore"):               # non-finite Gram rows (failed toy rows): never projected
-        for t in range(orders.shape[-1]):
-            j = orders[..., t]                        # (rows, K): the task each task visits now
-            a_jj = diag[rows, j]
-            dot = (c * columns[rows, j]).sum(-1)      # ⟨g_i^PC, g_j⟩
+    n = math.prod(shape)
+    a = a.reshape(n, k, k)
+    visits = rows_of(orders, shape, k).reshape(n * k, -1)   # visits[m]: the tasks entry m = (r, i) visits
+    columns = a.swapaxes(-1, -2).reshape(n * k, k)          # columns[r·K + j] = A[r][:, j] (a copy)
+    diag = np.diagonal(a, axis1=-2, axis2=-1).reshape(n * k)
+    tasks, first, pair = flat_pairs(n, k)
+    c = identities(n, k).reshape(n * k, k)                  # c[m] = C_i of row r
+    with np.errstate(invalid="ignore"):                     # non-finite Gram rows (failed toy rows): never projected
+        for t in range(visits.shape[-1]):
+            j = visits[:, t]                                # (n·K,): the task each entry visits now
+            col = first + j                                 # row r's task j
+            a_jj = diag[col]
+            dot = (c * columns[col]).sum(-1)                # ⟨g_i^PC, g_j⟩
             project = (dot < 0) & (a_jj > 0) & (j != tasks)
-            if project.any():                         # (elsewhere it subtracts 0/1 = 0: unchanged)
-                c[rows, tasks, j] -= np.where(project, dot, 0.0) / np.where(project, a_jj, 1.0)
-    total = c.sum(-2)
+            if project.any():                               # (elsewhere it subtracts 0/1 = 0: unchanged)
+                c.ravel()[pair + j] -= np.where(project, dot, 0.0) / np.where(project, a_jj, 1.0)
+    total = c.reshape(n, k, k).sum(-2)
     return (total / k if reduction == "mean" else total).reshape(*shape, k)
 
 
@@ -140,7 +177,34 @@ def pcgrad_coefficients(gram_matrix: Tensor, orders: Sequence[Sequence[int]], re
     return torch.from_numpy(pcgrad_rows(host(gram_matrix), order_array(orders), reduction)).to(gram_matrix.device)
 
 
-class PCGrad(GradientBalancer):
+def lockstep_orders(rows: Sequence[OwnGenerator], k: int) -> BlockDraws:
+    """The task orders of lockstep rows (the balancers ``rows``), each row's from its own generator, a block of
+    steps at a time (:mod:`~mtl_tune.balancers._random_rows`): every step hands out (rows, K, K − 1), each task's
+    visits without itself (:func:`other_tasks`)."""
+    return BlockDraws(rows, partial(_order_block, k=k), _visits_block, block_steps(k * (k - 1)))
+
+
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _order_block(generator: torch.Generator, steps: int, k: int) -> np.ndarray:
+    return order_draws(generator, k, steps)
+
+
+def _visits_block(blocks: list[np.ndarray]) -> np.ndarray:
+    return other_tasks(np.stack(blocks, 1))
+
+
+def step_orders(balancer: PCGrad | Any, shape: tuple[int, ...]) -> np.ndarray:
+    """This step's orders (shape..., K, K − 1) of ``balancer`` (PCGrad or GradVac): for one row (``shape == ()``)
+    from its own generator, in lockstep from each row's (``row_draws``, set by ``start_rows``)."""
+    k = balancer.n_tasks
+    if shape == ():
+        return other_tasks(order_draws(balancer.generator, k)[0])
+    if balancer.row_draws is None:
+        raise rows_mismatch(math.prod(shape), None)
+    return balancer.row_draws.take(math.prod(shape)).reshape(*shape, k, k - 1)
+
+
+class PCGrad(OwnGenerator, GradientBalancer):
     """PCGrad (Yu et al., NeurIPS'20): project each task gradient off the others it
     conflicts with, in random order.
 
@@ -163,18 +227,16 @@ class PCGrad(GradientBalancer):
             raise ValueError(f"pcgrad: reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
         self.generator = torch.Generator().manual_seed(int(seed))
-        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
-        self.row_generators: list[torch.Generator] | None = None
+        #: the rows' orders in lockstep (:meth:`start_rows`); None for one row
+        self.row_draws: BlockDraws | None = None
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
-        # adopted, not copied: row r draws the orders its own balancer would draw
-        self.row_generators = [b.generator for b in rows]
+        # the rows' generators are used, not copied: row r draws the orders its own balancer would draw
+        self.row_draws = lockstep_orders(rows, self.n_tasks)
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
         """The rule: K fresh task orders per row from the row's generator, then the projections."""
-        shape, k = gram.shape[:-2], self.n_tasks
-        orders = other_tasks(random_orders(row_generators(self.generator, self.row_generators, shape), k))
-        return RowStep(pcgrad_rows(gram, orders.reshape(*shape, k, k - 1), self.reduction))
+        return RowStep(pcgrad_rows(gram, step_orders(self, gram.shape[:-2]), self.reduction))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -16,23 +16,30 @@ it to reproduce the published numbers.
 Unlike the official code (``torch.randn`` on the global RNG, so the weights depend on
 everything else that draws random numbers), the balancer owns a seeded CPU
 ``torch.Generator``; its state is part of :meth:`state_dict`, so a resumed run draws the
-same weights. ``seed=None`` takes the seed from the global torch RNG at construction,
+same weights (lockstep rows draw blocks of steps ahead without changing this:
+:mod:`~mtl_tune.balancers._random_rows`). ``seed=None`` takes the seed from the global torch RNG at construction,
 which makes a seeded trial reproducible without a separate seed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._rows import RowStep, row_generators
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
+from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, LossBalancer
 
 DISTRIBUTIONS = ("normal", "dirichlet")
+#: ``normal_`` fills a contiguous tensor of this many entries or more with a vectorised sampler whose
+#: numbers depend on the call's size; below, and on any non-contiguous tensor, entry by entry
+SERIAL_NORMALS = 16
 
 
 def sample_gamma(alpha: float, n: int, generator: torch.Generator) -> Tensor:
@@ -83,7 +90,46 @@ def rlw_weights(generators: Sequence[torch.Generator], n_tasks: int, distributio
     raise ValueError(f"rlw: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
-class RandomLossWeighting(LossBalancer):
+def normal_draws(generator: torch.Generator, steps: int, n_tasks: int) -> Tensor:
+    """z (steps, K) float64: what ``steps`` one-step draws (:func:`rlw_weights`, K < :data:`SERIAL_NORMALS`)
+    draw from ``generator``, in one call. Those draw K entries with torch's entry-by-entry sampler
+    (Box–Muller pairs, the second of a pair kept in the generator for the next entry); a block of
+    ``steps`` × K entries written through a strided (non-contiguous) view runs the same sampler over the
+    same sequence, so it holds the same numbers and leaves the generator in the same state
+    (tests/balancers/test_rlw.py compares both)."""
+    z = torch.empty(steps * n_tasks, 2, dtype=torch.float64)[:, 0]
+    return z.normal_(generator=generator).reshape(steps, n_tasks)
+
+
+def lockstep_weights(rows: Sequence[RandomLossWeighting], n_tasks: int, distribution: str, sigma: float,
+                     concentration: float) -> BlockDraws:
+    """The weights of lockstep rows (the balancers ``rows``), each row's from its own generator
+    (:mod:`~mtl_tune.balancers._random_rows`): for ``normal`` with K < :data:`SERIAL_NORMALS` a block of steps'
+    logits per call (:func:`normal_draws`) and one softmax for the block; otherwise (the vectorised
+    normal sampler, or the Dirichlet's rejection loop, whose number of draws depends on the numbers)
+    one step at a time, as :func:`rlw_weights`."""
+    if distribution == "normal" and n_tasks < SERIAL_NORMALS:
+        return BlockDraws(rows, partial(normal_draws, n_tasks=n_tasks), partial(_softmax_block, sigma=sigma),
+                          block_steps(n_tasks))
+    return BlockDraws(rows, partial(_one_step, n_tasks=n_tasks, distribution=distribution, sigma=sigma,
+                                    concentration=concentration), _stack_rows, 1)
+
+
+# (functions, not lambdas, so that a balancer holding them can be pickled)
+def _softmax_block(blocks: list[Tensor], sigma: float) -> np.ndarray:
+    return torch.softmax(sigma * torch.stack(blocks, 1), dim=-1).numpy()
+
+
+def _one_step(generator: torch.Generator, steps: int, n_tasks: int, distribution: str, sigma: float,
+              concentration: float) -> np.ndarray:
+    return rlw_weights([generator], n_tasks, distribution, sigma, concentration)   # (steps is 1)
+
+
+def _stack_rows(blocks: list[np.ndarray]) -> np.ndarray:
+    return np.stack(blocks, 1)
+
+
+class RandomLossWeighting(OwnGenerator, LossBalancer):
     """Random loss weighting (Lin et al., TMLR'22): fresh random simplex weights each step.
 
     Args:
@@ -118,20 +164,23 @@ class RandomLossWeighting(LossBalancer):
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        #: the rows' generators in lockstep (:meth:`start_rows`); None for one row
-        self.row_generators: list[torch.Generator] | None = None
+        #: the rows' weights in lockstep (:meth:`start_rows`); None for one row
+        self.row_draws: BlockDraws | None = None
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
-        # adopted, not copied: row r draws what its own balancer would, and that balancer's
-        # generator ends where its own run would have left it
-        self.row_generators = [b.generator for b in rows]
+        # the rows' generators are used, not copied: row r draws what its own balancer would, and that
+        # balancer's generator ends where its own run would have left it
+        self.row_draws = lockstep_weights(rows, self.n_tasks, self.distribution, self.sigma, self.concentration)
 
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """The rule: fresh weights (..., K) from each row's generator (the losses only give the shape)."""
         shape = losses.shape[:-1]
-        generators = row_generators(self.generator, self.row_generators, shape)
-        w = rlw_weights(generators, self.n_tasks, self.distribution, self.sigma, self.concentration)
-        return RowStep(w.reshape(*shape, self.n_tasks))
+        if shape == ():
+            return RowStep(rlw_weights([self.generator], self.n_tasks, self.distribution, self.sigma,
+                                       self.concentration)[0])
+        if self.row_draws is None:
+            raise rows_mismatch(math.prod(shape), None)
+        return RowStep(self.row_draws.take(math.prod(shape)).reshape(*shape, self.n_tasks))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "generator": self.generator.get_state()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl_tune.balancers.graddrop import GradDrop, graddrop_multipliers, purity
+from mtl_tune.balancers.graddrop import GradDrop, effective_weights, graddrop_multipliers, purity
 
 from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
                           property_cases)
@@ -65,3 +65,61 @@ def test_graddrop_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-12)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [1, 2, 7])
+def test_lockstep_uniforms_are_each_rows_one_step_draws(dtype, p):
+    # lockstep rows draw a block of steps of uniforms per call (mtl_tune/balancers/_random_rows.py): the
+    # same numbers as one draw of P per step, and the generators where those leave them
+    seeds = (1, 2, 3)
+    jac = torch.randn(3, 2, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    rows = [GradDrop(2, seed=s) for s in seeds]
+    alone = [GradDrop(2, seed=s) for s in seeds]
+    many = GradDrop(2)
+    many.start_rows(rows)
+    for _ in range(5):
+        out = many.direction_rows(jac, torch.ones(3, 2, dtype=dtype))
+        for r, one in enumerate(alone):
+            single = one.direction_rows(jac[r], torch.ones(2, dtype=dtype))
+            assert torch.equal(out.direction[r], single.direction) and torch.equal(out.weights[r], single.weights)
+    assert all(torch.equal(a.generator.get_state(), b.generator.get_state()) for a, b in zip(rows, alone))
+
+
+@pytest.mark.parametrize("group_entries", [1, 7, 2 ** 16])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+def test_graddrop_numbers_do_not_depend_on_the_task_groups(monkeypatch, group_entries, k):
+    """All tasks at once (a small Jacobian), a few, or one at a time (a model's: P-sized temporaries) give the
+    same numbers, bit for bit, as the K×P formulas: sums over the tasks run task by task in every case."""
+    import mtl_tune.balancers.graddrop as graddrop
+
+    monkeypatch.setattr(graddrop, "GROUP_ENTRIES", group_entries)
+    g = torch.Generator().manual_seed(k)
+    scales = torch.logspace(-3, 3, k, dtype=torch.float64)[:, None]
+    jac = torch.randn(2, k, 33, generator=g, dtype=torch.float64) * scales
+    jac[:, 0, :10] = 0.0
+    jac[:, -1, -1] = -jac[:, 0, -1]
+    uniform = torch.rand(2, 33, generator=g, dtype=torch.float64)
+    assert len(graddrop.task_groups(jac)) == (k if group_entries == 1 else 1 if group_entries > 2 * k * 33 else
+                                             -(-k // max(1, group_entries // 66)))
+    for leak in (0.0, 0.3):
+        d, w = graddrop.masked_sum(jac, uniform, leak)
+        m = graddrop_multipliers(jac, uniform, leak)
+        expected = m[:, 0] * jac[:, 0]
+        for i in range(1, k):
+            expected = expected + m[:, i] * jac[:, i]
+        assert torch.equal(d, expected)
+        assert torch.equal(w, effective_weights(jac, m))
+    # P = ½(1 + Σ g / Σ |g|): Σ g torch's sum, Σ |g| task by task, as they always were
+    magnitude = jac[:, 0].abs()
+    for i in range(1, k):
+        magnitude = magnitude + jac[:, i].abs()
+    assert torch.equal(purity(jac), 0.5 * (1.0 + torch.where(magnitude > 0, jac.sum(-2) / magnitude, 0.0)))
+
+
+def test_a_large_jacobian_goes_one_task_at_a_time():
+    from mtl_tune.balancers.graddrop import GROUP_ENTRIES, task_groups
+
+    assert len(task_groups(torch.zeros(3, GROUP_ENTRIES))) == 3
+    assert len(task_groups(torch.zeros(4, GROUP_ENTRIES // 2))) == 2
+    assert len(task_groups(torch.zeros(5, 2, 2))) == 1

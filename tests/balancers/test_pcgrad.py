@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_tune.balancers.pcgrad import pcgrad_coefficients, random_orders
+from mtl_tune.balancers.pcgrad import order_draws, pcgrad_coefficients, random_orders, shuffle, swap_modulus
 
 from ._helpers import shared_grad
 from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
@@ -62,3 +62,31 @@ def test_random_orders_are_the_randperm_draws(k):
         expected = [[torch.randperm(k, generator=g).tolist() for _ in range(k)] for g in theirs]
         assert orders.tolist() == expected
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(mine, theirs))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 22, 23])
+def test_a_block_of_orders_is_the_one_step_draws(k):
+    # lockstep rows draw a block of steps per call (mtl_tune/balancers/_random_rows.py): the same orders,
+    # and the generator where the one-step draws leave it
+    block, one = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    orders = order_draws(block, k, steps=7)
+    assert orders.shape == (7, k, k)
+    assert orders.tolist() == [order_draws(one, k)[0].tolist() for _ in range(7)]
+    assert torch.equal(block.get_state(), one.get_state())
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 22])
+def test_orders_are_our_fisher_yates_on_bounded_draws(k):
+    # the documented shuffle, written out in Python: it needs only random_'s draws, not torch.randperm
+    generator = torch.Generator().manual_seed(9)
+    orders = order_draws(generator, k, steps=3)
+    draws = torch.empty(3, k, k - 1, dtype=torch.int64).random_(0, swap_modulus(k),
+                                                                  generator=torch.Generator().manual_seed(9))
+    for step, per_task in zip(orders, draws.tolist()):
+        for order, swaps in zip(step, per_task):
+            p = list(range(k))
+            for s, u in enumerate(swaps):
+                t = s + u % (k - s)
+                p[s], p[t] = p[t], p[s]
+            assert order.tolist() == p
+    np.testing.assert_array_equal(shuffle(np.zeros((4, k - 1), dtype=np.int64), k), np.tile(np.arange(k), (4, 1)))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from mtl_tune.balancers.rlw import RandomLossWeighting, sample_gamma
+from mtl_tune.balancers._random_rows import block_steps
+from mtl_tune.balancers.rlw import RandomLossWeighting, normal_draws, sample_gamma
 
 from ._properties import assert_gradient_scaling, assert_valid_step, balancer_step, property_cases
 
@@ -57,3 +59,33 @@ def test_rlw_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     # not permutation-equivariant: fresh random weights drawn in task order (equivariant only in distribution)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 15])
+@pytest.mark.parametrize("steps", [1, 7, 64])
+def test_a_block_of_logits_is_the_one_step_draws(k, steps):
+    # lockstep rows draw a block of steps per call (mtl_tune/balancers/_random_rows.py): torch's
+    # entry-by-entry normal sampler gives the same numbers, and leaves the same state (its cached second
+    # Box-Muller value included: odd K)
+    block, one = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    z = normal_draws(block, steps, k)
+    expected = torch.stack([torch.empty(k, dtype=torch.float64).normal_(generator=one) for _ in range(steps)])
+    assert torch.equal(z, expected)
+    assert torch.equal(block.get_state(), one.get_state())
+
+
+@pytest.mark.parametrize("k,distribution,steps", [(2, "normal", None), (15, "normal", None), (16, "normal", 1),
+                                                  (17, "normal", 1), (3, "dirichlet", 1)])
+def test_lockstep_rows_draw_blocks_only_where_they_are_the_one_step_draws(k, distribution, steps):
+    # from 16 entries torch fills a normal tensor with a sampler whose numbers depend on the call's size, and
+    # the Dirichlet's rejection loop takes a data-dependent number of draws: those draw one step at a time
+    rows = [RandomLossWeighting(k, distribution=distribution, seed=s, concentration=0.7) for s in (1, 2, 3)]
+    alone = [RandomLossWeighting(k, distribution=distribution, seed=s, concentration=0.7) for s in (1, 2, 3)]
+    many = RandomLossWeighting(k, distribution=distribution, seed=0, concentration=0.7)
+    many.start_rows(rows)
+    assert many.row_draws.steps == (steps or block_steps(k))
+    for _ in range(4):
+        w = many.weights_rows(np.ones((3, k))).weights
+        for r, one in enumerate(alone):
+            np.testing.assert_array_equal(w[r], one.weights_rows(np.ones(k)).weights)
+    assert all(torch.equal(a.generator.get_state(), b.generator.get_state()) for a, b in zip(rows, alone))

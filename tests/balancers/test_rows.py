@@ -256,3 +256,76 @@ def test_random_rules_draw_each_rows_own_stream(name, hp, k):
             np.testing.assert_allclose(many.targets[r].numpy(), one.targets.numpy(), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="one generator per row"):
         call(many, *inputs(k, len(rows) + 1, seed=0))
+
+
+RANDOM_RULES = [("rlw", {}), ("rlw", {"distribution": "dirichlet", "concentration": 0.4}), ("pcgrad", {}),
+                ("gradvac", {}), ("graddrop", {"leak": 0.2})]
+
+
+def random_step(balancer, jac: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """One step of a random rule: its weights (its direction for GradDrop's Jacobian rule)."""
+    if balancer.name == "graddrop":
+        return balancer.direction_rows(torch.from_numpy(jac), torch.from_numpy(losses)).direction.numpy()
+    return call(balancer, gram_rows(jac), losses).weights
+
+
+@pytest.mark.parametrize("name,hp", RANDOM_RULES, ids=repr)
+def test_lockstep_rows_drawn_ahead_look_as_if_they_were_not(name, hp):
+    """Lockstep rows draw a block of steps ahead (mtl_tune/balancers/_random_rows.py); mid-block, a row
+    balancer's generator reads where its own run's would be, a checkpoint of it resumes the same draws, and
+    a state loaded into it is what its next lockstep draws continue from."""
+    k, seeds = 3, (3, 11, 12, 40)
+    rows = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    alone = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    initial = rows[2].state_dict()
+    many = get_balancer(name, n_tasks=k, seed=99, **hp)
+    many.start_rows(rows)
+    rng = np.random.default_rng(8)
+
+    def step_all(extra=()):
+        jac, losses = rng.normal(size=(len(rows), k, 5)), rng.uniform(0.5, 3.0, size=(len(rows), k))
+        out = random_step(many, jac, losses)
+        for r, one in enumerate(alone):
+            np.testing.assert_array_equal(out[r], random_step(one, jac[r], losses[r]), err_msg=f"{name} row {r}")
+        for r, other in extra:
+            np.testing.assert_array_equal(out[r], random_step(other, jac[r], losses[r]), err_msg=f"{name} row {r}")
+
+    for _ in range(3):
+        step_all()
+    for row, one in zip(rows, alone):        # mid-block: each generator where its own run left it
+        assert torch.equal(row.generator.get_state(), one.generator.get_state())
+    resumed = get_balancer(name, n_tasks=k, seed=0, **hp)
+    resumed.load_state_dict(rows[1].state_dict())
+    if name == "gradvac":                    # (lockstep keeps the rows' targets in the rule's balancer)
+        resumed.targets = many.targets[1].clone()
+    rows[2].load_state_dict(initial)         # row 2 starts over: its next lockstep draws are its first again
+    alone[2] = get_balancer(name, n_tasks=k, seed=0, **hp)
+    alone[2].load_state_dict(initial)
+    if name == "gradvac":
+        alone[2].targets = many.targets[2].clone()
+    for _ in range(4):
+        step_all([(1, resumed)])
+    assert many.row_draws.steps > 4 or name == "rlw" and hp      # (the draws were ahead: blocks of steps)
+
+
+@pytest.mark.parametrize("name,hp", RANDOM_RULES, ids=repr)
+def test_lockstep_rows_pickle_mid_block(name, hp):
+    """A row balancer pickled mid-block (torch.save of a module, a copy) is settled first: the copy holds no
+    block and draws on as the row's own run; the rule's balancer pickles too (no lambdas)."""
+    import pickle
+
+    k, seeds = 2, (1, 2, 3)
+    rows = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    alone = [get_balancer(name, n_tasks=k, seed=s, **hp) for s in seeds]
+    many = get_balancer(name, n_tasks=k, seed=99, **hp)
+    many.start_rows(rows)
+    rng = np.random.default_rng(2)
+    jac, losses = rng.normal(size=(len(rows), k, 3)), rng.uniform(0.5, 3.0, size=(len(rows), k))
+    random_step(many, jac, losses)
+    for r, one in enumerate(alone):
+        random_step(one, jac[r], losses[r])
+    pickle.loads(pickle.dumps(many))
+    copy = pickle.loads(pickle.dumps(rows[1]))
+    if name == "gradvac":
+        copy.targets = alone[1].targets.clone()
+    np.testing.assert_array_equal(random_step(copy, jac[1], losses[1]), random_step(alone[1], jac[1], losses[1]))
