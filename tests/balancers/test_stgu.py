@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mtl_tune.balancers.base import BalancerError, ForwardOutput
-from mtl_tune.balancers.stgu import (PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_pairs,
+from mtl_tune.balancers.stgu import (PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_rows,
                                      group_tasks, linear_quantile, propagate_groups)
 
 from ._helpers import CountingSGD, ScriptedForward
@@ -121,8 +121,8 @@ def test_stgu_batched_affinity_update_is_the_loop_bit_for_bit():
     before = rng.uniform(0.1, 5.0, size=(2, b, 2))
     # ratios around 1 on both sides: sign disagreements, a = 0, negative self-affinity updates
     after = before * rng.choice([0.5, 0.9, 1.0, 1.1, 2.0], size=(2, b, 2))
-    one = affinity_update_pairs(aff, members[0], before[0], after[0], decay)
-    two = affinity_update_pairs(aff, members, before, after, decay)
+    one = affinity_update_rows(aff, members[0], before[0], after[0], decay)
+    two = affinity_update_rows(aff, members, before, after, decay)
     for r in range(b):
         first = affinity_update(aff[r], groups[choice[0, r]], before[0, r], after[0, r], decay[r])
         np.testing.assert_array_equal(one[r], first)
@@ -130,7 +130,7 @@ def test_stgu_batched_affinity_update_is_the_loop_bit_for_bit():
             two[r], affinity_update(first, groups[choice[1, r]], before[1, r], after[1, r], decay[r]))
     skip = members.copy()
     skip[1, ::2] = False  # a row without members is left alone by that update
-    np.testing.assert_array_equal(affinity_update_pairs(aff, skip, before, after, decay)[::2], one[::2])
+    np.testing.assert_array_equal(affinity_update_rows(aff, skip, before, after, decay)[::2], one[::2])
 
 
 def test_stgu_batched_similarity_is_the_per_matrix_one():
