@@ -73,12 +73,16 @@ def affinity_update_rows(affinity: np.ndarray, members: np.ndarray, before: np.n
     if d.ndim:
         d = d.reshape(-1, 1, 1)
     diagonal = _diagonal(m.shape[-1])
-    a = (1.0 - np.asarray(after, dtype=np.float64) / before) / np.maximum(m.sum(-1, keepdims=True), 1)
+    size = m.sum(-1, keepdims=True)
+    a = (1.0 - np.asarray(after, dtype=np.float64) / before) / np.maximum(size, 1)
     a_t, a_s = a[..., None, :], a[..., :, None]        # target (column) and source (row) of entry (s, t)
-    source_ok = np.isfinite(a_s) if measured else np.isfinite(a_s) & valid[..., :, None]
-    # (no off-diagonal mask needed: on the diagonal the product is a_s² ≥ 0 or NaN, never < 0)
-    conflict = (a_t * a_s < 0) & m[..., None, :] & source_ok
-    value = np.where(conflict, -np.maximum(a_t, a_s), a_t)
+    if size.max() > 1:  # a sign conflict needs two members (s ≠ t, both in g)
+        source_ok = np.isfinite(a_s) if measured else np.isfinite(a_s) & valid[..., :, None]
+        # (no off-diagonal mask needed: on the diagonal the product is a_s² ≥ 0 or NaN, never < 0)
+        conflict = (a_t * a_s < 0) & m[..., None, :] & source_ok
+        value = np.where(conflict, -np.maximum(a_t, a_s), a_t)
+    else:
+        value = a_t
     update = m[..., :, None] & ~(diagonal & (a_t < 0))
     if not measured:
         update &= valid[..., None, :]
@@ -89,6 +93,16 @@ def affinity_update_rows(affinity: np.ndarray, members: np.ndarray, before: np.n
     for upd, add in zip(update, step):  # in order: each EMA step starts from the previous one
         out = np.where(upd, keep * out + add, out)
     return out
+
+
+_BELOW: dict[int, np.ndarray] = {}   # K → the entries below the diagonal of a K × K matrix
+
+
+def _below(k: int) -> np.ndarray:
+    below = _BELOW.get(k)
+    if below is None:
+        below = _BELOW[k] = np.tril(np.ones((k, k), dtype=bool), -1)
+    return below
 
 
 def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
@@ -108,7 +122,7 @@ def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = Fals
     x = a / divisor[..., None, :]
     if official is not False and np.any(official):
         official = np.asarray(official, dtype=bool)
-        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
+        below = _below(a.shape[-1])
         x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
     return (x + np.swapaxes(x, -1, -2)) / 2.0
 
