@@ -81,6 +81,11 @@ ATTRIBUTIONS = ("paper", "official")
 SIMILARITIES = ("intended", "official")
 
 
+def _pair_groups(two: np.ndarray) -> list[list[list[int]]]:
+    """K = 2: each row's groups from whether its tasks form two groups."""
+    return [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
+
+
 class STGU(Balancer):
     """Selective task group updates (Jeong & Yoon, ICLR'25): tasks are grouped by a
     proximal inter-task affinity and each group takes its own optimizer step, so use
@@ -133,7 +138,7 @@ class STGU(Balancer):
         self.failures: Any = SolverFailureCounter(self.name)
         self._last_plan = (0, 0)    # (groups, group steps) of the last batch, for its StepInfo
         self._pair_grouping: tuple[float, PairGrouping] | None = None   # K = 2: (quantile, its positions)
-        self._pair_cache: tuple | None = None   # K = 2 rows: (group_norm, plan table, draw buffer, its NumPy view)
+        self._pair_cache: tuple | None = None   # K = 2 rows: (group_norm, plan table, draw buffer)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         raise BalancerError("stgu is a training-loop method (several grouped optimizer steps per batch): "
@@ -190,7 +195,7 @@ class STGU(Balancer):
             return [[[i] for i in range(self.n_tasks)] for _ in groups]
         two = self._pair_split()
         if two is not None:
-            groups = [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
+            groups = _pair_groups(two)
             self.groups = groups[0] if one else groups
             return groups
         sim = affinity_similarity(affinity, self.similarity == "official")
@@ -219,7 +224,7 @@ class STGU(Balancer):
             two = np.ones(len(self.affinity), dtype=bool) if self._warming_up() else self._pair_split()
             if two is not None:
                 if not self._warming_up():  # the groups a later sklearn call would keep on failure
-                    self.groups[:] = [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
+                    self.groups[:] = _pair_groups(two)
                 return self._pair_plan(two)
         one, _, _, generators, _ = self._per_row()
         plans = []
@@ -250,9 +255,9 @@ class STGU(Balancer):
         if self._pair_cache is None or self._pair_cache[0] != self.group_norm:
             both = 0.5 if self.group_norm else 1.0   # 1/|g| for the group of both tasks
             table = np.array([[[1.0, 0.0], [0.0, 1.0], [both, both]], [[0.0, 1.0], [1.0, 0.0], [both, both]]])
-            draw = torch.empty(2, dtype=torch.int64)
-            self._pair_cache = (self.group_norm, table, draw, draw.numpy())
-        _, table, draw, drawn = self._pair_cache
+            self._pair_cache = (self.group_norm, table, torch.empty(2, dtype=torch.int64))
+        _, table, draw = self._pair_cache
+        drawn = draw.numpy()   # (its view taken here: a deep copy of the balancer would not keep a stored one)
         codes = []   # the row's plan: 0 = {0} then {1}, 1 = {1} then {0}, 2 = {0, 1} twice
         for t, gen in zip(two.tolist(), self.generator):
             if t:
