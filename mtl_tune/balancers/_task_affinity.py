@@ -21,63 +21,88 @@ def affinity_update(affinity: np.ndarray, group: Sequence[int], before: np.ndarr
     """One EMA update of the proximal inter-task affinity for group ``group`` (returns a new array).
 
     ``before``/``after``: per-task losses around the update; NaN in ``before`` = not measured
-    (that target is skipped). See the module docstring for the formula.
+    (that target is skipped). See the module docstring for the formula; the arithmetic is
+    :func:`affinity_update_rows` on one row.
     """
-    out = np.array(affinity, dtype=np.float64, copy=True)
-    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    before = np.asarray(before, dtype=np.float64)
     valid = np.isfinite(before)
     if np.any(before[valid] <= 0):
         raise BalancerError(f"stgu: affinities are relative loss decreases and need positive losses, got {before}")
-    a = np.full_like(before, np.nan)
-    a[valid] = (1.0 - after[valid] / before[valid]) / len(group)
-    members = set(group)
-    for s in group:
-        for t in np.flatnonzero(valid):
-            if t == s:
-                if a[t] < 0:
-                    continue
-                value = a[t]
-            elif t in members and np.isfinite(a[s]) and a[t] * a[s] < 0:
-                value = -max(a[t], a[s])
-            else:
-                value = a[t]
-            out[s, t] = (1.0 - decay) * out[s, t] + decay * value
-    return out
+    members = np.zeros((1, before.shape[-1]), dtype=bool)
+    members[0, list(group)] = True
+    return affinity_update_rows(np.asarray(affinity, dtype=np.float64)[None], members, before[None],
+                                np.asarray(after, dtype=np.float64)[None], decay)[0]
 
 
-_DIAG = np.eye(2, dtype=bool)   # entry masks of a 2 × 2 affinity (K = 2 closed forms)
-_OFF = ~_DIAG
+_DIAGONALS: dict[int, np.ndarray] = {}   # K → the diagonal entries of a K × K affinity
 
 
-def affinity_update_pairs(affinity: np.ndarray, members: np.ndarray, before: np.ndarray, after: np.ndarray,
-                          decay: np.ndarray) -> np.ndarray:
-    """:func:`affinity_update` for K = 2 on a batch of B affinities at once (returns a new array).
+def _diagonal(k: int) -> np.ndarray:
+    diagonal = _DIAGONALS.get(k)
+    if diagonal is None:
+        diagonal = _DIAGONALS[k] = np.eye(k, dtype=bool)
+    return diagonal
 
-    ``affinity`` (B, 2, 2); ``members`` (B, 2) bool, each row's group, with ``before``/``after``
-    (B, 2) the losses around the update — or (N, B, 2) each: N updates applied in order (the
-    batch's group steps), a row with no member being left alone by that update; ``before``
-    finite and > 0 (the caller checks positivity, where :func:`affinity_update` raises);
-    ``decay`` (B,) or (B, 1, 1). Same formula and the same floating-point operations as
-    :func:`affinity_update`, its per-entry branches as masks: a_t = (1 − ℓ_t^after/ℓ_t^before)/|g|;
-    entry (s, t) is updated for s ∈ g; the diagonal only by a_s ≥ 0 (``not a_s < 0``, as there);
-    an off-diagonal entry by −max(a_t, a_s) when t ∈ g, a_s is finite and a_t a_s < 0 (the
-    product, as there), else by a_t. For K = 2 the product and −max(a₀, a₁) are shared by both
-    off-diagonal entries.
+
+def affinity_update_rows(affinity: np.ndarray, members: np.ndarray, before: np.ndarray, after: np.ndarray,
+                         decay: np.ndarray | float) -> np.ndarray:
+    """The affinity EMA on a batch of B affinities at once (returns a new array): the formula of the
+    module docstring (official ``form_task_affinity.update``), its per-entry branches as masks.
+
+    ``affinity`` (B, K, K); ``members`` (B, K) bool, each row's group, with ``before``/``after``
+    (B, K) the losses around the update — or (N, B, K) each: N updates applied in order (a
+    batch's group steps), a row with no member being left alone by that update. ``before`` > 0
+    where finite (the caller checks: :func:`affinity_update` raises, the rows rule fails the row);
+    a non-finite ``before`` = not measured: that target is skipped. ``decay`` a float, (B,) or
+    (B, 1, 1).
+
+    Entry (s, t) is updated for s ∈ g, with a_t = (1 − ℓ_t^after/ℓ_t^before)/|g|: the diagonal
+    only by a_s ≥ 0 (``not a_s < 0``); an off-diagonal entry by −max(a_t, a_s) when t ∈ g, a_s is
+    finite and a_t a_s < 0, else by a_t; A ← (1 − decay) A + decay · value. Element by element
+    these are the official loop's floating-point operations (a sign test of the product, an exact
+    negation), so the result is that loop's bit for bit (tests/balancers/test_stgu.py keeps the
+    loop as the reference) — at O(1) NumPy calls instead of O(|g| K) Python steps.
     """
     m = np.asarray(members, dtype=bool)
-    d = np.asarray(decay, dtype=np.float64).reshape(-1, 1, 1)
-    ratio = np.asarray(after, dtype=np.float64) / np.asarray(before, dtype=np.float64)
-    a = (1.0 - ratio) / np.maximum(m.sum(-1, keepdims=True), 1)
-    a0, a1 = a[..., 0], a[..., 1]
-    conflict = (a0 * a1 < 0)[..., None, None] & m[..., None, :] & np.isfinite(a)[..., :, None] & _OFF
-    value = np.where(conflict, -np.maximum(a0, a1)[..., None, None], a[..., None, :])
-    update = m[..., :, None] & ~(_DIAG & (a < 0)[..., :, None])
-    if m.ndim == 2:
-        return np.where(update, (1.0 - d) * affinity + d * value, affinity)
+    before = np.asarray(before, dtype=np.float64)
+    valid = np.isfinite(before)
+    measured = bool(valid.all())
+    if not measured:  # an unmeasured target is skipped: any finite divisor keeps its a out of every branch
+        before = np.where(valid, before, 1.0)
+    d = np.asarray(decay, dtype=np.float64)
+    if d.ndim:
+        d = d.reshape(-1, 1, 1)
+    diagonal = _diagonal(m.shape[-1])
+    size = m.sum(-1, keepdims=True)
+    a = (1.0 - np.asarray(after, dtype=np.float64) / before) / np.maximum(size, 1)
+    a_t, a_s = a[..., None, :], a[..., :, None]        # target (column) and source (row) of entry (s, t)
+    if size.max() > 1:  # a sign conflict needs two members (s ≠ t, both in g)
+        source_ok = np.isfinite(a_s) if measured else np.isfinite(a_s) & valid[..., :, None]
+        # (no off-diagonal mask needed: on the diagonal the product is a_s² ≥ 0 or NaN, never < 0)
+        conflict = (a_t * a_s < 0) & m[..., None, :] & source_ok
+        value = np.where(conflict, -np.maximum(a_t, a_s), a_t)
+    else:
+        value = a_t
+    update = m[..., :, None] & ~(diagonal & (a_t < 0))
+    if not measured:
+        update &= valid[..., None, :]
+    keep, step = 1.0 - d, d * value
     out = np.asarray(affinity, dtype=np.float64)
-    for upd, val in zip(update, value):  # in order: each EMA step starts from the previous one
-        out = np.where(upd, (1.0 - d) * out + d * val, out)
+    if m.ndim == 2:
+        return np.where(update, keep * out + step, out)
+    for upd, add in zip(update, step):  # in order: each EMA step starts from the previous one
+        out = np.where(upd, keep * out + add, out)
     return out
+
+
+_BELOW: dict[int, np.ndarray] = {}   # K → the entries below the diagonal of a K × K matrix
+
+
+def _below(k: int) -> np.ndarray:
+    below = _BELOW.get(k)
+    if below is None:
+        below = _BELOW[k] = np.tril(np.ones((k, k), dtype=bool), -1)
+    return below
 
 
 def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = False) -> np.ndarray:
@@ -88,12 +113,16 @@ def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = Fals
     ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
     a = np.asarray(affinity, dtype=np.float64)
     diag = np.diagonal(a, axis1=-2, axis2=-1)
-    col_max = np.max(np.abs(a), axis=-2)
-    divisor = np.where(diag > ZERO_DIAGONAL, diag, np.where(col_max > 0, col_max, 1.0))
+    positive = diag > ZERO_DIAGONAL
+    if positive.all():   # (the common case, past the first few batches: no guard to evaluate)
+        divisor = diag
+    else:
+        col_max = np.max(np.abs(a), axis=-2)
+        divisor = np.where(positive, diag, np.where(col_max > 0, col_max, 1.0))
     x = a / divisor[..., None, :]
-    official = np.asarray(official, dtype=bool)
-    if official.any():
-        below = np.tril(np.ones(a.shape[-2:], dtype=bool), -1)
+    if official is not False and np.any(official):
+        official = np.asarray(official, dtype=bool)
+        below = _below(a.shape[-1])
         x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
     return (x + np.swapaxes(x, -1, -2)) / 2.0
 
@@ -153,13 +182,22 @@ class PairGrouping:
     def __init__(self, preference_quantile: np.ndarray | float) -> None:
         q = np.atleast_1d(np.asarray(preference_quantile, dtype=np.float64))
         self.i, self.j, self.gamma = quantile_neighbours(4, q)
+        # one quantile for every row: its sorted positions and weight as Python scalars (basic
+        # indexing, and the interpolation's branch chosen once: the same arithmetic as interpolate)
+        self.scalar = (int(self.i[0]), int(self.j[0]), float(self.gamma[0])) if q.size == 1 else None
 
     def split(self, similarity: np.ndarray) -> np.ndarray:
         """(B,) bool from (B, 2, 2) similarities: True = two groups {0}, {1} (one quantile for every
         row, or one per row)."""
         ordered = np.sort(similarity.reshape(-1, 4), axis=-1)
-        rows = np.arange(ordered.shape[0])
-        preference = interpolate(ordered[rows, self.i], ordered[rows, self.j], self.gamma)
+        if self.scalar is not None:
+            i, j, gamma = self.scalar
+            low, high = ordered[:, i], ordered[:, j]
+            diff = high - low
+            preference = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
+        else:
+            rows = np.arange(ordered.shape[0])
+            preference = interpolate(ordered[rows, self.i], ordered[rows, self.j], self.gamma)
         return preference > similarity[:, 0, 1]
 
 

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._rows import host
 from mtl_tune.balancers._task_affinity import (ZERO_DIAGONAL, PairGrouping, affinity_similarity,  # noqa: F401
-                                               affinity_update, affinity_update_pairs, group_tasks, interpolate,
+                                               affinity_update, affinity_update_rows, group_tasks, interpolate,
                                                linear_quantile, propagate_groups, quantile_neighbours)
 from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, SolverFailureCounter, StepInfo,
                                      _as_param_list, check_losses)
@@ -79,6 +79,11 @@ NO_REPEAT = ("repeat_single_group=False takes one or two optimizer steps per bat
              "rows in lockstep step together")
 ATTRIBUTIONS = ("paper", "official")
 SIMILARITIES = ("intended", "official")
+
+
+def _pair_groups(two: np.ndarray) -> list[list[list[int]]]:
+    """K = 2: each row's groups from whether its tasks form two groups."""
+    return [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
 
 
 class STGU(Balancer):
@@ -131,7 +136,9 @@ class STGU(Balancer):
         self.batches = 0
         self.generator: Any = torch.Generator().manual_seed(int(seed))
         self.failures: Any = SolverFailureCounter(self.name)
-        self._last_groups = self._last_steps = 0   # of the last batch, for its StepInfo
+        self._last_plan = (0, 0)    # (groups, group steps) of the last batch, for its StepInfo
+        self._pair_grouping: tuple[float, PairGrouping] | None = None   # K = 2: (quantile, its positions)
+        self._pair_cache: tuple | None = None   # K = 2 rows: (group_norm, plan table, draw buffer)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         raise BalancerError("stgu is a training-loop method (several grouped optimizer steps per batch): "
@@ -165,16 +172,33 @@ class STGU(Balancer):
         ``iter_count <= prepos``), then affinity propagation."""
         return self._groups_rows(np.zeros(1, dtype=bool), [""])[0]
 
+    def _warming_up(self) -> bool:
+        return self.batches - 1 <= self.prepos
+
+    def _pair_split(self) -> np.ndarray | None:
+        """K = 2 past the warm-up: (R,) whether each row's tasks form two groups (``group_tasks``'
+        closed form, all rows at once); None where it does not apply (K ≠ 2, a non-finite S)."""
+        if self.n_tasks != 2:
+            return None
+        affinity = self.affinity.reshape(-1, 2, 2)
+        sim = affinity_similarity(affinity, self.similarity == "official")
+        if not np.isfinite(sim).all():
+            return None
+        cached = self._pair_grouping   # the quantile's sorted positions, computed once
+        if cached is None or cached[0] != self.preference_quantile:
+            cached = self._pair_grouping = (self.preference_quantile, PairGrouping(self.preference_quantile))
+        return cached[1].split(sim)
+
     def _groups_rows(self, failed: np.ndarray, reasons: list[str]) -> list[list[list[int]]]:
         one, affinity, groups, _, counters = self._per_row()
-        if self.batches - 1 <= self.prepos:
+        if self._warming_up():
             return [[[i] for i in range(self.n_tasks)] for _ in groups]
-        sim = affinity_similarity(affinity, self.similarity == "official")
-        if self.n_tasks == 2 and np.isfinite(sim).all():  # group_tasks' K = 2 closed form, all rows at once
-            two = PairGrouping(self.preference_quantile).split(sim)
-            groups = [[[0], [1]] if t else [[0, 1]] for t in two.tolist()]
+        two = self._pair_split()
+        if two is not None:
+            groups = _pair_groups(two)
             self.groups = groups[0] if one else groups
             return groups
+        sim = affinity_similarity(affinity, self.similarity == "official")
         for r in range(len(groups)):
             try:
                 found = group_tasks(sim[r], self.preference_quantile)
@@ -196,10 +220,15 @@ class STGU(Balancer):
         generator draws, a single group listed twice (``repeat_single_group``); a member's
         coefficient is 1, or 1/|g| with ``group_norm``. Counts the batch."""
         self.batches += 1
+        if self.affinity.ndim == 3 and self.n_tasks == 2 and self.repeat_single_group:
+            two = np.ones(len(self.affinity), dtype=bool) if self._warming_up() else self._pair_split()
+            if two is not None:
+                if not self._warming_up():  # the groups a later sklearn call would keep on failure
+                    self.groups[:] = _pair_groups(two)
+                return self._pair_plan(two)
         one, _, _, generators, _ = self._per_row()
         plans = []
         groups = [self.next_groups()] if one else self._groups_rows(failed, reasons)
-        self._last_groups = len(groups[0])
         for row_groups, gen in zip(groups, generators):
             order = torch.randperm(len(row_groups), generator=gen).tolist()
             plan = [row_groups[i] for i in order]
@@ -207,35 +236,49 @@ class STGU(Balancer):
         steps = {len(p) for p in plans}
         if len(steps) != 1:
             raise ValueError(f"stgu: rows in lockstep take different numbers of group steps {sorted(steps)}")
-        self._last_steps = steps.pop()
-        coef = np.zeros((self._last_steps, len(plans), self.n_tasks))
+        self._last_plan = (len(groups[0]), len(plans[0]))
+        coef = np.zeros((len(plans[0]), len(plans), self.n_tasks))
         for r, plan in enumerate(plans):
             for m, group in enumerate(plan):
                 coef[m, r, group] = 1.0 / len(group) if self.group_norm else 1.0
         return coef
 
-    def _update(self, members: np.ndarray, before: np.ndarray | None, after: np.ndarray, failed: np.ndarray,
-                reasons: list[str]) -> None:
-        """The affinity EMA of each row's group ``members`` (R, K) over ``before`` → ``after`` (R, K);
-        a row with a non-positive loss before fails (a one-row balancer raises)."""
-        if before is None:
-            return
-        one, affinity, _, _, _ = self._per_row()
-        bad = (before <= 0).any(-1) & ~failed
-        if bad.any():
-            message = "stgu: affinities are relative loss decreases and need positive losses, got {}"
-            if one:
-                raise BalancerError(message.format(before[0]))
-            for r in np.flatnonzero(bad):
-                failed[r], reasons[r] = True, "BalancerError: " + message.format(before[r])
-        live = members & ~failed[:, None]
-        if self.n_tasks == 2:  # the K = 2 form, all rows at once (same operations as affinity_update)
-            new = affinity_update_pairs(affinity, live, np.where(failed[:, None], 1.0, before), after,
-                                        np.full(len(affinity), self.affin_decay))
-        else:
-            new = np.stack([affinity_update(a, np.flatnonzero(m).tolist(), b, f, self.affin_decay) if m.any() else a
-                            for a, m, b, f in zip(affinity, live, before, after)])
-        self.affinity = new.reshape(self.affinity.shape)
+    def _pair_plan(self, two: np.ndarray) -> np.ndarray:
+        """:meth:`plan_rows` of K = 2 rows with the single group repeated, from ``two`` (R,): two
+        steps either way, {first}, {other} in the order the row's ``randperm(2)`` draws, or both
+        tasks twice (coefficient 1, or 1/2 with ``group_norm``), looked up in a table of the three
+        plans. A one-group row draws nothing: ``randperm(1)`` takes no number from its generator
+        (checked in tests/balancers/test_stgu.py), so skipping it leaves every stream as the
+        general plan leaves it; ``randperm(2, out=…)`` into one reused buffer draws what
+        ``randperm(2)`` draws, at a third of the cost. (Rows only: a one-row plan, whose
+        ``next_groups`` callers may replace, and its StepInfo counts go the general way.)"""
+        if self._pair_cache is None or self._pair_cache[0] != self.group_norm:
+            both = 0.5 if self.group_norm else 1.0   # 1/|g| for the group of both tasks
+            table = np.array([[[1.0, 0.0], [0.0, 1.0], [both, both]], [[0.0, 1.0], [1.0, 0.0], [both, both]]])
+            self._pair_cache = (self.group_norm, table, torch.empty(2, dtype=torch.int64))
+        _, table, draw = self._pair_cache
+        drawn = draw.numpy()   # (its view taken here: a deep copy of the balancer would not keep a stored one)
+        codes = []   # the row's plan: 0 = {0} then {1}, 1 = {1} then {0}, 2 = {0, 1} twice
+        for t, gen in zip(two.tolist(), self.generator):
+            if t:
+                torch.randperm(2, generator=gen, out=draw)
+                codes.append(drawn[0])
+            else:
+                codes.append(2)
+        return table[:, codes]
+
+    def _check_before(self, before: np.ndarray, failed: np.ndarray, reasons: list[str]) -> bool:
+        """Affinities are relative loss decreases: a row with a non-positive loss before an update fails
+        (a one-row balancer raises), at the update's place in the batch. Returns whether one did."""
+        if not (before <= 0).any():
+            return False
+        message = "stgu: affinities are relative loss decreases and need positive losses, got {}"
+        if self.affinity.ndim == 2:
+            raise BalancerError(message.format(before[0]))
+        newly = (before <= 0).any(-1) & ~failed
+        for r in np.flatnonzero(newly):
+            failed[r], reasons[r] = True, "BalancerError: " + message.format(before[r])
+        return bool(newly.any())
 
     def train_rows(self, forward: Callable[[bool], np.ndarray], step: Callable[[np.ndarray], None],
                    dead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -245,28 +288,64 @@ class STGU(Balancer):
         with ``with_grad`` is what ``step`` differentiates); ``step(coef)`` takes one optimizer step on
         Σ coef ℓ (coef (R, K)). ``dead``: rows that failed before (their affinity is left alone).
         Returns (the first forward's losses, the summed coefficients, failed rows, their reasons as
-        "ErrorType: message")."""
-        rows = self.affinity.reshape(-1, self.n_tasks, self.n_tasks).shape[0]
+        "ErrorType: message").
+
+        The updates of a batch are, with ℓ⁽ⁱ⁾ the i-th forward's losses and g_j its j-th group:
+        ``paper`` g_j over ℓ⁽ʲ⁾ → ℓ⁽ʲ⁺¹⁾ for every j (ℓ⁽ᴹ⁾ from one more forward), ``official`` g_j
+        over ℓ⁽ʲ⁻¹⁾ → ℓ⁽ʲ⁾ for j ≥ 1. Each one's losses are checked where it falls in the batch (a
+        one-row balancer raises there: before g_j's step for ``paper``, after it for ``official``);
+        the EMA steps themselves run in order at the end, in one :func:`affinity_update_rows` call
+        on the recorded forwards — nothing reads the affinity within a batch — or, if a forward or
+        a step raises, those recorded up to there (``finally``): the affinity is always what
+        updating at each step would have left. A row failing at an update is left alone from that
+        update on.
+        """
+        affinity = self.affinity.reshape(-1, self.n_tasks, self.n_tasks)
+        rows = len(affinity)
         failed = np.zeros(rows, dtype=bool) if dead is None else dead.copy()
+        any_failed = dead is not None and bool(failed.any())
         reasons = [""] * rows
         plan = self.plan_rows(failed, reasons)
-        first = prev_members = prev_losses = None
-        weights = np.zeros((rows, self.n_tasks))
-        for coef in plan:
-            now = forward(True)
-            members = coef > 0
-            if self.attribution == "paper" and prev_members is not None:
-                self._update(prev_members, prev_losses, now, failed, reasons)  # lookahead of the previous group
-            first = now if first is None else first
-            step(coef)
-            if self.attribution == "official":
-                self._update(members, prev_losses, now, failed, reasons)  # change since the previous forward
-            weights += coef
-            prev_members, prev_losses = members, now
-        if self.attribution == "paper":
-            self._update(prev_members, prev_losses, forward(False), failed, reasons)
+        paper = self.attribution == "paper"
+        seen: list[np.ndarray] = []            # every forward's losses, in order
+        gone: dict[int, np.ndarray] = {}       # update → the rows failed by then (once any has)
+        made = 0                               # updates checked: update u is over seen[u] → seen[u + 1]
+
+        def record() -> None:
+            nonlocal any_failed, made
+            any_failed = self._check_before(seen[made], failed, reasons) or any_failed
+            if any_failed:
+                gone[made] = failed.copy()
+            made += 1
+
+        try:
+            for m in range(len(plan)):
+                seen.append(forward(True))
+                if m > 0 and paper:
+                    record()                 # lookahead of the previous group
+                step(plan[m])
+                if m > 0 and not paper:
+                    record()                 # change since the previous forward
+            if paper:
+                seen.append(forward(False))
+                record()
+        finally:
+            if made:
+                self._apply_updates(affinity, plan[0 if paper else 1:][:made] > 0, np.array(seen[:made + 1]), gone)
         self.step_count += 1
-        return first, weights, failed, reasons
+        return seen[0], plan.sum(0), failed, reasons
+
+    def _apply_updates(self, affinity: np.ndarray, members: np.ndarray, losses: np.ndarray,
+                       gone: dict[int, np.ndarray]) -> None:
+        """The affinity EMA of :meth:`train_rows`: update u over losses[u] → losses[u + 1] for the
+        group ``members[u]`` (R, K), except in the rows ``gone[u]`` (failed by then)."""
+        before, after = losses[:-1], losses[1:]
+        if gone:  # a failed row is left alone (1.0: a harmless divisor)
+            none = np.zeros(len(affinity), dtype=bool)
+            rows_gone = np.stack([gone.get(u, none) for u in range(len(members))])[..., None]
+            members, before = members & ~rows_gone, np.where(rows_gone, 1.0, before)
+        new = affinity_update_rows(affinity, members, before, after, self.affin_decay)
+        self.affinity = new.reshape(self.affinity.shape)
 
     # ------------------------------------------------------------------ one batch
     def train_step(self, forward: Callable[[], ForwardOutput], optimizer: torch.optim.Optimizer,
@@ -296,7 +375,7 @@ class STGU(Balancer):
         _, weights, _, _ = self.train_rows(lambda with_grad: losses_now(with_grad)[None], group_step)
         first = graph["first"]
         return first, StepInfo(weights=torch.from_numpy(weights[0]).to(first),
-                               extras={"n_groups": self._last_groups, "group_steps": self._last_steps,
+                               extras={"n_groups": self._last_plan[0], "group_steps": self._last_plan[1],
                                        **self._step_extras()})
 
     def _step_extras(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mtl_tune.balancers.base import BalancerError, ForwardOutput
-from mtl_tune.balancers.stgu import (PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_pairs,
+from mtl_tune.balancers.stgu import (PairGrouping, STGU, affinity_similarity, affinity_update, affinity_update_rows,
                                      group_tasks, linear_quantile, propagate_groups)
 
 from ._helpers import CountingSGD, ScriptedForward
@@ -107,30 +107,181 @@ def test_stgu_two_task_grouping_is_sklearns_answer():
         group_tasks(np.array([[1.0, np.inf], [np.inf, 1.0]]))
 
 
-def test_stgu_batched_affinity_update_is_the_loop_bit_for_bit():
-    rng = np.random.default_rng(5)
-    groups = ([0], [1], [0, 1])
+def _reference_update(affinity, group, before, after, decay):
+    """The official ``form_task_affinity.update`` as a loop over (s, t): the reference that the
+    vectorised :func:`affinity_update_rows` must reproduce bit for bit (NaN before = not measured)."""
+    out = np.array(affinity, dtype=np.float64, copy=True)
+    valid = np.isfinite(before)
+    a = np.full_like(before, np.nan)
+    a[valid] = (1.0 - after[valid] / before[valid]) / max(len(group), 1)
+    for s in group:
+        for t in np.flatnonzero(valid):
+            if t == s:
+                if a[t] < 0:
+                    continue
+                value = a[t]
+            elif t in set(group) and np.isfinite(a[s]) and a[t] * a[s] < 0:
+                value = -max(a[t], a[s])
+            else:
+                value = a[t]
+            out[s, t] = (1.0 - decay) * out[s, t] + decay * value
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # −inf · 0 (both)
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_stgu_batched_affinity_update_is_the_loop_bit_for_bit(k):
+    rng = np.random.default_rng(5 + k)
     b = 300
-    aff = rng.normal(size=(b, 2, 2))
+    aff = rng.normal(size=(b, k, k))
     decay = rng.uniform(1e-4, 1.0, size=b)
-    choice = rng.integers(0, 3, size=(2, b))
-    members = np.zeros((2, b, 2), dtype=bool)
-    for n in range(2):
-        for r in range(b):
-            members[n, r, groups[choice[n, r]]] = True
-    before = rng.uniform(0.1, 5.0, size=(2, b, 2))
-    # ratios around 1 on both sides: sign disagreements, a = 0, negative self-affinity updates
-    after = before * rng.choice([0.5, 0.9, 1.0, 1.1, 2.0], size=(2, b, 2))
-    one = affinity_update_pairs(aff, members[0], before[0], after[0], decay)
-    two = affinity_update_pairs(aff, members, before, after, decay)
+    members = rng.random((3, b, k)) < 0.5
+    members[:, ::7] = True                     # whole-task groups
+    members[:, 1::11] = False                  # a row outside the update: left alone
+    before = rng.uniform(0.1, 5.0, size=(3, b, k))
+    # ratios around 1 on both sides: sign disagreements, a = 0, negative self-affinity updates;
+    # an unmeasured target (NaN before), an infinite lookahead (a = −inf), products that underflow
+    after = before * rng.choice([0.5, 0.9, 1.0, 1.1, 2.0, 1 + 1e-200], size=(3, b, k))
+    before[0, ::13, 0] = np.nan
+    after[1, ::17, -1] = np.inf
+    before[2, ::19] = after[2, ::19] = 1.0
+    after[2, ::19, 0], after[2, ::19, 1] = 1 + 1e-170, 1 - 1e-170
+    groups = [[np.flatnonzero(members[n, r]).tolist() for r in range(b)] for n in range(3)]
+    one = affinity_update_rows(aff, members[0], before[0], after[0], decay)
+    three = affinity_update_rows(aff, members, before, after, decay.reshape(-1, 1, 1))
     for r in range(b):
-        first = affinity_update(aff[r], groups[choice[0, r]], before[0, r], after[0, r], decay[r])
-        np.testing.assert_array_equal(one[r], first)
-        np.testing.assert_array_equal(
-            two[r], affinity_update(first, groups[choice[1, r]], before[1, r], after[1, r], decay[r]))
-    skip = members.copy()
-    skip[1, ::2] = False  # a row without members is left alone by that update
-    np.testing.assert_array_equal(affinity_update_pairs(aff, skip, before, after, decay)[::2], one[::2])
+        expected = aff[r]
+        for n in range(3):
+            expected = _reference_update(expected, groups[n][r], before[n, r], after[n, r], decay[r])
+            if n == 0:
+                np.testing.assert_array_equal(one[r], expected)
+                if groups[0][r]:
+                    np.testing.assert_array_equal(
+                        affinity_update(aff[r], groups[0][r], before[0, r], after[0, r], decay[r]), expected)
+        np.testing.assert_array_equal(three[r], expected)
+    scalar = affinity_update_rows(aff, members, before, after, 0.3)  # one decay for every row
+    for r in range(0, b, 10):
+        expected = aff[r]
+        for n in range(3):
+            expected = _reference_update(expected, groups[n][r], before[n, r], after[n, r], 0.3)
+        np.testing.assert_array_equal(scalar[r], expected)
+
+
+def test_stgu_randperm_draws_the_pair_plan_relies_on():
+    """The K = 2 rows plan skips ``randperm(1)`` (it takes no number from the generator) and draws
+    ``randperm(2)`` into a reused buffer (the same permutation, the same stream)."""
+    for seed in range(3):
+        plain, buffered = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        out = torch.empty(2, dtype=torch.int64)
+        for i in range(300):
+            if i % 3 == 0:
+                state = plain.get_state()
+                assert torch.randperm(1, generator=plain).tolist() == [0]
+                assert torch.equal(plain.get_state(), state)
+            else:
+                torch.randperm(2, generator=buffered, out=out)
+                assert torch.randperm(2, generator=plain).tolist() == out.tolist()
+        assert torch.equal(plain.get_state(), buffered.get_state())
+
+
+@pytest.mark.parametrize("hp", [{}, {"group_norm": True}, {"preference_quantile": 0.25, "similarity": "official"}])
+def test_stgu_pair_rows_plan_is_each_rows_own_plan(hp):
+    """The K = 2 rows plan (a table, one draw per two-group row) gives every row the coefficients
+    and the generator state that the row's own one-row plan gives, warm-up and grouping alike."""
+    rng = np.random.default_rng(8)
+    rows = [STGU(2, prepos=3, seed=s, **hp) for s in range(6)]
+    singles = [STGU(2, prepos=3, seed=s, **hp) for s in range(6)]
+    many = STGU(2, prepos=3, **hp)
+    many.start_rows(rows)
+    seen = set()
+    for _ in range(40):
+        affinities = rng.uniform(-0.2, 1.0, size=(6, 2, 2)) * rng.choice([1.0, 0.0], size=(6, 1, 1), p=[0.9, 0.1])
+        many.affinity = affinities.copy()
+        got = many.plan_rows(np.zeros(6, dtype=bool), [""] * 6)
+        for r, single in enumerate(singles):
+            single.affinity = affinities[r].copy()
+            expected = single.plan_rows(np.zeros(1, dtype=bool), [""])
+            np.testing.assert_array_equal(got[:, r], expected[:, 0])
+            assert torch.equal(many.generator[r].get_state(), single.generator.get_state())
+            assert many.groups[r] == single.groups
+            seen.add(single._last_plan[0])
+    assert seen == {1, 2}
+
+
+@pytest.mark.parametrize("attribution", ["paper", "official"])
+def test_stgu_error_mid_batch_leaves_the_updates_made_before_it(attribution):
+    """The EMA steps run at the end of the batch; an error in a forward or a step keeps those
+    whose losses were seen before it, as updating at each step did. A non-positive loss raises at
+    its update's place: before the next optimizer step (paper), after it (official)."""
+    rows = [[2.0, 2.0], [1.0, 3.0], [1.5, 1.5], [1.2, 1.4]]
+
+    def run(fail_at, losses=rows):
+        st = STGU(2, affin_decay=0.5, prepos=10, attribution=attribution)
+        calls, steps = [], []
+
+        def forward(with_grad):
+            calls.append(with_grad)
+            if len(calls) == fail_at:
+                raise RuntimeError("boom")
+            return np.array([losses[len(calls) - 1]])
+
+        with pytest.raises((RuntimeError, BalancerError)) as err:
+            st.train_rows(forward, lambda coef: steps.append(coef), None)
+        return st, err.value, len(steps)
+
+    r = [np.array(x) for x in rows]
+    st = STGU(2, affin_decay=0.5, prepos=10, seed=0)
+    first = int(np.argmax(st.plan_rows(np.zeros(1, dtype=bool), [""])[0, 0]))   # the seed's first group
+    groups = [[first], [1 - first]]
+    if attribution == "paper":   # the lookahead (3rd forward) fails: g0's update over r0 → r1 was made
+        st, _, steps = run(3)
+        np.testing.assert_array_equal(st.affinity, affinity_update(np.zeros((2, 2)), groups[0], r[0], r[1], 0.5))
+        assert steps == 2
+    else:                        # no 3rd forward; the 2nd fails: nothing was updated yet
+        st, _, steps = run(2)
+        np.testing.assert_array_equal(st.affinity, np.zeros((2, 2)))
+        assert steps == 1
+    assert st.step_count == 0
+    # a non-positive first loss: paper checks it at the 2nd forward, before g1's step; official
+    # after g1's step (its update credits g1 with ℓ⁽⁰⁾ → ℓ⁽¹⁾)
+    st, err, steps = run(0, [[-2.0, 2.0], [1.0, 3.0], [1.5, 1.5]])
+    assert isinstance(err, BalancerError) and "positive losses, got [-2.  2.]" in str(err)
+    assert steps == (1 if attribution == "paper" else 2)
+    np.testing.assert_array_equal(st.affinity, np.zeros((2, 2)))
+    if attribution == "paper":   # non-positive before g1's update (over ℓ⁽¹⁾ → ℓ⁽²⁾): after both steps
+        bad = [[2.0, 2.0], [-1.0, 3.0], [1.5, 1.5]]
+        st, err, steps = run(0, bad)
+        assert isinstance(err, BalancerError) and steps == 2
+        np.testing.assert_array_equal(st.affinity, affinity_update(np.zeros((2, 2)), groups[0], r[0],
+                                                                   np.array(bad[1]), 0.5))
+
+
+def test_stgu_rows_failing_at_an_update_keep_the_affinity_of_before():
+    """Rows: a row with a non-positive loss fails at that update with the one-row balancer's message
+    and its affinity keeps the updates before it; the other rows are updated as alone."""
+    losses = np.array([[[2.0, 2.0], [1.0, 3.0], [1.5, 1.5]],
+                       [[2.0, 2.0], [1.0, -3.0], [1.5, 1.5]],      # fails at the second update (paper)
+                       [[-2.0, 2.0], [1.0, 3.0], [1.5, 1.5]]])     # fails at the first
+    rows = [STGU(2, affin_decay=0.5, prepos=10, seed=s) for s in range(3)]
+    many = STGU(2, affin_decay=0.5, prepos=10)
+    many.start_rows(rows)
+    calls = []
+
+    def forward(with_grad):
+        calls.append(with_grad)
+        return losses[:, len(calls) - 1]
+
+    _, weights, failed, reasons = many.train_rows(forward, lambda coef: None)
+    assert failed.tolist() == [False, True, True] and reasons[0] == ""
+    assert "positive losses, got [ 1. -3.]" in reasons[1] and "positive losses, got [-2.  2.]" in reasons[2]
+    np.testing.assert_array_equal(weights, np.ones((3, 2)))
+    for r, seed in enumerate(range(3)):
+        alone = STGU(2, affin_decay=0.5, prepos=10, seed=seed)
+        plan = alone.plan_rows(np.zeros(1, dtype=bool), [""])[:, 0]
+        expected = np.zeros((2, 2))
+        for n in range({0: 2, 1: 1, 2: 0}[r]):
+            expected = affinity_update(expected, np.flatnonzero(plan[n]).tolist(), losses[r, n], losses[r, n + 1], 0.5)
+        np.testing.assert_array_equal(many.affinity[r], expected)
 
 
 def test_stgu_batched_similarity_is_the_per_matrix_one():
