@@ -25,11 +25,11 @@ one method variant in lockstep (its generic driver, ``toy/kernels/_rows.py``). B
 same function, so a method's math exists once. A rule reads the balancer's hyperparameters
 and, for a stateless method, nothing else.
 
-A method with a random stream (``rlw``'s weights, ``pcgrad``'s and ``gradvac``'s task orders) draws
-row r's numbers from row r's own generator (:func:`row_generators`): the balancer's own for one row,
-and in lockstep the generators :meth:`~mtl_tune.balancers.base.Balancer.start_rows` adopted from the
-rows' balancers, so every row draws exactly what its balancer would have drawn alone. The draws loop
-over the rows (a generator is one stream); what is computed from them is batched.
+A method with a random stream (``rlw``'s weights, ``pcgrad``'s and ``gradvac``'s task orders, ``graddrop``'s
+thresholds) draws row r's numbers from row r's own generator: the balancer's own for one row, and in
+lockstep the generators :meth:`~mtl_tune.balancers.base.Balancer.start_rows` adopted from the rows'
+balancers, a block of steps per call (:mod:`mtl_tune.balancers._random_rows`), so every row draws
+exactly what its balancer would have drawn alone. What is computed from the draws is batched.
 
 A rule returns a :class:`RowStep`: the coefficients, and per row whether the method cannot
 step at all (``failed``: the balancer raises :class:`BalancerError` with ``reason``) or its
@@ -46,8 +46,7 @@ steps θ with the optimizer the training loop would use, after taking the step's
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,17 +122,3 @@ def host(x: Tensor) -> np.ndarray:
     if x.dtype == torch.float32 and x.device.type == "cpu":  # NumPy's cast: the same (exact) values, cheaper
         return x.detach().numpy().astype(np.float64)
     return x.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def row_generators(own: torch.Generator, rows: Sequence[torch.Generator] | None,
-                   shape: tuple[int, ...]) -> list[torch.Generator]:
-    """The random generator of every row of leading shape ``shape``, in C order: ``[own]`` (the
-    balancer's own) for one row (``shape == ()``), else ``rows``, the generators ``start_rows``
-    adopted from the rows' balancers (one per row)."""
-    if shape == ():
-        return [own]
-    if rows is None or len(rows) != math.prod(shape):
-        have = "none" if rows is None else len(rows)
-        raise ValueError(f"a rule with a random stream needs one generator per row: rows of shape {shape}, "
-                         f"generators adopted by start_rows: {have}")
-    return list(rows)

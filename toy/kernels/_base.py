@@ -184,17 +184,21 @@ class NumpyAdam:
         self.v = np.zeros_like(param)
         self.t = np.zeros(param.shape[0], dtype=np.int64)
         self._p, self._m, self._v = (torch.from_numpy(a) for a in (param, self.m, self.v))
+        self._views: dict[tuple[int | None, int | None], tuple] = {}
         self._torch = torch
 
     def step(self, grad: np.ndarray, rows: slice = slice(None)) -> None:
         """One Adam step of ``param[rows]`` (a slice: every row of it has taken as many steps) with ``grad``."""
-        t = self.t[rows]
+        key = (rows.start, rows.stop)
+        views = self._views.get(key)
+        if views is None:  # the torch views of a block's rows, made once (a block steps every step)
+            views = self._views[key] = (self.t[rows], self._m[rows], self._v[rows], self._p[rows])
+        t, m, v, p = views
         t += 1
         step = int(t[0])
         g = self._torch.from_numpy(np.ascontiguousarray(grad))
-        m, v = self._m[rows], self._v[rows]
         m.lerp_(g, 1 - self.beta1)
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         step_size = self.lr / (1 - self.beta1 ** step)
         denom = (v.sqrt() / (1 - self.beta2 ** step) ** 0.5).add_(self.eps)
-        self._p[rows].addcdiv_(m, denom, value=-step_size)
+        p.addcdiv_(m, denom, value=-step_size)
