@@ -61,6 +61,18 @@ from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_para
                                      rebind_private_optimizer)
 
 
+def _rows_apart(x: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``x`` (..., K) whose rows lie K + 1 elements apart (one
+    allocation, no copy: the destination of an op's ``out=``)."""
+    shape = tuple(x.shape)
+    strides, step = [1], shape[-1] + 1
+    for n in reversed(shape[1:-1]):
+        strides.insert(0, step)
+        step *= n
+    strides.insert(0, step)
+    return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+
+
 def _pow_per_row(r: Tensor, alpha: float) -> Tensor:
     """r ** α row by row, (..., K): every row gets exactly the bits of r_row ** α on its own.
 
@@ -68,17 +80,17 @@ def _pow_per_row(r: Tensor, alpha: float) -> Tensor:
     n − n mod 2V of them (V: the SIMD width) with vectorised code, which rounds differently from
     the scalar code that does the rest, and the sign of G − target flips on one ulp near balance.
     One row (K elements) alone is one such run; (B, K) rows in one contiguous tensor would be one
-    run of B·K. So the rows go into a padded buffer, K + 1 elements apart: TensorIterator cannot
-    merge rows whose strides do not line up, and runs its loop once per row of K, as for one row
-    (checked bit for bit against one call per row). Other devices compute each element alike, in
-    any layout: on them a row loop keeps the guarantee without assuming it."""
+    run of B·K. Rows K + 1 elements apart (:func:`_rows_apart`; :func:`gradnorm_targets` computes r
+    there directly) cannot be merged by TensorIterator, which then runs its loop once per row of K,
+    as for one row (checked bit for bit against one call per row). Other devices compute each
+    element alike in any layout: on them a row loop keeps the guarantee without assuming it."""
     if r.dim() < 2:
         return torch.pow(r, alpha)
     if r.device.type != "cpu":
         return torch.stack([torch.pow(row, alpha) for row in r.unbind(0)])
-    padded = r.new_empty(r.shape[:-1] + (r.shape[-1] + 1,))[..., :-1]
-    padded.copy_(r)
-    return torch.pow(padded, alpha)
+    if r.stride(-1) != 1 or r.stride(-2) != r.shape[-1] + 1:  # not rows K + 1 apart yet
+        r = _rows_apart(r).copy_(r)
+    return torch.pow(r, alpha)
 
 
 def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -87,7 +99,8 @@ def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_los
     batch-first: (..., K)."""
     g = weights * norms
     ratio = losses / initial_losses
-    r = ratio / ratio.mean(-1, keepdim=True)
+    mean = ratio.mean(-1, keepdim=True)
+    r = torch.div(ratio, mean, out=_rows_apart(ratio)) if ratio.dim() > 1 and ratio.is_cpu else ratio / mean
     return g, g.mean(-1, keepdim=True) * _pow_per_row(r, alpha)
 
 
@@ -119,21 +132,23 @@ def _k_over(total: Tensor, k: int) -> Tensor:
     return total.reciprocal() * k
 
 
-def renormalise_rows(weights: Tensor) -> tuple[Tensor, np.ndarray, np.ndarray]:
+def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """Clamp at 0 and rescale to Σw = K, per row (..., K); also the rows whose weights are not finite
     and the rows whose weights all reached 0 (left unchanged: those rows fail), as host arrays: the
     K-wide sums are read to the host once (a failing row is rare; the where() that keeps its
-    weights is applied only when there is one)."""
+    weights is applied only when there is one). ``out``: where to write the result (it may be
+    ``weights`` itself), else a new tensor."""
     w = weights.clamp_min(0)
     total = w.sum(-1, keepdim=True)
     sums = _on_host(total)[..., 0]
     finite = np.isfinite(sums)
     nonfinite, dead = ~finite, finite & ~(sums > 0)
-    renormalised = w * _k_over(total, w.shape[-1])
-    if nonfinite.any() or dead.any():
-        ok = torch.from_numpy(np.asarray(~(nonfinite | dead))).to(weights.device)
-        renormalised = torch.where(ok[..., None], renormalised, weights)
-    return renormalised, nonfinite, dead
+    if not (nonfinite.any() or dead.any()):
+        k_over = _k_over(total, w.shape[-1])
+        return (w * k_over if out is None else torch.mul(w, k_over, out=out)), nonfinite, dead
+    ok = torch.from_numpy(np.asarray(~(nonfinite | dead))).to(weights.device)
+    renormalised = torch.where(ok[..., None], w * _k_over(total, w.shape[-1]), weights)
+    return (renormalised if out is None else out.copy_(renormalised)), nonfinite, dead
 
 
 def renormalise(weights: Tensor) -> Tensor:
@@ -218,7 +233,7 @@ class GradNorm(Balancer):
         weights = self.weights
         ell = losses.detach().to(weights.dtype)
         bad = (_on_host(ell) <= 0).any(-1)
-        w_now = weights.detach().clone()
+        w_now = weights.clone()  # (a buffer: nothing to detach)
         if ell.dim() == 1 and bad:
             return RowStep(w_now, failed=bad, reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
         if self.initial_losses is None:
@@ -227,8 +242,7 @@ class GradNorm(Balancer):
         self._step_inputs = (w_now, norms, ell)
         weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
         adam_step(self.w_optimizer)
-        renormalised, nonfinite, dead = renormalise_rows(weights)
-        weights.copy_(renormalised)
+        renormalised, nonfinite, dead = renormalise_rows(weights, out=weights)
 
         def reason(index: tuple[int, ...]) -> str:
             if bool(bad[index]):
@@ -236,7 +250,10 @@ class GradNorm(Balancer):
             what = "non-finite task weights" if bool(nonfinite[index]) else "all task weights reached 0:"
             return f"gradnorm: {what} {renormalised[index].tolist()}"
 
-        direction = (w_now.to(jacobian.dtype).unsqueeze(-1) * jacobian).sum(-2)
+        # Σᵢ wᵢ Jᵢ in the Jacobian's dtype: w cast to it (a float64 Jacobian promotes w exactly as the
+        # cast would, so the cast is left to the product there)
+        w = w_now if jacobian.dtype in (torch.float64, w_now.dtype) else w_now.to(jacobian.dtype)
+        direction = (w.unsqueeze(-1) * jacobian).sum(-2)
         return RowStep(w_now, failed=bad | nonfinite | dead, reason=reason, direction=direction)
 
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
