@@ -100,7 +100,10 @@ def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_los
     g = weights * norms
     ratio = losses / initial_losses
     mean = ratio.mean(-1, keepdim=True)
-    r = torch.div(ratio, mean, out=_rows_apart(ratio)) if ratio.dim() > 1 and ratio.is_cpu else ratio / mean
+    if ratio.dim() > 1 and ratio.is_cpu and not ratio.requires_grad:  # (out= takes no autograd)
+        r = torch.div(ratio, mean, out=_rows_apart(ratio))             # rows K + 1 apart: _pow_per_row
+    else:
+        r = ratio / mean
     return g, g.mean(-1, keepdim=True) * _pow_per_row(r, alpha)
 
 
