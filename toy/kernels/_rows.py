@@ -170,7 +170,11 @@ class RowsKernel(Kernel):
                              f"parameters need ({self.rows}, {sum(self.param_sizes)})")
         start = 0
         for p, n in zip(self.params, self.param_sizes):
-            p.grad = torch.from_numpy(grads[:, start:start + n]).reshape(p.shape).to(p.dtype)
+            g = grads[:, start:start + n]
+            if p.dtype == torch.float32:  # NumPy's cast rounds as torch's; ~1 µs instead of ~6
+                p.grad = torch.from_numpy(g.astype(np.float32).reshape(p.shape))
+            else:
+                p.grad = torch.from_numpy(g).reshape(p.shape).to(p.dtype)
             start += n
         adam_step(self.params_optimizer)
 
