@@ -51,19 +51,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._adam import adam_step
 from mtl_tune.balancers._rows import RowStep, one_row
 from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
                                      rebind_private_optimizer)
 
 
+def _rows_apart(x: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``x`` (..., K) whose rows lie K + 1 elements apart (one
+    allocation, no copy: the destination of an op's ``out=``)."""
+    shape = tuple(x.shape)
+    strides, step = [1], shape[-1] + 1
+    for n in reversed(shape[1:-1]):
+        strides.insert(0, step)
+        step *= n
+    strides.insert(0, step)
+    return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+
+
 def _pow_per_row(r: Tensor, alpha: float) -> Tensor:
-    """r ** α row by row: torch computes a scalar power of a K-element tensor in a scalar loop but of
-    a longer one with vectorised code that rounds differently, and the sign of G − target flips on
-    one ulp near balance — so rows in lockstep get exactly the bits of their one-row balancer."""
-    return r ** alpha if r.dim() == 1 else torch.stack([row ** alpha for row in r.unbind(0)])
+    """r ** α row by row, (..., K): every row gets exactly the bits of r_row ** α on its own.
+
+    Why it matters: torch's CPU loop over a contiguous run of n elements computes the first
+    n − n mod 2V of them (V: the SIMD width) with vectorised code, which rounds differently from
+    the scalar code that does the rest, and the sign of G − target flips on one ulp near balance.
+    One row (K elements) alone is one such run; (B, K) rows in one contiguous tensor would be one
+    run of B·K. Rows K + 1 elements apart (:func:`_rows_apart`; :func:`gradnorm_targets` computes r
+    there directly) cannot be merged by TensorIterator, which then runs its loop once per row of K,
+    as for one row (checked bit for bit against one call per row). Other devices compute each
+    element alike in any layout: on them a row loop keeps the guarantee without assuming it."""
+    if r.dim() < 2:
+        return torch.pow(r, alpha)
+    if r.device.type != "cpu":
+        return torch.stack([torch.pow(row, alpha) for row in r.unbind(0)])
+    if r.stride(-1) != 1 or r.stride(-2) != r.shape[-1] + 1:  # not rows K + 1 apart yet
+        r = _rows_apart(r).copy_(r)
+    return torch.pow(r, alpha)
 
 
 def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -72,7 +99,11 @@ def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_los
     batch-first: (..., K)."""
     g = weights * norms
     ratio = losses / initial_losses
-    r = ratio / ratio.mean(-1, keepdim=True)
+    mean = ratio.mean(-1, keepdim=True)
+    if ratio.dim() > 1 and ratio.is_cpu and not ratio.requires_grad:  # (out= takes no autograd)
+        r = torch.div(ratio, mean, out=_rows_apart(ratio))             # rows K + 1 apart: _pow_per_row
+    else:
+        r = ratio / mean
     return g, g.mean(-1, keepdim=True) * _pow_per_row(r, alpha)
 
 
@@ -85,32 +116,60 @@ def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial
     Batch-first: (..., K).
     """
     k = weights.shape[-1]
-    scale = k / weights.sum(-1, keepdim=True)       # K/Σw (1 when the weights are normalised)
-    scaled = weights * scale                        # w̃
+    scale = _k_over(weights.sum(-1, keepdim=True), k)  # K/Σw (1 when the weights are normalised)
+    scaled = weights * scale                           # w̃
     g, target = gradnorm_targets(scaled, norms, losses, initial_losses, alpha)
     u = torch.sign(g - target) * norms
     return scale * (u - (scaled * u).sum(-1, keepdim=True) / k)
 
 
-def renormalise_rows(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _on_host(x: Tensor) -> np.ndarray:
+    """``x`` as a NumPy array (a view of a CPU tensor's memory; float64 for a dtype NumPy lacks)."""
+    x = x.detach().cpu()
+    return x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
+
+
+def _k_over(total: Tensor, k: int) -> Tensor:
+    """K/total as torch evaluates the expression ``k / total`` (``Tensor.__rtruediv__``: the
+    reciprocal times k), without that Python wrapper."""
+    return total.reciprocal() * k
+
+
+def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """Clamp at 0 and rescale to Σw = K, per row (..., K); also the rows whose weights are not finite
-    and the rows whose weights all reached 0 (left unchanged: those rows fail)."""
+    and the rows whose weights all reached 0 (left unchanged: those rows fail), as host arrays: the
+    K-wide sums are read to the host once (a failing row is rare; the where() that keeps its
+    weights is applied only when there is one). ``out``: where to write the result (it may be
+    ``weights`` itself), else a new tensor."""
     w = weights.clamp_min(0)
     total = w.sum(-1, keepdim=True)
-    nonfinite = ~torch.isfinite(total[..., 0])
-    dead = ~(total[..., 0] > 0) & ~nonfinite
-    ok = ~(nonfinite | dead)
-    return torch.where(ok[..., None], w * (w.shape[-1] / total), weights), nonfinite, dead
+    sums = _on_host(total)[..., 0]
+    finite = np.isfinite(sums)
+    nonfinite, dead = ~finite, finite & ~(sums > 0)
+    if not (nonfinite.any() or dead.any()):
+        k_over = _k_over(total, w.shape[-1])
+        return (w * k_over if out is None else torch.mul(w, k_over, out=out)), nonfinite, dead
+    ok = torch.from_numpy(np.asarray(~(nonfinite | dead))).to(weights.device)
+    renormalised = torch.where(ok[..., None], w * _k_over(total, w.shape[-1]), weights)
+    return (renormalised if out is None else out.copy_(renormalised)), nonfinite, dead
 
 
 def renormalise(weights: Tensor) -> Tensor:
     """Clamp at 0 and rescale to Σw = K (one row); raises when that is impossible."""
     w, nonfinite, dead = renormalise_rows(weights)
-    if bool(nonfinite.any()):  # NaN/inf weights (e.g. from non-finite gradient norms)
+    if nonfinite.any():  # NaN/inf weights (e.g. from non-finite gradient norms)
         raise BalancerError(f"gradnorm: non-finite task weights {weights.tolist()}")
-    if bool(dead.any()):
+    if dead.any():
         raise BalancerError(f"gradnorm: all task weights reached 0: {weights.tolist()}")
     return w
+
+
+def _row_norms(jacobian: Tensor) -> Tensor:
+    """``jacobian.norm(dim=-1)``: on CPU/CUDA strided tensors that is ``torch.linalg.vector_norm``
+    (``torch.functional.norm`` forwards it there), called directly without the Python wrapper."""
+    if jacobian.layout == torch.strided and jacobian.device.type in ("cpu", "cuda"):
+        return torch.linalg.vector_norm(jacobian, 2, [-1])
+    return jacobian.norm(dim=-1)
 
 
 class GradNorm(Balancer):
@@ -166,37 +225,39 @@ class GradNorm(Balancer):
 
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """Batch-first rule on the Jacobians (..., K, P) of W: the step's weights w (the ones before
-        their update, float32), then one Adam step of w on :func:`gradnorm_weight_grad` and the
-        renormalisation; ``direction`` = Σᵢ wᵢ ∇_W ℓᵢ (the whole update when W is every shared
-        parameter, as on the toy). Rows fail on a non-positive loss (before any update) or when their
-        weights cannot be renormalised."""
-        ell = losses.detach().to(self.weights.dtype)
-        bad_loss = (ell <= 0).any(-1)
-        w_now = self.weights.detach().clone()
-        if ell.dim() == 1 and bool(bad_loss):
-            return RowStep(w_now.cpu(), failed=bad_loss.cpu().numpy(),
-                           reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
+        their update, float32, on the weights' device), then one Adam step of w on
+        :func:`gradnorm_weight_grad` and the renormalisation; ``direction`` = Σᵢ wᵢ ∇_W ℓᵢ (the whole
+        update when W is every shared parameter, as on the toy). Rows fail on a non-positive loss
+        (before any update) or when their weights cannot be renormalised.
+
+        Host reads: one row checks its losses first (it must not update on a bad step) and every call
+        reads the K weight sums of the renormalisation (the rows that fail); the diagnostics G and
+        target (``StepInfo.extras``) are computed only by :meth:`backward`, which reports them."""
+        weights = self.weights
+        ell = losses.detach().to(weights.dtype)
+        bad = (_on_host(ell) <= 0).any(-1)
+        w_now = weights.clone()  # (a buffer: nothing to detach)
+        if ell.dim() == 1 and bad:
+            return RowStep(w_now, failed=bad, reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")
         if self.initial_losses is None:
             self.initial_losses = ell.clone()
-        norms = jacobian.norm(dim=-1).detach().to(ell)
-        self._last = gradnorm_targets(w_now, norms, ell, self.initial_losses, self.alpha)
-        self.w_optimizer.zero_grad(set_to_none=True)
-        self.weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
-        self.w_optimizer.step()
-        with torch.no_grad():
-            renormalised, nonfinite, dead = renormalise_rows(self.weights)
-            self.weights.copy_(renormalised)
-        w_now_host, new = w_now.cpu(), self.weights.detach().cpu()
+        norms = _row_norms(jacobian).detach().to(ell)
+        self._step_inputs = (w_now, norms, ell)
+        weights.grad = gradnorm_weight_grad(w_now, norms, ell, self.initial_losses, self.alpha)
+        adam_step(self.w_optimizer)
+        renormalised, nonfinite, dead = renormalise_rows(weights, out=weights)
 
         def reason(index: tuple[int, ...]) -> str:
-            if bool(bad_loss[index]):
+            if bool(bad[index]):
                 return f"gradnorm: loss ratios need positive losses, got {ell[index].tolist()}"
             what = "non-finite task weights" if bool(nonfinite[index]) else "all task weights reached 0:"
-            return f"gradnorm: {what} {new[index].tolist()}"
+            return f"gradnorm: {what} {renormalised[index].tolist()}"
 
-        failed = (bad_loss | nonfinite | dead).cpu().numpy()
-        direction = (w_now.to(jacobian.dtype).unsqueeze(-1) * jacobian).sum(-2)
-        return RowStep(w_now_host, failed=failed, reason=reason, direction=direction)
+        # Σᵢ wᵢ Jᵢ in the Jacobian's dtype: w cast to it (a float64 Jacobian promotes w exactly as the
+        # cast would, so the cast is left to the product there)
+        w = w_now if jacobian.dtype in (torch.float64, w_now.dtype) else w_now.to(jacobian.dtype)
+        direction = (w.unsqueeze(-1) * jacobian).sum(-2)
+        return RowStep(w_now, failed=bad | nonfinite | dead, reason=reason, direction=direction)
 
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
@@ -211,11 +272,12 @@ class GradNorm(Balancer):
         if self.weights.device != losses.device:
             self.to(losses.device)
         out = self.direction_rows(self.engine.jacobian(losses, last, retain_graph=True), losses)
-        w_now = one_row(out).to(self.weights.device)
+        w_now = one_row(out)
         (losses * w_now.to(losses.dtype)).sum().backward(inputs=shared + heads)
         self._clip(shared)
         self.step_count += 1
-        g, target = self._last
+        w_step, norms, ell = self._step_inputs
+        g, target = gradnorm_targets(w_step, norms, ell, self.initial_losses, self.alpha)
         return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
                                                "gradnorm_loss": (g - target).abs().sum()})
 

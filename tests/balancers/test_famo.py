@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +64,58 @@ def test_famo_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-12)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- batch-first rule, bit for bit
+def _saved_and_loaded(state: dict) -> dict:
+    """``state`` through torch.save / torch.load, as a checkpoint (in-process, torch's
+    ``Optimizer.load_state_dict`` would share the private Adam's state tensors between the two)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("k,gamma", [(2, 0.0), (2, 1e-3), (5, 1e-3)])
+def test_rows_in_lockstep_are_their_one_row_balancers_bit_for_bit(k, gamma):
+    """FAMO's logit gradient is a difference of two float32 logs of nearly equal losses: the rows of the
+    toy must round every step exactly as a balancer alone does (weights, logits, Adam state)."""
+    floor = [-2.1] + [-21.0] * (k - 1)
+    make = lambda: get_balancer("famo", k, gamma=gamma, w_lr=0.025, min_losses=floor)  # noqa: E731
+    rows = [make() for _ in range(4)]
+    alone = [make() for _ in rows]
+    many = make()
+    many.start_rows(rows)
+    rng = np.random.default_rng(k)
+    losses = rng.uniform(0.5, 3.0, size=(len(rows), k))
+    for _ in range(60):
+        new = losses * (1 - rng.uniform(0, 1e-3, size=losses.shape))   # small decreases: δ ≈ 1e-4
+        w_many = many.weights_rows(losses).weights
+        after = many.after_rows(new).weights
+        for r, bal in enumerate(alone):
+            assert np.array_equal(w_many[r], bal.weights_rows(losses[r]).weights)
+            assert np.array_equal(after[r], bal.after_rows(new[r]).weights)
+            assert torch.equal(many.logits[r], bal.logits)
+        losses = new
+    for r, bal in enumerate(alone):
+        assert torch.equal(many.w_optimizer.state[many.logits]["exp_avg_sq"][r],
+                           bal.w_optimizer.state[bal.logits]["exp_avg_sq"])
+
+
+def test_checkpoint_after_steps_continues_identically():
+    a = get_balancer("famo", 3, gamma=1e-3, w_lr=0.05)
+    x = torch.zeros(1, requires_grad=True)
+    rng = np.random.default_rng(0)
+
+    def step(bal, base):
+        bal.backward(torch.stack([x.sum() + float(v) for v in base]), [x])
+        bal.after_optimizer_step(torch.from_numpy(base * 0.99))
+        return bal.logits.detach().clone()
+
+    for _ in range(5):
+        step(a, rng.uniform(1, 3, size=3))
+    b = get_balancer("famo", 3, gamma=1e-3, w_lr=0.05)
+    b.load_state_dict(_saved_and_loaded(a.state_dict()))
+    for _ in range(5):
+        base = rng.uniform(1, 3, size=3)
+        assert torch.equal(step(a, base), step(b, base))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -139,3 +141,80 @@ def test_gradnorm_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-12)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- batch-first rule, bit for bit
+def _rule_inputs(rows: int, k: int, steps: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, k, 3, generator=gen, dtype=torch.float64)
+             * torch.rand(rows, k, 1, generator=gen, dtype=torch.float64) * 3,
+             torch.rand(rows, k, generator=gen, dtype=torch.float64) + 0.2) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("k", [2, 7, 40])
+def test_rows_in_lockstep_are_their_one_row_balancers_bit_for_bit(k):
+    """The toy's B rows and B balancers stepping alone: the same weights, directions and Adam states,
+    to the bit (the sign of G − target flips on one ulp near balance, so rounding must agree)."""
+    rows = [GradNorm(k, alpha=a, lr=0.05) for a in (1.5, 1.5, 1.5)]
+    alone = [GradNorm(k, alpha=1.5, lr=0.05) for _ in rows]
+    many = GradNorm(k, alpha=1.5, lr=0.05)
+    many.start_rows(rows)
+    for jac, losses in _rule_inputs(len(rows), k, 25, seed=k):
+        out = many.direction_rows(jac, losses)
+        assert not out.failed.any()
+        for r, bal in enumerate(alone):
+            one = bal.direction_rows(jac[r], losses[r])
+            assert torch.equal(out.weights[r], one.weights) and torch.equal(out.direction[r], one.direction)
+            assert torch.equal(many.weights[r], bal.weights)
+    for r, bal in enumerate(alone):
+        state = bal.w_optimizer.state[bal.weights]
+        assert torch.equal(many.w_optimizer.state[many.weights]["exp_avg_sq"][r], state["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 2), (5, 40), (3, 17), (2, 3, 9), (1, 33)], ids=str)
+def test_pow_per_row_is_one_call_per_row(shape, dtype):
+    from mtl_tune.balancers.gradnorm import _pow_per_row
+
+    gen = torch.Generator().manual_seed(len(shape))
+    for alpha in (0.12, 0.5, 1.5, 2.7):
+        r = torch.rand(shape, generator=gen, dtype=dtype) * 3
+        want = torch.stack([row ** alpha for row in r.reshape(-1, shape[-1]).unbind(0)]).reshape(shape)
+        assert torch.equal(_pow_per_row(r, alpha), want)
+
+
+def test_failed_rows_fail_alone_with_their_reason():
+    rows = [GradNorm(2) for _ in range(3)]
+    many = GradNorm(2)
+    many.start_rows(rows)
+    jac, losses = _rule_inputs(3, 2, 1, seed=0)[0]
+    many.direction_rows(jac, losses)
+    jac[1, 0, 0] = float("inf")                    # row 1: an infinite gradient norm → NaN weights
+    losses[2, 1] = -1.0                            # row 2: a non-positive loss
+    out = many.direction_rows(jac, losses)
+    assert out.failed.tolist() == [False, True, True]
+    assert "non-finite task weights" in out.reason_of((1,))
+    assert "positive losses" in out.reason_of((2,))
+    assert torch.isfinite(many.weights[0]).all() and float(many.weights[0].sum()) == pytest.approx(2.0)
+
+
+def _saved_and_loaded(state: dict) -> dict:
+    """``state`` through torch.save / torch.load, as a checkpoint (in-process, torch's
+    ``Optimizer.load_state_dict`` would share the private Adam's state tensors between the two)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def test_checkpoint_after_steps_continues_identically():
+    a, w, losses = gradnorm_problem((10.0, 1.0))
+    bal = GradNorm(2, alpha=1.5, lr=0.1, last_shared_params=1)
+    for _ in range(5):
+        bal.backward(losses(), [a, w])
+    twin = GradNorm(2, alpha=1.5, lr=0.1, last_shared_params=1)
+    twin.load_state_dict(_saved_and_loaded(bal.state_dict()))
+    for _ in range(5):
+        x, y = bal.backward(losses(), [a, w]), twin.backward(losses(), [a, w])
+        assert torch.equal(x.weights, y.weights) and torch.equal(bal.weights, twin.weights)
+        assert torch.equal(x.extras["target_norms"], y.extras["target_norms"])
