@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from mtl_tune.balancers._adam import adam_step
 from mtl_tune.balancers._rows import RowStep, gram_rows
 from mtl_tune.balancers.base import Balancer
 from ..common import balancer_optimizer
@@ -179,7 +180,6 @@ class RowsKernel(Kernel):
         parameter (B, …) takes its per-row entries' columns, cast to its dtype (as autograd casts
         the float64 gradient of the objective). The step is ``adam_step``: torch's Adam arithmetic
         bit for bit without ``Optimizer.step``'s wrapper (``step()`` itself where it is not plain)."""
-        from mtl_tune.balancers._adam import adam_step  # (here: this method is all this change touches)
         if grads.shape != (self.rows, sum(self.param_sizes)):
             raise ValueError(f"{self.name}: the rule's param_grads have shape {grads.shape}, the balancer's "
                              f"parameters need ({self.rows}, {sum(self.param_sizes)})")
