@@ -5,6 +5,7 @@ chosen matrix, so every written gradient has a closed form."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -180,3 +181,12 @@ class CountingSGD(torch.optim.SGD):
     def step(self, closure=None):
         self.steps += 1
         return super().step(closure)
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """``state`` through torch.save / torch.load, as a checkpoint (in-process, torch's
+    ``Optimizer.load_state_dict`` would share the private Adam's state tensors between the two)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)

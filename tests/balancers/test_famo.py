@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.famo import famo_logit_grad, famo_weights
 from mtl_tune.registry import get_balancer
 
+from ._helpers import saved_and_loaded
 from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
                           property_cases)
 
@@ -67,15 +67,6 @@ def test_famo_properties(case):
 
 
 # ---------------------------------------------------------------------------- batch-first rule, bit for bit
-def _saved_and_loaded(state: dict) -> dict:
-    """``state`` through torch.save / torch.load, as a checkpoint (in-process, torch's
-    ``Optimizer.load_state_dict`` would share the private Adam's state tensors between the two)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
-
-
 @pytest.mark.parametrize("k,gamma", [(2, 0.0), (2, 1e-3), (5, 1e-3)])
 def test_rows_in_lockstep_are_their_one_row_balancers_bit_for_bit(k, gamma):
     """FAMO's logit gradient is a difference of two float32 logs of nearly equal losses: the rows of the
@@ -115,7 +106,7 @@ def test_checkpoint_after_steps_continues_identically():
     for _ in range(5):
         step(a, rng.uniform(1, 3, size=3))
     b = get_balancer("famo", 3, gamma=1e-3, w_lr=0.05)
-    b.load_state_dict(_saved_and_loaded(a.state_dict()))
+    b.load_state_dict(saved_and_loaded(a.state_dict()))
     for _ in range(5):
         base = rng.uniform(1, 3, size=3)
         assert torch.equal(step(a, base), step(b, base))

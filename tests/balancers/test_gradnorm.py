@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from mtl_tune.balancers.base import BalancerError
 from mtl_tune.balancers.gradnorm import GradNorm, gradnorm_weight_grad
 
+from ._helpers import saved_and_loaded
 from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
                           property_cases)
 
@@ -198,22 +198,13 @@ def test_failed_rows_fail_alone_with_their_reason():
     assert torch.isfinite(many.weights[0]).all() and float(many.weights[0].sum()) == pytest.approx(2.0)
 
 
-def _saved_and_loaded(state: dict) -> dict:
-    """``state`` through torch.save / torch.load, as a checkpoint (in-process, torch's
-    ``Optimizer.load_state_dict`` would share the private Adam's state tensors between the two)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
-
-
 def test_checkpoint_after_steps_continues_identically():
     a, w, losses = gradnorm_problem((10.0, 1.0))
     bal = GradNorm(2, alpha=1.5, lr=0.1, last_shared_params=1)
     for _ in range(5):
         bal.backward(losses(), [a, w])
     twin = GradNorm(2, alpha=1.5, lr=0.1, last_shared_params=1)
-    twin.load_state_dict(_saved_and_loaded(bal.state_dict()))
+    twin.load_state_dict(saved_and_loaded(bal.state_dict()))
     for _ in range(5):
         x, y = bal.backward(losses(), [a, w]), twin.backward(losses(), [a, w])
         assert torch.equal(x.weights, y.weights) and torch.equal(bal.weights, twin.weights)
