@@ -26,8 +26,7 @@ import torch
 from mtl_tune.balancers._rows import gram_rows
 
 from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
-from .kernels import Kernel, NumpyAdam, kernel_for
-from .kernels._base import clip_rows, combine
+from .kernels import Kernel, NumpyAdam, clip_rows, combine, kernel_for
 from .landscape import gap_scores, toy_value_and_jacobian
 
 

@@ -146,7 +146,7 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
         start = time.perf_counter()
         groups: dict[str, list[RunResult]] = {}
         for r in results:  # the figures draw ≤ MAX_POINTS per run: send only those to the workers
-            groups.setdefault(r.label, []).append(replace(r, traj=subsample(r.traj)))
+            groups.setdefault(r.label, []).append(replace(r, traj=subsample(r.traj), front_distance=None))
         grid = loss_grid(LIM, 250, cfg.scale)
         jobs = [(label, runs, cfg.scale, out / f"{file_label(label)}.png",
                  None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]

@@ -119,6 +119,6 @@ def gram_rows(jacobian: np.ndarray) -> np.ndarray:
 
 def host(x: Tensor) -> np.ndarray:
     """``x`` detached, as a float64 NumPy array on the host (what rules take)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu":  # NumPy's cast: the same (exact) values, cheaper
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # NumPy's exact widening: ~1 µs, a torch cast ~4
         return x.detach().numpy().astype(np.float64)
     return x.detach().to(device="cpu", dtype=torch.float64).numpy()

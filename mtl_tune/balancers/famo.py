@@ -51,14 +51,6 @@ def softmax_vjp(z: Tensor, delta: Tensor) -> Tensor:
     return z * (delta - (z * delta).sum(-1, keepdim=True))
 
 
-def _host64(x: Tensor) -> np.ndarray:
-    """``host(x)`` (float64 NumPy), by NumPy's exact widening of a CPU tensor's own memory where it
-    can: the same numbers for ~1 µs instead of a torch cast (~4 µs)."""
-    if x.is_cpu and not x.requires_grad and x.dtype in (torch.float32, torch.float64):
-        return x.numpy().astype(np.float64)
-    return host(x)
-
-
 class FAMO(LossBalancer):
     """FAMO, fast adaptive multitask optimisation (Liu et al., NeurIPS'23): loss-based,
     O(1) per step. Task logits ξ (a buffer) are updated by a private Adam after each
@@ -112,9 +104,9 @@ class FAMO(LossBalancer):
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """∂L/∂ℓ = z_i/(c D_i) per row, z = softmax(ξ) in the logits' float32 (as the update sees it);
         remembers the losses for :meth:`after_rows`."""
-        floor = _host64(self.min_losses)
+        floor = host(self.min_losses)
         bad, reason = self._below_floor(losses, floor)
-        z = _host64(torch.softmax(self.logits, dim=-1))
+        z = host(torch.softmax(self.logits, dim=-1))
         d = losses - floor + EPS
         zd = z / d
         self.prev_losses = torch.from_numpy(np.array(losses))
@@ -129,14 +121,14 @@ class FAMO(LossBalancer):
         is torch's (:func:`~mtl_tune.balancers._adam.adam_step`: the same bits as ``step()``)."""
         if self.prev_losses is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
-        floor = _host64(self.min_losses)
+        floor = host(self.min_losses)
         bad, reason = self._below_floor(new_losses, floor)
         if bad.ndim == 0 and bad:  # one row: fail before touching the logits (the step raises)
-            return RowStep(_host64(self.logits), failed=bad, reason=reason)
+            return RowStep(host(self.logits), failed=bad, reason=reason)
         logits = self.logits
         if logits.dtype == torch.float32 and self.min_losses.dtype == torch.float32:
             floor32 = floor.astype(np.float32)  # the buffer's own float32 values
-            prev = torch.from_numpy(_host64(self.prev_losses).astype(np.float32) - floor32 + EPS)
+            prev = torch.from_numpy(host(self.prev_losses).astype(np.float32) - floor32 + EPS)
             new = torch.from_numpy(np.asarray(new_losses).astype(np.float32) - floor32 + EPS)
             if not logits.is_cpu:
                 prev, new = prev.to(logits.device), new.to(logits.device)
@@ -145,7 +137,7 @@ class FAMO(LossBalancer):
             logits.grad = famo_logit_grad(logits, self.prev_losses.to(logits),
                                           torch.from_numpy(np.asarray(new_losses)).to(logits), self.min_losses)
         adam_step(self.w_optimizer)
-        return RowStep(_host64(logits), failed=bad, reason=reason)
+        return RowStep(host(logits), failed=bad, reason=reason)
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
         self.logits = torch.stack([b.logits.detach().clone() for b in rows])

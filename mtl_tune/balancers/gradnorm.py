@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step
-from mtl_tune.balancers._rows import RowStep, one_row
+from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
                                      rebind_private_optimizer)
 
@@ -123,12 +123,6 @@ def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial
     return scale * (u - (scaled * u).sum(-1, keepdim=True) / k)
 
 
-def _on_host(x: Tensor) -> np.ndarray:
-    """``x`` as a NumPy array (a view of a CPU tensor's memory; float64 for a dtype NumPy lacks)."""
-    x = x.detach().cpu()
-    return x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
-
-
 def _k_over(total: Tensor, k: int) -> Tensor:
     """K/total as torch evaluates the expression ``k / total`` (``Tensor.__rtruediv__``: the
     reciprocal times k), without that Python wrapper."""
@@ -143,7 +137,7 @@ def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor
     ``weights`` itself), else a new tensor."""
     w = weights.clamp_min(0)
     total = w.sum(-1, keepdim=True)
-    sums = _on_host(total)[..., 0]
+    sums = host(total)[..., 0]
     finite = np.isfinite(sums)
     nonfinite, dead = ~finite, finite & ~(sums > 0)
     if not (nonfinite.any() or dead.any()):
@@ -235,7 +229,7 @@ class GradNorm(Balancer):
         target (``StepInfo.extras``) are computed only by :meth:`backward`, which reports them."""
         weights = self.weights
         ell = losses.detach().to(weights.dtype)
-        bad = (_on_host(ell) <= 0).any(-1)
+        bad = (host(ell) <= 0).any(-1)
         w_now = weights.clone()  # (a buffer: nothing to detach)
         if ell.dim() == 1 and bad:
             return RowStep(w_now, failed=bad, reason=f"gradnorm: loss ratios need positive losses, got {ell.tolist()}")

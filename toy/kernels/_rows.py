@@ -86,12 +86,6 @@ class RowsKernel(Kernel):
         self.param_sizes = [p.numel() // self.rows for p in self.params]  # entries per row
         self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (x, losses, jac)
         self.uses_gram = self.kind in ("gradient", "representation")
-        # step_count lives in the balancer's __dict__ (a plain int): counting there skips nn.Module's
-        # __setattr__ (~2 µs a step)
-        self._state = self.balancer.__dict__
-
-    def count_step(self) -> None:
-        self._state["step_count"] += 1
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         coef, d = self.step_rows(step, losses, jac, gram_rows(jac) if self.uses_gram else None, False)
@@ -117,7 +111,7 @@ class RowsKernel(Kernel):
         if out.failed is not None or out.solver_failed is not None:
             w = self._failures(step, out, w)
         self.weights = w
-        self.count_step()  # as backward does (rules that act every n steps count on it)
+        self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
         if out.param_grads is not None:  # the optimizer step follows the backward: after taking w
             self._step_params(out.param_grads)
         return w, None
@@ -130,7 +124,7 @@ class RowsKernel(Kernel):
             w = self._failures(step, out, w)
             d = np.where(self.failed[:, None], 0.0, d) if self.failed.any() else d
         self.weights = w
-        self.count_step()
+        self.balancer.step_count += 1
         return w, (clip_rows(d, self.max_norm) if self.clip else d)
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
