@@ -1,4 +1,4 @@
-"""Parity with TorchJD 0.18.0 (https://github.com/TorchJD/torchjd, tag v0.18.0), a test-only oracle.
+"""Parity with TorchJD 0.18.0 (https://github.com/TorchJD/torchjd, release 0.18.0 on PyPI), a test-only oracle.
 
 Both sides get identical float64 inputs: random Jacobians (fixed seeds, K = 2, 3, 5) and degenerate
 ones (parallel, opposite, a zero gradient, a duplicated row). The project's side is the balancer's
@@ -90,6 +90,15 @@ def tjd(weighting, a: np.ndarray) -> np.ndarray:
 
 def case_ids(cases):
     return [f"K{k}-seed{s}" for k, s in cases]
+
+
+#: random (K, seed) and degenerate (name, None) cases
+MIXED = RANDOM + [(name, None) for name in DEGENERATE]
+MIXED_IDS = [str(c) if s is None else f"K{c}-seed{s}" for c, s in MIXED]
+
+
+def mixed_jacobian(case, seed) -> np.ndarray:
+    return DEGENERATE[case] if seed is None else random_jacobian(case, seed)
 
 
 # ---------------------------------------------------------------------------------------------- MGDA
@@ -340,16 +349,13 @@ def test_cagrad_small_gradients_neither_side_is_scale_equivariant():
 
 
 # ---------------------------------------------------------------------------------------------- Aligned-MTL
-AMTL_CASES = RANDOM + [(name, None) for name in DEGENERATE]
-
-
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
-@pytest.mark.parametrize("case,seed", AMTL_CASES, ids=[str(c) if s is None else f"K{c}-seed{s}" for c, s in AMTL_CASES])
+@pytest.mark.parametrize("case,seed", MIXED, ids=MIXED_IDS)
 def test_amtl(case, seed, scale_mode):
     # Same eigendecomposition, same rank cut-off (λ ≤ λ_max·K·eps of float64 on float64 input), same
     # σ² per mode (median: the lower one, both). TorchJD's default weighting is W·(1/K), the project's W·1;
     # a preference vector p is W·p on both sides.
-    j = DEGENERATE[case] if seed is None else random_jacobian(case, seed)
+    j = mixed_jacobian(case, seed)
     k = len(j)
     a = gram(j)
     w_p = AlignedMTL(k, scale_mode=scale_mode).weights_rows(a, np.ones(k)).weights
@@ -481,15 +487,12 @@ def test_nashmtl_torchjd_returns_a_non_root_without_a_word(name, nash_oracle):
 
 
 # ---------------------------------------------------------------------------------------------- PCGrad
-PCGRAD_CASES = RANDOM + [(name, None) for name in DEGENERATE]
-
-
-@pytest.mark.parametrize("case,seed", PCGRAD_CASES, ids=[str(c) if s is None else f"K{c}-seed{s}" for c, s in PCGRAD_CASES])
+@pytest.mark.parametrize("case,seed", MIXED, ids=MIXED_IDS)
 def test_pcgrad(case, seed):
     # the balancer's own generator (seed 3) and torch's global one seeded 3 draw the same K orders per step
     # (torch.randperm(K) per task); three steps check that the streams stay in step. Same projections on the
     # Gram matrix, summed (the project's default reduction): equal to rounding.
-    j = DEGENERATE[case] if seed is None else random_jacobian(case, seed)
+    j = mixed_jacobian(case, seed)
     k = len(j)
     rng = np.random.default_rng(11)
     balancer = PCGrad(k, seed=3)
@@ -503,15 +506,12 @@ def test_pcgrad(case, seed):
 
 
 # ---------------------------------------------------------------------------------------------- GradDrop
-GRADDROP_CASES = RANDOM + [(name, None) for name in DEGENERATE]
-
-
 @pytest.mark.parametrize("leak", [0.0, 0.3])
-@pytest.mark.parametrize("case,seed", GRADDROP_CASES, ids=[str(c) if s is None else f"K{c}-seed{s}" for c, s in GRADDROP_CASES])
+@pytest.mark.parametrize("case,seed", MIXED, ids=MIXED_IDS)
 def test_graddrop(case, seed, leak):
     # one torch.rand(P) per step from the same seed on both sides; the same purity and masks (they differ
     # only where U_c = P_c exactly: test_graddrop_tie), the leak λ as TorchJD's per-task leak vector
-    j = torch.from_numpy(DEGENERATE[case] if seed is None else random_jacobian(case, seed))
+    j = torch.from_numpy(mixed_jacobian(case, seed))
     k = j.shape[0]
     balancer = GradDrop(k, leak=leak, seed=5)
     with torch.random.fork_rng():
