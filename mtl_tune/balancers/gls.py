@@ -20,8 +20,9 @@ update actually uses. Heads receive the same weighted gradient (one backward of 
 No ×K, no clipping.
 
 Non-positive losses: the geometric mean of numbers with a zero or negative entry has no
-logarithm, and a gradient L/(Kℓ_i) that is 0/0 at ℓ_i = 0 (LibMTL's product gives a NaN
-gradient there, and a real root of a negative product that is NaN for even K). Here the losses
+logarithm, and a gradient L/(Kℓ_i) that is 0/0 at ℓ_i = 0 (LibMTL's product form gives a NaN
+gradient there; with an odd number of negative losses the product is negative and its 1/K-th power
+NaN, with an even number finite but meaningless). Here the losses
 are shifted by an optional ``min_losses`` ℓ* (default 0, as ``si``), D_i = ℓ_i − ℓ*_i, and a
 step with some D_i ≤ 0 raises :class:`~mtl_tune.balancers.base.BalancerError` naming the losses
 — never a NaN. The toy (losses down to −20) passes ℓ* = (−21·scale, −21), as for ``si``/``famo``.
