@@ -19,7 +19,8 @@ from mtl_tune.registry import available_balancers, get_balancer
 METHODS = available_balancers()
 #: methods whose state includes float tensors that follow ``.to(dtype)`` (buffer or parameter names)
 FLOAT_STATE = {"famo": ("logits", "min_losses"), "gradnorm": ("weights",), "uw": ("log_vars",),
-               "dwa": ("weights", "costs"), "ls": ("task_weights",), "si": ("min_losses",)}
+               "dwa": ("weights", "costs"), "ls": ("task_weights",), "si": ("min_losses",), "gls": ("min_losses",),
+               "imtll": ("scales",), "imtlfull": ("scales",), "dbmtl": ("min_losses",)}
 
 
 def _problem(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):

@@ -77,6 +77,13 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     # (the first variant: everything official, attribution and similarity)
     'stgu': ({'attribution': 'official', 'similarity': 'official', 'prepos': 5}, {'group_norm': True, 'prepos': 5, 'preference_quantile': 0.25}, {'affin_decay': 0.2, 'prepos': 5, 'max_norm': 0.5}),
     'uw': ({'form': 'classification'}, {'lr': 0.1, 'init': 1.0}, {'max_norm': 0.5}),
+    # min_losses [−2.1, −14]: rows fail mid-run as for si (the failure step is compared)
+    'gls': ({'min_losses': [-2.1, -14.0]}, {'max_norm': 0.5}),
+    # the learned scales (their Adam, started away from 0, with a faster lr)
+    'imtll': ({'lr': 0.1, 'init': 1.0}, {'max_norm': 0.5}),
+    'imtlfull': ({'lr': 0.1, 'init': -1.0}, {'max_norm': 0.3}),
+    # β/t^{β_σ} decaying; rows failing mid-run on the log of a shifted loss; clipping
+    'dbmtl': ({'beta': 0.5, 'beta_sigma': 0.5}, {'min_losses': [-2.1, -14.0]}, {'max_norm': 0.5}),
 }
 
 #: largest trajectory difference from the API path the checks accept

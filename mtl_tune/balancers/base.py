@@ -434,6 +434,12 @@ class GradientBalancer(Balancer):
         coef = self.gram_weights(gram(jacobian), losses)
         return coef.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian, coef
 
+    def head_weights(self, weights: Tensor, losses: Tensor) -> Tensor:
+        """Coefficients hᵢ (K,) of the heads' gradient ∇ Σ hᵢ ℓᵢ for a step with ``weights``: the weights
+        themselves (``weighted_heads``) or ones. Methods whose heads follow another rule (``imtlfull``:
+        the scaled losses' e^{sᵢ}; ``dbmtl``: the log-losses' 1/ℓᵢ) override it."""
+        return weights.detach() if self.weighted_heads else torch.ones_like(losses)
+
     def path_for(self, losses: Tensor, shared: Sequence[Tensor], group: Any = None) -> str:
         """The path this step takes (see :func:`pick_gradient_path`)."""
         return pick_gradient_path(self.name, self.gradient_path, self.supports_gram, losses.shape[0], shared,
@@ -463,7 +469,7 @@ class GradientBalancer(Balancer):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
         self._write_shared(shared, direction, group)
         if heads:
-            coef = weights.detach() if self.weighted_heads else torch.ones_like(losses)
+            coef = self.head_weights(weights, losses)
             (losses * coef.to(losses.dtype)).sum().backward(inputs=heads)
         return weights
 
@@ -475,8 +481,7 @@ class GradientBalancer(Balancer):
         coef = self.gram_weights(a, losses.detach())
         if not bool(torch.isfinite(coef).all()):  # finite c and finite gᵢ give a finite Σ cᵢ gᵢ
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
-        backward_weighted(losses, coef, shared, heads,
-                          coef if self.weighted_heads else torch.ones_like(losses))
+        backward_weighted(losses, coef, shared, heads, self.head_weights(coef, losses))
         return coef
 
 

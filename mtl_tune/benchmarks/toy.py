@@ -152,9 +152,9 @@ class Toy(Benchmark):
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         scale = float((config or {}).get("scale", self.defaults["scale"]))
-        # FAMO and SI take log(ℓ − ℓ*): the toy's losses are negative (min ≈ −20), as in FAMO's toy
+        # FAMO, SI, GLS and DB-MTL take log(ℓ − ℓ*): the toy's losses are negative (min ≈ −20), as in FAMO's toy
         shift = {"min_losses": [-21.0 * scale, -21.0]}
-        return {"famo": shift, "si": shift}
+        return {"famo": shift, "si": shift, "gls": shift, "dbmtl": shift}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
         init_index = int(config.get("init", 0))
