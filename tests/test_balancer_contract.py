@@ -51,6 +51,7 @@ STATE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("nashmtl", {"update_weights_every": 2}),  # the 6th step reuses the saved α (default: α is re-solved)
     ("dwa", {"mode": "iteration", "window": 1}),  # the FIFO loss buffer instead of epoch means
     ("stgu", {"attribution": "official", "prepos": 0}),
+    ("stch", {"warmup_epochs": 0}),  # the nadir (set at the first epoch end) instead of the warm-up
 ]
 
 #: methods that cannot take a plain ``backward`` and must go through ``train_step``.

@@ -96,6 +96,19 @@ def test_simplex_grid_spreads_evenly_and_sums_to_k():
         assert len({tuple(w) for w in g}) == len(g)
 
 
+@pytest.mark.parametrize("method", ["ls", "amtl", "stch", "pbi", "epo"])
+def test_preference_methods_take_every_grid_point(method):
+    """--preferences N sweeps each of these methods' preference argument: every grid point (K = 2, 3) builds."""
+    from mtl_tune.registry import get_balancer
+    from mtl_tune.search.compare import preference_arg, simplex_grid
+
+    arg = preference_arg(method)
+    assert arg == ("task_weights" if method == "ls" else "preferences")
+    for k in (2, 3):
+        for w in simplex_grid(k, 6):
+            get_balancer(method, k, **{arg: w})
+
+
 @pytest.mark.slow
 def test_seed_reruns_and_preference_sweep(ray_cluster, tmp_path, capsys):
     import pandas as pd

@@ -84,6 +84,13 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     'imtlfull': ({'lr': 0.1, 'init': -1.0}, {'max_norm': 0.3}),
     # β/t^{β_σ} decaying; rows failing mid-run on the log of a shifted loss; clipping
     'dbmtl': ({'beta': 0.5, 'beta_sigma': 0.5}, {'min_losses': [-2.1, -14.0]}, {'max_norm': 0.5}),
+    # warm-up 4 × 50-step epochs then the log/nadir form; a small μ (near-Tchebycheff); the ideal form
+    # with a preference; no warm-up with clipping
+    'stch': ({'mu': 0.05}, {'ideal': [0.0, 0.0], 'preferences': [0.2, 1.8]}, {'warmup_epochs': 0, 'max_norm': 0.5}),
+    # θ = 0 (the weighted sum along p̂); a strong pull to a skewed ray; an ideal point below the shifted losses
+    'pbi': ({'theta': 0.0}, {'preferences': [1.0, 0.2], 'theta': 20.0}, {'ideal': [-0.5, -1.0]}),
+    # a skewed preference (balance steps for long); the relaxed descent LP; clipping
+    'epo': ({'preferences': [0.3, 1.0]}, {'relax': True}, {'max_norm': 0.5}),
 }
 
 #: largest trajectory difference from the API path the checks accept

@@ -4,8 +4,8 @@
   with N *fresh* seeds (seed+1 … seed+N). The search trial that selected it is not
   reused, so the reported mean ± std carries no selection bias ("winner's curse").
   Methods without hyperparameters thus also run once per seed.
-* ``--preferences N``: methods with a task-preference argument (``ls``'s ``task_weights``,
-  Aligned-MTL's ``preferences``) are run on N evenly spread points of the simplex, so the
+* ``--preferences N``: methods with a task-preference argument (``ls``'s ``task_weights``;
+  the ``preferences`` of Aligned-MTL, STCH, PBI and EPO) are run on N evenly spread points of the simplex, so the
   front each method can reach is drawn and compared by hypervolume.
 
 Both are plain Tune grid searches (no Optuna), stored as ``<method>.seeds/`` and
