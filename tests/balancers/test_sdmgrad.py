@@ -158,3 +158,20 @@ def test_sdmgrad_properties(case):
     assert_valid_step(*st(case.jac, case.losses), case)
     assert_permutation_equivariant(st, case, rtol=1e-10)
     assert_gradient_scaling(st, case, degree=1, weight_degree=0, rtol=1e-10)
+
+
+def test_official_loop_need_not_reach_the_minimiser():
+    # The documented difference between the two modes, on the K = 2 known-answer case above
+    # (g1 = (1, 0), g2 = (0, 2), λ = 0.3): the minimiser is w* = (0.89, 0.11), but the official step 10
+    # is ~20× the 2/L of the scaled problem (curvature along the simplex (1 + 4)/s², s² ≈ 2.25), and
+    # with the momentum reset every call the 20-step loop settles on a periodic orbit whose end point,
+    # warm start after warm start, is w ≈ (0.034, 0.966) — most weight on the other task
+    g = np.array([[1.0, 0.0], [0.0, 2.0]])
+    a = g @ g.T
+    a = a / official_scale(a)
+    pref = np.full(2, 0.5)
+    w = pref.copy()
+    for _ in range(50):
+        w = sdmgrad_inner_sgd(a, w, 0.3, pref, niter=20)
+    np.testing.assert_allclose(sdmgrad_exact(a, 0.3, pref)[0], [0.89, 0.11], rtol=1e-13)
+    np.testing.assert_allclose(w, [0.03421996, 0.96578004], atol=1e-8)
