@@ -14,8 +14,8 @@ where U is the update map of λ: the paper's Algorithm 1 projects onto the simpl
 (``lambda_update="project"``, :func:`~mtl_tune.balancers._simplex.project_to_simplex_rows`);
 LibMTL's implementation, "based on the author's sharing code", takes a softmax of the same
 vector instead (``lambda_update="softmax"``). (Y Yᵀ + ρI)λ is the gradient of ½‖Yᵀλ‖² + ½ρ‖λ‖²,
-so the λ sequence does projected (or softmax) gradient descent on MGDA's dual with the tracked
-gradients. LibMTL also rescales every gradient first, g_i ← ℓ_i g_i / (‖g_i‖ + 1e-8)
+so with the projection the λ sequence is projected gradient descent on MGDA's (regularised) dual
+with the tracked gradients; the softmax map is LibMTL's variant of that step. LibMTL also rescales every gradient first, g_i ← ℓ_i g_i / (‖g_i‖ + 1e-8)
 (``normalize=True``); the paper's algorithm uses the raw gradients (``normalize=False``).
 
 Official code: LibMTL ``LibMTL/weighting/MoCo.py``
@@ -37,7 +37,9 @@ Reported weights: λ (on the simplex). Degenerate cases: a zero gradient is left
 rescaling (0/(0 + 1e-8)); all-zero tracked gradients leave λ unchanged under ``project``, while
 ``softmax`` pulls any λ toward uniform weights even then (softmax(λ) ≠ λ: a property of LibMTL's
 update, kept in that mode). A Jacobian whose number of columns changes between steps
-cannot continue the tracked sequence: :class:`BalancerError`. A data-parallel run averages the
+cannot continue the tracked sequence: :class:`BalancerError`. With ``normalize=True`` a negative loss raises
+:class:`BalancerError`: ℓ_i g_i/‖g_i‖ would point the task's tracked gradient uphill (LibMTL does so
+silently); a zero loss gives a zero rescaled gradient, as in LibMTL. A data-parallel run averages the
 Jacobian across ranks before the rule (the base class), so every rank tracks the same Y.
 Known-answer cases (tests/balancers/test_moco.py): with β = 1 and β_σ = 0 the tracking is off
 (y = g) and, on a fixed Jacobian with the projected update, λ converges to MGDA's min-norm weights.
@@ -60,6 +62,9 @@ from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 LAMBDA_UPDATES = ("softmax", "project")
 #: added to ‖g_i‖ in LibMTL's rescaling ℓ_i g_i/(‖g_i‖ + 1e-8)
 NORM_EPS = 1e-8
+NEGATIVE = ("moco: normalize=True rescales each gradient by its loss, and a negative loss would turn its task's "
+            "gradient around (the update would ascend that loss); shift the losses to be non-negative or use "
+            "normalize=False")
 
 
 def moco_lambda_step(tracked_gram: np.ndarray, lambd: np.ndarray, gamma_t: float, rho: float,
@@ -123,6 +128,13 @@ class MoCo(GradientBalancer):
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """One MoCo step on Jacobians (..., K, P): updates Y and λ, returns λ and d = Yᵀλ (torch)."""
         t = self.step_count + 1
+        failed = None
+        if self.normalize:
+            negative = (losses < 0).any(-1).cpu().numpy()
+            if negative.any():
+                if negative.ndim == 0:  # one row: fail before touching the state
+                    raise BalancerError(f"{NEGATIVE} (losses {losses.tolist()})")
+                failed = negative
         g = rescaled_gradients(jacobian, losses) if self.normalize else jacobian
         y = self.tracked
         if y is None:
@@ -139,7 +151,7 @@ class MoCo(GradientBalancer):
                                       self.lambda_update)
         weights = torch.from_numpy(self.lambd).to(device=y.device, dtype=y.dtype)
         direction = (weights.unsqueeze(-2) @ y).squeeze(-2)
-        return RowStep(weights, direction=direction)
+        return RowStep(weights, failed=failed, reason=NEGATIVE, direction=direction)
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         out = self.direction_rows(jacobian, losses)

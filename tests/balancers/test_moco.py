@@ -122,6 +122,21 @@ def test_moco_rows_in_lockstep_equal_single_balancers():
             torch.testing.assert_close(out.weights[r], w, rtol=1e-13, atol=1e-15)
 
 
+def test_moco_refuses_negative_losses_when_rescaling_by_them():
+    bal = get_balancer("moco", 2)
+    with pytest.raises(BalancerError, match="negative loss"):
+        step(bal, [[1.0, 0.0], [0.0, 1.0]], offset=-0.5)
+    assert bal.tracked is None  # nothing changed
+    d, _ = step(get_balancer("moco", 2, normalize=False), [[1.0, 0.0], [0.0, 1.0]], offset=-0.5)
+    assert d.tolist() == pytest.approx([0.25, 0.25])  # raw gradients: y = g/2, λ = ½ each
+    # in lockstep only the row with the negative loss fails
+    rows = get_balancer("moco", 2)
+    rows.start_rows([get_balancer("moco", 2) for _ in range(2)])
+    out = rows.direction_rows(torch.ones(2, 2, 3, dtype=torch.float64),
+                              torch.tensor([[1.0, 2.0], [1.0, -2.0]], dtype=torch.float64))
+    assert out.failed.tolist() == [False, True]
+
+
 def test_moco_refuses_a_jacobian_of_another_size():
     bal = get_balancer("moco", 2)
     step(bal, [[1.0, 0.0], [0.0, 1.0]])
