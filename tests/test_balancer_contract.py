@@ -51,6 +51,7 @@ STATE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("nashmtl", {"update_weights_every": 2}),  # the 6th step reuses the saved α (default: α is re-solved)
     ("dwa", {"mode": "iteration", "window": 1}),  # the FIFO loss buffer instead of epoch means
     ("stgu", {"attribution": "official", "prepos": 0}),
+    ("sdmgrad", {"inner": "official"}),  # the warm-started inner w (default: the stateless exact solve)
 ]
 
 #: methods that cannot take a plain ``backward`` and must go through ``train_step``.
