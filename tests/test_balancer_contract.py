@@ -52,6 +52,7 @@ STATE_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("dwa", {"mode": "iteration", "window": 1}),  # the FIFO loss buffer instead of epoch means
     ("stgu", {"attribution": "official", "prepos": 0}),
     ("stch", {"warmup_epochs": 0}),  # the nadir (set at the first epoch end) instead of the warm-up
+    ("sdmgrad", {"inner": "official"}),  # the warm-started inner w (default: the stateless exact solve)
 ]
 
 #: methods that cannot take a plain ``backward`` and must go through ``train_step``.

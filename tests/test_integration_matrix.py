@@ -177,6 +177,7 @@ NEGATIVE_LOSS_ERRORS: dict[str, str] = {
     "dwa": "loss ratios need positive losses",
     "stch": "the log form needs positive losses",   # the official log(ℓ/n); ideal=[...] takes any losses
     "epo": "needs non-negative losses",             # r ⊙ ℓ is a distribution in EPO's non-uniformity
+    "moco": "a negative loss would turn",   # normalize=True rescales each gradient by its loss
 }
 #: known bugs (strict xfail: remove the entry when fixed); none open.
 NEGATIVE_LOSS_BUGS: dict[str, str] = {}

@@ -91,6 +91,16 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     'pbi': ({'theta': 0.0}, {'preferences': [1.0, 0.2], 'theta': 20.0}, {'ideal': [-0.5, -1.0]}),
     # a skewed preference (balance steps for long); the relaxed descent LP; clipping
     'epo': ({'preferences': [0.3, 1.0]}, {'relax': True}, {'max_norm': 0.5}),
+    # the paper's projected λ update on raw gradients; tracking off (β = 1, β_σ = 0) with constant steps
+    # (λ descends MGDA's dual); clipping of the softmax default
+    'moco': ({'lambda_update': 'project', 'normalize': False},
+             {'beta': 1.0, 'beta_sigma': 0.0, 'gamma_sigma': 0.0, 'lambda_update': 'project'}, {'max_norm': 0.5}),
+    # the official inner loop (state: the warm-started w per row); λ = 0 (MGDA); a strong pull, clipped
+    'sdmgrad': ({'inner': 'official'}, {'lamda': 0.0}, {'lamda': 5.0, 'max_norm': 0.5}),
+    # a large step (the weights move within the window) with and without the ρ regularisation; clipped
+    'modo': ({'gamma': 0.1, 'rho': 0.0}, {'gamma': 1.0}, {'max_norm': 0.5}),
+    # a large step (the multiplicative weights move visibly) and a tiny one, clipped
+    'excessmtl': ({'robust_step_size': 1.0}, {'robust_step_size': 1e-4, 'max_norm': 0.5}),
 }
 
 #: largest trajectory difference from the API path the checks accept

@@ -110,3 +110,17 @@ def min_norm_weights(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         except RuntimeError:  # did not converge: NaN weights, the caller fails the row
             pass
     return out.reshape(*shape, k), ok.reshape(shape)
+
+
+def project_to_simplex_rows(v: np.ndarray) -> np.ndarray:
+    """Batch-first :func:`project_to_simplex`: the Euclidean projection of every row of ``v`` (..., K)
+    onto {w ≥ 0, Σw = 1}, with the same operations per row (sort, cumulative sums, the last index
+    ρ with u_ρ − (Σ_{j≤ρ} u_j − 1)/(ρ + 1) > 0, threshold θ)."""
+    v = np.asarray(v, dtype=np.float64)
+    k = v.shape[-1]
+    u = -np.sort(-v, axis=-1)
+    css = np.cumsum(u, axis=-1) - 1.0
+    positive = u - css / np.arange(1, k + 1) > 0
+    rho = k - 1 - np.argmax(positive[..., ::-1], axis=-1)   # the last index where it holds (index 0 always does)
+    theta = np.take_along_axis(css, rho[..., None], axis=-1) / (rho[..., None] + 1.0)
+    return np.maximum(v - theta, 0.0)

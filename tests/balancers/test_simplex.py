@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtl_tune.balancers._simplex import min_norm_simplex, project_to_simplex
+from mtl_tune.balancers._simplex import min_norm_simplex, project_to_simplex, project_to_simplex_rows
 
 from ._properties import assert_gram_function_equivariant, property_cases
 
@@ -41,3 +41,14 @@ def test_min_norm_simplex_properties(case):
     # the min-norm point of the hull is symmetric in the tasks and its weights are scale-free;
     # active-set solve, exact on the support: rounding of eps·cond(A) ≲ 1e-13, hence 1e-10
     assert_gram_function_equivariant(lambda a: min_norm_simplex(a)[0], case, weight_degree=0, rtol=1e-10)
+
+
+def test_project_to_simplex_rows_equals_the_one_row_projection():
+    # the same operations per row (sort, cumulative sums, last index, threshold): bit for bit
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 7):
+        v = rng.normal(size=(50, k)) * 3.0
+        v[0] = 1.0 / k  # already on the simplex
+        got = project_to_simplex_rows(v.reshape(5, 10, k))
+        assert np.array_equal(got.reshape(50, k), np.stack([project_to_simplex(x) for x in v]))
+        assert np.allclose(got.sum(-1), 1.0, rtol=0, atol=1e-14) and (got >= 0).all()
