@@ -20,7 +20,8 @@ from mtl_tune.balancers.base import GradientBalancer, choose_gradient_path
 from mtl_tune.jacobian import JacobianEngine, gram_of
 from mtl_tune.registry import balancer_class
 
-GRAM_METHODS = ["mgda", "cagrad", "imtl", "fairgrad", "pivrg", "pcgrad", "gradvac", "amtl", "nashmtl", "consmtl"]
+GRAM_METHODS = ["mgda", "cagrad", "imtl", "fairgrad", "pivrg", "pcgrad", "gradvac", "amtl", "nashmtl", "consmtl",
+                "upgrad", "dualproj", "config", "krum"]
 K = 3
 
 
