@@ -156,17 +156,15 @@ def _project_2(g: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         l1 = np.where((a > 0) & (p1 < 0), -p1 / np.where(a > 0, a, 1.0), 0.0)
         l2 = np.where((c > 0) & (p2 < 0), -p2 / np.where(c > 0, c, 1.0), 0.0)
-    zeros = np.zeros_like(u1)
-    cands = np.stack([np.stack([u1, u2], -1),
-                      np.stack([u1 + l1, u2], -1),
-                      np.stack([u1, u2 + l2], -1),
-                      np.stack([zeros, zeros], -1)], 0)            # (4, ..., M, 2)
-    scale = np.maximum(np.abs(u).max(-1), np.finfo(np.float64).tiny)
-    gv = (g[None, ..., None, :, :] @ cands[..., None])[..., 0]
-    violation = np.maximum(-gv.min(-1), 0.0) / scale                # (4, ..., M)
-    violation[3] = np.where((u <= 0.0).all(-1), violation[3], np.inf)
+    scale = np.maximum(np.maximum(np.abs(u1), np.abs(u2)), np.finfo(np.float64).tiny)
+    # −min(G v) of each candidate, relative to ‖u‖∞ (written out: G v for v = u + λ is p + G λ)
+    violation = np.stack([np.maximum(-np.minimum(p1, p2), 0.0),
+                          np.maximum(-np.minimum(p1 + a * l1, p2 + b * l1), 0.0),
+                          np.maximum(-np.minimum(p1 + b * l2, p2 + c * l2), 0.0),
+                          np.where((u1 <= 0.0) & (u2 <= 0.0), 0.0, np.inf)]) / scale   # (4, ..., M)
     feasible = violation <= ENTER_TOL * 64
     pick = np.where(feasible.any(0), np.argmax(feasible, 0), np.argmin(violation, 0))
-    v = np.take_along_axis(cands, pick[None, ..., None], 0)[0]
+    zeros = np.zeros_like(u1)
+    v = np.stack([np.choose(pick, [u1, u1 + l1, u1, zeros]), np.choose(pick, [u2, u2, u2 + l2, zeros])], -1)
     ok = np.take_along_axis(violation, pick[None], 0)[0] <= KKT_TOL
     return v, ok
