@@ -20,7 +20,7 @@ Solver: the problem is a non-negative least-squares problem in λ written with t
 NNLS"): λ grows one passive index at a time, each step solves G_PP λ_P = −(Gu)_P exactly
 (least squares with a relative cut-off, so dependent gradients do not break it), and steps back
 to the feasible set when an entry would turn negative. It terminates after finitely many steps
-(in practice under 2K solves); the KKT conditions are checked at the end, and a projection that
+(at most 4K + 10 entering steps are allowed); the KKT conditions are checked at the end, and a projection that
 fails them (or runs out of iterations) is reported as a solver failure with its feasible
 iterate, never silently. K = 2 is solved in closed form on every row at once: of the four
 active sets ∅, {1}, {2}, {1, 2} the first that satisfies the KKT conditions is the answer.
