@@ -101,6 +101,14 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     'modo': ({'gamma': 0.1, 'rho': 0.0}, {'gamma': 1.0}, {'max_norm': 0.5}),
     # a large step (the multiplicative weights move visibly) and a tiny one, clipped
     'excessmtl': ({'robust_step_size': 1.0}, {'robust_step_size': 1e-4, 'max_norm': 0.5}),
+    # TorchJD's ridge and norm threshold (the toy's ‖J‖²_F is far above 1e-4 until the front), preferences
+    'upgrad': ({'reg_eps': 1e-4, 'norm_eps': 1e-4}, {'preferences': [1.5, 0.5]}, {'max_norm': 0.3}),
+    'dualproj': ({'reg_eps': 1e-4, 'norm_eps': 1e-4}, {'preferences': [1.5, 0.5]}, {'max_norm': 0.3}),
+    'config': ({'preferences': [0.3, 1.7]}, {'max_norm': 0.3}),
+    # K = 2: every score ties (no neighbour), Krum is the mean; the TorchJD score changes nothing there
+    'krum': ({'score': 'distance'}, {'max_norm': 0.3}),
+    # K = 2: only t = 0 (the mean)
+    'trimmedmean': ({'max_norm': 0.3},),
 }
 
 #: largest trajectory difference from the API path the checks accept

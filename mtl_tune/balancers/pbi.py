@@ -15,7 +15,7 @@ sums to 0 along no fixed direction: a task can get a *negative* weight (its loss
 rise to come back to the ray) — the method, not a defect.
 
 Conventions and choices (there is no official multi-task code; TorchJD's ``PBI`` scalariser,
-https://github.com/TorchJD/torchjd, is the independent implementation the tests compare with):
+https://github.com/SimplexLab/TorchJD, is the independent implementation the tests compare with):
 
 * ``ideal`` z defaults to the origin, a lower bound of non-negative losses (as TorchJD's default);
   for losses that can be negative give z below every attainable loss (the toy:

@@ -48,7 +48,8 @@ def call(balancer, gram: np.ndarray, losses: np.ndarray) -> RowStep:
 
 def test_the_converted_methods_declare_a_rule():
     toy_methods = {"amtl", "amtlub", "cagrad", "dwa", "fairgrad", "famo", "go4align", "graddrop", "gradnorm", "gradvac",
-                   "imtl", "ls", "mgda", "mgdaub", "nashmtl", "pcgrad", "pivrg", "rlw", "si", "stgu", "uw"}
+                   "imtl", "ls", "mgda", "mgdaub", "nashmtl", "pcgrad", "pivrg", "rlw", "si", "stgu", "uw",
+                   "upgrad", "dualproj", "config", "krum", "trimmedmean"}
     assert toy_methods <= set(rule_methods())  # every method the toy runs (all but consmtl) is a rule
     assert "consmtl" not in rule_methods()  # its update is more than the inherited FairGrad rule
 

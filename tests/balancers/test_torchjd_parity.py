@@ -1,4 +1,4 @@
-"""Parity with TorchJD 0.18.0 (https://github.com/TorchJD/torchjd, release 0.18.0 on PyPI), a test-only oracle.
+"""Parity with TorchJD 0.18.0 (https://github.com/SimplexLab/TorchJD, release 0.18.0 on PyPI), a test-only oracle.
 
 Both sides get identical float64 inputs: random Jacobians (fixed seeds, K = 2, 3, 5) and degenerate
 ones (parallel, opposite, a zero gradient, a duplicated row). The project's side is the balancer's

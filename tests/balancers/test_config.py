@@ -1,0 +1,112 @@
+"""ConFIG: equal cosine with every task gradient, length = Σ projections, computed in the Gramian.
+
+Tolerances: one K×K pseudo-inverse of a cosine matrix with cond ≲ 1e3 for these cases (rounding
+~eps·cond ≲ 1e-13): 1e-10 relative."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtl_tune.balancers.config import config_rows
+from mtl_tune.registry import get_balancer
+
+from ._helpers import random_jacobian, unit
+from ._properties import (assert_gradient_scaling, assert_gram_function_equivariant, assert_permutation_equivariant,
+                          assert_valid_step, balancer_step, property_cases)
+
+ONES = lambda k: torch.ones(k, dtype=torch.float64)  # noqa: E731
+
+
+def step(jac: torch.Tensor, **hp) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_balancer("config", jac.shape[0], **hp).combine(jac, ONES(jac.shape[0]))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_equal_cosines_and_projection_length(k):
+    jac = random_jacobian(k, k + 3, 10 + k)
+    d, c = step(jac)
+    cos = unit(jac) @ unit(d)
+    assert torch.allclose(cos, cos.mean().expand(k), rtol=1e-10, atol=0) and float(cos.min()) > 0
+    assert float(d.norm()) == pytest.approx(float((jac @ unit(d)).sum()), rel=1e-12)
+    assert torch.allclose(c @ jac, d, rtol=0, atol=1e-13 * float(d.norm()))
+
+
+def test_two_task_closed_form():
+    # K = 2: d = ½(‖g₁‖ + ‖g₂‖)(u₁ + u₂), c_i = (‖g₁‖ + ‖g₂‖)/(2‖g_i‖)
+    jac = torch.tensor([[3.0, 0.0, 1.0], [-1.0, 2.0, 0.0]], dtype=torch.float64)
+    n = jac.norm(dim=1)
+    d, c = step(jac)
+    assert torch.allclose(c, (n.sum() / (2 * n)), rtol=1e-13, atol=0)
+    assert torch.allclose(d, 0.5 * n.sum() * (unit(jac[0]) + unit(jac[1])), rtol=1e-13, atol=1e-15)
+
+
+def test_two_tasks_share_imtl_gs_direction():
+    # both follow the bisector u₁ + u₂ for K = 2; lengths differ: ConFIG ½(n₁ + n₂), IMTL-G n₁n₂/(n₁ + n₂)
+    jac = random_jacobian(2, 5, 8)
+    n = jac.norm(dim=1)
+    d, _ = step(jac)
+    d_imtl, _ = get_balancer("imtl", 2).combine(jac, ONES(2))
+    ratio = 0.5 * n.sum() / (n.prod() / n.sum())
+    assert torch.allclose(d, ratio * d_imtl, rtol=1e-12, atol=0)
+
+
+def test_degenerate_inputs():
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    d, c = step(torch.stack([g, -3.0 * g]))              # opposite: d = 0
+    assert torch.equal(d, torch.zeros(3, dtype=torch.float64)) and torch.equal(c, torch.zeros(2, dtype=torch.float64))
+    d, c = step(g.repeat(4, 1))                          # identical: the sum
+    assert torch.allclose(d, 4 * g, rtol=1e-12, atol=0)
+    d, c = step(torch.stack([torch.zeros(3, dtype=torch.float64), g]))  # a zero gradient drops out
+    assert torch.allclose(d, g, rtol=1e-14, atol=0) and c[0] == 0
+    d, c = step(torch.zeros(3, 3, dtype=torch.float64))  # all zero
+    assert torch.equal(d, torch.zeros(3, dtype=torch.float64))
+
+
+def test_batch_rows_match_single_rows():
+    grams = np.stack([(j @ j.T) for j in (random_jacobian(3, 4, s).numpy() for s in range(4))])
+    batch = config_rows(grams)
+    for r in range(4):
+        assert np.allclose(batch[r], config_rows(grams[r]), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("case", property_cases(), ids=repr)
+def test_config_properties(case):
+    # unit vectors and C⁺ are scale-free, the length is linear: d degree 1, c degree 0
+    s = balancer_step("config")
+    assert_valid_step(*s(case.jac, case.losses), case)
+    assert_permutation_equivariant(s, case, rtol=1e-10)
+    assert_gradient_scaling(s, case, degree=1, weight_degree=0, rtol=1e-10)
+    assert_gram_function_equivariant(lambda a: config_rows(a), case, weight_degree=0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("k,p,seed", [(k, p, s) for k in (2, 3, 4, 7) for p in (k, k + 5) for s in range(3)])
+def test_parity_with_torchjd(k, p, seed):
+    """TorchJD's ConFIG (pinv of the K×P unit-gradient matrix) on the same Jacobian; with preferences
+    as its pref_vector. Agreement to the pseudo-inverses' rounding."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    jac = random_jacobian(k, p, 7 * k + seed)
+    d, _ = step(jac)
+    ref = aggregation.ConFIG()(jac)
+    assert float((d - ref).norm()) <= 1e-10 * float(ref.norm())
+    prefs = torch.linspace(0.2, 2.0, k, dtype=torch.float64)
+    d_p, _ = step(jac, preferences=prefs.tolist())
+    ref_p = aggregation.ConFIG(pref_vector=prefs)(jac)
+    assert float((d_p - ref_p).norm()) <= 1e-10 * float(ref_p.norm())
+
+
+@pytest.mark.parametrize("name,jac", [
+    ("identical", random_jacobian(1, 5, 1).repeat(3, 1)),
+    ("zero row", torch.cat([torch.zeros(1, 5, dtype=torch.float64), random_jacobian(2, 5, 2)])),
+    ("opposite", torch.cat([random_jacobian(1, 5, 3), -2 * random_jacobian(1, 5, 3)])),
+    ("rank 2 of 4", random_jacobian(4, 2, 4)),
+])
+def test_parity_with_torchjd_on_degenerate_inputs(name, jac):
+    """Singular unit-gradient matrices: TorchJD's pinv cut-off (max(K, P)·eps on U's singular values)
+    and ours (1e-12 on C's eigenvalues) drop the same exactly-null directions here."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    d, _ = step(jac)
+    ref = aggregation.ConFIG()(jac)
+    scale = float(jac.norm())
+    assert float((d - ref).norm()) <= 1e-10 * scale, (d, ref)
