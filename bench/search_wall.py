@@ -7,6 +7,10 @@ fresh ``python -m mtl_tune.search ...`` process (``PYTHONPATH`` = that tree, a t
 the trials, the tables and plots. Workloads:
 
 * ``help``: ``--help``; ``bad-name``: ``--method nope`` (exit 2);
+* errors that need the benchmark's class (exit 2): ``bad-objective`` (``--objective nope``),
+  ``bad-config`` (``--config nope=1``), ``bad-data`` (MultiMNIST under a missing ``--data-root``),
+  ``bad-data-dense`` (NYUv2 under a missing ``--data-root``); their "same results" column
+  compares the error message of the two trees;
 * ``readme``: the README's main command (no arguments: toy, five methods, what fits on the CPUs);
 * ``toy1``: ``--method cagrad --num-samples 4 --max-concurrent 1 --config steps_per_epoch=200`` on
   the toy, one short trial at a time (≈ 1 s of training each: the overhead shows); ``toy8``: the
@@ -48,6 +52,10 @@ import _common as c  # noqa: E402
 WORKLOADS = {
     "help": ["--help"],
     "bad-name": ["--method", "nope"],
+    "bad-objective": ["--objective", "nope"],
+    "bad-config": ["--config", "nope=1"],
+    "bad-data": ["--benchmark", "multi_mnist", "--data-root", "{storage}/missing"],
+    "bad-data-dense": ["--benchmark", "nyuv2", "--data-root", "{storage}/missing"],
     "readme": [],
     "toy1": ["--method", "cagrad", "--num-samples", "4", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],
     "toy8": ["--method", "cagrad", "--num-samples", "8", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],
@@ -60,7 +68,7 @@ SEARCHES = {"readme", "toy1", "toy8", "mnist1"}
 def run_once(tree: Path, workload: str) -> dict:
     """One command in a fresh process; its wall time and, for a search, its trial table."""
     storage = Path(tempfile.mkdtemp(prefix="mtl_bench_wall_"))
-    argv = list(WORKLOADS[workload])
+    argv = [a.replace("{storage}", str(storage)) for a in WORKLOADS[workload]]
     if workload in SEARCHES:
         argv += ["--storage-path", str(storage), "--name", "run", "--verbose", "0"]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -68,7 +76,8 @@ def run_once(tree: Path, workload: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "mtl_tune.search", *argv], cwd=storage, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
-    out = {"wall": wall, "rc": proc.returncode}
+    # an error's message, with this run's temporary folder masked, to compare across trees
+    out = {"wall": wall, "rc": proc.returncode, "message": proc.stderr.strip().replace(str(storage), "{storage}")}
     if workload in SEARCHES:
         table_path = storage / "run" / "trials.csv"
         if proc.returncode != 0 or not table_path.is_file():
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells.append((wall, f"exit {r[0]['rc']}"))
         same = ""
+        if w.startswith("bad-"):
+            messages = {x["message"] for t in trees for x in runs[(w, t)]}
+            same = f"same message: {'yes' if len(messages) == 1 else 'no'}"
         if w in SEARCHES:
             tables = {t: [result_rows(x["table"]) for x in runs[(w, t)]] for t in trees}
             across = all(a == b for a in tables["before"] for b in tables["after"])

@@ -8,7 +8,11 @@ Two ways to differentiate the K losses, which must agree (tested):
 * ``"loop"``: K calls of ``torch.autograd.grad(retain_graph=True)`` — always works.
 
 ``"auto"`` (default) tries the batched path and falls back to the loop when an operator has
-no batching rule; the fallback is remembered and announced once with a warning.
+no batching rule; the fallback is remembered and announced once with a warning. For a tiny
+Jacobian (at most :data:`LOOP_MAX_ENTRIES` entries, e.g. the toy's 2 × 2) ``"auto"`` takes the
+loop: there every backward operator costs its fixed dispatch time, and vmap's batching layer
+costs more than a second walk of the graph (toy: 10–20 % less time per Jacobian, and a
+trial's metrics are the same bit for bit, tests/test_training.py).
 
 What leaves the backward pass is never a list of per-parameter gradients that would then be
 concatenated (that held two K×P copies at the peak). A hook on every parameter receives its
@@ -41,6 +45,8 @@ Mode = Literal["auto", "batched", "loop"]
 #: Gram matrix carries float64 rounding only (relative error ≲ 1e-16·√P, far below the float32
 #: gradients' own); the block keeps the temporary at K × 2^16 doubles (1.5 MiB for K = 3).
 GRAM_BLOCK = 1 << 16
+#: K × P at or below which ``"auto"`` computes a Jacobian row by row (see the module docstring)
+LOOP_MAX_ENTRIES = 64
 
 
 def add_gram(out: Tensor, block: Tensor, columns: int = GRAM_BLOCK) -> None:
@@ -113,6 +119,11 @@ class JacobianEngine:
 
     def _run(self, losses: Tensor, params: list[Tensor], sinks: list[Callable[[Tensor], None]],
              retain_graph: bool) -> None:
+        tiny = (self.mode == "auto" and all(s.copies_rows for s in sinks)
+                and losses.shape[0] * sum(p.numel() for p in params) <= LOOP_MAX_ENTRIES)
+        if tiny:  # keeps the graph, as the batched pass does (callers may backpropagate through it again)
+            _stream_loop(losses, params, sinks, retain_graph=True)
+            return
         if self.effective_mode == "batched":
             try:
                 _stream_batched(losses, params, sinks, retain_graph)

@@ -216,9 +216,10 @@ def test_search_wall_compares_results_by_method_hparams_and_metrics():
 
 def test_search_wall_times_help_of_two_trees():
     # this tree against itself: the command-line workloads need no Ray
-    text = run_script("search_wall.py", "--base", str(ROOT), "--workloads", "help,bad-name", "--repeats", "1")
+    text = run_script("search_wall.py", "--base", str(ROOT), "--workloads", "help,bad-name,bad-data", "--repeats", "1")
     rows = table_rows(text)
     assert rows["help"][5] == "exit 0" and rows["bad-name"][5] == "exit 2", text
+    assert rows["bad-data"][5] == "exit 2" and rows["bad-data"][7] == "same message: yes", text
 
 
 def test_toy_engine_smoke():

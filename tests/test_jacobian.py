@@ -39,6 +39,7 @@ def test_auto_falls_back_loudly_when_batching_fails(monkeypatch):
         raise RuntimeError("no batching rule")
 
     monkeypatch.setattr(jmod, "_stream_batched", broken)
+    monkeypatch.setattr(jmod, "LOOP_MAX_ENTRIES", 0)  # this 2 × 2 Jacobian would skip the batched pass
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     engine = JacobianEngine("auto")
     with pytest.warns(RuntimeWarning, match="batched Jacobian unavailable"):
@@ -52,3 +53,17 @@ def test_auto_falls_back_loudly_when_batching_fails(monkeypatch):
 def test_invalid_mode():
     with pytest.raises(ValueError, match="jacobian mode"):
         JacobianEngine("vmap")
+
+
+def test_auto_computes_a_tiny_jacobian_row_by_row(monkeypatch):
+    import mtl_tune.jacobian as jmod
+
+    def refuse(*a, **k):
+        raise AssertionError("a 2 × 2 Jacobian must not take the batched pass")
+
+    monkeypatch.setattr(jmod, "_stream_batched", refuse)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = torch.stack([x.sum(), x.prod()])
+    jac = JacobianEngine("auto").jacobian(losses, [x])
+    torch.testing.assert_close(jac, torch.tensor([[1.0, 1.0], [2.0, 1.0]]))
+    losses.sum().backward()  # the graph is kept, as after the batched pass

@@ -93,3 +93,65 @@ def test_a_trial_imports_only_its_own_method_and_benchmark():
     loaded = proc.stdout.strip()
     assert "mtl_tune.balancers.cagrad" in loaded and "mtl_tune.benchmarks.toy" in loaded, proc.stderr
     assert "nashmtl" not in loaded and "multi_mnist" not in loaded, loaded
+
+
+#: benchmarks whose class (settings, metrics, options, data check) loads without torch; qm9's data
+#: check needs torch-geometric and celeba's class its torch data module, so they still load torch
+LIGHT_BENCHMARKS = ("cityscapes", "multi_mnist", "nyuv2", "toy")
+
+
+def _declared(cls) -> dict:
+    """What a search validates of a benchmark class before it starts (prepare)."""
+    bench = cls(synthetic=True)
+    return {"settings": {k: repr(v) for k, v in cls.all_settings().items()}, "metrics": repr(cls.metrics),
+            "tasks": list(cls.tasks), "defaults": repr(cls.defaults), "options": cls.option_names(),
+            "data_env": cls.data_env, "objective": list(bench.default_objective()),
+            "primary": [m.name for m in bench.primary_metrics()], "baselines": bench.has_baselines(),
+            "balancer_options": repr(bench.balancer_options({})), "data_parallel": repr(cls.data_parallel)}
+
+
+def test_light_benchmarks_declare_the_same_without_torch():
+    # a fresh interpreter loads each class alone, without torch; what it declares must equal the class
+    # as the full registry (with torch and every module loaded, in this process) sees it
+    script = textwrap.dedent(f"""
+        import json, sys
+        from mtl_tune.registry import benchmark_class
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_registry_names import LIGHT_BENCHMARKS, _declared
+        out = {{name: _declared(benchmark_class(name)) for name in LIGHT_BENCHMARKS}}
+        out["heavy"] = sorted(m for m in ("torch", "scipy", "sklearn", "ray") if m in sys.modules)
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    cheap = __import__("json").loads(proc.stdout)
+    assert cheap.pop("heavy") == []
+    full = registry.benchmark_classes()
+    assert cheap == __import__("json").loads(__import__("json").dumps(
+        {name: _declared(full[name]) for name in LIGHT_BENCHMARKS}))
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--objective", "nope"], "unknown objective 'nope' for benchmark toy; valid: pareto, default, loss1"),
+    (["--config", "nope=1"], "--config nope: not a setting of benchmark toy; valid: amp"),
+    (["--config", "steps_per_epoch=0"], "--config steps_per_epoch=0: steps_per_epoch must be an integer >= 1"),
+    (["--benchmark", "multi_mnist", "--config", "benchmark_options={source: x}"], "source must be one of"),
+    (["--benchmark", "multi_mnist", "--data-root", "{missing}"], "{missing}/MNIST/raw does not exist; expected the MNIST idx files"),
+    (["--benchmark", "nyuv2", "--data-root", "{missing}"], "NYUv2 data at {missing}: folder does not exist. Expected: train/ and val/"),
+    (["--benchmark", "cityscapes", "--objective", "seg/nope"], "unknown objective 'seg/nope' for benchmark cityscapes"),
+])
+def test_errors_that_need_the_benchmark_do_not_import_torch(argv, text, tmp_path):
+    missing = str(tmp_path / "missing")
+    argv = [a.replace("{missing}", missing) for a in argv]
+    script = textwrap.dedent(f"""
+        import sys
+        from mtl_tune.search.cli import main
+        code = main({argv!r} + ["--storage-path", {str(tmp_path)!r}])
+        heavy = sorted(m for m in ("torch", "ray", "scipy", "sklearn") if m in sys.modules)
+        print("EXIT", code, "HEAVY", heavy)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert "EXIT 2 HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert text.replace("{missing}", missing) in proc.stderr, proc.stderr

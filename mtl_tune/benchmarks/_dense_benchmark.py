@@ -19,18 +19,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
 
-from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks._dense import LOSSES, DenseDataset, DenseMetrics, epoch_order, split_indices
-from mtl_tune.benchmarks._dense_files import IGNORE_LABEL, DenseFiles, DenseLayout, check_dense_data, npy_source
-from mtl_tune.benchmarks._segnet import FILTERS, build_model, split_parameters
+from mtl_tune.benchmarks._dense_files import FILTERS, IGNORE_LABEL, DenseFiles, DenseLayout, check_dense_data, npy_source
 from mtl_tune.benchmarks.base import Benchmark, Setting, Setup, data_check_level
+
+if TYPE_CHECKING:
+    import torch
+
+# The SegNet, the datasets and the losses (torch) are imported where a run needs them: the class's
+# settings, metrics, options and data check are what a search validates before it starts, without
+# torch (tests/test_registry_names.py).
 
 DENSE_DEFAULTS: dict[str, Any] = {
     "epochs": 200, "lr": 1e-4, "weight_decay": 0.0, "lr_step_size": 100, "lr_gamma": 0.5,
@@ -173,10 +174,14 @@ class DenseBenchmark(Benchmark):
 
     # ------------------------------------------------------------------ training
     def make_optimizer(self, params, config: dict[str, Any]) -> torch.optim.Optimizer:
+        import torch
+
         """Adam(lr, no weight decay by default); groups with their own ``lr`` keep it."""
         return torch.optim.Adam(params, lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 0.0)))
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+        import torch
+
         """StepLR(step_size = 100, γ = ½) stepped once per epoch, on every param group."""
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(config["lr_step_size"]),
                                                gamma=float(config["lr_gamma"]))
@@ -186,6 +191,14 @@ class DenseBenchmark(Benchmark):
         return {}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        import torch
+        from torch import Tensor
+        from torch.utils.data import DataLoader
+
+        from mtl_tune.balancers.base import ForwardOutput
+        from mtl_tune.benchmarks._dense import LOSSES, DenseDataset, DenseMetrics, epoch_order, split_indices
+        from mtl_tune.benchmarks._segnet import build_model, split_parameters
+
         cfg = {**self.defaults, **{k: v for k, v in config.items() if v is not None}}
         seed = int(cfg["seed"])
         kinds = list(self.tasks)

@@ -36,6 +36,9 @@ CHANNELS: dict[str, int | None] = {"image": 3, "label": None, "depth": 1, "norma
 #: the releases' value for unlabelled pixels in the label files
 IGNORE_LABEL = -1
 SPLITS = ("train", "val")
+#: SegNet's widths (the papers'): the benchmarks' default ``filters`` and :mod:`._segnet`'s; here, in
+#: the dense benchmarks' torch-free module, so the declaration of their defaults needs no torch
+FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
 #: tolerance on value-range checks (float32 round-off in the release)
 _TOL = 1e-3
 #: allowed value range per key where a range is the whole rule (finite bounds: inf fails too)

@@ -22,8 +22,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from mtl_tune.benchmarks.base import DataError
 
@@ -128,6 +126,9 @@ def upscale_digits(images8: np.ndarray) -> np.ndarray:
 
     x ↦ 255·x/16, bilinear resize 8 → 20 (half-pixel centres), then zero border of 4.
     """
+    import torch  # here, not at the top: the pre-flight check of the MNIST files needs no torch
+    import torch.nn.functional as F
+
     x = torch.as_tensor(np.asarray(images8, dtype=np.float32) * (255.0 / 16.0)).unsqueeze(1)
     x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
     x = F.pad(x, (4, 4, 4, 4))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
+from mtl_tune.benchmarks._dense_files import FILTERS  # declared with the file layouts (no torch there)
 HEAD_KINDS = ("seg", "depth", "normal")
 SPLITS = ("famo", "cagrad")
 

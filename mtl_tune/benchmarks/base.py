@@ -25,14 +25,17 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.metrics import MetricSpec
+
+if TYPE_CHECKING:  # torch is imported where a run needs it: validating a search (the class's settings,
+    # metrics, options and data check) must not pay seconds for it (tests/test_registry_names.py)
+    import numpy as np
+    import torch
+    from torch import Tensor, nn
+
+    from mtl_tune.balancers.base import ForwardOutput
 
 
 #: values of the ``data_check`` benchmark option: how much of the data the pre-flight check reads
@@ -271,6 +274,8 @@ class Benchmark(abc.ABC):
         """Build model, data and loss/eval functions for one run (seeded by the caller)."""
 
     def make_optimizer(self, params: Sequence[dict[str, Any]], config: dict[str, Any]) -> torch.optim.Optimizer:
+        import torch
+
         return torch.optim.Adam(params, lr=float(config["lr"]))
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:

@@ -19,7 +19,7 @@ Units as in the official code (mIoU/PixAcc in [0, 1]); STL baselines = official 
 
 from __future__ import annotations
 
-from mtl_tune.benchmarks._dense import DenseLayout
+from mtl_tune.benchmarks._dense_files import DenseLayout
 from mtl_tune.benchmarks._dense_benchmark import DENSE_DEFAULTS, DENSE_SETTINGS, DenseBenchmark
 from mtl_tune.metrics import MetricSpec
 

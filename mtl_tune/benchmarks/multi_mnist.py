@@ -37,72 +37,28 @@ baseline and the default objective is the validation mean accuracy.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks import _multi_mnist_data as data
 from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# The LeNet and the data code (torch, NumPy) are imported where a run or the data check needs them:
+# the class's settings, metrics and options are what a search validates before it starts, in well
+# under a second (tests/test_registry_names.py). The model's names stay importable from here.
+_MODEL_NAMES = ("MNIST_MEAN", "MNIST_STD", "LeNetTrunk", "DigitHead", "MultiLeNet", "normalise", "accuracy_and_nll")
 SOURCES = ("mnist", "sklearn_digits")
 
 
-class LeNetTrunk(nn.Module):
-    """Shared LeNet trunk: 1×28×28 → 50-d representation."""
+def __getattr__(name: str) -> Any:
+    if name in _MODEL_NAMES:
+        from mtl_tune.benchmarks import _multi_mnist_model
 
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
-        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
-        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(320, 50)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.drop(self.conv2(x)), 2))
-        return F.relu(self.fc(x.flatten(1)))
-
-
-class DigitHead(nn.Module):
-    """Task head: 50 → 50 → 10 logits."""
-
-    def __init__(self, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(50, 50)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc2 = nn.Linear(50, 10)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.fc2(self.drop(F.relu(self.fc1(z))))
-
-
-class MultiLeNet(nn.Module):
-    def __init__(self, n_tasks: int = 2, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.trunk = LeNetTrunk(dropout)
-        self.heads = nn.ModuleList([DigitHead(dropout) for _ in range(n_tasks)])
-
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        z = self.trunk(x)
-        return [head(z) for head in self.heads], z
-
-
-def normalise(images_u8: Tensor) -> Tensor:
-    """(B, 28, 28) uint8 → (B, 1, 28, 28) float, (x/255 − 0.1307)/0.3081 (official transform)."""
-    return ((images_u8.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
-
-
-def accuracy_and_nll(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Accuracy = mean 1[argmax ŷ = y]; NLL = mean −log softmax(ŷ)_y, both over all samples."""
-    acc = (logits.argmax(dim=1) == labels).double().mean().item()
-    nll = F.cross_entropy(logits.double(), labels, reduction="mean").item()
-    return acc, nll
+        return getattr(_multi_mnist_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def step_decay(epoch: int, factor: float, every: int) -> float:
@@ -118,6 +74,10 @@ def step_decay(epoch: int, factor: float, every: int) -> float:
 def _build_arrays(source: str, root: str | None, data_seed: int, val_fraction: float, test_fraction: float,
                   pairs_per_image: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (images uint8 (n, 28, 28), labels int64 (n, 2))}; cached per process."""
+    import numpy as np
+
+    from mtl_tune.benchmarks import _multi_mnist_data as data
+
     rng = np.random.default_rng(data_seed)
     if source == "mnist":
         assert root is not None
@@ -169,6 +129,8 @@ class MultiMnist(Benchmark):
         if source not in SOURCES:
             raise ValueError(f"multi_mnist: source must be one of {SOURCES}, got {source!r}")
         if source == "mnist" and self.root is None and not synthetic:
+            from mtl_tune.benchmarks import _multi_mnist_data as data
+
             raise DataError(f"multi_mnist: source 'mnist' needs a data root (--data-root or ${self.data_env}) "
                             f"holding MNIST/raw/; {data.MNIST_HINT}")
         self.source = source
@@ -182,6 +144,8 @@ class MultiMnist(Benchmark):
         """Validate the MNIST idx files (magic, shapes, sizes, label range); sklearn needs no data."""
         if self.synthetic or self.source != "mnist":
             return
+        from mtl_tune.benchmarks import _multi_mnist_data as data
+
         for split in data.MNIST_FILES:
             data.load_mnist_split(self.root, split)  # type: ignore[arg-type]
 
@@ -191,6 +155,8 @@ class MultiMnist(Benchmark):
     def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
         rule = functools.partial(step_decay, factor=float(config.get("lr_decay", 0.85)),
                                  every=int(config.get("lr_decay_every", 10)))
+        import torch
+
         return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
 
     def default_objective(self) -> tuple[str, str]:
@@ -207,6 +173,8 @@ class MultiMnist(Benchmark):
 
     def _synthetic_arrays(self, config: dict[str, Any], ppi: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Random images/labels with the sizes the real source would give (throughput only)."""
+        import numpy as np
+
         vf, tf = float(config.get("val_fraction", 1 / 6)), float(config.get("test_fraction", 0.2))
         if self.source == "mnist":
             n_val = int(round(60000 * vf))
@@ -220,6 +188,14 @@ class MultiMnist(Benchmark):
                 for s, n in sizes.items()}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from torch import Tensor
+
+        from mtl_tune.balancers.base import ForwardOutput
+        from mtl_tune.benchmarks._multi_mnist_model import MultiLeNet, accuracy_and_nll, normalise
+
         config = {**self.defaults, **config}
         arrays = self._arrays(config)
         model = MultiLeNet(self.n_tasks, float(config.get("dropout", 0.0))).to(device)

@@ -25,17 +25,20 @@ the search default (lr 1e-2, 5 × 1 000 steps) covers the same distance ten time
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
-from typing import Any
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from scipy.optimize import minimize_scalar
-from torch import Tensor, nn
-
-from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks.base import Benchmark, ConfigError, Setting, Setup
 from mtl_tune.metrics import MetricSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import Tensor
+
+# NumPy, SciPy and torch are imported inside the functions that compute: the class itself (its
+# settings, metrics and defaults) is what a search validates before it starts, in well under a
+# second (tests/test_registry_names.py); ``ToyPoint`` is built on first use (``__getattr__``).
 
 LOWER = 5e-6
 INITS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
@@ -45,11 +48,15 @@ def _gate(t: Tensor) -> Tensor:
     """max(t, 0) whose derivative at t = 0 is 1, as ``torch.clamp`` had in the papers' code
     (current PyTorch gives 0 there, which would pin the init (0, 0) forever; the papers'
     gradient at (0, 0) is (0, 10.856) for both tasks, docs/benchmarks.md#toy-losses)."""
+    import torch
+
     return torch.where(t >= 0, t, torch.zeros_like(t))
 
 
 def toy_objectives(x: Tensor, scale: float = 0.1) -> Tensor:
     """Scaled losses (L₁, L₂) for points ``x`` of shape (..., 2); returns shape (..., 2)."""
+    import torch
+
     x1, x2 = x[..., 0], x[..., 1]
     c1 = _gate(torch.tanh(x2 / 2))
     c2 = _gate(torch.tanh(-x2 / 2))
@@ -63,6 +70,9 @@ def toy_objectives(x: Tensor, scale: float = 0.1) -> Tensor:
 
 
 def _pareto_x2(x1: float) -> float:
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(lambda x2: np.tanh(-x2 / 2) * (0.01 * (x2 + 8) ** 2 - 15.1 - 0.1 * x1 ** 2),
                           bounds=(-12.0, -4.0), method="bounded", options={"xatol": 1e-10})
     return float(res.x)
@@ -70,6 +80,8 @@ def _pareto_x2(x1: float) -> float:
 
 @lru_cache(maxsize=8)
 def _pareto_set(n: int) -> np.ndarray:
+    import numpy as np
+
     x1 = np.linspace(-7.0, 7.0, n)
     return np.stack([x1, np.array([_pareto_x2(v) for v in x1])], axis=1)
 
@@ -81,6 +93,8 @@ def pareto_set(n: int = 1001) -> np.ndarray:
 
 def pareto_front(scale: float = 0.1, n: int = 1001) -> np.ndarray:
     """(n, 2) scaled objective values (L₁, L₂) along the exact Pareto set."""
+    import torch
+
     ps = torch.from_numpy(_pareto_set(n))
     return toy_objectives(ps, scale).numpy()
 
@@ -91,6 +105,8 @@ def pareto_distance(losses: np.ndarray, scale: float = 0.1, n: int = 2001) -> np
     Points that dominate no front point and lie beyond it cannot exist (the front is the
     boundary of the attainable set), so the distance is ≥ 0 and 0 exactly on the front.
     """
+    import numpy as np
+
     front = pareto_front(scale, n)
     pts = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
     d = np.sqrt(((pts[:, None, :] - front[None, :, :]) ** 2).sum(-1)).min(axis=1)
@@ -99,6 +115,8 @@ def pareto_distance(losses: np.ndarray, scale: float = 0.1, n: int = 2001) -> np
 
 def start_point(init: int, seed: int, jitter: float) -> tuple[float, float]:
     """The search's start: the papers' ``INITS[init]`` + N(0, jitter² I) drawn from ``seed``."""
+    import numpy as np
+
     if jitter < 0 or not np.isfinite(jitter):
         raise ValueError(f"toy: init_jitter must be a finite number >= 0, got {jitter}")
     start = np.asarray(INITS[init], dtype=np.float64)
@@ -107,12 +125,26 @@ def start_point(init: int, seed: int, jitter: float) -> tuple[float, float]:
     return float(start[0]), float(start[1])
 
 
-class ToyPoint(nn.Module):
-    """The decision variable x as a module, so the generic trainer can drive it."""
+@cache
+def _toy_point_class() -> type:
+    import torch
+    from torch import nn
 
-    def __init__(self, init: tuple[float, float]) -> None:
-        super().__init__()
-        self.x = nn.Parameter(torch.tensor(init, dtype=torch.float64))
+    class ToyPoint(nn.Module):
+        """The decision variable x as a module, so the generic trainer can drive it."""
+
+        def __init__(self, init: tuple[float, float]) -> None:
+            super().__init__()
+            self.x = nn.Parameter(torch.tensor(init, dtype=torch.float64))
+
+    ToyPoint.__module__, ToyPoint.__qualname__ = __name__, "ToyPoint"  # pickles as toy.ToyPoint
+    return ToyPoint
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ToyPoint":  # a torch module: built when first asked for
+        return _toy_point_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Toy(Benchmark):
@@ -157,12 +189,16 @@ class Toy(Benchmark):
         return {"famo": shift, "si": shift, "gls": shift, "dbmtl": shift}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        import torch
+
+        from mtl_tune.balancers.base import ForwardOutput
+
         init_index = int(config.get("init", 0))
         if not 0 <= init_index < len(INITS):
             raise ConfigError(f"toy: init must be an index in [0, {len(INITS) - 1}], got {init_index}")
         scale = float(config.get("scale", 0.1))
         steps = int(config.get("steps_per_epoch", 1000))
-        model = ToyPoint(start_point(init_index, int(config.get("seed", 0)),
+        model = _toy_point_class()(start_point(init_index, int(config.get("seed", 0)),
                                      float(config.get("init_jitter", self.defaults["init_jitter"])))).to(device)
 
         def forward(_batch: Any) -> ForwardOutput:

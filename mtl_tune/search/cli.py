@@ -245,18 +245,13 @@ def print_summary(outcome, plan) -> bool:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean a bad argument (exit 2). ConfigError and DataError live in the
-    benchmarks package, which imports torch: when it is not loaded yet, neither can have been
-    raised, and importing it here would make every early error (a bad name) take seconds."""
+    """The exceptions that mean a bad argument (exit 2); none of their modules imports torch."""
+    from mtl_tune.benchmarks.base import ConfigError, DataError
     from mtl_tune.registry import UnknownNameError
     from mtl_tune.spaces import SpaceError
     from mtl_tune.search.validate import SearchError
 
-    errors: list[type[Exception]] = [UnknownNameError, SearchError, SpaceError]
-    base = sys.modules.get("mtl_tune.benchmarks.base")
-    if base is not None:
-        errors += [base.ConfigError, base.DataError]
-    return tuple(errors)
+    return UnknownNameError, SearchError, SpaceError, ConfigError, DataError
 
 
 def main(argv: list[str] | None = None) -> int:

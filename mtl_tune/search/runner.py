@@ -170,11 +170,6 @@ def prepare(options: SearchOptions) -> Plan:
     if options.scheduler != "fifo" and len(metrics) > 1:
         raise SearchError("early-stopping schedulers need a scalar objective; with --objective pareto use "
                           "--scheduler fifo (Tune has no multi-objective scheduler)")
-    spaces = {}
-    for m in methods:
-        space = load_space(m, bench.name, options.search_space)
-        spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
-        spaces[m].check_for(bench.n_tasks, bench.name, bench.balancer_options(options.config).get(m))
     if options.preferences and len(bench.primary_metrics()) < 2:
         raise SearchError(f"--preferences needs a benchmark with at least two tasks; {bench.name} has one primary metric")
     if options.wandb_project:
@@ -182,8 +177,8 @@ def prepare(options: SearchOptions) -> Plan:
             import wandb  # noqa: F401
         except ImportError:
             raise SearchError('--wandb needs the wandb package: pip install "mtl_tune[wandb]"') from None
-    check_data_parallel(options, bench, methods, spaces)
-    check_local_resources(options)
+    if options.workers_per_trial <= 1:  # several workers: check_data_parallel's reasons come first (below)
+        check_local_resources(options)
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
@@ -192,10 +187,21 @@ def prepare(options: SearchOptions) -> Plan:
         options.optuna_storage = check_optuna_storage(options.optuna_storage)
     elif options.resume:  # the restored searchers keep writing where the first run chose
         options.optuna_storage = previous_optuna_storage(sweep_dir)
+    # up to here nothing imported torch (the benchmark's class declares its settings, metrics and data
+    # check without it): argument and data errors answer in well under a second. The search spaces are
+    # checked by building each method, which loads torch.
+    bench.check_data()
+    spaces = {}
+    for m in methods:
+        space = load_space(m, bench.name, options.search_space)
+        spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
+        spaces[m].check_for(bench.n_tasks, bench.name, bench.balancer_options(options.config).get(m))
+    check_data_parallel(options, bench, methods, spaces)
+    if options.workers_per_trial > 1:
+        check_local_resources(options)
     # the full scan, once, in the driver, after the argument checks: a plug-in that does not load
     # is an error here (the trials look up only their own method and benchmark, balancer_class)
     available_balancers(), available_benchmarks()
-    bench.check_data()
     if options.address:
         check_address(options.address)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
