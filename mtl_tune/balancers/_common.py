@@ -153,6 +153,21 @@ def gram(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     return gram_of(jacobian, block)
 
 
+def state_like(state: Tensor | None, jacobian: Tensor, method: str, what: str) -> Tensor:
+    """A method's K×P state (``moco``'s tracked gradients, ``excessmtl``'s squared sums, ``dbmtl``'s
+    moving average) ready for a step on ``jacobian`` (..., K, P): zeros at the first step, moved to the
+    Jacobian's device and dtype after a checkpoint was loaded elsewhere; a state of another shape (the
+    shared parameters changed during a run) raises :class:`BalancerError` naming both shapes."""
+    if state is None:
+        return torch.zeros_like(jacobian)
+    if state.shape != jacobian.shape:
+        raise BalancerError(f"{method}: the per-task gradients have shape {tuple(jacobian.shape)}, the {what} "
+                            f"{tuple(state.shape)}; the shared parameters must stay the same during a run")
+    if state.device != jacobian.device or state.dtype != jacobian.dtype:
+        return state.to(device=jacobian.device, dtype=jacobian.dtype)
+    return state
+
+
 def finite_or_raise(x: Tensor, what: str) -> Tensor:
     if not bool(torch.isfinite(x).all()):
         raise BalancerError(f"{what} is not finite: {x.tolist() if x.numel() <= 50 else '...'}")

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._log_losses import loss_floor, shifted
+from mtl_tune.balancers._common import state_like
 from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 
@@ -100,13 +101,7 @@ class DBMTL(GradientBalancer):
         d, bad, reason = shifted(self.name, host(losses), self.min_losses.cpu().numpy())
         if jacobian.dim() == 2 and bool(bad):
             return RowStep(torch.full_like(losses, float("nan")), failed=bad, reason=reason)
-        if self.average is None:
-            self.average = torch.zeros_like(jacobian)
-        elif self.average.shape != jacobian.shape:
-            raise BalancerError(f"{self.name}: the per-task gradients have shape {tuple(jacobian.shape)}, the moving "
-                                f"average {tuple(self.average.shape)} (the shared parameters changed between steps)")
-        elif self.average.device != jacobian.device or self.average.dtype != jacobian.dtype:
-            self.average = self.average.to(jacobian)  # a checkpoint loaded onto another device / dtype
+        self.average = state_like(self.average, jacobian, self.name, "moving average")
         rate = self.beta / float(self.step_count + 1) ** self.beta_sigma
         # h_i = g_i/(D_i + ε); ĝ ← r ĝ + (1 − r) h, in place (failed rows: finite placeholders, never read)
         factor = (1.0 - rate) / (np.where(bad[..., None], 1.0, d) + EPS)

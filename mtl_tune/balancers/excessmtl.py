@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._common import state_like
 from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 
@@ -98,14 +99,7 @@ class ExcessMTL(GradientBalancer):
 
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """One step on Jacobians (..., K, P): accumulate S, estimate e, update w; d = Σ w_i g_i (torch)."""
-        s = self.sq_sum
-        if s is None:
-            s = torch.zeros_like(jacobian)
-        elif s.shape != jacobian.shape:
-            raise BalancerError(f"excessmtl: the Jacobian has shape {tuple(jacobian.shape)}, the accumulated "
-                                f"squares {tuple(s.shape)}; the shared parameters must stay the same during a run")
-        elif s.device != jacobian.device or s.dtype != jacobian.dtype:
-            s = s.to(device=jacobian.device, dtype=jacobian.dtype)
+        s = state_like(self.sq_sum, jacobian, self.name, "accumulated squares")
         s = s + jacobian * jacobian
         e = host(excess_risks(jacobian, s))
         failed = None

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._common import gram
+from mtl_tune.balancers._common import gram, state_like
 from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers._simplex import project_to_simplex_rows
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
@@ -136,14 +136,7 @@ class MoCo(GradientBalancer):
                     raise BalancerError(f"{NEGATIVE} (losses {losses.tolist()})")
                 failed = negative
         g = rescaled_gradients(jacobian, losses) if self.normalize else jacobian
-        y = self.tracked
-        if y is None:
-            y = torch.zeros_like(g)
-        elif y.shape != g.shape:
-            raise BalancerError(f"moco: the Jacobian has shape {tuple(g.shape)}, the tracked gradients "
-                                f"{tuple(y.shape)}; the shared parameters must stay the same during a run")
-        elif y.device != g.device or y.dtype != g.dtype:
-            y = y.to(device=g.device, dtype=g.dtype)
+        y = state_like(self.tracked, g, self.name, "tracked gradients")
         y = y - (self.beta / t ** self.beta_sigma) * (y - g)
         self.tracked = y
         a = host(gram(y)) if y.dim() == 2 else host(y.double() @ y.double().transpose(-1, -2))

@@ -35,3 +35,16 @@ def test_blocked_gram_equals_the_full_product():
     full = j.double() @ j.double().T
     torch.testing.assert_close(gram(j, block=64), full)
     torch.testing.assert_close(gram(j), full)
+
+
+def test_state_like_starts_moves_and_refuses_another_shape():
+    from mtl_tune.balancers._common import state_like
+
+    jac = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(state_like(None, jac, "m", "state"), torch.zeros_like(jac))
+    moved = state_like(torch.ones(3, 5), jac, "m", "state")          # a float32 checkpoint
+    assert moved.dtype == torch.float64 and torch.equal(moved, torch.ones_like(jac))
+    kept = torch.full_like(jac, 2.0)
+    assert state_like(kept, jac, "m", "state") is kept                # no copy when it already fits
+    with pytest.raises(BalancerError, match=r"m: .*\(3, 5\), the state \(3, 4\)"):
+        state_like(torch.zeros(3, 4), jac, "m", "state")

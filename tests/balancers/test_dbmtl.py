@@ -133,7 +133,7 @@ def test_dbmtl_arguments():
         DBMTL(2, gradient_path="gram")
     bal = DBMTL(2)
     step(bal, random_jacobian(2, 4, seed=0), torch.ones(2, dtype=torch.float64))
-    with pytest.raises(BalancerError, match="changed"):
+    with pytest.raises(BalancerError, match="must stay the same"):
         step(bal, random_jacobian(2, 5, seed=0), torch.ones(2, dtype=torch.float64))
 
 
