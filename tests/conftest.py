@@ -57,21 +57,3 @@ def faulty_cluster(tmp_path, monkeypatch):
     yield markers
     ray.shutdown()
 
-
-# With pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) the tests that start Ray
-# clusters, Ray Tune searches or torch process groups run one after another on one worker: two
-# clusters at once on a 2-core machine would double every trial's time and push the kill/resume
-# and cluster tests toward their timeouts. Everything else is spread over the workers.
-_ONE_AT_A_TIME_FILES = {
-    "test_analysis_report.py", "test_api_docs.py", "test_data_parallel.py", "test_distributed.py",
-    "test_examples.py", "test_failure_classes.py", "test_optuna_storage.py", "test_packaging.py",
-    "test_reliability.py", "test_search.py", "test_search_cluster.py", "test_search_resume.py",
-    "test_search_samplers.py", "test_search_validation.py", "test_security.py",
-}
-_CLUSTER_FIXTURES = {"ray_local", "ray_local_module", "faulty_cluster", "ray_start_cluster"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in _ONE_AT_A_TIME_FILES or _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
