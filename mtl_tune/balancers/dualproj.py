@@ -22,15 +22,10 @@ gradients; no clipping; a projection failing its KKT check is a counted solver f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from mtl_tune.balancers._aligned import check_preferences
 from mtl_tune.balancers._dual_cone import project_weights
-from mtl_tune.balancers._rows import RowStep
-from mtl_tune.balancers.base import GradientBalancer
-from mtl_tune.balancers.upgrad import FAILED, check_eps
+from mtl_tune.balancers._dual_cone_method import DualConeBalancer
 
 
 def dualproj_rows(gram: np.ndarray, preferences: np.ndarray | None = None, reg_eps: float = 0.0,
@@ -43,7 +38,7 @@ def dualproj_rows(gram: np.ndarray, preferences: np.ndarray | None = None, reg_e
     return v[..., 0, :], ok
 
 
-class DualProj(GradientBalancer):
+class DualProj(DualConeBalancer):
     """DualProj (Quinton & Rey, 2024; GEM's projection): the mean task gradient projected onto
     the dual cone of the task gradients.
 
@@ -59,14 +54,4 @@ class DualProj(GradientBalancer):
     coefficients c of d = Σ cᵢ gᵢ (K,).
     """
     name = "dualproj"
-    supports_gram = True
-
-    def __init__(self, n_tasks: int, preferences: Sequence[float] | None = None, reg_eps: float = 0.0,
-                 norm_eps: float = 0.0, **kw) -> None:
-        super().__init__(n_tasks, **kw)
-        self.preferences = check_preferences(preferences, n_tasks, self.name)
-        self.reg_eps, self.norm_eps = check_eps(reg_eps, norm_eps, self.name)
-
-    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
-        w, ok = dualproj_rows(gram, self.preferences, self.reg_eps, self.norm_eps)
-        return RowStep(w, solver_failed=~ok, solver_message=f"{self.name}: {FAILED}")
+    rule = staticmethod(dualproj_rows)

@@ -34,26 +34,10 @@ failure (warned, fatal after 20 in a row), never silently replaced.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from mtl_tune.balancers._aligned import check_preferences
 from mtl_tune.balancers._dual_cone import project_weights
-from mtl_tune.balancers._rows import RowStep
-from mtl_tune.balancers.base import GradientBalancer
-
-FAILED = "dual-cone projection did not satisfy its KKT conditions"
-
-
-def check_eps(reg_eps: float, norm_eps: float, method: str) -> tuple[float, float]:
-    """Validate the two TorchJD regularisation constants (finite, non-negative)."""
-    values = (float(reg_eps), float(norm_eps))
-    if not all(np.isfinite(x) and x >= 0.0 for x in values):
-        raise ValueError(f"{method}: reg_eps and norm_eps must be finite and non-negative, got "
-                         f"{reg_eps!r}, {norm_eps!r}")
-    return values
-
+from mtl_tune.balancers._dual_cone_method import DualConeBalancer
 
 def upgrad_rows(gram: np.ndarray, preferences: np.ndarray | None = None, reg_eps: float = 0.0,
                 norm_eps: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +49,7 @@ def upgrad_rows(gram: np.ndarray, preferences: np.ndarray | None = None, reg_eps
     return v.sum(-2), ok
 
 
-class UPGrad(GradientBalancer):
+class UPGrad(DualConeBalancer):
     """UPGrad (Quinton & Rey, 2024): the mean of every task gradient's projection onto the dual
     cone of all task gradients.
 
@@ -81,14 +65,4 @@ class UPGrad(GradientBalancer):
     coefficients c of d = Σ cᵢ gᵢ (K,).
     """
     name = "upgrad"
-    supports_gram = True
-
-    def __init__(self, n_tasks: int, preferences: Sequence[float] | None = None, reg_eps: float = 0.0,
-                 norm_eps: float = 0.0, **kw) -> None:
-        super().__init__(n_tasks, **kw)
-        self.preferences = check_preferences(preferences, n_tasks, self.name)
-        self.reg_eps, self.norm_eps = check_eps(reg_eps, norm_eps, self.name)
-
-    def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
-        w, ok = upgrad_rows(gram, self.preferences, self.reg_eps, self.norm_eps)
-        return RowStep(w, solver_failed=~ok, solver_message=f"{self.name}: {FAILED}")
+    rule = staticmethod(upgrad_rows)
