@@ -50,7 +50,7 @@ from torch import Tensor, nn  # noqa: E402
 from mtl_tune.balancers.base import EpochInfo, ForwardOutput  # noqa: E402
 from mtl_tune.benchmarks.base import Benchmark, Setup  # noqa: E402
 from mtl_tune.jacobian import JacobianEngine  # noqa: E402
-from mtl_tune.registry import available_balancers, balancer_class, get_benchmark  # noqa: E402
+from mtl_tune.registry import available_balancers, balancer_class, get_benchmark, imposed_options  # noqa: E402
 from mtl_tune.training.loop import resolve_device  # noqa: E402
 
 MLP = "mlp"
@@ -263,7 +263,7 @@ def method_runner(workload: Workload, name: str, hparams: dict[str, Any] | None 
     """A runner whose step is the trainer's: ``balancer.train_step`` (zero_grad, forward,
     backward, optimizer step, FAMO's post-step forward, STGU's group steps)."""
     cls = balancer_class(name)
-    options = {**workload.bench.balancer_options(workload.config).get(name, {}), **(hparams or {})}
+    options = {**imposed_options(name, workload.bench, workload.config), **(hparams or {})}
     balancer = cls(workload.n_tasks, jacobian_engine=JacobianEngine(jacobian_mode), **options)
     balancer.to(workload.device)
     setup = workload.setup

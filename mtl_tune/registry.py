@@ -250,6 +250,16 @@ def balancer_class(name: str) -> type:
     return classes[name]
 
 
+def imposed_options(method: str, benchmark: Any, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The constructor arguments ``benchmark`` imposes (``Benchmark.balancer_options``) that the method
+    registered as ``method`` names in its constructor; arguments it does not take are left out."""
+    offered = benchmark.balancer_options(config)
+    if not offered:
+        return {}
+    params = inspect.signature(balancer_class(method).__init__).parameters
+    return {arg: value for arg, value in offered.items() if arg in params}
+
+
 def benchmark_class(name: str) -> type:
     """The Benchmark subclass registered as ``name``; :class:`UnknownNameError` lists the valid ones.
     A built-in name no plug-in claims imports only its own module."""

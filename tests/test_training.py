@@ -1,4 +1,5 @@
 import copy
+import inspect
 import math
 
 import pytest
@@ -77,6 +78,24 @@ def test_trainer_uses_benchmark_balancer_options():
     trainer = Trainer({**TOY, "method": "famo"})
     assert trainer.balancer.min_losses.tolist() == pytest.approx([-2.1, -21.0])
     assert trainer.device == torch.device("cpu") or torch.cuda.is_available()
+
+
+def test_benchmark_options_go_to_every_method_that_names_them():
+    """The toy's loss floor reaches each method whose constructor takes ``min_losses`` (no list of
+    method names anywhere) and no other; a method's own value wins over the benchmark's."""
+    from mtl_tune.registry import available_balancers, balancer_class, get_benchmark, imposed_options
+
+    toy = get_benchmark("toy")
+    takers = [m for m in available_balancers()
+              if "min_losses" in inspect.signature(balancer_class(m).__init__).parameters]
+    assert {"famo", "si", "gls", "dbmtl"} <= set(takers)
+    for m in available_balancers():
+        got = imposed_options(m, toy, {"scale": 0.1})
+        assert list(got) == (["min_losses"] if m in takers else []), m
+        assert got.get("min_losses", [-2.1, -21.0]) == pytest.approx([-2.1, -21.0]), m
+    assert imposed_options("famo", get_benchmark("multi_mnist"), {}) == {}
+    trainer = Trainer({**TOY, "method": "gls", "hparams": {"min_losses": [-3.0, -30.0]}})
+    assert trainer.balancer.min_losses.tolist() == [-3.0, -30.0]
 
 
 def test_test_metrics_are_kept_at_the_best_validation_epoch():

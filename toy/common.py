@@ -98,7 +98,7 @@ class RunResult:
 
 def loss_floor(scale: float) -> np.ndarray:
     """(−21·s, −21): FAMO's toy ``min_losses``, below every attainable loss (min ≈ −19.99)."""
-    return np.asarray(Toy().balancer_options({"scale": scale})["famo"]["min_losses"], dtype=np.float64)
+    return np.asarray(Toy().balancer_options({"scale": scale})["min_losses"], dtype=np.float64)
 
 
 def accepts(cls: type, arg: str) -> bool:

@@ -308,8 +308,12 @@ class Benchmark(abc.ABC):
         a benchmark without randomness returns False, so seed re-runs are reported as repeats."""
         return True
 
-    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-        """``{method: constructor arguments}`` a benchmark imposes (e.g. FAMO's min_losses)."""
+    def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``{constructor argument: value}`` the benchmark imposes on every method whose constructor
+        names that argument (e.g. ``min_losses``, a lower bound of each task's loss, for the
+        log-loss methods), whatever the method; :func:`mtl_tune.registry.imposed_options` picks
+        the ones a method takes. Keyed by argument, not by method name, so that a new method
+        (a plug-in included) gets them without editing the benchmark."""
         return {}
 
     @classmethod

@@ -184,9 +184,9 @@ class Toy(Benchmark):
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         scale = float((config or {}).get("scale", self.defaults["scale"]))
-        # FAMO, SI, GLS and DB-MTL take log(ℓ − ℓ*): the toy's losses are negative (min ≈ −20), as in FAMO's toy
-        shift = {"min_losses": [-21.0 * scale, -21.0]}
-        return {"famo": shift, "si": shift, "gls": shift, "dbmtl": shift}
+        # methods that take log(ℓ − ℓ*) (FAMO, SI, GLS, DB-MTL, ...) need a floor below the toy's losses,
+        # which are negative (min ≈ −20): FAMO's toy value
+        return {"min_losses": [-21.0 * scale, -21.0]}
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
         import torch

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class, check_names
+from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class, check_names, imposed_options
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
@@ -195,7 +195,7 @@ def prepare(options: SearchOptions) -> Plan:
     for m in methods:
         space = load_space(m, bench.name, options.search_space)
         spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
-        spaces[m].check_for(bench.n_tasks, bench.name, bench.balancer_options(options.config).get(m))
+        spaces[m].check_for(bench.n_tasks, bench.name, imposed_options(m, bench, options.config))
     check_data_parallel(options, bench, methods, spaces)
     if options.workers_per_trial > 1:
         check_local_resources(options)

@@ -42,7 +42,7 @@ import torch
 from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
 from mtl_tune.benchmarks.base import ConfigError
 from mtl_tune.metrics import delta_m, task_scores
-from mtl_tune.registry import benchmark_class, get_balancer, get_benchmark
+from mtl_tune.registry import benchmark_class, get_balancer, get_benchmark, imposed_options
 from mtl_tune.spaces import decode_hparams
 
 Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
@@ -159,7 +159,7 @@ class Trainer:
         if cfg.get("channels_last"):  # conv nets: NHWC kernels are faster on tensor cores
             self.setup.model.to(memory_format=torch.channels_last)
         self.hparams = decode_hparams(cfg.get("hparams"), bench.n_tasks)
-        extra = bench.balancer_options(cfg).get(cfg["method"], {})
+        extra = imposed_options(cfg["method"], bench, cfg)
         try:
             self.balancer = get_balancer(cfg["method"], bench.n_tasks, **{**extra, **self.hparams})
         except (TypeError, ValueError) as err:  # the constructor rejects a hyperparameter: same on every retry
