@@ -290,8 +290,14 @@ def test_cli_main(tmp_path, capsys):
                  "--no-plots", "--out", str(out)]) == 0
     assert "cagrad(c=0.2)" in capsys.readouterr().out
     assert (out / "table.csv").read_text().count("\n") == 5
-    with pytest.raises(SystemExit):
-        main(["--methods", "ls", "--inits", "7", "--out", str(out)])
+    # bad input: exit status 2 and the reason, as argparse's own errors
+    for bad, reason in [(["--inits", "7"], "--inits must be"), (["--inits", "x"], "--inits must be"),
+                        (["--scale", "0"], "--scale must be"), (["--iters", "0"], "--iters must be"),
+                        (["--methods", "nosuch"], "unknown method 'nosuch'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--methods", "ls", *bad, "--out", str(out)])
+        assert exit_info.value.code == 2, bad
+        assert reason in capsys.readouterr().err, bad
 
 
 def test_summaries_are_finite_for_every_row():

@@ -202,19 +202,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    # bad input exits 2 with the usage line, as argparse's own errors do
     if not args.scale > 0:
-        raise SystemExit("--scale must be > 0")
+        cli.error("--scale must be > 0")
     if args.iters is not None and args.iters < 1:
-        raise SystemExit("--iters must be >= 1")
-    inits = [int(i) for i in args.inits.split(",") if i.strip()]
+        cli.error("--iters must be >= 1")
+    try:
+        inits = [int(i) for i in args.inits.split(",") if i.strip()]
+    except ValueError:
+        inits = []
     if not inits or any(not 0 <= i < len(INITS) for i in inits):
-        raise SystemExit(f"--inits must be indices in [0, {len(INITS) - 1}]")
+        cli.error(f"--inits must be comma-separated indices in [0, {len(INITS) - 1}], got {args.inits!r}")
     try:
         specs = build_specs(args.methods, parse_sets(args.sets), args.iters, args.scale,
                             [m.strip() for m in args.exclude.split(",") if m.strip()])
     except (ValueError, KeyError) as err:
-        raise SystemExit(str(err)) from None
+        cli.error(str(err).strip("'\""))
     cfg = EngineConfig(scale=args.scale, lr=args.lr, method_params_lr=args.method_params_lr,
                        shift=not args.no_shift, seed=args.seed, engine=args.engine)
     _, rows = run_trajectories(specs, inits, cfg, args.workers, Path(args.out), args.tol, args.search_trials,
