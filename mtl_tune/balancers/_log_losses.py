@@ -1,6 +1,6 @@
-"""Shifted losses D = ℓ − ℓ* for methods that take logarithms of the losses (``gls``, ``dbmtl``).
+"""Shifted losses D = ℓ − ℓ* for methods that take logarithms of the losses (``si``, ``gls``, ``dbmtl``).
 
-``si`` introduced the convention these follow: an optional K-vector ``min_losses`` ℓ* (default
+``si`` introduced the convention these follow (and takes its ℓ* from :func:`loss_floor` too): an optional K-vector ``min_losses`` ℓ* (default
 0) lies below every reachable loss, the logarithms are taken of D = ℓ − ℓ*, and a row with some
 D ≤ 0 (or a non-finite D) fails with a :class:`~mtl_tune.balancers.base.BalancerError` naming the losses and the
 floor — never a NaN or an infinity from the logarithm of a non-positive number.

@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from mtl_tune.balancers._log_losses import loss_floor
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import LossBalancer
 
@@ -60,10 +60,7 @@ class ScaleInvariant(LossBalancer):
         if form not in FORMS:
             raise ValueError(f"si: form must be one of {FORMS}, got {form!r}")
         self.form = form
-        floor = torch.zeros(n_tasks) if min_losses is None else torch.as_tensor(list(min_losses), dtype=torch.float64)
-        if floor.shape != (n_tasks,) or not bool(torch.isfinite(floor).all()):
-            raise ValueError(f"si: min_losses must be {n_tasks} finite numbers, got {min_losses!r}")
-        self.register_buffer("min_losses", floor)
+        self.register_buffer("min_losses", loss_floor(self.name, n_tasks, min_losses))
 
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """1/D (or 1/(1 + D)) per row; a row with D ≤ 0 (1 + D ≤ 0) fails with the losses named."""
