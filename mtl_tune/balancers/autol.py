@@ -70,7 +70,7 @@ def finite_difference_hypergradient(losses_at: Callable[[list[Tensor]], Tensor],
     """−α (ℓ(θ + εd) − ℓ(θ − εd)) / (2ε) with ε = 0.01/‖d‖ (float64, shape (K,)); ``losses_at(params)``
     evaluates the training losses at the parameters' current values. The parameters are left exactly
     as they were. d = 0 gives zeros (the exact hypergradient −α ∇ℓᵢᵀ d)."""
-    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction))
+    norm = float(torch.stack([d.detach().double().pow(2).sum() for d in direction]).sum().sqrt())  # one host sync
     if not math.isfinite(norm):
         raise BalancerError(f"autol: non-finite meta gradient (norm {norm})")
     if norm == 0.0:

@@ -160,3 +160,14 @@ def test_autol_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-12)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+def test_lambda_and_its_adam_state_follow_to_double():
+    balancer, theta, opt, forward, meta_forward, *_ = setup(2)
+    balancer.meta_step(forward, meta_forward, opt, [theta])
+    moments = balancer.meta_optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    balancer.double()
+    assert balancer.meta_optimizer.param_groups[0]["params"][0] is balancer.lambdas
+    torch.testing.assert_close(balancer.meta_optimizer.state_dict()["state"][0]["exp_avg"], moments.double())
+    balancer.meta_step(forward, meta_forward, opt, [theta])
+    assert balancer.lambdas.dtype == torch.float64
