@@ -261,7 +261,8 @@ def make_optimizer(workload: Workload, balancer: Any = None) -> torch.optim.Opti
 def method_runner(workload: Workload, name: str, hparams: dict[str, Any] | None = None,
                   jacobian_mode: str = "auto") -> Runner:
     """A runner whose step is the trainer's: ``balancer.train_step`` (zero_grad, forward,
-    backward, optimizer step, FAMO's post-step forward, STGU's group steps)."""
+    backward, optimizer step, FAMO's post-step forward, STGU's group steps), after Auto-λ's meta step
+    (``needs_meta_batch``; the workload's one batch serves as the second batch: the same cost)."""
     cls = balancer_class(name)
     options = {**imposed_options(name, workload.bench, workload.config), **(hparams or {})}
     balancer = cls(workload.n_tasks, jacobian_engine=JacobianEngine(jacobian_mode), **options)
@@ -269,6 +270,9 @@ def method_runner(workload: Workload, name: str, hparams: dict[str, Any] | None 
     setup = workload.setup
 
     def step(r: Runner) -> Any:
+        if r.balancer.needs_meta_batch:
+            r.balancer.meta_step(workload.forward, workload.forward, r.optimizer, setup.shared_parameters,
+                                 setup.task_parameters)
         losses, _ = r.balancer.train_step(workload.forward, r.optimizer, setup.shared_parameters,
                                           setup.task_parameters)
         r.last_losses = losses

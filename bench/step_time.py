@@ -159,6 +159,8 @@ def target_for(r: c.Runner) -> tuple[str | None, float | None, str]:
     if kind == "loss":
         if r.balancer.needs_post_step_losses:
             return "floor:ls+fwd", LOSS_TARGET, "one extra no-grad forward by design"
+        if r.balancer.needs_meta_batch:
+            return "ls", None, "meta step: 2 more backward passes, 2 forwards with graph + 2 without, by design"
         return "ls", LOSS_TARGET, ""
     if kind == "gradient":
         note = "+K create-graph and 2K head gradients by design" if name == "consmtl" else ""

@@ -159,9 +159,14 @@ def scores_for(epoch: int, k: int) -> Tensor:
 def drive(model: TinyMTL, balancer: Balancer, opt: torch.optim.Optimizer, data, steps_per_epoch: int = 2,
           first_epoch: int = 0) -> list[dict[str, list[Tensor | None]]]:
     """``train_step`` on each batch (incl. FAMO's post-step update), ``on_epoch_end`` with the
-    epoch's mean training losses and scores after every ``steps_per_epoch`` batches."""
+    epoch's mean training losses and scores after every ``steps_per_epoch`` batches; before each
+    step, a ``needs_meta_batch`` method's ``meta_step`` with the next batch as the second batch."""
     snaps, seen = [], []
     for i, batch in enumerate(data):
+        if balancer.needs_meta_batch:
+            other = data[(i + 1) % len(data)]
+            balancer.meta_step(lambda: forward(model, batch), lambda: forward(model, other), opt, model.shared(),
+                               model.task_params())
         losses, info = train_step(model, balancer, opt, batch)
         seen.append(losses.detach().double())
         snaps.append(snapshot(model, info.weights))

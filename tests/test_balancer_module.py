@@ -20,7 +20,7 @@ METHODS = available_balancers()
 #: methods whose state includes float tensors that follow ``.to(dtype)`` (buffer or parameter names)
 FLOAT_STATE = {"famo": ("logits", "min_losses"), "gradnorm": ("weights",), "uw": ("log_vars",),
                "dwa": ("weights", "costs"), "ls": ("task_weights",), "si": ("min_losses",), "gls": ("min_losses",),
-               "imtll": ("scales",), "imtlfull": ("scales",), "dbmtl": ("min_losses",)}
+               "imtll": ("scales",), "imtlfull": ("scales",), "dbmtl": ("min_losses",), "autol": ("lambdas",)}
 
 
 def _problem(dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
@@ -137,6 +137,7 @@ def test_hooks_have_defaults_on_the_base_class():
     assert get_balancer("ls", 2).param_groups() == []
     assert get_balancer("uw", 2, lr=0.3).param_groups()[0]["lr"] == 0.3
     assert Balancer.after_optimizer_step is get_balancer("ls", 2).after_optimizer_step.__func__
+    assert Balancer.meta_step is get_balancer("ls", 2).meta_step.__func__ and not Balancer.needs_meta_batch
 
 
 @pytest.mark.parametrize("name", METHODS)

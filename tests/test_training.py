@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtl_tune.training.loop import PENALTY, Trainer, decode_hparams, train
+from mtl_tune.training.loop import META_EPOCH_OFFSET, PENALTY, Trainer, decode_hparams, train
 
 TOY = {"benchmark": "toy", "seed": 0, "epochs": 3, "steps_per_epoch": 50, "init": 3}
 
@@ -40,6 +40,43 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run():
     assert [r["epoch"] for r in rest] == [2.0, 3.0]
     for a, b in zip(full[1:], rest):
         assert a["val/loss1"] == b["val/loss1"] and a["val/loss2"] == b["val/loss2"]
+
+
+def test_autol_resume_keeps_lambda_and_its_adam_state():
+    """Auto-λ's weights and their Adam moments live in the balancer's state: a resumed run repeats
+    the uninterrupted one, and the weights did move (the meta step ran)."""
+    config = {**TOY, "method": "autol", "steps_per_epoch": 20, "hparams": {"meta_lr": 1e-2}}
+    full, _ = run(config)
+    _, states = run(config)
+    rest, _ = run(config, resume=states[0])
+    for a, b in zip(full[1:], rest):
+        assert a["val/loss1"] == b["val/loss1"] and a["weights/task1"] == b["weights/task1"]
+    assert full[-1]["weights/task1"] != pytest.approx(0.1, abs=1e-3)
+
+
+def test_meta_step_gets_a_second_stream_and_leaves_the_model_buffers_alone(monkeypatch):
+    """A ``needs_meta_batch`` balancer gets one batch of the stream of epoch META_EPOCH_OFFSET + e
+    before each step (opened after the epoch's own stream), and whatever its forwards do to the
+    model's buffers (BatchNorm statistics) is undone; other methods open no second stream."""
+    for method, meta in (("autol", True), ("ls", False)):
+        trainer = Trainer({**TOY, "method": method, "epochs": 1, "steps_per_epoch": 3})
+        model, original = trainer.setup.model, trainer.setup.train_batches
+        model.register_buffer("running", torch.zeros(2))
+        opened, calls = [], []
+
+        def batches(epoch, original=original, opened=opened):
+            opened.append(epoch)
+            return original(epoch)
+
+        def meta_step(forward, meta_forward, optimizer, shared, heads, model=model, calls=calls):
+            model.running += 1.0
+            calls.append(float(meta_forward().losses.detach().sum()))
+
+        trainer.setup.train_batches = batches
+        monkeypatch.setattr(trainer.balancer, "meta_step", meta_step)
+        trainer.train_epoch()
+        assert opened == ([0, META_EPOCH_OFFSET] if meta else [0])
+        assert len(calls) == (3 if meta else 0) and torch.equal(model.running, torch.zeros(2))
 
 
 def test_divergence_reports_finite_penalties_and_stops(monkeypatch):

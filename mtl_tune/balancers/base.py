@@ -76,12 +76,14 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
       ``needs_post_step_losses``: it wants the losses recomputed after the optimizer step
       (FAMO); trainers then call :meth:`after_optimizer_step`.
       ``needs_scores``: it reads per-task performance scores from :meth:`on_epoch_end`.
+      ``needs_meta_batch``: before each training step it takes a step of its own on a second,
+      independently drawn training batch (Auto-λ); trainers then call :meth:`meta_step`.
       ``default_max_norm``: gradient clipping on the shared parameters (``None`` = off).
       ``supports_distributed``: the method is data-parallel correct (see
       :mod:`mtl_tune.distributed`); the others raise under an active process group.
 
     Optional hooks, all with defaults here so a training loop calls them unconditionally:
-    :meth:`train_step`, :meth:`after_optimizer_step`, :meth:`on_epoch_end`,
+    :meth:`train_step`, :meth:`meta_step`, :meth:`after_optimizer_step`, :meth:`on_epoch_end`,
     :meth:`param_groups`; :attr:`failures` counts solver failures (0 for methods without a
     solver).
     """
@@ -91,6 +93,7 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     needs_representation: ClassVar[bool] = False
     needs_post_step_losses: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False
+    needs_meta_batch: ClassVar[bool] = False
     default_max_norm: ClassVar[float | None] = None
     supports_distributed: ClassVar[bool] = True
 
@@ -231,6 +234,18 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
             with torch.no_grad():
                 self.after_optimizer_step(forward().losses.detach())
         return out.losses.detach(), info
+
+    def meta_step(self, forward: Callable[[], ForwardOutput], meta_forward: Callable[[], ForwardOutput],
+                  optimizer: torch.optim.Optimizer, shared_params: Sequence[Tensor],
+                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None) -> None:
+        """Update the method's own state from a second batch, right before :meth:`train_step` on a batch.
+
+        Only methods with ``needs_meta_batch`` (Auto-λ) use it; trainers then call it before every
+        training step with ``forward`` (the losses of the batch the step trains on), ``meta_forward``
+        (the losses of another training batch, drawn from an independently shuffled stream), the
+        model's optimizer (its learning rate and weight decay) and the parameters. The method must
+        leave the parameters as it found them; buffers its forwards move (BatchNorm's running
+        statistics) are the trainer's to keep or not. The default does nothing."""
 
     def after_optimizer_step(self, new_losses: Tensor) -> None:
         """Called with the losses (K,) recomputed on the same batch after the optimizer step.

@@ -12,6 +12,7 @@ code draws from the global ``random``/``torch`` streams instead; same distributi
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -109,7 +110,8 @@ class DenseDataset(Dataset):
     """Samples of one split folder as dicts of tensors, indexed by file id.
 
     ``epoch`` must be set before each epoch's loader is created: augmentation draws come from
-    (seed, epoch, file id) only.
+    (seed, epoch, file id) only. :meth:`for_epoch` gives a copy with its own epoch, so that two
+    loaders of different epochs (Auto-λ's second training stream) can be read at the same time.
     """
 
     def __init__(self, source: Callable[[int], dict[str, np.ndarray]], size: int, augmentation: bool = False,
@@ -119,6 +121,12 @@ class DenseDataset(Dataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def for_epoch(self, epoch: int) -> DenseDataset:
+        """A shallow copy (same source and files) whose augmentation draws are those of ``epoch``."""
+        twin = copy.copy(self)
+        twin.epoch = epoch
+        return twin
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample = to_tensors(self.source(int(index)))

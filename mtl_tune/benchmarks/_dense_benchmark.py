@@ -232,8 +232,8 @@ class DenseBenchmark(Benchmark):
             return DataLoader(dataset, batch_size=bs, sampler=order, num_workers=workers, pin_memory=pin)
 
         def train_batches(epoch: int) -> DataLoader:
-            train_set.epoch = epoch  # read when the loader (and its workers) start
-            return loader(train_set, epoch_order(train_idx, seed, epoch), batch_size)
+            # a copy per epoch: another epoch's loader (a second stream) must not change this one's draws
+            return loader(train_set.for_epoch(epoch), epoch_order(train_idx, seed, epoch), batch_size)
 
         def predict(batch: dict[str, Tensor]) -> tuple[list[Tensor], Any, Tensor, dict[str, Tensor]]:
             batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}

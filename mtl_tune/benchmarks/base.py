@@ -175,7 +175,9 @@ class Setup:
     model: nn.Module
     shared_parameters: list[Tensor]
     task_parameters: list[list[Tensor]]
-    #: ``train_batches(epoch)`` yields the batches of one training epoch.
+    #: ``train_batches(epoch)`` yields the batches of one training epoch. Two epochs' streams may be
+    #: read at the same time (the trainer's second stream for ``needs_meta_batch`` methods, Auto-λ,
+    #: is another epoch index, opened after the first stream drew its first batch).
     train_batches: Callable[[int], Iterable[Any]]
     #: ``forward(batch)`` returns the K task losses (and head inputs) for a batch.
     forward: Callable[[Any], ForwardOutput]

@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,10 @@ Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]
 PENALTY = 1.0e6
 #: steps between the trainer's divergence checks inside an epoch (each is one host sync)
 CHECK_EVERY = 50
+#: the second stream of training batches (``needs_meta_batch``, Auto-λ) of epoch e is the
+#: benchmark's ``train_batches(META_EPOCH_OFFSET + e)``: the same training set in another order,
+#: fixed by the trial seed and the epoch like the first (so resumed runs repeat it)
+META_EPOCH_OFFSET = 1 << 20
 
 
 class DivergedError(RuntimeError):
@@ -242,7 +246,10 @@ class Trainer:
         weight_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
         steps = 0
         setup.model.train()
+        meta = self._meta_batches() if self.balancer.needs_meta_batch else None
         for batch in setup.train_batches(self.epoch):
+            if meta is not None:
+                self._meta_step(batch, next(meta))
             losses, info = self.balancer.train_step(lambda b=batch: self._forward(b), self.optimizer,
                                                     setup.shared_parameters, setup.task_parameters)
             loss_sum += losses.detach().to(loss_sum.dtype)
@@ -265,6 +272,35 @@ class Trainer:
         metrics.update({f"weights/{t}": float(v) for t, v in zip(bench.tasks, (weight_sum / steps).cpu())})
         self._train_losses = mean_losses
         return metrics
+
+    def _meta_batches(self) -> Iterator[Any]:
+        """The epoch's second stream of training batches, for a balancer with ``needs_meta_batch``.
+
+        A generator: the benchmark's ``train_batches`` for it is only called at the first ``next``,
+        after the epoch's own stream drew its first batch (benchmarks that reseed one shared
+        shuffling generator per call have drawn that stream's order by then). Restarts if it runs
+        out before the epoch does."""
+        while True:
+            empty = True
+            for batch in self.setup.train_batches(META_EPOCH_OFFSET + self.epoch):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"{self.bench.name}: the second training stream yielded no batch")
+
+    def _meta_step(self, batch: Any, meta_batch: Any) -> None:
+        """The balancer's :meth:`~mtl_tune.balancers.base.Balancer.meta_step` before the step on
+        ``batch``. Its extra forwards run in training mode, like the step's; the model's buffers
+        (BatchNorm's running statistics) are put back afterwards, so that only the training step's
+        own forward moves them, as for every other method."""
+        model = self.setup.model
+        buffers = list(model.buffers())
+        kept = [b.detach().clone() for b in buffers]
+        self.balancer.meta_step(lambda: self._forward(batch), lambda: self._forward(meta_batch), self.optimizer,
+                                self.setup.shared_parameters, self.setup.task_parameters)
+        with torch.no_grad():
+            for b, old in zip(buffers, kept):
+                b.copy_(old)
 
     def _across_ranks(self, per_rank_sum: torch.Tensor) -> torch.Tensor:
         """The mean over data-parallel ranks (one process: the tensor itself); see
