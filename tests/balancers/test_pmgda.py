@@ -11,7 +11,7 @@ import torch
 
 import mtl_tune.balancers.pmgda as pmgda_module
 from mtl_tune.balancers.base import BalancerError
-from mtl_tune.balancers.pmgda import CORRECT, PREDICT, constraint_rows, correct_lp, predict_rows
+from mtl_tune.balancers.pmgda import CORRECT, PREDICT, constraint_rows, correct_lp, correct_two, predict_rows
 from mtl_tune.registry import get_balancer
 
 from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
@@ -132,14 +132,39 @@ def test_correction_lp_is_feasible_and_optimal_on_random_cases():
             assert (dirs[feasible] @ jac.T).min(1).max() <= best + 1e-7
 
 
+def test_two_task_closed_form_matches_linprog():
+    """correct_two against HiGHS on random rows (100 per σ): the same worst descent (the LP's value) and, on these generic
+    rows (a unique optimum), the same c; also ∇h = 0 (a = 0: the constraint is 0 ≥ 0) and σ = 1."""
+    rng = np.random.default_rng(4)
+    jac = rng.normal(size=(100, 2, 3)) * rng.lognormal(0, 1, (100, 2, 1))
+    gram, a = jac @ jac.transpose(0, 2, 1), rng.normal(size=(100, 2))
+    a[:20] = 0.0
+    for sigma in (0.8, 1.0, 0.1):
+        got, solved = correct_two(gram, a, sigma)
+        assert solved.all()
+        for i in range(100):
+            want, msg = correct_lp(gram[i], a[i], sigma)
+            assert want is not None, msg
+            value = lambda c: (gram[i] @ c).min()           # min_i g_i·d̃ = min_i (Cc)_i
+            scale = np.abs(gram[i]).max() ** 0.5
+            assert value(got[i]) == pytest.approx(value(want), abs=1e-7 * scale)
+            if i >= 20:
+                np.testing.assert_allclose(got[i], want, atol=1e-6 / np.sqrt(np.diag(gram[i])).min())
+
+
 def test_solver_failures_are_counted(monkeypatch):
+    # K = 2: the closed form always has the vertex μ = e_K (σ ≤ 1); only a non-finite Gram matrix leaves none
+    bal = get_balancer("pmgda", 2)
+    out = bal.weights_rows(np.array([[1.0, np.nan], [np.nan, 1.0]]), np.array([1.0, 3.0]))
+    assert out.solver_failed and "closed-form LP (K = 2): no feasible vertex" in out.solver_message
+    np.testing.assert_allclose(out.weights, [1.0, 1.0])
     class Failed:
         status, x, message = 2, None, "infeasible (test)"
 
     monkeypatch.setattr(pmgda_module, "linprog", lambda *a, **kw: Failed())
     with pytest.warns(RuntimeWarning, match="pmgda: solver failed .used equal weights .linprog .HiGHS. status 2"):
-        _, info = step(np.eye(2), [1.0, 3.0])
-    np.testing.assert_allclose(info.weights.numpy(), [1.0, 1.0])
+        _, info = step(np.eye(3), [1.0, 3.0, 2.0])
+    np.testing.assert_allclose(info.weights.numpy(), [1.0, 1.0, 1.0])
     assert info.extras["solver_failures"] == 1
     monkeypatch.setattr(pmgda_module, "min_norm_weights",
                         lambda g: (np.full(g.shape[:-1], np.nan), np.zeros(g.shape[:-2], dtype=bool)))
