@@ -24,16 +24,18 @@ C and a: (Ca)ᵢ = gᵢ·∇h and aᵀCa = ‖∇h‖². The update is d = Σᵢ
 
 The weights are multiplied by K (as ``mgda`` and ``epo`` here: the update at the scale of the
 summed loss; heads get the same weights). Official code: https://github.com/xzhang2523/libmoon at
-commit a17f538edfeabfcca95d76ec73febdf1c9b28844 (``libmoon/solver/gradient/methods/pmgda_solver.py``;
-h_eps = 0.01, σ = 0.8 from ``libmoon/config/pmgda.json`` at 495e08605099eccd7e5d0b9c84ab70954d56fd83,
-which the solver reads, its constructor's ``sigma=0.1, h_tol=1e-3`` being unused).
+commit a17f538edfeabfcca95d76ec73febdf1c9b28844 (``libmoon/solver/gradient/methods/pmgda_solver.py``,
+whose solver reads h_eps and σ from ``libmoon/config/pmgda.json``: 0.01 and 0.8 at commit
+495e08605099eccd7e5d0b9c84ab70954d56fd83, σ = 0.95 in another version of that file; the MTL
+script ``core/core_pref_mtl.py`` defaults to 5e-3 and 0.8; the constructor's ``sigma=0.1,
+h_tol=1e-3`` are unused). We take h_eps = 0.01, σ = 0.8; both are in the search space.
 
 Departures: (1) the paper's tangent-space prediction is the default; the official code's plain
 MGDA prediction is ``prediction="mgda"``. (2) The LP normalises exactly (official: ‖g‖ + 10⁻⁴ in
 the LP, ‖g‖ in Eq. 18 — inconsistent, and infeasible when ‖∇h‖ ≲ 10⁻⁴·σ/(1−σ)); a zero vector
 gets coefficient 0. (3) SciPy's ``linprog`` (HiGHS) instead of cvxopt; for K = 2 the LP in
-closed form (:func:`correct_two`, all rows at once, tested equal to ``linprog``; ~2 ms → ~30 µs a row). (4) ×K (above). (5) ``cel``
-normalises λ to sum 1 (official: λ as given, which libmoon keeps on the simplex).
+closed form (:func:`correct_two`, all rows at once, tested equal to ``linprog``; a toy step
+2.6 ms → 0.17 ms). (4) ×K (above). (5) ``cel`` normalises λ to sum 1 (official: λ as given, which libmoon keeps on the simplex).
 A failed solve (LP not optimal, min-norm not converged) is a **solver failure** (counted, warned,
 fatal after 20 in a row) with the equal weights 1 (×K/K); the official code has no failure path.
 
