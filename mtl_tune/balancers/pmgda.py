@@ -40,7 +40,8 @@ A failed solve (LP not optimal, min-norm not converged) is a **solver failure** 
 fatal after 20 in a row) with the equal weights 1 (×K/K); the official code has no failure path.
 
 Degenerate cases: h = 0 with ``pbi`` (ℓ on the ray) has no gradient; we take a = 0 (the
-predict step is then plain MGDA). ∇h = 0 (aᵀCa ≤ 10⁻¹²·tr C·‖a‖²) predicts without the tangent
+predict step is then plain MGDA), also where h ≤ 64 eps‖ℓ‖ is rounding noise (the residual's
+direction is then noise: ℓ = (0.3, 0.9), λ = (0.1, 0.3) gives h = 1.1e-16 and a = (0, 1)). ∇h = 0 (aᵀCa ≤ 10⁻¹²·tr C·‖a‖²) predicts without the tangent
 projection. ``cos`` fails the step at ℓ = 0, ``cel`` when Σℓ ≤ 0; non-finite losses fail the step.
 """
 
@@ -64,6 +65,8 @@ CONSTRAINTS = ("pbi", "cos", "cel")
 PREDICTIONS = ("tangent", "mgda")
 #: ``cel``'s floor on the normalised losses (official 1e-3).
 CEL_FLOOR = 1e-3
+#: ``pbi``: h ≤ ON_RAY·‖ℓ‖ is rounding noise of the residual (on the ray): a = 0 (as ``pbi``'s 64 eps).
+ON_RAY = 64 * np.finfo(np.float64).eps
 #: the move of a row, as reported in ``extras["pmgda_move"]``.
 PREDICT, CORRECT = 0, 1
 
@@ -81,7 +84,9 @@ def constraint_rows(losses: np.ndarray, preferences: np.ndarray, kind: str) -> t
         u = preferences / np.linalg.norm(preferences)
         r = ell - (ell * u).sum(-1)[..., None] * u
         h = np.linalg.norm(r, axis=-1)
-        a = np.divide(r, h[..., None], out=np.zeros_like(r), where=h[..., None] > 0)
+        # on the ray, also when h is rounding noise (its direction then is noise too): a = 0
+        off = h > ON_RAY * np.linalg.norm(ell, axis=-1)
+        a = np.divide(r, h[..., None], out=np.zeros_like(r), where=off[..., None])
     elif kind == "cos":
         u = preferences / np.linalg.norm(preferences)
         n = np.linalg.norm(ell, axis=-1)

@@ -57,6 +57,16 @@ def test_on_the_ray_it_is_mgda():
     np.testing.assert_allclose(jac @ d, [1.6, 1.6], rtol=1e-14)
 
 
+def test_on_the_ray_up_to_rounding_a_is_zero():
+    """ℓ ∝ λ in exact arithmetic but a residual of rounding noise (h ~ 1e-16, a random direction): a = 0,
+    the step is plain MGDA (orthonormal gradients: μ = (½, ½), weights 1)."""
+    for lam, ell in (((0.1, 0.3), (0.3, 0.9)), ((1.0, 3.0), (0.7, 2.1)), ((3.0, 7.0), (0.3, 0.7))):
+        h, a, _ = constraint_rows(np.array(ell), np.array(lam), "pbi")
+        assert 0 < h < 1e-15 and not a.any()
+        _, info = step(np.eye(2), ell, preferences=list(lam))
+        np.testing.assert_allclose(info.weights.numpy(), [1.0, 1.0], rtol=1e-15)
+
+
 def test_near_the_ray_the_prediction_moves_along_it():
     """λ = (1, 2), ℓ = λ + δ (2, −1)/√5 (h = δ < ε), orthonormal gradients: a = (2, −1)/√5, the projected
     Gram matrix is b bᵀ with b = (1, 2)/√5, min-norm on the simplex μ = (1, 0), ν = −μ·a = −2/√5,
