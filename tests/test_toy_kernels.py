@@ -91,6 +91,10 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     'pbi': ({'theta': 0.0}, {'preferences': [1.0, 0.2], 'theta': 20.0}, {'ideal': [-0.5, -1.0]}),
     # a skewed preference (balance steps for long); the relaxed descent LP; clipping
     'epo': ({'preferences': [0.3, 1.0]}, {'relax': True}, {'max_norm': 0.5}),
+    # a skewed preference (correction steps for long); the official plain-MGDA prediction with a wide
+    # predict band; the cos constraint with a weak correction, clipped
+    'pmgda': ({'preferences': [0.3, 1.0]}, {'prediction': 'mgda', 'h_eps': 0.5},
+              {'constraint': 'cos', 'sigma': 0.2, 'max_norm': 0.5}),
     # the paper's projected λ update on raw gradients; tracking off (β = 1, β_σ = 0) with constant steps
     # (λ descends MGDA's dual); clipping of the softmax default
     'moco': ({'lambda_update': 'project', 'normalize': False},
