@@ -43,6 +43,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "stch-log": {},                          # the official log/nadir form (warm-up: 5 toy epochs)
     "pbi": {"ideal": [0.0, 0.0]},
     "epo": {},
+    "paretomtl": {},                         # u_k = the preference, 5 quarter-circle references (official)
 }
 #: end points closer than this in objective space count as one (the gallery's "on the front" tolerance)
 DISTINCT = 0.05

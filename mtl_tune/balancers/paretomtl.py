@@ -30,8 +30,9 @@ same weights (``weighted_heads``; official: every parameter gets the weighted lo
 Reference set. The trial's own vector u_k is ``preferences`` (what ``--preferences N`` sweeps); the
 others come from ``references``: an integer n (default 5, the official ``npref``) builds n evenly
 spread unit vectors — for two tasks the official ``circle_points`` (angles evenly spaced on
-[0, π/2]), for K ≥ 3 the Das–Dennis lattice of the simplex with n − 1 divisions normalised to unit
-length — or an explicit list of K-vectors. All are normalised to unit length (as the official
+[0, π/2]), for K ≥ 3 about n: the Das–Dennis lattice of the simplex with the most divisions that
+gives at most n points (at least the K axes; the rule of the ``--preferences n`` grid) normalised
+to unit length — or an explicit list of K-vectors. All are normalised to unit length (as the official
 synthetic example; the multi-MNIST trainer's circle points already are); a reference in the
 direction of u_k gives w_j = 0 and no constraint, and is dropped. The default ``preferences`` (all
 ones) is the middle direction, itself one of the default references for K = 2.
@@ -64,6 +65,7 @@ Departures and choices:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,11 +88,12 @@ def circle_points(n: int) -> np.ndarray:
 
 
 def lattice_directions(k: int, n: int) -> np.ndarray:
-    """The Das–Dennis lattice of the K-simplex with n − 1 divisions (n points along each edge),
-    normalised to unit length: C(n + K − 2, K − 1) vectors (…, K)."""
-    h = n - 1
-    if h == 0:
-        return np.full((1, k), 1.0 / np.sqrt(k))
+    """About n evenly spread unit vectors (…, K): the Das–Dennis lattice of the K-simplex with the most
+    divisions h whose C(h + K − 1, K − 1) points are at most n (at least h = 1: the K axes; the rule
+    of the ``--preferences n`` grid), normalised to unit length."""
+    h = 1
+    while math.comb(h + 1 + k - 1, k - 1) <= n:
+        h += 1
     points = []
     for bars in itertools.combinations(range(h + k - 1), k - 1):
         points.append(np.diff([-1, *bars, h + k - 1]) - 1)
@@ -119,6 +122,20 @@ def active_constraints(losses: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (unit[..., None, :] * w).sum(-1) > 0
 
 
+def row_groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Indices of the rows with equal boolean ``keys`` (n, b) (phase and active set), one array per
+    distinct key."""
+    if len(keys) == 1:
+        return [np.zeros(1, dtype=np.int64)]
+    if keys.shape[1] <= 62:   # one integer per row: a 1-D unique, ~10× faster than unique(axis=0)
+        codes = keys @ (np.int64(1) << np.arange(keys.shape[1], dtype=np.int64))
+    else:
+        codes = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(codes, kind="stable")
+    cuts = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(order, cuts)
+
+
 def hull_weights(gram: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Task weights c = Vᵀλ (n, K) of the min-norm point of the hull of the vectors V g (V: (v, K)),
     λ the min-norm simplex weights of V A Vᵀ, for Gram matrices (n, K, K); with the solver's
@@ -141,8 +158,8 @@ class ParetoMTL(GradientBalancer):
         preferences: u_k, the reference vector of this run's subregion: K non-negative numbers, not
             all zero (default all ones); only the direction matters.
         references: the other reference vectors: an integer n ≥ 2 (default 5) of evenly spread
-            vectors (K = 2: the official quarter-circle grid; K ≥ 3: the normalised Das–Dennis
-            lattice with n − 1 divisions), or a list of K-vectors, non-negative, not all zero.
+            vectors (K = 2: the official quarter-circle grid; K ≥ 3: about n, the normalised
+            Das–Dennis lattice, at least the K axes), or a list of K-vectors, non-negative, not all zero.
         init_steps: the most phase-1 steps (default 20, the official synthetic example's); phase 1
             ends earlier at the first step with no active constraint. 0 skips it.
 
@@ -200,20 +217,14 @@ class ParetoMTL(GradientBalancer):
         taken = np.broadcast_to(self.init_taken, shape).reshape(n).copy()
         phase1 = init & (taken < self.init_steps) & active.any(-1)
         weights, ok = np.full((n, k), np.nan), np.ones(n, dtype=bool)
-        for first in (True, False):
-            rows = phase1 if first else ~phase1
-            if not rows.any():
-                continue
-            patterns, which = np.unique(active[rows], axis=0, return_inverse=True)
-            index = np.flatnonzero(rows)
-            for p, pattern in enumerate(patterns):
-                sel = index[which.reshape(-1) == p]
-                vectors = w[pattern] if first else np.vstack([np.eye(k), w[pattern]])
-                c, conv = hull_weights(flat_g[sel], vectors)
-                if not first:
-                    total = np.abs(c).sum(-1, keepdims=True)
-                    c = k * c / np.where(total > 0, total, 1.0)
-                weights[sel], ok[sel] = np.where(conv[:, None], c, np.nan), conv
+        for sel in row_groups(np.concatenate([phase1[:, None], active], axis=1)):
+            first, pattern = bool(phase1[sel[0]]), active[sel[0]]
+            vectors = w[pattern] if first else np.vstack([np.eye(k), w[pattern]])
+            c, conv = hull_weights(flat_g[sel], vectors)
+            if not first:
+                total = np.abs(c).sum(-1, keepdims=True)
+                c = k * c / np.where(total > 0, total, 1.0)
+            weights[sel], ok[sel] = np.where(conv[:, None], c, np.nan), conv
         # phase 1 ends for good at the first step that is not one (feasible, or the budget spent)
         self.initialising = np.where(ok, init & phase1, init).reshape(shape)
         self.init_taken = np.where(ok & phase1, taken + 1, taken).reshape(shape)

@@ -25,7 +25,9 @@ def test_reference_grids():
     c = circle_points(5)
     np.testing.assert_allclose(np.arctan2(c[:, 1], c[:, 0]), np.linspace(0, np.pi / 2, 5), atol=TIGHT)
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=TIGHT)
-    d = lattice_directions(3, 3)          # (2,0,0)… and (1,1,0)…: 3 + 3 directions
+    assert lattice_directions(3, 5).shape == (3, 3)     # 6 points with 2 divisions > 5: the axes
+    assert lattice_directions(40, 5).shape == (40, 40)  # never fewer than the K axes
+    d = lattice_directions(3, 6)          # (2,0,0)… and (1,1,0)…: 3 + 3 directions
     assert d.shape == (6, 3)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=TIGHT)
     assert {tuple(np.round(v * np.sqrt(2), 12)) for v in d if (v > 0).sum() == 2} == {(1, 1, 0), (1, 0, 1), (0, 1, 1)}
@@ -163,7 +165,7 @@ def test_rows_match_one_row_each_with_state():
     steps, n = 4, 6
     jac = rng.normal(size=(steps, n, 3, 4))
     grams, losses = np.einsum("snkp,snlp->snkl", jac, jac), rng.uniform(0.1, 2.0, (steps, n, 3))
-    hp = dict(preferences=[1.0, 2.0, 0.5], references=3, init_steps=2)
+    hp = dict(preferences=[1.0, 2.0, 0.5], references=6, init_steps=2)
     lock = get_balancer("paretomtl", 3, **hp)
     lock.start_rows([get_balancer("paretomtl", 3, **hp) for _ in range(n)])
     singles = [get_balancer("paretomtl", 3, **hp) for _ in range(n)]
