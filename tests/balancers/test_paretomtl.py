@@ -221,3 +221,30 @@ def test_paretomtl_properties(case):
     assert_valid_step(*stepper(case.jac, case.losses), case)
     assert_permutation_equivariant(stepper, case, rtol=rtol)
     assert_gradient_scaling(stepper, case, degree=1, weight_degree=0, rtol=rtol)
+
+
+def test_the_official_synthetic_example_ends_in_each_subregion():
+    # the official synthetic problem (ℓ₁,₂ = 1 − exp(−‖x ∓ 1/√n‖²), n = 20, concave front; x₀ ~ U(−0.5, 0.5)),
+    # 20 phase-1 + 80 steps of plain gradient descent: run k ends on the front (Pareto set: x ∥ 1) inside its
+    # subregion, between the bisectors of its reference angle 22.5°·k and its neighbours' (0.5° of slack:
+    # the runs approach the boundary from outside)
+    n = 20
+    s = 1 / np.sqrt(n)
+
+    def losses_and_jacobian(x):
+        e1, e2 = np.exp(-((x - s) ** 2).sum()), np.exp(-((x + s) ** 2).sum())
+        return np.array([1 - e1, 1 - e2]), np.stack([2 * (x - s) * e1, 2 * (x + s) * e2])
+
+    refs = circle_points(5)
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        b = get_balancer("paretomtl", 2, preferences=refs[k].tolist())
+        x = rng.uniform(-0.5, 0.5, n)
+        for _ in range(100):
+            f, jac = losses_and_jacobian(x)
+            x = x - 0.5 * b.weights_rows(jac @ jac.T, f).weights @ jac
+        f, _ = losses_and_jacobian(x)
+        angle = np.degrees(np.arctan2(f[1], f[0]))
+        low, high = max(22.5 * k - 11.25, 0.0), min(22.5 * k + 11.25, 90.0)
+        assert low - 0.5 <= angle <= high + 0.5, (k, angle)
+        assert np.abs(x - x.mean()).max() < 0.05, (k, x)
