@@ -21,7 +21,7 @@ from mtl_tune.jacobian import JacobianEngine, gram_of
 from mtl_tune.registry import balancer_class
 
 GRAM_METHODS = ["mgda", "cagrad", "imtl", "fairgrad", "pivrg", "pcgrad", "gradvac", "amtl", "nashmtl", "consmtl", "imtlfull",
-                "epo", "pmgda", "sdmgrad", "modo", "upgrad", "dualproj", "config", "krum"]
+                "epo", "pmgda", "paretomtl", "sdmgrad", "modo", "upgrad", "dualproj", "config", "krum"]
 K = 3
 
 

@@ -96,7 +96,7 @@ def test_simplex_grid_spreads_evenly_and_sums_to_k():
         assert len({tuple(w) for w in g}) == len(g)
 
 
-@pytest.mark.parametrize("method", ["ls", "amtl", "stch", "pbi", "epo", "pmgda"])
+@pytest.mark.parametrize("method", ["ls", "amtl", "stch", "pbi", "epo", "pmgda", "paretomtl"])
 def test_preference_methods_take_every_grid_point(method):
     """--preferences N sweeps each of these methods' preference argument: every grid point (K = 2, 3) builds."""
     from mtl_tune.registry import get_balancer

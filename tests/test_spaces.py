@@ -91,7 +91,8 @@ def test_sampler_suggests_declared_params_and_returns_constants():
 # (moved from the balancer test files: each family's spaces against its constructors)
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
-GRAD_METHODS = ["mgdaub", "graddrop", "imtl", "gradvac", "amtl", "amtlub", "epo", "pmgda", "moco", "sdmgrad", "modo", "excessmtl"]
+GRAD_METHODS = ["mgdaub", "graddrop", "imtl", "gradvac", "amtl", "amtlub", "epo", "pmgda", "paretomtl", "moco", "sdmgrad",
+                "modo", "excessmtl"]
 LOSS_METHODS = ("si", "rlw", "dwa", "uw", "go4align", "gradnorm", "stch", "pbi", "autol")
 SOLVER_METHODS = ("nashmtl", "fairgrad", "pivrg", "consmtl", "stgu")
 BENCHMARK_TASKS = {"nyuv2": 3, "cityscapes": 2, "celeba": 40, "qm9": 11, "toy": 2}

@@ -95,6 +95,10 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     # predict band; the cos constraint with a weak correction, clipped
     'pmgda': ({'preferences': [0.3, 1.0]}, {'prediction': 'mgda', 'h_eps': 0.5},
               {'constraint': 'cos', 'sigma': 0.2, 'max_norm': 0.5}),
+    # a skewed subregion (phase 1 moves into it, then constrained min-norm steps); explicit references
+    # with no phase 1; clipping
+    'paretomtl': ({'preferences': [0.2, 1.8]}, {'references': [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], 'init_steps': 0,
+                                                'preferences': [1.0, 3.0]}, {'max_norm': 0.5}),
     # the paper's projected λ update on raw gradients; tracking off (β = 1, β_σ = 0) with constant steps
     # (λ descends MGDA's dual); clipping of the softmax default
     'moco': ({'lambda_update': 'project', 'normalize': False},

@@ -44,6 +44,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pbi": {"ideal": [0.0, 0.0]},
     "epo": {},
     "pmgda": {},
+    "paretomtl": {},                         # u_k = the preference, 5 quarter-circle references (official)
+    "paretomtl-long": {"init_steps": 10000},  # phase 1 until inside the subregion (the official 20 steps are too few here)
 }
 #: end points closer than this in objective space count as one (the gallery's "on the front" tolerance)
 DISTINCT = 0.05
