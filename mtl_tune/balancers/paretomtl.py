@@ -91,6 +91,8 @@ def lattice_directions(k: int, n: int) -> np.ndarray:
     """About n evenly spread unit vectors (…, K): the Das–Dennis lattice of the K-simplex with the most
     divisions h whose C(h + K − 1, K − 1) points are at most n (at least h = 1: the K axes; the rule
     of the ``--preferences n`` grid), normalised to unit length."""
+    if k == 1:  # one task: one direction (the lattice below would never stop growing)
+        return np.ones((1, 1))
     h = 1
     while math.comb(h + 1 + k - 1, k - 1) <= n:
         h += 1

@@ -248,3 +248,11 @@ def test_the_official_synthetic_example_ends_in_each_subregion():
         low, high = max(22.5 * k - 11.25, 0.0), min(22.5 * k + 11.25, 90.0)
         assert low - 0.5 <= angle <= high + 0.5, (k, angle)
         assert np.abs(x - x.mean()).max() < 0.05, (k, x)
+
+
+def test_one_task_has_one_reference_and_no_constraint():
+    """K = 1: the lattice is the single axis (its division count would otherwise grow without end)."""
+    from mtl_tune.balancers.paretomtl import lattice_directions, reference_vectors
+
+    np.testing.assert_array_equal(lattice_directions(1, 5), [[1.0]])
+    np.testing.assert_array_equal(reference_vectors(1, 5), [[1.0]])
