@@ -256,7 +256,10 @@ class PMGDA(GradientBalancer):
         h, a, defined = constraint_rows(flat_l, self.preferences, self.constraint)
         a = np.where(defined[..., None], a, 0.0)
         correct = defined & (h >= self.h_eps)
-        weights, ok = predict_rows(flat_g, a, self.prediction == "tangent")
+        # the predict solve only where the row predicts (a correct row's weights come from its LP)
+        weights, ok = np.full((len(flat_l), k), np.nan), np.ones(len(flat_l), dtype=bool)
+        if (~correct).any():
+            weights[~correct], ok[~correct] = predict_rows(flat_g[~correct], a[~correct], self.prediction == "tangent")
         messages: list[str] = [] if ok[~correct & defined].all() else ["min-norm solver did not converge"]
         solver_failed = ~ok & ~correct & defined
         if k == 2 and correct.any():
