@@ -117,6 +117,9 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     'krum': ({'score': 'distance'}, {'max_norm': 0.3}),
     # K = 2: only t = 0 (the mean)
     'trimmedmean': ({'max_norm': 0.3},),
+    # λ moves visibly within the window (a fast meta lr; the official 1e-4 moves it by ~1e-2), from
+    # another start, clipped
+    'autol': ({'meta_lr': 1e-2}, {'weight_init': 1.0, 'meta_lr': 0.05, 'max_norm': 0.5}),
 }
 
 #: largest trajectory difference from the API path the checks accept
@@ -379,3 +382,17 @@ def test_resource_warnings_are_not_counted_as_the_methods():
     res = types.SimpleNamespace()
     warn_info(caught, res)
     assert res.warnings == 1 and res.first_warning == "famo: solver failed"
+
+
+def test_a_meta_step_method_runs_on_the_reference_path_never_on_the_linearisation():
+    """Auto-λ's meta step evaluates the losses at other points than x: the lockstep path (a
+    linearisation at x) refuses it, and without the fast engine run_method takes the reference path."""
+    from toy.engine import run_method
+
+    cfg = EngineConfig(lr=1e-2, engine="lockstep")
+    spec = make_spec("autol", {"meta_lr": 1e-2}, 30)
+    with pytest.raises(ValueError, match="meta step"):
+        run_lockstep(spec, [3], cfg)
+    out = run_method(spec, [3], cfg)
+    assert out[0].status == "ok" and out[0].path == "reference-analytic"
+    assert out[0].final_weights != [0.1, 0.1]  # λ moved: the meta step ran

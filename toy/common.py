@@ -29,9 +29,6 @@ BATCHABLE = frozenset({"ls"})
 TOY_SKIPS = {
     "consmtl": "needs task-specific heads (its lower level trains them); the toy has none. Its shared update "
                "alone is FairGrad with alpha = 2: the fairgrad panel (fairgrad:alpha=2)",
-    "autol": "needs a second training batch for its meta step (a virtual step and a finite difference at "
-             "perturbed parameters); the gallery's engine drives per-step rules on losses and gradients only. "
-             "The toy benchmark runs it through the trainer (python -m mtl_tune.search --benchmark toy)",
 }
 
 

@@ -18,7 +18,8 @@ Three interchangeable paths (tested to agree):
 
 * **reference** — per init, ``balancer.train_step(forward, optimizer, [x], None)`` with the
   real forward :func:`~mtl_tune.benchmarks.toy.toy_objectives`; ~0.7–2 ms per step.
-  Used for methods that override ``train_step`` (training-loop methods such as STGU).
+  Used for methods that override ``train_step`` (training-loop methods such as STGU) and for
+  methods with a meta step (Auto-λ: ``meta_step`` before every ``train_step``, as the trainer).
 * **lockstep** — all inits of a method advance together: one NumPy evaluation of the
   losses and their analytic Jacobian J (:func:`toy.landscape.toy_value_and_jacobian`) for
   every init, then per init ``balancer.backward(ℓ̂(p), [p])`` on the *linearisation*
@@ -59,8 +60,11 @@ __all__ = ["BATCHABLE", "TOY_SKIPS", "EngineConfig", "KnownJacobian", "MethodSpe
 
 
 def is_training_loop(name: str) -> bool:
-    """Whether the method overrides ``train_step`` (several forwards/optimizer steps per batch)."""
-    return balancer_class(name).train_step is not Balancer.train_step
+    """Whether the method needs real forwards at other parameters than the step's: it overrides
+    ``train_step`` (several forwards/optimizer steps per batch, STGU) or takes a meta step before each
+    step (``needs_meta_batch``, Auto-λ). The lockstep path's linearisation cannot serve either."""
+    cls = balancer_class(name)
+    return cls.train_step is not Balancer.train_step or cls.needs_meta_batch
 
 
 def uses_fast(spec: MethodSpec, cfg: EngineConfig) -> bool:

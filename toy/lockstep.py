@@ -92,6 +92,9 @@ def run_lockstep(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig,
     both paths and in any grouping of inits into processes. ``observer`` (tests) is shown
     every step's inputs and outputs.
     """
+    if balancer_class(spec.name).needs_meta_batch:
+        raise ValueError(f"{spec.name}: a meta step evaluates the losses at other parameters, which the "
+                         "linearisation cannot give; run it on the reference path (toy.engine.run_method does)")
     n = len(inits)
     results = [RunResult(spec.label, spec.name, i, "ok", iters=spec.iters, path="lockstep", x0=start_point(cfg, i))
                for i in inits]

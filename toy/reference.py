@@ -6,8 +6,10 @@ loss shift, see :mod:`toy.engine`), Adam on x (and on the balancer's parameters)
 post-step loss update for FAMO inside ``train_step``, ``on_epoch_end`` every
 ``epoch_steps``. Slow (~1–2 ms per step: autograd through 35 tiny operators) but the
 ground truth the lockstep path is tested against. Methods that override ``train_step``
-(STGU takes several optimizer steps per batch) can only run this way; the lockstep engine
-runs them here with the analytic forward :func:`toy.landscape.toy_losses`.
+(STGU takes several optimizer steps per batch) and methods with a meta step (Auto-λ, whose
+``meta_step`` runs before every ``train_step`` as in the trainer, with the same forward as its
+second batch: the toy has no data) can only run this way; the lockstep engine runs them here with
+the analytic forward :func:`toy.landscape.toy_losses`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def run_reference(spec: MethodSpec, inits: Sequence[int], cfg: EngineConfig, ana
             warnings.simplefilter("default")
             for t in range(spec.iters):
                 try:
+                    if balancer.needs_meta_batch:  # as the trainer; the toy's second batch is the same objective
+                        balancer.meta_step(forward, forward, optimizer, [x], None)
                     losses, info = balancer.train_step(forward, optimizer, [x], None)
                     if not bool(torch.isfinite(x).all()):
                         raise RuntimeError(f"non-finite point {x.tolist()}")
@@ -92,6 +96,9 @@ class _Chain:
 
     def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
         self.opts = opts
+        # what a meta step reads (the learning rate of the group holding x, its state)
+        self.param_groups = [g for o in opts for g in o.param_groups]
+        self.state = {p: st for o in opts for p, st in o.state.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts:

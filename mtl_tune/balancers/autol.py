@@ -48,11 +48,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers.base import (BalancerError, ForwardOutput, LossBalancer, _as_param_list, check_losses,
-                                     rebind_private_optimizer)
+from mtl_tune.balancers._adam import adam_step
+from mtl_tune.balancers._rows import RowStep, host
+from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, LossBalancer, _as_param_list,
+                                     check_losses, rebind_private_optimizer)
 
 #: the official finite-difference radius: ε = FD_RADIUS / ‖d‖ (``compute_hessian``)
 FD_RADIUS = 0.01
@@ -63,6 +66,12 @@ def step_hyperparameters(optimizer: torch.optim.Optimizer, first: Tensor) -> tup
     group = next((g for g in optimizer.param_groups if any(p is first for p in g["params"])),
                  optimizer.param_groups[0])
     return float(group["lr"]), float(group.get("weight_decay", 0.0) or 0.0), float(group.get("momentum", 0.0) or 0.0)
+
+
+def central_difference(plus: Any, minus: Any, eps: Any, alpha: float) -> Any:
+    """∂L_meta/∂λ ≈ −α (ℓ(θ + εd) − ℓ(θ − εd)) / (2ε), for torch tensors or NumPy arrays alike (the same
+    operations in the same order, so both give the same bits)."""
+    return -alpha * (plus - minus) / (2.0 * eps)
 
 
 def finite_difference_hypergradient(losses_at: Callable[[list[Tensor]], Tensor], params: list[Tensor],
@@ -89,7 +98,7 @@ def finite_difference_hypergradient(losses_at: Callable[[list[Tensor]], Tensor],
         with torch.no_grad():
             for p, old in zip(params, saved):
                 p.copy_(old)
-    return (-alpha * (plus - minus) / (2.0 * eps)).cpu()
+    return central_difference(plus, minus, eps, alpha).cpu()
 
 
 class AutoLambda(LossBalancer):
@@ -124,6 +133,61 @@ class AutoLambda(LossBalancer):
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         lam = self.lambdas.detach().to(device=losses.device, dtype=losses.dtype)
         return (losses * lam).sum(), lam.clone()
+
+    def weights_rows(self, losses: np.ndarray) -> RowStep:
+        """∂L/∂ℓ = λ per row (the step's plain weighting; :meth:`meta_rows` moves λ before it)."""
+        lam = host(self.lambdas)
+        return RowStep(np.broadcast_to(lam, np.shape(losses)).copy())
+
+    def meta_rows(self, landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
+                  losses: np.ndarray, jacobian: np.ndarray, alpha: float) -> RowStep:
+        """The meta step of every row, batch-first, for a problem whose parameters are x (..., P) and
+        whose losses and Jacobians at any point ``landscape(points)`` gives ((..., K), (..., K, P)) —
+        the toy, which has no data, so the meta batch's losses are the training batch's. ``losses``
+        and ``jacobian``: at x. The model optimizer is taken to be plain (no weight decay, no SGD
+        momentum: the toy's Adam), with step size ``alpha``. The arithmetic of :meth:`meta_step`:
+
+            θ′ = x − α Σᵢ λᵢ ∇ℓᵢ(x),  d = Σᵢ ∇ℓᵢ(θ′),  ε = 0.01 / ‖d‖,
+            ∂L_meta/∂λ = −α (ℓ(x + εd) − ℓ(x − εd)) / (2ε)   (0 where d = 0),
+
+        then one step of λ's Adam (each row its own entries). Rows whose losses at x or θ′ or whose d
+        are not finite fail, with :meth:`meta_step`'s message; their λ entries step on a zero gradient."""
+        lam = host(self.lambdas)
+        failed = np.zeros(np.shape(losses)[:-1], dtype=bool)
+        hyper = np.zeros(np.shape(losses))
+        messages: dict[tuple[int, ...], str] = {}
+        bad = ~np.isfinite(losses).all(-1)
+        for index in zip(*np.nonzero(bad)):
+            messages.setdefault(index, f"{self.name}: non-finite task loss {losses[index].tolist()}")
+        failed |= bad
+        if alpha != 0.0:
+            theta = x - alpha * (lam[..., :, None] * jacobian).sum(-2)
+            meta_losses, meta_jacobian = landscape(theta)
+            bad = ~np.isfinite(meta_losses).all(-1) & ~failed
+            for index in zip(*np.nonzero(bad)):
+                messages.setdefault(index, f"{self.name}: non-finite task loss {meta_losses[index].tolist()}")
+            failed |= bad
+            d = meta_jacobian.sum(-2)
+            norm = np.sqrt((d * d).sum(-1))
+            bad = ~np.isfinite(norm) & ~failed
+            for index in zip(*np.nonzero(bad)):
+                messages.setdefault(index, f"{self.name}: non-finite meta gradient (norm {norm[index]})")
+            failed |= bad
+            moving = ~failed & (norm > 0)
+            if moving.any():
+                eps = (FD_RADIUS / np.where(moving, norm, 1.0))[..., None]
+                plus, _ = landscape(x + eps * d)
+                minus, _ = landscape(x - eps * d)
+                hyper = np.where(moving[..., None], central_difference(plus, minus, eps, alpha), 0.0)
+        self.lambdas.grad = torch.from_numpy(hyper.astype(np.float32)).to(self.lambdas)
+        adam_step(self.meta_optimizer)
+        self.lambdas.grad = None
+        return RowStep(host(self.lambdas), failed=failed,
+                       reason=lambda index: messages.get(tuple(int(i) for i in index), ""))
+
+    def start_rows(self, rows: Sequence[Balancer]) -> None:
+        self.lambdas = torch.stack([b.lambdas.detach().clone() for b in rows])
+        self.meta_optimizer = torch.optim.Adam([self.lambdas], lr=self.meta_lr)
 
     def meta_step(self, forward: Callable[[], ForwardOutput], meta_forward: Callable[[], ForwardOutput],
                   optimizer: torch.optim.Optimizer, shared_params: Sequence[Tensor],

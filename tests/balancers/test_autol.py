@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,62 @@ def test_lambda_and_its_adam_state_follow_to_double():
     torch.testing.assert_close(balancer.meta_optimizer.state_dict()["state"][0]["exp_avg"], moments.double())
     balancer.meta_step(forward, meta_forward, opt, [theta])
     assert balancer.lambdas.dtype == torch.float64
+
+
+# ---------------------------------------------------------------- the batch-first meta rule (the toy's)
+def quadratic_landscape(mats, vecs):
+    """losses (B, K) and Jacobians (B, K, P) of the quadratics at points (B, P), in NumPy."""
+    a = torch.stack(mats).numpy()
+    b = torch.stack(vecs).numpy()
+
+    def evaluate(points):
+        grads = np.einsum("kpq,bq->bkp", a, points) + b
+        return 0.5 * np.einsum("bp,bkp->bk", points, grads - b) + points @ b.T + 1.0, grads
+    return evaluate
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_meta_rows_equal_meta_step_on_each_row_and_the_analytic_hypergradient(k):
+    """``meta_rows`` (the toy's rule: the meta batch is the training batch) on 4 rows: each row's λ
+    after one and after three meta steps equals that of a one-row balancer stepped by ``meta_step``
+    on the same quadratic with forward = meta_forward and plain SGD(lr α); the first step's λ moves
+    by Adam's first step on the analytic hypergradient −α∇ℓᵢ(θ)ᵀΣⱼ∇ℓⱼ(θ′)."""
+    mats, vecs, _ = quadratic(k, 3)
+    landscape = quadratic_landscape(mats, vecs)
+    rng = np.random.default_rng(k)
+    points = rng.normal(size=(4, P))
+    alpha = 0.05
+    singles = [get_balancer("autol", k, weight_init=0.2, meta_lr=1e-2) for _ in range(4)]
+    many = get_balancer("autol", k, weight_init=0.2, meta_lr=1e-2)
+    many.start_rows(singles)
+    for step in range(3):
+        losses, jac = landscape(points)
+        out = many.meta_rows(landscape, points, losses, jac, alpha)
+        assert not out.failed.any()
+        for r, one in enumerate(singles):
+            theta = torch.tensor(points[r], requires_grad=True)
+            if step == 0:
+                want = analytic((mats, vecs), (mats, vecs), theta.detach(), one.lambdas.double(), alpha, 0.0)
+                first = 0.2 - 1e-2 * want / (want.abs() + 1e-8)
+            forward = lambda theta=theta: ForwardOutput(losses_of(mats, vecs, theta))  # noqa: E731
+            one.meta_step(forward, forward, torch.optim.SGD([theta], lr=alpha), [theta])
+            # the same float64 operations up to the order of K-term sums: λ's float32 agrees to an ulp
+            torch.testing.assert_close(many.lambdas[r], one.lambdas, rtol=2e-7, atol=0)
+            if step == 0:
+                torch.testing.assert_close(one.lambdas.double(), first, rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(out.weights, many.lambdas.double().numpy())
+        np.testing.assert_array_equal(many.weights_rows(losses).weights, many.lambdas.double().numpy())
+
+
+def test_meta_rows_fail_a_row_with_the_meta_steps_message_and_spare_the_others():
+    mats, vecs, _ = quadratic(2, 0)
+    landscape = quadratic_landscape(mats, vecs)
+    many = get_balancer("autol", 2)
+    many.start_rows([get_balancer("autol", 2) for _ in range(3)])
+    points = np.zeros((3, P))
+    losses, jac = landscape(points)
+    losses[1, 0] = math.nan
+    out = many.meta_rows(landscape, points, losses, jac, 0.1)
+    assert out.failed.tolist() == [False, True, False]
+    assert out.reason_of((1,)).startswith("autol: non-finite task loss [nan")
+    assert torch.isfinite(many.lambdas).all() and not torch.equal(many.lambdas[0], torch.full((2,), 0.1))

@@ -37,13 +37,15 @@ from ._base import Kernel, clip_rows, combine
 
 def rule_kind(balancer_cls: type[Balancer]) -> str | None:
     """Which rule a class has (None: none): ``"loop"`` (``train_rows``: a training-loop method),
-    ``"representation"`` / ``"gradient"`` (``weights_rows`` on Gram matrices), ``"jacobian"``
+    ``"meta"`` (``meta_rows`` then ``weights_rows`` on losses: Auto-λ), ``"representation"`` / ``"gradient"`` (``weights_rows`` on Gram matrices), ``"jacobian"``
     (``direction_rows``) or ``"loss"`` (``weights_rows`` on losses) — which inputs the rule takes and
     which input checks the balancer's ``backward`` makes."""
     if not balancer_cls.has_rows_rule():
         return None
     if balancer_cls.train_step is not Balancer.train_step:
         return "loop"            # a training-loop rule (train_rows): several optimizer steps per batch
+    if balancer_cls.needs_meta_batch:
+        return "meta"            # a meta step (meta_rows) at other parameters before each step
     if balancer_cls.needs_representation:
         return "representation"
     if balancer_cls.has_jacobian_rule():
@@ -61,7 +63,7 @@ class RowsKernel(Kernel):
     def for_method(cls, name: str, kind: str, needs_post_step_losses: bool = False) -> type[RowsKernel]:
         return type(f"RowsKernel_{name}", (cls,), {"name": name, "kind": kind, "__module__": __name__,
                                                   "needs_post_step_losses": needs_post_step_losses,
-                                                  "training_loop": kind == "loop", "direct": kind == "jacobian"})
+                                                  "training_loop": kind in ("loop", "meta"), "direct": kind == "jacobian"})
 
     @classmethod
     def unsupported(cls, balancer: Balancer) -> str | None:
@@ -131,7 +133,11 @@ class RowsKernel(Kernel):
                    landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
         """A training-loop rule (``train_rows``): its forwards are landscape evaluations at the rows'
         current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The last forward of
-        an iteration (a lookahead at the final x) is kept and reused by the next one's first."""
+        an iteration (a lookahead at the final x) is kept and reused by the next one's first.
+        A meta rule (``meta_rows``) goes to :meth:`_meta_train_step`."""
+        if self.kind == "meta":
+            self._meta_train_step(step, x, adam_step, landscape)
+            return
         jac: dict[str, np.ndarray] = {}
 
         def forward(with_grad: bool) -> np.ndarray:
@@ -161,6 +167,26 @@ class RowsKernel(Kernel):
             self.fail(bad, step, [f"RuntimeError: non-finite point {row.tolist()}" for row in x])
         # a failed row's table weights are those of its last completed batch (the API's last StepInfo)
         self.weights = np.where(self.failed[:, None], self.weights, weights)
+
+    def _meta_train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
+                         landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        """What the trainer does for a ``needs_meta_batch`` method (Auto-λ), on every row: the
+        balancer's meta step (``meta_rows``: its evaluations at the virtual step and at x ± εd are
+        landscape evaluations — the toy's second batch is the same objective), then the training step
+        on Σ wᵢ ℓᵢ with the rule's weights (an Adam step of x on Σ wᵢ ∇ℓᵢ, clipped)."""
+        losses, jac = landscape(x)
+        out = self.balancer.meta_rows(landscape, x, losses, jac, self.cfg.lr)
+        if out.failed is not None and out.failed.any():
+            self.fail(out.failed & ~self.failed, step, [f"BalancerError: {out.reason_of((r,))}"
+                                                         for r in range(self.rows)])
+        w = self.balancer.weights_rows(losses).weights
+        self.balancer.step_count += 1
+        d = combine(w, jac)
+        adam_step(clip_rows(d, self.max_norm) if self.clip else d)
+        bad = ~np.isfinite(x).all(-1)
+        if bad.any():
+            self.fail(bad, step, [f"RuntimeError: non-finite point {row.tolist()}" for row in x])
+        self.weights = np.where(self.failed[:, None], self.weights, w)
 
     def after_step(self, losses: np.ndarray) -> None:
         self._row_failures(self.balancer.after_rows(losses), self.balancer.step_count)
