@@ -8,7 +8,13 @@ Two ways to differentiate the K losses, which must agree (tested):
 * ``"loop"``: K calls of ``torch.autograd.grad(retain_graph=True)`` — always works.
 
 ``"auto"`` (default) tries the batched path and falls back to the loop when an operator has
-no batching rule; the fallback is remembered and announced once with a warning. For a tiny
+no batching rule; the fallback is remembered and announced once with a warning. Such an operator
+counts as missing even where ``torch.vmap`` would run it through its generic per-row fallback
+(the op once per task inside the batched pass, with a "performance drop" warning): that is the
+loop in disguise with vmap's overhead on top. On the QM9 model (the LSTM of its Set2Set
+readout: ``mkldnn_rnn_layer_backward`` has no rule) the batched pass with that fallback took 250 CPU s per
+step and > 16 GB against the loop's 67 s (docs/performance.md §8.2), so ``"auto"`` runs the batched
+pass with the fallback switched off and takes the loop instead; ``"batched"`` keeps torch's default. For a tiny
 Jacobian (at most :data:`LOOP_MAX_ENTRIES` entries, e.g. the toy's 2 × 2) ``"auto"`` takes the
 loop: there every backward operator costs its fixed dispatch time, and vmap's batching layer
 costs more than a second walk of the graph (toy: 10–20 % less time per Jacobian, and a
@@ -31,8 +37,9 @@ no memory. Parameters that a task does not reach get zeros in its row (not ``Non
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -126,7 +133,8 @@ class JacobianEngine:
             return
         if self.effective_mode == "batched":
             try:
-                _stream_batched(losses, params, sinks, retain_graph)
+                with _vmap_fallback(allowed=self.mode == "batched"):
+                    _stream_batched(losses, params, sinks, retain_graph)
                 return
             except RuntimeError as err:  # an op without a vmap rule: fall back, but say so
                 if self.mode == "batched":
@@ -207,6 +215,23 @@ class _gram_sink(_Sink):  # noqa: N801
 
     def batched(self, block: Tensor) -> None:
         add_gram(self.out, block)
+
+
+@contextlib.contextmanager
+def _vmap_fallback(allowed: bool) -> Iterator[None]:
+    """Within the block, ``torch.vmap`` runs an operator without a batching rule through its slow
+    per-row fallback (``allowed``) or raises a RuntimeError (the module docstring says why)."""
+    getter = getattr(_functorch, "_is_vmap_fallback_enabled", None)
+    setter = getattr(_functorch, "_set_vmap_fallback_enabled", None)
+    if getter is None or setter is None or getter() == allowed:
+        yield
+        return
+    before = getter()
+    setter(allowed)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def _stream_batched(losses: Tensor, params: list[Tensor], sinks: list[_Sink], retain_graph: bool) -> None:
