@@ -139,7 +139,9 @@ def paired(a: dict[int, float], b: dict[int, float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     c.add_workload_args(p)
-    p.add_argument("--methods", default=GRADIENT_METHODS)
+    p.add_argument("--methods", default=GRADIENT_METHODS,
+                   help="comma list; name@path forces a gradient path (jacobian/gram), name@path:engine also "
+                        "the Jacobian engine (auto/batched/loop), e.g. mgda@jacobian:loop")
     p.add_argument("--path", choices=("auto", "jacobian", "gram"), default="auto",
                    help="force every method's gradient path (graddrop always takes the Jacobian)")
     p.add_argument("--reps", type=int, default=3)
@@ -149,19 +151,21 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     load0 = c.load_average()
     w = c.load_workload(args)
-    names = c.method_names(",".join(e.partition("@")[0] for e in args.methods.split(",")))
+    names = c.method_names(",".join(e.partition("@")[0].partition(":")[0] for e in args.methods.split(",")))
     runners = [c.method_runner(w, "ls")]
     if not args.no_baseline:
         runners.append(official_runner(w, "mgda"))
         if "graddrop" in names:
             runners.append(official_runner(w, "graddrop"))
     for entry in args.methods.split(","):
-        name, _, forced = entry.strip().partition("@")  # "mgda@gram": this method on a forced path
+        # "mgda@gram": this method on a forced path; "mgda@jacobian:loop" also on a forced Jacobian engine
+        spec, _, engine = entry.strip().partition(":")
+        name, _, forced = spec.partition("@")
         path = forced or args.path
         supports = getattr(balancer_class(name), "supports_gram", False) or name == "nashmtl"
         hp = {"gradient_path": path} if path != "auto" and supports else {}
         try:
-            runner = c.method_runner(w, name, hp)
+            runner = c.method_runner(w, name, hp, jacobian_mode=engine or "auto")
         except TypeError:  # a checkout without gradient paths (the "today" column of docs/performance.md)
             runner = c.method_runner(w, name)
         runner.name = entry.strip()
