@@ -222,7 +222,8 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
                     def adam_step(gr: np.ndarray, rows: slice = rows) -> None:
                         adam.step(gr, rows)
 
-                    g.kernel.train_step(t, x[rows], adam_step, loop_landscapes[id(g)])
+                    # the engine evaluated every running row at x after the last step (svals, jac)
+                    g.kernel.train_step(t, x[rows], adam_step, loop_landscapes[id(g)], (svals[rows], jac[rows]))
                     check(g, t, None)
                     g.seconds += time.perf_counter() - t0
             if any_frozen:

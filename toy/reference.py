@@ -96,9 +96,16 @@ class _Chain:
 
     def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
         self.opts = opts
-        # what a meta step reads (the learning rate of the group holding x, its state)
-        self.param_groups = [g for o in opts for g in o.param_groups]
-        self.state = {p: st for o in opts for p, st in o.state.items()}
+
+    # what a meta step reads (the learning rate of the group holding x, its state), read live: the
+    # optimizers create their state at their first step
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.opts for g in o.param_groups]
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        return {p: st for o in self.opts for p, st in o.state.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts:

@@ -156,23 +156,22 @@ class AutoLambda(LossBalancer):
         failed = np.zeros(np.shape(losses)[:-1], dtype=bool)
         hyper = np.zeros(np.shape(losses))
         messages: dict[tuple[int, ...], str] = {}
-        bad = ~np.isfinite(losses).all(-1)
-        for index in zip(*np.nonzero(bad)):
-            messages.setdefault(index, f"{self.name}: non-finite task loss {losses[index].tolist()}")
-        failed |= bad
+
+        def fail(bad: np.ndarray, message: Callable[[tuple[int, ...]], str]) -> None:
+            """Rows in ``bad`` not failed yet fail with ``message(index)`` (the first check a row fails)."""
+            for index in map(tuple, np.argwhere(bad & ~failed)):
+                messages[index] = message(index)
+            failed[...] |= bad
+
+        fail(~np.isfinite(losses).all(-1), lambda i: f"{self.name}: non-finite task loss {losses[i].tolist()}")
         if alpha != 0.0:
             theta = x - alpha * (lam[..., :, None] * jacobian).sum(-2)
             meta_losses, meta_jacobian = landscape(theta)
-            bad = ~np.isfinite(meta_losses).all(-1) & ~failed
-            for index in zip(*np.nonzero(bad)):
-                messages.setdefault(index, f"{self.name}: non-finite task loss {meta_losses[index].tolist()}")
-            failed |= bad
+            fail(~np.isfinite(meta_losses).all(-1),
+                 lambda i: f"{self.name}: non-finite task loss {meta_losses[i].tolist()}")
             d = meta_jacobian.sum(-2)
             norm = np.sqrt((d * d).sum(-1))
-            bad = ~np.isfinite(norm) & ~failed
-            for index in zip(*np.nonzero(bad)):
-                messages.setdefault(index, f"{self.name}: non-finite meta gradient (norm {norm[index]})")
-            failed |= bad
+            fail(~np.isfinite(norm), lambda i: f"{self.name}: non-finite meta gradient (norm {norm[i]})")
             moving = ~failed & (norm > 0)
             if moving.any():
                 eps = (FD_RADIUS / np.where(moving, norm, 1.0))[..., None]

@@ -130,13 +130,14 @@ class RowsKernel(Kernel):
         return w, (clip_rows(d, self.max_norm) if self.clip else d)
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
-                   landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+                   landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                   at_x: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """A training-loop rule (``train_rows``): its forwards are landscape evaluations at the rows'
         current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The last forward of
         an iteration (a lookahead at the final x) is kept and reused by the next one's first.
         A meta rule (``meta_rows``) goes to :meth:`_meta_train_step`."""
         if self.kind == "meta":
-            self._meta_train_step(step, x, adam_step, landscape)
+            self._meta_train_step(step, x, adam_step, landscape, at_x)
             return
         jac: dict[str, np.ndarray] = {}
 
@@ -169,16 +170,16 @@ class RowsKernel(Kernel):
         self.weights = np.where(self.failed[:, None], self.weights, weights)
 
     def _meta_train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
-                         landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+                         landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                         at_x: tuple[np.ndarray, np.ndarray] | None) -> None:
         """What the trainer does for a ``needs_meta_batch`` method (Auto-λ), on every row: the
         balancer's meta step (``meta_rows``: its evaluations at the virtual step and at x ± εd are
         landscape evaluations — the toy's second batch is the same objective), then the training step
         on Σ wᵢ ℓᵢ with the rule's weights (an Adam step of x on Σ wᵢ ∇ℓᵢ, clipped)."""
-        losses, jac = landscape(x)
+        losses, jac = landscape(x) if at_x is None else at_x
         out = self.balancer.meta_rows(landscape, x, losses, jac, self.cfg.lr)
         if out.failed is not None and out.failed.any():
-            self.fail(out.failed & ~self.failed, step, [f"BalancerError: {out.reason_of((r,))}"
-                                                         for r in range(self.rows)])
+            self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" for r in range(self.rows)])
         w = self.balancer.weights_rows(losses).weights
         self.balancer.step_count += 1
         d = combine(w, jac)
