@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the official entries (memory-only runs)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for entry in args.methods.split(","):  # before any work: one usage line and exit 2
+        spec, _, engine = entry.strip().partition(":")
+        forced = spec.partition("@")[2]
+        if forced not in ("", "auto", "jacobian", "gram") or engine not in ("", "auto", "batched", "loop"):
+            p.error(f"--methods entry {entry.strip()!r}: name[@auto|jacobian|gram][:auto|batched|loop]")
     load0 = c.load_average()
     w = c.load_workload(args)
     names = c.method_names(",".join(e.partition("@")[0].partition(":")[0] for e in args.methods.split(",")))
