@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         path = getattr(r.balancer, "gradient_path", "—") if r.balancer is not None else "—"
         if path == "auto":
             sh = [q for q in w.setup.shared_parameters if q.requires_grad]
-            path = "auto→" + (r.balancer.path_for(torch.zeros(w.n_tasks), sh) if hasattr(r.balancer, "path_for")
+            path = "auto→" + (r.balancer.path_for(torch.zeros(w.n_tasks, device=w.device), sh) if hasattr(r.balancer, "path_for")
                               else choose_gradient_path(w.n_tasks, sum(q.numel() * q.element_size() for q in sh),
-                                                        r.balancer.engine.can_stream_gram))
+                                                        r.balancer.engine.can_stream_gram(w.device)))
         # memory the method keeps between steps (the engine's reusable Jacobian buffer) is resident
         # before the step, so it is added here: the figure is step increment + kept buffer
         buf = getattr(getattr(r.balancer, "engine", None), "_buffer", None)

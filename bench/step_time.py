@@ -197,8 +197,7 @@ def build_rows(methods: list[c.Runner], floors: list[c.Runner], t: c.Timings, wa
         if failures:
             notes.append(f"{failures} solver failures")
         engine = getattr(r.balancer, "engine", None)
-        if engine is not None and r.balancer.needs_jacobian and engine.mode == "auto" \
-                and engine.effective_mode == "loop":
+        if engine is not None and r.balancer.needs_jacobian and engine.fell_back:
             notes.append("Jacobian engine fell back to the loop")
         if t.warnings.get(r.name):
             notes.append(f"{len(t.warnings[r.name])} warnings, e.g. {t.warnings[r.name][0]!r}")

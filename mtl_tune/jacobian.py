@@ -7,8 +7,11 @@ Two ways to differentiate the K losses, which must agree (tested):
   K cotangents.
 * ``"loop"``: K calls of ``torch.autograd.grad(retain_graph=True)`` — always works.
 
-``"auto"`` (default) tries the batched path and falls back to the loop when an operator has
-no batching rule; the fallback is remembered and announced once with a warning. Such an operator
+``"auto"`` (default) takes the loop on a CPU, where it measured faster than the batched pass on
+every benchmark model (one CPU thread: MultiMNIST 0.85×, NYUv2 0.93×, CelebA's K = 40 0.67× the time
+and ⅙ of the memory; docs/performance.md §8). Elsewhere (a GPU) it tries the batched path and falls
+back to the loop when an operator has no batching rule; the fallback is remembered and announced
+once with a warning. Such an operator
 counts as missing even where ``torch.vmap`` would run it through its generic per-row fallback
 (the op once per task inside the batched pass, with a "performance drop" warning): that is the
 loop in disguise with vmap's overhead on top. On the QM9 model (the LSTM of its Set2Set
@@ -54,6 +57,8 @@ Mode = Literal["auto", "batched", "loop"]
 GRAM_BLOCK = 1 << 16
 #: K × P at or below which ``"auto"`` computes a Jacobian row by row (see the module docstring)
 LOOP_MAX_ENTRIES = 64
+#: device types on which ``"auto"`` always takes the loop (see the module docstring)
+AUTO_LOOP_DEVICES: frozenset[str] = frozenset({"cpu"})
 
 
 def add_gram(out: Tensor, block: Tensor, columns: int = GRAM_BLOCK) -> None:
@@ -75,15 +80,21 @@ class JacobianEngine:
         self._buffer: Tensor | None = None
 
     @property
-    def effective_mode(self) -> str:
-        if self.mode == "auto":
-            return "loop" if self._batched_failed else "batched"
-        return self.mode
+    def fell_back(self) -> bool:
+        """Whether ``"auto"`` found an operator without a batching rule and now always loops."""
+        return self._batched_failed
 
-    @property
-    def can_stream_gram(self) -> bool:
-        """Whether :meth:`gram` avoids the K×P Jacobian (only the batched pass streams)."""
-        return self.effective_mode == "batched"
+    def mode_on(self, device: torch.device | str) -> str:
+        """The pass this engine runs for tensors on ``device``: ``"batched"`` or ``"loop"``."""
+        if self.mode != "auto":
+            return self.mode
+        if self._batched_failed or torch.device(device).type in AUTO_LOOP_DEVICES:
+            return "loop"
+        return "batched"
+
+    def can_stream_gram(self, device: torch.device | str) -> bool:
+        """Whether :meth:`gram` avoids the K×P Jacobian on ``device`` (only the batched pass streams)."""
+        return self.mode_on(device) == "batched"
 
     # ------------------------------------------------------------------ public
     def jacobian(self, losses: Tensor, params: Sequence[Tensor], retain_graph: bool = False,
@@ -107,12 +118,12 @@ class JacobianEngine:
         when the batched pass works (else via the reusable Jacobian buffer)."""
         params = _trainable(params)
         k = losses.shape[0]
-        if not self.can_stream_gram:
+        if not self.can_stream_gram(losses.device):
             return gram_of(self.jacobian(losses, params, retain_graph=retain_graph, reuse=True))
         out = torch.zeros(k, k, dtype=torch.float64, device=losses.device)
         sinks = [_gram_sink(out) for _ in params]
         self._run(losses, params, sinks, retain_graph)
-        if not self.can_stream_gram:  # the batched pass failed just now and fell back to the loop
+        if not self.can_stream_gram(losses.device):  # the batched pass failed just now and fell back to the loop
             return gram_of(self.jacobian(losses, params, retain_graph=retain_graph, reuse=True))
         return out
 
@@ -131,7 +142,7 @@ class JacobianEngine:
         if tiny:  # keeps the graph, as the batched pass does (callers may backpropagate through it again)
             _stream_loop(losses, params, sinks, retain_graph=True)
             return
-        if self.effective_mode == "batched":
+        if self.mode_on(losses.device) == "batched":
             try:
                 with _vmap_fallback(allowed=self.mode == "batched"):
                     _stream_batched(losses, params, sinks, retain_graph)
@@ -279,12 +290,30 @@ def _unbatch(grad: Tensor, k: int) -> Tensor:
 
 def _stream_loop(losses: Tensor, params: list[Tensor], sinks: list[_Sink], retain_graph: bool) -> None:
     k = losses.shape[0]
-    for i in range(k):
-        keep = retain_graph or i < k - 1
-        grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
-        for sink, g in zip(sinks, grads):
-            sink.row(i, g)
-        del grads  # free task i's gradients before task i+1's
+    task = 0
+
+    def make_hook(sink: _Sink) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            # each parameter's gradient goes to its sink while autograd runs and is dropped there:
+            # task i never holds a P-sized list of gradients next to the buffer
+            sink.fired = True
+            sink.row(task, grad)
+            return grad.new_zeros(()).expand(grad.shape)
+        return hook
+
+    handles = [p.register_hook(make_hook(s)) for p, s in zip(params, sinks)]
+    try:
+        for task in range(k):
+            for s in sinks:
+                s.fired = False
+            keep = retain_graph or task < k - 1
+            torch.autograd.grad(losses[task], params, retain_graph=keep, allow_unused=True)
+            for s in sinks:
+                if not s.fired:  # this task does not reach the parameter
+                    s.row(task, None)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------- kept as functional entry points

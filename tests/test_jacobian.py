@@ -40,11 +40,13 @@ def test_auto_falls_back_loudly_when_batching_fails(monkeypatch):
 
     monkeypatch.setattr(jmod, "_stream_batched", broken)
     monkeypatch.setattr(jmod, "LOOP_MAX_ENTRIES", 0)  # this 2 × 2 Jacobian would skip the batched pass
+    monkeypatch.setattr(jmod, "AUTO_LOOP_DEVICES", frozenset())  # and so would a CPU
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     engine = JacobianEngine("auto")
+    assert engine.mode_on("cpu") == "batched" and not engine.fell_back
     with pytest.warns(RuntimeWarning, match="batched Jacobian unavailable"):
         jac = engine.jacobian(torch.stack([x.sum(), x.prod()]), [x])
-    assert engine.effective_mode == "loop"
+    assert engine.fell_back and engine.mode_on("cpu") == "loop"
     torch.testing.assert_close(jac, torch.tensor([[1.0, 1.0], [2.0, 1.0]]))
     with pytest.raises(RuntimeError):
         JacobianEngine("batched").jacobian(torch.stack([x.sum(), x.prod()]), [x])
@@ -53,6 +55,52 @@ def test_auto_falls_back_loudly_when_batching_fails(monkeypatch):
 def test_invalid_mode():
     with pytest.raises(ValueError, match="jacobian mode"):
         JacobianEngine("vmap")
+
+
+def test_auto_loops_on_a_cpu_and_batches_elsewhere(monkeypatch):
+    """``auto`` takes the loop for CPU tensors (measured faster there) without trying the batched pass."""
+    import mtl_tune.jacobian as jmod
+
+    def refuse(*a, **k):
+        raise AssertionError("auto must not take the batched pass on a CPU")
+
+    monkeypatch.setattr(jmod, "_stream_batched", refuse)
+    monkeypatch.setattr(jmod, "LOOP_MAX_ENTRIES", 0)
+    engine = JacobianEngine("auto")
+    assert engine.mode_on("cpu") == "loop" and engine.mode_on("cuda:0") == "batched"
+    assert not engine.can_stream_gram("cpu") and engine.can_stream_gram(torch.device("cuda"))
+    assert JacobianEngine("batched").mode_on("cpu") == "batched"
+    assert JacobianEngine("loop").mode_on("cuda") == "loop"
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    jac = engine.jacobian(torch.stack([x.sum(), (x * x).sum()]), [x])
+    torch.testing.assert_close(jac, torch.tensor([[1.0, 1.0, 1.0], [2.0, 4.0, 6.0]]))
+    assert not engine.fell_back
+
+
+def test_loop_hands_each_gradient_to_its_sink_and_keeps_none(monkeypatch):
+    """The loop's hooks copy every parameter's gradient into the buffer while autograd runs and give
+    autograd stride-0 zeros back, so no task's P-sized gradient list exists next to the buffer; a
+    parameter a task does not reach gets zeros in that row."""
+    import mtl_tune.jacobian as jmod
+
+    seen = []
+    real = torch.autograd.grad
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.extend(g for g in out if g is not None)
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = torch.tensor([3.0], requires_grad=True)
+    losses = torch.stack([(x * x).sum(), x.prod() * y.sum()])
+    engine = jmod.JacobianEngine("loop")
+    first = engine.jacobian(losses, [x, y], retain_graph=True, reuse=True)
+    first.fill_(5.0)  # stale entries (the row task 0 leaves for y) must be overwritten next step
+    jac = engine.jacobian(losses, [x, y], reuse=True)
+    torch.testing.assert_close(jac, torch.tensor([[2.0, 4.0, 0.0], [6.0, 3.0, 2.0]]))
+    assert seen and all(all(s == 0 for s in g.stride()) for g in seen)
 
 
 def test_auto_computes_a_tiny_jacobian_row_by_row(monkeypatch):
@@ -80,7 +128,7 @@ def _lstm_losses():
     return losses, list(lstm.parameters())
 
 
-def test_auto_never_runs_vmaps_slow_per_row_fallback():
+def test_auto_never_runs_vmaps_slow_per_row_fallback(monkeypatch):
     """An operator without a batching rule makes ``auto`` take the loop (with its one warning) instead
     of vmap's per-row fallback, which is the loop with overhead (3.7× slower on QM9); the rows are the
     loop's. ``batched`` (forced) still runs through the fallback; the fallback setting is restored."""
@@ -88,6 +136,9 @@ def test_auto_never_runs_vmaps_slow_per_row_fallback():
 
     from torch._C import _functorch
 
+    import mtl_tune.jacobian as jmod
+
+    monkeypatch.setattr(jmod, "AUTO_LOOP_DEVICES", frozenset())  # as on a GPU: auto tries the batched pass
     losses, params = _lstm_losses()
     want = jacobian_loop(losses, params, retain_graph=True)
     engine = JacobianEngine("auto")
@@ -97,7 +148,7 @@ def test_auto_never_runs_vmaps_slow_per_row_fallback():
         again = engine.jacobian(losses, params, retain_graph=True)
     texts = [str(w.message) for w in caught]
     assert not any("performance drop" in t for t in texts), texts
-    if engine.effective_mode == "loop":  # this torch has no rule for the LSTM's backward
+    if engine.fell_back:  # this torch has no rule for the LSTM's backward
         assert sum("batched Jacobian unavailable" in t for t in texts) == 1, texts
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-6)

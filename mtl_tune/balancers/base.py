@@ -458,7 +458,7 @@ class GradientBalancer(Balancer):
     def path_for(self, losses: Tensor, shared: Sequence[Tensor], group: Any = None) -> str:
         """The path this step takes (see :func:`pick_gradient_path`)."""
         return pick_gradient_path(self.name, self.gradient_path, self.supports_gram, losses.shape[0], shared,
-                                  self.engine.can_stream_gram, group)
+                                  self.engine.can_stream_gram(losses.device), group)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name)

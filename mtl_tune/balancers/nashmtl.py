@@ -281,7 +281,7 @@ class NashMTL(Balancer):
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         group = self._sync_group()
         path = pick_gradient_path(self.name, self.gradient_path, True, self.n_tasks, shared,
-                                  self.engine.can_stream_gram, group)
+                                  self.engine.can_stream_gram(losses.device), group)
         if self.step_count % self.update_weights_every == 0 and path == "gram":
             # the update is Σ αᵢ gᵢ: the Gram matrix, then one backward of Σ αᵢ ℓᵢ (or 0 if stationary)
             a = self.engine.gram(losses, shared)
