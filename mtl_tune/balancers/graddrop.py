@@ -27,10 +27,9 @@ Randomness: the balancer's own generator (seeded by ``seed``, saved in ``state_d
 created on the Jacobian's device so U is drawn where the gradients live (lockstep rows, the toy's,
 draw on the CPU, blocks of steps ahead: :mod:`~mtl_tune.balancers._random_rows`).
 
-The formulas run on a group of tasks at a time (:func:`task_groups`): all K for a small Jacobian
-(few torch calls: each costs microseconds whatever its size), one or a few for a model's (P-sized
-temporaries). Sums over the tasks are taken task by task in order, so the numbers do not depend on
-the grouping.
+The formulas run on the whole Jacobian when it is small (few torch calls: each costs microseconds
+whatever its size) and on column blocks of a model's (cache-sized temporaries: :func:`masked_sum`).
+Sums over the tasks are taken task by task in order, so the direction does not depend on the blocks.
 Reported weights: the least-squares effective weight of each task,
 w_i = ⟨m_i ⊙ g_i, g_i⟩ / ‖g_i‖² with m_i = λ + (1 − λ) M_i (1 for a zero gradient).
 """
@@ -48,55 +47,42 @@ from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_step
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
 
-#: a Jacobian of at most this many entries (all rows) is taken all tasks at once (:func:`task_groups`)
-GROUP_ENTRIES = 2 ** 16
+#: a Jacobian of at most this many entries (all rows) is taken all at once (the toy's); a larger one
+#: in column blocks of at most this many entries on a CPU (:func:`masked_sum`)
+BLOCK_ENTRIES = 2 ** 16
+#: the column blocks' size elsewhere (a GPU: few, large kernels; the temporaries stay bounded)
+BLOCK_ENTRIES_GPU = 2 ** 24
 
 
 def purity(jacobian: Tensor) -> Tensor:
     """P_c = ½(1 + Σ_i g_ic / Σ_i |g_ic|) per coordinate (..., P) of Jacobians (..., K, P), ½ where
-    all g_ic are 0 (a group of tasks at a time: :func:`task_groups`)."""
-    return _purity(jacobian, _magnitude(task_groups(jacobian))).squeeze(-2)
+    all g_ic are 0."""
+    return _purity(jacobian, _magnitude(jacobian)).squeeze(-2)
 
 
-def task_groups(jacobian: Tensor) -> tuple[Tensor, ...]:
-    """The Jacobian (..., K, P) split into groups of tasks (..., G, P) that the formulas take at once.
-
-    All K tasks when the Jacobian (all rows) has at most :data:`GROUP_ENTRIES` entries: few torch calls
-    (each costs microseconds, whatever its size) for a small Jacobian like the toy's. A large one goes
-    as many tasks at a time as fit in that many entries, at least one, so the temporaries stay
-    P-sized (a K×P ``abs`` of a model's Jacobian would double its memory)."""
-    k = jacobian.shape[-2]
-    per_task = jacobian.numel() // max(k, 1)
-    group = max(1, min(k, GROUP_ENTRIES // max(per_task, 1)))
-    return (jacobian,) if group >= k else jacobian.split(group, dim=-2)
-
-
-def _task_sum(group: Tensor, keepdim: bool = False, total: Tensor | None = None) -> Tensor:
-    """total + g₀ + g₁ + … over a group's tasks (..., G, P), from left to right: the task-by-task sum, the
-    same numbers whatever the grouping (torch's sum over a dimension regroups the terms from 5 on; for
-    two terms it is the one addition, so it serves there, in one call)."""
-    if total is None and group.shape[-2] <= 2:
+def _task_sum(group: Tensor, keepdim: bool = False) -> Tensor:
+    """g₀ + g₁ + … over the tasks (..., K, P), from left to right: the task-by-task sum, the same numbers
+    for any column block (torch's sum over a dimension regroups the terms from 5 on; for two terms
+    it is the one addition, so it serves there, in one call)."""
+    if group.shape[-2] <= 2:
         return group.sum(-2, keepdim=keepdim)
+    total = None
     for part in (group.split(1, dim=-2) if keepdim else group.unbind(-2)):
         total = part if total is None else total + part
     assert total is not None
     return total
 
 
-def _magnitude(groups: Sequence[Tensor], magnitudes: Sequence[Tensor] | None = None) -> Tensor:
-    """Σ_i |g_ic| (..., 1, P), from the groups' |g| when given (one group: kept for the weights)."""
-    total = None
-    for m in magnitudes or (g.abs() for g in groups):
-        total = _task_sum(m, keepdim=True, total=total)
-    assert total is not None
-    return total
+def _magnitude(group: Tensor, magnitude: Tensor | None = None) -> Tensor:
+    """Σ_i |g_ic| (..., 1, P), from |g| when given."""
+    return _task_sum(group.abs() if magnitude is None else magnitude, keepdim=True)
 
 
 def _purity(jacobian: Tensor, magnitude: Tensor) -> Tensor:
     """P (..., 1, P) from the Jacobian and Σ_i |g_ic|. Where that is 0, so is Σ_i g_ic, and 0/0 = NaN
     becomes the ratio 0 (P = ½); |Σ_i g_ic| ≤ Σ_i |g_ic| keeps every other ratio in [−1, 1] (a NaN entry
     gives ½ too; infinite entries, which balancers refuse before, would give ½ instead of NaN)."""
-    return (jacobian.sum(-2, keepdim=True) / magnitude).nan_to_num_(0.0).add_(1.0).mul_(0.5)
+    return (_task_sum(jacobian, keepdim=True) / magnitude).nan_to_num_(0.0).add_(1.0).mul_(0.5)
 
 
 def _keep_positive(uniform: Tensor, purity_: Tensor) -> Tensor:
@@ -105,41 +91,59 @@ def _keep_positive(uniform: Tensor, purity_: Tensor) -> Tensor:
 
 
 def _kept(group: Tensor, keep_positive: Tensor) -> Tensor:
-    """M (..., G, P) bool: the entry's sign is the kept one (a zero entry has neither sign)."""
+    """M (..., K, P) bool: the entry's sign is the kept one (a zero entry has neither sign)."""
     return torch.where(keep_positive, group > 0, group < 0)
 
 
 def _masked(group: Tensor, keep_positive: Tensor, leak: float) -> Tensor:
-    """m ⊙ g (..., G, P) of a group of tasks (λ = 0: g·M, the same numbers as (0 + 1·M)·g in one call)."""
+    """m ⊙ g (..., K, P) (λ = 0: g·M, the same numbers as (0 + 1·M)·g in one call)."""
     kept = _kept(group, keep_positive)
     return group * kept if leak == 0.0 else kept.to(group.dtype).mul_(1.0 - leak).add_(leak).mul_(group)
 
 
 def graddrop_multipliers(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
     """Per-entry multipliers m_ic = λ + (1 − λ) M_ic (..., K, P) for uniforms U (..., P)."""
-    keep = _keep_positive(uniform, _purity(jacobian, _magnitude((jacobian,))))
+    keep = _keep_positive(uniform, _purity(jacobian, _magnitude(jacobian)))
     return _kept(jacobian, keep).to(jacobian.dtype).mul_(1.0 - leak).add_(leak)
 
 
 def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Tensor, Tensor]:
     """The GradDrop direction d = Σ_i m_i ⊙ g_i (..., P) and the effective weights (..., K) of
-    Jacobians (..., K, P) for uniforms U (..., P), a group of tasks at a time (:func:`task_groups`): the
-    whole Jacobian in 22 torch calls when it is small, P-sized temporaries when it is large."""
-    groups = task_groups(jacobian)
-    magnitudes = [groups[0].abs()] if len(groups) == 1 else None
-    keep_positive = _keep_positive(uniform, _purity(jacobian, _magnitude(groups, magnitudes)))
-    direction, weights = None, []
-    for i, group in enumerate(groups):
-        masked = _masked(group, keep_positive, leak)
-        direction = _task_sum(masked, total=direction)
-        weights.append(_effective_weights(group, masked, magnitudes[i] if magnitudes else group.abs()))
-    return direction, (weights[0] if len(weights) == 1 else torch.cat(weights, -1))
+    Jacobians (..., K, P) for uniforms U (..., P).
+
+    A small Jacobian (≤ :data:`BLOCK_ENTRIES` entries, the toy's) in one go: 22 torch calls. A large one
+    (a model's) in column blocks of that many entries: every formula is per coordinate, so the
+    direction is the same, bit for bit; the dozen element-wise passes then run on a block that stays
+    in the CPU's cache instead of sweeping the K×P Jacobian from memory a dozen times (NYUv2,
+    K = 3, 44 M parameters: 4.5 → 1.5 s of CPU; docs/performance.md §8.4), and the temporaries are
+    block-sized. The weights' sums are then accumulated in float64 over the blocks (no rescaling
+    needed: float32 squares cannot overflow there), equal to the one-go weights to rounding."""
+    if jacobian.numel() <= BLOCK_ENTRIES:
+        magnitude = jacobian.abs()
+        keep_positive = _keep_positive(uniform, _purity(jacobian, _magnitude(jacobian, magnitude)))
+        masked = _masked(jacobian, keep_positive, leak)
+        return _task_sum(masked), _effective_weights(jacobian, masked, magnitude)
+    k, p = jacobian.shape[-2], jacobian.shape[-1]
+    entries = BLOCK_ENTRIES if jacobian.device.type == "cpu" else BLOCK_ENTRIES_GPU
+    width = max(1, entries // (jacobian[..., :1].numel()))
+    direction = jacobian.new_empty(jacobian.shape[:-2] + (p,))
+    energy = torch.zeros(jacobian.shape[:-1], dtype=torch.float64, device=jacobian.device)
+    kept = torch.zeros_like(energy)
+    for start in range(0, p, width):
+        block = jacobian[..., start:start + width]
+        keep_positive = _keep_positive(uniform[..., start:start + width], _purity(block, _magnitude(block)))
+        masked = _masked(block, keep_positive, leak)
+        direction[..., start:start + width] = _task_sum(masked)
+        wide = block.to(torch.float64)
+        energy += (wide * wide).sum(-1)
+        kept += (masked.to(torch.float64) * wide).sum(-1)
+    return direction, (kept / energy).nan_to_num_(1.0).to(jacobian.dtype)
 
 
 def _effective_weights(group: Tensor, masked: Tensor, magnitude: Tensor) -> Tensor:
-    """⟨m ⊙ g, g⟩/‖g‖² (..., G) per task of a group (1 for a zero gradient), from |g| (``magnitude``),
-    on g/max|g| so the squares neither overflow nor underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖²
-    for any s > 0. No host sync (elementwise, not a branch): K of them per step on a GPU otherwise.
+    """⟨m ⊙ g, g⟩/‖g‖² (..., K) per task (1 for a zero gradient), from |g| (``magnitude``), on g/max|g| so
+    the squares neither overflow nor underflow: ⟨m ⊙ g, g⟩/‖g‖² = ⟨m ⊙ g/s, g/s⟩/‖g/s‖² for any s > 0. No
+    host sync (elementwise, not a branch): K of them per step on a GPU otherwise.
 
     A non-zero g has an entry ±1 after scaling, so ‖g/s‖² ≥ 1 and the ratio is finite; a zero g (s = 0)
     gives NaNs (0/0), and its weight becomes 1 (so does a NaN entry's)."""
