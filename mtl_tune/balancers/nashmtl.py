@@ -70,6 +70,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import inspect
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -298,7 +299,8 @@ class NashMTL(Balancer):
             jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
             direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
-            if not bool(torch.isfinite(direction).all()):
+            # one reduction instead of a P-sized isfinite mask: any NaN/inf entry makes the sum non-finite
+            if not math.isfinite(float(direction.sum())):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             self._write_shared(shared, direction, group)
             if heads:
