@@ -9,7 +9,8 @@ the trials, the tables and plots. Workloads:
 * ``help``: ``--help``; ``bad-name``: ``--method nope`` (exit 2);
 * errors that need the benchmark's class (exit 2): ``bad-objective`` (``--objective nope``),
   ``bad-config`` (``--config nope=1``), ``bad-data`` (MultiMNIST under a missing ``--data-root``),
-  ``bad-data-dense`` (NYUv2 under a missing ``--data-root``); their "same results" column
+  ``bad-data-dense`` (NYUv2 under a missing ``--data-root``), ``bad-data-qm9``, ``bad-data-celeba`` (the same
+  for QM9, CelebA); their "same results" column
   compares the error message of the two trees;
 * ``readme``: the README's main command (no arguments: toy, five methods, what fits on the CPUs);
 * ``toy1``: ``--method cagrad --num-samples 4 --max-concurrent 1 --config steps_per_epoch=200`` on
@@ -56,6 +57,8 @@ WORKLOADS = {
     "bad-config": ["--config", "nope=1"],
     "bad-data": ["--benchmark", "multi_mnist", "--data-root", "{storage}/missing"],
     "bad-data-dense": ["--benchmark", "nyuv2", "--data-root", "{storage}/missing"],
+    "bad-data-qm9": ["--benchmark", "qm9", "--data-root", "{storage}/missing"],
+    "bad-data-celeba": ["--benchmark", "celeba", "--data-root", "{storage}/missing"],
     "readme": [],
     "toy1": ["--method", "cagrad", "--num-samples", "4", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],
     "toy8": ["--method", "cagrad", "--num-samples", "8", "--max-concurrent", "1", "--config", "steps_per_epoch=200"],

@@ -11,7 +11,9 @@ from PIL import Image
 
 from mtl_tune.benchmarks import _celeba_data as cd
 from mtl_tune.benchmarks.base import DataError
-from mtl_tune.benchmarks.celeba import STL_F1, Celeba, CelebaNet, f1_counts, f1_from_counts
+from mtl_tune.benchmarks import _celeba_loader as cl
+from mtl_tune.benchmarks._celeba_model import CelebaNet, f1_counts, f1_from_counts
+from mtl_tune.benchmarks.celeba import STL_F1, Celeba
 from mtl_tune.metrics import delta_m
 from mtl_tune.registry import get_balancer, get_benchmark
 
@@ -214,7 +216,7 @@ def test_cache_build_with_a_corrupt_image_names_it_and_leaves_no_partial_cache(c
     paths = cd.resolve_paths(celeba_root)
     files, _ = cd.load_index(paths).split("train")
     with pytest.raises(DataError, match=f"celeba: image {path}: cannot decode it"):
-        cd.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
+        cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
     assert sorted(os.listdir(tmp_path / "cache")) == ["celeba_train_32px.npy.lock"]
 
 
@@ -278,9 +280,9 @@ def test_evaluate_known_answer_constant_predictions(celeba_root):
 def test_cache_holds_the_same_images(celeba_root, tmp_path):
     paths = cd.resolve_paths(celeba_root)
     files, labels = cd.load_index(paths).split("train")
-    path = cd.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
-    assert cd.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, 0) == path  # reused
-    live, cached = cd.CelebaImages(paths.img_dir, files, labels, 32), cd.CachedImages(path, labels)
+    path = cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
+    assert cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, 0) == path  # reused
+    live, cached = cl.CelebaImages(paths.img_dir, files, labels, 32), cl.CachedImages(path, labels)
     for i in range(len(files)):
         assert torch.equal(live[i][0], cached[i][0]) and torch.equal(live[i][1], cached[i][1])
     bench = Celeba(data_root=celeba_root)

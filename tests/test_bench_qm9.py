@@ -18,8 +18,9 @@ from torch_geometric.utils import one_hot, remove_self_loops  # noqa: E402
 
 from mtl_tune.benchmarks import _qm9_data as qd  # noqa: E402
 from mtl_tune.benchmarks.base import DataError  # noqa: E402
-from mtl_tune.benchmarks.qm9 import (MEV_OUTPUTS, STL_MAE, TARGETS, QM9Benchmark, QM9Net,  # noqa: E402
-                                     mae_original_units, target_stats)
+from mtl_tune.benchmarks import _qm9_files as qf  # noqa: E402
+from mtl_tune.benchmarks._qm9_model import QM9Net, mae_original_units, target_stats  # noqa: E402
+from mtl_tune.benchmarks.qm9 import MEV_OUTPUTS, STL_MAE, TARGETS, QM9Benchmark  # noqa: E402
 from mtl_tune.metrics import delta_m  # noqa: E402
 from mtl_tune.registry import get_balancer, get_benchmark  # noqa: E402
 
@@ -205,7 +206,7 @@ def _tree(root) -> list[str]:
 
 
 def test_raw_sdf_without_rdkit_says_rdkit_is_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(qd, "_has_rdkit", lambda: False)
+    monkeypatch.setattr(qf, "_has_rdkit", lambda: False)
     os.makedirs(tmp_path / "raw")
     for name in ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt"):
         (tmp_path / "raw" / name).write_text("x")
@@ -217,7 +218,7 @@ def test_raw_sdf_without_rdkit_says_rdkit_is_needed(tmp_path, monkeypatch):
 
 
 def test_partial_raw_sdf_names_the_missing_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(qd, "_has_rdkit", lambda: True)
+    monkeypatch.setattr(qf, "_has_rdkit", lambda: True)
     os.makedirs(tmp_path / "raw")
     (tmp_path / "raw" / "gdb9.sdf").write_text("x")
     with pytest.raises(DataError, match=r"found raw/gdb9\.sdf under .* but not raw/gdb9\.sdf\.csv, raw/uncharacterized"):

@@ -95,9 +95,9 @@ def test_a_trial_imports_only_its_own_method_and_benchmark():
     assert "nashmtl" not in loaded and "multi_mnist" not in loaded, loaded
 
 
-#: benchmarks whose class (settings, metrics, options, data check) loads without torch; qm9's data
-#: check needs torch-geometric and celeba's class its torch data module, so they still load torch
-LIGHT_BENCHMARKS = ("cityscapes", "multi_mnist", "nyuv2", "toy")
+#: benchmarks whose class (settings, metrics, options, data check) loads without torch: all of them
+#: (qm9's check needs torch once its files are there, to read them)
+LIGHT_BENCHMARKS = ("celeba", "cityscapes", "multi_mnist", "nyuv2", "qm9", "toy")
 
 
 def _declared(cls) -> dict:
@@ -140,10 +140,16 @@ def test_light_benchmarks_declare_the_same_without_torch():
     (["--benchmark", "multi_mnist", "--data-root", "{missing}"], "{missing}/MNIST/raw does not exist; expected the MNIST idx files"),
     (["--benchmark", "nyuv2", "--data-root", "{missing}"], "NYUv2 data at {missing}: folder does not exist. Expected: train/ and val/"),
     (["--benchmark", "cityscapes", "--objective", "seg/nope"], "unknown objective 'seg/nope' for benchmark cityscapes"),
+    (["--benchmark", "qm9", "--data-root", "{missing}"], "qm9: data root {missing} is not a directory; expected processed"),
+    (["--benchmark", "qm9", "--data-root", "{empty}"], "qm9: no QM9 data under {empty}: expected processed"),
+    (["--benchmark", "celeba", "--data-root", "{missing}"], "celeba: data root {missing} is not a directory"),
+    (["--benchmark", "celeba", "--data-root", "{empty}"], "celeba: "),
 ])
 def test_errors_that_need_the_benchmark_do_not_import_torch(argv, text, tmp_path):
-    missing = str(tmp_path / "missing")
-    argv = [a.replace("{missing}", missing) for a in argv]
+    missing, empty = str(tmp_path / "missing"), str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{missing}", missing).replace("{empty}", empty) for a in argv]
+    text = text.replace("{empty}", empty)
     script = textwrap.dedent(f"""
         import sys
         from mtl_tune.search.cli import main

@@ -1,4 +1,6 @@
-"""CelebA files: layout resolution, annotation parsing, validation, image datasets, cache.
+"""CelebA files: layout resolution, annotation parsing, validation (no torch; pandas is imported by
+the parsers: a missing data root is reported as fast as ``--help``). The image datasets and the
+resized-image cache are in :mod:`._celeba_loader`.
 
 Layouts accepted under the data root (docs/benchmarks.md#celeba):
 
@@ -16,17 +18,13 @@ model divides by 255 (= ``ToTensor``); no normalisation, no augmentation.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from mtl_tune.benchmarks.base import DataError
 
@@ -88,6 +86,8 @@ def resolve_paths(root: str) -> CelebaPaths:
 
 def parse_attributes(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(file names (n,), labels (n, 40) uint8 ∈ {0, 1}) from ``list_attr_celeba.txt``."""
+    import pandas as pd
+
     try:
         with open(path) as f:
             count = int(f.readline().strip())
@@ -113,6 +113,8 @@ def parse_attributes(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def parse_partition(path: str, files: np.ndarray) -> np.ndarray:
     """Partition codes (n,) ∈ {0, 1, 2} from ``list_eval_partition.txt``, rows matching ``files``."""
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, sep=r"\s+", header=None, dtype=str)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
@@ -220,68 +222,3 @@ def load_image(path: str, size: int) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _image_error(path, f"cannot decode it ({e}): truncated or not a JPEG") from e
-
-
-class CelebaImages(Dataset):
-    """(uint8 image (3, s, s), float labels (40,)) decoded from the JPEGs on every access."""
-
-    def __init__(self, img_dir: str, files: np.ndarray, labels: np.ndarray, size: int) -> None:
-        self.img_dir, self.files, self.size = img_dir, files, size
-        self.labels = torch.from_numpy(labels.astype(np.float32))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(load_image(os.path.join(self.img_dir, self.files[i]), self.size)), self.labels[i]
-
-
-class CachedImages(Dataset):
-    """Same items as :class:`CelebaImages`, read from a pre-resized uint8 ``.npy`` memmap."""
-
-    def __init__(self, array_path: str, labels: np.ndarray) -> None:
-        self.array_path, self.array = array_path, None
-        self.labels = torch.from_numpy(labels.astype(np.float32))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.array is None:  # opened lazily so each loader worker maps the file itself
-            self.array = np.load(self.array_path, mmap_mode="r")
-        return torch.from_numpy(np.array(self.array[i])), self.labels[i]
-
-
-def cached_split(cache_dir: str, img_dir: str, files: np.ndarray, split: str, size: int,
-                 num_workers: int) -> str:
-    """Path of ``celeba_<split>_<size>px.npy`` (n, 3, s, s) uint8, built once if missing.
-
-    Decoding the 162k training JPEGs dominates CelebA's epoch time (docs/benchmarks.md#compute-estimates); the
-    cache holds exactly the bytes the on-the-fly transform produces. An exclusive file lock
-    makes concurrent trials wait for one builder; the file appears atomically (rename).
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"celeba_{split}_{size}px.npy")
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(path):
-            arr = np.load(path, mmap_mode="r")
-            if arr.shape != (len(files), 3, size, size) or arr.dtype != np.uint8:
-                raise DataError(f"celeba: cache {path} has shape {arr.shape} {arr.dtype}, expected "
-                                f"({len(files)}, 3, {size}, {size}) uint8; delete it to rebuild")
-            return path
-        tmp = path + ".tmp.npy"
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
-            ds = CelebaImages(img_dir, files, np.zeros((len(files), 40), np.uint8), size)
-            start = 0
-            for x, _ in DataLoader(ds, batch_size=512, num_workers=num_workers):
-                out[start:start + len(x)] = x.numpy()
-                start += len(x)
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        finally:  # a bad image (DataError naming it) leaves no half-written cache behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path

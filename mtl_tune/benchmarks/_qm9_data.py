@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,15 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_tune.benchmarks import _qm9_files as qf
+from mtl_tune.benchmarks._qm9_files import (DATA_HINT, N_BOND_TYPES, N_NODE_FEATURES, N_TARGETS, PROCESSED,
+                                            RAW_PREPROCESSED, RAW_SDF, available_source)
 from mtl_tune.benchmarks.base import DataError
 
 PYG_HINT = 'QM9 needs torch-geometric: pip install "mtl_tune[qm9]" (or pip install torch-geometric)'
-DATA_HINT = ("get QM9 with torch_geometric.datasets.QM9(root) on a machine with internet (it downloads "
-             "raw/qm9_v3.pt and writes processed/data_v3.pt) and copy <root>/raw and/or <root>/processed here")
-PROCESSED = os.path.join("processed", "data_v3.pt")
-RAW_PREPROCESSED = os.path.join("raw", "qm9_v3.pt")
-RAW_SDF = tuple(os.path.join("raw", f) for f in ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt"))
-N_NODE_FEATURES, N_BOND_TYPES, N_TARGETS = 11, 4, 19
 
 
 def require_pyg() -> Any:
@@ -45,47 +41,6 @@ def require_pyg() -> Any:
     except ImportError as e:
         raise ImportError(PYG_HINT) from e
     return datasets
-
-
-def _has_rdkit() -> bool:
-    try:
-        import rdkit  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _names(paths: Sequence[str]) -> str:
-    return ", ".join(str(p) for p in paths)
-
-
-def available_source(root: str) -> str:
-    """Which QM9 files under ``root`` will be read; :class:`DataError` naming what is missing.
-
-    ``"processed"`` (PyG's ``processed/data_v3.pt``), ``"raw_preprocessed"`` (``raw/qm9_v3.pt``)
-    or ``"raw_sdf"`` (``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``, needs RDKit).
-    """
-    if not os.path.isdir(root):
-        raise DataError(f"qm9: data root {root} is not a directory; expected {PROCESSED} or {RAW_PREPROCESSED} "
-                        f"under it; {DATA_HINT}")
-    if os.path.isfile(os.path.join(root, PROCESSED)):
-        return "processed"
-    sdf_found = [f for f in RAW_SDF if os.path.isfile(os.path.join(root, f))]
-    if _has_rdkit() and len(sdf_found) == len(RAW_SDF):
-        return "raw_sdf"
-    if os.path.isfile(os.path.join(root, RAW_PREPROCESSED)):
-        return "raw_preprocessed"
-    if sdf_found and not _has_rdkit():
-        raise DataError(f"qm9: found the raw files {_names(sdf_found)} under {root}, but processing them needs "
-                        f"RDKit (pip install rdkit), or put PyG's pre-processed {RAW_PREPROCESSED} (or "
-                        f"{PROCESSED}) there instead; {DATA_HINT}")
-    if sdf_found:
-        missing = [f for f in RAW_SDF if f not in sdf_found]
-        raise DataError(f"qm9: found {_names(sdf_found)} under {root} but not {_names(missing)}; the raw QM9 "
-                        f"needs all of {_names(RAW_SDF)} (or PyG's {RAW_PREPROCESSED} or {PROCESSED}); {DATA_HINT}")
-    raise DataError(f"qm9: no QM9 data under {root}: expected {PROCESSED} (PyG's processed file), "
-                    f"{RAW_PREPROCESSED} (PyG's pre-processed download) or {_names(RAW_SDF)} with RDKit; "
-                    f"{DATA_HINT}")
 
 
 @lru_cache(maxsize=2)
@@ -115,7 +70,7 @@ def _offline_class() -> type:
                 raise DataError(f"qm9: raw files {self.raw_file_names} missing under {self.raw_dir}; {DATA_HINT}")
 
         def process(self) -> None:
-            if self.source != "raw_preprocessed" or not _has_rdkit():
+            if self.source != "raw_preprocessed" or not qf._has_rdkit():
                 return super().process()  # PyG's own processing (without RDKit: from qm9_v3.pt)
             from torch_geometric.data import Data
             from torch_geometric.io import fs

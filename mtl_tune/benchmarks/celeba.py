@@ -33,18 +33,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
-
-from mtl_tune.balancers.base import ForwardOutput
 from mtl_tune.benchmarks import _celeba_data as cd
 from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the model and the loaders are imported where a run needs them: the data check (layout,
+# annotation tables, JPEG markers) runs without them, and a bad data root is reported as fast as
+# --help (docs/performance.md §4.2)
 
 #: STL test F1 per attribute (FAMO issue #2 / MTLlib ``experiments/celeba/delta_m.py``)
 STL_F1 = (
@@ -55,62 +55,6 @@ STL_F1 = (
     0.9305602, 0.33704284, 0.7647628, 0.91907,
 )
 SPLIT_SIZES = {"train": 162770, "val": 19867, "test": 19962}
-
-
-def _conv(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class CelebaNet(nn.Module):
-    """Shared CNN (5,176,640 parameters) + 40 linear heads (20,520)."""
-
-    def __init__(self, n_tasks: int = 40) -> None:
-        super().__init__()
-        pool = nn.MaxPool2d(2, stride=2)
-        self.trunk = nn.Sequential(
-            *_conv(3, 64), pool, *_conv(64, 128), *_conv(128, 128), pool, *_conv(128, 256), *_conv(256, 256), pool,
-            *_conv(256, 512), *_conv(512, 512), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(inplace=True))
-        self.heads = nn.ModuleList([nn.Linear(512, 1) for _ in range(n_tasks)])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, 3, s, s) in [0, 1] → (logits (B, 40), representation (B, 512))."""
-        h = self.trunk(x)
-        return torch.cat([head(h) for head in self.heads], dim=1), h
-
-
-def f1_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-attribute (TP, FP, FN) of ŷ = 1[σ(z) > 0.5] against 0/1 ``labels`` (B, K)."""
-    pred = torch.sigmoid(logits).gt(0.5).double()
-    y = labels.double()
-    return (pred * y).sum(0), (pred * (1 - y)).sum(0), ((1 - pred) * y).sum(0)
-
-
-def f1_from_counts(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
-    """F1 = 2PR/(P + R + 1e-8) with P = TP/(TP+FP+1e-8), R = TP/(TP+FN+1e-8) (official epsilons)."""
-    precision = tp / (tp + fp + 1e-8)
-    recall = tp / (tp + fn + 1e-8)
-    return 2 * precision * recall / (precision + recall + 1e-8)
-
-
-def to_unit(images_u8: Tensor) -> Tensor:
-    """uint8 → float in [0, 1] (``ToTensor``)."""
-    return images_u8.float().div_(255.0)
-
-
-class _SyntheticLoader:
-    """Random uint8 images/labels of the real shapes, ``n`` samples in batches (throughput only)."""
-
-    def __init__(self, n: int, batch_size: int, size: int, seed: int) -> None:
-        self.n, self.batch_size, self.size, self.seed = n, batch_size, size, seed
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed)
-        for s in range(0, self.n, self.batch_size):
-            b = min(self.batch_size, self.n - s)
-            yield (torch.randint(0, 256, (b, 3, self.size, self.size), dtype=torch.uint8, generator=gen),
-                   torch.randint(0, 2, (b, 40), generator=gen).float())
 
 
 class Celeba(Benchmark):
@@ -164,6 +108,8 @@ class Celeba(Benchmark):
         return "val/mean_f1", "max"
 
     def make_optimizer(self, params: Sequence[dict[str, Any]], config: dict[str, Any]) -> torch.optim.Optimizer:
+        import torch
+
         groups = list(params)
         if not config.get("train_balancer_params", True):
             groups = groups[:1]  # official CelebA trainers: Adam(model.parameters()) only
@@ -174,17 +120,25 @@ class Celeba(Benchmark):
         if kind in (None, "none"):
             return None
         if kind == "cosine":
+            import torch
+
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(config["epochs"]))
         raise ValueError(f"celeba: scheduler must be None, 'none' or 'cosine', got {kind!r}")
 
     # ------------------------------------------------------------------ data
     def _loaders(self, config: dict[str, Any], device: torch.device) -> tuple[Any, dict[str, Any], torch.Generator]:
+        import torch
+        from torch.utils.data import DataLoader, RandomSampler
+
+        from mtl_tune.benchmarks import _celeba_loader as cl
+        from mtl_tune.benchmarks._celeba_model import SyntheticLoader
+
         bs, ebs, size = int(config["batch_size"]), int(config.get("eval_batch_size", 256)), int(config["image_size"])
         gen = torch.Generator()
         if self.synthetic:
             seed = int(config.get("seed", 0))
-            evals = {s: _SyntheticLoader(SPLIT_SIZES[s], ebs, size, seed + i) for i, s in enumerate(("val", "test"))}
-            return _SyntheticLoader(SPLIT_SIZES["train"], bs, size, seed + 7), evals, gen
+            evals = {s: SyntheticLoader(SPLIT_SIZES[s], ebs, size, seed + i) for i, s in enumerate(("val", "test"))}
+            return SyntheticLoader(SPLIT_SIZES["train"], bs, size, seed + 7), evals, gen
         paths = self._paths()
         index = cd.load_index(paths)
         workers = int(config.get("num_workers", 2))
@@ -193,15 +147,23 @@ class Celeba(Benchmark):
         for split in ("train", "val", "test"):
             files, labels = index.split(split)
             if config.get("cache_dir"):
-                arr = cd.cached_split(os.path.abspath(config["cache_dir"]), paths.img_dir, files, split, size, workers)
-                sets[split] = cd.CachedImages(arr, labels)
+                arr = cl.cached_split(os.path.abspath(config["cache_dir"]), paths.img_dir, files, split, size, workers)
+                sets[split] = cl.CachedImages(arr, labels)
             else:
-                sets[split] = cd.CelebaImages(paths.img_dir, files, labels, size)
+                sets[split] = cl.CelebaImages(paths.img_dir, files, labels, size)
         train = DataLoader(sets["train"], batch_size=bs, sampler=RandomSampler(sets["train"], generator=gen), **common)
         evals = {s: DataLoader(sets[s], batch_size=ebs, shuffle=False, **common) for s in ("val", "test")}
         return train, evals, gen
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F  # noqa: N812 - the usual name
+        from torch import Tensor
+
+        from mtl_tune.balancers.base import ForwardOutput
+        from mtl_tune.benchmarks._celeba_model import CelebaNet, f1_counts, f1_from_counts, to_unit
+
         config = {**self.defaults, **config}
         model = CelebaNet(self.n_tasks).to(device)
         train_loader, eval_loaders, gen = self._loaders(config, device)

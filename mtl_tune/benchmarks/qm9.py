@@ -33,85 +33,28 @@ report the test metrics at the epoch of lowest validation Δm (``default_objecti
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from mtl_tune.balancers.base import ForwardOutput
-from mtl_tune.benchmarks import _qm9_data as qd
+from mtl_tune.benchmarks import _qm9_files as qf
+from mtl_tune.benchmarks._qm9_files import MEV_OUTPUTS, TARGETS, TASKS  # noqa: F401 - the benchmark's constants
 from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
 from mtl_tune.metrics import MetricSpec, delta_m
 
-TARGETS = (0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11)
-TASKS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv")
-#: outputs reported in meV (×1000 from PyG's eV)
-MEV_OUTPUTS = (2, 3, 5, 6, 7, 8, 9)
+if TYPE_CHECKING:
+    import torch
+
+# torch, torch-geometric, the model and the dataset are imported where a run needs them: a missing
+# or incomplete data root is reported without them, as fast as --help (docs/performance.md §4.2)
 #: STL MAE (nash-mtl / FAMO / MTLlib ``BASE``), energies in meV
 STL_MAE = (0.0671, 0.1814, 60.576, 53.915, 0.5027, 4.539, 58.838, 64.244, 63.852, 66.223, 0.07212)
 SPLIT_SIZES = {"train": 110831, "val": 10000, "test": 10000}
 
 
-class QM9Net(nn.Module):
-    """The MPNN of Gilmer et al. as modified by nash-mtl (617,675 parameters at dim 64)."""
-
-    def __init__(self, n_tasks: int = 11, num_features: int = 11, dim: int = 64) -> None:
-        super().__init__()
-        qd.require_pyg()
-        from torch_geometric.nn import NNConv, Set2Set
-
-        self.lin0 = nn.Linear(num_features, dim)
-        edge_net = nn.Sequential(nn.Linear(5, 128), nn.ReLU(), nn.Linear(128, dim * dim))
-        self.conv = NNConv(dim, dim, edge_net, aggr="mean")
-        self.gru = nn.GRU(dim, dim)
-        self.set2set = Set2Set(dim, processing_steps=3)
-        self.lin1 = nn.Linear(2 * dim, dim)
-        self.heads = nn.ModuleList([nn.Linear(dim, 1) for _ in range(n_tasks)])
-
-    def shared_modules(self) -> list[nn.Module]:
-        return [self.lin0, self.conv, self.gru, self.set2set, self.lin1]
-
-    def forward(self, g: qd.GraphBatch) -> tuple[Tensor, Tensor]:
-        """→ (predictions (B, 11) in standardised units, representation (B, 64))."""
-        edge_index, edge_attr = qd.complete_with_distance(g)
-        out = F.relu(self.lin0(g.x))
-        h = out.unsqueeze(0)
-        for _ in range(3):
-            m = F.relu(self.conv(out, edge_index, edge_attr))
-            out, h = self.gru(m.unsqueeze(0), h)
-            out = out.squeeze(0)
-        feat = F.relu(self.lin1(self.set2set(out, g.batch, dim_size=g.num_graphs)))
-        return torch.cat([head(feat) for head in self.heads], dim=1), feat
-
-
-def target_stats(y_all: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased std (1, 11) of the selected targets over all molecules (official)."""
-    y = y_all[:, list(TARGETS)]
-    return y.mean(dim=0, keepdim=True), y.std(dim=0, keepdim=True)
-
-
-def mae_original_units(abs_err_std_sum: Tensor, std: Tensor, n: int) -> Tensor:
-    """MAE_k = σ_k Σ|ŷ − ỹ|_k / n, then ×1000 for the meV outputs (official ``evaluate``)."""
-    mae = abs_err_std_sum.double() * std.reshape(-1).double().to(abs_err_std_sum.device) / n
-    scale = torch.ones_like(mae)
-    scale[list(MEV_OUTPUTS)] = 1000.0
-    return mae * scale
-
-
 @lru_cache(maxsize=1)
 def _dataset(root: str) -> Any:
+    from mtl_tune.benchmarks import _qm9_data as qd
+
     return qd.load_qm9(root)
-
-
-class _SyntheticLoader:
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed)
-        for s in range(0, self.n, self.batch_size):
-            yield qd.synthetic_batch(min(self.batch_size, self.n - s), gen)
 
 
 class QM9Benchmark(Benchmark):
@@ -147,7 +90,7 @@ class QM9Benchmark(Benchmark):
     def _root(self) -> str:
         if self.root is None:
             raise DataError(f"qm9: no data root; pass --data-root or set ${self.data_env} to the folder holding "
-                            f"{qd.PROCESSED} or {qd.RAW_PREPROCESSED}; {qd.DATA_HINT}")
+                            f"{qf.PROCESSED} or {qf.RAW_PREPROCESSED}; {qf.DATA_HINT}")
         return self.root
 
     def check_data(self) -> None:
@@ -155,8 +98,12 @@ class QM9Benchmark(Benchmark):
         outside the data root); storage shapes, dtypes, finite values, bonds inside their molecule.
         Always the whole storage (``data_check`` makes no difference: it is loaded anyway)."""
         if not self.synthetic:  # synthetic: no data to check (building still needs torch-geometric)
+            root = self._root()
+            qf.available_source(root)  # which files: without torch
+            from mtl_tune.benchmarks import _qm9_data as qd
+
             qd.require_pyg()
-            _dataset(self._root())
+            _dataset(root)
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {}
@@ -165,6 +112,8 @@ class QM9Benchmark(Benchmark):
         return "val/delta_m", "min"
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+        import torch
+
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=float(config.get("lr_factor", 0.7)),
             patience=int(config.get("lr_patience", 5)), min_lr=float(config.get("min_lr", 1e-5)))
@@ -182,13 +131,17 @@ class QM9Benchmark(Benchmark):
 
     # ------------------------------------------------------------------ build
     def _loaders(self, config: dict[str, Any], seed: int
-                 ) -> tuple[Any, dict[str, Any], torch.Generator, Tensor, Tensor]:
+                 ) -> tuple[Any, dict[str, Any], torch.Generator, torch.Tensor, torch.Tensor]:
+        import torch
+
+        from mtl_tune.benchmarks._qm9_model import SyntheticLoader, target_stats
+
         bs = int(config["batch_size"])
         ebs = int(config.get("eval_batch_size") or bs)
         gen = torch.Generator()
         if self.synthetic:
-            evals = {s: _SyntheticLoader(SPLIT_SIZES[s], ebs, seed + i) for i, s in enumerate(("val", "test"))}
-            return (_SyntheticLoader(SPLIT_SIZES["train"], bs, seed + 7), evals, gen,
+            evals = {s: SyntheticLoader(SPLIT_SIZES[s], ebs, seed + i) for i, s in enumerate(("val", "test"))}
+            return (SyntheticLoader(SPLIT_SIZES["train"], bs, seed + 7), evals, gen,
                     torch.zeros(1, len(TASKS)), torch.ones(1, len(TASKS)))
         from torch_geometric.loader import DataLoader
 
@@ -209,6 +162,14 @@ class QM9Benchmark(Benchmark):
         return train, evals, gen, mean, std
 
     def build(self, config: dict[str, Any], device: torch.device) -> Setup:
+        import torch
+        import torch.nn.functional as F  # noqa: N812 - the usual name
+        from torch import Tensor
+
+        from mtl_tune.balancers.base import ForwardOutput
+        from mtl_tune.benchmarks import _qm9_data as qd
+        from mtl_tune.benchmarks._qm9_model import QM9Net, mae_original_units
+
         config = {**self.defaults, **config}
         seed = int(config.get("seed", 0))
         model = QM9Net(self.n_tasks, dim=int(config.get("dim", 64))).to(device)
