@@ -110,8 +110,10 @@ def test_jacobian_buffer_is_reused_and_fully_overwritten():
     assert torch.count_nonzero(second[:, -4:]) == 0  # the unused parameter
 
 
-def test_engine_returns_no_memory_to_autograd():
-    """What autograd.grad hands back from the hooked pass is a stride-0 zero, not a K×n copy."""
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+def test_engine_returns_no_memory_to_autograd(monkeypatch, mode):
+    """What autograd.grad hands back from the hooked passes is a stride-0 zero, not a K×n copy (batched)
+    or a task's P-sized gradient list next to the buffer (loop): the hooks took the gradients."""
     import mtl_tune.jacobian as jmod
 
     net = Net()
@@ -124,11 +126,12 @@ def test_engine_returns_no_memory_to_autograd():
         seen.extend(g for g in out if g is not None)
         return out
 
-    torch.autograd.grad = spy
-    try:
-        jmod.JacobianEngine("batched").gram(losses, net.shared())
-    finally:
-        torch.autograd.grad = real
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    engine = jmod.JacobianEngine(mode)
+    if mode == "batched":
+        engine.gram(losses, net.shared())
+    else:
+        engine.jacobian(losses, net.shared(), reuse=True)
     assert seen and all(all(s == 0 for s in g.stride()) for g in seen)
 
 
