@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     trees = {"before": Path(args.base).resolve(), "after": HERE}
     workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:  # before any work: one usage line and exit 2
+        p.error(f"unknown workload(s) {', '.join(unknown)}; valid: {', '.join(WORKLOADS)}")
     load0 = c.load_average()
     runs: dict[tuple[str, str], list[dict]] = {(w, t): [] for w in workloads for t in trees}
     for rep in range(args.repeats):

@@ -229,3 +229,10 @@ def test_toy_engine_smoke():
     for cells in rows.values():
         fast, api, ratio = (float(v) for v in cells[1:4])
         assert fast > 0 and api > 0 and ratio == pytest.approx(api / fast, rel=0.05)
+
+
+def test_search_wall_refuses_an_unknown_workload_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        search_wall.main(["--base", str(ROOT), "--workloads", "help,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown workload(s) nope; valid: help," in capsys.readouterr().err

@@ -123,7 +123,7 @@ def masked_sum(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> tuple[Te
         keep_positive = _keep_positive(uniform, _purity(jacobian, _magnitude(jacobian, magnitude)))
         masked = _masked(jacobian, keep_positive, leak)
         return _task_sum(masked), _effective_weights(jacobian, masked, magnitude)
-    k, p = jacobian.shape[-2], jacobian.shape[-1]
+    p = jacobian.shape[-1]
     entries = BLOCK_ENTRIES if jacobian.device.type == "cpu" else BLOCK_ENTRIES_GPU
     width = max(1, entries // (jacobian[..., :1].numel()))
     direction = jacobian.new_empty(jacobian.shape[:-2] + (p,))
