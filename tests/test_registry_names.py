@@ -143,7 +143,7 @@ def test_light_benchmarks_declare_the_same_without_torch():
     (["--benchmark", "qm9", "--data-root", "{missing}"], "qm9: data root {missing} is not a directory; expected processed"),
     (["--benchmark", "qm9", "--data-root", "{empty}"], "qm9: no QM9 data under {empty}: expected processed"),
     (["--benchmark", "celeba", "--data-root", "{missing}"], "celeba: data root {missing} is not a directory"),
-    (["--benchmark", "celeba", "--data-root", "{empty}"], "celeba: "),
+    (["--benchmark", "celeba", "--data-root", "{empty}"], "celeba: no CelebA data under {empty} (looked for {empty}/"),
 ])
 def test_errors_that_need_the_benchmark_do_not_import_torch(argv, text, tmp_path):
     missing, empty = str(tmp_path / "missing"), str(tmp_path / "empty")

@@ -9,6 +9,7 @@ plug-in imports from; this module exists to keep that one short.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,6 +167,13 @@ def state_like(state: Tensor | None, jacobian: Tensor, method: str, what: str) -
     if state.device != jacobian.device or state.dtype != jacobian.dtype:
         return state.to(device=jacobian.device, dtype=jacobian.dtype)
     return state
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, by one reduction (any NaN/inf entry makes the sum
+    non-finite) instead of an elementwise mask the size of ``x``; only a non-finite sum — a NaN/inf
+    entry, or a float overflow of finite entries — pays the elementwise pass that decides."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def finite_or_raise(x: Tensor, what: str) -> Tensor:

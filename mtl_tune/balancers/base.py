@@ -38,7 +38,6 @@ Training-loop methods (STGU) override :meth:`Balancer.train_step` instead.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -49,7 +48,8 @@ from torch import Tensor, nn
 from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES, GRAM_MIN_TASKS,
                                         BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
                                         StepInfo, _as_param_list, accumulate_grad, backward_weighted, check_losses,
-                                        choose_gradient_path, finite_or_raise, gram, pick_gradient_path)
+                                        all_finite, choose_gradient_path, finite_or_raise, gram,
+                                        pick_gradient_path)
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
                                   mean_across_ranks)
@@ -476,11 +476,10 @@ class GradientBalancer(Balancer):
     def _jacobian_step(self, losses: Tensor, shared: list[Tensor], heads: list[Tensor], group: Any = None) -> Tensor:
         # data parallel: every rank combines the rank-mean Jacobian (= the concatenated batch's)
         jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
-        if not math.isfinite(float(jac.sum())):  # finite losses can still have inf/NaN gradients
+        if not all_finite(jac):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
         direction, weights = self.combine(jac, self._rank_mean(losses.detach(), group))
-        # one reduction instead of an elementwise isfinite pass: any NaN/inf entry makes the sum non-finite
-        if not math.isfinite(float(direction.sum())):
+        if not all_finite(direction):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
         self._write_shared(shared, direction, group)
         if heads:

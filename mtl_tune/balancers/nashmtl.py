@@ -70,13 +70,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import inspect
-import math
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._common import all_finite
 from mtl_tune.balancers._fair_pairs import FairPairs
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers._rows import RowStep, host, one_row
@@ -297,10 +297,11 @@ class NashMTL(Balancer):
                 (losses * alpha).sum().backward(inputs=shared + heads)
         elif self.step_count % self.update_weights_every == 0:
             jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
+            if not all_finite(jac):  # before the solve, which would misread inf/NaN as a degenerate Gram matrix
+                raise BalancerError(f"{self.name}: non-finite per-task gradient")
             alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
             direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
-            # one reduction instead of a P-sized isfinite mask: any NaN/inf entry makes the sum non-finite
-            if not math.isfinite(float(direction.sum())):
+            if not all_finite(direction):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             self._write_shared(shared, direction, group)
             if heads:

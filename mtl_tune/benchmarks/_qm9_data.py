@@ -137,9 +137,10 @@ def _process_outside(root: str, source: str) -> Any:
     return _offline_class()(root, source=source)
 
 
-def load_qm9(root: str) -> Any:
-    """The PyG QM9 dataset of ``root`` (validated by :func:`validate`)."""
-    source = available_source(root)
+def load_qm9(root: str, source: str | None = None) -> Any:
+    """The PyG QM9 dataset of ``root`` (validated by :func:`validate`); ``source``: what
+    :func:`available_source` already said about ``root``, if the caller asked."""
+    source = available_source(root) if source is None else source
     if source != "processed":
         ds = _process_outside(root, source)
     else:

@@ -51,10 +51,10 @@ SPLIT_SIZES = {"train": 110831, "val": 10000, "test": 10000}
 
 
 @lru_cache(maxsize=1)
-def _dataset(root: str) -> Any:
+def _dataset(root: str, source: str | None = None) -> Any:
     from mtl_tune.benchmarks import _qm9_data as qd
 
-    return qd.load_qm9(root)
+    return qd.load_qm9(root, source)
 
 
 class QM9Benchmark(Benchmark):
@@ -99,11 +99,11 @@ class QM9Benchmark(Benchmark):
         Always the whole storage (``data_check`` makes no difference: it is loaded anyway)."""
         if not self.synthetic:  # synthetic: no data to check (building still needs torch-geometric)
             root = self._root()
-            qf.available_source(root)  # which files: without torch
+            source = qf.available_source(root)  # which files: without torch
             from mtl_tune.benchmarks import _qm9_data as qd
 
             qd.require_pyg()
-            _dataset(root)
+            _dataset(root, source)
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {}

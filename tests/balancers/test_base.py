@@ -48,3 +48,23 @@ def test_state_like_starts_moves_and_refuses_another_shape():
     assert state_like(kept, jac, "m", "state") is kept                # no copy when it already fits
     with pytest.raises(BalancerError, match=r"m: .*\(3, 5\), the state \(3, 4\)"):
         state_like(torch.zeros(3, 4), jac, "m", "state")
+
+
+def test_all_finite_one_reduction_and_its_overflow_case():
+    from mtl_tune.balancers._common import all_finite
+
+    assert all_finite(torch.ones(5))
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([1.0, float("inf"), -float("inf")]))
+    # finite float32 entries whose sum overflows: the elementwise pass decides, not the sum
+    big = torch.full((4,), 3e38, dtype=torch.float32)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+
+
+@pytest.mark.parametrize("method", ["mgda", "nashmtl"])
+def test_nonfinite_task_gradient_with_finite_losses_is_an_error(method):
+    # sqrt at 0 has an infinite derivative: the loss is finite, its gradient is not
+    x = torch.zeros(3, requires_grad=True)
+    losses = torch.stack([x.sum() ** 2 + 1.0, torch.sqrt(x[0]) + 1.0])
+    with pytest.raises(BalancerError, match=f"{method}: non-finite per-task gradient"):
+        get_balancer(method, 2, max_norm=None, gradient_path="jacobian").backward(losses, [x])
