@@ -4,9 +4,11 @@ Find the min-norm point of the convex hull of the task gradients,
 w* = argmin_{w ∈ Δ} ‖Σ_i w_i g_i‖² = argmin_{w ∈ Δ} wᵀ A w with A = G Gᵀ, and descend
 along Σ_i w*_i g_i — a direction that decreases every task whose gradient is not zero.
 
-We solve the simplex QP exactly with an active-set method on the K×K Gram matrix
-(:func:`mtl_tune.balancers._simplex.min_norm_weights`; closed form for K = 2, batch-first) instead of
-Sener's Frank–Wolfe loop, whose iteration guard is dead code in the official copy.
+We solve the simplex QP exactly on the K×K Gram matrix
+(:func:`mtl_tune.balancers._simplex.min_norm_weights`, batch-first: closed form for K = 2; every
+support of at most three tasks at once, kept where it passes the optimality check, for K ≤ 8; an
+active-set method otherwise) instead of Sener's Frank–Wolfe loop, whose iteration guard is dead code
+in the official copy.
 As in the FAMO-family code the weights are multiplied by K (the update is at the scale
 of the summed loss) and task heads receive the same weights (docs/methods.md#mgda).
 ``normalization``: gradients divided by 1 (``none``), ℓ_i (``loss``), ℓ_i‖g_i‖ (``loss+``)
@@ -45,7 +47,7 @@ def gradient_normalizers(gram_matrix: np.ndarray, losses: np.ndarray, normalizat
 
 def mgda_weights(gram_matrix: Tensor) -> Tensor:
     """Min-norm simplex weights (K,) for a K×K Gram matrix (sum to 1); raises RuntimeError when the
-    active-set solver does not converge (K ≥ 3)."""
+    active-set solver, where it runs (K ≥ 3), does not converge."""
     w, ok = min_norm_weights(host(gram_matrix))
     if not bool(ok.all()):
         raise RuntimeError("min-norm solver did not converge")

@@ -23,8 +23,10 @@ a combination of the g_i and every inner product comes from A:
   scale of the summed loss). With no active constraint this is MGDA (``mgda``'s K·w*; tested).
 
 Both min-norm problems are solved by the project's exact simplex solver
-(:func:`~mtl_tune.balancers._simplex.min_norm_weights`; closed form for two vectors) on the
-augmented Gram matrix, so the rule needs only A and ℓ and runs on the Gram path. Task heads get the
+(:func:`~mtl_tune.balancers._simplex.min_norm_weights`; closed form for two vectors, every support
+of at most three vectors for all rows at once up to eight vectors — always enough when the
+gradients span two dimensions, as on the toy — checked optimal, an active-set method otherwise) on
+the augmented Gram matrix, so the rule needs only A and ℓ and runs on the Gram path. Task heads get the
 same weights (``weighted_heads``; official: every parameter gets the weighted loss).
 
 Reference set. The trial's own vector u_k is ``preferences`` (what ``--preferences N`` sweeps); the
@@ -58,7 +60,7 @@ Departures and choices:
 * Losses all zero (‖ℓ‖ = 0): the official division gives NaN and no active constraint; here no
   constraint is active either (the angle is undefined), so the step is phase 2 without constraints.
   Negative losses are allowed: the constraints compare angles, which are defined for any ℓ ≠ 0.
-* A min-norm solve that does not converge (K + m ≥ 3 vectors, active-set solver) fails the row with
+* A min-norm solve that does not converge (the active-set solver, where it runs) fails the row with
   a reason (:class:`~mtl_tune.balancers.base.BalancerError`), as ``mgda``; there is no fallback.
 """
 

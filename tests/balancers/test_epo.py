@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import mtl_tune.balancers.epo as epo_module
 from mtl_tune.balancers.base import BalancerError
-from mtl_tune.balancers.epo import BALANCE, DESCENT, adjustments, epo_lp, simplex_lp, simplex_lp_two
+from mtl_tune.balancers.epo import (BALANCE, DESCENT, adjustments, epo_lp, epo_lps, simplex_lp, simplex_lp_two,
+                                   simplex_lp_two_rows)
 from mtl_tune.registry import get_balancer
 
 from ._properties import (assert_gradient_scaling, assert_permutation_equivariant, assert_valid_step, balancer_step,
@@ -58,30 +58,27 @@ def test_balance_step_helps_the_task_of_largest_relative_loss():
 
 def test_two_task_closed_form_matches_linprog():
     """The K = 2 closed-form LP against SciPy's HiGHS on the LPs EPO builds, random cases (a third of them
-    within 1e-3 of the ray, i.e. descent steps); HiGHS's feasibility tolerance is 1e-7."""
+    within 1e-3 of the ray, i.e. descent steps); HiGHS's feasibility tolerance is 1e-7. All rows in one
+    call of the closed form, each LP alone through linprog."""
     rng = np.random.default_rng(0)
-    built = []
-
-    def capture(objective, lhs, rhs):
-        built.append((objective, lhs, rhs))
-        return simplex_lp(objective, lhs, rhs)
-
-    original = epo_module.simplex_lp_two
-    epo_module.simplex_lp_two = capture
-    try:
-        for i in range(300):
-            jac, r = rng.normal(size=(2, 3)), rng.uniform(0.2, 2, 2)
-            losses = 1 / r * rng.uniform(1, 1 + 1e-3) if i % 3 == 0 else rng.uniform(0.1, 3, 2)
-            epo_lp(jac @ jac.T, losses, r)
-    finally:
-        epo_module.simplex_lp_two = original
-    assert len(built) == 300
-    for objective, lhs, rhs in built:
-        want, _ = simplex_lp(objective, lhs, rhs)
-        got, _ = simplex_lp_two(objective, lhs, rhs)
-        assert (want is None) == (got is None)
+    grams, losses, prefs = [], [], []
+    for i in range(300):
+        jac, r = rng.normal(size=(2, 3)), rng.uniform(0.2, 2, 2)
+        grams.append(jac @ jac.T)
+        losses.append(1 / r * rng.uniform(1, 1 + 1e-3) if i % 3 == 0 else rng.uniform(0.1, 3, 2))
+        prefs.append(r)
+    lps = [epo_lps(g[None], ell[None], r) for g, ell, r in zip(grams, losses, prefs)]
+    assert {int(lp["move"][0]) for lp in lps} == {BALANCE, DESCENT}
+    objective, lhs, rhs, present = (np.concatenate([lp[key] for lp in lps])
+                                    for key in ("objective", "lhs", "rhs", "present"))
+    got, messages = simplex_lp_two_rows(objective, lhs, rhs, present)
+    for i in range(300):
+        want, _ = simplex_lp(objective[i], lhs[i][present[i]], rhs[i][present[i]])
+        assert (want is None) == bool(messages[i])
         if want is not None:
-            np.testing.assert_allclose(got, want, atol=1e-7)
+            np.testing.assert_allclose(got[i], want, atol=1e-7)
+        one, msg = simplex_lp_two(objective[i], lhs[i][present[i]], rhs[i][present[i]])
+        assert msg == messages[i] and (one is None or np.array_equal(one, got[i]))
 
 
 def test_three_task_linprog_constraints_hold():
@@ -140,3 +137,21 @@ def test_epo_properties(case):
     assert_valid_step(*stepper(case.jac, case.losses), case)
     assert_permutation_equivariant(stepper, case, rtol=rtol)
     assert_gradient_scaling(stepper, case, degree=1, weight_degree=0, rtol=rtol)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rows_with_a_failing_lp_among_them(k):
+    # one row whose relative loss is 0 (a solver failure, K r/Σr) and one with a negative loss (a failed
+    # row) among ordinary rows: each row's outcome is its own, equal to that row alone
+    rng = np.random.default_rng(k)
+    jac = rng.normal(size=(5, k, 4))
+    gram, losses = jac @ jac.transpose(0, 2, 1), rng.uniform(0.2, 2, (5, k))
+    losses[1, 0], losses[3, -1] = 0.0, -1.0
+    bal = get_balancer("epo", k)
+    rows = bal.weights_rows(gram, losses)
+    assert rows.solver_failed.tolist() == [False, True, False, False, False]
+    assert rows.failed.tolist() == [False, False, False, True, False]
+    np.testing.assert_allclose(rows.weights[1], np.ones(k))          # K r/Σr with r = 1
+    assert "relative loss is 0" in rows.solver_message
+    for i in (0, 2, 4):
+        np.testing.assert_array_equal(rows.weights[i], bal.weights_rows(gram[i], losses[i]).weights)

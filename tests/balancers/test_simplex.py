@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtl_tune.balancers._simplex import min_norm_simplex, project_to_simplex, project_to_simplex_rows
+from mtl_tune.balancers import _simplex
+from mtl_tune.balancers._simplex import min_norm_simplex, min_norm_weights, project_to_simplex, project_to_simplex_rows
 
 from ._properties import assert_gram_function_equivariant, property_cases
 
@@ -52,3 +53,59 @@ def test_project_to_simplex_rows_equals_the_one_row_projection():
         got = project_to_simplex_rows(v.reshape(5, 10, k))
         assert np.array_equal(got.reshape(50, k), np.stack([project_to_simplex(x) for x in v]))
         assert np.allclose(got.sum(-1), 1.0, rtol=0, atol=1e-14) and (got >= 0).all()
+
+
+# ---------------------------------------------------------------------------- min_norm_weights, K ≥ 3
+def _objective(a, w):
+    return float(w @ a @ w)
+
+
+@pytest.mark.parametrize("k", [3, 4, 6, 8])
+@pytest.mark.parametrize("dim", [1, 2, 3, 9])
+def test_min_norm_weights_small_supports_are_the_optimum(k, dim):
+    # gradients in `dim` dimensions: the minimiser's support has at most dim + 1 tasks, so for
+    # dim ≤ 2 (and for every K = 3) the batched small-support solve must answer every row itself;
+    # otherwise rows may go to the active-set solver. Either way: the optimum of the simplex QP
+    # (objective equal to the active-set solver's up to rounding of the scaled problem, KKT holds).
+    rng = np.random.default_rng(100 * k + dim)
+    g = rng.normal(size=(40, k, dim)) * np.exp(rng.normal(size=(40, k, 1)))
+    a = g @ g.transpose(0, 2, 1)
+    w, ok = min_norm_weights(a)
+    assert ok.all() and (w >= 0).all() and np.allclose(w.sum(-1), 1.0, rtol=0, atol=1e-12)
+    if dim <= 2 or k == 3:
+        solved_alone = _simplex._small_supports(a)[1]
+        assert solved_alone.all()
+    for row, wr in zip(a, w):
+        scale = np.abs(np.diag(row)).max()
+        reference, _ = min_norm_simplex(row)
+        assert _objective(row, wr) <= _objective(row, reference) + 1e-12 * scale
+        assert (row @ wr >= _objective(row, wr) - 1e-11 * scale).all()   # KKT: no vertex improves
+
+
+def test_min_norm_weights_falls_back_when_the_support_has_four_tasks():
+    # a regular tetrahedron around the origin: the min-norm point is the origin, all four weights
+    # 1/4; no support of at most three tasks reaches it, so the check must reject the best one
+    v = np.array([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    a = v @ v.T
+    assert not _simplex._small_supports(a[None])[1][0]
+    w, ok = min_norm_weights(a)
+    assert ok and np.allclose(w, 0.25, rtol=0, atol=1e-12)
+
+
+def test_min_norm_weights_rows_alone_and_together_are_the_same_bits():
+    rng = np.random.default_rng(7)
+    for k in (3, 5):
+        g = rng.normal(size=(30, k, 2))
+        a = g @ g.transpose(0, 2, 1)
+        together, _ = min_norm_weights(a)
+        alone = np.stack([min_norm_weights(row[None])[0][0] for row in a])
+        assert np.array_equal(together, alone)
+
+
+def test_min_norm_weights_degenerate_rows():
+    w, ok = min_norm_weights(np.stack([np.zeros((4, 4)), np.ones((4, 4)), np.diag([1.0, 2.0, 3.0, 4.0])]))
+    assert ok.all() and np.isfinite(w).all() and np.allclose(w.sum(-1), 1.0, rtol=0, atol=1e-12)
+    # independent gradients: w ∝ 1/‖gᵢ‖² (the KKT point with every task active)
+    assert np.allclose(w[2], (1 / np.arange(1.0, 5.0)) / (1 / np.arange(1.0, 5.0)).sum(), rtol=1e-12)
+    w, ok = min_norm_weights(np.full((1, 3, 3), np.nan))
+    assert not ok.any() and np.isnan(w).all()
