@@ -165,8 +165,9 @@ def _small_supports(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, k = rows.shape[0], rows.shape[-1]
     diag = np.diagonal(rows, axis1=-2, axis2=-1)
     scale = np.maximum(np.abs(diag).max(-1), 1e-300)
-    a = rows / scale[:, None, None]   # as min_norm_simplex: the solution is invariant to a positive scaling
-    d = diag / scale[:, None]
+    with np.errstate(all="ignore"):   # a non-finite row gives NaN candidates and ok = False, quietly
+        a = rows / scale[:, None, None]   # as min_norm_simplex: the solution is invariant to a positive scaling
+        d = diag / scale[:, None]
     flat, members, n_pairs, n_triples = _candidate_indices(k)
     entries = a.reshape(n, k * k)[:, flat]
     m, o = n_pairs, 3 * n_pairs

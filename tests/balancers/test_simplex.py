@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -107,5 +109,8 @@ def test_min_norm_weights_degenerate_rows():
     assert ok.all() and np.isfinite(w).all() and np.allclose(w.sum(-1), 1.0, rtol=0, atol=1e-12)
     # independent gradients: w ∝ 1/‖gᵢ‖² (the KKT point with every task active)
     assert np.allclose(w[2], (1 / np.arange(1.0, 5.0)) / (1 / np.arange(1.0, 5.0)).sum(), rtol=1e-12)
-    w, ok = min_norm_weights(np.full((1, 3, 3), np.nan))
-    assert not ok.any() and np.isnan(w).all()
+    for bad in (np.nan, np.inf):   # no answer and no warning: the caller reports the failed row
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w, ok = min_norm_weights(np.full((1, 3, 3), bad))
+        assert not ok.any() and np.isnan(w).all()
