@@ -15,7 +15,7 @@ from mtl_tune.benchmarks.toy import INITS, pareto_distance, pareto_front, pareto
 from mtl_tune.registry import available_balancers
 from toy.common import KnownJacobian
 from toy.engine import EngineConfig, MethodSpec, protocol_hparams, run_lockstep, run_method, run_reference
-from toy.landscape import F_MIN, FrontDistance, first_within, gap_scores, toy_value_and_jacobian
+from toy.landscape import F_MIN, FrontDistance, first_within, gap_scores, toy_value_and_jacobian, toy_values
 from toy.parallel import run_all
 from toy.report import load_search_trials, non_dominated, summarize, summarize_all
 from toy.trajectories import build_specs, main, parse_sets, run_trajectories, split_methods
@@ -58,6 +58,26 @@ def test_analytic_jacobian_matches_autograd(scale):
     np.testing.assert_allclose(vals, losses.detach().numpy(), atol=1e-12)
     np.testing.assert_allclose(jac[:, 0], g1.numpy(), atol=1e-11)
     np.testing.assert_allclose(jac[:, 1], g2.numpy(), atol=1e-11)
+
+
+def test_losses_alone_are_the_same_floats_as_with_the_jacobian():
+    """``toy_values`` (Auto-λ's finite-difference evaluations) shares the forward of
+    ``toy_value_and_jacobian``: the same bits, on every branch (gates at x₂ = ±0, the log floor
+    |u| ≤ ε on both branches, huge and non-finite points) and for any leading shape."""
+    rng = np.random.default_rng(3)
+    x2 = rng.normal(size=2000)
+    near_u1 = np.stack([-7 - 2 * np.tanh(-x2) + rng.normal(size=2000) * 1e-6, x2], -1)   # u₁ ≈ 0
+    near_u2 = np.stack([7 + 2 * np.tanh(-x2) + rng.normal(size=2000) * 1e-6, x2], -1)    # u₂ ≈ 0
+    edges = np.array([[a, b] for a in (-7.0, 0.0, 7.0, 1e300, np.inf, np.nan)
+                      for b in (0.0, -0.0, 1e-320, -1e-12, 40.0, -40.0, np.inf, np.nan)])
+    for pts in (rng.uniform(-11, 11, (3000, 2)), near_u1, near_u2, edges, rng.normal(size=(3, 4, 2)), np.zeros(2)):
+        for scale in (0.1, 1.0):
+            with np.errstate(all="ignore"):
+                vals, jac = toy_value_and_jacobian(pts, scale)
+                alone = toy_values(pts, scale)
+            assert alone.shape == vals.shape == pts.shape and jac.shape == pts.shape + (2,)
+            same = (alone.view(np.int64) == vals.view(np.int64)) | (np.isnan(alone) & np.isnan(vals))
+            assert same.all()
 
 
 def test_gradient_at_origin_is_the_papers_kink_value():

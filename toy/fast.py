@@ -27,7 +27,7 @@ from mtl_tune.balancers._rows import gram_rows
 
 from .common import EngineConfig, MethodSpec, RunResult, loss_floor, make_balancer, seed_all, start_point
 from .kernels import Kernel, NumpyAdam, clip_rows, combine, kernel_for
-from .landscape import gap_scores, toy_value_and_jacobian
+from .landscape import gap_scores, toy_value_and_jacobian, toy_values
 
 
 @dataclass
@@ -152,7 +152,12 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
             return vals - g.shift, jac
         return evaluate
 
-    loop_landscapes = {id(g): landscape_of(g) for g in loops}
+    def losses_of(g: _Group):
+        def evaluate(points: np.ndarray) -> np.ndarray:
+            return toy_values(points, scale) - g.shift
+        return evaluate
+
+    loop_landscapes = {id(g): (landscape_of(g), losses_of(g)) for g in loops}
 
     def freeze(rows: np.ndarray) -> None:
         nonlocal any_frozen
@@ -179,6 +184,7 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
     gram_iters = max((g.iters for g in plain if g.kernel.uses_gram), default=0)
     shift_all = np.concatenate([g.shift for g in groups])
     lo, hi = 0, n                          # span of rows whose group is still running
+    ends = {g.iters for g in groups}       # the steps after which some group stops
     vals, jac = toy_value_and_jacobian(x, scale)
     svals = vals - shift_all               # what the kernels see (shifted losses)
     start, cpu = time.perf_counter(), time.process_time()
@@ -223,7 +229,8 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
                         adam.step(gr, rows)
 
                     # the engine evaluated every running row at x after the last step (svals, jac)
-                    g.kernel.train_step(t, x[rows], adam_step, loop_landscapes[id(g)], (svals[rows], jac[rows]))
+                    landscape, losses_at = loop_landscapes[id(g)]
+                    g.kernel.train_step(t, x[rows], adam_step, landscape, (svals[rows], jac[rows]), losses_at)
                     check(g, t, None)
                     g.seconds += time.perf_counter() - t0
             if any_frozen:
@@ -249,7 +256,7 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
                         m = mean[g.rows]
                         g.kernel.epoch_end((t + 1) // cfg.epoch_steps - 1, m - g.shift, gap_scores(m, scale))
                         check(g, t + 1, None)
-            if any(t + 1 == g.iters for g in groups):
+            if t + 1 in ends:
                 for g in groups:
                     if t + 1 == g.iters and live[g.rows].any():
                         freeze(np.flatnonzero(live[g.rows]) + g.rows.start)

@@ -42,36 +42,63 @@ def toy_value_and_jacobian(x: np.ndarray, scale: float = 0.1) -> tuple[np.ndarra
     Only L₁ carries the factor ``scale``. Source of the problem: Navon et al., Nash-MTL
     (ICML'22), after Liu et al., CAGrad (NeurIPS'21).
     """
-    x = np.asarray(x, dtype=np.float64)
-    x1, x2 = x[..., 0], x[..., 1]
-    # the gates' tanh(±x₂/2) are odd images of one tanh; both log branches go through one (2, …) pass
-    ta = np.tanh(x2 / 2)
+    x, x1, x2, col, ta, c1, c2, th, u, m, g, q, f = _forward(x)
     sech_half = 0.5 * (1 - ta * ta)
-    c1, c2 = np.maximum(ta, 0.0), np.maximum(-ta, 0.0)   # torch.clamp(·, 0) of tanh(±x₂/2)
     dc1 = sech_half * (x2 >= 0)                           # the gate passes the gradient at t >= 0
     dc2 = -sech_half * (x2 <= 0)
-    th = np.tanh(-x2)
     sech2 = 1 - th * th                   # d/dx₂ tanh(−x₂) = −sech²
-    u = np.stack([0.5 * (-x1 - 7) - th, 0.5 * (-x1 + 3) + th + 2])
-    a = np.abs(u)
-    m = np.maximum(a, LOWER)
-    k = np.where(a > LOWER, np.sign(u) / m, 0.0)   # d log max(|u|, ε) / du
-    g = np.log(m) + 6
-    r = 0.1 * (-x2 - 8) ** 2
-    q1 = ((-x1 + 7) ** 2 + r) / 10 - 20
-    q2 = ((-x1 - 7) ** 2 + r) / 10 - 20
-    dq2 = 0.02 * (x2 + 8)
-    f1 = c1 * g[0] + c2 * q1
-    f2 = c1 * g[1] + c2 * q2
+    k = np.where(np.abs(u) > LOWER, np.sign(u) / m, 0.0)   # d log max(|u|, ε) / du
+    # both tasks at once on (2, …) arrays: ∂fᵢ/∂x₁ and ∂fᵢ/∂x₂ (x₁ ∓ 7 and ±c₁kᵢ sech² per task; a − b
+    # and a + (−b) are the same float, so every entry is the operations of the formula above)
+    d1 = c1 * (-0.5 * k) + c2 * (x1 + _MINUS_PLUS_7.reshape(col)) / 5
+    d2 = dc1 * g + c1 * k * sech2 * _PLUS_MINUS_1.reshape(col) + dc2 * q + c2 * (0.02 * (x2 + 8))
     jac = np.empty(x.shape[:-1] + (2, 2))
-    jac[..., 0, 0] = scale * (c1 * (-0.5 * k[0]) + c2 * (x1 - 7) / 5)
-    jac[..., 0, 1] = scale * (dc1 * g[0] + c1 * k[0] * sech2 + dc2 * q1 + c2 * dq2)
-    jac[..., 1, 0] = c1 * (-0.5 * k[1]) + c2 * (x1 + 7) / 5
-    jac[..., 1, 1] = dc1 * g[1] - c1 * k[1] * sech2 + dc2 * q2 + c2 * dq2
+    np.multiply(scale, d1[0], out=jac[..., 0, 0])
+    np.multiply(scale, d2[0], out=jac[..., 0, 1])
+    jac[..., 1, 0] = d1[1]
+    jac[..., 1, 1] = d2[1]
+    return _losses(x, f, scale), jac
+
+
+def toy_values(x: np.ndarray, scale: float = 0.1) -> np.ndarray:
+    """The losses (…, 2) of :func:`toy_value_and_jacobian` alone (the same floats, about half the
+    operations): for evaluations whose Jacobian nobody reads (Auto-λ's finite difference)."""
+    x, *_, f = _forward(x)
+    return _losses(x, f, scale)
+
+
+_PLUS_MINUS_7 = np.array([7.0, -7.0])
+_MINUS_PLUS_7 = np.array([-7.0, 7.0])
+_PLUS_MINUS_1 = np.array([1.0, -1.0])
+
+
+def _forward(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The unscaled forward of both tasks and the pieces the Jacobian reuses; per-task pieces as
+    (2, …) arrays (task 1 first): u, m = max(|u|, ε), g = log m + 6, q, f = c₁g + c₂q."""
+    x = np.asarray(x, dtype=np.float64)
+    x1, x2 = x[..., 0], x[..., 1]
+    col = (2,) + (1,) * x1.ndim            # the shape of a per-task constant against (2, …) arrays
+    nx1 = -x1
+    # the gates' tanh(±x₂/2) are odd images of one tanh
+    ta = np.tanh(x2 / 2)
+    c1, c2 = np.maximum(ta, 0.0), np.maximum(-ta, 0.0)   # torch.clamp(·, 0) of tanh(±x₂/2)
+    th = np.tanh(-x2)
+    u = np.empty((2,) + x1.shape)
+    np.subtract(0.5 * (nx1 - 7), th, out=u[0, ...])
+    np.add(0.5 * (nx1 + 3) + th, 2, out=u[1, ...])
+    m = np.maximum(np.abs(u), LOWER)
+    g = np.log(m) + 6
+    r = 0.1 * np.square(-x2 - 8)
+    q = (np.square(nx1 + _PLUS_MINUS_7.reshape(col)) + r) / 10 - 20   # q₁, q₂: (−x₁ ± 7)
+    f = c1 * g + c2 * q
+    return x, x1, x2, col, ta, c1, c2, th, u, m, g, q, f
+
+
+def _losses(x: np.ndarray, f: np.ndarray, scale: float) -> np.ndarray:
     vals = np.empty(x.shape[:-1] + (2,))
-    vals[..., 0] = scale * f1
-    vals[..., 1] = f2
-    return vals, jac
+    np.multiply(scale, f[0], out=vals[..., 0])
+    vals[..., 1] = f[1]
+    return vals
 
 
 class FrontDistance:

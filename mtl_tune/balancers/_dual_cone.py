@@ -153,18 +153,22 @@ def _project_2(g: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b, c = g[..., 0, 0][..., None], g[..., 0, 1][..., None], g[..., 1, 1][..., None]
     u1, u2 = u[..., 0], u[..., 1]
     p1, p2 = a * u1 + b * u2, b * u1 + c * u2
+    a_pos, c_pos = a > 0, c > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        l1 = np.where((a > 0) & (p1 < 0), -p1 / np.where(a > 0, a, 1.0), 0.0)
-        l2 = np.where((c > 0) & (p2 < 0), -p2 / np.where(c > 0, c, 1.0), 0.0)
+        l1 = np.where(a_pos & (p1 < 0), -p1 / np.where(a_pos, a, 1.0), 0.0)
+        l2 = np.where(c_pos & (p2 < 0), -p2 / np.where(c_pos, c, 1.0), 0.0)
     scale = np.maximum(np.maximum(np.abs(u1), np.abs(u2)), np.finfo(np.float64).tiny)
     # −min(G v) of each candidate, relative to ‖u‖∞ (written out: G v for v = u + λ is p + G λ)
-    violation = np.stack([np.maximum(-np.minimum(p1, p2), 0.0),
-                          np.maximum(-np.minimum(p1 + a * l1, p2 + b * l1), 0.0),
-                          np.maximum(-np.minimum(p1 + b * l2, p2 + c * l2), 0.0),
-                          np.where((u1 <= 0.0) & (u2 <= 0.0), 0.0, np.inf)]) / scale   # (4, ..., M)
+    violation = np.empty((4,) + u1.shape)
+    np.maximum(-np.minimum(p1, p2), 0.0, out=violation[0])
+    np.maximum(-np.minimum(p1 + a * l1, p2 + b * l1), 0.0, out=violation[1])
+    np.maximum(-np.minimum(p1 + b * l2, p2 + c * l2), 0.0, out=violation[2])
+    violation[3] = np.where((u1 <= 0.0) & (u2 <= 0.0), 0.0, np.inf)
+    violation /= scale                                                               # (4, ..., M)
     feasible = violation <= ENTER_TOL * 64
     pick = np.where(feasible.any(0), np.argmax(feasible, 0), np.argmin(violation, 0))
-    zeros = np.zeros_like(u1)
-    v = np.stack([np.choose(pick, [u1, u1 + l1, u1, zeros]), np.choose(pick, [u2, u2, u2 + l2, zeros])], -1)
-    ok = np.take_along_axis(violation, pick[None], 0)[0] <= KKT_TOL
+    v = np.empty(u.shape)
+    v[..., 0] = np.choose(pick, (u1, u1 + l1, u1, 0.0))
+    v[..., 1] = np.choose(pick, (u2, u2, u2 + l2, 0.0))
+    ok = np.choose(pick, violation) <= KKT_TOL
     return v, ok

@@ -140,12 +140,15 @@ class AutoLambda(LossBalancer):
         return RowStep(np.broadcast_to(lam, np.shape(losses)).copy())
 
     def meta_rows(self, landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
-                  losses: np.ndarray, jacobian: np.ndarray, alpha: float) -> RowStep:
+                  losses: np.ndarray, jacobian: np.ndarray, alpha: float,
+                  losses_at: Callable[[np.ndarray], np.ndarray] | None = None) -> RowStep:
         """The meta step of every row, batch-first, for a problem whose parameters are x (..., P) and
         whose losses and Jacobians at any point ``landscape(points)`` gives ((..., K), (..., K, P)) —
         the toy, which has no data, so the meta batch's losses are the training batch's. ``losses``
-        and ``jacobian``: at x. The model optimizer is taken to be plain (no weight decay, no SGD
-        momentum: the toy's Adam), with step size ``alpha``. The arithmetic of :meth:`meta_step`:
+        and ``jacobian``: at x; ``losses_at(points)``: ``landscape(points)[0]`` alone, where the problem
+        has a cheaper way (the two finite-difference evaluations need no Jacobian). The model
+        optimizer is taken to be plain (no weight decay, no SGD momentum: the toy's Adam), with step
+        size ``alpha``. The arithmetic of :meth:`meta_step`:
 
             θ′ = x − α Σᵢ λᵢ ∇ℓᵢ(x),  d = Σᵢ ∇ℓᵢ(θ′),  ε = 0.01 / ‖d‖,
             ∂L_meta/∂λ = −α (ℓ(x + εd) − ℓ(x − εd)) / (2ε)   (0 where d = 0),
@@ -159,6 +162,8 @@ class AutoLambda(LossBalancer):
 
         def fail(bad: np.ndarray, message: Callable[[tuple[int, ...]], str]) -> None:
             """Rows in ``bad`` not failed yet fail with ``message(index)`` (the first check a row fails)."""
+            if not bad.any():
+                return
             for index in map(tuple, np.argwhere(bad & ~failed)):
                 messages[index] = message(index)
             failed[...] |= bad
@@ -175,8 +180,8 @@ class AutoLambda(LossBalancer):
             moving = ~failed & (norm > 0)
             if moving.any():
                 eps = (FD_RADIUS / np.where(moving, norm, 1.0))[..., None]
-                plus, _ = landscape(x + eps * d)
-                minus, _ = landscape(x - eps * d)
+                at = losses_at if losses_at is not None else (lambda points: landscape(points)[0])
+                plus, minus = at(x + eps * d), at(x - eps * d)
                 hyper = np.where(moving[..., None], central_difference(plus, minus, eps, alpha), 0.0)
         self.lambdas.grad = torch.from_numpy(hyper.astype(np.float32)).to(self.lambdas)
         adam_step(self.meta_optimizer)

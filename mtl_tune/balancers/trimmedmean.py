@@ -60,13 +60,21 @@ def trimmed_mean(jacobian: Tensor, trim_number: int) -> tuple[Tensor, Tensor]:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     directions, kept_energy = [], torch.zeros(jacobian.shape[:-1], dtype=jacobian.dtype, device=jacobian.device)
     kept_count = torch.zeros_like(kept_energy)
+    # nothing trimmed from at most two entries: their sum does not depend on their order (a + b = b + a
+    # in floating point), so the sort is skipped and every entry is kept — the same floats
+    unsorted = trim_number == 0 and k <= 2
     for start in range(0, p, block):
         part = jacobian[..., start:start + block]
+        r = part / safe
+        if unsorted:
+            directions.append(part.mean(-2))
+            kept_energy += (r * r).sum(-1)
+            kept_count += part.shape[-1]
+            continue
         values, order = torch.sort(part, dim=-2, stable=True)
         directions.append(values.narrow(-2, trim_number, keep).mean(-2))
         kept = torch.zeros_like(part, dtype=torch.bool)
         kept.scatter_(-2, order.narrow(-2, trim_number, keep), True)
-        r = part / safe
         kept_energy += (r * r * kept).sum(-1)
         kept_count += kept.sum(-1)
     energy = (jacobian / safe).square().sum(-1)

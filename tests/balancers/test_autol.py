@@ -219,6 +219,35 @@ def test_meta_rows_equal_meta_step_on_each_row_and_the_analytic_hypergradient(k)
         np.testing.assert_array_equal(many.weights_rows(losses).weights, many.lambdas.double().numpy())
 
 
+def test_meta_rows_take_the_losses_alone_from_losses_at_when_given():
+    """The finite difference's two evaluations read only losses: ``losses_at`` gives them (the toy's
+    cheaper forward); with the same numbers λ steps the same bits, and the Jacobian-returning
+    landscape is then called once (at θ′), not three times."""
+    mats, vecs, _ = quadratic(2, 1)
+    landscape = quadratic_landscape(mats, vecs)
+    calls = {"full": 0, "losses": 0}
+
+    def counted(points):
+        calls["full"] += 1
+        return landscape(points)
+
+    def losses_at(points):
+        calls["losses"] += 1
+        return landscape(points)[0]
+
+    points = np.random.default_rng(5).normal(size=(3, P))
+    plain, cheap = (get_balancer("autol", 2, meta_lr=1e-2) for _ in range(2))
+    plain.start_rows([get_balancer("autol", 2, meta_lr=1e-2) for _ in range(3)])
+    cheap.start_rows([get_balancer("autol", 2, meta_lr=1e-2) for _ in range(3)])
+    for _ in range(3):
+        losses, jac = landscape(points)
+        want = plain.meta_rows(landscape, points, losses, jac, 0.05)
+        got = cheap.meta_rows(counted, points, losses, jac, 0.05, losses_at)
+        assert torch.equal(cheap.lambdas, plain.lambdas)
+        np.testing.assert_array_equal(got.weights, want.weights)
+    assert calls == {"full": 3, "losses": 6}
+
+
 def test_meta_rows_fail_a_row_with_the_meta_steps_message_and_spare_the_others():
     mats, vecs, _ = quadratic(2, 0)
     landscape = quadratic_landscape(mats, vecs)

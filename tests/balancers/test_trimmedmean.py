@@ -66,6 +66,38 @@ def test_blocks_and_rows_give_the_same_numbers(monkeypatch):
         assert torch.equal(d_r[r], d1) and torch.allclose(w_r[r], w1, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_nothing_trimmed_from_two_skips_the_sort_with_the_same_floats(k, monkeypatch):
+    """t = 0 with K ≤ 2: the mean of the sorted entries is the mean in task order bit for bit
+    (a + b = b + a), so the sort is skipped; direction and weights equal the sorted path's, in one
+    block and in column blocks, float64 and float32."""
+    def sorted_path(jac, block):   # the general loop with t = 0: sort, keep all, the same sums
+        scale = jac.abs().amax(-1, keepdim=True)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        kept_energy = torch.zeros(jac.shape[:-1], dtype=jac.dtype)
+        parts = []
+        for start in range(0, jac.shape[-1], block):
+            part = jac[..., start:start + block]
+            parts.append(torch.sort(part, dim=-2, stable=True).values.mean(-2))
+            r = part / safe
+            kept_energy += (r * r * torch.ones_like(part, dtype=torch.bool)).sum(-1)
+        energy = (jac / safe).square().sum(-1)
+        w = torch.where(energy > 0, kept_energy / torch.where(energy > 0, energy, torch.ones_like(energy)), 1.0) / k
+        return torch.cat(parts, -1), w
+
+    rows = torch.stack([random_jacobian(k, 37, s) for s in range(5)])
+    rows[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-300])
+    rows[1] = 0.0
+    for jac in (rows, rows.float(), rows[0]):
+        for block in (37, 4):
+            monkeypatch.setattr(tm, "BLOCK_ENTRIES", max(1, jac.shape[:-1].numel()) * block)
+            d, w = tm.trimmed_mean(jac, 0)
+            want_d, want_w = sorted_path(jac, block)
+            assert torch.equal(d, want_d) and torch.equal(w, want_w)
+            if block == 37:   # one block: the kept share is the whole energy, w = 1/K exactly
+                assert torch.equal(w, torch.full_like(w, 1.0 / k))
+
+
 def test_float32_jacobian_stays_float32():
     jac = random_jacobian(3, 6, 1).float()
     d, w = step(jac, 1)

@@ -94,11 +94,13 @@ class Kernel:
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
                    landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-                   at_x: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                   at_x: tuple[np.ndarray, np.ndarray] | None = None,
+                   losses_at: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """Training-loop kernels: one iteration on this block's rows. ``x`` (B, 2) is a view of the
         engine's points; ``adam_step(grad)`` is one Adam step of those rows (x's optimizer);
         ``landscape(points)`` gives (shifted losses (B, 2), Jacobian (B, 2, 2)) — a forward;
-        ``at_x``: ``landscape(x)`` when the engine has already evaluated it (else None)."""
+        ``at_x``: ``landscape(x)`` when the engine has already evaluated it (else None);
+        ``losses_at(points)``: ``landscape(points)[0]`` alone, cheaper (None: from ``landscape``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers

@@ -131,13 +131,14 @@ class RowsKernel(Kernel):
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
                    landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-                   at_x: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                   at_x: tuple[np.ndarray, np.ndarray] | None = None,
+                   losses_at: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """A training-loop rule (``train_rows``): its forwards are landscape evaluations at the rows'
         current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The last forward of
         an iteration (a lookahead at the final x) is kept and reused by the next one's first.
         A meta rule (``meta_rows``) goes to :meth:`_meta_train_step`."""
         if self.kind == "meta":
-            self._meta_train_step(step, x, adam_step, landscape, at_x)
+            self._meta_train_step(step, x, adam_step, landscape, at_x, losses_at)
             return
         jac: dict[str, np.ndarray] = {}
 
@@ -171,13 +172,14 @@ class RowsKernel(Kernel):
 
     def _meta_train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
                          landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-                         at_x: tuple[np.ndarray, np.ndarray] | None) -> None:
+                         at_x: tuple[np.ndarray, np.ndarray] | None,
+                         losses_at: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """What the trainer does for a ``needs_meta_batch`` method (Auto-λ), on every row: the
         balancer's meta step (``meta_rows``: its evaluations at the virtual step and at x ± εd are
         landscape evaluations — the toy's second batch is the same objective), then the training step
         on Σ wᵢ ℓᵢ with the rule's weights (an Adam step of x on Σ wᵢ ∇ℓᵢ, clipped)."""
         losses, jac = landscape(x) if at_x is None else at_x
-        out = self.balancer.meta_rows(landscape, x, losses, jac, self.cfg.lr)
+        out = self.balancer.meta_rows(landscape, x, losses, jac, self.cfg.lr, losses_at)
         if out.failed is not None and out.failed.any():
             self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" for r in range(self.rows)])
         w = self.balancer.weights_rows(losses).weights
