@@ -289,6 +289,26 @@ def test_state_dict_round_trip_continues_identically(name, k, hparams):
     assert_identical(balancer.state_dict(), fresh.state_dict(), "state after the step")
 
 
+@pytest.mark.parametrize(("name", "k", "hparams"), _state_cases())
+def test_a_state_loaded_in_process_shares_nothing_with_its_source(name, k, hparams):
+    """``fresh.load_state_dict(balancer.state_dict())`` without a file in between (a snapshot, a copy
+    for evaluation) must leave two independent balancers, as ``nn.Module.load_state_dict`` does for
+    parameters and buffers: stepping the copy may not change the source's state (private Adam
+    moments, tracked gradients, warm starts are copied, not shared)."""
+    data = batches(6, seed=2)
+    model, balancer = build(name, k, seed=3, **hparams)
+    opt = make_optimizer(model, balancer)
+    drive(model, balancer, opt, data[:5])
+    kept = copy.deepcopy(balancer.state_dict())
+    model_b = copy.deepcopy(model)
+    _, fresh = build(name, k, seed=12345, **hparams)
+    fresh.load_state_dict(balancer.state_dict())
+    opt_b = make_optimizer(model_b, fresh)
+    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))
+    drive(model_b, fresh, opt_b, data[5:], first_epoch=2)
+    assert_identical(kept, balancer.state_dict(), "the source's state after its copy stepped")
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_single_task_is_a_finite_step_or_a_clear_error(name):
     if name in SINGLE_TASK_ERRORS:

@@ -38,6 +38,7 @@ Training-loop methods (STGU) override :meth:`Balancer.train_step` instead.
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -283,6 +284,10 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         if int(state.get("n_tasks", self.n_tasks)) != self.n_tasks:
             raise ValueError(f"{self.name}: the balancer state is for {state['n_tasks']} tasks, "
                              f"this balancer has {self.n_tasks}")
+        # a copy: the state may be another live balancer's (``b.load_state_dict(a.state_dict())`` in one
+        # process), whose private optimizers' moments torch's Optimizer.load_state_dict would take by
+        # reference — stepping one balancer would then move the other, as module loads never do
+        state = copy.deepcopy(state)
         self.step_count = int(state.get("step_count", 0))
         if "failures" in state:
             self.failures.load_state_dict(state["failures"])
