@@ -51,19 +51,34 @@ from torch._C import _functorch
 
 Mode = Literal["auto", "batched", "loop"]
 
-#: columns per block of the Gram product. Each block is cast to float64 before its product, so the
-#: Gram matrix carries float64 rounding only (relative error ≲ 1e-16·√P, far below the float32
-#: gradients' own); the block keeps the temporary at K × 2^16 doubles (1.5 MiB for K = 3).
+#: columns per block of the Gram product on a CPU. Each block is cast to float64 before its product,
+#: so the Gram matrix carries float64 rounding only (relative error ≲ 1e-16·√P, far below the float32
+#: gradients' own); the block keeps the temporary at K × 2^16 doubles (1.5 MiB for K = 3), in cache.
 GRAM_BLOCK = 1 << 16
+#: entries per block on a GPU (K × columns): 2^24 doubles, a 128 MiB temporary. With CPU-sized blocks
+#: NYUv2's 44 M-parameter Jacobian took 673 blocks of four kernels each, ≈ 30 ms of launches per
+#: step on an H200 (docs/performance.md §6.1); a few large blocks take a few kernels.
+GRAM_BLOCK_ENTRIES_GPU = 1 << 24
+
+
+def gram_columns(n_tasks: int, device: torch.device | str) -> int:
+    """Columns per block of the float64 Gram product for a K-row block on ``device``: cache-sized
+    on a CPU (:data:`GRAM_BLOCK`), :data:`GRAM_BLOCK_ENTRIES_GPU` entries elsewhere."""
+    if torch.device(device).type == "cpu":
+        return GRAM_BLOCK
+    return max(GRAM_BLOCK, GRAM_BLOCK_ENTRIES_GPU // max(n_tasks, 1))
 #: K × P at or below which ``"auto"`` computes a Jacobian row by row (see the module docstring)
 LOOP_MAX_ENTRIES = 64
 #: device types on which ``"auto"`` always takes the loop (see the module docstring)
 AUTO_LOOP_DEVICES: frozenset[str] = frozenset({"cpu"})
 
 
-def add_gram(out: Tensor, block: Tensor, columns: int = GRAM_BLOCK) -> None:
-    """``out += block blockᵀ`` in float64, over column chunks of a (K, n) ``block``."""
+def add_gram(out: Tensor, block: Tensor, columns: int | None = None) -> None:
+    """``out += block blockᵀ`` in float64, over column chunks of a (K, n) ``block`` (``columns``
+    per chunk; default :func:`gram_columns` for the block's device)."""
     n = block.shape[1]
+    if columns is None:
+        columns = gram_columns(block.shape[0], block.device)
     for start in range(0, n, columns):
         part = block[:, start:start + columns].to(torch.float64)
         out += part @ part.T
@@ -158,8 +173,9 @@ class JacobianEngine:
         _stream_loop(losses, params, sinks, retain_graph)
 
 
-def gram_of(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """K×K Gram matrix ``J Jᵀ`` of an existing Jacobian, in float64 over column blocks."""
+def gram_of(jacobian: Tensor, block: int | None = None) -> Tensor:
+    """K×K Gram matrix ``J Jᵀ`` of an existing Jacobian, in float64 over column blocks
+    (``block`` columns each; default :func:`gram_columns`)."""
     out = torch.zeros(jacobian.shape[0], jacobian.shape[0], dtype=torch.float64, device=jacobian.device)
     add_gram(out, jacobian, block)
     return out

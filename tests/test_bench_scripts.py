@@ -237,3 +237,38 @@ def test_search_wall_refuses_an_unknown_workload_before_any_work(capsys):
         search_wall.main(["--base", str(ROOT), "--workloads", "help,nope"])
     assert exit_info.value.code == 2
     assert "unknown workload(s) nope; valid: help," in capsys.readouterr().err
+
+
+PARSE_ONLY = '''
+import argparse, runpy, sys
+if len(sys.argv) < 2 or sys.argv[1] in ("-c", "-m"):
+    sys.exit(0)   # the version line and the pytest check
+real = argparse.ArgumentParser.parse_args
+def parse_only(self, args=None, namespace=None):
+    real(self, args, namespace)   # a flag the script does not know exits with 2 here
+    sys.exit(0)
+argparse.ArgumentParser.parse_args = parse_only
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_every_check_with_flags_its_scripts_accept(tmp_path):
+    """bench/gpu_session.sh is run on a lent GPU, where a mistyped flag would waste the lease: every
+    check's command line goes through its script's own argument parser here (and stops there)."""
+    wrapper = tmp_path / "parse_only.py"
+    wrapper.write_text(PARSE_ONLY)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {wrapper} \"$@\"\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHON": str(fake)})
+    assert proc.returncode == 0, proc.stderr
+    log = (out / "session.log").read_text()
+    checks = re.findall(r"^=== (\w+): exit (\d+)", log, flags=re.M)
+    assert [name for name, _ in checks] == ["cuda_tests", "step_nyuv2", "paths_nyuv2", "memory_nyuv2",
+                                            "step_cityscapes", "step_qm9", "step_celeba"], log
+    assert all(code == "0" for _, code in checks), log
+    assert "=== done" in log

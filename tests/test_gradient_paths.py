@@ -144,6 +144,17 @@ def test_path_validation_and_choice():
     assert choose_gradient_path(3, 2**30, can_stream=True) == "gram"
     assert choose_gradient_path(40, 1000, can_stream=True) == "gram"
     assert choose_gradient_path(40, 2**30, can_stream=False) == "jacobian"
+    # a device whose memory is known: the Jacobian buffer up to 1/16 of it (NYUv2's 3 × 168 MiB on an
+    # H200) keeps the Jacobian path; a large share of a small GPU, or K >= 8, takes the Gram path
+    h200, small = 141 * 10**9, 4 * 2**30
+    nyuv2 = 44_100_000 * 4
+    assert choose_gradient_path(3, nyuv2, True, h200) == "jacobian"
+    assert choose_gradient_path(3, nyuv2, True, small) == "gram"
+    assert choose_gradient_path(3, nyuv2, True, None) == "gram"          # unknown memory: the fixed limit
+    assert choose_gradient_path(3, 1000, True, 2**20) == "jacobian"     # never below the fixed limit
+    assert choose_gradient_path(3, h200 // 16 // 3 + 1, True, h200) == "gram"
+    assert choose_gradient_path(40, 1000, True, h200) == "gram"
+    assert choose_gradient_path(3, nyuv2, False, small) == "jacobian"
     for name in GRAM_METHODS:
         cls = balancer_class(name)
         assert not issubclass(cls, GradientBalancer) or cls.supports_gram, name
@@ -198,3 +209,49 @@ def test_data_parallel_steps_take_the_jacobian_path_and_refuse_a_forced_gram():
     assert pick_gradient_path("mgda", "jacobian", True, 40, shared, True, group) == "jacobian"
     with pytest.raises(BalancerError, match="data-parallel"):
         pick_gradient_path("mgda", "gram", True, 40, shared, True, group)
+
+
+def test_auto_asks_the_device_for_its_memory_only_where_the_gram_can_stream(monkeypatch):
+    """``pick_gradient_path`` hands the shared parameters' device memory to the choice when the
+    engine streams (a GPU's batched pass); meta tensors stand in for NYUv2's 44 M parameters."""
+    import mtl_tune.balancers._common as common
+
+    asked = []
+
+    def memory(device):
+        asked.append(torch.device(device).type)
+        return 141 * 10**9
+
+    monkeypatch.setattr(common, "device_memory_bytes", memory)
+    shared = [torch.empty(44_100_000, device="meta")]
+    assert common.pick_gradient_path("mgda", "auto", True, 3, shared, True) == "jacobian"
+    assert asked == ["meta"]
+    assert common.pick_gradient_path("mgda", "auto", True, 3, shared, False) == "jacobian"
+    assert asked == ["meta"]                                   # not asked: nothing to stream
+    monkeypatch.setattr(common, "device_memory_bytes", lambda device: 2 * 2**30)
+    assert common.pick_gradient_path("mgda", "auto", True, 3, shared, True) == "gram"
+    assert common.pick_gradient_path("mgda", "gram", True, 3, shared, True) == "gram"
+
+
+def test_device_memory_is_known_for_cuda_only():
+    from mtl_tune.balancers._common import device_memory_bytes
+
+    assert device_memory_bytes("cpu") is None and device_memory_bytes(torch.device("meta")) is None
+    if torch.cuda.is_available():
+        assert device_memory_bytes("cuda") == torch.cuda.get_device_properties(0).total_memory
+
+
+def test_gram_blocks_are_cache_sized_on_a_cpu_and_large_elsewhere():
+    """Block sizes change only the float64 summation order: any block gives the Gram matrix to
+    float64 rounding (P · ε₆₄ relative at worst, far below the float32 entries' own error)."""
+    from mtl_tune.jacobian import GRAM_BLOCK, GRAM_BLOCK_ENTRIES_GPU, gram_columns
+
+    assert gram_columns(3, "cpu") == GRAM_BLOCK
+    assert gram_columns(3, torch.device("cuda")) == GRAM_BLOCK_ENTRIES_GPU // 3
+    assert gram_columns(40, "cuda:1") == GRAM_BLOCK_ENTRIES_GPU // 40
+    assert gram_columns(10**9, "cuda") == GRAM_BLOCK          # never below the CPU's block
+    for columns, blocks in ((5_003, (1, 7, 4096)), (200_003, (GRAM_BLOCK, 10**6, None))):
+        jac = torch.randn(3, columns, generator=torch.Generator().manual_seed(columns))
+        exact = jac.double() @ jac.double().T
+        for block in blocks:
+            torch.testing.assert_close(gram_of(jac, block), exact, rtol=1e-12, atol=1e-12 * float(exact.abs().max()))

@@ -9,6 +9,7 @@ plug-in imports from; this module exists to keep that one short.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mtl_tune.jacobian import GRAM_BLOCK, gram_of
+from mtl_tune.jacobian import gram_of
 
 
 class BalancerError(RuntimeError):
@@ -146,11 +147,12 @@ def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], he
         (losses * h).sum().backward(inputs=list(heads))
 
 
-def gram(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+def gram(jacobian: Tensor, block: int | None = None) -> Tensor:
     """K×K Gram matrix ``J Jᵀ`` in float64 (solvers are run in double precision).
 
     Built over column blocks so that only one block at a time is copied to float64 (the
-    full float64 copy of a K×P Jacobian doubled the step's memory on large models)."""
+    full float64 copy of a K×P Jacobian doubled the step's memory on large models); ``block``
+    columns each, by default cache-sized on a CPU and large on a GPU (:func:`mtl_tune.jacobian.gram_columns`)."""
     return gram_of(jacobian, block)
 
 
@@ -188,8 +190,27 @@ GRADIENT_PATHS = ("auto", "jacobian", "gram")
 #: K ≥ :data:`GRAM_MIN_TASKS`; below both the Jacobian path's saved backward pass wins
 #: (measured in
 #: docs/performance.md#8-gradient-methods-against-the-official-step-structure-benchgradient_steppy).
+#: On a device whose memory size is known (CUDA) the limit is that memory ÷
+#: :data:`GRAM_DEVICE_FRACTION` when larger (docs/performance.md §6.1).
 GRAM_MIN_JACOBIAN_BYTES = 256 * 2**20
 GRAM_MIN_TASKS = 8
+#: a Jacobian buffer of up to 1/16 of the device's memory is worth the Gram path's extra backward
+#: pass: on an H200, NYUv2's 0.5 GiB buffer saved 21 % of a Gram-method step (docs/performance.md §6.1);
+#: trials packed on one GPU (fractional GPUs) each see the whole device, and eight such buffers still fit in half of it
+GRAM_DEVICE_FRACTION = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _device_memory(kind: str, index: int | None) -> int | None:
+    if kind != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).total_memory)
+
+
+def device_memory_bytes(device: torch.device | str) -> int | None:
+    """Total memory of ``device`` in bytes where torch reports it (a CUDA GPU), else None."""
+    device = torch.device(device)
+    return _device_memory(device.type, device.index)
 
 
 def pick_gradient_path(name: str, setting: str, supports_gram: bool, n_tasks: int, shared: Sequence[Tensor],
@@ -209,13 +230,19 @@ def pick_gradient_path(name: str, setting: str, supports_gram: bool, n_tasks: in
         return setting
     if not supports_gram:
         return "jacobian"
-    return choose_gradient_path(n_tasks, sum(p.numel() * p.element_size() for p in shared), can_stream)
+    device = device_memory_bytes(shared[0].device) if can_stream and shared else None
+    return choose_gradient_path(n_tasks, sum(p.numel() * p.element_size() for p in shared), can_stream, device)
 
 
-def choose_gradient_path(n_tasks: int, shared_bytes: int, can_stream: bool) -> str:
-    """``"gram"`` when the K×P Jacobian is large or K is large, and the engine can stream the Gram
-    matrix; else ``"jacobian"`` (one backward pass fewer)."""
+def choose_gradient_path(n_tasks: int, shared_bytes: int, can_stream: bool, device_bytes: int | None = None) -> str:
+    """``"gram"`` when the engine can stream the Gram matrix and K ≥ :data:`GRAM_MIN_TASKS` (the extra
+    backward pass is then at most 1/8 of the K passes) or the K×P Jacobian is large: at least
+    :data:`GRAM_MIN_JACOBIAN_BYTES`, or ``device_bytes`` / :data:`GRAM_DEVICE_FRACTION` when the
+    device's memory is known and that is more; else ``"jacobian"`` (one backward pass fewer)."""
     if not can_stream:
         return "jacobian"
-    big = n_tasks * shared_bytes >= GRAM_MIN_JACOBIAN_BYTES
-    return "gram" if big or n_tasks >= GRAM_MIN_TASKS else "jacobian"
+    if n_tasks >= GRAM_MIN_TASKS:
+        return "gram"
+    limit = GRAM_MIN_JACOBIAN_BYTES if device_bytes is None else max(GRAM_MIN_JACOBIAN_BYTES,
+                                                                       device_bytes // GRAM_DEVICE_FRACTION)
+    return "gram" if n_tasks * shared_bytes >= limit else "jacobian"

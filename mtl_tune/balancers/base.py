@@ -407,8 +407,9 @@ class GradientBalancer(Balancer):
       (d = Σ cᵢ gᵢ with c from the K×K Gram matrix; they set ``supports_gram`` and implement
       :meth:`gram_weights`): the engine streams the Gram matrix without ever holding the
       Jacobian, and one ordinary backward of Σ cᵢ ℓᵢ writes d. It trades one extra backward pass
-      for the K×P memory. ``gradient_path="auto"`` picks it for large Jacobians or many tasks
-      (:func:`choose_gradient_path`); ``"jacobian"`` / ``"gram"`` force a path.
+      for the K×P memory. ``gradient_path="auto"`` picks it for many tasks, or for Jacobians that
+      are large (for a GPU: against its memory) (:func:`choose_gradient_path`); ``"jacobian"`` /
+      ``"gram"`` force a path.
 
     Task heads receive ``∇ Σ_i c_i ℓ_i`` where ``c = head_weights(weights)`` (unweighted ones by
     default, as in the official code of most gradient methods; see
