@@ -51,4 +51,9 @@ check step_qm9 80 "$py" bench/step_time.py --benchmark qm9 --synthetic --device 
   --out "$out/step_qm9.md"
 check step_celeba 100 "$py" bench/step_time.py --benchmark celeba --synthetic --device "$device" --reps $((3 * scale)) \
   --warmup 1 --out "$out/step_celeba.md"
+# UPGrad took 1.56 x floor:jac on CelebA (K = 40: forty active-set projections, ~750 small lstsq
+# calls a step; 48 ms on a 2-core CPU): is it the host BLAS's threads on this machine's many cores?
+check upgrad_one_blas_thread 60 env OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+  "$py" bench/step_time.py --benchmark celeba --synthetic --device "$device" --reps 3 --warmup 1 --methods mgda,upgrad \
+  --out "$out/upgrad_one_blas_thread.md"
 echo "=== done $(date -u +%FT%TZ)" >>"$log"

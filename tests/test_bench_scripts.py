@@ -269,6 +269,6 @@ def test_gpu_session_script_runs_every_check_with_flags_its_scripts_accept(tmp_p
     log = (out / "session.log").read_text()
     checks = re.findall(r"^=== (\w+): exit (\d+)", log, flags=re.M)
     assert [name for name, _ in checks] == ["cuda_tests", "step_nyuv2", "paths_nyuv2", "memory_nyuv2",
-                                            "step_cityscapes", "step_qm9", "step_celeba"], log
+                                            "step_cityscapes", "step_qm9", "step_celeba", "upgrad_one_blas_thread"], log
     assert all(code == "0" for _, code in checks), log
     assert "=== done" in log
