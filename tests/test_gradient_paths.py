@@ -233,12 +233,23 @@ def test_auto_asks_the_device_for_its_memory_only_where_the_gram_can_stream(monk
     assert common.pick_gradient_path("mgda", "gram", True, 3, shared, True) == "gram"
 
 
-def test_device_memory_is_known_for_cuda_only():
-    from mtl_tune.balancers._common import device_memory_bytes
+def test_device_memory_is_known_for_cuda_only(monkeypatch):
+    """A CUDA device's memory from torch, for the device named or else the current one (a stand-in
+    for torch.cuda here, so it runs without a GPU)."""
+    import types
 
-    assert device_memory_bytes("cpu") is None and device_memory_bytes(torch.device("meta")) is None
-    if torch.cuda.is_available():
-        assert device_memory_bytes("cuda") == torch.cuda.get_device_properties(0).total_memory
+    import mtl_tune.balancers._common as common
+
+    assert common.device_memory_bytes("cpu") is None and common.device_memory_bytes(torch.device("meta")) is None
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=1000 + i))
+    common._cuda_memory.cache_clear()
+    try:
+        assert common.device_memory_bytes("cuda") == 1001
+        assert common.device_memory_bytes("cuda:0") == 1000
+        assert common.device_memory_bytes(torch.device("cuda", 2)) == 1002
+    finally:
+        common._cuda_memory.cache_clear()
 
 
 def test_gram_blocks_are_cache_sized_on_a_cpu_and_large_elsewhere():

@@ -201,16 +201,16 @@ GRAM_DEVICE_FRACTION = 16
 
 
 @functools.lru_cache(maxsize=None)
-def _device_memory(kind: str, index: int | None) -> int | None:
-    if kind != "cuda":
-        return None
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).total_memory)
+def _cuda_memory(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).total_memory)
 
 
 def device_memory_bytes(device: torch.device | str) -> int | None:
     """Total memory of ``device`` in bytes where torch reports it (a CUDA GPU), else None."""
     device = torch.device(device)
-    return _device_memory(device.type, device.index)
+    if device.type != "cuda":
+        return None
+    return _cuda_memory(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def pick_gradient_path(name: str, setting: str, supports_gram: bool, n_tasks: int, shared: Sequence[Tensor],
