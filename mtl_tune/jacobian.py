@@ -56,8 +56,8 @@ Mode = Literal["auto", "batched", "loop"]
 #: gradients' own); the block keeps the temporary at K × 2^16 doubles (1.5 MiB for K = 3), in cache.
 GRAM_BLOCK = 1 << 16
 #: entries per block on a GPU (K × columns): 2^24 doubles, a 128 MiB temporary. With CPU-sized blocks
-#: NYUv2's 44 M-parameter Jacobian took 673 blocks of four kernels each, ≈ 30 ms of launches per
-#: step on an H200 (docs/performance.md §6.1); a few large blocks take a few kernels.
+#: NYUv2's 44 M-parameter Jacobian took 673 blocks of four small kernels each, and MGDA's ``combine``
+#: (mostly this product) 37–42 ms of a step on an H200 (docs/performance.md §6.1); here 8 blocks.
 GRAM_BLOCK_ENTRIES_GPU = 1 << 24
 
 
@@ -67,6 +67,8 @@ def gram_columns(n_tasks: int, device: torch.device | str) -> int:
     if torch.device(device).type == "cpu":
         return GRAM_BLOCK
     return max(GRAM_BLOCK, GRAM_BLOCK_ENTRIES_GPU // max(n_tasks, 1))
+
+
 #: K × P at or below which ``"auto"`` computes a Jacobian row by row (see the module docstring)
 LOOP_MAX_ENTRIES = 64
 #: device types on which ``"auto"`` always takes the loop (see the module docstring)
