@@ -196,6 +196,10 @@ def build_rows(methods: list[c.Runner], floors: list[c.Runner], t: c.Timings, wa
         failures = getattr(getattr(r.balancer, "failures", None), "total", 0)
         if failures:
             notes.append(f"{failures} solver failures")
+        if getattr(r.balancer, "gradient_path", None) == "auto" and hasattr(r.balancer, "path_for"):
+            w = r.workload  # which path "auto" took on this model and device (the note says it per entry)
+            shared = [q for q in w.setup.shared_parameters if q.requires_grad]
+            notes.append(f"auto: {r.balancer.path_for(torch.zeros(w.n_tasks, device=w.device), shared)} path")
         engine = getattr(r.balancer, "engine", None)
         if engine is not None and r.balancer.needs_jacobian and engine.fell_back:
             notes.append("Jacobian engine fell back to the loop")
