@@ -66,7 +66,7 @@ def gram_columns(n_tasks: int, device: torch.device | str) -> int:
     on a CPU (:data:`GRAM_BLOCK`), :data:`GRAM_BLOCK_ENTRIES_GPU` entries elsewhere."""
     if torch.device(device).type == "cpu":
         return GRAM_BLOCK
-    return max(GRAM_BLOCK, GRAM_BLOCK_ENTRIES_GPU // max(n_tasks, 1))
+    return max(1, GRAM_BLOCK_ENTRIES_GPU // max(n_tasks, 1))   # the temporary stays 128 MiB for any K
 
 
 #: K × P at or below which ``"auto"`` computes a Jacobian row by row (see the module docstring)

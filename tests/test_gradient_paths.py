@@ -260,7 +260,7 @@ def test_gram_blocks_are_cache_sized_on_a_cpu_and_large_elsewhere():
     assert gram_columns(3, "cpu") == GRAM_BLOCK
     assert gram_columns(3, torch.device("cuda")) == GRAM_BLOCK_ENTRIES_GPU // 3
     assert gram_columns(40, "cuda:1") == GRAM_BLOCK_ENTRIES_GPU // 40
-    assert gram_columns(10**9, "cuda") == GRAM_BLOCK          # never below the CPU's block
+    assert gram_columns(2**30, "cuda") == 1                  # the temporary stays 2^24 entries for any K
     for columns, blocks in ((5_003, (1, 7, 4096)), (200_003, (GRAM_BLOCK, 10**6, None))):
         jac = torch.randn(3, columns, generator=torch.Generator().manual_seed(columns))
         exact = jac.double() @ jac.double().T
