@@ -260,3 +260,28 @@ def test_synthetic_has_real_shapes():
     assert bench.info()["data_source"] == "synthetic"
     out = _run(bench, {**bench.defaults, "seed": 0}, steps=1)
     assert out["setup"].extras["n_train"] == 11980 and 0 <= out["test"]["left/acc"] <= 1
+
+
+@pytest.mark.parametrize("source", ["mnist", "sklearn_digits", "synthetic"])
+def test_val_fraction_zero_evaluates_the_test_split_and_says_so(tmp_path, source):
+    """val_fraction = 0 (the papers' protocol: no validation split) leaves the val split empty: the run
+    evaluates the test split only, warns that selecting on it leaks, and a whole training run ends
+    (it crashed at the first evaluation, concatenating no batches)."""
+    from mtl_tune.training.loop import Trainer
+
+    if source == "mnist":
+        write_mnist(tmp_path)
+    kwargs = {"data_root": str(tmp_path)} if source == "mnist" else {"synthetic": source == "synthetic"}
+    config = {"benchmark": "multi_mnist", "method": "ls", "epochs": 1, "seed": 0, "val_fraction": 0,
+              "pairs_per_image": 1, "batch_size": 256, **kwargs}
+    with pytest.warns(UserWarning, match="validation split is empty"):
+        trainer = Trainer(config)
+    setup = trainer.setup
+    assert setup.eval_splits == ("test",) and setup.extras["test_leak"] and setup.extras["n_val"] == 0
+    with pytest.raises(ValueError, match=r"split 'val' is not evaluated.*\['test'\]"):
+        setup.evaluate("val")
+    reports = []
+    trainer.run(lambda metrics, state: reports.append(metrics))
+    assert reports and "test/mean_acc" in reports[-1] and not any(k.startswith("val/") for k in reports[-1])
+    default = Trainer({**config, "val_fraction": 1 / 6})
+    assert default.setup.eval_splits == ("val", "test") and not default.setup.extras["test_leak"]

@@ -37,6 +37,7 @@ baseline and the default objective is the validation mean accuracy.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
@@ -219,8 +220,19 @@ class MultiMnist(Benchmark):
             losses = torch.stack([F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits)])
             return ForwardOutput(losses=losses, representation=z)
 
+        # a split with no images (val_fraction = 0: the papers' protocol) is not evaluated, as on the
+        # dense benchmarks; selecting on test/ metrics then leaks the test set, which the warning says
+        eval_splits = tuple(s for s in ("val", "test") if tensors[s][0].shape[0] > 0)
+        if "val" not in eval_splits:
+            warnings.warn(f"{self.name}: the validation split is empty (val_fraction=0) — evaluating only the "
+                          "test split. Any search that selects on 'test/...' metrics LEAKS the test set into "
+                          "model selection.", UserWarning, stacklevel=2)
+
         @torch.no_grad()
         def evaluate(split: str) -> dict[str, float]:
+            if split not in eval_splits:
+                raise ValueError(f"{self.name}: split {split!r} is not evaluated in this run (it has no images "
+                                 f"or no such name); this run evaluates {list(eval_splits)}")
             x, y = tensors[split]
             was_training = model.training
             model.eval()
@@ -237,8 +249,9 @@ class MultiMnist(Benchmark):
             result["mean_acc"] = float(np.mean([result[f"{t}/acc"] for t in self.tasks]))
             return result
 
-        extras = {**self.info(), **{f"n_{s}": int(t[0].shape[0]) for s, t in tensors.items()}}
+        extras = {**self.info(), **{f"n_{s}": int(t[0].shape[0]) for s, t in tensors.items()},
+                  "test_leak": "val" not in eval_splits}
         return Setup(model=model, shared_parameters=list(model.trunk.parameters()),
                      task_parameters=[list(h.parameters()) for h in model.heads],
                      train_batches=train_batches, forward=forward, evaluate=evaluate,
-                     eval_splits=("val", "test"), extras=extras)
+                     eval_splits=eval_splits, extras=extras)
