@@ -224,9 +224,9 @@ class MultiMnist(Benchmark):
         # dense benchmarks; selecting on test/ metrics then leaks the test set, which the warning says
         eval_splits = tuple(s for s in ("val", "test") if tensors[s][0].shape[0] > 0)
         if "val" not in eval_splits:
-            warnings.warn(f"{self.name}: the validation split is empty (val_fraction=0, or too few images for it) — evaluating only the "
-                          "test split. Any search that selects on 'test/...' metrics LEAKS the test set into "
-                          "model selection.", UserWarning, stacklevel=2)
+            warnings.warn(f"{self.name}: the validation split is empty (val_fraction=0, or too few images for "
+                          "it) — evaluating only the test split. Any search that selects on 'test/...' metrics "
+                          "LEAKS the test set into model selection.", UserWarning, stacklevel=2)
 
         @torch.no_grad()
         def evaluate(split: str) -> dict[str, float]:
