@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mtl_tune.benchmarks._dense_files import FILTERS, IGNORE_LABEL, DenseFiles, DenseLayout, check_dense_data, npy_source
-from mtl_tune.benchmarks.base import Benchmark, Setting, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, Setting, Setup, data_check_level, warn_test_only
 
 if TYPE_CHECKING:
     import torch
@@ -219,10 +219,8 @@ class DenseBenchmark(Benchmark):
         if val_fraction > 0:
             eval_sets = {"val": (DenseDataset(train_src, n_files), [int(i) for i in val_idx]), **eval_sets}
         else:
-            warnings.warn(f"{self.name}: val_fraction=0 — training on the whole training folder and "
-                          "evaluating only the official test folder (the papers' protocol). Any search that "
-                          "selects on 'test/...' metrics LEAKS the test set into model selection.",
-                          UserWarning, stacklevel=2)
+            warn_test_only(self.name, "val_fraction=0 — training on the whole training folder and evaluating only "
+                                      "the official test folder (the papers' protocol)")
         batch_size = int(cfg["batch_size"])
         eval_bs = int(cfg["eval_batch_size"] or batch_size)
         workers = int(cfg["num_workers"])

@@ -23,6 +23,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -70,6 +71,13 @@ def data_check_level(value: Any) -> str:
     if value not in DATA_CHECKS:
         raise ValueError(f"benchmark option data_check must be one of {', '.join(DATA_CHECKS)}, got {value!r}")
     return str(value)
+
+
+def warn_test_only(benchmark: str, why: str) -> None:
+    """Warn that a run evaluates only its test split (no validation split: ``why``), where selecting
+    on its metrics leaks the test set; the dense benchmarks and MultiMNIST say it alike."""
+    warnings.warn(f"{benchmark}: {why}. Any search that selects on 'test/...' metrics LEAKS the test set "
+                  "into model selection.", UserWarning, stacklevel=3)
 
 
 class ConfigError(ValueError):

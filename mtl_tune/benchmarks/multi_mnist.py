@@ -37,10 +37,9 @@ baseline and the default objective is the validation mean accuracy.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import TYPE_CHECKING, Any
 
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level
+from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level, warn_test_only
 from mtl_tune.metrics import MetricSpec
 
 if TYPE_CHECKING:
@@ -224,9 +223,8 @@ class MultiMnist(Benchmark):
         # dense benchmarks; selecting on test/ metrics then leaks the test set, which the warning says
         eval_splits = tuple(s for s in ("val", "test") if tensors[s][0].shape[0] > 0)
         if "val" not in eval_splits:
-            warnings.warn(f"{self.name}: the validation split is empty (val_fraction=0, or too few images for "
-                          "it) — evaluating only the test split. Any search that selects on 'test/...' metrics "
-                          "LEAKS the test set into model selection.", UserWarning, stacklevel=2)
+            warn_test_only(self.name, "the validation split is empty (val_fraction=0, or too few images for it) — "
+                                      "evaluating only the test split")
 
         @torch.no_grad()
         def evaluate(split: str) -> dict[str, float]:
