@@ -4,7 +4,8 @@
 # GPU memory and seconds per epoch on NYUv2, then the other GPU benchmarks' steps.
 # Each check has its own time limit, so one that runs long costs only itself; every table lands
 # in OUTDIR as soon as its check ends, and OUTDIR/session.log says what ran, for how long, and why
-# anything stopped. Needs torch (and torch-geometric for QM9); not Ray, Optuna or cvxpy.
+# anything stopped; the script exits 1 naming every check that did not succeed. Needs torch (and
+# torch-geometric for QM9); not Ray, Optuna or cvxpy.
 #
 #   bash bench/gpu_session.sh OUTDIR            # from the repository root
 #   SCALE=3 bash bench/gpu_session.sh OUTDIR    # three times the repetitions and limits
@@ -25,7 +26,9 @@ check() {  # check NAME LIMIT_SECONDS COMMAND...: run it under its limit; its ou
   timeout "$limit" "$@" >>"$log" 2>&1
   rc=$?
   echo "=== $name: exit $rc after $(($(date +%s) - start)) s$([ $rc = 124 ] && echo ' (stopped at its limit)')" >>"$log"
+  [ $rc = 0 ] || failed="$failed $name"
 }
+failed=""
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$py" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
@@ -62,4 +65,5 @@ check step_celeba 100 "$py" bench/step_time.py --benchmark celeba --synthetic --
 # calls a step; 48 ms on a 2-core CPU): is it the host BLAS's threads on this machine's many cores?
 check upgrad_one_blas_thread 60 env OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   "$py" bench/step_time.py --benchmark celeba --synthetic --device "$device" --reps 3 --warmup 1 --methods mgda,upgrad
-echo "=== done $(date -u +%FT%TZ)" >>"$log"
+echo "=== done $(date -u +%FT%TZ)${failed:+; failed:$failed}" >>"$log"
+if [ -n "$failed" ]; then echo "gpu_session: checks that failed or ran out of time:$failed (see $log)" >&2; exit 1; fi
