@@ -111,7 +111,7 @@ def test_search_with_two_workers_per_trial_restarts_from_its_checkpoint(faulty_c
     # JSON logger is reopened on restore); the epoch-1 report is checked by resumed_from_epoch above
     assert results[-1]["epoch"] == 2.0 and all(r["workers"] == 2.0 for r in results)
     last = max(trial_dir.glob("checkpoint_*"))
-    state = torch.load(last / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)  # a weights-only checkpoint
     assert state["epoch"] == 2
     for name, single in zip(dict(trainer.setup.model.named_parameters()), params):
         torch.testing.assert_close(state["model"][name], single, atol=PARAM_ATOL, rtol=0)

@@ -3,6 +3,7 @@ configuration at run time, lost infrastructure; the summary and --resume around 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import pickle
@@ -113,6 +114,37 @@ def test_the_trial_reports_bad_data_once_instead_of_raising(monkeypatch):
     monkeypatch.setattr(trainable, "train", unexpected)
     with pytest.raises(KeyError):  # anything else is Tune's to retry (bounded by --max-failures)
         trainable.train_trial(TOY)
+
+
+def test_a_checkpoint_a_weights_only_load_refuses_fails_the_trial_once_without_running_it(monkeypatch, tmp_path):
+    """Resuming from a crafted (or pre-weights-only) state.pt: nothing in it runs, the trial reports one
+    failed result that says why, and Tune sees no exception (no retries of the same refusal)."""
+    from mtl_tune.search import trainable
+
+    marker = tmp_path / "ran"
+
+    class WritesMarker:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save({"epoch": 1, "payload": WritesMarker()}, folder / trainable.STATE_FILE)
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(folder)
+
+    reports = []
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", Checkpoint)
+    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(trainable, "train", lambda *args: pytest.fail("trained from a refused checkpoint"))
+    trainable.train_trial(TOY)
+    assert not marker.exists()
+    assert len(reports) == 1 and reports[0]["failed"] == 1.0
+    assert reports[0]["error"].startswith("UnsafeCheckpointError") and "state.pt" in reports[0]["error"]
 
 
 def test_bad_hyperparameter_at_run_time_is_a_config_error():

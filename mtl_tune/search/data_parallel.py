@@ -50,6 +50,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from mtl_tune.benchmarks.base import ConfigError, DataError
+    from mtl_tune.checkpoint import UnsafeCheckpointError
+    from mtl_tune.checkpoint import load as load_checkpoint
     from mtl_tune.training.data_parallel import train_data_parallel
     from mtl_tune.training.loop import failure_metrics
 
@@ -65,8 +67,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     state = None
     if resume is not None:
         with resume.as_directory() as directory:
-            # our own checkpoint (written below by rank 0 of this search), hence weights_only=False
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            try:  # weights-only (mtl_tune.checkpoint): a checkpoint file cannot run code
+                state = load_checkpoint(Path(directory) / STATE_FILE)
+            except UnsafeCheckpointError as err:  # the same on every rank: each reports once
+                ray.train.report({**failure_metrics(config, err, 0), "workers": float(world)})
+                return
 
     def report(metrics: dict[str, Any], training_state: dict[str, Any] | None) -> None:
         if rank != 0 or training_state is None:

@@ -2,7 +2,9 @@
 
 Reports once per epoch with a checkpoint (the full training state) so a trial restarted
 after a crash or node loss continues from its last finished epoch. The checkpoint is a
-``torch.save`` file written by this search; it is the only pickle we ever load.
+``torch.save`` file of tensors and plain data, read back with torch's safe default
+``weights_only=True`` (:mod:`mtl_tune.checkpoint`): a checkpoint file cannot run code. One that
+holds anything else (an older mtl_tune's) fails the trial with that reason, once, as bad data does.
 
 Bad data or configuration met at run time (``DataError``/``ConfigError``) would fail the
 same way on every restart, so it is not raised to Tune (which would retry it up to
@@ -27,6 +29,8 @@ from ray import tune
 from ray.tune.trainable.function_trainable import wrap_function
 
 from mtl_tune.benchmarks.base import ConfigError, DataError
+from mtl_tune.checkpoint import UnsafeCheckpointError
+from mtl_tune.checkpoint import load as load_checkpoint
 from mtl_tune.search.faults import maybe_inject_fault
 from mtl_tune.training import train
 from mtl_tune.training.loop import failure_metrics
@@ -49,14 +53,16 @@ def train_trial(config: dict[str, Any]) -> None:
         return
     cpus = float(config.get("cpus_per_trial", 1) or 1)
     torch.set_num_threads(max(1, int(cpus)))
+    placement = _placement()
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            # our own checkpoint (written below), hence weights_only=False is safe here
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-
-    placement = _placement()
+            try:
+                state = load_checkpoint(Path(directory) / STATE_FILE)
+            except UnsafeCheckpointError as err:  # the same on every retry: one failed result, no retries
+                tune.report({**failure_metrics(config, err, 0), **placement, "workers": 1.0})
+                return
     if placement["resources/gpu"] > 0 and not torch.cuda.is_available():
         warnings.warn(f"trial was assigned {placement['resources/gpu']} GPU but torch sees no CUDA device; "
                       "training on the CPU", RuntimeWarning)

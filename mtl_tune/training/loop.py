@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtl_tune.checkpoint import from_plain, to_plain
 from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
 from mtl_tune.benchmarks.base import ConfigError
 from mtl_tune.metrics import delta_m, task_scores
@@ -205,7 +206,7 @@ class Trainer:
             "balancer": self.balancer.state_dict(),
             "test_history": list(self.test_history),
             "best": {"value": self.best_value, "metrics": dict(self.best_metrics)},
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "rng": {"python": random.getstate(), "numpy": to_plain(np.random.get_state()), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
@@ -220,7 +221,7 @@ class Trainer:
         self.best_value, self.best_metrics = state["best"]["value"], dict(state["best"]["metrics"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

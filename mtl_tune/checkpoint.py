@@ -1,0 +1,89 @@
+"""Checkpoints that a weights-only ``torch.load`` reads: no pickled code, no allow-list.
+
+Why: ``torch.load(..., weights_only=False)`` unpickles arbitrary objects, so a checkpoint file in a
+results directory (copied from a colleague, restored from shared storage) could run code when a
+search resumes. torch's default since 2.6 is ``weights_only=True``, which reads tensors and plain
+data (dicts, lists, tuples, strings, numbers, None) and refuses everything else — NumPy arrays
+included. mtl_tune keeps that default everywhere it loads a checkpoint (:func:`load`).
+
+The states mtl_tune writes hold a few NumPy arrays (warm starts such as Nash-MTL's α, PIVRG's
+scores, STGU's affinities, NumPy's global random state). :func:`to_plain` replaces each array or
+NumPy scalar by a marked dict holding a tensor with the same values and its dtype, and
+:func:`from_plain` turns those back into the very same arrays (dtype, shape and values), so a
+balancer or trainer sees exactly what it saved. ``Balancer.state_dict()`` is converted this way
+(its extra state), so a user's own ``torch.save`` / ``torch.load`` of it works with torch's default.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: the key of a converted NumPy array (a name no user state uses)
+NUMPY_KEY = "__mtl_tune_numpy__"
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` with every NumPy array and NumPy scalar (in plain dicts, lists and tuples, at any depth)
+    replaced by ``{NUMPY_KEY: tensor, "dtype": str, "scalar": bool}``; everything else as it is."""
+    import torch
+
+    if isinstance(obj, (np.ndarray, np.generic)):
+        arr = np.asarray(obj)
+        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+            raise TypeError(f"cannot store a NumPy array of dtype {arr.dtype} in a weights-only checkpoint")
+        native = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)  # keeps 0-d as 0-d
+        return {NUMPY_KEY: torch.from_numpy(native), "dtype": arr.dtype.str, "scalar": isinstance(obj, np.generic)}
+    if type(obj) is dict:  # (not an OrderedDict such as a module's state_dict: its metadata stays)
+        return {k: to_plain(v) for k, v in obj.items()}
+    if type(obj) is list:
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(to_plain(v) for v in obj)
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    """The inverse of :func:`to_plain` (data without converted arrays passes unchanged)."""
+    if type(obj) is dict:
+        if NUMPY_KEY in obj:
+            arr = obj[NUMPY_KEY].detach().cpu().numpy().astype(np.dtype(obj["dtype"]), copy=True)
+            return arr[()] if obj.get("scalar") else arr
+        return {k: from_plain(v) for k, v in obj.items()}
+    if type(obj) is list:
+        return [from_plain(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(from_plain(v) for v in obj)
+    return obj
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds objects that a weights-only load refuses."""
+
+
+def load(path: str | Path) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, then :func:`from_plain`.
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled objects other than tensors and plain data —
+            written by an mtl_tune before its checkpoints were weights-only (they held NumPy arrays),
+            or not by mtl_tune. It is not loaded: unpickling it could run code from the file.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds objects a weights-only load refuses ({first[0] if first else err}); "
+            "it was written by an older mtl_tune (whose checkpoints held NumPy arrays) or by other code, "
+            "and is not loaded, since unpickling it could run code from the file: start the run afresh"
+        ) from err
+    return from_plain(state)
+
+
+__all__ = ["NUMPY_KEY", "UnsafeCheckpointError", "from_plain", "load", "to_plain"]
