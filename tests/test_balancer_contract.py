@@ -273,10 +273,11 @@ def test_state_dict_round_trip_continues_identically(name, k, hparams):
     opt = make_optimizer(model, balancer)
     drive(model, balancer, opt, data[:5])  # two epochs (two on_epoch_end calls) + one step into the third
 
-    buffer = io.BytesIO()  # the checkpoint goes through torch.save as in mtl_tune.search.trainable
+    buffer = io.BytesIO()  # the checkpoint goes through torch.save as in mtl_tune.search.trainable, and
+    # back through torch.load with its safe default (weights_only=True: mtl_tune.checkpoint)
     torch.save(balancer.state_dict(), buffer)
     buffer.seek(0)
-    state = torch.load(buffer, weights_only=False)
+    state = torch.load(buffer, weights_only=True)
     model_b = copy.deepcopy(model)
     _, fresh = build(name, k, seed=12345, **hparams)  # another global seed: nothing may come from construction
     fresh.load_state_dict(state)
@@ -363,8 +364,37 @@ def test_non_finite_loss_is_an_error_or_visible(name, bad):
         except BalancerError as err:
             assert name in str(err)
             return
+    assert not getattr(balancer, "checks_finite_losses", True), f"{name}: a {bad} loss did not raise BalancerError"
     visible = not all(is_finite(v) for v in values) or not is_finite(info.weights)
     assert visible, f"{name}: a {bad} loss produced a finite update and finite weights {info.weights.tolist()}"
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in NONFINITE_GAPS and m not in TRAIN_STEP_ONLY])
+def test_a_refused_non_finite_loss_leaves_the_state_as_it_was(name):
+    """A step that raises on a NaN loss changes nothing: a loop that catches the error and goes on
+    (a skipped batch, as torch.amp's GradScaler skips one) continues as if the batch never came —
+    e.g. FAMO's logits, DWA's loss window, a warm start must not take the NaN for good. Not for
+    training-loop methods (STGU): a batch is several optimizer steps, and a NaN met in a later group's
+    forward comes after earlier groups moved the model, which no balancer can undo; they raise."""
+    k = 3
+    model, balancer = build(name, k, **({"mode": "iteration", "window": 1} if name == "dwa" else {}))
+    opt = make_optimizer(model, balancer)
+    data = batches(3, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        drive(model, balancer, opt, data[:2])
+        before = copy.deepcopy(balancer.state_dict())
+        factors = torch.ones(k)
+        factors[1] = float("nan")
+        try:
+            if uses_train_step(balancer):
+                balancer.train_step(lambda: forward(model, data[2], factors), opt, model.shared(), model.task_params())
+            else:
+                backward_step(model, balancer, data[2], factors)
+        except BalancerError:
+            assert_identical(before, balancer.state_dict(), "the state after a refused step")
+            return
+    assert not getattr(balancer, "checks_finite_losses", True), f"{name}: a NaN loss did not raise BalancerError"
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in NOT_PERMUTATION_EQUIVARIANT])
@@ -394,6 +424,40 @@ def test_max_norm_bounds_the_shared_gradient(name):
         backward_step(model, balancer, batches(1)[0])
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.shared() if p.grad is not None))
     assert 0 < float(norm) <= max_norm * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])
+def test_a_shared_parameter_listed_twice_is_clipped_once(name):
+    """Tied weights gathered from two modules list one tensor twice: the clipped gradient is the one
+    of the list without the repeat (it used to count twice in the norm and be scaled twice)."""
+    grads = []
+    for twice in (False, True):
+        model, balancer = build(name, 3, seed=2, max_norm=0.05)
+        out = forward(model, batches(1)[0])
+        shared = model.shared()
+        balancer.backward(out.losses, shared + shared[:1] if twice else shared, model.task_params(), out.representation)
+        grads.append([p.grad.clone() for p in model.shared()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])
+def test_losses_without_a_graph_or_not_a_tensor_are_a_clear_error(name):
+    """Losses computed under no_grad (or detached), or a list of K losses: a BalancerError that says
+    so — not torch's "does not require grad" from deep inside, nor (UW, IMTL-L) a step that trained
+    only the balancer's own parameters and left the model's ``.grad`` empty."""
+    model, balancer = build(name, 3)
+    batch = batches(1)[0]
+    with torch.no_grad():
+        out = forward(model, batch)
+    with pytest.raises(BalancerError, match=f"{name}: the losses are not attached to an autograd graph"):
+        balancer.backward(out.losses, model.shared(), model.task_params(), out.representation)
+    out = forward(model, batch)
+    with pytest.raises(BalancerError, match=f"{name}: the losses are not attached"):
+        balancer.backward(out.losses.detach(), model.shared(), model.task_params(), out.representation)
+    with pytest.raises(BalancerError, match=rf"{name}: losses must be one tensor of shape \(3,\)"):
+        balancer.backward(list(out.losses), model.shared(), model.task_params(), out.representation)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._common import weighted_rows
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers.base import gram
 
@@ -239,7 +240,7 @@ class AlignedCombination:
     def _aligned(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """(Σ cᵢ gᵢ, c) for the K×P ``jacobian``; its dtype sets the cut-off."""
         coef = self._step_weights(gram(jacobian), losses, jacobian.dtype).to(jacobian.device)
-        return coef.to(jacobian.dtype) @ jacobian, coef
+        return weighted_rows(coef, jacobian), coef
 
     def _step_extras(self) -> dict[str, Any]:
         return dict(self._last)

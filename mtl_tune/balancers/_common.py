@@ -94,13 +94,21 @@ class SolverFailureCounter:
         self.total, self.consecutive = int(state["total"]), int(state["consecutive"])
 
 
-def check_losses(losses: Tensor, n_tasks: int, method: str, finite: bool = True) -> None:
-    """Shape check, and (``finite=True``) a non-finite-loss check that raises BalancerError.
+def check_losses(losses: Tensor, n_tasks: int, method: str, finite: bool = True, graph: bool = False) -> None:
+    """Type and shape check, (``graph=True``: a step's losses) that they hang on an autograd graph,
+    and (``finite=True``) a non-finite-loss check; each raises BalancerError saying what is wrong.
 
-    The finiteness check reads one K-vector on the host: gradient methods sync for their
-    solvers anyway; loss-based methods skip it (``finite=False``) to keep their step free of
-    host syncs, and the trainer checks their losses every few steps instead.
+    The finiteness check reads one K-vector on the host: gradient methods sync for their solvers
+    anyway, and so do loss methods whose weights are computed on the host; ``ls`` and DWA's epoch
+    mode skip it (``finite=False``) to keep their step free of host syncs, and the trainer checks
+    their losses every few steps instead.
     """
+    if not isinstance(losses, Tensor):
+        raise BalancerError(f"{method}: losses must be one tensor of shape ({n_tasks},) (torch.stack the task "
+                            f"losses), got {type(losses).__name__}")
+    if graph and not losses.requires_grad:
+        raise BalancerError(f"{method}: the losses are not attached to an autograd graph (computed under "
+                            "torch.no_grad() or detached); backward needs the graph that produced them")
     if losses.dim() != 1 or losses.shape[0] != n_tasks:
         raise BalancerError(f"{method}: expected a loss vector of shape ({n_tasks},), got {tuple(losses.shape)}")
     if finite and not bool(torch.isfinite(losses.detach()).all()):
@@ -133,9 +141,35 @@ def accumulate_grad(params: Sequence[Tensor], flat: Tensor) -> None:
         raise BalancerError(f"direction has {flat.numel()} entries but the shared parameters have {offset}")
 
 
+def half_scale(dtype: torch.dtype, *coefs: Tensor) -> float:
+    """1.0, or for float16 with coefficients beyond 1 a power of two s ≥ max|cᵢ|.
+
+    float16's range ends at 65504: weights such as FairGrad's or Nash-MTL's grow like 1/‖gᵢ‖ and
+    reach 1e5 for gradients of 1e-4, whose weighted sum Σ cᵢ gᵢ is of order one. Cast to float16 they
+    became inf and the direction NaN (silently on the Gram path). Forming Σ (cᵢ/s) gᵢ and multiplying
+    by s in float32 keeps it finite; a power of two changes no rounding."""
+    if dtype != torch.float16:
+        return 1.0
+    largest = max(float(c.detach().abs().max()) for c in coefs)
+    return 2.0 ** math.ceil(math.log2(largest)) if 1.0 < largest < math.inf else 1.0
+
+
+def weighted_rows(coef: Tensor, jacobian: Tensor) -> Tensor:
+    """Σᵢ cᵢ gᵢ (P,) of the K×P ``jacobian``'s rows, in its dtype and on its device (see :func:`half_scale`)."""
+    scale = half_scale(jacobian.dtype, coef)
+    if scale == 1.0:
+        return coef.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian
+    scaled = (coef.double() / scale).to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian
+    return (scaled.float() * scale).to(jacobian.dtype)
+
+
 def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], heads: Sequence[Tensor],
                       head_coef: Tensor) -> None:
     """Add ∇ Σ cᵢ ℓᵢ to the shared ``.grad`` and ∇ Σ hᵢ ℓᵢ to the heads' (one pass when c = h)."""
+    scale = half_scale(losses.dtype, coef, head_coef)
+    if scale != 1.0:
+        _backward_weighted_scaled(losses, coef, shared, heads, head_coef, scale)
+        return
     c = coef.detach().to(device=losses.device, dtype=losses.dtype)
     h = head_coef.detach().to(device=losses.device, dtype=losses.dtype)
     if not heads:
@@ -145,6 +179,25 @@ def backward_weighted(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], he
     else:  # the second pass only walks the heads' part of the graph
         (losses * c).sum().backward(inputs=list(shared), retain_graph=True)
         (losses * h).sum().backward(inputs=list(heads))
+
+
+def _backward_weighted_scaled(losses: Tensor, coef: Tensor, shared: Sequence[Tensor], heads: Sequence[Tensor],
+                              head_coef: Tensor, scale: float) -> None:
+    """:func:`backward_weighted` for float16 losses with coefficients beyond float16's range: the
+    gradients of Σ (cᵢ/s) ℓᵢ (every value in the backward at most as large as an unweighted loss's),
+    multiplied by s in float32 and added to ``.grad``."""
+    def add(coefficients: Tensor, params: Sequence[Tensor], retain: bool) -> None:
+        c = (coefficients.detach().double() / scale).to(device=losses.device, dtype=losses.dtype)
+        grads = torch.autograd.grad((losses * c).sum(), list(params), retain_graph=retain, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                g = (g.float() * scale).to(p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+
+    same = torch.equal(coef.detach().double(), head_coef.detach().to(device=coef.device, dtype=torch.float64))
+    add(coef, [*shared, *heads] if same else list(shared), retain=bool(heads) and not same)
+    if heads and not same:
+        add(head_coef, heads, retain=False)
 
 
 def gram(jacobian: Tensor, block: int | None = None) -> Tensor:

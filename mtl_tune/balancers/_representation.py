@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._common import weighted_rows
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses, gram
 
@@ -56,7 +57,7 @@ class RepresentationBalancer(Balancer):
         if not self.has_rows_rule():
             raise NotImplementedError(f"{self.name}: implement combine_representation() or weights_rows()")
         w = torch.from_numpy(one_row(self.weights_rows(host(gram(jacobian)), host(losses)), self.failures))
-        return w.to(jacobian) @ jacobian, w.to(jacobian.device)
+        return weighted_rows(w, jacobian), w.to(jacobian.device)
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
         """Batch-first rule: coefficients (..., K) on the gradients w.r.t. z, from their float64 Gram
@@ -70,7 +71,7 @@ class RepresentationBalancer(Balancer):
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name)
+        check_losses(losses, self.n_tasks, self.name, graph=True)
         self._sync_group()  # raises under an active process group
         z = check_representation(representation, self.name)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -46,12 +47,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtl_tune.balancers._adam import adam_step, clear_grads
 from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES, GRAM_MIN_TASKS,
                                         BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
                                         StepInfo, _as_param_list, accumulate_grad, backward_weighted, check_losses,
                                         all_finite, choose_gradient_path, finite_or_raise, gram,
-                                        pick_gradient_path)
+                                        pick_gradient_path, weighted_rows)
 from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.checkpoint import from_plain, to_plain
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
                                   mean_across_ranks)
 from mtl_tune.jacobian import JacobianEngine
@@ -101,9 +104,9 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     def __init__(self, n_tasks: int, *, max_norm: float | None | str = "default",
                  jacobian_engine: JacobianEngine | None = None) -> None:
         super().__init__()
-        if not isinstance(n_tasks, int) or n_tasks < 1:
+        if isinstance(n_tasks, (bool, np.bool_)) or not hasattr(n_tasks, "__index__") or operator.index(n_tasks) < 1:
             raise ValueError(f"{self.name}: n_tasks must be a positive integer, got {n_tasks!r}")
-        self.n_tasks = n_tasks
+        self.n_tasks = operator.index(n_tasks)  # a NumPy or 0-d torch integer becomes a plain int
         self.max_norm = self.default_max_norm if max_norm == "default" else max_norm
         if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
             raise ValueError(f"{self.name}: max_norm must be a positive number or None, got {self.max_norm!r}")
@@ -227,10 +230,10 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         post-step update for methods that need it. Returns the (detached) losses and the
         step's :class:`StepInfo`.
         """
-        optimizer.zero_grad(set_to_none=True)
-        out = forward()
+        clear_grads(optimizer)   # zero_grad(set_to_none=True) and step(), the same results without
+        out = forward()          # their wrappers (a tenth of a toy step): mtl_tune.balancers._adam
         info = self.backward(out.losses, shared_params, task_params, out.representation)
-        optimizer.step()
+        adam_step(optimizer)
         if self.needs_post_step_losses:
             with torch.no_grad():
                 self.after_optimizer_step(forward().losses.detach())
@@ -270,8 +273,9 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
         """Non-tensor state (step count, solver failures, warm starts, generators), versioned."""
-        return {"format": STATE_FORMAT, "method": self.name, "n_tasks": self.n_tasks, "step_count": self.step_count,
-                "failures": self.failures.state_dict(), **self._extra_state()}
+        # NumPy arrays (warm starts, scores) as tensors: torch.load's default weights_only=True reads it
+        return to_plain({"format": STATE_FORMAT, "method": self.name, "n_tasks": self.n_tasks,
+                         "step_count": self.step_count, "failures": self.failures.state_dict(), **self._extra_state()})
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         fmt = int(state.get("format", 0))
@@ -287,7 +291,7 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         # a copy: the state may be another live balancer's (``b.load_state_dict(a.state_dict())`` in one
         # process), whose private optimizers' moments torch's Optimizer.load_state_dict would take by
         # reference — stepping one balancer would then move the other, as module loads never do
-        state = copy.deepcopy(state)
+        state = from_plain(copy.deepcopy(state))
         self.step_count = int(state.get("step_count", 0))
         if "failures" in state:
             self.failures.load_state_dict(state["failures"])
@@ -326,7 +330,10 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ helpers
     def _clip(self, shared: Sequence[Tensor]) -> None:
         if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], self.max_norm)
+            # each tensor once: a parameter listed twice (tied weights gathered from two modules) would
+            # count twice in the norm and be scaled twice
+            once = {id(p): p for p in shared if p.grad is not None}
+            torch.nn.utils.clip_grad_norm_(list(once.values()), self.max_norm)
 
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}"
@@ -348,6 +355,12 @@ class LossBalancer(Balancer):
     Task heads receive the gradient of the same objective (weighted), as in the papers.
     """
 
+    #: ``backward`` raises BalancerError on a non-finite loss before the method's state changes (FAMO's
+    #: logits, a loss history). False for methods whose step never reads the losses on the host (``ls``,
+    #: DWA's epoch mode), where the check would add a device sync to every step: a NaN loss then shows
+    #: in ``.grad``, as ``sum(losses).backward()`` shows it, and the trainer checks every few steps.
+    checks_finite_losses: ClassVar[bool] = True
+
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(scalar loss to backpropagate, effective per-task weights (K,))``.
 
@@ -367,7 +380,7 @@ class LossBalancer(Balancer):
         return cls.weights_rows is not LossBalancer.weights_rows
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name, finite=False)
+        check_losses(losses, self.n_tasks, self.name, finite=self.checks_finite_losses, graph=True)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
         group = self._sync_group()
@@ -453,7 +466,7 @@ class GradientBalancer(Balancer):
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(direction (P,), effective weights (K,))`` for the K×P ``jacobian``."""
         coef = self.gram_weights(gram(jacobian), losses)
-        return coef.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian, coef
+        return weighted_rows(coef, jacobian), coef
 
     def head_weights(self, weights: Tensor, losses: Tensor) -> Tensor:
         """Coefficients hᵢ (K,) of the heads' gradient ∇ Σ hᵢ ℓᵢ for a step with ``weights``: the weights
@@ -467,7 +480,7 @@ class GradientBalancer(Balancer):
                                   self.engine.can_stream_gram(losses.device), group)
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name)
+        check_losses(losses, self.n_tasks, self.name, graph=True)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         group = self._sync_group()

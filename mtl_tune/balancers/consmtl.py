@@ -37,12 +37,13 @@ each in the autograd graph of its task's loss. λ = 0 (or c_i = 0) skips the dou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._common import weighted_rows
 from mtl_tune.balancers._fairness import FairBalancer
 from mtl_tune.balancers.base import (BalancerError, StepInfo, _as_param_list, accumulate_grad, check_losses,
                                      gram)
@@ -85,11 +86,17 @@ def consistency_head_gradient(loss: Tensor, delta: Tensor | None, joint: Tensor 
 
 
 def _task_groups(task_params: Any, k: int) -> list[list[Tensor]]:
-    if task_params is None or isinstance(task_params, Tensor) or len(task_params) != k or \
-            any(not isinstance(g, (Tensor, Sequence)) for g in task_params):
+    """One list of head parameters per task, from any iterable of K groups — each a tensor, a list,
+    or an iterable such as ``head.parameters()`` (a generator is read once, here)."""
+    if task_params is None or isinstance(task_params, Tensor) or not isinstance(task_params, Iterable):
         raise BalancerError(f"consmtl: task_params must be one list of head parameters per task ({k} lists)")
     # (a flat list of exactly K tensors is read as one parameter tensor per head)
-    groups = [_as_param_list(g) for g in task_params]
+    given = [g if isinstance(g, (Tensor, str, bytes)) else list(g) if isinstance(g, Iterable) else g
+             for g in task_params]
+    if len(given) != k or any(not isinstance(g, (Tensor, list)) for g in given):
+        raise BalancerError(f"consmtl: task_params must be one list of head parameters per task ({k} lists), "
+                            f"got {len(given)} groups")
+    groups = [_as_param_list(g) for g in given]
     groups = [[p for p in g if p.requires_grad] for g in groups]
     if any(not g for g in groups):
         raise BalancerError("consmtl: every task needs at least one trainable head parameter")
@@ -149,7 +156,7 @@ class ConsMTL(FairBalancer):
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         k = self.n_tasks
-        check_losses(losses, k, self.name)
+        check_losses(losses, k, self.name, graph=True)
         self._sync_group()  # refuses an active process group (supports_distributed)
         heads = _task_groups(task_params, k)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
@@ -171,7 +178,7 @@ class ConsMTL(FairBalancer):
             jac = self.engine.jacobian(losses, shared, retain_graph=True, reuse=True)
             x = self.fair_weights(gram(jac))
             coef = k * x
-            direction = coef.to(jac.dtype) @ jac
+            direction = weighted_rows(coef, jac)
             if not bool(torch.isfinite(direction).all()):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             accumulate_grad(shared, direction)

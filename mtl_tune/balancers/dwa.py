@@ -125,6 +125,12 @@ class DynamicWeightAverage(LossBalancer):
 
     name = "dwa"
 
+    @property
+    def checks_finite_losses(self) -> bool:  # type: ignore[override]
+        """Iteration mode reads every step's losses on the host (checked there); epoch mode does not
+        (no sync per step) and checks the epoch means in :meth:`on_epoch_end` instead."""
+        return self.mode == "iteration"
+
     def __init__(self, n_tasks: int, temp: float = 2.0, mode: str = "epoch", window: int = 25, **kw) -> None:
         super().__init__(n_tasks, **kw)
         if not temp > 0:
@@ -269,6 +275,8 @@ class DynamicWeightAverage(LossBalancer):
                                 "call during the epoch")
         if mean.shape != (self.n_tasks,):
             raise BalancerError(f"dwa: expected {self.n_tasks} epoch losses, got shape {tuple(mean.shape)}")
+        if not bool(torch.isfinite(mean).all()):  # before the history takes it: a NaN there would stay
+            raise BalancerError(f"dwa: non-finite epoch losses {mean.tolist()}")
         self.epoch_sum, self.epoch_batches = None, 0
         one_row(self.epoch_rows(host(mean), None))
 

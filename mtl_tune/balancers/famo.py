@@ -92,10 +92,13 @@ class FAMO(LossBalancer):
 
     def _below_floor(self, losses: np.ndarray, floor: np.ndarray
                      ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
-        """Rows with a loss at or below ``min_losses`` (``floor``; the logs are undefined there), and why."""
-        bad = (losses <= floor).any(-1)
+        """Rows with a loss at or below ``min_losses`` (``floor``; the logs are undefined there) or not
+        finite (a NaN would enter the logits and stay there for good), and why."""
+        bad = ~((losses > floor) & (np.abs(losses) < np.inf)).all(-1)
 
         def reason(index: tuple[int, ...]) -> str:
+            if not np.isfinite(losses[index]).all():
+                return f"famo: non-finite task loss {losses[index].tolist()}"
             return (f"famo: a loss {losses[index].tolist()} is not above min_losses {self.min_losses.tolist()}; "
                     "set min_losses below the lowest reachable loss")
 

@@ -256,7 +256,7 @@ class GradNorm(Balancer):
     def backward(self, losses: Tensor, shared_params: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]] | Sequence[Tensor] | None = None,
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name)
+        check_losses(losses, self.n_tasks, self.name, graph=True)
         self._sync_group()  # raises under an active process group
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]

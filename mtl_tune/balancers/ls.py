@@ -35,6 +35,7 @@ class LinearScalarization(LossBalancer):
     effective task weights (K,).
     """
     name = "ls"
+    checks_finite_losses = False  # no host read in its step: a NaN loss shows in .grad (sum().backward())
 
     def __init__(self, n_tasks: int, task_weights: Sequence[float] | None = None, **kw) -> None:
         super().__init__(n_tasks, **kw)

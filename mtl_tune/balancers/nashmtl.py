@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._common import all_finite
+from mtl_tune.balancers._common import all_finite, weighted_rows
 from mtl_tune.balancers._fair_pairs import FairPairs
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers._rows import RowStep, host, one_row
@@ -277,7 +277,7 @@ class NashMTL(Balancer):
         return self.alpha
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
-        check_losses(losses, self.n_tasks, self.name)
+        check_losses(losses, self.n_tasks, self.name, graph=True)
         shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
         heads = [p for p in _as_param_list(task_params) if p.requires_grad]
         group = self._sync_group()
@@ -299,8 +299,9 @@ class NashMTL(Balancer):
             jac = self._rank_mean(self.engine.jacobian(losses, shared, retain_graph=bool(heads), reuse=True), group)
             if not all_finite(jac):  # before the solve, which would misread inf/NaN as a degenerate Gram matrix
                 raise BalancerError(f"{self.name}: non-finite per-task gradient")
-            alpha = torch.from_numpy(self.solve(gram(jac))).to(device=jac.device, dtype=jac.dtype)
-            direction = torch.zeros_like(jac[0]) if self.stationary else alpha @ jac
+            alpha64 = torch.from_numpy(self.solve(gram(jac)))
+            alpha = alpha64.to(device=jac.device, dtype=jac.dtype)
+            direction = torch.zeros_like(jac[0]) if self.stationary else weighted_rows(alpha64, jac)
             if not all_finite(direction):
                 raise BalancerError(f"{self.name}: produced a non-finite update direction")
             self._write_shared(shared, direction, group)

@@ -155,11 +155,12 @@ class SmoothTchebycheff(LossBalancer):
         self.epochs_done += 1
         if self.ideal is not None or self.nadir is not None or self.epochs_done != self.warmup_epochs + 1:
             return None
-        failed = (mean_losses <= 0).any(-1)
+        failed = ~((mean_losses > 0) & (mean_losses < np.inf)).all(-1)  # NaN fails too
         self.nadir = np.array(mean_losses, dtype=np.float64)
 
         def reason(index: tuple[int, ...]) -> str:
-            return f"stch: the nadir (mean warm-up losses) must be positive, got {mean_losses[index].tolist()}"
+            return (f"stch: the nadir (mean warm-up losses) must be positive and finite, "
+                    f"got {mean_losses[index].tolist()}")
 
         return RowStep(np.ones_like(self.nadir), failed=failed, reason=reason)
 

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_tune.balancers._adam import adam_step, clear_grads
 from mtl_tune.balancers._rows import host
 from mtl_tune.balancers._task_affinity import (ZERO_DIAGONAL, PairGrouping, affinity_similarity,  # noqa: F401
                                                affinity_update, affinity_update_rows, group_tasks, interpolate,
@@ -367,10 +368,10 @@ class STGU(Balancer):
 
         def group_step(coef: np.ndarray) -> None:
             losses = graph["losses"]
-            optimizer.zero_grad(set_to_none=True)
+            clear_grads(optimizer)   # zero_grad / step() bit for bit, without their wrappers (_adam)
             (losses * torch.from_numpy(coef[0]).to(losses)).sum().backward()
             self._clip(shared)
-            optimizer.step()
+            adam_step(optimizer)
 
         _, weights, _, _ = self.train_rows(lambda with_grad: losses_now(with_grad)[None], group_step)
         first = graph["first"]

@@ -158,3 +158,63 @@ def test_a_scheduler_patched_step_falls_back():
     assert "step" in opt.__dict__                         # the scheduler wraps the bound method (its counter)
     assert _adam._plain_work(opt) is None
     sched.step()
+
+
+def test_clear_grads_is_zero_grad_set_to_none_and_defers_to_an_overridden_one():
+    x, y, z = torch.zeros(2), torch.zeros(3), torch.zeros(1)
+    opt = torch.optim.Adam([{"params": [x]}, {"params": [y, z], "lr": 0.5}], lr=0.1)
+    x.grad, y.grad = torch.ones(2), torch.ones(3)
+    _adam.clear_grads(opt)
+    assert x.grad is None and y.grad is None and z.grad is None
+
+    class Counting(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            Counting.calls += 1
+            super().zero_grad(set_to_none)
+
+    sgd = Counting([x], lr=0.1)
+    x.grad = torch.ones(2)
+    _adam.clear_grads(sgd)
+    assert Counting.calls == 1 and x.grad is None
+    patched = []
+    opt.zero_grad = lambda set_to_none=True: patched.append(set_to_none)   # replaced on the object
+    x.grad = torch.ones(2)
+    _adam.clear_grads(opt)
+    assert patched == [True] and x.grad is not None       # the replacement ran, not ours
+
+
+def test_the_training_step_uses_the_fast_path_with_the_same_results_and_honours_hooks(monkeypatch):
+    """Balancer.train_step (every trial's step) through clear_grads/adam_step: the same parameters as
+    zero_grad()/step() after many steps; an optimizer step hook still runs (step() is taken)."""
+    from mtl_tune.balancers import get_balancer
+    from mtl_tune.balancers.base import ForwardOutput
+
+    def run(fast: bool, hook: bool = False) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2, dtype=torch.float64)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        calls = []
+        if hook:
+            opt.register_step_post_hook(lambda *args: calls.append(1))
+        balancer = get_balancer("mgda", n_tasks=2)
+        x = torch.randn(8, 3, dtype=torch.float64)
+
+        def forward() -> ForwardOutput:
+            out = model(x)
+            return ForwardOutput(torch.stack([(out[:, 0] - 1).pow(2).mean(), (out[:, 1] + x[:, 0]).pow(2).mean()]))
+
+        if not fast:
+            monkeypatch.setattr("mtl_tune.balancers.base.adam_step", lambda o: o.step())
+            monkeypatch.setattr("mtl_tune.balancers.base.clear_grads", lambda o: o.zero_grad(set_to_none=True))
+        for _ in range(50):
+            balancer.train_step(forward, opt, list(model.parameters()))
+        monkeypatch.undo()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), len(calls)
+
+    plain, _ = run(fast=False)
+    fast, _ = run(fast=True)
+    assert torch.equal(plain, fast)
+    hooked, calls = run(fast=True, hook=True)
+    assert torch.equal(plain, hooked) and calls == 50

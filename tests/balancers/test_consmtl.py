@@ -108,3 +108,25 @@ def test_consmtl_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-8)
     assert_gradient_scaling(step, case, degree=-1 / 3, weight_degree=-4 / 3, rtol=1e-8)
+
+
+def test_consmtl_reads_head_groups_given_as_generators_as_every_method_does():
+    """``[h.parameters() for h in heads]`` (each group a generator) and a generator of lists were
+    refused ("must be one list ... per task" / a TypeError); they are the same heads."""
+    torch.manual_seed(0)
+    enc, heads = nn.Linear(4, 5), [nn.Linear(5, 1) for _ in range(3)]
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def step(task_params) -> list[torch.Tensor]:
+        for p in [*enc.parameters(), *[q for h in heads for q in h.parameters()]]:
+            p.grad = None
+        z = torch.tanh(enc(x))
+        losses = torch.stack([((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(heads)])
+        ConsMTL(3).backward(losses, list(enc.parameters()), task_params, z)
+        return [p.grad.clone() for p in [*enc.parameters(), *[q for h in heads for q in h.parameters()]]]
+
+    lists = step([list(h.parameters()) for h in heads])
+    for other in (step([h.parameters() for h in heads]), step(list(h.parameters()) for h in heads)):
+        assert all(torch.equal(a, b) for a, b in zip(lists, other))
+    with pytest.raises(BalancerError, match="one list of head parameters per task"):
+        step([list(h.parameters()) for h in heads[:2]])

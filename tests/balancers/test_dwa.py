@@ -92,3 +92,16 @@ def test_dwa_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     assert_permutation_equivariant(step, case, rtol=1e-12)
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+def test_non_finite_epoch_losses_are_refused_before_the_history_takes_them():
+    """A NaN epoch mean used to enter the history and make every later weight NaN, silently."""
+    theta, heads, losses = make_problem(2)
+    bal = DynamicWeightAverage(2, temp=2.0)
+    run_step(bal, theta, heads, losses)
+    bal.on_epoch_end(EpochInfo(epoch=0, train_losses=torch.tensor([1.0, 1.0])))
+    with pytest.raises(BalancerError, match="dwa: non-finite epoch losses"):
+        bal.on_epoch_end(EpochInfo(epoch=1, train_losses=torch.tensor([0.5, float("nan")])))
+    bal.on_epoch_end(EpochInfo(epoch=1, train_losses=torch.tensor([0.5, 1.0])))
+    info, _ = run_step(bal, theta, heads, losses)
+    assert torch.isfinite(info.weights).all()

@@ -110,3 +110,23 @@ def test_checkpoint_after_steps_continues_identically():
     for _ in range(5):
         base = rng.uniform(1, 3, size=3)
         assert torch.equal(step(a, base), step(b, base))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_is_refused_before_it_reaches_the_logits(bad):
+    """One NaN batch must not leave FAMO's logits NaN for good (they were, silently): the step and the
+    post-step update both refuse it before touching the state, and training can go on."""
+    a = get_balancer("famo", 2, w_lr=0.05)
+    x = torch.zeros(1, requires_grad=True)
+    a.backward(torch.stack([x.sum() + 1, x.sum() + 3]), [x])
+    a.after_optimizer_step(torch.tensor([0.5, 2.9]))
+    kept = {k: v.clone() for k, v in a.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(BalancerError, match="famo: non-finite task loss"):
+        a.backward(torch.stack([x.sum() + 1, x.sum() + bad]), [x])
+    a.backward(torch.stack([x.sum() + 1, x.sum() + 3]), [x])
+    with pytest.raises(BalancerError, match="famo: non-finite task loss"):
+        a.after_optimizer_step(torch.tensor([0.5, bad]))
+    for k, v in kept.items():
+        assert torch.equal(a.state_dict()[k], v), k
+    a.after_optimizer_step(torch.tensor([0.5, 2.9]))
+    assert torch.isfinite(a.logits).all()
