@@ -83,6 +83,24 @@ def test_private_optimizer_follows_the_move_and_keeps_its_state():
     torch.testing.assert_close(state["exp_avg"], steps_before.double())
 
 
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "autol"])
+def test_state_a_private_adam_steps_stays_float32_under_half(name):
+    """``model.half()`` casts a balancer that is a submodule: the buffers its own Adam steps stay float32
+    (Adam's eps is 0 in float16: FAMO's logits went to ±inf, then every weight NaN, silently)."""
+    bal = get_balancer(name, 2)
+    bal.half()
+    for key in bal.float32_state:
+        assert getattr(bal, key).dtype == torch.float32, key
+    if name == "famo":
+        trunk, heads, losses = _problem(torch.float16)
+        opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.01)
+        for _ in range(4):
+            _, info = bal.train_step(lambda: _forward(losses), opt, list(trunk.parameters()),
+                                     [list(h.parameters()) for h in heads])
+            assert torch.isfinite(info.weights).all() and torch.isfinite(bal.logits).all()
+        assert bal.w_optimizer.param_groups[0]["params"][0] is bal.logits
+
+
 def test_balancer_inside_a_model_state_dict_round_trips():
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -245,6 +245,8 @@ class AutoLambda(LossBalancer):
         return finite_difference_hypergradient(losses_at, params, direction, alpha, self.n_tasks)
 
     # ------------------------------------------------------------------ state
+    float32_state = ("lambdas",)
+
     def _after_move(self) -> None:
         self.meta_optimizer = rebind_private_optimizer(self.meta_optimizer, [self.lambdas])
 

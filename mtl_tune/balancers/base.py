@@ -318,9 +318,18 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    #: buffers a private optimizer steps (FAMO's logits, GradNorm's weights, Auto-λ's λ): they stay
+    #: float32 when the balancer is cast to float16/bfloat16 (``model.half()`` casts a balancer that is
+    #: a submodule) — Adam's eps (1e-8) is 0 in float16, and the logits became ±inf then NaN for good
+    float32_state: ClassVar[tuple[str, ...]] = ()
+
     def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
         # ``.to()``/``.double()`` replace buffers: let methods with a private optimizer re-bind it
         out = super()._apply(fn, recurse)
+        for name in self.float32_state:
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buffer.float()
         self._after_move()
         return out
 

@@ -158,6 +158,8 @@ class FAMO(LossBalancer):
         new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
         one_row(self.after_rows(host(new_losses)))
 
+    float32_state = ("logits",)
+
     def _after_move(self) -> None:
         self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.logits])
         if self.prev_losses is not None:

@@ -275,6 +275,8 @@ class GradNorm(Balancer):
         return StepInfo(weights=w_now, extras={"grad_norms": g, "target_norms": target,
                                                "gradnorm_loss": (g - target).abs().sum()})
 
+    float32_state = ("weights",)
+
     def _after_move(self) -> None:
         # the private optimizer holds the old tensor: rebuild it and carry its state over
         self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.weights])
