@@ -13,6 +13,10 @@ loads), and :func:`balancer_class` / :func:`benchmark_class` import only the one
 declares a built-in name no plug-in claims (a trial needs one method and one benchmark).
 tests/test_registry_names.py checks both against the full scan.
 
+**Checked arguments.** :func:`get_balancer` runs :func:`check_hparams` first: every
+hyperparameter's type and finiteness (and the name's existence) from the constructor's signature,
+see :mod:`mtl_tune.balancers._hparams`; building a class directly skips it.
+
 **Plug-ins.** An installed package adds methods and benchmarks through the entry-point
 groups ``mtl_tune.balancers`` and ``mtl_tune.benchmarks`` (``name = "module:Class"``, the
 entry-point name equal to the class's ``name``). A plug-in method's search space is the
@@ -31,9 +35,12 @@ import importlib.util
 import importlib.resources
 import inspect
 import pkgutil
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 BALANCER_GROUP = "mtl_tune.balancers"
 BENCHMARK_GROUP = "mtl_tune.benchmarks"
@@ -50,6 +57,26 @@ def builtin_spaces_dir() -> Path:
 
 
 BUILTIN_SPACES = builtin_spaces_dir()
+
+
+class NumberLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads ``1e40`` and ``1.0e40`` as numbers.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
+    and ``1.0e40`` would arrive as strings; YAML 1.2 (and every user) reads them as floats.
+    (Here, below :mod:`mtl_tune.spaces`, which re-exports it, because :func:`get_balancer` reads
+    the search-space files' declared types too.)"""
+
+
+NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Safe YAML with YAML 1.2 numbers (see :class:`NumberLoader`)."""
+    return yaml.load(text, Loader=NumberLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 class UnknownNameError(KeyError):
@@ -225,6 +252,7 @@ def clear_cache() -> None:
     balancer_classes.cache_clear()
     benchmark_classes.cache_clear()
     _declarations.cache_clear()
+    declared_params.cache_clear()
 
 
 def available_balancers() -> list[str]:
@@ -273,8 +301,35 @@ def benchmark_class(name: str) -> type:
     return classes[name]
 
 
+@cache
+def declared_params(method: str) -> dict[str, dict[str, Any]]:
+    """The ``params`` mapping of ``method``'s search-space YAML as written (no benchmark overrides),
+    for the declared types of :func:`check_hparams`; empty when the file is missing or malformed
+    (:func:`mtl_tune.spaces.load_space` reports that; building a balancer does not need the file)."""
+    try:
+        data = load_yaml(search_space_file(method).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    params = data.get("params") if isinstance(data, dict) else None
+    return {k: v for k, v in params.items() if isinstance(v, dict)} if isinstance(params, dict) else {}
+
+
+def check_hparams(name: str, n_tasks: Any, hparams: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Check the type and finiteness of ``n_tasks`` and of every hyperparameter of the method ``name``
+    before its class is built: unknown names, wrong types, NaN/inf and vectors of the wrong length
+    raise :class:`mtl_tune.balancers._hparams.HyperparameterError` (a ``ValueError``) naming the
+    method, the argument, the value and what is allowed (rules: :mod:`mtl_tune.balancers._hparams`;
+    ranges stay the constructors' checks). Returns ``n_tasks`` as an int and the hyperparameters
+    with NumPy scalars as Python numbers."""
+    from mtl_tune.balancers._hparams import check_hparams as check
+
+    return check(balancer_class(name), n_tasks, hparams, declared_params(name))
+
+
 def get_balancer(name: str, n_tasks: int, **hparams: Any):
-    """Instantiate the balancer ``name`` for ``n_tasks`` tasks with its hyperparameters."""
+    """Instantiate the balancer ``name`` for ``n_tasks`` tasks with its hyperparameters, after
+    :func:`check_hparams` (building the class directly skips that check)."""
+    n_tasks, hparams = check_hparams(name, n_tasks, hparams)
     return balancer_class(name)(n_tasks, **hparams)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mtl_tune.registry import BUILTIN_SPACES, balancer_class, search_space_file
+from mtl_tune.registry import (BUILTIN_SPACES, NumberLoader, balancer_class, check_hparams,  # noqa: F401 - re-exported
+                               load_yaml, search_space_file)
 
 #: the built-in methods' search-space folder (the checkout's search_spaces/, else the packaged copy)
 SPACES_DIR = BUILTIN_SPACES
@@ -38,24 +38,6 @@ HP_PREFIX = "hparams/"
 
 class SpaceError(ValueError):
     """A malformed search-space file or override; the message names file, key and rule."""
-
-
-class NumberLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that also reads ``1e40`` and ``1.0e40`` as numbers.
-
-    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
-    and ``1.0e40`` would arrive as strings; YAML 1.2 (and every user) reads them as floats."""
-
-
-NumberLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def load_yaml(text: str) -> Any:
-    """Safe YAML with YAML 1.2 numbers (see :class:`NumberLoader`)."""
-    return yaml.load(text, Loader=NumberLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -133,8 +115,9 @@ class SearchSpace:
 
     def check_for(self, n_tasks: int, benchmark: str, imposed: dict[str, Any] | None = None) -> None:
         """Raise SpaceError unless the method can be built for ``n_tasks`` tasks with the
-        fixed values and defaults, and with every categorical choice: the balancers'
-        constructors check vector lengths (one entry per task) and ranges."""
+        fixed values and defaults, and with every categorical choice: the checks of
+        :func:`mtl_tune.registry.get_balancer` (types, finiteness, vector lengths: one entry per
+        task) and the balancers' constructors (ranges)."""
         for p in self.params:
             value = self.fixed.get(p.name)
             if p.type == "simplex" and value is not None and len(value) != n_tasks:
@@ -145,8 +128,9 @@ class SearchSpace:
         trials = [("", base)] + [(f"{p.name}={c!r}", {**base, p.name: c}) for p in self.searchable()
                                  if p.type == "categorical" for c in p.choices]
         for label, kwargs in trials:
-            try:
-                cls(n_tasks, **kwargs)
+            try:  # the same checks as get_balancer: types and finiteness first, then the constructor's
+                k, kwargs = check_hparams(self.method, n_tasks, kwargs)
+                cls(k, **kwargs)
             except (ValueError, TypeError) as err:
                 where = f"choice {label} in {self.source}" if label else \
                     (f"--set {', '.join(self.fixed)}" if self.fixed else self.source)
