@@ -80,8 +80,8 @@ Newton's float64 floor as explained above). For K = 2 (after dropping zero-gradi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -397,6 +397,10 @@ class FairBalancer(GradientBalancer):
             raise ValueError(f"{self.name}: alpha must be a positive number, got {alpha!r}")
         if solver not in SOLVERS:
             raise ValueError(f"{self.name}: solver must be one of {SOLVERS}, got {solver!r}")
+        if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
+            raise ValueError(f"{self.name}: tol must be a finite number >= 0, got {tol!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+            raise ValueError(f"{self.name}: max_iter must be an integer >= 0, got {max_iter!r}")
         self.alpha, self.solver, self.tol, self.max_iter = float(alpha), solver, float(tol), int(max_iter)
         self.failures = SolverFailureCounter(self.name)
         self.stationary_steps = 0

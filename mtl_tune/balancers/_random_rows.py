@@ -23,6 +23,8 @@ One row (a balancer stepping a model) draws one step at a time from its own gene
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,15 @@ MAX_BLOCK_STEPS = 1024
 def block_steps(numbers_per_step: int) -> int:
     """Steps per block for a method drawing ``numbers_per_step`` numbers per row and step."""
     return max(1, min(MAX_BLOCK_STEPS, BLOCK_NUMBERS // max(1, numbers_per_step)))
+
+
+def checked_seed(method: str, seed: Any) -> int:
+    """``seed`` as an int that ``torch.Generator.manual_seed`` takes ([-2⁶³, 2⁶⁴)); else a ValueError
+    naming the method (torch's own is "Overflow when unpacking long long")."""
+    value = operator.index(seed) if not isinstance(seed, bool) and hasattr(seed, "__index__") else None
+    if value is None or not -2 ** 63 <= value < 2 ** 64:
+        raise ValueError(f"{method}: seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return value
 
 
 def rows_mismatch(rows: int, have: int | None) -> ValueError:

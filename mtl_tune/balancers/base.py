@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -108,8 +109,10 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
             raise ValueError(f"{self.name}: n_tasks must be a positive integer, got {n_tasks!r}")
         self.n_tasks = operator.index(n_tasks)  # a NumPy or 0-d torch integer becomes a plain int
         self.max_norm = self.default_max_norm if max_norm == "default" else max_norm
-        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and self.max_norm > 0):
-            raise ValueError(f"{self.name}: max_norm must be a positive number or None, got {self.max_norm!r}")
+        if self.max_norm is not None and (isinstance(self.max_norm, bool) or not isinstance(self.max_norm, (int, float))
+                                          or not 0 < self.max_norm < math.inf):
+            raise ValueError(f"{self.name}: max_norm must be a finite positive number or None (off), "
+                             f"got {self.max_norm!r}")
         self.engine = jacobian_engine or JacobianEngine()
         self.step_count = 0
         #: solver failures (total / consecutive); methods with a solver count into it

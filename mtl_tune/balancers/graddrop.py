@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, checked_seed, rows_mismatch
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
 
@@ -190,7 +190,7 @@ class GradDrop(OwnGenerator, GradientBalancer):
         if not 0.0 <= float(leak) <= 1.0:
             raise ValueError(f"graddrop: leak must lie in [0, 1], got {leak}")
         self.leak = float(leak)
-        self.seed = int(seed)
+        self.seed = checked_seed(self.name, seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         #: the rows' balancers in lockstep (:meth:`start_rows`), and their uniforms (made at the first step,
         #: which gives P and the dtype); None for one row

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, checked_seed
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, GradientBalancer
 from mtl_tune.balancers.pcgrad import flat_pairs, identities, lockstep_orders, order_array, rows_of, step_orders
@@ -139,7 +139,7 @@ class GradVac(OwnGenerator, GradientBalancer):
         if target_update not in TARGET_UPDATES:
             raise ValueError(f"gradvac: target_update must be one of {TARGET_UPDATES}, got {target_update!r}")
         self.beta, self.target_update = float(beta), target_update
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(checked_seed(self.name, seed))
         self.targets = torch.zeros(n_tasks, n_tasks, dtype=torch.float64)  # (rows, K, K) after start_rows
         #: the rows' orders in lockstep (:meth:`start_rows`); None for one row
         self.row_draws: BlockDraws | None = None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, checked_seed, rows_mismatch
 from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import Balancer, GradientBalancer
 
@@ -226,7 +226,7 @@ class PCGrad(OwnGenerator, GradientBalancer):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"pcgrad: reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(checked_seed(self.name, seed))
         #: the rows' orders in lockstep (:meth:`start_rows`); None for one row
         self.row_draws: BlockDraws | None = None
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, rows_mismatch
+from mtl_tune.balancers._random_rows import BlockDraws, OwnGenerator, block_steps, checked_seed, rows_mismatch
 from mtl_tune.balancers._rows import RowStep
 from mtl_tune.balancers.base import Balancer, LossBalancer
 
@@ -162,7 +162,7 @@ class RandomLossWeighting(OwnGenerator, LossBalancer):
         self.distribution, self.sigma, self.concentration = distribution, float(sigma), float(concentration)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        self.seed = int(seed)
+        self.seed = checked_seed(self.name, seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         #: the rows' weights in lockstep (:meth:`start_rows`); None for one row
         self.row_draws: BlockDraws | None = None

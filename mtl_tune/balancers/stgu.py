@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step, clear_grads
+from mtl_tune.balancers._random_rows import checked_seed
 from mtl_tune.balancers._rows import host
 from mtl_tune.balancers._task_affinity import (ZERO_DIAGONAL, PairGrouping, affinity_similarity,  # noqa: F401
                                                affinity_update, affinity_update_rows, group_tasks, interpolate,
@@ -135,7 +136,7 @@ class STGU(Balancer):
         self.affinity = np.zeros((n_tasks, n_tasks))
         self.groups: list[list[int]] = [[i] for i in range(n_tasks)]
         self.batches = 0
-        self.generator: Any = torch.Generator().manual_seed(int(seed))
+        self.generator: Any = torch.Generator().manual_seed(checked_seed(self.name, seed))
         self.failures: Any = SolverFailureCounter(self.name)
         self._last_plan = (0, 0)    # (groups, group steps) of the last batch, for its StepInfo
         self._pair_grouping: tuple[float, PairGrouping] | None = None   # K = 2: (quantile, its positions)

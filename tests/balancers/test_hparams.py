@@ -285,3 +285,17 @@ def test_plugin_style_class_without_annotations_uses_the_declared_types(monkeypa
         check_hparams(Half, K, {"weights": [1.0]}, declared)
     assert check_hparams(Half, K, {"scale": 1, "flag": np.bool_(True), "weights": None}, declared) == \
         (K, {"scale": 1, "flag": True, "weights": None})
+
+
+@pytest.mark.parametrize(("name", "kwargs", "pattern"), [
+    ("fairgrad", {"tol": -1.0}, "tol must be a finite number >= 0"),
+    ("pivrg", {"max_iter": -1}, "max_iter must be an integer >= 0"),
+    ("pcgrad", {"seed": 2 ** 70}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+    ("graddrop", {"seed": -2 ** 64}, "seed must be an integer"),
+    ("mgda", {"max_norm": float("inf")}, "max_norm must be a finite positive number or None"),
+    ("ls", {"max_norm": True}, "max_norm must be a finite positive number or None"),
+])
+def test_constructors_refuse_what_get_balancer_would_refuse_too(name, kwargs, pattern):
+    """Ranges are the constructors' checks: also when a class is built directly (no central check)."""
+    with pytest.raises(ValueError, match=f"{name}: {pattern}"):
+        registry.balancer_class(name)(3, **kwargs)
