@@ -232,6 +232,12 @@ def test_toy_engine_smoke():
         assert fast > 0 and api > 0 and ratio == pytest.approx(api / fast, rel=0.05)
 
 
+def test_trial_step_runs_both_ways_and_finds_equal_reports():
+    out = run_script("trial_step.py", "--methods", "ls,famo", "--repeats", "1", "--epochs", "2", "--steps", "30")
+    rows = [line for line in out.splitlines() if line.startswith("| ls ") or line.startswith("| famo ")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| yes |") for row in rows), out
+
+
 def test_search_wall_refuses_an_unknown_workload_before_any_work(capsys):
     with pytest.raises(SystemExit) as exit_info:
         search_wall.main(["--base", str(ROOT), "--workloads", "help,nope"])
