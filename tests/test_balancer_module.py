@@ -132,6 +132,22 @@ def test_loading_another_methods_or_a_newer_state_is_a_clear_error():
         get_balancer("cagrad", 2).load_state_dict(get_balancer("cagrad", 3).state_dict())
 
 
+def test_malformed_states_are_a_clear_error():
+    """Not a mapping, a missing or non-dict extra state, a non-integer format, a state without a key
+    the method needs: a ValueError naming the method and the problem (they were TypeError /
+    AttributeError / KeyError from inside)."""
+    famo = get_balancer("famo", 2)
+    state = famo.state_dict()
+    extra = state["_extra_state"]
+    cases = [(None, "needs a state_dict"), ({**state, "_extra_state": None}, "must be a dict"),
+             ({**state, "_extra_state": {**extra, "format": "1.0"}}, "format must be an integer"),
+             ({**state, "_extra_state": {k: v for k, v in extra.items() if k != "w_optimizer"}},
+              "lacks 'w_optimizer'")]
+    for bad, pattern in cases:
+        with pytest.raises(ValueError, match=f"famo: .*{pattern}"):
+            get_balancer("famo", 2).load_state_dict(bad)
+
+
 def test_format_0_checkpoint_still_loads():
     """The flat dict written before balancers were modules (a resumed old trial)."""
     old = {"step_count": 4, "weights": torch.tensor([0.5, 1.5], dtype=torch.float64),

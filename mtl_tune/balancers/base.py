@@ -41,7 +41,7 @@ import abc
 import copy
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -281,7 +281,14 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
                          "step_count": self.step_count, "failures": self.failures.state_dict(), **self._extra_state()})
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        fmt = int(state.get("format", 0))
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.name}: the balancer state's _extra_state must be a dict (from state_dict()), "
+                             f"got {type(state).__name__}")
+        try:
+            fmt = int(state.get("format", 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name}: the balancer state's format must be an integer, "
+                             f"got {state.get('format')!r}") from None
         if fmt > STATE_FORMAT:
             raise ValueError(f"{self.name}: balancer state has format {fmt}, newer than this mtl_tune "
                              f"reads ({STATE_FORMAT}); upgrade mtl_tune to load it")
@@ -296,12 +303,18 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         # reference — stepping one balancer would then move the other, as module loads never do
         state = from_plain(copy.deepcopy(state))
         self.step_count = int(state.get("step_count", 0))
-        if "failures" in state:
-            self.failures.load_state_dict(state["failures"])
-        self._load_extra_state(state)
+        try:
+            if "failures" in state:
+                self.failures.load_state_dict(state["failures"])
+            self._load_extra_state(state)
+        except KeyError as err:  # a hand-made or truncated state: say what is missing, not just the key
+            raise ValueError(f"{self.name}: the balancer state lacks {err.args[0]!r}; load a state_dict() "
+                             "this method wrote") from err
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load a :meth:`state_dict` (format 1), or the plain dict of format 0."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{self.name}: load_state_dict needs a state_dict() mapping, got {type(state_dict).__name__}")
         if "_extra_state" not in state_dict and "step_count" in state_dict:
             state_dict = self._from_format_0(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
