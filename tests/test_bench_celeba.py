@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from mtl_tune.benchmarks import _celeba_data as cd
-from mtl_tune.benchmarks.base import DataError
+from mtl_tune.benchmarks.base import ConfigError, DataError
 from mtl_tune.benchmarks import _celeba_loader as cl
 from mtl_tune.benchmarks._celeba_model import CelebaNet, f1_counts, f1_from_counts
 from mtl_tune.benchmarks.celeba import STL_F1, Celeba
@@ -171,12 +172,35 @@ def _break(root: str, case: str) -> str:
     if case == "wrong_image_size":
         Image.new("RGB", (100, 100)).save(os.path.join(img, "000001.jpg"))
         return "178×218"
+    if case in ("no_val", "no_train", "no_test"):  # every row of that split moved to another one
+        split = case[3:]
+        code, other = cd.SPLIT_CODES[split], (cd.SPLIT_CODES[split] + 1) % 3
+        rows = [r[:-1] + str(other) if r.endswith(str(code)) else r for r in open(part).read().splitlines()]
+        open(part, "w").write("\n".join(rows) + "\n")
+        return (rf"list_eval_partition\.txt gives the {split} split \(code {code}\) 0 image\(s\), it needs at least "
+                rf"{cd.MIN_SPLIT[split]} \(rows found: .*0 {split}")
+    if case in ("latin1_partition", "latin1_attr"):  # a renamed image, the file saved as Latin-1
+        path, k = (part, 3) if case == "latin1_partition" else (attr, 5)
+        rows = open(path).read().splitlines()
+        rows[k] = rows[k].replace("00000", "0000é", 1)
+        open(path, "w", encoding="latin-1").write("\n".join(rows) + "\n")
+        return rf"{os.path.basename(path)} line {k + 1} is not UTF-8 text \(byte b'\\xe9'"
+    if case == "broken_link_image":  # an image linked from a disk that is not mounted
+        os.remove(os.path.join(img, "000006.jpg"))
+        os.symlink("/mnt/unmounted/000006.jpg", os.path.join(img, "000006.jpg"))
+        return r"celeba: cannot read \S+/000006\.jpg \(a broken symbolic link to /mnt/unmounted/000006\.jpg\)"
+    if case == "broken_link_folder":  # the whole celeba/ folder on that disk (was: "no CelebA data under")
+        shutil.rmtree(base)
+        os.symlink("/mnt/unmounted/celeba", base)
+        return (r"celeba: cannot read \S+/celeba/img_align_celeba \(\S+/celeba is a broken symbolic link to "
+                r"/mnt/unmounted/celeba\)")
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["partial", "truncated_table", "wrong_names", "label_out_of_range",
                                   "bad_partition_code", "missing_image", "truncated_image", "wrong_image_size",
-                                  "swapped_rows", "names_missing"])
+                                  "swapped_rows", "names_missing", "no_val", "no_train", "no_test",
+                                  "latin1_partition", "latin1_attr", "broken_link_image", "broken_link_folder"])
 def test_data_errors(celeba_root, case):
     match = _break(celeba_root, case)
     with pytest.raises(DataError, match=match) as err:
@@ -217,7 +241,8 @@ def test_cache_build_with_a_corrupt_image_names_it_and_leaves_no_partial_cache(c
     files, _ = cd.load_index(paths).split("train")
     with pytest.raises(DataError, match=f"celeba: image {path}: cannot decode it"):
         cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
-    assert sorted(os.listdir(tmp_path / "cache")) == ["celeba_train_32px.npy.lock"]
+    key = cl.cache_key(paths.img_dir, files)
+    assert sorted(os.listdir(tmp_path / "cache")) == [f"celeba_train_32px_{key}.npy.lock"]
 
 
 def test_missing_root_errors(tmp_path, monkeypatch):
@@ -288,6 +313,61 @@ def test_cache_holds_the_same_images(celeba_root, tmp_path):
     bench = Celeba(data_root=celeba_root)
     setup = bench.build(_config(bench, cache_dir=str(tmp_path / "cache")), CPU)
     assert len(setup.evaluate("val")) == 41
+
+
+def _first_val_images(bench, **config):
+    loader = bench._loaders(_config(bench, eval_batch_size=5, **config), CPU)[1]["val"]
+    return next(iter(loader))[0]
+
+
+def test_cache_is_never_reused_for_other_images(tmp_path):
+    """Two data roots with the same counts share a cache_dir: each trains on its own images (the
+    cache was keyed by split and size only); replacing an image rebuilds it."""
+    cache = str(tmp_path / "cache")
+    for seed in (0, 5):
+        root = str(tmp_path / f"root{seed}")
+        write_celeba(root, seed=seed)
+        bench = Celeba(data_root=root)
+        assert torch.equal(_first_val_images(bench, cache_dir=cache), _first_val_images(bench))
+    img = os.path.join(tmp_path, "root5", "celeba", "img_align_celeba", "000010.jpg")  # a val image
+    Image.new("RGB", cd.IMAGE_SIZE, (255, 0, 0)).save(img)
+    os.utime(img, ns=(1, 1))
+    assert torch.equal(_first_val_images(bench, cache_dir=cache), _first_val_images(bench))
+
+
+def test_a_damaged_cache_is_rebuilt_and_says_so(celeba_root, tmp_path):
+    paths = cd.resolve_paths(celeba_root)
+    files, labels = cd.load_index(paths).split("train")
+    path = cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, num_workers=0)
+    os.truncate(path, os.path.getsize(path) // 2)  # was: "ValueError: mmap length is greater than file size"
+    with pytest.warns(UserWarning, match=rf"celeba: image cache {path} cannot be read \(.*\); rebuilding it"):
+        assert cl.cached_split(str(tmp_path / "cache"), paths.img_dir, files, "train", 32, 0) == path
+    live, cached = cl.CelebaImages(paths.img_dir, files, labels, 32), cl.CachedImages(path, labels)
+    assert all(torch.equal(live[i][0], cached[i][0]) for i in range(len(files)))
+
+
+def test_a_last_training_batch_of_one_image_is_left_out(celeba_root):
+    """8 training images in batches of 7: the official loader's last batch of 1 crashes BatchNorm1d
+    ("Expected more than 1 value per channel"), as the release does with batch_size 139."""
+    bench = Celeba(data_root=celeba_root)
+    setup = bench.build(_config(bench, batch_size=7), CPU)
+    setup.model.train()
+    files, labels = cd.load_index(cd.resolve_paths(celeba_root)).split("train")
+    live = cl.CelebaImages(os.path.join(celeba_root, "celeba", "img_align_celeba"), files, labels, 32)
+    for epoch in range(2):
+        batches = list(setup.train_batches(epoch))
+        assert [len(x) for x, _ in batches] == [7]
+        # the first 7 draws of the epoch's full permutation (the shuffle is unchanged)
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(epoch))
+        assert torch.equal(batches[0][0], torch.stack([live[int(i)][0] for i in perm[:7]]))
+        assert bool(torch.isfinite(setup.forward(batches[0]).losses).all())
+    full = bench.build(_config(bench, batch_size=3), CPU)  # 8 = 3 + 3 + 2: nothing left out
+    assert [len(x) for x, _ in full.train_batches(0)] == [3, 3, 2]
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 2"):
+        bench.check_config({"batch_size": 1})
+    # the release's 162,770 training images = 139·1171 + 1 (the synthetic loader has the real sizes)
+    synthetic = Celeba(synthetic=True).build(_config(bench, batch_size=139, image_size=8), CPU)
+    assert sum(len(x) for x, _ in synthetic.train_batches(0)) == 162769
 
 
 def test_optimizer_and_scheduler_options():

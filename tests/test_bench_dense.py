@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -140,6 +141,53 @@ def test_depth_and_normal_metrics_known_answer():
     assert normal_angles(ortho, n) == pytest.approx([90.0, 90.0])
     assert float(normal_loss(n, n)) == pytest.approx(0.0) and float(normal_loss(-n, n)) == pytest.approx(2.0)
     assert angle_stats(np.array([5.0, 20.0, 25.0, 40.0])) == pytest.approx([22.5, 22.5, 0.25, 0.5, 0.75])
+
+
+def _papers_losses(log_probs, label, depth_pred, depth, normal_pred, normal):
+    """The papers' losses verbatim (official code): masked means, NaN when a mask is empty."""
+    m = (depth.sum(dim=1, keepdim=True) != 0)
+    n = (normal.sum(dim=1, keepdim=True) != 0)
+    return (torch.nn.functional.nll_loss(log_probs, label, ignore_index=-1),
+            (torch.abs(depth_pred - depth) * m).sum() / m.sum(),
+            1 - (normal_pred * normal * n).sum() / n.sum())
+
+
+def _loss_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_probs = torch.log_softmax(torch.randn(2, 13, 8, 8, generator=g), 1).requires_grad_()
+    label = torch.randint(-1, 13, (2, 8, 8), generator=g)
+    depth_pred = torch.rand(2, 1, 8, 8, generator=g).requires_grad_()
+    depth = torch.rand(2, 1, 8, 8, generator=g) * (torch.rand(2, 1, 8, 8, generator=g) > 0.3)
+    normal_pred = torch.nn.functional.normalize(torch.randn(2, 3, 8, 8, generator=g), dim=1).requires_grad_()
+    normal = torch.nn.functional.normalize(torch.randn(2, 3, 8, 8, generator=g), dim=1)
+    normal = normal * (torch.rand(2, 1, 8, 8, generator=g) > 0.3)
+    return log_probs, label, depth_pred, depth, normal_pred, normal
+
+
+def test_losses_are_the_papers_masked_means_bit_for_bit():
+    """With valid pixels in the batch, each loss and its gradient are the official formula's, bit for bit."""
+    for seed in range(3):
+        x = _loss_inputs(seed)
+        ours = (seg_loss(x[0], x[1]), depth_loss(x[2], x[3]), normal_loss(x[4], x[5]))
+        ref = _papers_losses(*x)
+        for a, b, wrt in zip(ours, ref, (x[0], x[2], x[4])):
+            assert torch.equal(a, b)
+            assert torch.equal(torch.autograd.grad(a, wrt)[0], torch.autograd.grad(b, wrt)[0])
+
+
+def test_a_batch_without_valid_pixels_gives_a_zero_loss_not_nan():
+    """A random crop can leave a batch without one valid pixel of a task: the papers' masked mean
+    is 0/0 there (NaN, reported as divergence); the task contributes 0, with a zero gradient."""
+    log_probs, label, depth_pred, depth, normal_pred, normal = _loss_inputs()
+    empty = (seg_loss(log_probs, torch.full_like(label, -1)), depth_loss(depth_pred, torch.zeros_like(depth)),
+             normal_loss(normal_pred, torch.zeros_like(normal)))
+    assert all(bool(torch.isnan(v)) for v in _papers_losses(log_probs, torch.full_like(label, -1), depth_pred,
+                                                            torch.zeros_like(depth), normal_pred,
+                                                            torch.zeros_like(normal)))
+    for loss, wrt in zip(empty, (log_probs, depth_pred, normal_pred)):
+        assert float(loss) == 0.0
+        grad = torch.autograd.grad(loss, wrt)[0]
+        assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) == 0.0
 
 
 def test_segmentation_loss_uniform_prediction_is_log_c():
@@ -304,6 +352,15 @@ def _set(path, value):
     np.save(path, arr)
 
 
+def _link(path, target):
+    """Replace the file or folder ``path`` by a symbolic link to ``target``."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+    os.symlink(target, path)
+
+
 @pytest.mark.parametrize("damage, path, message", [
     (lambda r: os.rename(os.path.join(r, "val", "depth"), os.path.join(r, "val", "dep")), "val/depth",
      "folder missing"),
@@ -323,6 +380,25 @@ def _set(path, value):
      r"value 255 at pixel \(0, 2\).*expected 32×64×3 float, RGB in \[0, 1\]"),
     (lambda r: _set(os.path.join(r, "train", "depth", "0.npy"), np.nan), "train/depth/0.npy",
      r"NaN at pixel \(0, 7\); expected 32×64×1 float ≥ 0"),
+    # a second file for id 0 (was: IndexError); a zero-padded name (was: "unreadable" for 0.npy)
+    (lambda r: np.save(os.path.join(r, "train", "image", "00.npy"), np.full((32, 64, 3), 0.5)), "train/image/00.npy",
+     r"file name\(s\) 00\.npy are not <integer id>\.npy \(ids are non-negative integers without leading zeros"),
+    (lambda r: os.rename(os.path.join(r, "val", "depth", "0.npy"), os.path.join(r, "val", "depth", "000.npy")),
+     "val/depth/000.npy", r"file name\(s\) 000\.npy are not <integer id>\.npy"),
+    # no valid pixel in a file (was: passed, then NaN losses in training)
+    (lambda r: np.save(os.path.join(r, "train", "depth", "0.npy"), np.zeros((32, 64, 1))), "train/depth/0.npy",
+     r"no valid pixel: every depth value is 0 \(= invalid\); expected 32×64×1 float"),
+    (lambda r: np.save(os.path.join(r, "val", "normal", "0.npy"), np.zeros((32, 64, 3))), "val/normal/0.npy",
+     r"no valid pixel: every normal is invalid"),
+    (lambda r: np.save(os.path.join(r, "train", "label", "4.npy"), np.full((32, 64), -1.0)), "train/label/4.npy",
+     r"no labelled pixel: every class id is the ignore label -1"),
+    # there but not readable (was: "folder missing", "unreadable .npy")
+    (lambda r: _link(os.path.join(r, "val", "normal"), "/nonexistent/normal"), "val/normal",
+     r"NYUv2 data: cannot read \S+/val/normal \(a broken symbolic link to /nonexistent/normal\)"),
+    (lambda r: _link(os.path.join(r, "train", "label", "2.npy"), "/nonexistent/2.npy"), "train/label/2.npy",
+     r"cannot read \S+/train/label/2\.npy \(a broken symbolic link to /nonexistent/2\.npy\)"),
+    (lambda r: _link(os.path.join(r, "train", "depth", "1.npy"), os.path.join(r, "train", "depth", "1.npy")),
+     "train/depth/1.npy", r"cannot read \S+/train/depth/1\.npy \(Too many levels of symbolic links\)"),
 ])
 def test_check_data_rejects_damaged_files(tmp_path, damage, path, message):
     root = write_release(tmp_path / "d", "nyuv2", 5, 3)
@@ -362,6 +438,37 @@ def test_bad_file_not_sampled_by_the_precheck_stops_the_run_with_its_name(tmp_pa
         for _ in range(2):
             _run(bench, setup, steps=10)
     assert str(err.value).startswith(f"NYUv2 file {path}: ")
+
+
+#: (folder, file content, message) — files without a valid pixel for their task
+EMPTY_FILES = [
+    ("depth", np.zeros((32, 64, 1)), r"no valid pixel: every depth value is 0"),
+    ("normal", np.zeros((32, 64, 3)), r"no valid pixel: every normal is invalid"),
+    ("label", np.full((32, 64), -1.0), r"no labelled pixel: every class id is the ignore label -1"),
+]
+
+
+@pytest.mark.parametrize("folder, content, message", EMPTY_FILES)
+def test_a_file_without_valid_pixels_is_named_never_a_divergence(tmp_path, folder, content, message):
+    """The full check names it; a run whose pre-flight did not read it stops with its name when
+    it is loaded (was: NaN losses, the trial marked diverged)."""
+    from mtl_tune.training.loop import Trainer
+
+    root = write_release(tmp_path / "e", "nyuv2", 6, 2)
+    path = os.path.join(root, "train", folder, "3.npy")
+    np.save(path, content)
+    options = {"image_shape": [32, 64], "expected_counts": None, "check_samples": 1}
+    get_benchmark("nyuv2", data_root=root, **options).check_data()  # samples file 0 only: passes
+    with pytest.raises(DataError, match=message) as err:
+        get_benchmark("nyuv2", data_root=root, **options, data_check="full").check_data()
+    assert str(err.value).startswith(f"NYUv2 file {path}: ")
+    trainer = Trainer({"benchmark": "nyuv2", "method": "ls", "data_root": root, "device": "cpu", "epochs": 1,
+                       "benchmark_options": options, "filters": TINY, "batch_size": 1, "val_fraction": 0.2,
+                       "augmentation": False})
+    reports = []
+    with pytest.raises(DataError, match=f"NYUv2 file {path}: {message}"):
+        trainer.run(lambda metrics, state: reports.append(metrics))
+    assert reports == []
 
 
 def test_trainer_raises_the_data_error_never_a_divergence(tmp_path):

@@ -146,11 +146,20 @@ def _break(raw: str, case: str) -> str:
     if case == "count_mismatch":
         open(lab, "wb").write(idx_bytes(np.zeros(59), mm.LABEL_MAGIC))
         return "must match"
+    if case == "broken_link":  # was: "... is missing"
+        os.remove(img)
+        os.symlink("/mnt/unmounted/mnist", img)
+        return (r"multi_mnist: cannot read \S+/train-images-idx3-ubyte "
+                r"\(a broken symbolic link to /mnt/unmounted/mnist\)")
+    if case == "link_loop":  # was: "... is missing"
+        os.remove(lab)
+        os.symlink(lab, lab)
+        return r"multi_mnist: cannot read \S+/train-labels-idx1-ubyte \(Too many levels of symbolic links\)"
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["missing_file", "truncated", "truncated_gz", "wrong_magic", "wrong_shape",
-                                  "label_out_of_range", "count_mismatch"])
+                                  "label_out_of_range", "count_mismatch", "broken_link", "link_loop"])
 def test_data_errors(tmp_path, case):
     raw = write_mnist(tmp_path)
     match = _break(raw, case)
@@ -170,6 +179,35 @@ def test_missing_dir_and_source_selection(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_TUNE_MNIST_ROOT", str(tmp_path))
     assert MultiMnist().info() == {"data_source": "mnist", "data_root": str(tmp_path)}
     assert "sklearn_digits" in MultiMnist.description and "mnist" in MultiMnist.description
+
+
+def test_an_empty_data_root_is_an_error_and_no_root_the_offline_source(tmp_path, monkeypatch, capsys):
+    """``--data-root ""`` (an unset shell variable) was read as "no root": a silent switch to the
+    sklearn digits. Giving no --data-root keeps the documented offline source."""
+    from mtl_tune.search.cli import main
+
+    class Started(Exception):
+        pass
+
+    def execute(plan):
+        raise Started(plan)
+
+    monkeypatch.setattr("mtl_tune.search.execute", execute)
+    monkeypatch.setenv("MTL_TUNE_MNIST_ROOT", str(tmp_path / "nope"))  # an explicit "" does not read it
+    base = ["--benchmark", "multi_mnist", "--method", "ls", "--storage-path", str(tmp_path / "out"), "--name", "x"]
+    assert main(base + ["--data-root", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: multi_mnist: the data root given is empty (''; an unset shell variable?)")
+    assert "\n" not in err
+    with pytest.raises(DataError, match="data root given is empty"):
+        MultiMnist(data_root="").check_data()
+    MultiMnist(data_root="", source="sklearn_digits").check_data()  # the source named: no guess made
+    monkeypatch.delenv("MTL_TUNE_MNIST_ROOT")
+    with pytest.raises(Started) as started:
+        main(base)
+    assert started.value.args[0].bench.info() == {"data_source": "sklearn_digits", "data_root": None}
+    # a trial's config holds data_root="" when the driver resolved none: it builds the offline source
+    assert MultiMnist(data_root="").info() == {"data_source": "sklearn_digits", "data_root": None}
 
 
 # ---------------------------------------------------------------------- metrics and schedule

@@ -164,7 +164,7 @@ def test_env_var_root(qm9_root, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "no_root", "truncated", "wrong_shape", "nan_target",
-                                  "bad_bond_index", "nan_position"])
+                                  "bad_bond_index", "nan_position", "constant_target"])
 def test_data_errors(tmp_path, case, monkeypatch):
     monkeypatch.delenv("MTL_TUNE_QM9_ROOT", raising=False)
     root = tmp_path / "qm9"
@@ -186,6 +186,11 @@ def test_data_errors(tmp_path, case, monkeypatch):
         elif case == "nan_position":
             mols[6].pos[1, 2] = float("inf")
             match = r"pos of molecule 6 \(gdb_7\) holds inf \(column 2\)"
+        elif case == "constant_target":  # was: passed, then (y − μ)/0 and NaN losses ("diverged")
+            for m in mols:
+                m.y[0, 12] = -3.5
+            match = (r"target U0 \(PyG column 12\) has the same value -3\.5 for all 10 molecules: its standard "
+                     r"deviation is 0, so it cannot be standardised")
         elif case == "bad_bond_index":
             mols[4].edge_index = mols[4].edge_index.clone()
             mols[4].edge_index[0, 0] = 50
@@ -203,6 +208,38 @@ def test_data_errors(tmp_path, case, monkeypatch):
 
 def _tree(root) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in files + dirs)
+
+
+def test_a_processed_root_is_read_without_writing_to_it(tmp_path):
+    """PyG made an empty raw/ in the data root on every check (and failed on a read-only root:
+    tests/test_bench_unreadable.py)."""
+    write_processed(tmp_path, molecules(12))
+    QM9Benchmark(data_root=str(tmp_path)).check_data()
+    assert len(qd.load_qm9(str(tmp_path))) == 12
+    assert _tree(tmp_path) == ["processed", "processed/data_v3.pt"]
+
+
+def test_the_preflight_checks_that_the_split_sizes_leave_a_training_set(qm9_root, tmp_path, capsys):
+    """40 molecules cannot hold the default 10,000 test + 10,000 validation molecules: the search's
+    pre-flight (check_config, then check_data) says so (was: passed, then every trial failed)."""
+    from mtl_tune.search.cli import main
+
+    bench = QM9Benchmark(data_root=qm9_root)
+    bench.check_data()  # without a configuration: the data only
+    for config, ok in (({}, False), ({"n_test": 20, "n_val": 20}, False), ({"n_test": 20, "n_val": 19}, True)):
+        bench = QM9Benchmark(data_root=qm9_root)
+        bench.check_config(config)
+        if ok:
+            bench.check_data()
+            continue
+        n_test, n_val = config.get("n_test", 10000), config.get("n_val", 10000)
+        with pytest.raises(DataError, match=rf"qm9: 40 molecules under {qm9_root} cannot hold n_test={n_test} \+ "
+                                            rf"n_val={n_val} plus a training set"):
+            bench.check_data()
+    args = ["--benchmark", "qm9", "--method", "ls", "--data-root", qm9_root, "--storage-path", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: qm9: 40 molecules under") and "n_test=10000 + n_val=10000" in err and "\n" not in err
 
 
 def test_raw_sdf_without_rdkit_says_rdkit_is_needed(tmp_path, monkeypatch):

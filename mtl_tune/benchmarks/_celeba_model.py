@@ -49,14 +49,18 @@ def to_unit(images_u8: Tensor) -> Tensor:
 
 
 class SyntheticLoader:
-    """Random uint8 images/labels of the real shapes, ``n`` samples in batches (throughput only)."""
+    """Random uint8 images/labels of the real shapes, ``n`` samples in batches (throughput only);
+    ``drop_single``: leave out a last batch of one sample, as the real training loader does."""
 
-    def __init__(self, n: int, batch_size: int, size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, size: int, seed: int, drop_single: bool = False) -> None:
         self.n, self.batch_size, self.size, self.seed = n, batch_size, size, seed
+        self.drop_single = drop_single
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed)
         for s in range(0, self.n, self.batch_size):
             b = min(self.batch_size, self.n - s)
+            if b == 1 and self.drop_single and s > 0:
+                return
             yield (torch.randint(0, 256, (b, 3, self.size, self.size), dtype=torch.uint8, generator=gen),
                    torch.randint(0, 2, (b, 40), generator=gen).float())

@@ -143,21 +143,29 @@ def valid_mask(target: Tensor) -> Tensor:
     return (target.sum(dim=1, keepdim=True) != 0)
 
 
+# A batch without any valid pixel of a task (every sample file has some — the data check refuses
+# one without — but a random crop can cut them all away) leaves the papers' masked mean 0/0 = NaN,
+# which the trainer would report as divergence. Such a batch contributes 0 to that task, with a 0
+# gradient; for every other batch each loss below is the papers' value bit for bit (a count ≥ 1
+# is unchanged by clamp(min=1), torch.where passes the selected value and its gradient as is).
 def seg_loss(log_probs: Tensor, label: Tensor) -> Tensor:
-    """Mean NLL over labelled pixels: −(1/|V|) Σ_{p∈V} log p̂_p[y_p], V = {y ≠ −1}."""
-    return F.nll_loss(log_probs, label, ignore_index=-1)
+    """Mean NLL over labelled pixels: −(1/|V|) Σ_{p∈V} log p̂_p[y_p], V = {y ≠ −1}; 0 if V = ∅."""
+    loss = F.nll_loss(log_probs, label, ignore_index=-1)  # NaN if V = ∅; its gradient is 0 then
+    return torch.where((label != -1).any(), loss, torch.zeros_like(loss))
 
 
 def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Masked L1: Σ_p m_p |d̂_p − d_p| / Σ_p m_p over the batch (m = valid depth)."""
+    """Masked L1: Σ_p m_p |d̂_p − d_p| / Σ_p m_p over the batch (m = valid depth); 0 if Σ m = 0."""
     m = valid_mask(target)
-    return (torch.abs(pred - target) * m).sum() / m.sum()
+    return (torch.abs(pred - target) * m).sum() / m.sum().clamp(min=1)
 
 
 def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """1 − mean cosine over valid pixels: 1 − Σ_p m_p (n̂_p·n_p) / Σ_p m_p (n̂ is unit)."""
+    """1 − mean cosine over valid pixels: 1 − Σ_p m_p (n̂_p·n_p) / Σ_p m_p (n̂ is unit); 0 if Σ m = 0."""
     m = valid_mask(target)
-    return 1 - (pred * target * m).sum() / m.sum()
+    count = m.sum()
+    loss = 1 - (pred * target * m).sum() / count.clamp(min=1)
+    return torch.where(count > 0, loss, torch.zeros_like(loss))
 
 
 LOSSES = {"seg": (seg_loss, "label"), "depth": (depth_loss, "depth"), "normal": (normal_loss, "normal")}

@@ -9,26 +9,34 @@ accepted (labels: any numeric dtype holding integral ids).
 
 What is checked, and when:
 
-* pre-flight (:func:`check_dense_data`, before any trial): every file's ``.npy`` header
-  (shape, dtype, and a size that holds the announced array — a truncated file fails here);
-  the same sample ids in every folder of a split; the values of a few files per folder, or
-  of every file with ``level="full"``. Fewer files than the release, or ids with gaps (a
-  subset or a user's own split) are *reported*, not refused: the result's ``notes`` say what
-  was found against the release.
+* pre-flight (:func:`check_dense_data`, before any trial): file names ``<id>.npy`` with ids
+  written as plain non-negative integers (``0.npy``, ``17.npy``; ``00.npy`` would be a second
+  file for id 0); every file's ``.npy`` header (shape, dtype, and a size that holds the
+  announced array — a truncated file fails here); the same sample ids in every folder of a
+  split; the values of a few files per folder, or of every file with ``level="full"``. Fewer
+  files than the release, or ids with gaps (a subset or a user's own split) are *reported*,
+  not refused: the result's ``notes`` say what was found against the release.
 * run time (:func:`npy_source`): every sample is value-checked as it is loaded (NaN/inf,
-  negative depth, labels outside 0…C−1 other than the ignore label, …), so a bad file the
-  pre-flight did not read stops the run with a :class:`DataError` naming it — never a NaN
-  loss (which would look like divergence) or an ``IndexError`` in the loss.
+  negative depth, labels outside 0…C−1 other than the ignore label, a file without one
+  valid pixel, …), so a bad file the pre-flight did not read stops the run with a
+  :class:`DataError` naming it — never a NaN loss (which would look like divergence) or an
+  ``IndexError`` in the loss. (A *batch* without a valid pixel of a task — possible after a
+  random crop — gets a 0 loss for it: :mod:`._dense`.)
+
+A path that exists but cannot be read (permissions, a dangling symbolic link, a link loop) is
+reported as ``cannot read <path> (<reason>)``, not as missing or malformed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtl_tune.benchmarks._paths import DIR, MISSING, cannot_read, kind
 from mtl_tune.benchmarks.base import DataError
 
 #: channels of each sample key as stored on disk (None = 2-D array)
@@ -41,6 +49,9 @@ SPLITS = ("train", "val")
 FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
 #: tolerance on value-range checks (float32 round-off in the release)
 _TOL = 1e-3
+#: a file stem that is a sample id: a non-negative integer as ``str(int)`` writes it (no sign, no
+#: leading zero), so that no two files name the same id
+_ID = re.compile(r"0|[1-9][0-9]*")
 #: allowed value range per key where a range is the whole rule (finite bounds: inf fails too)
 _RANGES = {"image": (-_TOL, 1 + _TOL), "depth": (0.0, float(np.finfo(np.float64).max)),
            "normal": (-1 - _TOL, 1 + _TOL)}
@@ -95,6 +106,11 @@ def _bad_file(layout: DenseLayout, path: str, key: str, problem: str) -> DataErr
     return DataError(f"{layout.title} file {path}: {problem}; expected {layout.spec(key)}")
 
 
+def _unreadable(layout: DenseLayout, path: str, err: OSError) -> DataError:
+    # not "missing" or "malformed": the file is there, the process may not read it
+    return DataError(f"{layout.title} data: {cannot_read(path, err)}. Expected: {layout.describe()}")
+
+
 # ---------------------------------------------------------------------------- ids
 def describe_ranges(values: Sequence[int], limit: int = 5) -> str:
     """Sorted ids as ranges: ``"17, 20…25, 31"`` (at most ``limit`` ranges, then a count)."""
@@ -109,11 +125,31 @@ def describe_ranges(values: Sequence[int], limit: int = 5) -> str:
     return text + (f" and {len(runs) - limit} more range(s)" if len(runs) > limit else "")
 
 
-def _list_ids(folder: str) -> list[int]:
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".npy"))
-    bad = [n for n in names if not n[:-4].isdigit()]
+def _readable_dir(layout: DenseLayout, path: str, missing: str, env: str | None) -> list[str]:
+    """The entries of folder ``path``; :class:`DataError` when it is missing (``missing`` says
+    so), not a folder, or cannot be read."""
+    try:
+        found = kind(path)
+        if found == MISSING:
+            raise _fail(layout, path, missing, env)
+        if found != DIR:
+            raise _fail(layout, path, "not a folder", env)
+        return os.listdir(path)
+    except OSError as err:
+        raise _unreadable(layout, path, err) from err
+
+
+def _list_ids(layout: DenseLayout, folder: str, env: str | None) -> list[int]:
+    """Sorted sample ids of the ``<id>.npy`` files of ``folder``."""
+    names = sorted(n for n in _readable_dir(layout, folder, "folder missing", env) if n.endswith(".npy"))
+    bad = [n for n in names if not _ID.fullmatch(n[:-4])]
     if bad:
-        raise ValueError(f"file name(s) {', '.join(bad[:3])} are not <integer id>.npy")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise _fail(layout, os.path.join(folder, bad[0]),
+                    f"file name(s) {', '.join(bad[:3])}{more} are not <integer id>.npy (ids are non-negative "
+                    "integers without leading zeros or a sign: 0.npy, 1.npy, …, 17.npy)", env)
+    if not names:
+        raise _fail(layout, folder, "no .npy files", env)
     return sorted(int(n[:-4]) for n in names)
 
 
@@ -136,7 +172,8 @@ def _same_ids(layout: DenseLayout, split_dir: str, ref_name: str, ref: list[int]
 
 # ---------------------------------------------------------------------------- headers and values
 def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from an ``.npy`` header; ``ValueError`` if unreadable, pickled or truncated."""
+    """(shape, dtype) from an ``.npy`` header; ``ValueError`` if not an ``.npy``, pickled or
+    truncated; ``OSError`` if the file cannot be opened or read."""
     with open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -151,9 +188,10 @@ def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _header_problem(layout: DenseLayout, key: str, path: str) -> str | None:
+    """What is wrong with the header of ``path``, else None; ``OSError`` if it cannot be read."""
     try:
         shape, dtype = read_npy_header(path)
-    except (OSError, ValueError, EOFError) as err:
+    except (ValueError, EOFError) as err:
         return f"unreadable .npy ({err})"
     kinds = "fiu" if key == "label" else "f"
     if shape != layout.shape(key) or dtype.kind not in kinds:
@@ -210,15 +248,38 @@ def value_problem(key: str, arr: np.ndarray, n_classes: int, ignore_label: int =
     return None
 
 
+def empty_problem(key: str, arr: np.ndarray, ignore_label: int = IGNORE_LABEL) -> str | None:
+    """Text when ``arr`` (values already checked) has no valid pixel for its task, else None.
+
+    Valid pixels follow the losses' masks (:func:`._dense.valid_mask`, ``ignore_index``): depth
+    ≠ 0, Σ_c normal_c ≠ 0, label ≠ the ignore label. A sample without one adds nothing to its
+    task and, alone in a batch, would leave the papers' masked mean undefined; the releases have
+    none, so such a file is a damaged one (zeros written for a failed conversion, say).
+    """
+    if key == "depth" and not arr.any():
+        return "no valid pixel: every depth value is 0 (= invalid)"
+    if key == "normal" and not (np.asarray(arr, dtype=np.float32).sum(axis=-1) != 0).any():
+        return "no valid pixel: every normal is invalid (its components sum to 0, e.g. all-zero)"
+    if key == "label" and bool((arr == ignore_label).all()):
+        return f"no labelled pixel: every class id is the ignore label {ignore_label}"
+    return None
+
+
 def load_checked(layout: DenseLayout, key: str, path: str) -> np.ndarray:
     """Load one file and check its shape and values; :class:`DataError` naming the file if bad."""
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:  # truncated, not an .npy, a pickled array
-        raise _bad_file(layout, path, key, f"unreadable .npy ({err})") from err
+        fh = open(path, "rb")
+    except OSError as err:  # permissions, a dangling link: the file is not malformed
+        raise _unreadable(layout, path, err) from err
+    with fh:
+        try:
+            arr = np.load(fh, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:  # truncated, not an .npy, a pickled array
+            raise _bad_file(layout, path, key, f"unreadable .npy ({err})") from err
     if arr.shape != layout.shape(key):
         raise _bad_file(layout, path, key, f"shape {arr.shape}, expected {layout.shape(key)}")
-    problem = value_problem(key, arr, layout.n_classes, layout.ignore_label)
+    problem = (value_problem(key, arr, layout.n_classes, layout.ignore_label)
+               or empty_problem(key, arr, layout.ignore_label))
     if problem:
         raise _bad_file(layout, path, key, problem)
     return arr
@@ -253,24 +314,20 @@ def _sample_ids(ids: list[int], samples: int) -> list[int]:
 def _check_split(layout: DenseLayout, root: str, split: str, env: str | None, samples: int,
                  full: bool) -> list[int]:
     split_dir = os.path.join(root, split)
+    _readable_dir(layout, split_dir, "folder missing", env)  # blame an unreadable split, not its folders
     ref_name, ref = "", []
     for n, (key, name) in enumerate(layout.folders.items()):
-        folder = os.path.join(split_dir, name)
-        if not os.path.isdir(folder):
-            raise _fail(layout, folder, "folder missing", env)
-        try:
-            ids = _list_ids(folder)
-        except ValueError as err:
-            raise _fail(layout, folder, str(err), env) from err
-        if not ids:
-            raise _fail(layout, folder, "no .npy files", env)
+        ids = _list_ids(layout, os.path.join(split_dir, name), env)
         if n == 0:
             ref_name, ref = name, ids
         _same_ids(layout, split_dir, ref_name, ref, name, ids, env)
     for key, name in layout.folders.items():  # headers of every file: cheap, catches truncation
         for i in ref:
             path = os.path.join(split_dir, name, f"{i}.npy")
-            problem = _header_problem(layout, key, path)
+            try:
+                problem = _header_problem(layout, key, path)
+            except OSError as err:
+                raise _unreadable(layout, path, err) from err
             if problem:
                 raise _fail(layout, path, problem, env)
     for key, name in layout.folders.items():
@@ -304,8 +361,7 @@ def check_dense_data(layout: DenseLayout, root: str | None, env: str | None, sam
     """
     if root is None:
         raise _fail(layout, "<unset>", "no data folder given", env)
-    if not os.path.isdir(root):
-        raise _fail(layout, root, "folder does not exist", env)
+    _readable_dir(layout, root, "folder does not exist", env)
     found = DenseFiles({split: _check_split(layout, root, split, env, samples, level == "full") for split in SPLITS})
     if layout.counts is not None:
         for split, ids in found.ids.items():

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from mtl_tune.benchmarks._paths import DIR, FILE, cannot_read, kind
 from mtl_tune.benchmarks.base import DataError
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -54,10 +56,22 @@ def mnist_raw_dir(root: str) -> str:
     return os.path.join(root, "MNIST", "raw")
 
 
+def _unreadable(path: str, err: OSError) -> DataError:
+    # the file is there but this process may not read it: not "missing", not "corrupt"
+    return DataError(f"multi_mnist: {cannot_read(path, err)}; expected the MNIST idx files there; {MNIST_HINT}")
+
+
+def _kind(path: str) -> str:
+    try:
+        return kind(path)
+    except OSError as err:
+        raise _unreadable(path, err) from err
+
+
 def _find(raw_dir: str, name: str) -> str:
     for candidate in (name, name + ".gz"):
         path = os.path.join(raw_dir, candidate)
-        if os.path.isfile(path):
+        if _kind(path) == FILE:
             return path
     raise DataError(f"multi_mnist: {os.path.join(raw_dir, name)}[.gz] is missing; expected the MNIST idx "
                     f"files {sorted(n for pair in MNIST_FILES.values() for n in pair)} there; {MNIST_HINT}")
@@ -65,13 +79,16 @@ def _find(raw_dir: str, name: str) -> str:
 
 def _read_bytes(path: str) -> bytes:
     try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
         with open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError) as e:  # a truncated .gz raises EOFError
-        raise DataError(f"multi_mnist: cannot read {path} ({e}); the file is corrupt or truncated; "
+            data = f.read()
+    except OSError as e:  # permissions, an I/O error: the file may well be whole
+        raise _unreadable(path, e) from e
+    if not path.endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # not gzip data (BadGzipFile), or cut short (EOFError)
+        raise DataError(f"multi_mnist: cannot decompress {path} ({e}); the file is corrupt or truncated; "
                         f"{MNIST_HINT}") from e
 
 
@@ -107,9 +124,13 @@ def parse_idx(data: bytes, path: str, magic: int) -> np.ndarray:
 def load_mnist_split(root: str, split: str) -> DigitPool:
     """Read one MNIST split ("train" or "test") from ``<root>/MNIST/raw``; validates everything."""
     raw = mnist_raw_dir(root)
-    if not os.path.isdir(raw):
+    if _kind(raw) != DIR:
         raise DataError(f"multi_mnist: directory {raw} does not exist; expected the MNIST idx files "
                         f"{sorted(n for pair in MNIST_FILES.values() for n in pair)} there; {MNIST_HINT}")
+    try:
+        os.listdir(raw)
+    except OSError as err:  # a folder that may not be listed: its files would read as missing
+        raise _unreadable(raw, err) from err
     img_name, lab_name = MNIST_FILES[split]
     img_path, lab_path = _find(raw, img_name), _find(raw, lab_name)
     images = parse_idx(_read_bytes(img_path), img_path, IMAGE_MAGIC)

@@ -6,7 +6,8 @@ pre-processed download), or — with RDKit — ``raw/{gdb9.sdf, gdb9.sdf.csv, un
 Nothing is downloaded: :class:`OfflineQM9` replaces PyG's ``download`` with an error. Raw
 files are processed once, by PyG, in a temporary folder; only a successful result is copied
 into ``root/processed/`` (PyG's own files ``data_v3.pt``, ``pre_transform.pt``,
-``pre_filter.pt``) — a failed processing leaves the data root as it was.
+``pre_filter.pt``) — a failed processing leaves the data root as it was. With the processed
+file present nothing is written at all, so a read-only data root works.
 
 Per-molecule features (PyG): ``x`` (N, 11), ``edge_index`` (2, E) bonds in both directions,
 ``edge_attr`` (E, 4) bond-type one-hot, ``pos`` (N, 3) in Å, ``y`` (1, 19).
@@ -26,8 +27,9 @@ import torch
 from torch import Tensor
 
 from mtl_tune.benchmarks import _qm9_files as qf
+from mtl_tune.benchmarks._paths import cannot_read
 from mtl_tune.benchmarks._qm9_files import (DATA_HINT, N_BOND_TYPES, N_NODE_FEATURES, N_TARGETS, PROCESSED,
-                                            RAW_PREPROCESSED, RAW_SDF, available_source)
+                                            RAW_PREPROCESSED, RAW_SDF, TARGETS, TASKS, available_source)
 from mtl_tune.benchmarks.base import DataError
 
 PYG_HINT = 'QM9 needs torch-geometric: pip install "mtl_tune[qm9]" (or pip install torch-geometric)'
@@ -58,6 +60,14 @@ def _offline_class() -> type:
         def __init__(self, root: str, source: str = "processed", **kwargs: Any) -> None:
             self.source = source
             super().__init__(root, **kwargs)
+
+        @property
+        def has_download(self) -> bool:
+            # PyG's _download makes raw/ before it looks for anything to fetch, even when the processed
+            # file is there: that fails on a read-only data root and leaves an empty raw/ elsewhere
+            if os.path.isfile(os.path.join(self.root, PROCESSED)):
+                return False
+            return not all(os.path.isfile(p) for p in self.raw_paths)
 
         @property
         def raw_file_names(self) -> list[str]:
@@ -137,6 +147,19 @@ def _process_outside(root: str, source: str) -> Any:
     return _offline_class()(root, source=source)
 
 
+def _unreadable(path: str, err: OSError, root: str) -> DataError:
+    return DataError(f"qm9: {cannot_read(path, err)}; expected a readable {PROCESSED} under {root}; {DATA_HINT}")
+
+
+def _check_readable(path: str, root: str) -> None:
+    """``path`` can be opened and read: a permission problem is not a corrupt file."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as e:
+        raise _unreadable(path, e, root) from e
+
+
 def load_qm9(root: str, source: str | None = None) -> Any:
     """The PyG QM9 dataset of ``root`` (validated by :func:`validate`); ``source``: what
     :func:`available_source` already said about ``root``, if the caller asked."""
@@ -145,11 +168,14 @@ def load_qm9(root: str, source: str | None = None) -> Any:
         ds = _process_outside(root, source)
     else:
         path = os.path.join(root, PROCESSED)
+        _check_readable(path, root)
         try:
             ds = _offline_class()(root)
         except DataError:
             raise
-        except Exception as e:  # truncated/corrupt pickles raise many different types
+        except (PermissionError, FileNotFoundError, IsADirectoryError) as e:  # e.g. PyG's pre_transform.pt
+            raise _unreadable(e.filename if isinstance(e.filename, str) else path, e, root) from e
+        except Exception as e:  # truncated/corrupt pickles raise many different types (OSError too)
             raise DataError(f"qm9: cannot load {path} ({type(e).__name__}: {e}); the file is corrupt or truncated: "
                             f"copy it again, or delete it to re-process it from {RAW_PREPROCESSED}; {DATA_HINT}") from e
     validate(ds, root)
@@ -164,7 +190,7 @@ def _molecule(ds: Any, i: int) -> str:
 
 def validate(ds: Any, root: str) -> None:
     """Shapes/dtypes of the collated storage, finite values, every bond inside its molecule
-    (vectorised over the storage: no per-graph access)."""
+    (vectorised over the storage: no per-graph access), no target constant over the molecules."""
     d, n = ds._data, len(ds)
     problems = []
     expect = {"x": (2, N_NODE_FEATURES, torch.float32), "edge_attr": (2, N_BOND_TYPES, torch.float32),
@@ -195,6 +221,22 @@ def validate(ds: Any, root: str) -> None:
         raise DataError(f"qm9: malformed QM9 under {root}: {'; '.join(problems)}. Expected PyG's format: x (N, 11) "
                         f"float, edge_index (2, E) long, edge_attr (E, 4) one-hot, pos (N, 3), y (1, 19) per "
                         f"molecule; {DATA_HINT}")
+    constant = _constant_targets(ds)  # after the checks above: on finite targets of the right shape
+    if constant:
+        raise DataError(f"qm9: QM9 under {root}: {'; '.join(constant)}. Expected targets that vary over the "
+                        f"molecules (each is standardised by its standard deviation over all of them); {DATA_HINT}")
+
+
+def _constant_targets(ds: Any) -> list[str]:
+    """Targets of the benchmark with one value for every molecule: their standard deviation is 0,
+    and the standardisation (y − μ)/σ divides by it (every loss would be NaN)."""
+    y = ds._data.y[:, list(TARGETS)]
+    if y.shape[0] == 0:  # no molecules: the split sizes say so (QM9Benchmark._check_split_sizes)
+        return []
+    same = (y == y[:1]).all(dim=0) | ~(y.std(dim=0) > 0)  # std is NaN for a single molecule
+    return [f"target {TASKS[k]} (PyG column {TARGETS[k]}) has the same value {float(y[0, k]):g} for all {len(y)} "
+            "molecules: its standard deviation is 0, so it cannot be standardised"
+            for k in torch.nonzero(same).flatten().tolist()]
 
 
 def _bond_problems(ds: Any) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from mtl_tune.benchmarks._paths import DIR, FILE, cannot_read, kind
 from mtl_tune.benchmarks.base import DataError
 
 DATA_HINT = ("get QM9 with torch_geometric.datasets.QM9(root) on a machine with internet (it downloads "
@@ -36,21 +37,38 @@ def _names(paths: Sequence[str]) -> str:
     return ", ".join(str(p) for p in paths)
 
 
+def _is_file(root: str, name: str) -> bool:
+    """Whether ``root/name`` is a file; :class:`DataError` if it cannot be reached (not "missing")."""
+    path = os.path.join(root, name)
+    try:
+        return kind(path) == FILE
+    except OSError as e:
+        raise DataError(f"qm9: {cannot_read(path, e)}; expected {PROCESSED} or {RAW_PREPROCESSED} under {root}; "
+                        f"{DATA_HINT}") from e
+
+
 def available_source(root: str) -> str:
     """Which QM9 files under ``root`` will be read; :class:`DataError` naming what is missing.
 
     ``"processed"`` (PyG's ``processed/data_v3.pt``), ``"raw_preprocessed"`` (``raw/qm9_v3.pt``)
     or ``"raw_sdf"`` (``raw/{gdb9.sdf, gdb9.sdf.csv, uncharacterized.txt}``, needs RDKit).
     """
-    if not os.path.isdir(root):
+    try:
+        is_dir = kind(root) == DIR
+        if is_dir:
+            os.listdir(root)  # a root that may not be listed: its files would read as missing
+    except OSError as e:
+        raise DataError(f"qm9: {cannot_read(root, e)}; expected {PROCESSED} or {RAW_PREPROCESSED} under it; "
+                        f"{DATA_HINT}") from e
+    if not is_dir:
         raise DataError(f"qm9: data root {root} is not a directory; expected {PROCESSED} or {RAW_PREPROCESSED} "
                         f"under it; {DATA_HINT}")
-    if os.path.isfile(os.path.join(root, PROCESSED)):
+    if _is_file(root, PROCESSED):
         return "processed"
-    sdf_found = [f for f in RAW_SDF if os.path.isfile(os.path.join(root, f))]
+    sdf_found = [f for f in RAW_SDF if _is_file(root, f)]
     if _has_rdkit() and len(sdf_found) == len(RAW_SDF):
         return "raw_sdf"
-    if os.path.isfile(os.path.join(root, RAW_PREPROCESSED)):
+    if _is_file(root, RAW_PREPROCESSED):
         return "raw_preprocessed"
     if sdf_found and not _has_rdkit():
         raise DataError(f"qm9: found the raw files {_names(sdf_found)} under {root}, but processing them needs "

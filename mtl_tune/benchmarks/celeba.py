@@ -26,7 +26,13 @@ Protocol: Adam lr 3e-4, batch 256, 15 epochs, no scheduler (FAMO/FairGrad); ``sc
 the balancer's own parameters out of the optimiser (so UW's log-variances never move, a bug,
 docs/methods.md#learnable-balancer-parameters); we train them (paper-faithful) unless
 ``train_balancer_params=False``.
-``cache_dir`` stores the resized images once as ``.npy`` (identical bytes, far faster epochs).
+``cache_dir`` stores the resized images once as ``.npy`` (identical bytes, far faster epochs),
+one file per split, image size and data (:func:`._celeba_loader.cache_key`).
+
+Training batches: ``batch_size`` images in a fresh random order each epoch, the last batch
+partial, as the official loader (``shuffle=True``, no ``drop_last``) — except that a last batch
+of a single image is left out: the shared trunk's BatchNorm1d cannot train on one sample (the
+official code would crash there), which happens when 162,770 mod ``batch_size`` = 1, e.g. 139.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ class Celeba(Benchmark):
     defaults = {"epochs": 15, "lr": 3e-4, "batch_size": 256, "eval_batch_size": 256, "num_workers": 2,
                 "image_size": 64, "scheduler": None, "train_balancer_params": True, "cache_dir": None}
     settings = {
-        "batch_size": Setting("int", low=1), "eval_batch_size": Setting("int", low=1),
+        "batch_size": Setting("int", low=2, help="BatchNorm1d trains on 2 samples or more"),
+        "eval_batch_size": Setting("int", low=1),
         "num_workers": Setting("int", low=0), "image_size": Setting("int", low=8, help="square input size (three 2× poolings)"),
         "scheduler": Setting("str", choices=("none", "cosine"), nullable=True),
         "train_balancer_params": Setting("bool"), "cache_dir": Setting("str", nullable=True),
@@ -86,8 +93,7 @@ class Celeba(Benchmark):
     def _paths(self) -> cd.CelebaPaths:
         if self.root is None:
             raise DataError(f"celeba: no data root; pass --data-root or set ${self.data_env}; {cd.HINT}")
-        if not os.path.isdir(self.root):
-            raise DataError(f"celeba: data root {self.root} is not a directory; {cd.HINT}")
+        cd.check_root(self.root)
         return cd.resolve_paths(self.root)
 
     def check_data(self) -> None:
@@ -138,7 +144,7 @@ class Celeba(Benchmark):
         if self.synthetic:
             seed = int(config.get("seed", 0))
             evals = {s: SyntheticLoader(SPLIT_SIZES[s], ebs, size, seed + i) for i, s in enumerate(("val", "test"))}
-            return SyntheticLoader(SPLIT_SIZES["train"], bs, size, seed + 7), evals, gen
+            return SyntheticLoader(SPLIT_SIZES["train"], bs, size, seed + 7, drop_single=True), evals, gen
         paths = self._paths()
         index = cd.load_index(paths)
         workers = int(config.get("num_workers", 2))
@@ -151,7 +157,12 @@ class Celeba(Benchmark):
                 sets[split] = cl.CachedImages(arr, labels)
             else:
                 sets[split] = cl.CelebaImages(paths.img_dir, files, labels, size)
-        train = DataLoader(sets["train"], batch_size=bs, sampler=RandomSampler(sets["train"], generator=gen), **common)
+        # a last batch of one image is dropped (the module docstring): the first n − 1 of the same
+        # permutation are drawn, so every other batch is what the full sampler gives
+        n_train = len(sets["train"])
+        draws = n_train - 1 if n_train % bs == 1 else n_train
+        train = DataLoader(sets["train"], batch_size=bs, sampler=RandomSampler(sets["train"], num_samples=draws,
+                                                                               generator=gen), **common)
         evals = {s: DataLoader(sets[s], batch_size=ebs, shuffle=False, **common) for s in ("val", "test")}
         return train, evals, gen
 

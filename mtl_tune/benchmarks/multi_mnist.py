@@ -21,12 +21,19 @@ Data sources (reported by :meth:`MultiMnist.info` and in ``Setup.extras["data_so
   seeded ``val_fraction`` (1/6 → 10k) kept for validation, test = the 10k test images; one
   random partner per image (as the official pairing). The official code validates on the
   test set; a search must not, hence the validation carve-out.
-* ``sklearn_digits`` — default without a root: scikit-learn's bundled 8×8 digits upscaled to
+* ``sklearn_digits`` — default when no root is given (no ``--data-root``, the variable unset
+  or empty): scikit-learn's bundled 8×8 digits upscaled to
   MNIST frames; the 1,797 images are split into disjoint pools before pairing (test =
   ``test_fraction`` 0.2, val = ``val_fraction`` 1/6 of the rest: ≈ 67/13/20 %) and
   every image is the left digit of ``pairs_per_image`` (10) pairs. Offline, deterministic
   (``data_seed``), ≈ 1 s per LS epoch on 2 CPU cores: the real-data benchmark for CI-sized
   searches. Its absolute accuracies are not comparable with MNIST numbers.
+
+``--data-root ""`` (an unset shell variable, ``--data-root "$MNIST"``) is *not* "no root": the
+pre-flight check refuses it rather than silently training on the digits. (In a trial's config,
+``data_root=""`` means "the driver resolved no root", :meth:`Benchmark.resolve_root`, so the
+constructor accepts it and only :meth:`MultiMnist.check_data` — the driver's pre-flight —
+refuses an explicitly empty root.)
 
 Protocol: Adam (lr 1e-3, our choice: the official config for MultiMNIST is not published),
 batch 256, lr × 0.85 at the start of every 10th epoch (official script), 10 epochs by default
@@ -124,6 +131,8 @@ class MultiMnist(Benchmark):
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
         self.data_check = data_check_level(data_check)  # the idx files are always read in full
         self.root = self.resolve_root(data_root)  # absolute: Ray trials chdir
+        # given, but empty: see the module docstring (a trial's "" = resolved to none on the driver)
+        self._root_given_empty = data_root is not None and not str(data_root).strip() and source is None
         if source is None:
             source = "mnist" if self.root else "sklearn_digits"
         if source not in SOURCES:
@@ -141,10 +150,17 @@ class MultiMnist(Benchmark):
                 "data_root": self.root if self.source == "mnist" else None}
 
     def check_data(self) -> None:
-        """Validate the MNIST idx files (magic, shapes, sizes, label range); sklearn needs no data."""
+        """Validate the MNIST idx files (magic, shapes, sizes, label range); sklearn needs no data.
+        An explicitly empty data root is refused (the module docstring)."""
+        from mtl_tune.benchmarks import _multi_mnist_data as data
+
+        if self._root_given_empty and not self.synthetic:
+            raise DataError(f"multi_mnist: the data root given is empty ({self.data_root!r}; an unset shell "
+                            f"variable?); pass the folder holding MNIST/raw/ (the idx files), or leave --data-root "
+                            f"out (and ${self.data_env} unset) for the offline sklearn_digits source, or pass "
+                            f"benchmark_options={{source: sklearn_digits}}; {data.MNIST_HINT}")
         if self.synthetic or self.source != "mnist":
             return
-        from mtl_tune.benchmarks import _multi_mnist_data as data
 
         for split in data.MNIST_FILES:
             data.load_mnist_split(self.root, split)  # type: ignore[arg-type]

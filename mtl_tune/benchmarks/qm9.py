@@ -32,6 +32,7 @@ report the test metrics at the epoch of lowest validation Δm (``default_objecti
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,7 @@ class QM9Benchmark(Benchmark):
         super().__init__(data_root=data_root, synthetic=synthetic, **options)
         self.data_check = data_check_level(data_check)
         self.root = self.resolve_root(data_root)  # absolute: Ray trials chdir
+        self._held_out: tuple[int, int] | None = None  # (n_test, n_val) of the checked config
 
     def info(self) -> dict[str, Any]:
         """Which data this benchmark uses (for the trainer to store with the results)."""
@@ -93,17 +95,35 @@ class QM9Benchmark(Benchmark):
                             f"{qf.PROCESSED} or {qf.RAW_PREPROCESSED}; {qf.DATA_HINT}")
         return self.root
 
+    def check_config(self, config: Mapping[str, Any], flag: str = "--config") -> None:
+        """The schema, and remember ``n_test``/``n_val``: :meth:`check_data`, which runs after it in
+        the search's pre-flight, knows the data set's size and checks that they leave a training set."""
+        super().check_config(config, flag)
+        merged = {**self.defaults, **{k: v for k, v in config.items() if v is not None}}
+        self._held_out = (int(merged["n_test"]), int(merged["n_val"]))
+
     def check_data(self) -> None:
         """torch-geometric importable; processed/raw files present (raw files are processed once,
-        outside the data root); storage shapes, dtypes, finite values, bonds inside their molecule.
-        Always the whole storage (``data_check`` makes no difference: it is loaded anyway)."""
+        outside the data root); storage shapes, dtypes, finite values, bonds inside their molecule,
+        no constant target; after :meth:`check_config`, room for its ``n_test`` + ``n_val`` and a
+        training set. Always the whole storage (``data_check`` makes no difference: it is loaded anyway)."""
         if not self.synthetic:  # synthetic: no data to check (building still needs torch-geometric)
             root = self._root()
             source = qf.available_source(root)  # which files: without torch
             from mtl_tune.benchmarks import _qm9_data as qd
 
             qd.require_pyg()
-            _dataset(root, source)
+            ds = _dataset(root, source)
+            if self._held_out is not None:
+                self._check_split_sizes(len(ds), *self._held_out)
+
+    def _check_split_sizes(self, n: int, n_test: int, n_val: int) -> None:
+        """A training set is left after the test and validation molecules (else :class:`DataError`)."""
+        if n_test + n_val >= n:
+            raise DataError(f"qm9: {n} molecules under {self.root} cannot hold n_test={n_test} + n_val={n_val} "
+                            f"plus a training set; expected more than {n_test + n_val} molecules (the full QM9 has "
+                            f"{sum(SPLIT_SIZES.values())}), or set n_test and n_val (--config) so that their sum "
+                            f"is below {n}")
 
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {}
@@ -147,9 +167,7 @@ class QM9Benchmark(Benchmark):
 
         ds = _dataset(self._root())
         n_test, n_val = int(config.get("n_test", 10000)), int(config.get("n_val", 10000))
-        if n_test + n_val >= len(ds):
-            raise DataError(f"qm9: {len(ds)} molecules under {self.root} cannot hold n_test={n_test} + n_val={n_val} "
-                            f"plus a training set")
+        self._check_split_sizes(len(ds), n_test, n_val)
         split_seed = config.get("split_seed")
         # official: dataset.shuffle() right after the model is built, on the global RNG
         perm = (torch.randperm(len(ds)) if split_seed is None
