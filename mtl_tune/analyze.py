@@ -5,14 +5,19 @@ experiment directory without ``trials.csv``, rebuilt from its JSON/CSV files) or
 ``trials.csv`` file. Nothing in RESULTS is unpickled unless ``--allow-pickle`` is given,
 so a folder from someone else is safe to analyse. The report
 (``report.md`` or ``report.html`` plus PNGs) goes to ``--out``. A missing or unreadable
-path prints one error line and exits with status 2 (no traceback).
+path, or an ``--out`` that is (or lies under) a file, prints one error line and exits with
+status 2 (no traceback). A sweep given twice is read once; two folders whose sweeps share a
+name are labelled ``"<name> (<folder>)"``; a ``trials.csv`` cut off mid-write or lacking
+trials of its folder is rebuilt from the trial folders; each says so in a ``warning:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,15 +42,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # imported here so that --help answers without loading pandas/matplotlib
     from mtl_tune.analysis.report import write_report
-    from mtl_tune.analysis.sweep import SweepNotFoundError, load_sweep
+    from mtl_tune.analysis.sweep import SweepNotFoundError, SweepWarning, load_sweep
 
     try:
-        df = load_sweep(args.results, allow_pickle=args.allow_pickle)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SweepWarning)
+            df = load_sweep(args.results, allow_pickle=args.allow_pickle)
     except (SweepNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _print_warnings(caught)
     if df.empty:
         print(f"error: no trials in {', '.join(args.results)}", file=sys.stderr)
+        return 2
+    problem = out_dir_problem(Path(args.out))
+    if problem:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     try:
         path = write_report(df, args.out, args.format, include_incomplete=args.include_incomplete,
@@ -53,8 +66,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError) as err:
         print(f"error: cannot analyse {', '.join(args.results)}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # full disk, no permission: the report's folder, not the sweep, is at fault
+        print(f"error: cannot write the report to {args.out}: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Repeat the loader's warnings as one ``warning:`` line each (a cut table, a sweep given twice)."""
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why the report cannot go to folder ``out`` (it, or a folder above it, is a file), else None;
+    checked before anything is computed so the user gets one line instead of a traceback."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if p.is_dir():
+                return None
+            return "exists and is not a folder" if p == out else f"{p} exists and is not a folder"
+    return None
 
 
 if __name__ == "__main__":

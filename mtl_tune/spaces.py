@@ -34,6 +34,9 @@ TYPES = ("float", "int", "categorical", "simplex")
 PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices", "default", "search", "description"}
 TOP_FIELDS = {"method", "description", "params", "benchmarks"}
 HP_PREFIX = "hparams/"
+#: largest |bound| of an int parameter: bounds are read as floats (exact up to 2**53), and
+#: Optuna's TPE fails on integers beyond int64 mid-search
+MAX_INT_BOUND = 2**53
 
 
 class SpaceError(ValueError):
@@ -110,6 +113,7 @@ class SearchSpace:
             if key not in by_name:
                 raise SpaceError(f"--set {key}: {self.method} has no hyperparameter {key!r}; "
                                  f"valid: {', '.join(by_name) or '(none)'}")
+            _check_not_null(by_name[key], value)
             by_name[key].check_value(value, f"--set {key}")
         return replace(self, fixed={**self.fixed, **values})
 
@@ -138,6 +142,37 @@ class SearchSpace:
                                  f"{benchmark}: {err}") from None
 
 
+def _check_not_null(param: Param, value: Any) -> None:
+    """``--set name=`` (YAML null) would silently stop searching a parameter and drop it from the
+    constants: allowed only where null is the declared default (e.g. no preference vector)."""
+    if value is None and param.default is not None:
+        raise SpaceError(f"--set {param.name}: an empty/null value is not allowed for {param.name}, whose declared "
+                         f"default is {param.default!r}; give a value")
+
+
+def _parse_bounds(name: str, raw: dict[str, Any], ptype: str, where: str) -> tuple[float, float, bool]:
+    """(low, high, log) of a float/int parameter, each finite and with a finite high − low:
+    Optuna's samplers overflow on infinite or huge ranges mid-search, long after validation."""
+    for bound in ("low", "high"):
+        value = raw.get(bound)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise SpaceError(f"{where}: params.{name}.{bound} must be a number for type {ptype}, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise SpaceError(f"{where}: params.{name}.{bound} must be a finite number, got {value!r}")
+    low, high = float(raw["low"]), float(raw["high"])
+    if not low < high:
+        raise SpaceError(f"{where}: params.{name} needs low < high, got low={low}, high={high}")
+    if not math.isfinite(high - low):
+        raise SpaceError(f"{where}: params.{name} range [{low:g}, {high:g}] is too wide: high - low overflows")
+    if ptype == "int" and max(abs(low), abs(high)) > MAX_INT_BOUND:
+        raise SpaceError(f"{where}: params.{name} bounds of an int parameter must lie within ±2**53, "
+                         f"got low={low:g}, high={high:g}")
+    log = bool(raw.get("log", False))
+    if log and low <= 0:
+        raise SpaceError(f"{where}: params.{name} has log: true, which needs low > 0 (got {low})")
+    return low, high, log
+
+
 def _parse_param(name: str, raw: Any, where: str) -> Param:
     if not isinstance(raw, dict):
         raise SpaceError(f"{where}: params.{name} must be a mapping of fields, got {type(raw).__name__}")
@@ -150,15 +185,7 @@ def _parse_param(name: str, raw: Any, where: str) -> Param:
     kw: dict[str, Any] = {"name": name, "type": ptype, "default": raw.get("default"),
                           "search": bool(raw.get("search", True)), "description": str(raw.get("description", ""))}
     if ptype in ("float", "int"):
-        for bound in ("low", "high"):
-            if not isinstance(raw.get(bound), (int, float)) or isinstance(raw.get(bound), bool):
-                raise SpaceError(f"{where}: params.{name}.{bound} must be a number for type {ptype}, got {raw.get(bound)!r}")
-        low, high = float(raw["low"]), float(raw["high"])
-        if not low < high:
-            raise SpaceError(f"{where}: params.{name} needs low < high, got low={low}, high={high}")
-        log = bool(raw.get("log", False))
-        if log and low <= 0:
-            raise SpaceError(f"{where}: params.{name} has log: true, which needs low > 0 (got {low})")
+        low, high, log = _parse_bounds(name, raw, ptype, where)
         kw.update(low=low if ptype == "float" else int(low), high=high if ptype == "float" else int(high), log=log,
                   step=_parse_step(raw.get("step"), ptype, low, high, log, f"{where}: params.{name}.step"))
     elif ptype == "categorical":
@@ -200,9 +227,8 @@ def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchS
     raw_params = data.get("params") or {}
     if not isinstance(raw_params, dict):
         raise SpaceError(f"{source}: 'params' must be a mapping of hyperparameter name → fields")
-    overrides = (data.get("benchmarks") or {}).get(benchmark, {}) if benchmark else {}
-    if not isinstance(overrides, dict):
-        raise SpaceError(f"{source}: benchmarks.{benchmark} must be a mapping of hyperparameter → fields")
+    all_overrides = _benchmark_overrides(data.get("benchmarks"), source)
+    overrides = (all_overrides.get(benchmark) or {}) if benchmark else {}
     for name in overrides:
         if name not in raw_params:
             raise SpaceError(f"{source}: benchmarks.{benchmark}.{name} overrides an undeclared hyperparameter; "
@@ -216,6 +242,27 @@ def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchS
         merged = {**raw, **overrides.get(name, {})} if isinstance(raw, dict) else raw
         params.append(_parse_param(name, merged, source))
     return SearchSpace(method=method, params=tuple(params), source=source, description=str(data.get("description", "")))
+
+
+def _benchmark_overrides(raw: Any, source: str) -> dict[Any, dict[str, dict[str, Any]]]:
+    """The ``benchmarks`` section: benchmark → hyperparameter → fields. Every benchmark's entry is
+    checked, not only the one in use, so a malformed file fails on any machine, for any benchmark."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{source}: 'benchmarks' must be a mapping of benchmark name → overrides, "
+                         f"got {type(raw).__name__}")
+    for bench, entries in raw.items():
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise SpaceError(f"{source}: benchmarks.{bench} must be a mapping of hyperparameter → fields, "
+                             f"got {type(entries).__name__}")
+        for name, fields in entries.items():
+            if not isinstance(fields, dict):
+                raise SpaceError(f"{source}: benchmarks.{bench}.{name} must be a mapping of fields to override "
+                                 f"(e.g. {{default: 0.5}}), got {type(fields).__name__} {fields!r}")
+    return raw
 
 
 def _constructor_args(cls: type) -> set[str]:

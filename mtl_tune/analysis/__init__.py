@@ -56,6 +56,7 @@ from mtl_tune.analysis.report import build_report, write_report
 from mtl_tune.analysis.summary import degenerate_notes, distinct_seed_stats, method_front_summary
 from mtl_tune.analysis.sweep import (
     SweepNotFoundError,
+    SweepWarning,
     completed_trials,
     decode_hp,
     expand_list_hps,
@@ -74,6 +75,7 @@ from mtl_tune.analysis.sweep import (
 __all__ = [
     "CorrelationResult",
     "SweepNotFoundError",
+    "SweepWarning",
     "as_minimisation",
     "build_report",
     "completed_trials",

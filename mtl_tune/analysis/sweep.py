@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mtl_tune.analysis._sweep_files import SweepWarning, load_sweep_meta, read_checked_table
 from mtl_tune.analysis.trial_table import trial_rows
 from mtl_tune.metrics import MetricSpec
 
@@ -53,6 +55,8 @@ class SweepNotFoundError(FileNotFoundError):
     """No ``trials.csv`` and no Ray experiment under a path; the message names the path."""
 
 
+#: sweep.json fields the analysis reads → the JSON type they must have (null is always allowed)
+
 # --------------------------------------------------------------------------- loading
 def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True,
                allow_pickle: bool = False) -> pd.DataFrame:
@@ -63,21 +67,32 @@ def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True
     ``sweep_dir`` column records where each row came from. The parsed ``sweep.json`` of
     every sweep is in ``df.attrs["sweeps"]`` (``{sweep name: meta}``).
 
+    A sweep given twice (the same folder after resolving links and ``..``, or a folder and
+    its own ``trials.csv``) is read once, with a :class:`SweepWarning`. Different folders
+    whose sweeps share a name are kept apart: their rows are labelled ``"<name> (<folder>)"``
+    (also a :class:`SweepWarning`), so nothing of two different sweeps is ever merged.
+
     Without ``trials.csv`` the table is rebuilt from the experiment folders' JSON/CSV
-    files (``ray_fallback=False`` raises instead). ``allow_pickle=True`` rebuilds it with
-    Ray's ``ExperimentAnalysis``, which unpickles Tune's state and so runs code from the
-    folder: only for sweeps you wrote.
+    files (``ray_fallback=False`` raises instead). The same happens, with a
+    :class:`SweepWarning`, when ``trials.csv`` disagrees with the trial folders next to it
+    (rows cut off mid-line, trials the folders hold but the table lacks). ``allow_pickle=True``
+    rebuilds it with Ray's ``ExperimentAnalysis``, which unpickles Tune's state and so runs
+    code from the folder: only for sweeps you wrote.
 
     Types are normalised: ``status`` upper-case text, ``error`` text ("" when none),
     ``diverged`` 0/1 int, ``synthetic`` bool, numeric metric columns float.
-    Raises :class:`SweepNotFoundError` naming the path when nothing can be read.
+    Raises :class:`SweepNotFoundError` naming the path when nothing can be read, and
+    ``ValueError`` naming the file when ``trials.csv`` or ``sweep.json`` is unreadable.
     """
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths:
         raise SweepNotFoundError("load_sweep: no path given")
+    loaded = []
+    for p in _distinct_sources([Path(p) for p in paths]):
+        df, meta = _load_one(p, ray_fallback=ray_fallback, allow_pickle=allow_pickle)
+        loaded.append((_source_label(p), df, meta))
     frames, metas = [], {}
-    for p in paths:
-        df, meta = _load_one(Path(p), ray_fallback=ray_fallback, allow_pickle=allow_pickle)
+    for df, meta in _label_shared_names(loaded):
         frames.append(df)
         for name in dict.fromkeys(df["sweep"].astype(str)):
             metas[name] = meta
@@ -87,40 +102,75 @@ def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True
     return out
 
 
-def load_sweep_meta(path: PathLike) -> dict[str, Any]:
-    """The parsed ``sweep.json`` of a sweep directory ({} when the file is absent)."""
-    p = Path(path)
-    p = p.parent if p.is_file() else p
-    meta_file = p / "sweep.json"
-    if not meta_file.is_file():
-        return {}
-    with open(meta_file) as fh:
-        return json.load(fh)
+def _source_key(path: Path) -> Path:
+    """What a path reads, resolved: the table file when there is one, else the folder (so
+    ``r/k9``, ``./r/../r/k9`` and ``r/k9/trials.csv`` are one source)."""
+    table = path / "trials.csv" if path.is_dir() else path
+    return (table if table.is_file() else path).resolve()
+
+
+def _distinct_sources(paths: list[Path]) -> list[Path]:
+    """``paths`` without repeats of a source already given (each sweep is counted once)."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = _source_key(p)
+        if key in seen:
+            warnings.warn(f"{p}: the same sweep as {seen[key]} (given twice); read once", SweepWarning, stacklevel=3)
+            continue
+        seen[key] = p
+    return list(seen.values())
+
+
+def _source_label(path: Path) -> str:
+    """How the report names where a sweep came from: its folder, or a table file not called trials.csv."""
+    return str(path.parent if path.is_file() and path.name == "trials.csv" else path)
+
+
+def _label_shared_names(loaded: list[tuple[str, pd.DataFrame, dict[str, Any]]]
+                        ) -> list[tuple[pd.DataFrame, dict[str, Any]]]:
+    """Relabel sweeps whose name comes from more than one source as ``"<name> (<source>)"``:
+    two runs reusing a --name are different sweeps and must not be pooled into one."""
+    sources: dict[str, list[str]] = {}
+    for label, df, _ in loaded:
+        for name in dict.fromkeys(df["sweep"].astype(str)):
+            sources.setdefault(name, []).append(label)
+    shared = {name: labels for name, labels in sources.items() if len(labels) > 1}
+    for name, labels in shared.items():
+        warnings.warn(f"sweep name {name!r} is used by {len(labels)} folders ({', '.join(labels)}); kept apart as "
+                      + ", ".join(repr(f"{name} ({label})") for label in labels), SweepWarning, stacklevel=3)
+    out = []
+    for label, df, meta in loaded:
+        names = df["sweep"].astype(str)
+        if names.isin(list(shared)).any():
+            df = df.copy()
+            df["sweep"] = names.where(~names.isin(list(shared)), names + f" ({label})")
+        out.append((df, meta))
+    return out
 
 
 def _load_one(path: Path, *, ray_fallback: bool, allow_pickle: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not path.exists():
         raise SweepNotFoundError(f"sweep path {str(path)!r} does not exist")
-    csv = path if path.is_file() else path / "trials.csv"
+    csv_file = path if path.is_file() else path / "trials.csv"
+    folder = path.parent if path.is_file() else path
     meta = load_sweep_meta(path)
-    if csv.is_file():
-        if csv.stat().st_size == 0:
-            raise SweepNotFoundError(f"{str(csv)!r} is empty")
-        # keep_default_na=False would turn empty metrics into "" strings; read normally and
-        # fix the text columns in _normalise instead.
-        df = pd.read_csv(csv, low_memory=False)
+    if csv_file.is_file():
+        if csv_file.stat().st_size == 0:
+            raise SweepNotFoundError(f"{str(csv_file)!r} is empty")
+        df = read_checked_table(csv_file, folder, meta,
+                                lambda f: trials_from_ray(f) if allow_pickle else trials_from_folder(f))
     elif ray_fallback and path.is_dir():
         df = trials_from_ray(path) if allow_pickle else trials_from_folder(path)
     else:
         raise SweepNotFoundError(f"no trials.csv in {str(path)!r}")
-    name = meta.get("name") or (path.parent.name if path.is_file() else path.name)
+    name = meta.get("name") or folder.name
     if "sweep" not in df.columns:
         df.insert(0, "sweep", name)
     else:
         df["sweep"] = df["sweep"].astype(object).where(df["sweep"].notna(), name)
     if "benchmark" not in df.columns and meta.get("benchmark"):
         df.insert(1, "benchmark", meta["benchmark"])
-    df["sweep_dir"] = str(path if path.is_dir() else path.parent)
+    df["sweep_dir"] = str(folder)
     return df, meta
 
 

@@ -116,6 +116,16 @@ def _inferred_status(trial_dir: Path, config: dict[str, Any], last: dict[str, An
     return "INCOMPLETE"
 
 
+def experiment_trial_ids(experiment: Path) -> set[str]:
+    """The trial ids :func:`experiment_rows` would give, cheaply: from the experiment state
+    when there is one (no trial file opened), else from each trial folder's last result."""
+    known = state_trials(experiment)
+    if known:
+        return set(known)
+    return {str(last_result(c).get("trial_id") or c.name.rsplit("_", 1)[-1])
+            for c in sorted(experiment.iterdir()) if (c / "params.json").is_file()}
+
+
 def experiment_rows(experiment: Path, sweep: str, n_tasks: int) -> list[dict[str, Any]]:
     """One row per trial of one experiment folder, from JSON/CSV files only."""
     phase = next((p for suffix, p in PHASES.items() if experiment.name.endswith(suffix)), "search")

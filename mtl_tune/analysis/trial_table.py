@@ -9,7 +9,8 @@ reads it back with :func:`mtl_tune.analysis.load_sweep`.
 The search's table is rebuilt from Tune's experiment state (never by globbing trial folders: a
 restore can leave orphan folders; docs/references.md#restore-needs-an-importable-search-space) and
 written atomically (temp file +
-rename), so a crash mid-write leaves the previous good copy.
+rename), so a crash mid-write leaves the previous good copy, with the permissions a plain
+``open()`` would give (0o666 less the umask), so the other users of a shared storage path can read it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,24 @@ SWEEP = "sweep.json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (/proc on Linux):
+    setting it to read it back, as ``os.umask`` forces, briefly affects other threads' files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + rename, with the permissions a plain
+    ``open(path, "w")`` would give (0o666 less the umask): mkstemp creates 0o600, which would
+    hide the tables from the other users of a shared storage path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,6 +58,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

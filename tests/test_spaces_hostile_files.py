@@ -1,0 +1,82 @@
+"""Search-space files and --set values that used to pass validation and fail later: a
+non-mapping ``benchmarks`` section, scalar overrides, infinite or overflowing bounds, null."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtl_tune.spaces import SpaceError, load_space
+
+C = {"type": "float", "low": 0.0, "high": 1.0, "default": 0.4}
+
+
+def _write(tmp_path: Path, data: dict | str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("benchmarks,match", [
+    ([1], r"'benchmarks' must be a mapping of benchmark name → overrides, got list"),
+    ("toy", r"'benchmarks' must be a mapping of benchmark name → overrides, got str"),
+    ({"toy": [1]}, r"benchmarks.toy must be a mapping of hyperparameter → fields, got list"),
+    ({"toy": {"c": 5}}, r"benchmarks.toy.c must be a mapping of fields to override .* got int 5"),
+    ({"toy": {"c": [1]}}, r"benchmarks.toy.c must be a mapping of fields to override .* got list"),
+    ({"nyuv2": {"c": 0.5}}, r"benchmarks.nyuv2.c must be a mapping"),  # not the benchmark in use: still checked
+])
+def test_malformed_benchmarks_section_names_file_key_and_shape(tmp_path, benchmarks, match):
+    path = _write(tmp_path, {"method": "cagrad", "params": {"c": C}, "benchmarks": benchmarks})
+    with pytest.raises(SpaceError, match=match) as err:
+        load_space("cagrad", "toy", path)
+    assert str(path) in str(err.value)
+
+
+def test_empty_benchmark_entry_means_no_overrides(tmp_path):
+    path = _write(tmp_path, "method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
+                            "benchmarks:\n  toy:\n")
+    assert load_space("cagrad", "toy", path).params[0].default == 0.4
+
+
+@pytest.mark.parametrize("bounds,match", [
+    ("low: 0, high: .inf", r"params.c.high must be a finite number, got inf"),
+    ("low: -.inf, high: 1", r"params.c.low must be a finite number, got -inf"),
+    ("low: 0, high: 1.0e400", r"params.c.high must be a finite number"),
+    ("low: -1e308, high: 1e308", r"params.c range .* is too wide: high - low overflows"),
+    ("low: 1e-300, high: 1e400, log: true", r"params.c.high must be a finite number"),
+])
+def test_infinite_or_overflowing_bounds_are_refused(tmp_path, bounds, match):
+    path = _write(tmp_path, f"method: cagrad\nparams:\n  c: {{type: float, {bounds}, default: 0.4}}\n")
+    with pytest.raises(SpaceError, match=match) as err:
+        load_space("cagrad", "toy", path)
+    assert str(path) in str(err.value)
+
+
+def test_int_bounds_beyond_2_to_53_are_refused(tmp_path):
+    path = _write(tmp_path, "method: cagrad\nparams:\n  rescale: {type: int, low: 0, high: 1e300, default: 1}\n")
+    with pytest.raises(SpaceError, match=r"params.rescale bounds of an int parameter must lie within ±2\*\*53"):
+        load_space("cagrad", "toy", path)
+
+
+def test_huge_but_finite_bounds_still_sample(tmp_path):
+    import optuna
+
+    from mtl_tune.spaces import SpaceSampler
+
+    path = _write(tmp_path, "method: cagrad\nparams:\n  c: {type: float, low: -8e307, high: 8e307, default: 0.4}\n")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: (SpaceSampler(load_space("cagrad", "toy", path), 2, {})(t), 0.0)[1], n_trials=3)
+    assert len(study.trials) == 3
+
+
+def test_set_null_is_refused_where_the_default_is_not_null():
+    space = load_space("cagrad")
+    with pytest.raises(SpaceError, match=r"--set c: an empty/null value is not allowed for c, whose declared "
+                                         r"default is 0.4"):
+        space.with_fixed({"c": None})
+
+
+def test_set_null_stays_allowed_where_the_default_is_null():
+    space = load_space("amtl")
+    assert {p.name: p.default for p in space.params}["preferences"] is None
+    assert space.with_fixed({"preferences": None}).fixed == {"preferences": None}
