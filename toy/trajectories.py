@@ -21,6 +21,7 @@ See docs/toy.md for what the figures show and docs/perf/toy.md for timings.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import re
 import sys
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 
 from mtl_tune.benchmarks.toy import INITS
-from mtl_tune.registry import available_balancers, balancer_class
+from mtl_tune.registry import available_balancers, balancer_class, check_hparams
 from .engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
 from .parallel import init_worker, run_all
 from .landscape import loss_grid
@@ -104,6 +105,9 @@ def build_specs(methods: str, sets: dict[str, dict[str, Any]] | None = None, ite
         bad = sorted(set(hparams) - set(allowed))
         if bad:
             raise ValueError(f"{name}: unknown hyperparameter(s) {bad}; {name} takes {allowed}")
+        # types and finiteness as get_balancer checks them (c=abc, c=nan): an error now, not a skipped
+        # row; a value out of a constructor's range stays a table row that says why
+        _, hparams = check_hparams(name, 2, hparams)
         label = name if not variant else f"{name}({','.join(f'{k}={v}' for k, v in variant.items())})"
         if any(s.label == label for s in specs):
             continue
@@ -209,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.error("--scale must be > 0")
     if args.iters is not None and args.iters < 1:
         cli.error("--iters must be >= 1")
+    if args.workers < 1:
+        cli.error(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--lr", args.lr), ("--method-params-lr", args.method_params_lr), ("--tol", args.tol)):
+        if not 0 < value < math.inf:
+            cli.error(f"{flag} must be a finite number > 0, got {value}")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        cli.error(f"--out {args.out}: cannot create the folder ({err.strerror or err})")
     try:
         inits = [int(i) for i in args.inits.split(",") if i.strip()]
     except ValueError:

@@ -244,6 +244,27 @@ def print_summary(outcome, plan) -> bool:
     return not finished(table, plan).empty
 
 
+def resume_command(plan) -> str:
+    """The command that continues this search (its other arguments come from sweep.json)."""
+    import shlex
+
+    return (f"python -m mtl_tune.search --storage-path {shlex.quote(str(plan.sweep_dir.parent))} "
+            f"--name {shlex.quote(plan.name)} --resume")
+
+
+#: exit status of a search stopped by Ctrl+C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
+
+
+def print_interrupted(outcome, plan) -> int:
+    """What a Ctrl+C left: the trials so far (no ranking: the methods did not get the same
+    budget) and how to continue."""
+    print_summary(outcome, plan)
+    print(f"\ninterrupted (Ctrl+C): the search stopped; no method comparison was made. Continue it with:\n"
+          f"  {resume_command(plan)}")
+    return EXIT_INTERRUPTED
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a bad argument (exit 2); none of their modules imports torch."""
     from mtl_tune.benchmarks.base import ConfigError, DataError
@@ -255,7 +276,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when trials finished, 1 when none did, 2 for a bad argument (nothing started)."""
+    """Exit 0 when trials finished, 1 when none did, 2 for a bad argument (nothing started),
+    130 when Ctrl+C stopped the search."""
     from mtl_tune.search.runner import prepare, sweep_dir_of
     from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 
@@ -279,4 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if outcome.interrupted:
+        return print_interrupted(outcome, plan)
     return 0 if print_summary(outcome, plan) else 1

@@ -17,7 +17,6 @@ the tables that compare their results; it starts nothing.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 from typing import Any
@@ -25,10 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtl_tune.registry import balancer_class
 from mtl_tune.search.runner import Plan
-
-PREFERENCE_ARGS = ("task_weights", "preferences")
+from mtl_tune.search.validate import PREFERENCE_ARGS, preference_arg  # noqa: F401 - re-exported
 
 
 def ranking_objective(plan: Plan) -> tuple[str, str]:
@@ -37,11 +34,6 @@ def ranking_objective(plan: Plan) -> tuple[str, str]:
     if not plan.multi_objective:
         return plan.metrics[0], plan.modes[0]
     return plan.bench.default_objective()
-
-
-def preference_arg(method: str) -> str | None:
-    params = inspect.signature(balancer_class(method).__init__).parameters
-    return next((a for a in PREFERENCE_ARGS if a in params), None)
 
 
 def simplex_grid(n_tasks: int, n_points: int) -> list[list[float]]:

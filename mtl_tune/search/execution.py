@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mtl_tune.analysis.trial_table import build_table, write_sweep_json, write_table
+from mtl_tune.analysis.trial_files import experiment_rows
+from mtl_tune.analysis.trial_table import PHASES, trial_rows, write_sweep_json, write_table
 from mtl_tune.search import compare
+from mtl_tune.search.lock import SweepLock
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
-from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage
+from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage, own_storage_at
 from mtl_tune.spaces import SpaceSampler
 from mtl_tune.search.validate import check_cluster_resources
 
@@ -34,6 +40,48 @@ class Outcome:
     plot_path: Path | None
     comparison: pd.DataFrame | None = None
     preferences: pd.DataFrame | None = None
+    #: stopped by Ctrl+C (SIGINT): the table holds what exists, no comparison was made
+    interrupted: bool = False
+
+
+class Interrupted(Exception):
+    """Ctrl+C (SIGINT) stopped a Tune run: the search stops instead of going on to the next method."""
+
+
+#: statuses of a trial that ran to its end; any other after ``fit()`` means Tune was interrupted
+ENDED = ("TERMINATED", "ERROR")
+
+
+def check_not_interrupted(results: Any, expected: int | None) -> None:
+    """Raise :class:`Interrupted` when ``Tuner.fit()`` returned early. Tune catches the first
+    SIGINT itself, saves its state and returns normally (no flag in its API): the sign is a trial
+    that did not end, or fewer trials than the budget (interrupted before they were sampled)."""
+    total = len(results)
+    if results.num_terminated + results.num_errors < total or (expected is not None and total < expected):
+        raise Interrupted
+
+
+@contextmanager
+def sigint_flag() -> Iterator[threading.Event]:
+    """A Ctrl+C between two Tune runs (while the table is written, Ray starts, ...) only sets the
+    returned flag, checked after each step, so the table being written is not lost; during a
+    run Tune's own handler takes over. A second Ctrl+C stops at once. Only in the main thread
+    (signal handlers cannot be set elsewhere)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def init_ray(plan: Plan) -> None:
@@ -137,14 +185,16 @@ def run_method(plan: Plan, method: str) -> None:
     space = plan.spaces[method]
     exp_dir = plan.sweep_dir / method
     trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
-    if o.resume and tune.Tuner.can_restore(str(exp_dir)):
-        logger.info("resuming %s from %s", method, exp_dir)
-        tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
-        return
-    epochs = int(trial_constants(plan, method).get("epochs", plan.bench.defaults.get("epochs", 1)))
     searchable = space.searchable()
     # a method without hyperparameters has nothing to search: one trial (per seed) is the fair budget
     budget = o.num_samples if searchable else 1
+    if o.resume and tune.Tuner.can_restore(str(exp_dir)):
+        logger.info("resuming %s from %s", method, exp_dir)
+        with own_storage_at(None if o.optuna_storage else plan.optuna_storage):  # the pickles name the first folder's
+            results = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
+        check_not_interrupted(results, budget)
+        return
+    epochs = int(trial_constants(plan, method).get("epochs", plan.bench.defaults.get("epochs", 1)))
     sampler = make_sampler(o.sampler or "tpe", o.seed, len(plan.metrics), budget)
     searcher = MTLOptunaSearch(
         space=SpaceSampler(space, plan.bench.n_tasks, trial_constants(plan, method)),
@@ -165,7 +215,7 @@ def run_method(plan: Plan, method: str) -> None:
             failure_config=tune.FailureConfig(max_failures=o.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks(plan)),
     )
-    tuner.fit()
+    check_not_interrupted(tuner.fit(), budget)
 
 
 def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
@@ -179,14 +229,17 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
     limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
     if tune.Tuner.can_restore(str(path)):
-        tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
+        results = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
+        check_not_interrupted(results, None)
         return
-    tune.Tuner(trainable, param_space=param_space,
-               tune_config=tune.TuneConfig(num_samples=1, reuse_actors=reuse_actors(o), trial_dirname_creator=trial_dirname,
-                                           max_concurrent_trials=limit),
-               run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
-                                         failure_config=tune.FailureConfig(max_failures=o.max_failures),
-                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
+    results = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=1, reuse_actors=reuse_actors(o), trial_dirname_creator=trial_dirname,
+                                    max_concurrent_trials=limit),
+        run_config=tune.RunConfig(name=experiment, storage_path=str(plan.sweep_dir), verbose=o.verbose,
+                                  failure_config=tune.FailureConfig(max_failures=o.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
+    check_not_interrupted(results, None)
 
 
 def run_seeds(plan: Plan, table: pd.DataFrame) -> None:
@@ -243,9 +296,39 @@ def callbacks(plan: Plan) -> list:
     return [WandbLoggerCallback(project=plan.options.wandb_project, group=plan.name)]
 
 
+def experiment_table_rows(exp: Path, plan: Plan) -> list[dict[str, Any]]:
+    """One experiment's rows from Tune's state, or, when that state cannot be read (a corrupt
+    ``experiment_state-*.json``, a truncated pickle), from the per-trial JSON files as
+    ``analyze`` reads them, with a warning naming the folder: a finished result is never lost."""
+    try:
+        return trial_rows(exp, plan.name, plan.bench.n_tasks)
+    except Exception as err:  # noqa: BLE001 - any unreadable state; the per-trial files remain
+        logger.warning("Tune's state in %s is unreadable (%s: %s); the trial table of %s is rebuilt from its "
+                       "per-trial files", exp, type(err).__name__, err, exp.name)
+        print(f"warning: Tune's state in {exp} is unreadable ({type(err).__name__}: {err}); "
+              "its trials were read from their own files")
+        return experiment_rows(exp, plan.name, plan.bench.n_tasks)
+
+
+def build_table(plan: Plan) -> pd.DataFrame:
+    """The tidy table of every experiment of the search (methods × phases), sorted by method and phase."""
+    rows: list[dict[str, Any]] = []
+    for method in plan.spaces:
+        for suffix, phase in PHASES.items():
+            exp = plan.sweep_dir / f"{method}{suffix}"
+            if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
+                rows.extend({**row, "phase": phase} for row in experiment_table_rows(exp, plan))
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        order = {p: i for i, p in enumerate(PHASES.values())}
+        frame = frame.sort_values(["method", "phase", "trial_id"], key=lambda c: c.map(order) if c.name == "phase"
+                                  else c, kind="stable").reset_index(drop=True)
+    return frame
+
+
 def finish(plan: Plan) -> Outcome:
     """Rebuild the tidy table from Tune's state and write it (atomically)."""
-    table = build_table(plan.sweep_dir, plan.spaces, plan.name, plan.bench.n_tasks)
+    table = build_table(plan)
     return Outcome(plan.sweep_dir, table, write_table(table, plan.sweep_dir), None)
 
 
@@ -264,21 +347,53 @@ def plot_front(plan: Plan, table: pd.DataFrame) -> Path | None:
                              reference_front=reference)
 
 
+def check_storage_reachable(plan: Plan) -> None:
+    """An explicit --optuna-storage opens before anything is written (a database server that is
+    down, a wrong password): otherwise the first trial fails after sweep.json exists, and the
+    same --name then needs --resume. The default storage is created with the sweep folder."""
+    if not plan.options.optuna_storage:
+        return
+    from mtl_tune.search.searcher import public_storage_url
+
+    try:
+        make_storage(plan.optuna_storage)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy, driver and OS errors alike mean "unusable"
+        first = " ".join(str(err).split())[:300]
+        raise SearchError(f"--optuna-storage {public_storage_url(plan.optuna_storage)}: cannot be opened "
+                          f"({type(err).__name__}: {first})") from None
+
+
 def execute(plan: Plan) -> Outcome:
+    """Run the plan while holding the sweep folder's lock (one driver per sweep)."""
     init_ray(plan)
     if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
         check_cluster_resources(plan.options)
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_storage_reachable(plan)
+    with SweepLock(plan.sweep_dir), sigint_flag() as stop:
+        return run_all(plan, stop)
+
+
+def run_all(plan: Plan, stop: threading.Event) -> Outcome:
+    """Every phase of the search; a Ctrl+C ends it after writing the table of what exists
+    (``Outcome.interrupted``): no later method runs and nothing is compared or ranked."""
     write_sweep_json(plan.sweep_dir, sweep_info(plan))
-    for method in plan.spaces:
-        run_method(plan, method)
-        outcome = finish(plan)  # keep the table current after every method: nothing finished is lost
-    if plan.options.seeds:
-        run_seeds(plan, outcome.table)
+    outcome = None
+    try:
+        for method in plan.spaces:
+            run_phase(stop, run_method, plan, method)
+            outcome = finish(plan)  # keep the table current after every method: nothing finished is lost
+        if plan.options.seeds:
+            run_phase(stop, run_seeds, plan, outcome.table)
+            outcome = finish(plan)
+        if plan.options.preferences:
+            run_phase(stop, run_preferences, plan)
+            outcome = finish(plan)
+        if stop.is_set():
+            raise Interrupted
+    except Interrupted:
         outcome = finish(plan)
-    if plan.options.preferences:
-        run_preferences(plan)
-        outcome = finish(plan)
+        outcome.interrupted = True
+        return outcome
     outcome.plot_path = plot_front(plan, outcome.table)  # once, on the final table (≈ 0.35 s a plot)
     if plan.options.seeds or len(plan.spaces) > 1:
         outcome.comparison = compare.comparison_table(plan, outcome.table)
@@ -287,3 +402,14 @@ def execute(plan: Plan) -> Outcome:
         outcome.preferences = compare.preference_hypervolumes(plan, outcome.table)
         write_table(outcome.preferences, plan.sweep_dir, "preferences.csv")
     return outcome
+
+
+def run_phase(stop: threading.Event, step: Any, *args: Any) -> None:
+    """``step(*args)``, unless a Ctrl+C came before it; a KeyboardInterrupt (second Ctrl+C, or
+    Tune's handler not installed) counts as an interruption too."""
+    if stop.is_set():
+        raise Interrupted
+    try:
+        step(*args)
+    except KeyboardInterrupt:
+        raise Interrupted from None

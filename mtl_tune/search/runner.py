@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class, check_names, imposed_options
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
-    SearchError, check_data_parallel, check_local_resources, check_name, check_numbers, check_optuna_storage,
-    check_storage, previous_optuna_storage,
+    SearchError, check_data_parallel, check_epochs, check_grace_period, check_local_resources, check_name,
+    check_numbers, check_optuna_storage, check_preferences, check_storage, previous_optuna_storage,
 )
 
 if TYPE_CHECKING:  # the benchmarks import torch: loaded by prepare(), not by `--help` or a name check
@@ -158,8 +158,12 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError("--search-space replaces one method's space; use it with a single --method")
     if options.fixed and len(methods) != 1:
         raise SearchError("--set fixes hyperparameters of one method; use it with a single --method")
+    if options.search_space:  # sweep.json records it: absolute, so --resume from another cwd finds the same file
+        options.search_space = str(Path(options.search_space).expanduser().resolve())
     bench = make_benchmark(options)
     bench.check_config(options.config)
+    check_epochs(options)
+    check_grace_period(options)
     metrics, modes = _objective(bench, options.objective)
     val_fraction = options.config.get("val_fraction", bench.defaults.get("val_fraction"))
     if val_fraction is not None and float(val_fraction) == 0 and any(m.startswith("val/") for m in metrics):
@@ -182,6 +186,9 @@ def prepare(options: SearchOptions) -> Plan:
     name = options.name or f"{bench.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
     sweep_dir = Path(options.storage_path).expanduser().resolve() / name
+    from mtl_tune.search.lock import check_unlocked
+
+    check_unlocked(sweep_dir)  # a driver still running this sweep: refused before any other message
     check_storage(sweep_dir, options.resume)
     if options.optuna_storage:
         options.optuna_storage = check_optuna_storage(options.optuna_storage)
@@ -197,6 +204,10 @@ def prepare(options: SearchOptions) -> Plan:
         spaces[m] = space.with_fixed(options.fixed) if options.fixed else space
         spaces[m].check_for(bench.n_tasks, bench.name, imposed_options(m, bench, options.config))
     check_data_parallel(options, bench, methods, spaces)
+    if options.preferences:
+        from mtl_tune.search.validate import preference_arg
+
+        check_preferences(options.preferences, methods, [m for m in available_balancers() if preference_arg(m)])
     if options.workers_per_trial > 1:
         check_local_resources(options)
     # the full scan, once, in the driver, after the argument checks: a plug-in that does not load
@@ -221,11 +232,32 @@ def check_address(address: str) -> None:
                               "`ray start --head` or pass host:port of the head node")
     host, _, port = target.rpartition(":")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5) as conn:
+            speaks_grpc = _speaks_http2(conn)
     except (OSError, ValueError) as err:
         raise SearchError(f"--address {address}: could not connect to a Ray cluster at {target} ({err}); start one "
                           "with `ray start --head` or pass host:port of a running head node") from None
+    if not speaks_grpc:  # ray.init would retry against it for minutes
+        raise SearchError(f"--address {address}: {target} accepts connections but is not a Ray head node (no gRPC "
+                          "answer); pass host:port of the head's GCS (`ray start --head` prints it, default port 6379)")
+
+
+#: HTTP/2's client preface and an empty SETTINGS frame: what a gRPC client sends first
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_http2(conn: socket.socket) -> bool:
+    """Whether the server answers HTTP/2's preface with a SETTINGS frame, as Ray's GCS (a gRPC
+    server) does; another service (an HTTP/1 server, a database) answers otherwise or not at all.
+    With TLS (RAY_USE_TLS) the plain preface cannot be answered: not probed."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = conn.recv(9)
+    except OSError:
+        return False
+    return len(head) >= 4 and head[3] == 0x04
 
 
 def trial_constants(plan: Plan, method: str) -> dict[str, Any]:

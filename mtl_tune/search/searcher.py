@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,10 @@ STORAGE_FILE = "optuna.db"
 
 
 def default_storage_url(sweep_dir: Path) -> str:
-    """``sqlite:////abs/path/<sweep>/optuna.db``: the studies next to the trial table."""
-    return f"sqlite:///{Path(sweep_dir).resolve() / STORAGE_FILE}"
+    """``sqlite:////abs/path/<sweep>/optuna.db`` (percent-encoded): the studies next to the trial table."""
+    from mtl_tune.search.validate import sqlite_url
+
+    return sqlite_url(Path(sweep_dir).resolve() / STORAGE_FILE)
 
 
 def make_storage(spec: str) -> optuna.storages.BaseStorage:
@@ -82,6 +86,37 @@ def make_storage(spec: str) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(spec))
+
+
+@contextlib.contextmanager
+def own_storage_at(url: str | None) -> Iterator[None]:
+    """While a search is restored, point every unpickled SQLite storage that is the sweep's own
+    ``optuna.db`` at ``url``, the file in the sweep folder as it is now.
+
+    Tune's pickles (``tuner.pkl``, the searcher checkpoint) keep the storage of the first run as
+    an absolute URL and reconnect to it on load: after a move that file is gone ("unable to open
+    database file"), after a copy it is the original sweep's database, silently shared. Optuna's
+    RDBStorage has no hook for this, so its ``__setstate__`` is wrapped for the restore only
+    (the driver restores one experiment at a time, in its main thread). ``url`` None (an explicit
+    --optuna-storage) changes nothing; with the default storage the search has no other SQLite
+    file named optuna.db, whatever the sweep folder was called when it was pickled."""
+    from mtl_tune.search.validate import is_own_storage
+
+    if url is None:
+        yield
+        return
+    original = optuna.storages.RDBStorage.__setstate__
+
+    def setstate(storage: optuna.storages.RDBStorage, state: dict[str, Any]) -> None:
+        if is_own_storage(state.get("url")) and state.get("url") != url:
+            state = {**state, "url": url}
+        original(storage, state)
+
+    optuna.storages.RDBStorage.__setstate__ = setstate
+    try:
+        yield
+    finally:
+        optuna.storages.RDBStorage.__setstate__ = original
 
 
 def public_storage_url(spec: str) -> str:

@@ -19,6 +19,8 @@ class SearchError(ValueError):
     """A user mistake in the search arguments; the message says what is allowed."""
 
 
+#: Ray's resource granularity (ray._raylet.RESOURCE_UNIT_SCALING = 10000)
+RESOURCE_UNIT = 1e-4
 #: (flag, field, lowest allowed value, type) for every numeric flag; None = unbounded
 SEED_MAX = 2**32 - 1  # NumPy's and Optuna's seed range
 NUMERIC_FLAGS: tuple[tuple[str, str, float, float | None], ...] = (
@@ -49,6 +51,12 @@ def check_numbers(options: Any) -> None:
     if not math.isfinite(cpus) or cpus <= 0:
         raise SearchError(f"--cpus-per-trial {cpus:g}: must be a number > 0 (fractions pack trials on a CPU)")
     gpus = options.gpus_per_trial
+    for flag, value, zero in (("--cpus-per-trial", cpus, ""), ("--gpus-per-trial", gpus, "0 or ")):
+        # Ray counts resources in units of 0.0001 and refuses a smaller non-zero request only
+        # when the first trial is scheduled, after the sweep folder was written
+        if 0 < value < RESOURCE_UNIT:
+            raise SearchError(f"{flag} {value:g}: must be {zero}at least {RESOURCE_UNIT:g} (Ray's smallest "
+                              "fraction of a resource)")
     if gpus > 1 and gpus != int(gpus):
         raise SearchError(f"--gpus-per-trial {gpus:g}: above 1 it must be a whole number (Ray packs only "
                           "fractions of a single GPU)")
@@ -158,6 +166,10 @@ def check_cluster_resources(options: Any) -> None:
                        sum(float(r.get("GPU", 0)) for r in nodes), where)
 
 
+#: longest file name (in bytes) of the usual file systems (ext4, xfs, btrfs, APFS, NTFS)
+NAME_MAX_BYTES = 255
+
+
 def check_name(name: str) -> None:
     """``--name`` is one folder below ``--storage-path``: a single path component, never a way out of it."""
     bad = (not name or name in (".", "..") or any(sep in name for sep in ("/", "\\"))
@@ -165,6 +177,42 @@ def check_name(name: str) -> None:
     if bad:
         raise SearchError(f"--name {name!r} must be a single folder name (no '/', '\\', '..' or control "
                           "characters); the sweep is written to --storage-path/--name")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX_BYTES:  # else an OSError "File name too long" traceback when the folder is made
+        raise SearchError(f"--name {name[:40]!r}... is {size} bytes long; a folder name has at most "
+                          f"{NAME_MAX_BYTES} bytes")
+
+
+def check_epochs(options: Any) -> None:
+    """``--epochs N`` and ``--config epochs=M`` name the same setting: refuse two different values
+    (the trials would train M epochs while the scheduler and the grace-period check use N)."""
+    if options.epochs is None or "epochs" not in options.config:
+        return
+    stored = options.config["epochs"]
+    if stored != options.epochs:
+        raise SearchError(f"--epochs {options.epochs} and --config epochs={stored} disagree; give the number of "
+                          "epochs once (--epochs)")
+
+
+def check_grace_period(options: Any) -> None:
+    """ASHA's grace period within the epochs the trials run, wherever those were given
+    (check_numbers covers --epochs; this covers --config epochs=M alone)."""
+    epochs = options.config.get("epochs")
+    if options.scheduler == "asha" and options.epochs is None and isinstance(epochs, int) \
+            and options.grace_period > epochs:
+        raise SearchError(f"--grace-period {options.grace_period}: must be at most --config epochs ({epochs})")
+
+
+def check_preferences(preferences: int, methods: list[str], aware: list[str]) -> None:
+    """``--preferences N`` sweeps task weights of preference-aware methods only: without one
+    among ``methods`` it would run nothing and write an empty preferences.csv."""
+    if preferences and not any(m in aware for m in methods):
+        raise SearchError(f"--preferences {preferences}: none of --method {','.join(methods)} is preference-aware "
+                          f"(takes task weights or preferences); preference-aware methods: {', '.join(aware)}")
+
+
+#: the driver's lock file inside a sweep folder (mtl_tune.search.lock); alone it is no search
+LOCK_FILE = ".driver.lock"
 
 
 def check_storage(sweep_dir: Path, resume: bool) -> None:
@@ -174,7 +222,7 @@ def check_storage(sweep_dir: Path, resume: bool) -> None:
                           "to resume")
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise SearchError(f"--storage-path/--name: {sweep_dir} is a file, not a folder")
-    if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
+    if not resume and sweep_dir.exists() and any(p.name != LOCK_FILE for p in sweep_dir.iterdir()):
         raise SearchError(f"{sweep_dir} already holds a search; pass --resume to continue it or choose another --name")
     probe = sweep_dir
     while not probe.exists() and not probe.is_symlink():
@@ -185,14 +233,45 @@ def check_storage(sweep_dir: Path, resume: bool) -> None:
         raise SearchError(f"--storage-path: {sweep_dir} is not writable (checked {probe})")
 
 
-def check_optuna_storage(spec: str) -> str:
-    """``--optuna-storage``: an RDB URL is kept as given; anything else is a journal file,
-    returned as an absolute path whose folder must exist and be writable."""
-    if "://" in spec:
-        if spec.startswith("sqlite:///") and not spec.startswith("sqlite:////"):
-            relative = Path(spec[len("sqlite:///"):]).expanduser().resolve()
-            return f"sqlite:///{relative}"  # recorded in sweep.json: pin a relative file to this cwd
+def sqlite_url(path: Path) -> str:
+    """``sqlite:////abs/path`` with the path percent-encoded: SQLAlchemy reads ``?`` as the start of
+    the query and ``#`` / ``%`` as URL syntax, so an unencoded ``a?b/optuna.db`` opened ``a``."""
+    from urllib.parse import quote
+
+    return f"sqlite:///{quote(str(path))}"
+
+
+def _check_rdb_url(spec: str) -> str:
+    """An RDB URL that SQLAlchemy parses, whose database driver is installed and, for SQLite,
+    whose file can be created; a relative SQLite file is pinned to this cwd (sweep.json records it)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = spec.split("://", 1)[0] + "://..."  # never echo a password
+    try:
+        url = make_url(spec)
+        url.get_dialect()  # loads the dialect and its DBAPI module: an unknown scheme fails here, not in Ray
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
+        raise SearchError(f"--optuna-storage {shown}: not a usable database URL ({err}); give an RDB URL "
+                          "(sqlite:///file.db, postgresql://...) or the path of a journal file") from None
+    if url.get_backend_name() != "sqlite":
         return spec
+    if not url.database or url.database == ":memory:":
+        raise SearchError(f"--optuna-storage {spec}: an in-memory SQLite database is lost with the driver (and "
+                          "--resume); name a file, e.g. sqlite:///studies.db")
+    path = Path(url.database).expanduser().resolve()
+    if path.is_dir():
+        raise SearchError(f"--optuna-storage {spec}: {path} is a folder; name a database file")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SearchError(f"--optuna-storage {spec}: folder {path.parent} does not exist or is not writable")
+    return sqlite_url(path) if not url.query else spec
+
+
+def check_optuna_storage(spec: str) -> str:
+    """``--optuna-storage``: an RDB URL is checked (:func:`_check_rdb_url`); anything else is a journal
+    file, returned as an absolute path whose folder must exist and be writable."""
+    if "://" in spec:
+        return _check_rdb_url(spec)
     path = Path(spec).expanduser().resolve()
     if path.is_dir():
         raise SearchError(f"--optuna-storage {spec}: is a folder; give an RDB URL (sqlite:///file.db, "
@@ -202,11 +281,31 @@ def check_optuna_storage(spec: str) -> str:
     return str(path)
 
 
+def is_own_storage(url: Any, sweep_name: str | None = None) -> bool:
+    """Whether ``url`` is a sweep's default storage, the SQLite file ``<sweep>/optuna.db``
+    (sweep.json files before this was recorded as null hold its absolute URL); with
+    ``sweep_name`` None any folder name matches."""
+    from urllib.parse import unquote
+
+    if not isinstance(url, str) or not url.startswith("sqlite:///"):
+        return False
+    path = Path(unquote(url[len("sqlite:///"):].split("?", 1)[0]))
+    return path.name == "optuna.db" and sweep_name in (None, path.parent.name)
+
+
 def previous_optuna_storage(sweep_dir: Path) -> str | None:
-    """The Optuna storage recorded in the sweep.json of the search being resumed (None when absent)."""
+    """The Optuna storage the search being resumed chose with --optuna-storage, from its
+    sweep.json; None for its own ``optuna.db`` (the default, also when absent), which is
+    re-derived from where the sweep folder is now, so a moved or copied sweep uses its own."""
     try:
-        storage = json.loads((sweep_dir / "sweep.json").read_text())["optuna"]["storage"]
+        info = json.loads((sweep_dir / "sweep.json").read_text())
+        storage = info["optuna"]["storage"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    args = info.get("args") if isinstance(info.get("args"), dict) else {}
+    if "optuna_storage" in args and args["optuna_storage"] is None:
+        return None  # no --optuna-storage: the default, wherever the folder is now
+    if is_own_storage(storage, sweep_dir.name):  # older sweep.json: the default as an absolute URL
         return None
     if isinstance(storage, str) and "***" in storage:
         raise SearchError(f"--resume: this search keeps its Optuna studies in {storage}; pass that URL again with "
@@ -227,6 +326,8 @@ FLAG_OF = {"methods": "--method", "fixed": "--set", "config": "--config", "wandb
 def _normal(name: str, value: Any) -> Any:
     if name == "sampler":
         return value or "tpe"
+    if name == "search_space" and value:  # a relative path, as older sweep.json files hold, from this cwd
+        return str(Path(value).expanduser().resolve())
     return json.loads(json.dumps(value, default=str))  # tuples → lists, as stored in sweep.json
 
 
@@ -239,8 +340,11 @@ def resume_options(given: Any, explicit: set[str], stored_args: dict[str, Any] |
     if stored_args is None:  # killed before sweep.json was written: nothing ran yet
         return given
     known = {f.name for f in fields(given)}
+    moved = _check_stored_space(stored_args.get("search_space"), "search_space" in explicit)
     differing = []
     for name in SWEEP_FIELDS:
+        if name == "search_space" and moved:
+            continue  # the recorded file is gone: the given one is its new location
         if name in explicit and name in stored_args and _normal(name, getattr(given, name)) != _normal(
                 name, stored_args[name]):
             flag = FLAG_OF.get(name, "--" + name.replace("_", "-"))
@@ -257,6 +361,18 @@ def resume_options(given: Any, explicit: set[str], stored_args: dict[str, Any] |
     return type(given)(**merged)
 
 
+def _check_stored_space(stored: Any, given: bool) -> bool:
+    """True when sweep.json names a --search-space file that no longer exists; without a new
+    --search-space that is an error naming where the path came from."""
+    if not stored or Path(stored).expanduser().is_file():
+        return False
+    if not given:
+        raise SearchError(f"--resume: the search-space file {stored} recorded in sweep.json (the first run's "
+                          "--search-space) does not exist from here; put it back, or pass --search-space with its "
+                          "new location")
+    return True
+
+
 def stored_arguments(sweep_dir: Path) -> dict[str, Any] | None:
     """The ``args`` of ``sweep.json`` in ``sweep_dir`` (None when absent)."""
     path = sweep_dir / "sweep.json"
@@ -266,3 +382,16 @@ def stored_arguments(sweep_dir: Path) -> dict[str, Any] | None:
         return dict(json.loads(path.read_text())["args"])
     except (ValueError, KeyError, TypeError) as err:
         raise SearchError(f"--resume: {path} is unreadable ({err}); it records the search's arguments") from None
+
+#: the constructor arguments that make a method preference-aware (``--preferences`` sweeps them)
+PREFERENCE_ARGS = ("task_weights", "preferences")
+
+
+def preference_arg(method: str) -> str | None:
+    """The method's preference argument (``task_weights`` / ``preferences``), or None."""
+    import inspect
+
+    from mtl_tune.registry import balancer_class
+
+    params = inspect.signature(balancer_class(method).__init__).parameters
+    return next((a for a in PREFERENCE_ARGS if a in params), None)
