@@ -29,35 +29,49 @@ NUMPY_KEY = "__mtl_tune_numpy__"
 def to_plain(obj: Any) -> Any:
     """``obj`` with every NumPy array and NumPy scalar (in plain dicts, lists and tuples, at any depth)
     replaced by ``{NUMPY_KEY: tensor, "dtype": str, "scalar": bool}``; everything else as it is."""
-    import torch
-
-    if isinstance(obj, (np.ndarray, np.generic)):
-        arr = np.asarray(obj)
-        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
-            raise TypeError(f"cannot store a NumPy array of dtype {arr.dtype} in a weights-only checkpoint")
-        native = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)  # keeps 0-d as 0-d
-        return {NUMPY_KEY: torch.from_numpy(native), "dtype": arr.dtype.str, "scalar": isinstance(obj, np.generic)}
-    if type(obj) is dict:  # (not an OrderedDict such as a module's state_dict: its metadata stays)
-        return {k: to_plain(v) for k, v in obj.items()}
-    if type(obj) is list:
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(to_plain(v) for v in obj)
-    return obj
+    return _rebuild(obj, _plain_array)
 
 
 def from_plain(obj: Any) -> Any:
     """The inverse of :func:`to_plain` (data without converted arrays passes unchanged)."""
+    return _rebuild(obj, _numpy_array)
+
+
+_CONTAINER = object()  # a converter's answer for "not mine: look inside"
+
+
+def _rebuild(obj: Any, convert: Any) -> Any:
+    """``obj`` with ``convert`` applied to every node it claims, recursing into plain dicts, lists and
+    tuples only (not an OrderedDict such as a module's state_dict: its metadata stays)."""
+    out = convert(obj)
+    if out is not _CONTAINER:
+        return out
     if type(obj) is dict:
-        if NUMPY_KEY in obj:
-            arr = obj[NUMPY_KEY].detach().cpu().numpy().astype(np.dtype(obj["dtype"]), copy=True)
-            return arr[()] if obj.get("scalar") else arr
-        return {k: from_plain(v) for k, v in obj.items()}
+        return {k: _rebuild(v, convert) for k, v in obj.items()}
     if type(obj) is list:
-        return [from_plain(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(from_plain(v) for v in obj)
+        return [_rebuild(v, convert) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_rebuild(v, convert) for v in obj)
     return obj
+
+
+def _plain_array(obj: Any) -> Any:
+    import torch
+
+    if not isinstance(obj, (np.ndarray, np.generic)):
+        return _CONTAINER
+    arr = np.asarray(obj)
+    if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+        raise TypeError(f"cannot store a NumPy array of dtype {arr.dtype} in a weights-only checkpoint")
+    native = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)  # keeps 0-d as 0-d
+    return {NUMPY_KEY: torch.from_numpy(native), "dtype": arr.dtype.str, "scalar": isinstance(obj, np.generic)}
+
+
+def _numpy_array(obj: Any) -> Any:
+    if not (type(obj) is dict and NUMPY_KEY in obj):
+        return _CONTAINER
+    arr = obj[NUMPY_KEY].detach().cpu().numpy().astype(np.dtype(obj["dtype"]), copy=True)
+    return arr[()] if obj.get("scalar") else arr
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -20,7 +20,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +146,17 @@ def trial_rows(experiment_dir: Path, sweep: str, n_tasks: int) -> list[dict[str,
 PHASES = {"": "search", ".seeds": "seeds", ".prefs": "prefs"}
 
 
-def build_table(sweep_dir: Path, methods: Iterable[str], sweep: str, n_tasks: int) -> pd.DataFrame:
+def build_table(sweep_dir: Path, methods: Iterable[str], sweep: str, n_tasks: int,
+                rows_of: Callable[[Path], list[dict[str, Any]]] | None = None) -> pd.DataFrame:
+    """The tidy table of every experiment (methods × phases), sorted by method and phase; ``rows_of``
+    reads one experiment's rows (default: :func:`trial_rows`)."""
+    rows_of = rows_of or (lambda exp: trial_rows(exp, sweep, n_tasks))
     rows: list[dict[str, Any]] = []
     for method in methods:
         for suffix, phase in PHASES.items():
             exp = sweep_dir / f"{method}{suffix}"
             if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
-                rows.extend({**row, "phase": phase} for row in trial_rows(exp, sweep, n_tasks))
+                rows.extend({**row, "phase": phase} for row in rows_of(exp))
     frame = pd.DataFrame(rows)
     if not frame.empty:
         order = {p: i for i, p in enumerate(PHASES.values())}

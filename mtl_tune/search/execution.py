@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 
 from mtl_tune.analysis.trial_files import experiment_rows
-from mtl_tune.analysis.trial_table import PHASES, trial_rows, write_sweep_json, write_table
+from mtl_tune.analysis.trial_table import trial_rows, write_sweep_json, write_table
+from mtl_tune.analysis.trial_table import build_table as tidy_table
 from mtl_tune.search import compare
 from mtl_tune.search.lock import SweepLock
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
@@ -312,18 +313,8 @@ def experiment_table_rows(exp: Path, plan: Plan) -> list[dict[str, Any]]:
 
 def build_table(plan: Plan) -> pd.DataFrame:
     """The tidy table of every experiment of the search (methods × phases), sorted by method and phase."""
-    rows: list[dict[str, Any]] = []
-    for method in plan.spaces:
-        for suffix, phase in PHASES.items():
-            exp = plan.sweep_dir / f"{method}{suffix}"
-            if exp.is_dir() and any(exp.glob("experiment_state-*.json")):
-                rows.extend({**row, "phase": phase} for row in experiment_table_rows(exp, plan))
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        order = {p: i for i, p in enumerate(PHASES.values())}
-        frame = frame.sort_values(["method", "phase", "trial_id"], key=lambda c: c.map(order) if c.name == "phase"
-                                  else c, kind="stable").reset_index(drop=True)
-    return frame
+    return tidy_table(plan.sweep_dir, plan.spaces, plan.name, plan.bench.n_tasks,
+                      rows_of=lambda exp: experiment_table_rows(exp, plan))
 
 
 def finish(plan: Plan) -> Outcome:
