@@ -8,6 +8,7 @@ same code as ``mtl_tune._toy``). ``mtl-tune --version`` prints the package versi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -43,7 +44,9 @@ def _toy_main() -> Callable[[list[str]], int]:
         from mtl_tune._toy.trajectories import main
     except ImportError:  # a checkout: the repository's toy/ folder
         from toy.trajectories import main
-    return main
+    # usage and error lines name the command the user typed (python -m toy.trajectories exists only
+    # in a checkout)
+    return functools.partial(main, prog="mtl-tune toy")
 
 
 ENTRY_POINTS = {"search": _search_main, "analyze": _analyze_main, "toy": _toy_main}

@@ -293,9 +293,14 @@ def test_processing_writes_only_pyg_files_and_a_failed_copy_leaves_nothing(tmp_p
 
 
 def test_missing_torch_geometric_gives_install_hint(monkeypatch):
+    """An ImportError for code that catches one, and a ConfigError: the search's pre-flight prints it
+    as one line and exits 2 (it was a traceback)."""
+    from mtl_tune.benchmarks.base import ConfigError
+
     monkeypatch.setitem(sys.modules, "torch_geometric", None)
-    with pytest.raises(ImportError, match=r'mtl_tune\[qm9\]'):
+    with pytest.raises(ImportError, match=r'mtl_tune\[qm9\]') as err:
         qd.require_pyg()
+    assert isinstance(err.value, ConfigError)
 
 
 @pytest.mark.slow

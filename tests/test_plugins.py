@@ -127,3 +127,20 @@ def test_a_plugin_claiming_a_builtin_name_is_an_error_even_for_a_single_lookup(p
     install(plugin_env, "[mtl_tune.balancers]\ncagrad = mtl_halfsum:HalfSum\n", name="mtl-broken")
     with pytest.raises(registry.PluginError, match="already taken"):
         registry.balancer_class("cagrad")  # the one-module path must not bypass the plug-ins
+
+
+def test_a_broken_plugin_is_one_error_line_from_the_commands(plugin_env, capsys):
+    """`search` and `toy` refuse to run with a plug-in that does not load (they list every method),
+    with its entry point and cause in one `error:` line and exit 2 — it was a 40-60-line traceback."""
+    from mtl_tune.search.cli import main as search_main
+    from toy.trajectories import main as toy_main
+
+    install(plugin_env, "[mtl_tune.balancers]\nhalfsum = mtl_halfsum_missing:HalfSum\n", name="mtl-broken")
+    code = search_main(["--method", "ls", "--num-samples", "1", "--epochs", "1",
+                        "--storage-path", str(plugin_env / "r"), "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "mtl-broken" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        toy_main(["--methods", "ls", "--no-plots", "--out", str(plugin_env / "toy")], prog="mtl-tune toy")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "mtl-tune toy: error:" in err and "mtl-broken" in err

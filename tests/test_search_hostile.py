@@ -291,3 +291,12 @@ def test_an_address_where_something_else_listens_is_refused_quickly(tmp_path, ca
     server.close()
     assert code == 2 and f"--address 127.0.0.1:{port}: 127.0.0.1:{port} accepts connections but is not a Ray head" in err
     assert time.monotonic() - start < 30 and not (tmp_path / "r").exists()
+
+
+def test_the_help_lists_exactly_the_preference_aware_methods():
+    from mtl_tune.registry import balancer_names, balancer_class
+    from mtl_tune.search.cli import PREFERENCE_AWARE
+    from mtl_tune.search.validate import preference_arg
+
+    builtin = [m for m in balancer_names() if balancer_class(m).__module__.startswith("mtl_tune.")]
+    assert sorted(PREFERENCE_AWARE) == sorted(m for m in builtin if preference_arg(m))

@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from mtl_tune.benchmarks.toy import INITS
-from mtl_tune.registry import available_balancers, balancer_class, check_hparams
+from mtl_tune.registry import PluginError, available_balancers, balancer_class, check_hparams
 from .engine import EngineConfig, MethodSpec, RunResult, constructor_args, protocol_hparams
 from .parallel import init_worker, run_all
 from .landscape import loss_grid
@@ -178,8 +178,8 @@ def _plot_method(job: tuple) -> Path:
     return plot_method(label, runs, scale, path, trials=trials, grid=grid)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m toy.trajectories", description=__doc__.split("\n\n")[0],
+def parser(prog: str = "python -m toy.trajectories") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="all", help="'all' or comma list; variants as name:param=value")
     p.add_argument("--exclude", default="", help="comma list of methods to leave out of 'all'")
@@ -205,8 +205,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cli = parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m toy.trajectories") -> int:
+    """``prog``: the command's name in usage and error lines (``mtl-tune toy`` from the console script)."""
+    cli = parser(prog)
     args = cli.parse_args(argv)
     # bad input exits 2 with the usage line, as argparse's own errors do
     if not args.scale > 0:
@@ -229,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not inits or any(not 0 <= i < len(INITS) for i in inits):
         cli.error(f"--inits must be comma-separated indices in [0, {len(INITS) - 1}], got {args.inits!r}")
     try:
+        available_balancers()  # an installed plug-in that does not load: one line, before any work
         specs = build_specs(args.methods, parse_sets(args.sets), args.iters, args.scale,
                             [m.strip() for m in args.exclude.split(",") if m.strip()])
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, PluginError) as err:
         cli.error(str(err).strip("'\""))
     cfg = EngineConfig(scale=args.scale, lr=args.lr, method_params_lr=args.method_params_lr,
                        shift=not args.no_shift, seed=args.seed, engine=args.engine)

@@ -30,9 +30,14 @@ from mtl_tune.benchmarks import _qm9_files as qf
 from mtl_tune.benchmarks._paths import cannot_read
 from mtl_tune.benchmarks._qm9_files import (DATA_HINT, N_BOND_TYPES, N_NODE_FEATURES, N_TARGETS, PROCESSED,
                                             RAW_PREPROCESSED, RAW_SDF, TARGETS, TASKS, available_source)
-from mtl_tune.benchmarks.base import DataError
+from mtl_tune.benchmarks.base import ConfigError, DataError
 
 PYG_HINT = 'QM9 needs torch-geometric: pip install "mtl_tune[qm9]" (or pip install torch-geometric)'
+
+
+class MissingExtraError(ConfigError, ImportError):
+    """An optional dependency is not installed: a configuration error for the search's pre-flight
+    (one line, exit 2) and still an ImportError for code that catches that."""
 
 
 def require_pyg() -> Any:
@@ -41,7 +46,7 @@ def require_pyg() -> Any:
         import torch_geometric  # noqa: F401
         from torch_geometric import datasets
     except ImportError as e:
-        raise ImportError(PYG_HINT) from e
+        raise MissingExtraError(PYG_HINT) from e
     return datasets
 
 

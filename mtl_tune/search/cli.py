@@ -56,6 +56,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+#: the built-in methods --preferences sweeps (a task_weights or preferences argument), for --help,
+#: which must not load the balancers; tests/test_search_hostile.py checks it against the classes
+PREFERENCE_AWARE = ("ls", "amtl", "amtlub", "stch", "pbi", "epo", "pmgda", "paretomtl", "upgrad", "dualproj", "config")
+
 #: argparse destination → SearchOptions field where the names differ
 FIELD_OF_DEST = {"method": "methods", "set": "fixed", "wandb": "wandb_project"}
 
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs per trial (per worker with --workers-per-trial)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="data-parallel workers per trial (a Ray Train run; --cpus/--gpus-per-trial are per worker, "
-                        "--config batch_size stays the global batch; docs/cluster.md)")
+                        "--config batch_size stays the global batch; docs/cluster.md of the mtl_tune source)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: what fits)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--storage-path", default="results", help="where sweeps are written (shared path on a cluster)")
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the search --storage-path/--name with its stored arguments (given ones must match); "
                         "this loads Ray's pickled state of that folder, which can run code: resume only sweeps you wrote")
-    p.add_argument("--search-space", default=None, help="YAML file replacing search_spaces/<method>.yaml")
+    p.add_argument("--search-space", default=None, help="YAML file replacing the method's built-in search space (search_spaces/<method>.yaml "
+                        "of the package; mtl_tune.registry.search_space_file)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a hyperparameter of the method (repeatable)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
@@ -116,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=0,
                    help="re-run each method's best configuration with N fresh seeds; rank methods by mean±std")
     p.add_argument("--preferences", type=int, default=0,
-                   help="also sweep N task-preference weight vectors for preference-aware methods (ls, amtl) "
-                        "and compare their fronts by hypervolume")
+                   help="also sweep N task-preference weight vectors for preference-aware methods (those with "
+                        f"a task_weights or preferences argument: {', '.join(PREFERENCE_AWARE)}) and compare "
+                        "their fronts by hypervolume")
     p.add_argument("--optuna-storage", default=None, metavar="URL_OR_FILE",
                    help="where the Optuna studies live (one per method, named <name>/<method>): an RDB URL "
                         "(sqlite:///f.db, postgresql://...) or a journal file path; default: "
@@ -268,11 +274,12 @@ def print_interrupted(outcome, plan) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a bad argument (exit 2); none of their modules imports torch."""
     from mtl_tune.benchmarks.base import ConfigError, DataError
-    from mtl_tune.registry import UnknownNameError
+    from mtl_tune.registry import PluginError, UnknownNameError
     from mtl_tune.spaces import SpaceError
     from mtl_tune.search.validate import SearchError
 
-    return UnknownNameError, SearchError, SpaceError, ConfigError, DataError
+    # PluginError: an installed plug-in that does not load (its entry point, package and cause)
+    return UnknownNameError, SearchError, SpaceError, ConfigError, DataError, PluginError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,7 @@ def init_ray(plan: Plan) -> None:
                 f"--address {plan.options.address}: could not connect to a Ray cluster ({err}). Start one with "
                 "`ray start --head` or pass host:port of a running head node. A cluster with token authentication "
                 "(Ray's default) needs RAY_AUTH_MODE=token and its token in this environment: RAY_AUTH_TOKEN, "
-                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md).") from None
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md of the mtl_tune source).") from None
     else:
         # address="local": always a cluster of our own. Without it Ray would join a cluster named
         # by RAY_ADDRESS or left running by `ray start` (refusing --num-cpus there): a search
