@@ -16,7 +16,6 @@ restored by ``Tuner.restore`` from any entry point
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -266,13 +265,11 @@ def _benchmark_overrides(raw: Any, source: str) -> dict[Any, dict[str, dict[str,
 
 
 def _constructor_args(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            sig = inspect.signature(klass.__init__)
-            names.update(n for n, p in sig.parameters.items()
-                         if n not in ("self", "n_tasks", "jacobian_engine") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-    return names
+    """The arguments a search space may declare: those ``get_balancer`` accepts (the one derivation
+    from the constructors, :func:`mtl_tune.balancers._hparams.arg_specs`), less the engine object."""
+    from mtl_tune.balancers._hparams import arg_specs
+
+    return set(arg_specs(cls)) - {"jacobian_engine"}
 
 
 def load_space(method: str, benchmark: str | None = None, path: str | Path | None = None) -> SearchSpace:

@@ -107,13 +107,6 @@ def accepts(cls: type, arg: str) -> bool:
     return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def constructor_args(cls: type) -> list[str]:
-    """Named keyword arguments of ``cls`` (plus the base ones every balancer takes)."""
-    names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
-             if n not in ("self", "n_tasks") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    return names + [n for n in ("max_norm",) if n not in names]
-
-
 def protocol_hparams(name: str, scale: float) -> dict[str, Any]:
     """The papers' toy settings that differ from a method's class defaults.
 

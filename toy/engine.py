@@ -48,13 +48,13 @@ import numpy as np
 
 from mtl_tune.balancers.base import Balancer
 from mtl_tune.registry import balancer_class
-from .common import (BATCHABLE, TOY_SKIPS, EngineConfig, KnownJacobian, MethodSpec, RunResult, constructor_args,
+from .common import (BATCHABLE, TOY_SKIPS, EngineConfig, KnownJacobian, MethodSpec, RunResult,
                         loss_floor, protocol_hparams, start_point)
 from .fast import has_kernel, run_fast
 from .lockstep import run_lockstep
 from .reference import run_reference
 
-__all__ = ["BATCHABLE", "TOY_SKIPS", "EngineConfig", "KnownJacobian", "MethodSpec", "RunResult", "constructor_args",
+__all__ = ["BATCHABLE", "TOY_SKIPS", "EngineConfig", "KnownJacobian", "MethodSpec", "RunResult",
            "has_kernel", "loss_floor", "protocol_hparams", "run_fast", "run_lockstep", "run_method", "run_reference",
            "uses_fast", "uses_reference"]
 

@@ -94,7 +94,7 @@ class FAMO(LossBalancer):
                      ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
         """Rows with a loss at or below ``min_losses`` (``floor``; the logs are undefined there) or not
         finite (a NaN would enter the logits and stay there for good), and why."""
-        bad = ~((losses > floor) & (np.abs(losses) < np.inf)).all(-1)
+        bad = ~((losses > floor) & (losses < np.inf)).all(-1)  # NaN and -inf fail the first test
 
         def reason(index: tuple[int, ...]) -> str:
             if not np.isfinite(losses[index]).all():

@@ -304,8 +304,6 @@ def experiment_table_rows(exp: Path, plan: Plan) -> list[dict[str, Any]]:
     try:
         return trial_rows(exp, plan.name, plan.bench.n_tasks)
     except Exception as err:  # noqa: BLE001 - any unreadable state; the per-trial files remain
-        logger.warning("Tune's state in %s is unreadable (%s: %s); the trial table of %s is rebuilt from its "
-                       "per-trial files", exp, type(err).__name__, err, exp.name)
         print(f"warning: Tune's state in {exp} is unreadable ({type(err).__name__}: {err}); "
               "its trials were read from their own files")
         return experiment_rows(exp, plan.name, plan.bench.n_tasks)
