@@ -300,3 +300,11 @@ def test_the_help_lists_exactly_the_preference_aware_methods():
 
     builtin = [m for m in balancer_names() if balancer_class(m).__module__.startswith("mtl_tune.")]
     assert sorted(PREFERENCE_AWARE) == sorted(m for m in builtin if preference_arg(m))
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_search_error(tmp_path):
+    """A lock file that is a folder (or not ours, or on a read-only path): SearchError, not a traceback."""
+    sweep = tmp_path / "s"
+    (sweep / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(SearchError, match="cannot take the lock"):
+        SweepLock(sweep).acquire()

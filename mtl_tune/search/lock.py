@@ -67,10 +67,13 @@ class SweepLock:
 
     def acquire(self) -> None:
         """Create the folder and take the lock, or raise SearchError naming the holder."""
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        # "a": never truncate a file another driver holds before we know we own the lock.
-        # Python opens it non-inheritable, so Ray's processes started later never hold it
-        handle = self.path.open("a+")
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            # "a": never truncate a file another driver holds before we know we own the lock.
+            # Python opens it non-inheritable, so Ray's processes started later never hold it
+            handle = self.path.open("a+")
+        except OSError as err:  # a read-only storage path, a lock file of another user: one line, exit 2
+            raise SearchError(f"cannot take the lock {self.path} of this sweep ({err.strerror or err})") from None
         if not _try_lock(handle):
             handle.close()
             raise _refusal(self.sweep_dir, self.path)
