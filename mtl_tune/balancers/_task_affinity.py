@@ -8,8 +8,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.cluster import AffinityPropagation
-from sklearn.exceptions import ConvergenceWarning
 
 from mtl_tune.balancers.base import BalancerError
 
@@ -223,6 +221,11 @@ def propagate_groups(similarity: np.ndarray, preference: float, convergence_iter
     """sklearn ``AffinityPropagation`` on a precomputed similarity with a scalar ``preference``:
     clusters as sorted lists, retried with a longer ``convergence_iter``; None if no try finds
     an exemplar."""
+    # sklearn is imported here, not with the module: it costs ~1 s of every process that imports the
+    # balancer registry (the search's workers, --help, the toy), and K = 2 never reaches it
+    from sklearn.cluster import AffinityPropagation
+    from sklearn.exceptions import ConvergenceWarning
+
     s = np.asarray(similarity, dtype=np.float64)
     for attempt in range(tries):
         ap = AffinityPropagation(affinity="precomputed", preference=preference,
