@@ -15,7 +15,7 @@ from mtl_tune.benchmarks.toy import INITS, pareto_distance, pareto_front, pareto
 from mtl_tune.registry import available_balancers
 from toy.common import KnownJacobian
 from toy.engine import EngineConfig, MethodSpec, protocol_hparams, run_lockstep, run_method, run_reference
-from toy.landscape import F_MIN, FrontDistance, first_within, gap_scores, toy_value_and_jacobian, toy_values
+from toy.landscape import F_MIN, FrontDistance, first_within, front_points, keep_front, gap_scores, toy_value_and_jacobian, toy_values
 from toy.parallel import run_all
 from toy.report import load_search_trials, non_dominated, summarize, summarize_all
 from toy.trajectories import build_specs, main, parse_sets, run_trajectories, split_methods
@@ -193,6 +193,33 @@ def test_process_pool_gives_the_same_trajectories():
     assert [(r.label, r.init_index) for r in one] == [(r.label, r.init_index) for r in two]
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.traj, b.traj)
+        # the pool's workers measure with the front the parent had computed in its helper process
+        assert a.reached == b.reached and a.reached[0] == 0.05
+        np.testing.assert_array_equal(a.end_loss, b.end_loss)
+
+
+@pytest.mark.parametrize("tol", [0.05, 0.3, 1e-9])
+def test_first_within_in_chunks_is_the_first_point_of_the_full_distances(tol):
+    dist = FrontDistance(0.1)
+    rng = np.random.default_rng(5)
+    front = pareto_front(0.1, 2001)
+    far = rng.uniform([-2.5, -21], [1, 5], (3000, 2)) + 2.0             # none within tol
+    near = front[rng.integers(0, 2001, 500)] + rng.normal(0, 0.2, (500, 2))
+    for losses in (far, np.vstack([far, near]), np.vstack([near, far]), far[:0]):
+        expected = first_within(dist(losses), tol) if len(losses) else None
+        for chunk in (1, 7, 4096):
+            assert dist.first_within(losses, tol, chunk) == expected
+
+
+def test_front_points_is_computed_once_and_a_kept_front_is_used():
+    front = front_points(0.1)
+    np.testing.assert_array_equal(front, pareto_front(0.1, 2001))
+    assert front_points(0.1) is front
+    fake = np.column_stack([np.linspace(0.0, 1.0, 7), np.zeros(7)])
+    keep_front(0.37, 7, fake)
+    np.testing.assert_array_equal(FrontDistance(0.37, 7)(np.array([[0.5, 2.0]])), [2.0])
+    with pytest.raises(ValueError, match="shape"):
+        keep_front(0.37, 8, fake)
 
 
 # ---------------------------------------------------------------- what the papers show

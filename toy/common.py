@@ -90,9 +90,9 @@ class RunResult:
     seconds: float = 0.0      # wall time of the run (its share of a lockstep unit)
     x0: tuple[float, float] | None = None  # start point (None: the papers' INITS[init_index])
     cpu_seconds: float = 0.0  # process CPU time, the same share (robust to a loaded machine)
-    # distance of every point of traj to the sampled front, and the losses at its end (None: not
+    # (tol, the first iteration within tol of the sampled front) and the losses at the end (None: not
     # measured yet; toy.report.measure_runs, which the worker processes call)
-    front_distance: np.ndarray | None = None
+    reached: tuple[float, int | None] | None = None
     end_loss: np.ndarray | None = None
 
 

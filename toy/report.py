@@ -25,7 +25,10 @@ import torch
 
 from mtl_tune.benchmarks.toy import INITS, pareto_distance, toy_objectives
 from .engine import RunResult
-from .landscape import FrontDistance, first_within
+from .landscape import FrontDistance
+
+#: distance to the front (in loss space) that counts as "reached" (``iters_to_tol``)
+DEFAULT_TOL = 0.05
 
 COLUMNS = ("method", "init", "x1_0", "x2_0", "status", "iters", "final_distance", "iters_to_tol",
            "x1", "x2", "L1", "L2", "weights", "solver_failures", "warnings", "us_per_step", "cpu_us_per_step",
@@ -49,12 +52,12 @@ def summarize(res: RunResult, scale: float, tol: float, dist: FrontDistance | No
         row["reason"] = f"warning: {res.first_warning}"
     if res.status == "skipped" or len(res.traj) == 0:
         return row
-    distances, end_loss = res.front_distance, res.end_loss   # measured in the worker (measure_runs)
-    if distances is None or end_loss is None:
+    if res.reached is not None and res.reached[0] == tol and res.end_loss is not None:
+        hit, end_loss = res.reached[1], res.end_loss          # measured in the worker (measure_runs)
+    else:
         losses = trajectory_losses(res.traj, scale)
-        distances, end_loss = dist(losses), losses[-1]
+        hit, end_loss = dist.first_within(losses, tol), losses[-1]
     end = res.traj[-1]
-    hit = first_within(distances, tol)
     row.update(final_distance=float(pareto_distance(end_loss, scale)),
                iters_to_tol="" if hit is None else hit,
                x1=float(end[0]), x2=float(end[1]), L1=float(end_loss[0]), L2=float(end_loss[1]),
@@ -70,14 +73,15 @@ def summarize_all(results: Sequence[RunResult], scale: float, tol: float) -> lis
     return [summarize(r, scale, tol, dist) for r in results]
 
 
-def measure_runs(results: Sequence[RunResult], scale: float) -> None:
-    """Fill each run's ``front_distance`` and ``end_loss`` (what :func:`summarize` reads), e.g. in the
-    worker process that ran it, so that the parent does not do it for every run one after another."""
+def measure_runs(results: Sequence[RunResult], scale: float, tol: float = DEFAULT_TOL) -> None:
+    """Fill each run's ``reached`` (the first iteration within ``tol`` of the front) and ``end_loss``
+    (what :func:`summarize` reads), e.g. in the worker process that ran it, so that the parent does not
+    do it for every run one after another."""
     dist = FrontDistance(scale)
     for res in results:
         if res.status != "skipped" and len(res.traj):
             losses = trajectory_losses(res.traj, scale)
-            res.front_distance, res.end_loss = dist(losses), losses[-1]
+            res.reached, res.end_loss = (tol, dist.first_within(losses, tol)), losses[-1]
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -27,6 +27,9 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from multiprocessing.pool import Pool
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,10 @@ from mtl_tune.registry import PluginError, available_balancers, balancer_class, 
 from .engine import EngineConfig, MethodSpec, RunResult, protocol_hparams
 from .parallel import init_worker, run_all
 from .landscape import loss_grid
-from .report import load_search_trials, markdown_table, summarize_all, write_csv, write_npz
+from .report import DEFAULT_TOL, SearchTrials, load_search_trials, markdown_table, summarize_all, write_csv, write_npz
 
 DEFAULT_ITERS = 35_000                 # nash-mtl and Aligned-MTL toy trainers
 PAPER_ITERS = {"famo": 50_000}         # FAMO's toy trainer
-DEFAULT_TOL = 0.05
 
 
 def parse_value(text: str) -> Any:
@@ -130,41 +132,57 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
     if trials is not None:
         say(f"search trials: {len(trials.points)} points ({trials.dropped} diverged/non-finite left out)")
     start = time.perf_counter()
-    results = run_all(specs, inits, cfg, workers, log=say)
+    results = run_all(specs, inits, cfg, workers, log=say, tol=tol)
     say(f"trajectories: {time.perf_counter() - start:.1f} s wall")
-    rows = summarize_all(results, cfg.scale, tol)
     if out is None:
-        return results, rows
+        return results, summarize_all(results, cfg.scale, tol)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "table.csv")
-    (out / "table.md").write_text(markdown_table(rows, tol))
-    write_npz(out / "trajectories.npz", {f"{file_label(r.label)}__init{r.init_index}": r.traj for r in results})
-    if plots:
-        from .plots import LIM, plot_gallery, plot_search_overlay, subsample  # matplotlib: only when drawing
-
-        start = time.perf_counter()
-        groups: dict[str, list[RunResult]] = {}
-        for r in results:  # the figures draw ≤ MAX_POINTS per run: send only those to the workers
-            groups.setdefault(r.label, []).append(replace(r, traj=subsample(r.traj), front_distance=None))
-        grid = loss_grid(LIM, 250, cfg.scale)
-        jobs = [(label, runs, cfg.scale, out / f"{file_label(label)}.png",
-                 None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
-        if workers > 1 and len(jobs) > 1:
+    with ExitStack() as stack:
+        pool, figures = None, len({r.label for r in results})
+        if plots and workers > 1 and figures > 1:
+            # forked before the writer thread below starts (a fork copies no thread, but it would copy
+            # a lock that thread holds); one torch thread in the workers: the parent has used torch's
+            # OpenMP pool (losses of the trajectories), and a forked child that enters it hangs
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            # one torch thread in the workers: the parent has used torch's OpenMP pool (losses of the
-            # trajectories), and a forked child that enters an OpenMP parallel region hangs
-            with mp.get_context(method).Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
-                pool.map(_plot_method, jobs, chunksize=1)
-        else:
-            for job in jobs:
-                _plot_method(job)
-        plot_gallery(groups, cfg.scale, out / "gallery.png")
-        if trials is not None:
-            ends = np.array([row[k] for row in rows if row["L1"] != "" for k in ("L1", "L2")]).reshape(-1, 2)
-            plot_search_overlay(trials, cfg.scale, out / "search_overlay.png", ends)
-        say(f"plots: {time.perf_counter() - start:.1f} s")
+            pool = stack.enter_context(mp.get_context(method).Pool(min(workers, figures), initializer=init_worker))
+        # the trajectories' file (≈ 1.5 s of zlib for the whole gallery, which releases the GIL) is
+        # written by a thread while the table is made and the figures drawn; its errors surface here
+        writer = stack.enter_context(ThreadPoolExecutor(1))
+        npz = writer.submit(write_npz, out / "trajectories.npz",
+                            {f"{file_label(r.label)}__init{r.init_index}": r.traj for r in results})
+        rows = summarize_all(results, cfg.scale, tol)
+        write_csv(rows, out / "table.csv")
+        (out / "table.md").write_text(markdown_table(rows, tol))
+        if plots:
+            _draw(results, rows, cfg, out, trials, pool, say)
+        npz.result()
     return results, rows
+
+
+def _draw(results: Sequence[RunResult], rows: list[dict[str, Any]], cfg: EngineConfig, out: Path,
+          trials: SearchTrials | None, pool: Pool | None, say: Callable[[str], None]) -> None:
+    """Every method's figure (on ``pool``'s processes when given), the gallery and (with search
+    trials) the overlay, into ``out``."""
+    from .plots import LIM, plot_gallery, plot_search_overlay, subsample  # matplotlib: only when drawing
+
+    start = time.perf_counter()
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:  # the figures draw ≤ MAX_POINTS per run: send only those to the workers
+        groups.setdefault(r.label, []).append(replace(r, traj=subsample(r.traj)))
+    grid = loss_grid(LIM, 250, cfg.scale)
+    jobs = [(label, runs, cfg.scale, out / f"{file_label(label)}.png",
+             None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
+    if pool is not None:
+        pool.map(_plot_method, jobs, chunksize=1)
+    else:
+        for job in jobs:
+            _plot_method(job)
+    plot_gallery(groups, cfg.scale, out / "gallery.png")
+    if trials is not None:
+        ends = np.array([row[k] for row in rows if row["L1"] != "" for k in ("L1", "L2")]).reshape(-1, 2)
+        plot_search_overlay(trials, cfg.scale, out / "search_overlay.png", ends)
+    say(f"plots: {time.perf_counter() - start:.1f} s")
 
 
 def _plot_method(job: tuple) -> Path:

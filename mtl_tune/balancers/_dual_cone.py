@@ -23,7 +23,8 @@ to the feasible set when an entry would turn negative. It terminates after finit
 (at most 4K + 10 entering steps are allowed); the KKT conditions are checked at the end, and a projection that
 fails them (or runs out of iterations) is reported as a solver failure with its feasible
 iterate, never silently. K = 2 is solved in closed form on every row at once: of the four
-active sets ∅, {1}, {2}, {1, 2} the first that satisfies the KKT conditions is the answer.
+active sets ∅, {1}, {2}, {1, 2} the first that satisfies the KKT conditions is the answer (the
+common case, no zero gradient and ∅ or one index active, takes a shorter path to the same bits).
 
 Conventions shared with TorchJD 0.18.0's ``QuadprogProjector`` (https://github.com/SimplexLab/TorchJD/tree/862baeda):
 before solving, G is divided by its trace (the Frobenius norm² of J; the answer does not
@@ -47,6 +48,9 @@ RCOND = 1e-13
 ENTER_TOL = 1e-13
 #: the KKT check: (G v)ᵢ ≥ −KKT_TOL × ‖u‖∞ for every i
 KKT_TOL = 1e-9
+#: K = 2: a candidate is feasible when −min(G v) ≤ this × ‖u‖∞ (below KKT_TOL: a feasible pick passes the check)
+FEASIBLE_TOL = ENTER_TOL * 64
+_TINY = np.finfo(np.float64).tiny
 
 
 def normalized_gram(gram: np.ndarray, reg_eps: float = 0.0, norm_eps: float = 0.0) -> np.ndarray:
@@ -54,8 +58,12 @@ def normalized_gram(gram: np.ndarray, reg_eps: float = 0.0, norm_eps: float = 0.
     (TorchJD's ``normalize`` then ``regularize``; tr(G) = 0 means J = 0, where every v ≥ u is optimal)."""
     g = np.asarray(gram, dtype=np.float64)
     trace = np.trace(g, axis1=-2, axis2=-1)[..., None, None]
-    zero = (trace < norm_eps) | (trace <= 0.0)
-    out = np.where(zero, 0.0, g / np.where(zero, 1.0, trace))
+    low = trace.min(initial=np.inf)   # NaN propagates: the general branch below
+    if low > 0.0 and low >= norm_eps:  # no zero row (every step of a real run): the plain quotient
+        out = g / trace
+    else:
+        zero = (trace < norm_eps) | (trace <= 0.0)
+        out = np.where(zero, 0.0, g / np.where(zero, 1.0, trace))
     if reg_eps:
         out = out + reg_eps * np.eye(g.shape[-1])
     return out
@@ -72,6 +80,10 @@ def project_weights(gram: np.ndarray, u: np.ndarray, reg_eps: float = 0.0, norm_
     g = normalized_gram(gram, reg_eps, norm_eps)
     k = g.shape[-1]
     u = np.asarray(u, dtype=np.float64)
+    if k == 2:
+        fast = _project_2_regular(g, u)
+        if fast is not None:
+            return fast
     shape = np.broadcast_shapes(g.shape[:-2], u.shape[:-2])
     g = np.broadcast_to(g, (*shape, k, k))
     m = u.shape[-2]
@@ -157,7 +169,7 @@ def _project_2(g: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         l1 = np.where(a_pos & (p1 < 0), -p1 / np.where(a_pos, a, 1.0), 0.0)
         l2 = np.where(c_pos & (p2 < 0), -p2 / np.where(c_pos, c, 1.0), 0.0)
-    scale = np.maximum(np.maximum(np.abs(u1), np.abs(u2)), np.finfo(np.float64).tiny)
+    scale = np.maximum(np.maximum(np.abs(u1), np.abs(u2)), _TINY)
     # −min(G v) of each candidate, relative to ‖u‖∞ (written out: G v for v = u + λ is p + G λ)
     violation = np.empty((4,) + u1.shape)
     np.maximum(-np.minimum(p1, p2), 0.0, out=violation[0])
@@ -165,10 +177,40 @@ def _project_2(g: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.maximum(-np.minimum(p1 + b * l2, p2 + c * l2), 0.0, out=violation[2])
     violation[3] = np.where((u1 <= 0.0) & (u2 <= 0.0), 0.0, np.inf)
     violation /= scale                                                               # (4, ..., M)
-    feasible = violation <= ENTER_TOL * 64
+    feasible = violation <= FEASIBLE_TOL
     pick = np.where(feasible.any(0), np.argmax(feasible, 0), np.argmin(violation, 0))
     v = np.empty(u.shape)
     v[..., 0] = np.choose(pick, (u1, u1 + l1, u1, 0.0))
     v[..., 1] = np.choose(pick, (u2, u2, u2 + l2, 0.0))
     ok = np.choose(pick, violation) <= KKT_TOL
     return v, ok
+
+
+def _project_2_regular(g: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_project_2` for the common case, in a third of its NumPy calls: ``(v, ok (...))`` as
+    :func:`project_weights` returns them, bit for bit, or None when a problem needs the general path.
+
+    The common case: every G has a₁₁, a₂₂ > 0 (no zero gradient), and every projection either has
+    λ = 0 feasible or exactly one pᵢ < 0 with the candidate λᵢ = −pᵢ/aᵢᵢ (other entry 0) feasible. The
+    candidate of the other index then has λ = 0 (:func:`_project_2`'s ``where`` gives it 0), so its
+    G v, and its feasibility, are those of λ = 0: the first feasible candidate in :func:`_project_2`'s
+    order is λ = 0 or this one, and it passes the KKT check (FEASIBLE_TOL < KKT_TOL). The two
+    coordinates are handled as one (..., M, 2) array: p = G u written as u₁·(a, b) + u₂·(b, c), the
+    products and sums of :func:`_project_2` in its order."""
+    diag = g.diagonal(0, -2, -1)[..., None, :]                    # (a, c): (..., 1, 2)
+    if not diag.min(initial=np.inf) > 0.0:  # a zero gradient (or NaN): λᵢ = −pᵢ/aᵢᵢ is not defined
+        return None
+    row, col = g[..., None, 0, :], g[..., None, :, 1]             # (a, b) and (b, c), b = g₁₂ in both
+    p = u[..., :1] * row + u[..., 1:] * col                        # (p₁, p₂) (..., M, 2)
+    neg = p < 0
+    lam = np.where(neg, -p / diag, 0.0)                            # (λ₁, λ₂): at most one non-zero (checked)
+    # G v of the candidate: p + λ₁·(a, b) + λ₂·(b, c), where adding the zero λ's term changes no value
+    gv = p + row * lam[..., :1] + col * lam[..., 1:]
+    scale = np.maximum(np.abs(u).max(-1), _TINY)                   # ‖u‖∞
+    # violation ≤ tol ⟺ min(G v) / ‖u‖∞ ≥ −tol (−x/s = −(x/s) exactly; NaN fails both)
+    keep = p.min(-1) / scale >= -FEASIBLE_TOL                      # λ = 0 is feasible: v = u
+    moved = gv.min(-1) / scale >= -FEASIBLE_TOL
+    if not (keep | (moved & ~neg.all(-1))).all():
+        return None
+    v = np.where(neg & ~keep[..., None], u + lam, u)
+    return v, np.ones(v.shape[:-2], dtype=bool)

@@ -86,6 +86,7 @@ class FairPairs:
         self.inv_alpha = 1.0 / self.alpha
         self.k = 1.0 + self.inv_alpha
         self.inv_alpha1 = 1.0 / (self.alpha + 1.0)
+        self.four_alpha = 4.0 * self.alpha   # of 2W = 4α|D| + 2 (ρ ≥ 0): hoisted out of every solve
         self.tol = np.asarray(tol, dtype=np.float64)
         self.max_iter = np.asarray(max_iter, dtype=np.int64)
         self.rounds = int(self.max_iter.max(initial=0))
@@ -102,33 +103,43 @@ class FairPairs:
             lone = ~(np.minimum(a11, a22) > ZERO_GRAD_RTOL * np.maximum(a11, a22))   # a zero gradient
             c1, c2 = np.sqrt(a11), np.sqrt(a22)
             rho = np.minimum(np.maximum(a12 / (c1 * c2), -1.0), 1.0)
-            stationary = 0.5 * (1.0 + rho) <= self.hull_tol
+            one_rho = 1.0 + rho
+            stationary = 0.5 * one_rho <= self.hull_tol
             if self.nash and p is None:
                 return self._closed_form(a11, a22, c1, c2, rho, lone, stationary)
             # log p̃_i = log p_i + (1 − α) log c_i; solve_fair's shift to max log p̃ = 0 cancels for K = 2
             log_p1 = self.one_minus_alpha * np.log(c1)
             log_p2 = self.one_minus_alpha * np.log(c2)
             if p is not None:
-                log_p1 = np.log(p[:, 0]) + log_p1
-                log_p2 = np.log(p[:, 1]) + log_p2
+                log_q = np.log(p)
+                log_p1 = log_q[:, 0] + log_p1
+                log_p2 = log_q[:, 1] + log_p2
             d = (log_p1 - log_p2) * self.inv_alpha
             neg = rho < 0
-            sgn = np.where(neg, -1.0, 1.0)                 # 1 + ρe^{−a+L} = 1 + sgn·e^{−a}
-            one_sgn = 1.0 + sgn
             ell = np.log(np.abs(rho))                      # −L (−∞ at ρ = 0)
-            two_w = np.where(neg, -2.0 * ell, 4.0 * self.alpha * np.abs(d) + 2.0)   # 2W
+            two_w = np.where(neg, -2.0 * ell, self.four_alpha * np.abs(d) + 2.0)   # 2W
             off = -ell - 0.5 * two_w                       # L − W (exactly 0 for ρ < 0)
-            slope0 = self.inv_alpha + (1.0 - rho) / (1.0 + rho)   # dG/ds at s = 0; ds/dy = W/2 there
+            slope0 = self.inv_alpha + (1.0 - rho) / one_rho   # dG/ds at s = 0; ds/dy = W/2 there
             v0 = -4.0 * d / (two_w * slope0)
             side = np.sign(v0)
             v = v0 if start is None else np.where((start[1] == neg) & (np.sign(start[0]) == side), start[0], v0)
             live = ~(stationary | lone)
             iters = np.zeros(rho.shape, dtype=np.int64)
+            if not live.any():
+                # every row is stationary or has a zero gradient (most steps of a toy run on the front):
+                # the iteration would stop at once and _finish overwrites its x and residual on every
+                # row; only the Newton variable (the next call's warm start) is kept
+                zeros = np.zeros(rho.shape)
+                return self._finish(a11, a22, c1, c2, log_p1, log_p2, np.zeros(rho.shape + (2,)), zeros, iters,
+                                    lone, stationary, (v, neg))
+            sgn = np.where(neg, -1.0, 1.0)                 # 1 + ρe^{−a+L} = 1 + sgn·e^{−a}
+            one_sgn = 1.0 + sgn
             for it in range(self.rounds + 1):
                 e = np.exp(v)
                 r = 1.0 / (1.0 + e)
                 wr = two_w * r                              # 2Wσ(−y)
-                a, b = off + wr * e, off + wr               # s + L, L − s
+                wre = wr * e                                # 2Wσ(y)
+                a, b = off + wre, off + wr                  # s + L, L − s
                 s = 0.5 * wr * np.expm1(v)                  # W·tanh(y/2)
                 ma, mb = np.expm1(-a), np.expm1(-b)
                 u1, u2 = one_sgn + sgn * ma, one_sgn + sgn * mb   # 1 + ρe^{−s}, 1 + ρe^{s}
@@ -140,7 +151,7 @@ class FairPairs:
                 if it == self.rounds or not moving.any():
                     break
                 # dG/dy = dG/ds · ds/dy, ds/dy = 2Wσ(y)σ(−y)
-                slope = (self.k - sgn * ((ma + 1.0) / u1 + (mb + 1.0) / u2)) * (wr * e * r)
+                slope = (self.k - sgn * ((ma + 1.0) / u1 + (mb + 1.0) / u2)) * (wre * r)
                 step = v - g / slope
                 if start is not None:  # from beyond the root: crossing 0 → the cold start instead
                     step = np.where(np.sign(step) == side, step, v0)

@@ -435,7 +435,8 @@ class FairBalancer(GradientBalancer):
         k, shape = gram.shape[-1], gram.shape[:-2]
         rows = gram.reshape(-1, k, k)
         p = self.task_priorities()
-        p = None if p is None else np.broadcast_to(p, (*shape, k)).reshape(-1, k)
+        if p is not None:  # (PIVRG's priorities already have the rows' shape after start_rows)
+            p = p.reshape(-1, k) if p.shape == (*shape, k) else np.broadcast_to(p, (*shape, k)).reshape(-1, k)
         if k == 2 and self.solver == "newton":
             starts = self._pair_starts if self._warm else ()
             start = None

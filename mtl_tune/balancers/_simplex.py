@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,16 +99,25 @@ def min_norm_weights(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if k == 1:
         return np.ones((*shape, 1)), np.ones(shape, dtype=bool)
     if k == 2:
-        a11, a12, a22 = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
-        scale = np.maximum(np.maximum(np.abs(a11), np.abs(a22)), 1e-300)
-        a11, a12, a22 = a11 / scale, a12 / scale, a22 / scale
+        magnitude = np.abs(gram)
+        scale = np.maximum(np.maximum(magnitude[..., 0, 0], magnitude[..., 1, 1]), 1e-300)
+        a = gram / scale[..., None, None]   # one division for the three entries used (and a21)
+        a11, a12, a22 = a[..., 0, 0], a[..., 0, 1], a[..., 1, 1]
         denom = a11 + a22 - 2 * a12
         flat = denom <= 1e-300  # identical gradients: any point is optimal, take the midpoint
-        gamma = np.where(flat, 0.5, np.clip((a22 - a12) / np.where(flat, 1.0, denom), 0.0, 1.0))
-        return np.stack([gamma, 1.0 - gamma], axis=-1), np.ones(shape, dtype=bool)
+        if flat.any():
+            gamma = np.where(flat, 0.5, np.clip((a22 - a12) / np.where(flat, 1.0, denom), 0.0, 1.0))
+        else:   # the common case: no row to guard, the same division and clip
+            gamma = ((a22 - a12) / denom).clip(0.0, 1.0)
+        w = np.empty((*shape, 2), dtype=gamma.dtype)
+        w[..., 0] = gamma
+        np.subtract(1.0, gamma, out=w[..., 1])
+        return w, np.ones(shape, dtype=bool)
     rows = np.asarray(gram, dtype=np.float64).reshape(-1, k, k)
     if k <= SMALL_SUPPORT_MAX_K:
         out, ok = _small_supports(rows)
+        if ok.all():   # the common case: every row answered, no row for the active-set solver
+            return out.reshape(*shape, k), ok.reshape(shape)
     else:
         out, ok = np.full((len(rows), k), np.nan), np.zeros(len(rows), dtype=bool)
     finite = np.isfinite(rows).all((-2, -1))   # a non-finite row has no answer: NaN, not converged
@@ -124,25 +134,68 @@ def min_norm_weights(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 SMALL_SUPPORT_MAX_K = 8
 #: tolerance of the optimality check (Aw)_j ≥ wᵀAw − tol on A scaled to a unit largest diagonal entry
 KKT_TOL = 1e-12
-_CANDIDATES: dict[int, tuple[np.ndarray, np.ndarray, int, int]] = {}
 
 
-def _candidate_indices(k: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """For range(k): the flat indices into a K×K matrix of the entries each candidate support needs
-    — per pair (i, j): a_ii, a_jj, a_ij; per triple (x, y, z): a_xx, a_yy, a_zz, a_xy, a_xz, a_yz,
-    pairs and triples in lexicographic order, grouped entry by entry — the candidates' three task
-    indices (K + C(K,2) + C(K,3), 3): vertices (i, i, i), edges (i, j, j), triangles (x, y, z), the
-    order in which ties go (the smaller support first); and the numbers of pairs and triples."""
+class _Candidates(NamedTuple):
+    """The candidate supports of :func:`_small_supports` for one K (pairs (i, j) and triples (x, y, z)
+    in lexicographic order, M pairs and T triples), as index tables built once per K."""
+
+    #: flat indices into a row's K×K matrix, gathered in one call: the diagonal (K); per pair a_ii, a_ij,
+    #: a_jj (3 × M); per triple the operands of the cofactor products (2 × 2 × 3 × 3 × T: ``_W_TERMS``,
+    #: ``_DIFFERENCES``) and the entries of the objective's products (6 × T: ``_OBJECTIVE``)
+    gather: np.ndarray
+    n_pairs: int
+    n_triples: int
+    #: (C, K), C = K + M + T candidates (vertices, edges, triangles: the order ties go in): each one's
+    #: weights before the per-row ones are written in (a vertex: 1 on its task; an edge, a triangle: 0)
+    table: np.ndarray
+    #: the edges' candidate rows in ``table`` (2, M) and their tasks (i; j) (2, M)
+    edge_rows: np.ndarray
+    edge_tasks: np.ndarray
+    #: the triangles' candidate rows in ``table`` (3, T) and their tasks (x; y; z) (3, T)
+    tri_rows: np.ndarray
+    tri_tasks: np.ndarray
+
+
+# A triangle's B = A_SS = [[p, q, r], [q, s, t], [r, t, u]] by entry name: its (row, column) in (x, y, z).
+_ENTRY = {"p": (0, 0), "s": (1, 1), "u": (2, 2), "q": (0, 1), "r": (0, 2), "t": (1, 2)}
+# The cofactor sums w_x = (c_xy + d_x) + c_xz, w_y = (c_xy + d_y) + c_yz, w_z = (c_xz + c_yz) + d_z (in the
+# formulas' order) by their three terms, each a difference of two products of entries (c_xy = rt − qu, …).
+_W_TERMS = {"x": ("c_xy", "d_x", "c_xz"), "y": ("c_xy", "d_y", "c_yz"), "z": ("c_xz", "c_yz", "d_z")}
+_DIFFERENCES = {"c_xy": ("rt", "qu"), "c_xz": ("qt", "rs"), "c_yz": ("qr", "pt"),
+                "d_x": ("su", "tt"), "d_y": ("pu", "rr"), "d_z": ("ps", "qq")}
+# The objective (pw_xw_x + sw_yw_y + uw_zw_z) + 2(qw_xw_y + rw_xw_z + tw_yw_z) product by product, laid out
+# so that [0:2] + [2:4] + [4:6] adds up (the diagonal terms, the off-diagonal terms) in that order: the
+# entries, and the weights of the first and of the second factor.
+_OBJECTIVE = ("pqsrut", "xxyxzy", "xyyzzz")
+# The objective's first and second weight factors as indices into (w_x, w_y, w_z).
+_W1, _W2 = (np.array(["xyz".index(c) for c in letters]) for letters in _OBJECTIVE[1:])
+# The edges' entries (a_ii, a_ij, a_jj) times these: a_ii, 2a_ij (the 2.0·a_ij of the formulas), a_jj.
+_EDGE_FACTORS = np.array([1.0, 2.0, 1.0])[:, None, None]
+_CANDIDATES: dict[int, _Candidates] = {}
+
+
+def _candidates(k: int) -> _Candidates:
+    """The :class:`_Candidates` of range(k) (cached)."""
     if k not in _CANDIDATES:
         pairs = np.array(list(itertools.combinations(range(k), 2)), dtype=np.int64).reshape(-1, 2)
         triples = np.array(list(itertools.combinations(range(k), 3)), dtype=np.int64).reshape(-1, 3)
         i, j = pairs.T
-        x, y, z = triples.T
-        flat = np.concatenate([i * (k + 1), j * (k + 1), i * k + j,
-                               x * (k + 1), y * (k + 1), z * (k + 1), x * k + y, x * k + z, y * k + z])
-        vertices = np.repeat(np.arange(k, dtype=np.int64)[:, None], 3, axis=1)
-        members = np.concatenate([vertices, np.concatenate([pairs, pairs[:, 1:]], axis=1), triples])
-        _CANDIDATES[k] = (flat, members, len(pairs), len(triples))
+
+        def entry(name: str) -> np.ndarray:   # the flat index of every triple's entry ``name``
+            row, col = _ENTRY[name]
+            return triples[:, row] * k + triples[:, col]
+
+        # the cofactor products' operands (operand, first/second product, term, w_x/w_y/w_z): 2 × 2 × 3 × 3
+        operands = [entry(_DIFFERENCES[_W_TERMS[lane][term]][product][operand])
+                    for operand in range(2) for product in range(2) for term in range(3) for lane in "xyz"]
+        gather = np.concatenate([np.arange(k) * (k + 1), i * (k + 1), i * k + j, j * (k + 1), *operands,
+                                 *(entry(name) for name in _OBJECTIVE[0])])
+        m, t = len(pairs), len(triples)
+        table = np.zeros((k + m + t, k))
+        table[np.arange(k), np.arange(k)] = 1.0
+        _CANDIDATES[k] = _Candidates(gather, m, t, table, np.broadcast_to(k + np.arange(m), (2, m)), pairs.T.copy(),
+                                     np.broadcast_to(k + m + np.arange(t), (3, t)), triples.T.copy())
     return _CANDIDATES[k]
 
 
@@ -160,53 +213,60 @@ def _small_supports(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     passes the simplex QP's optimality condition (Aw)_j ≥ wᵀAw − tol for every j. Whenever the true
     support has at most three indices (every K = 3 problem, every problem whose gradients span at most
     two dimensions, as on the toy) the check passes. Each row's arithmetic is its own (elementwise,
-    reductions over the last axis): a row gives the same bits alone and among many.
+    reductions within the row): a row gives the same bits alone and among many.
+
+    At this size the cost is the number of NumPy calls, not arithmetic: the entries are gathered in
+    one call, lane-major (:class:`_Candidates`), laid out so that like operations (the edges' three
+    products, the triangles' cofactor products, their differences and sums, the objective's products)
+    are one call each on contiguous blocks; every element still goes through the same operations in the
+    same order as the formulas above (tested against them written out).
     """
     n, k = rows.shape[0], rows.shape[-1]
-    diag = np.diagonal(rows, axis1=-2, axis2=-1)
-    scale = np.maximum(np.abs(diag).max(-1), 1e-300)
-    with np.errstate(all="ignore"):   # a non-finite row gives NaN candidates and ok = False, quietly
-        a = rows / scale[:, None, None]   # as min_norm_simplex: the solution is invariant to a positive scaling
-        d = diag / scale[:, None]
-    flat, members, n_pairs, n_triples = _candidate_indices(k)
-    entries = a.reshape(n, k * k)[:, flat]
-    m, o = n_pairs, 3 * n_pairs
-    aii, ajj, aij = entries[:, :m], entries[:, m:2 * m], entries[:, 2 * m:o]
-    m = n_triples
-    p_, s_, u_, q_, r_, t_ = (entries[:, o + i * m:o + (i + 1) * m] for i in range(6))
+    cand = _candidates(k)
+    m, t = cand.n_pairs, cand.n_triples
     nan = np.nan
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):   # a non-finite row gives NaN candidates and ok = False, quietly
+        scale = np.maximum(np.abs(rows.reshape(n, k * k)[:, ::k + 1]).max(-1), 1e-300)
+        a = rows / scale[:, None, None]   # as min_norm_simplex: the solution is invariant to a positive scaling
+        # the entries lane-major (lanes, n): every slice below is a contiguous block (fast ufunc loops)
+        entries = a.reshape(n, k * k).T[cand.gather]
+        d = entries[:k]                                                     # the vertices' objectives a_ii
+        o = k + 3 * m
         # edges: the closed form on each (interior points only: the ends are vertices)
-        gamma = (ajj - aij) / (aii + ajj - 2.0 * aij)
+        coef = entries[k:o].reshape(3, m, n) * _EDGE_FACTORS                 # a_ii, 2a_ij, a_jj
+        # γ = (a_jj − a_ij)/(a_ii + a_jj − 2a_ij)
+        gamma = (coef[2] - entries[k + m:k + 2 * m]) / (coef[0] + coef[2] - coef[1])
         gamma = np.where((gamma > 0) & (gamma < 1), gamma, nan)             # NaN: not a feasible point
-        rest = 1.0 - gamma
-        edge_obj = aii * gamma * gamma + 2.0 * aij * gamma * rest + ajj * rest * rest
+        ends = np.empty((4, m, n))                                          # γ, γ, 1 − γ, 1 − γ
+        ends[:2] = gamma
+        np.subtract(1.0, ends[:2], out=ends[2:])
+        # a_ii γ γ + 2a_ij γ (1 − γ) + a_jj (1 − γ)(1 − γ), the three products in one call each
+        edge_terms = coef * ends[:3] * ends[1:]
+        edge_obj = edge_terms[0] + edge_terms[1] + edge_terms[2]
         # triangles: w ∝ adj(B)·1 for B = A_SS = [[p, q, r], [q, s, t], [r, t, u]]
-        c_xy, c_xz, c_yz = r_ * t_ - q_ * u_, q_ * t_ - r_ * s_, q_ * r_ - p_ * t_
-        wx = (s_ * u_ - t_ * t_) + c_xy + c_xz
-        wy = c_xy + (p_ * u_ - r_ * r_) + c_yz
-        wz = c_xz + c_yz + (p_ * s_ - q_ * q_)
-        total = wx + wy + wz
-        wx, wy, wz = wx / total, wy / total, wz / total
-        inside = (wx > 0) & (wy > 0) & (wz > 0)
-        wx, wy, wz = np.where(inside, wx, nan), np.where(inside, wy, nan), np.where(inside, wz, nan)
-        tri_obj = (p_ * wx * wx + s_ * wy * wy + u_ * wz * wz
-                   + 2.0 * (q_ * wx * wy + r_ * wx * wz + t_ * wy * wz))
-    obj = np.concatenate([d, edge_obj, tri_obj], axis=1)                    # (n, candidates)
-    best = np.argmin(np.where(np.isnan(obj), np.inf, obj), axis=1)
-    # the chosen candidate's three weights (a vertex: 1, 0, 0; an edge: γ, 1 − γ, 0)
-    zeros = np.zeros((n, k))
-    chosen = np.arange(n)
-    first = np.concatenate([zeros + 1.0, gamma, wx], axis=1)[chosen, best]
-    second = np.concatenate([zeros, rest, wy], axis=1)[chosen, best]
-    third = np.concatenate([zeros, 0.0 * gamma, wz], axis=1)[chosen, best]
-    w_best = zeros
-    # a vertex's and an edge's repeated member comes last, with weight 0: written first
-    for col, value in ((2, third), (1, second), (0, first)):
-        w_best[chosen, members[best, col]] = value
-    obj_best = obj[chosen, best]
-    grad = (a * w_best[:, None, :]).sum(-1)
-    ok = np.isfinite(obj_best) & (grad >= obj_best[:, None] - KKT_TOL).all(-1)
+        factors = entries[o:o + 36 * t].reshape(2, 2, 3, 3, t, n)
+        products = factors[0] * factors[1]
+        terms = products[0] - products[1]
+        w = terms[0] + terms[1]
+        w += terms[2]                                                       # (3, T, n): w_x, w_y, w_z
+        total = w[0] + w[1]
+        total += w[2]
+        w /= total
+        w = np.where((w > 0).all(0), w, nan)
+        obj_terms = entries[o + 36 * t:].reshape(6, t, n) * w[_W1] * w[_W2]
+        sums = obj_terms[0:2] + obj_terms[2:4]
+        sums += obj_terms[4:6]                        # (pw_x² + sw_y² + uw_z², qw_xw_y + rw_xw_z + tw_yw_z)
+        tri_obj = sums[0] + 2.0 * sums[1]
+        obj = np.concatenate([d, edge_obj, tri_obj])                        # (candidates, n)
+        best = np.argmin(np.where(np.isnan(obj), np.inf, obj), axis=0)
+        # every candidate's weights (candidates, n, K), then the chosen one's
+        weights = cand.table[:, None].repeat(n, 1)
+        weights[cand.edge_rows, :, cand.edge_tasks] = ends[1:3]
+        weights[cand.tri_rows, :, cand.tri_tasks] = w
+        chosen = np.arange(n)
+        w_best, obj_best = weights[best, chosen], obj[best, chosen]
+        grad = (a * w_best[:, None, :]).sum(-1)   # (an infinite entry times a weight 0: NaN, quietly too)
+        ok = np.isfinite(obj_best) & (grad >= obj_best[:, None] - KKT_TOL).all(-1)
     return np.where(ok[:, None], w_best, np.nan), ok
 
 

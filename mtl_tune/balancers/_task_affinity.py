@@ -63,12 +63,14 @@ def affinity_update_rows(affinity: np.ndarray, members: np.ndarray, before: np.n
     """
     m = np.asarray(members, dtype=bool)
     before = np.asarray(before, dtype=np.float64)
-    valid = np.isfinite(before)
-    measured = bool(valid.all())
+    # every target measured: one reduction in the common case (a finite sum), the entries otherwise
+    measured = bool(np.isfinite(before.sum())) or bool(np.isfinite(before).all())
     if not measured:  # an unmeasured target is skipped: any finite divisor keeps its a out of every branch
+        valid = np.isfinite(before)
         before = np.where(valid, before, 1.0)
-    d = np.asarray(decay, dtype=np.float64)
-    if d.ndim:
+    # (a float decay stays a Python float: the same float64 products as a 0-d array's, fewer calls)
+    d = decay if isinstance(decay, float) else np.asarray(decay, dtype=np.float64)
+    if np.ndim(d):
         d = d.reshape(-1, 1, 1)
     diagonal = _diagonal(m.shape[-1])
     size = m.sum(-1, keepdims=True)
@@ -110,7 +112,7 @@ def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = Fals
     (a bool, or one per matrix of the batch): X[j, i] = A[j, i] for j > i, as the official in-place
     ``X[:, i] /= X[i, i]`` leaves the entries below the diagonal (module docstring)."""
     a = np.asarray(affinity, dtype=np.float64)
-    diag = np.diagonal(a, axis1=-2, axis2=-1)
+    diag = a.diagonal(0, -2, -1)   # (the methods, not np.diagonal / np.swapaxes: no Python wrapper)
     positive = diag > ZERO_DIAGONAL
     if positive.all():   # (the common case, past the first few batches: no guard to evaluate)
         divisor = diag
@@ -122,7 +124,7 @@ def affinity_similarity(affinity: np.ndarray, official: bool | np.ndarray = Fals
         official = np.asarray(official, dtype=bool)
         below = _below(a.shape[-1])
         x = np.where(below & official.reshape(official.shape + (1, 1)), a, x)
-    return (x + np.swapaxes(x, -1, -2)) / 2.0
+    return (x + x.swapaxes(-1, -2)) / 2.0
 
 
 def quantile_neighbours(n: int, q: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

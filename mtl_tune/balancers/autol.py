@@ -146,18 +146,24 @@ class AutoLambda(LossBalancer):
         whose losses and Jacobians at any point ``landscape(points)`` gives ((..., K), (..., K, P)) —
         the toy, which has no data, so the meta batch's losses are the training batch's. ``losses``
         and ``jacobian``: at x; ``losses_at(points)``: ``landscape(points)[0]`` alone, where the problem
-        has a cheaper way (the two finite-difference evaluations need no Jacobian). The model
-        optimizer is taken to be plain (no weight decay, no SGD momentum: the toy's Adam), with step
-        size ``alpha``. The arithmetic of :meth:`meta_step`:
+        has a cheaper way (the two finite-difference evaluations need no Jacobian); it gets both
+        points in one call, stacked as (2, ..., P) (x + εd first), so it must evaluate each point of
+        a leading dimension it has not seen on its own. The model optimizer is taken to be plain (no
+        weight decay, no SGD momentum: the toy's Adam), with step size ``alpha``. The arithmetic of
+        :meth:`meta_step`:
 
             θ′ = x − α Σᵢ λᵢ ∇ℓᵢ(x),  d = Σᵢ ∇ℓᵢ(θ′),  ε = 0.01 / ‖d‖,
             ∂L_meta/∂λ = −α (ℓ(x + εd) − ℓ(x − εd)) / (2ε)   (0 where d = 0),
 
-        then one step of λ's Adam (each row its own entries). Rows whose losses at x or θ′ or whose d
-        are not finite fail, with :meth:`meta_step`'s message; their λ entries step on a zero gradient."""
+        then one step of λ's Adam (each row its own entries); the returned weights are λ after it
+        (what :meth:`weights_rows` gives the training step). Rows whose losses at x or θ′ or whose d
+        are not finite fail, with :meth:`meta_step`'s message; their λ entries step on a zero gradient.
+
+        Each check is one reduction in the common case (every row finite and moving); the rows are
+        looked at one by one only when it fails."""
         lam = host(self.lambdas)
         failed = np.zeros(np.shape(losses)[:-1], dtype=bool)
-        hyper = np.zeros(np.shape(losses))
+        hyper: np.ndarray | None = None   # None: zero for every row
         messages: dict[tuple[int, ...], str] = {}
 
         def fail(bad: np.ndarray, message: Callable[[tuple[int, ...]], str]) -> None:
@@ -168,22 +174,38 @@ class AutoLambda(LossBalancer):
                 messages[index] = message(index)
             failed[...] |= bad
 
-        fail(~np.isfinite(losses).all(-1), lambda i: f"{self.name}: non-finite task loss {losses[i].tolist()}")
+        if not np.isfinite(np.sum(losses)):  # (a finite sum: every loss finite)
+            fail(~np.isfinite(losses).all(-1), lambda i: f"{self.name}: non-finite task loss {losses[i].tolist()}")
         if alpha != 0.0:
             theta = x - alpha * (lam[..., :, None] * jacobian).sum(-2)
             meta_losses, meta_jacobian = landscape(theta)
-            fail(~np.isfinite(meta_losses).all(-1),
-                 lambda i: f"{self.name}: non-finite task loss {meta_losses[i].tolist()}")
+            if not np.isfinite(meta_losses.sum()):
+                fail(~np.isfinite(meta_losses).all(-1),
+                     lambda i: f"{self.name}: non-finite task loss {meta_losses[i].tolist()}")
             d = meta_jacobian.sum(-2)
             norm = np.sqrt((d * d).sum(-1))
-            fail(~np.isfinite(norm), lambda i: f"{self.name}: non-finite meta gradient (norm {norm[i]})")
-            moving = ~failed & (norm > 0)
-            if moving.any():
-                eps = (FD_RADIUS / np.where(moving, norm, 1.0))[..., None]
-                at = losses_at if losses_at is not None else (lambda points: landscape(points)[0])
-                plus, minus = at(x + eps * d), at(x - eps * d)
-                hyper = np.where(moving[..., None], central_difference(plus, minus, eps, alpha), 0.0)
-        self.lambdas.grad = torch.from_numpy(hyper.astype(np.float32)).to(self.lambdas)
+            if not np.isfinite(norm.sum()):
+                fail(~np.isfinite(norm), lambda i: f"{self.name}: non-finite meta gradient (norm {norm[i]})")
+            if failed.any() or not (norm > 0).all():
+                moving = ~failed & (norm > 0)
+                divisor = np.where(moving, norm, 1.0) if moving.any() else None
+            else:   # the common case: every row moves (the same divisions, no masks)
+                moving, divisor = None, norm
+            if divisor is not None:
+                eps = (FD_RADIUS / divisor)[..., None]
+                step = eps * d
+                if losses_at is not None:   # both points in one evaluation
+                    points = np.empty((2,) + np.shape(x))
+                    np.add(x, step, out=points[0])
+                    np.subtract(x, step, out=points[1])
+                    plus, minus = losses_at(points)
+                else:
+                    plus, minus = landscape(x + step)[0], landscape(x - step)[0]
+                hyper = central_difference(plus, minus, eps, alpha)
+                if moving is not None:
+                    hyper = np.where(moving[..., None], hyper, 0.0)
+        grad = np.zeros(np.shape(losses), dtype=np.float32) if hyper is None else hyper.astype(np.float32)
+        self.lambdas.grad = torch.from_numpy(grad).to(self.lambdas)
         adam_step(self.meta_optimizer)
         self.lambdas.grad = None
         return RowStep(host(self.lambdas), failed=failed,

@@ -42,6 +42,7 @@ unweighted task gradients; no clipping.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -55,22 +56,65 @@ RCOND = 1e-12
 
 def config_rows(gram: np.ndarray, preferences: np.ndarray | None = None) -> np.ndarray:
     """ConFIG coefficients c (..., K) with d = Σ cᵢ gᵢ for Gram matrices (..., K, K) (see the module
-    docstring); ``preferences`` w (K,) replace the ones vector."""
+    docstring); ``preferences`` w (K,) replace the ones vector.
+
+    Every step is a few K-sized NumPy calls (the toy runs this 35 000 times per init): masked
+    divisions (``where=``) instead of ``np.where`` chains, ``np.add.reduce`` (what ``.sum`` calls)
+    without the method's wrapper, and :func:`_pinv_hermitian` for NumPy's ``pinv``."""
     g = np.asarray(gram, dtype=np.float64)
     k = g.shape[-1]
-    w = np.ones(k) if preferences is None else np.asarray(preferences, dtype=np.float64)
+    w = _ones(k) if preferences is None else np.asarray(preferences, dtype=np.float64)
     norms = np.sqrt(np.maximum(np.diagonal(g, axis1=-2, axis2=-1), 0.0))
     nonzero = norms > 0.0
-    inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
+    inv = np.divide(1.0, norms, out=np.zeros(norms.shape), where=nonzero)    # 1/‖gᵢ‖, 0 for a zero gradient
     cos = g * inv[..., :, None] * inv[..., None, :]
-    eye = np.eye(k, dtype=bool)
-    cos = np.where(eye, nonzero[..., None, :] & eye, cos)   # unit rows have norm 1 exactly; zero rows 0
-    beta = inv * (np.linalg.pinv(cos, rcond=RCOND, hermitian=True) @ w)
+    diagonal = _arange(k)
+    cos[..., diagonal, diagonal] = nonzero                    # unit rows have norm 1 exactly; zero rows 0
+    beta = inv * (_pinv_hermitian(cos, RCOND) @ w)
     q = (g @ beta[..., None])[..., 0]
-    energy = (beta * q).sum(-1)                               # ‖d_u‖²
-    length = q.sum(-1)                                        # Σᵢ gᵢᵀ d_u
-    ratio = np.where(energy > 0.0, length / np.where(energy > 0.0, energy, 1.0), 0.0)
+    energy = np.add.reduce(beta * q, axis=-1)                 # ‖d_u‖²
+    length = np.add.reduce(q, axis=-1)                        # Σᵢ gᵢᵀ d_u
+    ratio = np.divide(length, energy, out=np.zeros(energy.shape), where=energy > 0.0)
     return ratio[..., None] * beta
+
+
+@lru_cache(maxsize=64)
+def _ones(k: int) -> np.ndarray:
+    """The ones vector w of the paper (made once per K; read-only, as it is shared)."""
+    w = np.ones(k)
+    w.flags.writeable = False
+    return w
+
+
+@lru_cache(maxsize=64)
+def _arange(k: int) -> np.ndarray:
+    """0, …, K − 1 (made once per K; read-only, as it is shared)."""
+    i = np.arange(k)
+    i.flags.writeable = False
+    return i
+
+
+def _pinv_hermitian(a: np.ndarray, rcond: float) -> np.ndarray:
+    """``np.linalg.pinv(a, rcond=rcond, hermitian=True)`` for real symmetric (..., K, K): the same
+    operations in the same order (the same floats: tests/balancers/test_config.py compares them), with
+    NumPy's wrappers around them left out (on the toy's 5 rows of 2 × 2: ~55 µs a call, eigh ~7).
+
+    NumPy's hermitian SVD sorts |eigenvalues| descending with an argsort and three
+    ``take_along_axis``; ``eigh`` returns them ascending, so where |λ| is strictly increasing in every
+    row (a positive semi-definite matrix's, bar rounding) the order is the reversal, taken by slicing."""
+    s, u = np.linalg.eigh(a)
+    sgn = np.copysign(1.0, s)                                 # (avoid zero sign, as NumPy)
+    s = np.abs(s)
+    if (s[..., 1:] > s[..., :-1]).all():                      # argsort(s)[..., ::-1] is K − 1, …, 0
+        sgn, s, u = sgn[..., ::-1], s[..., ::-1], u[..., ::-1]
+    else:                                                     # ties or another order: NumPy's sort
+        order = np.argsort(s)[..., ::-1]
+        sgn, s = np.take_along_axis(sgn, order, axis=-1), np.take_along_axis(s, order, axis=-1)
+        u = np.take_along_axis(u, order[..., None, :], axis=-1)
+    large = s > rcond * np.maximum.reduce(s, axis=-1, keepdims=True)
+    inverse = np.divide(1.0, s, out=np.zeros(s.shape), where=large)
+    # Vᵀ = (u·sgn)ᵀ, so pinv = V diag(1/s) Uᵀ = (u·sgn) @ (1/s ⊙ uᵀ), NumPy's two products
+    return np.matmul(u * sgn[..., None, :], np.multiply(inverse[..., None], u.swapaxes(-1, -2)))
 
 
 class ConFIG(GradientBalancer):

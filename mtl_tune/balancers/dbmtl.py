@@ -58,6 +58,22 @@ from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 EPS = 1e-8
 
 
+def _rescaled(norms: Tensor, average: Tensor) -> tuple[Tensor, Tensor]:
+    """α = max_j ‖ĝ_j‖/(‖ĝ_i‖ + ε) (..., K) and d = Σ_i α_i ĝ_i (..., P) from the average's norms (..., K)."""
+    alpha = norms.amax(-1, keepdim=True) / (norms + EPS)
+    return alpha, (alpha.unsqueeze(-1) * average).sum(-2)
+
+
+def _rescaled_host(norms: Tensor, average: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_rescaled` for K = 2 and float64 CPU tensors, in NumPy on their memory: the same maximum,
+    sum, quotient and products, which round the same in either library, and a sum of two terms (one
+    addition in either); ~6 µs less than torch's calls on the toy's rows. Larger K stays in torch,
+    whose sum over K may add in another order."""
+    norms_np = norms.numpy()
+    alpha = norms_np.max(-1, keepdims=True) / (norms_np + EPS)
+    return torch.from_numpy(alpha), torch.from_numpy((alpha[..., None] * average.numpy()).sum(-2))
+
+
 class DBMTL(GradientBalancer):
     """DB-MTL (Lin et al., 2023): log-losses, and every task's moving-average gradient rescaled to the
     largest average norm.
@@ -87,6 +103,7 @@ class DBMTL(GradientBalancer):
         self.register_buffer("min_losses", loss_floor(self.name, n_tasks, min_losses))
         #: ĝ, (..., K, P) once the first step has set P; None before it
         self.average: Tensor | None = None
+        self._floor_cache: tuple | None = None  # (min_losses, its version, on the host): see _floor
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
         # every toy row starts from a fresh balancer: its average is created (B, K, P) at the first step
@@ -94,22 +111,52 @@ class DBMTL(GradientBalancer):
             raise ValueError(f"{self.name}: lockstep rows must start before their first step")
         self.average = None
 
+    def _floor(self) -> np.ndarray:
+        """ℓ* on the host, cached per buffer object and version (an in-place change through torch,
+        ``load_state_dict``'s copy included, bumps the version; ``.to()`` makes a new object)."""
+        floor_t = self.min_losses
+        cache = self._floor_cache
+        if cache is None or cache[0] is not floor_t or cache[1] != floor_t._version:
+            cache = (floor_t, floor_t._version, floor_t.cpu().numpy())
+            self._floor_cache = cache
+        return cache[2]
+
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """Batch-first rule on Jacobians (..., K, P) of the raw losses (..., K): updates the moving
         average and returns d (..., P) with the weights α (..., K), torch tensors on the Jacobian's
-        device; a row with some ℓ_i − ℓ*_i ≤ 0 fails (one row: before the average changes)."""
-        d, bad, reason = shifted(self.name, host(losses), self.min_losses.cpu().numpy())
-        if jacobian.dim() == 2 and bool(bad):
-            return RowStep(torch.full_like(losses, float("nan")), failed=bad, reason=reason)
-        self.average = state_like(self.average, jacobian, self.name, "moving average")
+        device; a row with some ℓ_i − ℓ*_i ≤ 0 fails (one row: before the average changes).
+
+        The common case takes fewer calls, with the same operations on the same numbers: every
+        D = ℓ − ℓ* finite and > 0 (two reductions) skips the per-row check of
+        :func:`~mtl_tune.balancers._log_losses.shifted` and the placeholders of failed rows; and for
+        K = 2 on a float64 CPU Jacobian, α and d are formed from the torch norms and average in NumPy
+        (a maximum, a sum, a quotient, products and a sum of two terms round the same in either)."""
+        floor = self._floor()
+        shift = host(losses) - floor
+        if shift.min() > 0.0 and shift.max() < np.inf:  # no row fails (a NaN or ±∞ fails a test)
+            d, bad, reason = shift, None, ""
+        else:
+            d, bad, reason = shifted(self.name, host(losses), floor)
+            if jacobian.dim() == 2 and bool(bad):
+                return RowStep(torch.full_like(losses, float("nan")), failed=bad, reason=reason)
+            if not bad.any():
+                bad = None
+        average = state_like(self.average, jacobian, self.name, "moving average")
+        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module by
+        # this name) without its ~1 µs of checks
+        self.__dict__["average"] = average
         rate = self.beta / float(self.step_count + 1) ** self.beta_sigma
         # h_i = g_i/(D_i + ε); ĝ ← r ĝ + (1 − r) h, in place (failed rows: finite placeholders, never read)
-        factor = (1.0 - rate) / (np.where(bad[..., None], 1.0, d) + EPS)
-        self.average.mul_(rate).addcmul_(jacobian, torch.from_numpy(factor[..., None]).to(jacobian))
-        norms = torch.linalg.vector_norm(self.average, dim=-1)
-        alpha = norms.amax(-1, keepdim=True) / (norms + EPS)
-        direction = (alpha.unsqueeze(-1) * self.average).sum(-2)
-        return RowStep(alpha, failed=bad if bad.any() else None, reason=reason, direction=direction)
+        factor = (1.0 - rate) / ((d if bad is None else np.where(bad[..., None], 1.0, d)) + EPS)
+        factor_t = torch.from_numpy(factor[..., None])
+        average.mul_(rate).addcmul_(jacobian, factor_t if factor_t.dtype == jacobian.dtype and jacobian.is_cpu
+                                    else factor_t.to(jacobian))
+        norms = torch.linalg.vector_norm(average, dim=-1)
+        if average.shape[-2] == 2 and average.is_cpu and average.dtype == torch.float64 and not average.requires_grad:
+            alpha, direction = _rescaled_host(norms, average)
+        else:
+            alpha, direction = _rescaled(norms, average)
+        return RowStep(alpha, failed=bad, reason=reason, direction=direction)
 
     def combine(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         out = self.direction_rows(jacobian, losses)

@@ -49,6 +49,8 @@ from mtl_tune.balancers.base import GradientBalancer
 EPS = 1e-4
 #: the move of a row, as reported in ``extras["epo_move"]``.
 BALANCE, DESCENT = 0, 1
+#: relative losses at most this are left out of μ (their l̂ log(K l̂) → 0)
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def adjustments_rows(losses: np.ndarray, preferences: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,13 +60,17 @@ def adjustments_rows(losses: np.ndarray, preferences: np.ndarray) -> tuple[np.nd
     total = rl.sum(-1, keepdims=True)
     k = rl.shape[-1]
     positive = total > 0
+    every = positive.all()   # the common case: no row to mask (the same lines without the masks)
     with np.errstate(divide="ignore", invalid="ignore"):
-        l_hat = rl / np.where(positive, total, 1.0)
+        l_hat = rl / (total if every else np.where(positive, total, 1.0))
         log_k_l = np.log(l_hat * k)
-        kept = l_hat > np.finfo(np.float64).eps
+        kept = l_hat > _EPS64
         mu = np.where(kept, l_hat * log_k_l, 0.0).sum(-1, keepdims=True)
-        mu = np.where(positive, mu, 0.0)
-        a = np.where(positive, preferences * (log_k_l - mu), 0.0)
+        if every:
+            a = preferences * (log_k_l - mu)
+        else:
+            mu = np.where(positive, mu, 0.0)
+            a = np.where(positive, preferences * (log_k_l - mu), 0.0)
     return rl, mu[..., 0], a
 
 
@@ -83,8 +89,11 @@ def epo_lps(gram: np.ndarray, losses: np.ndarray, preferences: np.ndarray, eps: 
     n, k = losses.shape
     rl, mu, a = adjustments_rows(losses, preferences)
     finite = np.isfinite(a).all(-1)
-    with np.errstate(invalid="ignore"):
+    if finite.all():
         ca = (gram * a[:, None, :]).sum(-1)                               # C a, row by row
+    else:   # −∞ adjustments: NaN products, quietly (the row is not solved)
+        with np.errstate(invalid="ignore"):
+            ca = (gram * a[:, None, :]).sum(-1)
     balance = mu > eps
     any_up = (ca > 0).any(-1, keepdims=True)
     lagging = rl == rl.max(-1, keepdims=True)
@@ -107,18 +116,19 @@ def epo_lp_rows(gram: np.ndarray, losses: np.ndarray, preferences: np.ndarray, e
     K ≥ 3: SciPy's ``linprog`` row by row."""
     lp = epo_lps(gram, losses, preferences, eps, relax)
     n, k = losses.shape
-    alpha = np.full((n, k), np.nan)
-    messages = [""] * n
     solvable = lp["finite"]
+    every = solvable.all()
     if k == 2:
-        alpha, messages = simplex_lp_two_rows(lp["objective"], lp["lhs"], lp["rhs"], lp["present"] & solvable[:, None])
+        alpha, messages = simplex_lp_two_rows(lp["objective"], lp["lhs"], lp["rhs"],
+                                              lp["present"] if every else lp["present"] & solvable[:, None])
     else:
+        alpha, messages = np.full((n, k), np.nan), [""] * n
         for i in np.flatnonzero(solvable):
             keep = lp["present"][i]
             got, messages[i] = simplex_lp(lp["objective"][i], lp["lhs"][i][keep], lp["rhs"][i][keep])
             if got is not None:
                 alpha[i] = got
-    for i in np.flatnonzero(~solvable):
+    for i in () if every else np.flatnonzero(~solvable):
         alpha[i], messages[i] = np.nan, "a relative loss is 0: the adjustment log(K l̂) is -inf"
     return alpha, lp["move"], lp["mu"], messages
 
@@ -144,6 +154,10 @@ def simplex_lp(objective: np.ndarray, lhs: np.ndarray, rhs: np.ndarray) -> tuple
     return alpha / alpha.sum(), ""
 
 
+#: :func:`simplex_lp_two_rows`: slope × these is (slope, −slope) (exact); the fills (no lower, no upper bound)
+_SIGNS, _NO_BOUND = np.array([[1.0], [-1.0]]), np.array([[0.0], [1.0]])
+
+
 def simplex_lp_two_rows(objective: np.ndarray, lhs: np.ndarray, rhs: np.ndarray,
                         present: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """:func:`simplex_lp` for K = 2 in closed form on rows — objective (n, 2), constraints lhs (n, m, 2),
@@ -153,27 +167,34 @@ def simplex_lp_two_rows(objective: np.ndarray, lhs: np.ndarray, rhs: np.ndarray,
     the row's largest |entry| absorbs rounding in the bounds. Returns (α (n, 2), NaN where infeasible;
     a message per row, "" where it solved)."""
     n = len(objective)
-    tol = 1e-12 * np.maximum(np.maximum(np.where(present[..., None], np.abs(lhs), 0.0).max((-2, -1)),
-                                        np.where(present, np.abs(rhs), 0.0).max(-1)), 1e-300)[:, None]
+    # the largest |entry| of the present constraints, lhs and rhs together (a max: any grouping is exact)
+    entries = np.abs(np.concatenate([lhs, rhs[..., None]], axis=-1))
+    tol = 1e-12 * np.maximum(np.where(present[..., None], entries, 0.0).max((-2, -1)), 1e-300)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):   # rows without a solvable LP carry inf/NaN
         slope, need = lhs[..., 0] - lhs[..., 1], rhs - lhs[..., 1]         # constraint: slope·t ≥ need
         bound = need / slope
-    independent_violated = (present & (np.abs(slope) <= tol) & (need > tol)).any(-1)
-    lo = np.maximum(0.0, np.where(present & (slope > tol), bound, 0.0).max(-1))
-    hi = np.minimum(1.0, np.where(present & (slope < -tol), bound, 1.0).min(-1))
-    empty = ~independent_violated & (lo > hi + 1e-12)
-    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    with np.errstate(invalid="ignore"):
+        independent_violated = (present & (np.abs(slope) <= tol) & (need > tol)).any(-1)
+        # the lower bounds (slope > tol) and the upper ones (slope < −tol, i.e. −slope > tol) as one
+        # (n, 2, m) array: lo = max(0, their largest lower bound), hi = min(1, their smallest upper bound)
+        bounding = present[:, None] & (slope[:, None] * _SIGNS > tol[:, :, None])
+        ends = np.where(bounding, bound[:, None], _NO_BOUND)
+        lo, hi = np.maximum(0.0, ends[:, 0].max(-1)), np.minimum(1.0, ends[:, 1].min(-1))
+        empty = ~independent_violated & (lo > hi + 1e-12)
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
         gain = objective[:, 0] - objective[:, 1]
-    scale = 1e-12 * np.maximum(np.abs(objective).max(-1), 1e-300)
-    t = np.where(gain > scale, hi, np.where(gain < -scale, lo, 0.5 * (lo + hi)))
-    alpha = np.stack([t, 1.0 - t], axis=-1)
+        scale = 1e-12 * np.maximum(np.abs(objective).max(-1), 1e-300)
+        t = np.where(gain > scale, hi, np.where(gain < -scale, lo, 0.5 * (lo + hi)))
+    alpha = np.empty((n, 2), dtype=t.dtype)
+    alpha[:, 0] = t
+    np.subtract(1.0, t, out=alpha[:, 1])
     messages = [""] * n
-    for i in np.flatnonzero(independent_violated):
-        messages[i] = "closed-form LP (K = 2): infeasible (a constraint independent of α is violated)"
-    for i in np.flatnonzero(empty):
-        messages[i] = f"closed-form LP (K = 2): infeasible (t ∈ [{lo[i]:.6g}, {hi[i]:.6g}])"
-    alpha[independent_violated | empty] = np.nan
+    infeasible = independent_violated | empty
+    if infeasible.any():
+        for i in np.flatnonzero(independent_violated):
+            messages[i] = "closed-form LP (K = 2): infeasible (a constraint independent of α is violated)"
+        for i in np.flatnonzero(empty):
+            messages[i] = f"closed-form LP (K = 2): infeasible (t ∈ [{lo[i]:.6g}, {hi[i]:.6g}])"
+        alpha[infeasible] = np.nan
     return alpha, messages
 
 
@@ -216,6 +237,8 @@ class EPO(GradientBalancer):
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"epo: eps must be a non-negative number, got {eps!r}")
         self.preferences, self.eps, self.relax = r, float(eps), bool(relax)
+        #: the weights of a failed LP, K r/Σr (official α = r/Σr), made once
+        self._fallback = n_tasks * r / r.sum()
         self._last: dict[str, Any] = {}
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
@@ -226,11 +249,16 @@ class EPO(GradientBalancer):
         flat_g, flat_l = gram.reshape(-1, k, k), losses.reshape(-1, k)
         failed = (self.preferences * flat_l < 0).any(-1)
         alpha, moves, mus, messages = epo_lp_rows(flat_g, flat_l, self.preferences, self.eps, self.relax)
-        solver_failed = np.array([bool(m) for m in messages]) & ~failed
-        fallback = k * self.preferences / self.preferences.sum()
-        weights = np.where(solver_failed[:, None], fallback, k * alpha)
-        weights[failed] = np.nan
-        failures = [m for m, bad in zip(messages, solver_failed) if bad]
+        if any(messages):
+            solver_failed = np.array([bool(m) for m in messages]) & ~failed
+            failures = [m for m, bad in zip(messages, solver_failed) if bad]
+        else:   # the common case: every LP solved
+            solver_failed, failures = np.zeros(len(messages), dtype=bool), []
+        weights = k * alpha
+        if failures:
+            weights = np.where(solver_failed[:, None], self._fallback, weights)
+        if failed.any():
+            weights[failed] = np.nan
         if not shape:
             self._last = {"epo_move": int(moves[0]), "epo_mu": float(mus[0])}
 

@@ -98,10 +98,26 @@ class ExcessMTL(GradientBalancer):
         self.sq_sum: Tensor | None = None
 
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
-        """One step on Jacobians (..., K, P): accumulate S, estimate e, update w; d = Σ w_i g_i (torch)."""
+        """One step on Jacobians (..., K, P): accumulate S, estimate e, update w; d = Σ w_i g_i (torch).
+
+        S and e are :func:`excess_risks`' operations (g ⊙ g formed once for both); for P ≤ 2 on a
+        float64 CPU Jacobian all but the square root in NumPy on the tensors' memory (products, sums
+        and a quotient round the same in either library, and a sum of at most two terms is one
+        addition in either), else in torch. Ratios skip the zero-baseline masks when no baseline is
+        zero (they select e / e⁽¹⁾ everywhere then)."""
         s = state_like(self.sq_sum, jacobian, self.name, "accumulated squares")
-        s = s + jacobian * jacobian
-        e = host(excess_risks(jacobian, s))
+        if jacobian.shape[-1] <= 2 and jacobian.is_cpu and jacobian.dtype == torch.float64 and s.is_cpu \
+                and not jacobian.requires_grad:
+            j = jacobian.numpy()
+            sq = j * j
+            s_np = s.detach().numpy() + sq
+            # the square root stays torch's: its float64 sqrt differs from NumPy's in the last bit
+            e = (sq / torch.sqrt(torch.from_numpy(s_np + HESSIAN_EPS)).numpy()).sum(-1)
+            s = torch.from_numpy(s_np)
+        else:
+            sq = jacobian * jacobian
+            s = s + sq
+            e = host((sq / torch.sqrt(s + HESSIAN_EPS)).sum(-1))
         failed = None
         if self.baseline is None:
             self.baseline = e
@@ -113,12 +129,18 @@ class ExcessMTL(GradientBalancer):
                     task = int(np.flatnonzero(zero)[0])
                     raise BalancerError(f"excessmtl: task {task} had an exactly zero gradient at the first step, "
                                         "so its baseline excess risk is 0 and its ratio is undefined")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratios = np.where(zero, 0.0, e / np.where(zero, 1.0, self.baseline))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratios = np.where(zero, 0.0, e / np.where(zero, 1.0, self.baseline))
+            else:  # the masks select e / baseline everywhere
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratios = e / self.baseline
             self.task_weights = excess_weight_step(self.task_weights, ratios, self.robust_step_size)
-        self.sq_sum = s
-        w = torch.from_numpy(np.array(self.task_weights, dtype=np.float64)).to(device=jacobian.device,
-                                                                               dtype=jacobian.dtype)
+        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module by
+        # this name) without its ~1 µs of checks
+        self.__dict__["sq_sum"] = s
+        w = torch.from_numpy(np.array(self.task_weights, dtype=np.float64))
+        if w.dtype != jacobian.dtype or not jacobian.is_cpu:
+            w = w.to(device=jacobian.device, dtype=jacobian.dtype)
         if w.dim() < jacobian.dim() - 1:  # first lockstep step: the rows share the initial weights
             w = w.expand(*jacobian.shape[:-1])
         direction = (w.unsqueeze(-2) @ jacobian).squeeze(-2)

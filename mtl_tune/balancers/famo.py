@@ -51,6 +51,13 @@ def softmax_vjp(z: Tensor, delta: Tensor) -> Tensor:
     return z * (delta - (z * delta).sum(-1, keepdim=True))
 
 
+def _softmax_vjp2_host(z: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """:func:`softmax_vjp` for K = 2 on float32 NumPy arrays, bit for bit: its products and differences
+    round the same in either library, and its sum of two terms is one addition in either (a longer sum
+    may add in another order: larger K stays in torch)."""
+    return z * (delta - (z * delta).sum(-1, keepdims=True))
+
+
 class FAMO(LossBalancer):
     """FAMO, fast adaptive multitask optimisation (Liu et al., NeurIPS'23): loss-based,
     O(1) per step. Task logits ξ (a buffer) are updated by a private Adam after each
@@ -89,6 +96,34 @@ class FAMO(LossBalancer):
         self.register_buffer("logits", torch.zeros(n_tasks))
         self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         self.prev_losses: Tensor | None = None
+        # host-side caches of the rules (see _floors, _softmax, weights_rows), rebuilt when stale
+        self._floor_cache: tuple | None = None
+        self._z_cache: tuple | None = None
+        self._prev_gap: tuple | None = None
+
+    def _floors(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``min_losses`` on the host: (float64, its float32 values, whether the buffer and the logits are
+        float32 — the host path of :meth:`after_rows`). Cached per buffer object and version (an in-place
+        change through torch, ``load_state_dict``'s copy included, bumps the version; ``.to()`` makes a new
+        object): the rules read the floor twice a step, and a fresh host copy costs ~4 µs."""
+        floor_t = self.min_losses
+        cache = self._floor_cache
+        if cache is None or cache[0] is not floor_t or cache[1] != floor_t._version:
+            floor = host(floor_t)
+            cache = (floor_t, floor_t._version, floor, floor.astype(np.float32), floor_t.dtype == torch.float32)
+            self._floor_cache = cache
+        return cache[2], cache[3], cache[4]
+
+    def _softmax(self) -> Tensor:
+        """z = softmax(ξ) in the logits' dtype, on their device: computed once per value of the logits
+        (object and version; the Adam step updates them in place, bumping the version), so that
+        :meth:`after_rows` reuses the z of the step's :meth:`weights_rows` (the logits have not moved)."""
+        logits = self.logits
+        cache = self._z_cache
+        if cache is None or cache[0] is not logits or cache[1] != logits._version:
+            cache = (logits, logits._version, torch.softmax(logits, dim=-1))
+            self._z_cache = cache
+        return cache[2]
 
     def _below_floor(self, losses: np.ndarray, floor: np.ndarray
                      ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
@@ -104,15 +139,31 @@ class FAMO(LossBalancer):
 
         return bad, reason
 
+    def _check(self, losses: np.ndarray, floor: np.ndarray, gap: np.ndarray
+               ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str] | str]:
+        """:meth:`_below_floor`'s rows and reason, from the gaps ``gap`` = ``losses`` − ``floor``: when
+        every gap lies in (0, ∞) — two reductions, the common case — no row is below the floor or
+        non-finite (a gap > 0 means ℓ > ℓ*, and an infinite or NaN loss makes its gap ±∞ or NaN), so
+        no row fails; otherwise :meth:`_below_floor` decides row by row."""
+        if gap.min() > 0.0 and gap.max() < np.inf:
+            return np.zeros(gap.shape[:-1], dtype=bool), ""
+        return self._below_floor(losses, floor)
+
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """∂L/∂ℓ = z_i/(c D_i) per row, z = softmax(ξ) in the logits' float32 (as the update sees it);
         remembers the losses for :meth:`after_rows`."""
-        floor = host(self.min_losses)
-        bad, reason = self._below_floor(losses, floor)
-        z = host(torch.softmax(self.logits, dim=-1))
-        d = losses - floor + EPS
-        zd = z / d
-        self.prev_losses = torch.from_numpy(np.array(losses))
+        floor, floor32, host32 = self._floors()
+        gap = losses - floor
+        bad, reason = self._check(losses, floor, gap)
+        zd = host(self._softmax()) / (gap + EPS)
+        prev = np.array(losses)
+        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module
+        # by this name) without its ~3 µs of checks
+        self.__dict__["prev_losses"] = prev_t = torch.from_numpy(prev)
+        # after_rows' float32 gaps D(prev), formed now from the same values (host(prev_losses) is prev
+        # widened to float64); kept with the tensor and the floor they belong to
+        self._prev_gap = (prev_t, self._floor_cache,
+                          prev.astype(np.float64, copy=False).astype(np.float32) - floor32 + EPS) if host32 else None
         return RowStep(zd / zd.sum(-1, keepdims=True), failed=bad, reason=reason)
 
     def after_rows(self, new_losses: np.ndarray) -> RowStep:
@@ -120,25 +171,43 @@ class FAMO(LossBalancer):
 
         :func:`famo_logit_grad`'s arithmetic, with the float32 gaps D = ℓ − ℓ* + ε formed on the host
         (NumPy's float32 subtraction and addition round exactly as torch's, and cost ~1 µs instead
-        of ~4 µs a torch op), their logs and the rest in torch on the logits' device; the Adam step
-        is torch's (:func:`~mtl_tune.balancers._adam.adam_step`: the same bits as ``step()``)."""
-        if self.prev_losses is None:
+        of ~4 µs a torch op; D(prev) is formed by :meth:`weights_rows`), their logs in torch (one call
+        for both) and z = softmax(ξ) in torch (the one of :meth:`weights_rows`); for K = 2 on the CPU
+        :func:`softmax_vjp`'s products and differences on the host too (float32 NumPy: the same
+        correctly rounded operations, and a sum of two terms is one addition in either), else in torch
+        on the logits' device. The Adam step is torch's (:func:`~mtl_tune.balancers._adam.adam_step`:
+        the same bits as ``step()``)."""
+        prev_t = self.prev_losses
+        if prev_t is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
-        floor = host(self.min_losses)
-        bad, reason = self._below_floor(new_losses, floor)
-        if bad.ndim == 0 and bad:  # one row: fail before touching the logits (the step raises)
-            return RowStep(host(self.logits), failed=bad, reason=reason)
+        floor, floor32, host32 = self._floors()
+        new_losses = np.asarray(new_losses)
+        bad, reason = self._check(new_losses, floor, new_losses - floor)
         logits = self.logits
-        if logits.dtype == torch.float32 and self.min_losses.dtype == torch.float32:
-            floor32 = floor.astype(np.float32)  # the buffer's own float32 values
-            prev = torch.from_numpy(host(self.prev_losses).astype(np.float32) - floor32 + EPS)
-            new = torch.from_numpy(np.asarray(new_losses).astype(np.float32) - floor32 + EPS)
-            if not logits.is_cpu:
-                prev, new = prev.to(logits.device), new.to(logits.device)
-            logits.grad = softmax_vjp(torch.softmax(logits, dim=-1), prev.log() - new.log())
+        if bad.ndim == 0 and bad:  # one row: fail before touching the logits (the step raises)
+            return RowStep(host(logits), failed=bad, reason=reason)
+        if host32 and logits.dtype == torch.float32:
+            cached = self._prev_gap
+            gaps = np.empty((2, *new_losses.shape), dtype=np.float32)  # D(prev), D(new): one log call
+            if cached is not None and cached[0] is prev_t and cached[1] is self._floor_cache:
+                gaps[0] = cached[2]
+            else:  # prev_losses set elsewhere (a loaded checkpoint), or the floor changed since
+                gaps[0] = host(prev_t).astype(np.float32) - floor32 + EPS
+            gaps[1] = new_losses.astype(np.float32) - floor32 + EPS
+            z = self._softmax()
+            if logits.is_cpu:
+                logs = torch.from_numpy(gaps).log().numpy()
+                delta = logs[0] - logs[1]
+                if delta.shape[-1] == 2:
+                    logits.grad = torch.from_numpy(_softmax_vjp2_host(z.detach().numpy(), delta))
+                else:
+                    logits.grad = softmax_vjp(z, torch.from_numpy(delta))
+            else:
+                logs = torch.from_numpy(gaps).to(logits.device).log()
+                logits.grad = softmax_vjp(z, logs[0] - logs[1])
         else:  # other dtypes: famo_logit_grad as it stands
-            logits.grad = famo_logit_grad(logits, self.prev_losses.to(logits),
-                                          torch.from_numpy(np.asarray(new_losses)).to(logits), self.min_losses)
+            logits.grad = famo_logit_grad(logits, prev_t.to(logits),
+                                          torch.from_numpy(new_losses).to(logits), self.min_losses)
         adam_step(self.w_optimizer)
         return RowStep(host(logits), failed=bad, reason=reason)
 

@@ -61,16 +61,46 @@ from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_para
                                      rebind_private_optimizer)
 
 
+_APART_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}   # shape → strides of rows K + 1 apart
+
+
 def _rows_apart(x: Tensor) -> Tensor:
     """An uninitialised tensor shaped like ``x`` (..., K) whose rows lie K + 1 elements apart (one
     allocation, no copy: the destination of an op's ``out=``)."""
     shape = tuple(x.shape)
-    strides, step = [1], shape[-1] + 1
-    for n in reversed(shape[1:-1]):
-        strides.insert(0, step)
-        step *= n
-    strides.insert(0, step)
+    strides = _APART_STRIDES.get(shape)
+    if strides is None:   # (computed once per shape: the toy asks for the same one every step)
+        rows, step = [1], shape[-1] + 1
+        for n in reversed(shape[1:-1]):
+            rows.insert(0, step)
+            step *= n
+        rows.insert(0, step)
+        strides = _APART_STRIDES[shape] = tuple(rows)
     return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
+
+
+_K: dict[int, Tensor] = {}   # K → K as a 0-d CPU tensor
+
+
+def _k_tensor(k: int) -> Tensor:
+    """K as a 0-d float32 CPU tensor (exact for K < 2²⁴): ``t * K`` and ``t / K`` by it are the
+    products and quotients of the Python number — a 0-d tensor of the same category does not change
+    the result's dtype, and the element-wise float operation is the same — at half the dispatch
+    cost (no scalar to wrap per call)."""
+    t = _K.get(k)
+    if t is None:
+        t = _K[k] = torch.tensor(float(k), dtype=torch.float32)
+    return t
+
+
+def _mean_last(x: Tensor) -> Tensor:
+    """``x.mean(-1, keepdim=True)``: for float32/float64 on the CPU torch computes the mean as the sum
+    divided by the count (``mean_out``'s CPU branch: ``sum_out(...).div_(n)``), which this does at
+    two thirds of the cost; other dtypes (half types sum in float32 there) and devices (another
+    kernel) call ``mean``."""
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64):
+        return x.sum(-1, keepdim=True).div_(_k_tensor(x.shape[-1]))
+    return x.mean(-1, keepdim=True)
 
 
 def _pow_per_row(r: Tensor, alpha: float) -> Tensor:
@@ -99,12 +129,13 @@ def gradnorm_targets(weights: Tensor, norms: Tensor, losses: Tensor, initial_los
     batch-first: (..., K)."""
     g = weights * norms
     ratio = losses / initial_losses
-    mean = ratio.mean(-1, keepdim=True)
+    mean = _mean_last(ratio)
     if ratio.dim() > 1 and ratio.is_cpu and not ratio.requires_grad:  # (out= takes no autograd)
-        r = torch.div(ratio, mean, out=_rows_apart(ratio))             # rows K + 1 apart: _pow_per_row
+        # r in rows K + 1 apart, the layout _pow_per_row powers in one call: its call, without its checks
+        powered = torch.pow(torch.div(ratio, mean, out=_rows_apart(ratio)), alpha)
     else:
-        r = ratio / mean
-    return g, g.mean(-1, keepdim=True) * _pow_per_row(r, alpha)
+        powered = _pow_per_row(ratio / mean, alpha)
+    return g, _mean_last(g) * powered
 
 
 def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor,
@@ -120,13 +151,13 @@ def gradnorm_weight_grad(weights: Tensor, norms: Tensor, losses: Tensor, initial
     scaled = weights * scale                           # w̃
     g, target = gradnorm_targets(scaled, norms, losses, initial_losses, alpha)
     u = torch.sign(g - target) * norms
-    return scale * (u - (scaled * u).sum(-1, keepdim=True) / k)
+    return scale * (u - (scaled * u).sum(-1, keepdim=True) / _k_tensor(k))
 
 
 def _k_over(total: Tensor, k: int) -> Tensor:
     """K/total as torch evaluates the expression ``k / total`` (``Tensor.__rtruediv__``: the
-    reciprocal times k), without that Python wrapper."""
-    return total.reciprocal() * k
+    reciprocal times k), without that Python wrapper (and k as a ready tensor: :func:`_k_tensor`)."""
+    return total.reciprocal() * _k_tensor(k)
 
 
 def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.ndarray]:
@@ -138,9 +169,14 @@ def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor
     w = weights.clamp_min(0)
     total = w.sum(-1, keepdim=True)
     sums = host(total)[..., 0]
+    # every sum positive and finite (NaN fails the first test), in two reductions: the common case
+    if sums.size and 0 < sums.min() and sums.max() < np.inf:
+        k_over = _k_over(total, w.shape[-1])
+        fine = np.zeros(sums.shape, dtype=bool)
+        return (w * k_over if out is None else torch.mul(w, k_over, out=out)), fine, fine.copy()
     finite = np.isfinite(sums)
     nonfinite, dead = ~finite, finite & ~(sums > 0)
-    if not (nonfinite.any() or dead.any()):
+    if not (nonfinite.any() or dead.any()):   # (no rows)
         k_over = _k_over(total, w.shape[-1])
         return (w * k_over if out is None else torch.mul(w, k_over, out=out)), nonfinite, dead
     ok = torch.from_numpy(np.asarray(~(nonfinite | dead))).to(weights.device)

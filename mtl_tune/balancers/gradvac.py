@@ -53,10 +53,15 @@ TARGET_UPDATES = ("paper", "official")
 TARGET_MARGIN = 1e-6
 
 
-def vaccine_step(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target`` (elementwise)."""
+def vaccine_step(gi_norm: np.ndarray, gj_norm: np.ndarray, phi: np.ndarray, target: np.ndarray,
+                 where: np.ndarray | None = None) -> np.ndarray:
+    """Coefficient of g_j that moves cos(g_i', g_j) from ``phi`` up to ``target`` (elementwise); 0 where
+    ``where`` is False (the last division masked: as ``np.where(where, step, 0.0)``, one call less)."""
     sin_target = np.sqrt(1.0 - target * target)   # (once: it appears twice)
-    return gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * sin_target) / (gj_norm * sin_target)
+    numerator, denominator = gi_norm * (target * np.sqrt(1.0 - phi * phi) - phi * sin_target), gj_norm * sin_target
+    if where is None:
+        return numerator / denominator
+    return np.divide(numerator, denominator, out=np.zeros(numerator.shape), where=where)
 
 
 def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: Sequence[Sequence[int]] | np.ndarray,
@@ -85,10 +90,12 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
     norms = np.sqrt(np.maximum(diag, 0.0))
     tasks, first, pair = flat_pairs(n, k)               # (entries m flattened: see flat_pairs)
     c = identities(n, k).reshape(n * k, k)              # c[m] = C_i of row r
-    ac = columns.copy()                                 # ac[m] = A C_i, so ⟨g_i', g_j⟩ = ac[m, j]
+    last = visits.shape[-1] - 1
+    # ac[m] = A C_i, so ⟨g_i', g_j⟩ = ac[m, j]; updated after every visit but the last (K = 2: one
+    # visit, so it stays the columns and needs no copy of its own)
+    ac = columns.copy() if last > 0 else columns
     sq = diag                                           # ‖g_i'‖² (replaced, never written into)
     update_all = target_update == "paper"
-    last = visits.shape[-1] - 1
     with np.errstate(divide="ignore", invalid="ignore"):  # skipped visits may divide by 0: masked
         for t in range(visits.shape[-1]):
             j = visits[:, t]                            # (n·K,): the task each entry visits now
@@ -102,14 +109,16 @@ def gradvac_coefficients(gram_matrix: np.ndarray, targets: np.ndarray, orders: S
             target = np.minimum(np.maximum(old, -1.0 + TARGET_MARGIN), 1.0 - TARGET_MARGIN)
             fire = visit & (phi < target)
             if fire.any():                              # (elsewhere the step is 0: nothing moves)
-                step = np.where(fire, vaccine_step(gi_norm, gj_norm, phi, target), 0.0)
+                step = vaccine_step(gi_norm, gj_norm, phi, target, where=fire)
                 c.ravel()[ij] += step
                 if t < last:                            # (A C_i and ‖g_i'‖² serve the next visits only)
                     sq = np.where(fire, np.maximum(sq + 2.0 * step * dot + step * step * diag[col], 0.0), sq)
                     ac += step[:, None] * columns[col]
-            moved = (1.0 - beta) * old + beta * phi
-            phi_hat[ij] = np.where(visit if update_all else fire, moved, old)
-    return c.reshape(n, k, k).sum(-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
+            # φ̂ ← (1 − β) φ̂ + β φ where updated, written over ``old`` (a gathered copy) by the masked sum
+            np.add((1.0 - beta) * old, beta * phi, out=old, where=visit if update_all else fire)
+            phi_hat[ij] = old
+    # (NumPy's sum over the tasks, without the method's wrapper)
+    return np.add.reduce(c.reshape(n, k, k), axis=-2).reshape(*shape, k), phi_hat.reshape(*shape, k, k)
 
 
 class GradVac(OwnGenerator, GradientBalancer):
@@ -154,7 +163,8 @@ class GradVac(OwnGenerator, GradientBalancer):
         towards each row's targets, which it updates."""
         orders = step_orders(self, gram.shape[:-2])
         coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders, self.beta, self.target_update)
-        self.targets = torch.from_numpy(targets)
+        # (a plain attribute, never a buffer: stored without nn.Module's checks, ~1 µs a step)
+        self.__dict__["targets"] = torch.from_numpy(targets)
         return RowStep(coef)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -70,22 +70,44 @@ def imtl_rows(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     module docstring, row by row.
     """
     k = gram.shape[-1]
-    norms = np.sqrt(np.maximum(np.diagonal(gram, axis1=-2, axis2=-1), 0.0))
+    norms = np.sqrt(np.maximum(gram.diagonal(0, -2, -1), 0.0))
     if k == 2:
-        n1, n2 = norms[..., 0], norms[..., 1]
-        nonzero = (n1 > 0) & (n2 > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            alpha1 = np.where(nonzero, n2 / (n1 + n2), np.where(n1 > 0, 1.0, np.where(n2 > 0, 0.0, 0.5)))
-            # t = u₁ᵀd: n₁n₂(1 + cos θ)/(n₁ + n₂) = (n₁n₂ + a₁₂)/(n₁ + n₂); one task left: its ‖g‖
-            t = np.where(nonzero, (n1 * n2 + gram[..., 0, 1]) / (n1 + n2), np.maximum(n1, n2))
-        n_zero = (n1 == 0).astype(np.int64) + (n2 == 0)
-        return np.stack([alpha1, 1.0 - alpha1], -1), n_zero, t, np.ones(n_zero.shape, dtype=bool)
+        # the common case first: every norm nonzero and finite on every row (a zero, an infinite or a
+        # NaN norm makes the product 0, ∞ or NaN; so may an under- or overflow, which only costs the
+        # general path)
+        return _imtl2_nonzero(gram, norms) if 0.0 < norms.prod() < np.inf else _imtl2(gram, norms)
     rows, shape = gram.reshape(-1, k, k), gram.shape[:-2]
     alpha, n_zero, t = np.full((len(rows), k), np.nan), np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows))
     ok = np.ones(len(rows), dtype=bool)
     for r, (a, n_all) in enumerate(zip(rows, norms.reshape(-1, k))):
         alpha[r], n_zero[r], t[r], ok[r] = _imtl_one(a, n_all)
     return alpha.reshape(*shape, k), n_zero.reshape(shape), t.reshape(shape), ok.reshape(shape)
+
+
+def _imtl2(gram: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`imtl_rows` for K = 2, any rows: the closed form, a zero gradient's task dropped."""
+    n1, n2 = norms[..., 0], norms[..., 1]
+    nonzero = (n1 > 0) & (n2 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha1 = np.where(nonzero, n2 / (n1 + n2), np.where(n1 > 0, 1.0, np.where(n2 > 0, 0.0, 0.5)))
+        # t = u₁ᵀd: n₁n₂(1 + cos θ)/(n₁ + n₂) = (n₁n₂ + a₁₂)/(n₁ + n₂); one task left: its ‖g‖
+        t = np.where(nonzero, (n1 * n2 + gram[..., 0, 1]) / (n1 + n2), np.maximum(n1, n2))
+    n_zero = (n1 == 0).astype(np.int64) + (n2 == 0)
+    return np.stack([alpha1, 1.0 - alpha1], -1), n_zero, t, np.ones(n_zero.shape, dtype=bool)
+
+
+def _imtl2_nonzero(gram: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_imtl2` on rows whose norms are all nonzero and finite: the branch its ``np.where`` selects
+    there — the same operations on the same numbers, bit for bit — without the masks, the selections and
+    the stack (~10 µs less on the toy's rows)."""
+    n1, n2 = norms[..., 0], norms[..., 1]
+    shape = gram.shape[:-2]
+    total = n1 + n2
+    alpha = np.empty((*shape, 2))
+    alpha1 = np.divide(n2, total, out=alpha[..., 0])
+    np.subtract(1.0, alpha1, out=alpha[..., 1])
+    t = (n1 * n2 + gram[..., 0, 1]) / total
+    return alpha, np.zeros(shape, dtype=np.int64), t, np.ones(shape, dtype=bool)
 
 
 def _imtl_one(a: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int, float, bool]:

@@ -75,14 +75,16 @@ def moco_lambda_step(tracked_gram: np.ndarray, lambd: np.ndarray, gamma_t: float
     v = lambd - gamma_t * step
     if update == "project":
         return project_to_simplex_rows(v)
-    e = np.exp(v - v.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    # (the ufuncs' reductions that ``max``/``sum`` call, without the methods' wrappers: run every step)
+    e = np.exp(v - np.maximum.reduce(v, axis=-1, keepdims=True))
+    return e / np.add.reduce(e, axis=-1, keepdims=True)
 
 
 def rescaled_gradients(jacobian: Tensor, losses: Tensor) -> Tensor:
     """LibMTL's g_i ← ℓ_i g_i / (‖g_i‖ + 1e-8) on Jacobians (..., K, P) and losses (..., K)."""
     norms = torch.linalg.vector_norm(jacobian, dim=-1, keepdim=True)
-    return jacobian / (norms + NORM_EPS) * losses.to(jacobian)[..., None]
+    # (the product in place on the quotient, a temporary of this function: the same operations)
+    return (jacobian / (norms + NORM_EPS)).mul_(losses.to(jacobian).unsqueeze(-1))
 
 
 class MoCo(GradientBalancer):
@@ -130,19 +132,28 @@ class MoCo(GradientBalancer):
         t = self.step_count + 1
         failed = None
         if self.normalize:
-            negative = (losses < 0).any(-1).cpu().numpy()
-            if negative.any():
-                if negative.ndim == 0:  # one row: fail before touching the state
+            negative = losses < 0
+            if negative.any():          # (one reduction; the rows only when some loss is negative)
+                if negative.dim() == 1:  # one row: fail before touching the state
                     raise BalancerError(f"{NEGATIVE} (losses {losses.tolist()})")
-                failed = negative
+                failed = negative.any(-1).cpu().numpy()
         g = rescaled_gradients(jacobian, losses) if self.normalize else jacobian
         y = state_like(self.tracked, g, self.name, "tracked gradients")
         y = y - (self.beta / t ** self.beta_sigma) * (y - g)
-        self.tracked = y
-        a = host(gram(y)) if y.dim() == 2 else host(y.double() @ y.double().transpose(-1, -2))
+        self.__dict__["tracked"] = y    # (a plain attribute, never a buffer: skip nn.Module's checks, ~1 µs)
+        # the toy's rows: float64 on the host, no autograd: no casts, no copies (the same numbers)
+        host64 = y.dtype == torch.float64 and y.device.type == "cpu" and not y.requires_grad
+        if y.dim() == 2:
+            a = host(gram(y))
+        elif host64:   # (.double() is y itself: the same product, already a fresh float64 host array)
+            a = (y @ y.transpose(-1, -2)).numpy()
+        else:
+            a = host(y.double() @ y.double().transpose(-1, -2))
         self.lambd = moco_lambda_step(a, self.lambd, self.gamma / t ** self.gamma_sigma, self.rho,
                                       self.lambda_update)
-        weights = torch.from_numpy(self.lambd).to(device=y.device, dtype=y.dtype)
+        weights = torch.from_numpy(self.lambd)
+        if not host64:
+            weights = weights.to(device=y.device, dtype=y.dtype)
         direction = (weights.unsqueeze(-2) @ y).squeeze(-2)
         return RowStep(weights, failed=failed, reason=NEGATIVE, direction=direction)
 

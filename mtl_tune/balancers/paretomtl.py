@@ -207,6 +207,8 @@ class ParetoMTL(GradientBalancer):
         #: phase-1 steps taken (per row after start_rows)
         self.init_taken: np.ndarray = np.array(0, dtype=np.int64)
         self._last: dict[str, Any] = {}
+        #: the hull's vectors per (phase 1?, active constraints' bytes), made at the first step that needs them
+        self._vectors: dict[tuple[bool, bytes], np.ndarray] = {}
 
     # ------------------------------------------------------------------ rule
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
@@ -217,28 +219,51 @@ class ParetoMTL(GradientBalancer):
         n = len(flat_l)
         w = self.constraints
         active = active_constraints(flat_l, w) if len(w) else np.zeros((n, 0), dtype=bool)
-        init = np.broadcast_to(self.initialising, shape).reshape(n).copy()
-        taken = np.broadcast_to(self.init_taken, shape).reshape(n).copy()
-        phase1 = init & (taken < self.init_steps) & active.any(-1)
-        weights, ok = np.full((n, k), np.nan), np.ones(n, dtype=bool)
-        for sel in row_groups(np.concatenate([phase1[:, None], active], axis=1)):
-            first, pattern = bool(phase1[sel[0]]), active[sel[0]]
-            vectors = w[pattern] if first else np.vstack([np.eye(k), w[pattern]])
-            c, conv = hull_weights(flat_g[sel], vectors)
-            if not first:
-                total = np.abs(c).sum(-1, keepdims=True)
-                c = k * c / np.where(total > 0, total, 1.0)
-            weights[sel], ok[sel] = np.where(conv[:, None], c, np.nan), conv
-        # phase 1 ends for good at the first step that is not one (feasible, or the budget spent)
-        self.initialising = np.where(ok, init & phase1, init).reshape(shape)
-        self.init_taken = np.where(ok & phase1, taken + 1, taken).reshape(shape)
-        phase = np.where(phase1, 1, 2).reshape(shape)
+        # phase 1 over on every row (its state already per row): no phase-1 step, the state stays
+        settled = self.initialising.shape == shape and not self.initialising.any()
+        if settled:
+            init = taken = phase1 = None
+            keys = active
+        else:
+            init = np.broadcast_to(self.initialising, shape).reshape(n).copy()
+            taken = np.broadcast_to(self.init_taken, shape).reshape(n).copy()
+            phase1 = init & (taken < self.init_steps) & active.any(-1)
+            keys = np.concatenate([phase1[:, None], active], axis=1)
+        if n == 1 or (keys == keys[0]).all():   # the common case: one phase and active set for every row
+            weights, ok = self._group_weights(flat_g, not settled and bool(phase1[0]), active[0])
+        else:
+            weights, ok = np.full((n, k), np.nan), np.ones(n, dtype=bool)
+            for sel in row_groups(keys):
+                first = not settled and bool(phase1[sel[0]])
+                weights[sel], ok[sel] = self._group_weights(flat_g[sel], first, active[sel[0]])
+        if settled:
+            phase = np.full(shape, 2)
+        else:
+            # phase 1 ends for good at the first step that is not one (feasible, or the budget spent)
+            self.initialising = np.where(ok, init & phase1, init).reshape(shape)
+            self.init_taken = np.where(ok & phase1, taken + 1, taken).reshape(shape)
+            phase = np.where(phase1, 1, 2).reshape(shape)
         n_active = active.sum(-1).reshape(shape)
         if not shape:
             self._last = {"paretomtl_phase": int(phase), "paretomtl_active": int(n_active)}
         return RowStep(weights.reshape(*shape, k), failed=~ok.reshape(shape),
                        reason="paretomtl: min-norm solver did not converge",
                        extras={"paretomtl_phase": phase, "paretomtl_active": n_active})
+
+    def _group_weights(self, gram: np.ndarray, first: bool, pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Task weights (n, K) (NaN where not converged) and ``converged`` (n,) of rows (n, K, K) that share
+        the phase (``first``: phase 1) and the active constraints ``pattern`` (m,)."""
+        key = (first, pattern.tobytes())
+        vectors = self._vectors.get(key)
+        if vectors is None:   # the hull's vectors V of this phase and active set, made once (read-only)
+            w = self.constraints[pattern]
+            vectors = self._vectors[key] = w if first else np.vstack([np.eye(self.n_tasks), w])
+            vectors.flags.writeable = False
+        c, conv = hull_weights(gram, vectors)
+        if not first:
+            total = np.abs(c).sum(-1, keepdims=True)
+            c = self.n_tasks * c / np.where(total > 0, total, 1.0)
+        return (c if conv.all() else np.where(conv[:, None], c, np.nan)), conv
 
     # ------------------------------------------------------------------ state
     def start_rows(self, rows: Sequence[Balancer]) -> None:

@@ -75,20 +75,28 @@ PREDICT, CORRECT = 0, 1
 # and in a batch (BLAS kernels differ with the batch shape).
 
 
-def constraint_rows(losses: np.ndarray, preferences: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_preference(preferences: np.ndarray) -> np.ndarray:
+    """λ̂ = λ/‖λ‖, the direction ``pbi`` and ``cos`` measure against."""
+    return preferences / np.linalg.norm(preferences)
+
+
+def constraint_rows(losses: np.ndarray, preferences: np.ndarray, kind: str,
+                    unit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(h (...), a = ∂h/∂ℓ (..., K), defined (...)) for losses (..., K); ``defined`` is False where h
-    is undefined (``cos`` at ℓ = 0, ``cel`` at Σℓ ≤ 0, non-finite losses)."""
+    is undefined (``cos`` at ℓ = 0, ``cel`` at Σℓ ≤ 0, non-finite losses). ``unit``: λ̂ when the
+    caller has it (:func:`unit_preference`), else computed here."""
     ok = np.isfinite(losses).all(-1)
     ell = np.where(ok[..., None], losses, 1.0)
     if kind == "pbi":
-        u = preferences / np.linalg.norm(preferences)
+        u = unit_preference(preferences) if unit is None else unit
         r = ell - (ell * u).sum(-1)[..., None] * u
-        h = np.linalg.norm(r, axis=-1)
+        # ‖·‖ along the last axis as np.linalg.norm computes it (√Σx²), without its wrapper
+        h = np.sqrt((r * r).sum(-1))
         # on the ray, also when h is rounding noise (its direction then is noise too): a = 0
-        off = h > ON_RAY * np.linalg.norm(ell, axis=-1)
-        a = np.divide(r, h[..., None], out=np.zeros_like(r), where=off[..., None])
+        off = h > ON_RAY * np.sqrt((ell * ell).sum(-1))
+        a = np.divide(r, h[..., None], out=np.zeros(r.shape, r.dtype), where=off[..., None])
     elif kind == "cos":
-        u = preferences / np.linalg.norm(preferences)
+        u = unit_preference(preferences) if unit is None else unit
         n = np.linalg.norm(ell, axis=-1)
         ok &= n > 0
         n = np.where(n > 0, n, 1.0)[..., None]
@@ -116,8 +124,11 @@ def predict_rows(gram: np.ndarray, a: np.ndarray, tangent: bool) -> tuple[np.nda
         return min_norm_weights(gram)
     ca = (gram * a[..., None, :]).sum(-1)
     aca = (a * ca).sum(-1)
-    trace = np.trace(gram, axis1=-2, axis2=-1)
+    trace = gram.trace(axis1=-2, axis2=-1)
     active = aca > 1e-12 * trace * (a * a).sum(-1)
+    if active.all():   # the common case: every row projects (the general lines below with nothing masked)
+        mu, ok = min_norm_weights(gram - ca[..., :, None] * ca[..., None, :] / aca[..., None, None])
+        return mu + (-(mu * ca).sum(-1) / aca)[..., None] * a, ok
     safe = np.where(active, aca, 1.0)
     projected = gram - np.where(active[..., None, None], ca[..., :, None] * ca[..., None, :] / safe[..., None, None], 0.0)
     mu, ok = min_norm_weights(projected)
@@ -133,8 +144,9 @@ def lp_data(gram: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     full = np.empty((*a.shape[:-1], k + 1, k + 1))
     full[..., :k, :k], full[..., :k, k], full[..., k, :k] = gram, ca, ca
     full[..., k, k] = (a * ca).sum(-1)
-    norms = np.sqrt(np.clip(np.diagonal(full, axis1=-2, axis2=-1), 0.0, None))
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    # np.clip(x, 0, None) is np.maximum(x, 0) (NumPy's clip calls it); the diagonal as a strided view
+    norms = np.sqrt(np.maximum(full.reshape(*full.shape[:-2], -1)[..., ::k + 2], 0.0))
+    inv = np.divide(1.0, norms, out=np.zeros(norms.shape, norms.dtype), where=norms > 0)
     return full * inv[..., None, :], inv, norms[..., k]
 
 
@@ -172,6 +184,28 @@ def correct_lp(gram: np.ndarray, a: np.ndarray, sigma: float) -> tuple[np.ndarra
 _PAIRS = np.array([(p, q) for p in range(5) for q in range(p + 1, 5)])
 
 
+def _pair_systems() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair's 3×3 system [line p; line q; Σμ = 1] (10, 3, 3) and right-hand side (10, 3) with what
+    is the same on every row filled in: lines 0–2 (μ_i = 0: unit normal e_i, level 0), Σμ = 1, and
+    line 4's level 0 (g₀·d̃ = g₁·d̃); and where the per-row lines go: the (pair, row) slots of lines 3
+    and 4 with each slot's line, (8,) each, and the slots of line 3 (the level σ‖∇h‖), (4,) each."""
+    systems, rhs = np.ones((len(_PAIRS), 3, 3)), np.ones((len(_PAIRS), 3))
+    slots = []
+    for pair, lines in enumerate(_PAIRS):
+        for row, line in enumerate(lines):
+            rhs[pair, row] = 0.0   # line 3's level is written per row
+            if line < 3:
+                systems[pair, row] = np.eye(3)[line]
+            else:
+                slots.append((pair, row, line))
+    slot_pair, slot_row, slot_line = (np.array(v) for v in zip(*slots))
+    return systems, rhs, np.stack([slot_pair, slot_row]), slot_line, np.stack([slot_pair, slot_row])[:, slot_line == 3]
+
+
+_SYSTEMS, _RHS, _SLOTS, _SLOT_LINE, _H_SLOTS = _pair_systems()
+_EYE = np.eye(3)
+
+
 def correct_two(gram: np.ndarray, a: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """The correction LP for K = 2 in closed form, on rows (n, 2, 2), (n, 2): (c (n, 2), solved (n)).
 
@@ -179,31 +213,34 @@ def correct_two(gram: np.ndarray, a: np.ndarray, sigma: float) -> tuple[np.ndarr
     maximum is at a vertex of the polygon cut by the line g₀·d̃ = g₁·d̃, i.e. at an intersection of
     two of the five lines above. All ten intersections are formed (3×3 systems with Σμ = 1), the
     feasible ones (tolerance 1e-12 relative) evaluated, the best taken (the first in pair order on a
-    tie: where the LP has several optima HiGHS may return another vertex of the same value)."""
+    tie: where the LP has several optima HiGHS may return another vertex of the same value).
+
+    Every line is normalised (normal and level divided by the normal's length, where not zero); lines
+    0–2 are μ_i = 0 with unit normals e_i, so only lines 3 and 4 are computed per row (:func:`_pair_systems`)."""
     n = len(a)
     inner, inv, norm_h = lp_data(gram, a)
-    vectors = np.empty((n, 5, 3))
-    vectors[:, :3] = np.eye(3)
-    vectors[:, 3], vectors[:, 4] = inner[:, 2], inner[:, 0] - inner[:, 1]
-    values = np.zeros((n, 5))
-    values[:, 3] = sigma * norm_h
-    size = np.linalg.norm(vectors, axis=-1)
-    unit = np.divide(vectors, size[..., None], out=np.zeros_like(vectors), where=size[..., None] > 0)
-    values = np.divide(values, size, out=np.zeros_like(values), where=size > 0)
-    systems = np.ones((n, len(_PAIRS), 3, 3))
-    systems[:, :, 0], systems[:, :, 1] = unit[:, _PAIRS[:, 0]], unit[:, _PAIRS[:, 1]]
-    rhs = np.ones((n, len(_PAIRS), 3))
-    rhs[:, :, 0], rhs[:, :, 1] = values[:, _PAIRS[:, 0]], values[:, _PAIRS[:, 1]]
+    normals = np.empty((n, 2, 3))          # lines 3 (∇h·d̃ = σ‖∇h‖) and 4 ((g₀ − g₁)·d̃ = 0)
+    normals[:, 0] = inner[:, 2]
+    np.subtract(inner[:, 0], inner[:, 1], out=normals[:, 1])
+    size = np.sqrt((normals * normals).sum(-1))                        # as np.linalg.norm(…, axis=-1)
+    unit = np.divide(normals, size[..., None], out=np.zeros(normals.shape), where=size[..., None] > 0)
+    level = np.divide(sigma * norm_h, size[:, 0], out=np.zeros(n), where=size[:, 0] > 0)   # line 4's is 0
+    systems = _SYSTEMS[None].repeat(n, 0)
+    systems[:, _SLOTS[0], _SLOTS[1]] = unit[:, _SLOT_LINE - 3]
+    rhs = _RHS[None].repeat(n, 0)
+    rhs[:, _H_SLOTS[0], _H_SLOTS[1]] = level[:, None]
     regular = np.abs(np.linalg.det(systems)) > 1e-12
-    systems[~regular] = np.eye(3)
+    # parallel lines (on the toy lines 3 and 4 always are): no intersection, solved as the identity, never feasible
+    np.copyto(systems, _EYE, where=~regular[..., None, None])
     points = np.linalg.solve(systems, rhs[..., None])[..., 0]          # (n, 10, 3)
     scale = np.maximum(np.abs(inner).max(axis=(-2, -1)), 1e-300)[:, None]
     along = (points[:, :, None, :] * inner[:, None, :, :]).sum(-1)                    # vᵢ·d̃ at each point
     feasible = regular & (points >= -1e-12).all(-1) & (along[..., 2] >= sigma * norm_h[:, None] - 1e-12 * scale)
     worst = np.where(feasible, along[..., :2].min(-1), -np.inf)
     best = worst.argmax(-1)
-    mu = np.clip(points[np.arange(n), best], 0.0, None)
-    mu /= np.where(mu.sum(-1, keepdims=True) > 0, mu.sum(-1, keepdims=True), 1.0)
+    mu = np.maximum(points[np.arange(n), best], 0.0)                   # np.clip(…, 0, None)
+    total = mu.sum(-1, keepdims=True)
+    mu /= np.where(total > 0, total, 1.0)
     return coefficients(mu, inv, a), feasible.any(-1)
 
 
@@ -245,6 +282,8 @@ class PMGDA(GradientBalancer):
             raise ValueError(f"pmgda: sigma must be in (0, 1], got {sigma!r}")
         self.preferences, self.constraint, self.prediction = r, constraint, prediction
         self.h_eps, self.sigma = float(h_eps), float(sigma)
+        #: λ̂ (``pbi``, ``cos``), made once
+        self._unit = unit_preference(r)
         self._last: dict[str, Any] = {}
 
     def weights_rows(self, gram: np.ndarray, losses: np.ndarray) -> RowStep:
@@ -253,19 +292,35 @@ class PMGDA(GradientBalancer):
         k = self.n_tasks
         shape = losses.shape[:-1]
         flat_g, flat_l = gram.reshape(-1, k, k), losses.reshape(-1, k)
-        h, a, defined = constraint_rows(flat_l, self.preferences, self.constraint)
-        a = np.where(defined[..., None], a, 0.0)
-        correct = defined & (h >= self.h_eps)
-        # the predict solve only where the row predicts (a correct row's weights come from its LP)
-        weights, ok = np.full((len(flat_l), k), np.nan), np.ones(len(flat_l), dtype=bool)
-        if (~correct).any():
-            weights[~correct], ok[~correct] = predict_rows(flat_g[~correct], a[~correct], self.prediction == "tangent")
-        messages: list[str] = [] if ok[~correct & defined].all() else ["min-norm solver did not converge"]
-        solver_failed = ~ok & ~correct & defined
-        if k == 2 and correct.any():
-            c, solved = correct_two(flat_g[correct], a[correct], self.sigma)
-            weights[correct] = c
-            solver_failed[correct] = ~solved
+        n = len(flat_l)
+        h, a, defined = constraint_rows(flat_l, self.preferences, self.constraint, self._unit)
+        all_defined = bool(defined.all())
+        if all_defined:   # the common case: no row to mask
+            correct = h >= self.h_eps
+        else:
+            a = np.where(defined[..., None], a, 0.0)
+            correct = defined & (h >= self.h_eps)
+        predict = ~correct
+        n_correct = int(np.count_nonzero(correct))
+        # the predict solve only where the row predicts (a correct row's weights come from its LP); when
+        # every row takes the same move, on all rows as they are
+        if n_correct == 0:
+            weights, ok = predict_rows(flat_g, a, self.prediction == "tangent")
+            weights = weights.astype(np.float64, copy=False)   # as if written into a float64 array
+        else:
+            weights, ok = np.full((n, k), np.nan), np.ones(n, dtype=bool)
+            if n_correct < n:
+                weights[predict], ok[predict] = predict_rows(flat_g[predict], a[predict], self.prediction == "tangent")
+        solver_failed = ~ok & predict if all_defined else ~ok & predict & defined
+        messages: list[str] = ["min-norm solver did not converge"] if solver_failed.any() else []
+        if k == 2 and n_correct:
+            if n_correct == n:
+                weights, solved = correct_two(flat_g, a, self.sigma)
+                solver_failed = ~solved
+            else:
+                c, solved = correct_two(flat_g[correct], a[correct], self.sigma)
+                weights[correct] = c
+                solver_failed[correct] = ~solved
             if not solved.all():
                 messages.append("closed-form LP (K = 2): no feasible vertex")
         for i in np.flatnonzero(correct) if k > 2 else ():
@@ -275,8 +330,10 @@ class PMGDA(GradientBalancer):
                 messages.append(msg)
             else:
                 weights[i] = c
-        weights = np.where(solver_failed[..., None], 1.0 / k, weights)
-        weights[~defined] = np.nan
+        if messages:   # (a failed row always leaves a message)
+            weights = np.where(solver_failed[..., None], 1.0 / k, weights)
+        if not all_defined:
+            weights[~defined] = np.nan
         moves = correct.astype(np.int64)
         if not shape:
             self._last = {"pmgda_move": int(moves[0]), "pmgda_h": float(h[0])}

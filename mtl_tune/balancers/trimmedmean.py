@@ -56,13 +56,18 @@ def trimmed_mean(jacobian: Tensor, trim_number: int) -> tuple[Tensor, Tensor]:
     keep = k - 2 * trim_number
     rows = jacobian.shape[:-2].numel()
     block = max(1, min(p, BLOCK_ENTRIES // max(rows * k, 1)))
+    # nothing trimmed from at most two entries: their sum does not depend on their order (a + b = b + a
+    # in floating point), so the sort is skipped and every entry is kept — the same floats
+    unsorted = trim_number == 0 and k <= 2
+    if unsorted and block == p:
+        # ... and in one block (the toy's) every task's kept energy is its energy, the same sum of the
+        # same squares, so the weight is kept/energy/keep = 1/keep, or, for a zero (or NaN) gradient,
+        # (P/P)/keep = 1/keep: the direction is the mean, in one call, and the weights are 1/keep
+        return jacobian.mean(-2), jacobian.new_full(jacobian.shape[:-1], 1.0 / keep)
     scale = jacobian.abs().amax(-1, keepdim=True)                     # (..., K, 1): no under/overflow below
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     directions, kept_energy = [], torch.zeros(jacobian.shape[:-1], dtype=jacobian.dtype, device=jacobian.device)
     kept_count = torch.zeros_like(kept_energy)
-    # nothing trimmed from at most two entries: their sum does not depend on their order (a + b = b + a
-    # in floating point), so the sort is skipped and every entry is kept — the same floats
-    unsorted = trim_number == 0 and k <= 2
     for start in range(0, p, block):
         part = jacobian[..., start:start + block]
         r = part / safe

@@ -221,8 +221,8 @@ def test_meta_rows_equal_meta_step_on_each_row_and_the_analytic_hypergradient(k)
 
 def test_meta_rows_take_the_losses_alone_from_losses_at_when_given():
     """The finite difference's two evaluations read only losses: ``losses_at`` gives them (the toy's
-    cheaper forward); with the same numbers λ steps the same bits, and the Jacobian-returning
-    landscape is then called once (at θ′), not three times."""
+    cheaper forward), both points in one call; with the same numbers λ steps the same bits, and the
+    Jacobian-returning landscape is then called once (at θ′), not three times."""
     mats, vecs, _ = quadratic(2, 1)
     landscape = quadratic_landscape(mats, vecs)
     calls = {"full": 0, "losses": 0}
@@ -233,7 +233,9 @@ def test_meta_rows_take_the_losses_alone_from_losses_at_when_given():
 
     def losses_at(points):
         calls["losses"] += 1
-        return landscape(points)[0]
+        assert points.shape == (2, 3, P)   # x + εd and x − εd of the 3 rows
+        # each side as the separate evaluations of meta_rows without losses_at (the same floats)
+        return np.stack([landscape(side)[0] for side in points])
 
     points = np.random.default_rng(5).normal(size=(3, P))
     plain, cheap = (get_balancer("autol", 2, meta_lr=1e-2) for _ in range(2))
@@ -245,7 +247,7 @@ def test_meta_rows_take_the_losses_alone_from_losses_at_when_given():
         got = cheap.meta_rows(counted, points, losses, jac, 0.05, losses_at)
         assert torch.equal(cheap.lambdas, plain.lambdas)
         np.testing.assert_array_equal(got.weights, want.weights)
-    assert calls == {"full": 3, "losses": 6}
+    assert calls == {"full": 3, "losses": 3}
 
 
 def test_meta_rows_fail_a_row_with_the_meta_steps_message_and_spare_the_others():
@@ -260,3 +262,40 @@ def test_meta_rows_fail_a_row_with_the_meta_steps_message_and_spare_the_others()
     assert out.failed.tolist() == [False, True, False]
     assert out.reason_of((1,)).startswith("autol: non-finite task loss [nan")
     assert torch.isfinite(many.lambdas).all() and not torch.equal(many.lambdas[0], torch.full((2,), 0.1))
+
+
+def elementwise_landscape(target: np.ndarray, curvatures: np.ndarray):
+    """ℓₖ(x) = Σₚ cₖₚ (xₚ − tₚ)² + 1 at points (..., P): every row's numbers from its own entries alone (no
+    matrix product), so a row gets the same bits in a batch of any size."""
+    def evaluate(points):
+        diff = (points - target)[..., None, :]
+        return (curvatures * diff * diff).sum(-1) + 1.0, 2.0 * curvatures * diff
+    return evaluate
+
+
+@pytest.mark.parametrize("cheap", [False, True])
+def test_meta_rows_common_case_agrees_with_the_masked_path(cheap):
+    """Every row finite and moving takes the unmasked path; a failed row (a NaN loss) or a row whose d
+    is 0 (at the tasks' common minimum) takes the masked one. The other rows' λ are the same bits
+    either way, and a masked row steps on a zero gradient."""
+    rng = np.random.default_rng(3)
+    target, curvatures = rng.normal(size=P), rng.uniform(0.5, 2.0, size=(2, P))
+    landscape = elementwise_landscape(target, curvatures)   # both tasks minimal at ``target``
+    losses_at = (lambda points: landscape(points)[0]) if cheap else None
+    points = np.concatenate([rng.normal(size=(2, P)), target[None], rng.normal(size=(1, P))])
+    kept = [0, 3]   # rows 1 (a NaN loss from the second step) and 2 (d = 0: ∇ℓₖ = 0 at x = θ′) masked
+    masked, plain = get_balancer("autol", 2, meta_lr=1e-2), get_balancer("autol", 2, meta_lr=1e-2)
+    masked.start_rows([get_balancer("autol", 2, meta_lr=1e-2) for _ in range(4)])
+    plain.start_rows([get_balancer("autol", 2, meta_lr=1e-2) for _ in range(3)])
+    for step in range(3):
+        losses, jac = landscape(points)
+        if step >= 1:
+            losses[1, 0] = math.nan
+        out = masked.meta_rows(landscape, points, losses, jac, 0.05, losses_at)
+        both = [0, 1, 3]   # the plain run's rows: row 1 stays finite there (the unmasked path)
+        want = plain.meta_rows(landscape, points[both], landscape(points[both])[0], jac[both], 0.05, losses_at)
+        assert not want.failed.any() and out.failed.tolist() == [False, step >= 1, False, False]
+        np.testing.assert_array_equal(out.weights[kept], want.weights[[0, 2]])
+        if step == 0:   # row 1 before it fails: the unmasked numbers too
+            np.testing.assert_array_equal(out.weights[1], want.weights[1])
+    assert torch.equal(masked.lambdas[2], torch.full((2,), 0.1))   # zero gradients: λ where it started

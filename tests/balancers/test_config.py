@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_tune.balancers.config import config_rows
+from mtl_tune.balancers.config import RCOND, _pinv_hermitian, config_rows
 from mtl_tune.registry import get_balancer
 
 from ._helpers import random_jacobian, unit
@@ -69,6 +69,66 @@ def test_batch_rows_match_single_rows():
     batch = config_rows(grams)
     for r in range(4):
         assert np.allclose(batch[r], config_rows(grams[r]), rtol=1e-14, atol=0)
+
+
+def test_pinv_without_numpys_wrappers_is_numpys_pinv_bit_for_bit():
+    """_pinv_hermitian is NumPy's hermitian pinv without its wrappers: the same floats, both where
+    |eigenvalues| rise strictly in every row (the descending order is the reversal, by slicing) and
+    where they do not (ties, negative eigenvalues: NumPy's argsort), for any leading shape."""
+    rng = np.random.default_rng(0)
+    rising, other = 0, 0
+    for trial in range(400):
+        k, shape = int(rng.integers(1, 6)), [(), (5,), (2, 3)][trial % 3]
+        j = rng.normal(size=(*shape, k, k + 2))
+        if trial % 4 == 1:
+            j[..., 0, :] = 0.0                                # a zero gradient: a zero eigenvalue
+        u = j / np.maximum(np.linalg.norm(j, axis=-1, keepdims=True), 1e-300)
+        a = u @ np.swapaxes(u, -1, -2)                       # cosine matrices: PSD, |λ| rising bar rounding
+        if trial % 4 == 2:
+            a = np.broadcast_to(np.eye(k), a.shape).copy()   # orthogonal gradients: equal eigenvalues
+        if trial % 4 == 3:
+            a = a - 1.5 * np.eye(k)                          # negative eigenvalues: |λ| out of order
+        s = np.abs(np.linalg.eigh(a)[0])
+        if (s[..., 1:] > s[..., :-1]).all():
+            rising += 1
+        else:
+            other += 1
+        assert np.array_equal(_pinv_hermitian(a, RCOND), np.linalg.pinv(a, rcond=RCOND, hermitian=True))
+    assert rising > 100 and other > 100
+
+
+def test_config_rows_are_the_formula_bit_for_bit():
+    """config_rows (masked divisions, the diagonal written in place) against the module docstring's
+    formula written with np.where and NumPy's pinv: the same floats, zero and opposite gradients and
+    preferences included."""
+    rng = np.random.default_rng(1)
+
+    def reference(g, w):
+        norms = np.sqrt(np.maximum(np.diagonal(g, axis1=-2, axis2=-1), 0.0))
+        nonzero = norms > 0.0
+        inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
+        cos = g * inv[..., :, None] * inv[..., None, :]
+        eye = np.eye(g.shape[-1], dtype=bool)
+        cos = np.where(eye, nonzero[..., None, :] & eye, cos)
+        beta = inv * (np.linalg.pinv(cos, rcond=RCOND, hermitian=True) @ w)
+        q = (g @ beta[..., None])[..., 0]
+        energy, length = (beta * q).sum(-1), q.sum(-1)
+        return np.where(energy > 0.0, length / np.where(energy > 0.0, energy, 1.0), 0.0)[..., None] * beta
+
+    for trial in range(300):
+        k, shape = int(rng.integers(1, 6)), [(), (5,), (2, 3)][trial % 3]
+        j = rng.normal(size=(*shape, k, 3))
+        if trial % 5 == 1:
+            j[..., 0, :] = 0.0
+        if trial % 5 == 2:
+            j[..., -1, :] = -2.0 * j[..., 0, :]
+        if trial % 5 == 3:
+            j[:] = 0.0
+        g = j @ np.swapaxes(j, -1, -2)
+        if trial % 2:
+            g = np.swapaxes(g, -1, -2)                       # a view, not C-contiguous
+        w = np.ones(k) if trial % 3 else rng.random(k)
+        assert np.array_equal(config_rows(g, None if trial % 3 else w), reference(g, w))
 
 
 @pytest.mark.parametrize("case", property_cases(), ids=repr)

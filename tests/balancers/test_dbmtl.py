@@ -146,3 +146,41 @@ def test_dbmtl_properties(case):
     assert_valid_step(*step_(case.jac, case.losses), case)
     assert_permutation_equivariant(step_, case, rtol=1e-12)
     assert_gradient_scaling(step_, case, degree=1, weight_degree=0, rtol=1e-6)
+
+
+def test_dbmtl_host_rescaling_is_torchs_bit_for_bit():
+    """K = 2 on float64 CPU tensors forms α and d in NumPy (_rescaled_host); torch's calls
+    (_rescaled, every other case) give the same bits, zeros and their signs included."""
+    from mtl_tune.balancers.dbmtl import _rescaled, _rescaled_host
+
+    rng = np.random.default_rng(0)
+    for it in range(300):
+        shape = (int(rng.integers(1, 6)), 2, int(rng.integers(1, 5))) if it % 5 else (2, 3)
+        avg = rng.normal(size=shape) * 10.0 ** rng.uniform(-8, 8, size=(*shape[:-1], 1))
+        avg[rng.random(shape) < 0.15] = 0.0
+        if it % 9 == 0:
+            avg[..., 0, :] = 0.0                                  # a task with a zero average
+        avg_t = torch.from_numpy(avg)
+        norms = torch.linalg.vector_norm(avg_t, dim=-1)
+        for a, b in zip(_rescaled(norms, avg_t), _rescaled_host(norms, avg_t)):
+            assert a.shape == b.shape and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+def test_dbmtl_row_check_fast_path_and_failed_rows_agree():
+    """Every shifted loss finite and > 0 skips the per-row check; a batch with a failing row takes it,
+    and its other rows step exactly as they do in a batch where no row fails."""
+    jac = torch.stack([random_jacobian(2, 2, seed=s) for s in range(3)])
+    good = torch.tensor([[1.0, 2.0], [0.5, 3.0], [2.0, 0.7]], dtype=torch.float64)
+    with_bad = good.clone()
+    with_bad[1, 0] = -1.0
+    clean, mixed = DBMTL(2), DBMTL(2)
+    clean.start_rows([DBMTL(2) for _ in range(3)])
+    mixed.start_rows([DBMTL(2) for _ in range(3)])
+    for losses_mixed in (good, with_bad):
+        a, b = clean.direction_rows(jac, good), mixed.direction_rows(jac, losses_mixed)
+        clean.step_count += 1
+        mixed.step_count += 1
+        assert a.failed is None
+    assert b.failed.tolist() == [False, True, False] and "min_losses" in b.reason_of((1,))
+    for r in (0, 2):
+        assert torch.equal(a.direction[r], b.direction[r]) and torch.equal(a.weights[r], b.weights[r])

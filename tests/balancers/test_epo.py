@@ -155,3 +155,23 @@ def test_rows_with_a_failing_lp_among_them(k):
     assert "relative loss is 0" in rows.solver_message
     for i in (0, 2, 4):
         np.testing.assert_array_equal(rows.weights[i], bal.weights_rows(gram[i], losses[i]).weights)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rows_with_zero_losses_among_them_match_one_row_each(k):
+    # a row with every loss 0 (Σ r⊙ℓ = 0: μ = 0, a = 0, masked) among ordinary rows, and the ordinary rows
+    # alone (nothing masked, no unsolvable row): each row's weights, move and μ are those of the row alone
+    rng = np.random.default_rng(20 + k)
+    jac = rng.normal(size=(5, k, 4))
+    gram, losses = jac @ jac.transpose(0, 2, 1), rng.uniform(0.2, 2, (5, k))
+    losses[2] = 0.0
+    bal = get_balancer("epo", k, preferences=list(np.arange(1.0, k + 1)))
+    for sel in ([0, 1, 2, 3, 4], [0, 1, 3, 4]):
+        rows = bal.weights_rows(gram[sel], losses[sel])
+        assert not rows.failed.any() and not rows.solver_failed.any()
+        for i, j in enumerate(sel):
+            one = bal.weights_rows(gram[j], losses[j])
+            np.testing.assert_array_equal(rows.weights[i], one.weights)
+            assert rows.extras["epo_move"][i] == one.extras["epo_move"]
+            assert rows.extras["epo_mu"][i] == one.extras["epo_mu"]
+    assert bal.weights_rows(gram[2], losses[2]).extras["epo_move"] == DESCENT

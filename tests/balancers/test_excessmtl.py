@@ -151,3 +151,25 @@ def test_excessmtl_properties(case):
     assert_valid_step(*st(case.jac, case.losses), case)
     assert_permutation_equivariant(st, case, rtol=1e-12)
     assert_gradient_scaling(st, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+def test_excessmtl_host_path_is_torchs_bit_for_bit():
+    """P ≤ 2 on a float64 CPU Jacobian forms S and e in NumPy; torch's path (any other Jacobian: here
+    one that requires grad) gives the same bits, step after step, zero-baseline rows included."""
+    rng = np.random.default_rng(5)
+    for p in (1, 2):
+        host_run, torch_run = (get_balancer("excessmtl", 2, robust_step_size=0.3) for _ in range(2))
+        host_run.start_rows([get_balancer("excessmtl", 2) for _ in range(4)])
+        torch_run.start_rows([get_balancer("excessmtl", 2) for _ in range(4)])
+        for t in range(6):
+            jac = rng.normal(size=(4, 2, p)) * 10.0 ** rng.uniform(-5, 5, size=(4, 2, 1))
+            if t == 0:
+                jac[3, 1] = 0.0          # row 3: task 1's baseline is 0, the row fails from step 2 on
+            jac_t = torch.from_numpy(jac)
+            losses = torch.ones(4, 2, dtype=torch.float64)
+            a = host_run.direction_rows(jac_t, losses)
+            b = torch_run.direction_rows(jac_t.clone().requires_grad_(True), losses)
+            assert torch.equal(a.direction, b.direction.detach()) and torch.equal(a.weights, b.weights)
+            assert torch.equal(host_run.sq_sum, torch_run.sq_sum.detach())
+            assert np.array_equal(host_run.baseline, torch_run.baseline)
+            assert (a.failed is None) == (t == 0) and (t == 0 or a.failed.tolist() == [False] * 3 + [True])

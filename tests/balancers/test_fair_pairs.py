@@ -101,3 +101,33 @@ def test_fair_pairs_warm_start_reaches_the_same_root():
         np.testing.assert_allclose(warm.x, ref.x, rtol=1e-8)
     again = solver.solve(a11, a12, a22, start=cold.start)
     assert again.iterations.max() == 0  # the same problem: its own solution is converged already
+
+
+def test_fair_pairs_without_live_rows_skip_the_iteration_exactly():
+    """A call whose rows are all Pareto-stationary or have a zero gradient returns before the Newton
+    loop; each of its rows must equal, bit for bit, the same row solved next to a live row (which
+    runs the loop): x, residual, flags, iterations and the warm start it hands on."""
+    from mtl_tune.balancers._fair_pairs import FairPairs
+
+    rng = np.random.default_rng(11)
+    g1 = rng.normal(size=(4, 3))
+    g2 = -g1 * np.exp(rng.normal(size=(4, 1))) + 1e-5 * rng.normal(size=(4, 3))   # stationary: nearly opposite
+    g2[3] = 0.0                                                                      # a zero gradient
+    live = rng.normal(size=(2, 3))
+    a11 = np.concatenate([(g1 * g1).sum(1), [live[0] @ live[0]]])
+    a12 = np.concatenate([(g1 * g2).sum(1), [live[0] @ live[1]]])
+    a22 = np.concatenate([(g2 * g2).sum(1), [live[1] @ live[1]]])
+    for alpha, p in ((2.0, None), (0.5, np.exp(rng.normal(size=(5, 2)))), (1.0, None)):
+        solver = FairPairs(alpha)
+        cold = solver.solve(a11, a12, a22, p).start
+        for start in (None, (1.5 * cold[0], cold[1]), (rng.normal(size=5), rng.normal(size=5) < 0)):
+            both = solver.solve(a11, a12, a22, p, start)
+            assert not (both.stationary | both.zero.any(-1))[4]   # the last row is live: the loop runs
+            dead = solver.solve(a11[:4], a12[:4], a22[:4], None if p is None else p[:4],
+                                None if start is None else (start[0][:4], start[1][:4]))
+            assert (dead.stationary | dead.zero.any(-1)).all() and dead.stationary[:3].all()
+            for name in ("x", "converged", "stationary", "residual", "iterations", "zero"):
+                assert np.array_equal(getattr(dead, name), getattr(both, name)[:4]), name
+            # (the Newton variable of a stationary row may be NaN: ρ = −1 makes 2W = 0)
+            assert np.array_equal(dead.start[0], both.start[0][:4], equal_nan=True)
+            assert np.array_equal(dead.start[1], both.start[1][:4])

@@ -130,3 +130,54 @@ def test_a_non_finite_loss_is_refused_before_it_reaches_the_logits(bad):
         assert torch.equal(a.state_dict()[k], v), k
     a.after_optimizer_step(torch.tensor([0.5, 2.9]))
     assert torch.isfinite(a.logits).all()
+
+
+def test_host_softmax_vjp_for_two_tasks_is_torchs_bit_for_bit():
+    """after_rows forms J_softmax(ξ)ᵀδ on the host for K = 2 (torch for larger K): the same bits."""
+    from mtl_tune.balancers.famo import _softmax_vjp2_host, softmax_vjp
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        shape = (int(rng.integers(1, 8)), 2) if rng.random() < 0.8 else (2,)
+        z = torch.softmax(torch.from_numpy((rng.normal(size=shape) * 4).astype(np.float32)), dim=-1)
+        delta = (rng.normal(size=shape) * 10.0 ** rng.integers(-9, 1)).astype(np.float32)
+        delta[rng.random(shape) < 0.1] = 0.0
+        want = softmax_vjp(z, torch.from_numpy(delta)).numpy()
+        got = _softmax_vjp2_host(z.numpy(), delta)
+        assert got.dtype == want.dtype and np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_row_checks_caches_and_loaded_state_take_the_general_paths_alike():
+    """A batch with a row below the floor takes the per-row check (the others: no check) and its other
+    rows get what they get in a clean batch; a loaded checkpoint (new logits and prev_losses in a
+    balancer whose caches hold the old ones) continues exactly as the balancer it came from."""
+    floor = [-2.0, -21.0]
+    clean, mixed = (get_balancer("famo", 2, w_lr=0.05, min_losses=floor) for _ in range(2))
+    clean.start_rows([get_balancer("famo", 2, min_losses=floor) for _ in range(3)])
+    mixed.start_rows([get_balancer("famo", 2, min_losses=floor) for _ in range(3)])
+    good = np.array([[1.0, 2.0], [0.5, 3.0], [2.0, 0.7]])
+    bad = good.copy()
+    bad[1, 0] = -2.5
+    a, b = clean.weights_rows(good), mixed.weights_rows(bad)
+    assert not a.failed.any() and b.failed.tolist() == [False, True, False] and "min_losses" in b.reason_of((1,))
+    assert np.array_equal(a.weights[[0, 2]], b.weights[[0, 2]])
+    a, b = clean.after_rows(good * 0.99), mixed.after_rows(bad * 0.99)
+    assert b.failed.tolist() == [False, True, False] and np.array_equal(a.weights[[0, 2]], b.weights[[0, 2]])
+
+    source, target = (get_balancer("famo", 2, w_lr=0.05, min_losses=floor) for _ in range(2))
+    target.weights_rows(np.array([1.5, 1.5]))                      # caches for target's own state
+    source.weights_rows(np.array([1.0, 2.0]))
+    source.after_rows(np.array([0.9, 1.99]))
+    source.weights_rows(np.array([0.9, 1.99]))                     # prev_losses set, then saved
+    target.load_state_dict(saved_and_loaded(source.state_dict()))
+    target.min_losses.fill_(-3.0)                                  # an in-place change of the floor...
+    source.min_losses.fill_(-3.0)                                  # ...in both
+    new = np.array([0.8, 1.98])
+    assert np.array_equal(target.after_rows(new).weights, source.after_rows(new).weights)
+    assert torch.equal(target.logits, source.logits)
+    assert np.array_equal(target.weights_rows(new).weights, source.weights_rows(new).weights)
+    moved = get_balancer("famo", 2, min_losses=floor)
+    moved.weights_rows(new)
+    moved.min_losses.fill_(-3.0)                                   # the cached host floor is stale now
+    assert np.array_equal(moved.weights_rows(new).weights,
+                          get_balancer("famo", 2, min_losses=[-3.0, -3.0]).weights_rows(new).weights)

@@ -144,3 +144,36 @@ def test_a_large_jacobian_goes_in_column_blocks(monkeypatch):
     assert torch.equal(d, m[0] * jac[0] + m[1] * jac[1] + m[2] * jac[2])
     torch.testing.assert_close(w, effective_weights(jac, m), rtol=1e-6, atol=0)
     assert w.dtype == torch.float32
+
+
+def _same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit up to NaN payloads: the same values, NaNs and signs of zero."""
+    nan = a.isnan()
+    return (torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+            and torch.equal(a[~nan].signbit(), b[~nan].signbit()))
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)])
+def test_masks_and_default_leak_weights_take_fewer_calls_with_the_same_floats(shape):
+    """The masked gradients use [g > 0] = [U < P], which differs from M only at zero (and NaN) entries,
+    where g·1 = g·0 (or λ·g = 1·g); with λ = 0 the weights come from (g/s)² and that mask. Direction
+    and weights equal, bit for bit, the written-out formulas with the true multipliers
+    (graddrop_multipliers, _effective_weights), with ±0, NaN and ±inf entries and zero rows."""
+    import mtl_tune.balancers.graddrop as graddrop
+
+    g = torch.Generator().manual_seed(len(shape))
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-310, -1e-300])
+    for k in (1, 2, 3):
+        jac = torch.randn(*shape, k, 40, generator=g, dtype=torch.float64)
+        pick = torch.rand(jac.shape, generator=g)
+        jac = torch.where(pick < 0.4, specials[torch.randint(0, 7, jac.shape, generator=g)], jac)
+        jac[..., 0, :5] = 0.0
+        if shape:
+            jac[0] = 0.0                                     # a zero Jacobian row
+        uniform = torch.rand(*shape, 40, generator=g, dtype=torch.float64)
+        for leak in (0.0, 0.3, 1.0):
+            masked = graddrop_multipliers(jac, uniform, leak) * jac
+            want_d = graddrop._task_sum(masked)
+            want_w = graddrop._effective_weights(jac, masked, jac.abs())
+            d, w = graddrop.masked_sum(jac, uniform, leak)
+            assert _same_floats(d, want_d) and _same_floats(w, want_w)

@@ -209,3 +209,38 @@ def test_checkpoint_after_steps_continues_identically():
         x, y = bal.backward(losses(), [a, w]), twin.backward(losses(), [a, w])
         assert torch.equal(x.weights, y.weights) and torch.equal(bal.weights, twin.weights)
         assert torch.equal(x.extras["target_norms"], y.extras["target_norms"])
+
+
+def test_renormalise_rows_common_case_agrees_with_the_masked_path():
+    """Rows whose sums are all positive and finite take the unmasked path; one NaN row or one all-zero
+    row sends the batch through the masked one. The good rows get the same bits either way."""
+    from mtl_tune.balancers.gradnorm import renormalise_rows
+
+    gen = torch.Generator().manual_seed(4)
+    good = torch.rand(4, 3, generator=gen) * 2 - 0.3          # some negative entries: clamped
+    plain, nonfinite, dead = renormalise_rows(good)
+    assert not nonfinite.any() and not dead.any()
+    for bad, flag in ((torch.tensor([float("nan"), 1.0, 1.0]), "nonfinite"), (torch.tensor([0.0, -1.0, 0.0]), "dead")):
+        batch = torch.cat([good[:2], bad[None], good[2:]])
+        out = batch.clone()
+        got, nonfinite, dead = renormalise_rows(out, out=out)
+        assert got is out and torch.equal(got[[0, 1, 3, 4]], plain)
+        assert torch.equal(got[2].nan_to_num(), bad.nan_to_num())   # the failing row is left as it was
+        assert (nonfinite if flag == "nonfinite" else dead).tolist() == [False, False, True, False, False]
+        assert not (dead if flag == "nonfinite" else nonfinite).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_the_cheaper_forms_of_mean_and_k_over_are_torch_s_own_bit_for_bit(dtype, k):
+    """``_mean_last`` (sum, then divide by K) is ``mean(-1, keepdim=True)`` and ``_k_over`` (K as a 0-d
+    tensor) is ``k / total``, to the bit, on values of every magnitude."""
+    from mtl_tune.balancers.gradnorm import _k_over, _mean_last
+
+    gen = torch.Generator().manual_seed(k)
+    for scale in (1e-30, 1e-3, 1.0, 7.0, 1e30):
+        x = torch.randn(5000, k, generator=gen, dtype=dtype) * scale
+        assert torch.equal(_mean_last(x), x.mean(-1, keepdim=True))
+        assert torch.equal(_mean_last(x[0]), x[0].mean(-1, keepdim=True))
+        total = x.abs().sum(-1, keepdim=True)
+        assert torch.equal(_k_over(total, k), k / total) and _k_over(total, k).dtype == dtype

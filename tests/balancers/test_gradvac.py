@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtl_tune.balancers.base import gram
-from mtl_tune.balancers.gradvac import GradVac, gradvac_coefficients
+from mtl_tune.balancers.gradvac import GradVac, gradvac_coefficients, vaccine_step
 from mtl_tune.balancers.pcgrad import PCGrad, pcgrad_coefficients
 
 from ._helpers import unit
@@ -84,3 +84,33 @@ def test_gradvac_properties(case):
     assert_valid_step(*step(case.jac, case.losses), case)
     # not permutation-equivariant: the random projection order is drawn per task index
     assert_gradient_scaling(step, case, degree=1, weight_degree=0, rtol=1e-12)
+
+
+def test_masked_vaccine_step_is_the_where_of_the_step():
+    """``where=``: the last division masked, 0 elsewhere: bit for bit np.where(mask, step, 0.0), also
+    where the unmasked step would divide by zero."""
+    rng = np.random.default_rng(0)
+    gi, gj = rng.random(200) * 3.0, rng.random(200) * 3.0
+    gj[::7] = 0.0
+    phi, target = rng.uniform(-1.0, 1.0, 200), rng.uniform(-0.99, 0.99, 200)
+    mask = (rng.random(200) < 0.5) & (gj != 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.where(mask, vaccine_step(gi, gj, phi, target), 0.0)
+    assert np.array_equal(vaccine_step(gi, gj, phi, target, where=mask), want)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_gradvac_leaves_its_inputs_as_they_are(k):
+    """One visit per task (K = 2) reads A's columns without a copy of its own, more visits (K = 3) update a
+    copy: the caller's Gram matrices (here a transposed view, whose columns are its memory) and targets
+    stay as they were."""
+    rng = np.random.default_rng(k)
+    j = rng.normal(size=(4, k, 3))
+    j[:, 1] = -0.8 * j[:, 0] + 0.2 * j[:, 1]                  # conflicting: the corrections fire
+    a = np.swapaxes(j @ np.swapaxes(j, -1, -2), -1, -2)
+    targets = np.full((4, k, k), 0.3)
+    a_before, targets_before = a.copy(), targets.copy()
+    orders = np.broadcast_to(np.arange(k), (4, k, k))
+    coef, new = gradvac_coefficients(a, targets, orders, 0.5)
+    assert np.array_equal(a, a_before) and np.array_equal(targets, targets_before)
+    assert not np.array_equal(coef, np.ones((4, k))) and not np.array_equal(new, targets)

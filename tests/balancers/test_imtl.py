@@ -103,3 +103,29 @@ def test_imtl_g_weights_properties(case):
     # a K×K solve: eps·cond(A) ≲ 1e-13, hence 1e-10
     assert_gram_function_equivariant(lambda a: imtl_g_weights(torch.from_numpy(a))[0], case, weight_degree=0,
                                      rtol=1e-10)
+
+
+def test_imtl_two_task_rows_fast_path_is_the_general_closed_form_bit_for_bit():
+    """K = 2: rows whose gradients are all nonzero take the branch-free path; a batch with a zero
+    gradient anywhere takes the general one (np.where over the cases). Both give the same bits
+    where both apply, and a mixed batch gives each row what it gets alone."""
+    import numpy as np
+
+    from mtl_tune.balancers import imtl as module
+
+    rng = np.random.default_rng(0)
+    jac = rng.normal(size=(200, 2, 3)) * 10.0 ** rng.uniform(-6, 6, size=(200, 2, 1))
+    a = (jac[..., :, None, :] * jac[..., None, :, :]).sum(-1)
+    norms = np.sqrt(np.maximum(np.diagonal(a, axis1=-2, axis2=-1), 0.0))
+    fast, general = module._imtl2_nonzero(a, norms), module._imtl2(a, norms)
+    for x, y in zip(fast, general):
+        assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+    assert np.array_equal(module.imtl_rows(a)[0], fast[0])          # the fast path is taken
+    for one, one_norms in zip(a[:20], norms):                       # one row (no leading dimension) too
+        assert all(np.array_equal(x, y) for x, y in zip(module.imtl_rows(one), module._imtl2(one, one_norms)))
+    mixed = a[:6].copy()
+    mixed[2, 0, :] = mixed[2, :, 0] = 0.0                           # row 2: task 1's gradient is zero
+    alpha, n_zero, t, ok = module.imtl_rows(mixed)                  # the general path
+    assert n_zero.tolist() == [0, 0, 1, 0, 0, 0] and ok.all() and alpha[2].tolist() == [0.0, 1.0]
+    for r in (0, 1, 3, 4, 5):
+        assert np.array_equal(alpha[r], fast[0][r]) and t[r] == fast[2][r]

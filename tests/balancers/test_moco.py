@@ -122,6 +122,31 @@ def test_moco_rows_in_lockstep_equal_single_balancers():
             torch.testing.assert_close(out.weights[r], w, rtol=1e-13, atol=1e-15)
 
 
+def test_moco_lockstep_rows_on_the_host_skip_casts_with_the_same_numbers():
+    """float64 rows on the host take Y Yᵀ and λ as they are (no cast, no copy): the same numbers, bit for
+    bit, as the general path host(Y.double() @ Y.double()ᵀ) written out; float32 rows go the general way."""
+    from mtl_tune.balancers._rows import host
+    from mtl_tune.balancers.moco import moco_lambda_step, rescaled_gradients
+
+    gen = torch.Generator().manual_seed(5)
+    jacs = torch.randn(6, 4, 2, 3, generator=gen, dtype=torch.float64)        # (steps, rows, K, P)
+    losses = 0.5 + torch.rand(6, 4, 2, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        rows = get_balancer("moco", 2)
+        rows.start_rows([get_balancer("moco", 2) for _ in range(4)])
+        y, lam = torch.zeros(4, 2, 3, dtype=dtype), np.full((4, 2), 0.5)
+        for t in range(6):
+            jac, ell = jacs[t].to(dtype), losses[t].to(dtype)
+            out = rows.direction_rows(jac, ell)
+            rows.step_count += 1
+            y = y - (0.5 / (t + 1) ** 0.5) * (y - rescaled_gradients(jac, ell))
+            lam = moco_lambda_step(host(y.double() @ y.double().transpose(-1, -2)), lam, 0.1 / (t + 1) ** 0.5, 0.0,
+                                   "softmax")
+            w = torch.from_numpy(lam).to(dtype)
+            assert out.weights.dtype == out.direction.dtype == dtype
+            assert torch.equal(out.weights, w) and torch.equal(out.direction, (w.unsqueeze(-2) @ y).squeeze(-2))
+
+
 def test_moco_refuses_negative_losses_when_rescaling_by_them():
     bal = get_balancer("moco", 2)
     with pytest.raises(BalancerError, match="negative loss"):

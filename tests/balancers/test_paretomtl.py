@@ -176,6 +176,34 @@ def test_rows_match_one_row_each_with_state():
     np.testing.assert_array_equal(lock.init_taken, [b.init_taken for b in singles])
 
 
+def test_rows_sharing_phase_and_active_set_match_one_row_each():
+    # rows with one phase and active set take one hull solve without grouping (also once phase 1 is over
+    # on every row and the state stays as it is); with a row that differs they are grouped: either way
+    # each row's weights, phase and state are those of the row alone
+    rng = np.random.default_rng(8)
+    hp = dict(preferences=[1.0, 0.0], references=[[0.0, 1.0], [1.0, 1.0]], init_steps=2)
+    jac = rng.normal(size=(6, 2, 2, 3))
+    outside = np.array([1.0, 2.0])                       # both constraints active: phase 1 while it may
+    for n_same in (4, 3):                                # every row the same; one row different
+        lock = get_balancer("paretomtl", 2, **hp)
+        lock.start_rows([get_balancer("paretomtl", 2, **hp) for _ in range(4)])
+        singles = [get_balancer("paretomtl", 2, **hp) for _ in range(4)]
+        phases = []
+        for s in range(6):
+            grams = np.stack([jac[s, 0] @ jac[s, 0].T] * n_same + [jac[s, 1] @ jac[s, 1].T] * (4 - n_same))
+            losses = np.stack([outside] * n_same + [outside[::-1]] * (4 - n_same))
+            rows = lock.weights_rows(grams, losses)
+            phases.append(rows.extras["paretomtl_phase"].tolist())
+            for i in range(4):
+                one = singles[i].weights_rows(grams[i], losses[i])
+                np.testing.assert_array_equal(rows.weights[i], one.weights)
+                assert rows.extras["paretomtl_phase"][i] == one.extras["paretomtl_phase"]
+        np.testing.assert_array_equal(lock.init_taken, [b.init_taken for b in singles])
+        np.testing.assert_array_equal(lock.initialising, [bool(b.initialising) for b in singles])
+        assert phases[0][:n_same] == [1] * n_same and phases[-1] == [2] * 4
+        assert lock.initialising.shape == (4,) and lock.init_taken.dtype == np.int64
+
+
 def test_state_dict_round_trip():
     b = get_balancer("paretomtl", 2, preferences=[1.0, 0.0], references=[[0.0, 1.0]])
     b.weights_rows(np.eye(2), np.array([1.0, 2.0]))

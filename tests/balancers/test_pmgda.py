@@ -209,6 +209,34 @@ def test_rows_match_one_row_each():
         np.testing.assert_array_equal(rows.weights[i], bal.weights_rows(gram[i], losses[i]).weights)
 
 
+@pytest.mark.parametrize("prediction", ["tangent", "mgda"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_batches_of_one_move_and_mixed_batches_match_one_row_each(k, prediction):
+    # all rows predicting (one solve on the rows as they are), all correcting, both, and with a row whose
+    # losses are not finite (masked): each row's weights and move are those of the row alone. The
+    # predicting rows are near the ray (∇h ≠ 0: projected) and on it (a = 0: not projected)
+    rng = np.random.default_rng(10 + k)
+    jac = rng.normal(size=(6, k, 4))
+    gram, pref = jac @ jac.transpose(0, 2, 1), np.arange(1.0, k + 1)
+    near = pref * (1 + 1e-3 * rng.normal(size=(6, k)))
+    far = rng.uniform(0.2, 2, (6, k))
+    mixed = far.copy()
+    mixed[[0, 3]] = near[[0, 3]]
+    mixed[4] = pref                                      # exactly on the ray: a = 0
+    undefined = mixed.copy()
+    undefined[2, 0] = np.nan
+    bal = get_balancer("pmgda", k, preferences=pref.tolist(), prediction=prediction)
+    for losses, moves in ((near, [PREDICT] * 6), (far, [CORRECT] * 6), (mixed, None), (undefined, None)):
+        rows = bal.weights_rows(gram, losses)
+        if moves is not None:
+            assert rows.extras["pmgda_move"].tolist() == moves
+        for i in range(6):
+            one = bal.weights_rows(gram[i], losses[i])
+            np.testing.assert_array_equal(rows.weights[i], one.weights)
+            assert rows.extras["pmgda_move"][i] == one.extras["pmgda_move"] and rows.failed[i] == one.failed
+    assert rows.failed.tolist() == [False, False, True, False, False, False] and np.isnan(rows.weights[2]).all()
+
+
 @pytest.mark.parametrize("case", property_cases(), ids=repr)
 def test_pmgda_properties(case):
     # these losses are far from the ray of λ = 1 (h ≥ ε): correction steps. J → aJ scales the LP's

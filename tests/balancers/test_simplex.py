@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -114,3 +115,95 @@ def test_min_norm_weights_degenerate_rows():
             warnings.simplefilter("error")
             w, ok = min_norm_weights(np.full((1, 3, 3), bad))
         assert not ok.any() and np.isnan(w).all()
+
+
+def _small_supports_written_out(rows):
+    """_small_supports's formulas written out candidate kind by candidate kind, entry by entry (the
+    implementation gathers them lane-major to make fewer NumPy calls): the same operations per element."""
+    n, k = rows.shape[0], rows.shape[-1]
+    pairs = np.array(list(itertools.combinations(range(k), 2))).reshape(-1, 2)
+    triples = np.array(list(itertools.combinations(range(k), 3))).reshape(-1, 3)
+    with np.errstate(all="ignore"):
+        diag = np.diagonal(rows, axis1=-2, axis2=-1)
+        scale = np.maximum(np.abs(diag).max(-1), 1e-300)
+        a = rows / scale[:, None, None]
+        d = diag / scale[:, None]
+        i, j = pairs.T
+        aii, ajj, aij = a[:, i, i], a[:, j, j], a[:, i, j]
+        gamma = (ajj - aij) / (aii + ajj - 2.0 * aij)
+        gamma = np.where((gamma > 0) & (gamma < 1), gamma, np.nan)
+        rest = 1.0 - gamma
+        edge_obj = aii * gamma * gamma + 2.0 * aij * gamma * rest + ajj * rest * rest
+        x, y, z = triples.T
+        p_, s_, u_, q_, r_, t_ = a[:, x, x], a[:, y, y], a[:, z, z], a[:, x, y], a[:, x, z], a[:, y, z]
+        c_xy, c_xz, c_yz = r_ * t_ - q_ * u_, q_ * t_ - r_ * s_, q_ * r_ - p_ * t_
+        wx = (s_ * u_ - t_ * t_) + c_xy + c_xz
+        wy = c_xy + (p_ * u_ - r_ * r_) + c_yz
+        wz = c_xz + c_yz + (p_ * s_ - q_ * q_)
+        total = wx + wy + wz
+        wx, wy, wz = wx / total, wy / total, wz / total
+        inside = (wx > 0) & (wy > 0) & (wz > 0)
+        wx, wy, wz = np.where(inside, wx, np.nan), np.where(inside, wy, np.nan), np.where(inside, wz, np.nan)
+        tri_obj = (p_ * wx * wx + s_ * wy * wy + u_ * wz * wz + 2.0 * (q_ * wx * wy + r_ * wx * wz + t_ * wy * wz))
+    obj = np.concatenate([d, edge_obj, tri_obj], axis=1)
+    best = np.argmin(np.where(np.isnan(obj), np.inf, obj), axis=1)
+    w = np.zeros((n, k))
+    for r in range(n):
+        c = best[r]
+        if c < k:
+            w[r, c] = 1.0
+        elif c < k + len(pairs):
+            w[r, pairs[c - k]] = gamma[r, c - k], rest[r, c - k]
+        else:
+            w[r, triples[c - k - len(pairs)]] = [v[r, c - k - len(pairs)] for v in (wx, wy, wz)]
+    obj_best = obj[np.arange(n), best]
+    grad = (a * w[:, None, :]).sum(-1)
+    ok = np.isfinite(obj_best) & (grad >= obj_best[:, None] - _simplex.KKT_TOL).all(-1)
+    return np.where(ok[:, None], w, np.nan), ok
+
+
+@pytest.mark.parametrize("k", [3, 4, 5, 8])
+def test_small_supports_are_the_formulas_bit_for_bit(k):
+    # gradients in 1–4 dimensions (vertex, edge and triangle minimisers, supports of four that fail the
+    # check), repeated and zero gradients (ties, flat edges), a row of zeros and non-finite rows
+    rng = np.random.default_rng(k)
+    for dim in (1, 2, 3, 4):
+        g = rng.normal(size=(30, k, dim)) * np.exp(2 * rng.normal(size=(30, k, 1)))
+        g[1, 1], g[2, 0], g[3] = g[1, 0], 0.0, np.round(g[3])
+        rows = g @ g.transpose(0, 2, 1)
+        rows[4] = 0.0
+        rows[5, 0, 0], rows[6, 1, 2] = np.nan, np.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # non-finite rows: NaN candidates, quietly
+            got, ok = _simplex._small_supports(rows)
+        with np.errstate(invalid="ignore"):
+            want, want_ok = _small_supports_written_out(rows)
+        np.testing.assert_array_equal(ok, want_ok)
+        assert np.array_equal(got, want, equal_nan=True) and np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_min_norm_weights_two_tasks_rows_alone_and_with_a_flat_row_are_the_same_bits():
+    # identical gradients (denominator 0: the midpoint) take the guarded lines; a batch without such a
+    # row takes the unguarded ones: the ordinary rows must not see the difference
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(8, 2, 3))
+    g[2, 1] = g[2, 0]
+    a = g @ g.transpose(0, 2, 1)
+    together, ok = min_norm_weights(a)
+    assert ok.all() and together[2].tolist() == [0.5, 0.5]
+    for i in range(8):
+        assert np.array_equal(min_norm_weights(a[i])[0], together[i])
+    assert np.array_equal(min_norm_weights(np.delete(a, 2, axis=0))[0], np.delete(together, 2, axis=0))
+
+
+def test_min_norm_weights_active_set_rows_among_small_support_rows():
+    # the tetrahedron's row needs the active-set solver; the other rows return from the small supports
+    # alone (no active-set pass) and must be the same bits among it
+    v = np.array([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(5, 4, 2))
+    a = np.concatenate([g @ g.transpose(0, 2, 1), (v @ v.T)[None]])
+    together, ok = min_norm_weights(a)
+    assert ok.all() and np.allclose(together[-1], 0.25, rtol=0, atol=1e-12)
+    alone, ok_alone = min_norm_weights(a[:-1])
+    assert ok_alone.all() and np.array_equal(alone, together[:-1])

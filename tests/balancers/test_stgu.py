@@ -412,3 +412,52 @@ def test_stgu_properties(case):
     # and the grouping reads loss ratios ℓ(after)/ℓ(before) = (b + aJθ)/b, not homogeneous in J.
     params, weights = train_step_weights("stgu", case, prepos=0)
     assert_valid_step(params, weights, case)
+
+
+@pytest.mark.parametrize("attribution", ["paper", "official"])
+def test_stgu_toy_kernel_reads_the_engines_evaluation_as_its_cache_would(attribution):
+    """The toy's kernel (toy/kernels/_rows.py) takes an iteration's first forward from the engine's
+    evaluation at x (``at_x``) and the lookahead's losses alone (``losses_at``); without them it keeps
+    the lookahead and reuses it. Both ways: the same points, weights and affinities, to the bit, with
+    one evaluation with Jacobian per iteration fewer (paper attribution)."""
+    from toy.common import EngineConfig, loss_floor
+    from toy.kernels import kernel_for
+    from toy.kernels._base import NumpyAdam
+    from toy.landscape import toy_value_and_jacobian, toy_values
+
+    cfg = EngineConfig()
+    calls = {"full": 0, "losses": 0}
+    shift = loss_floor(cfg.scale)   # positive losses, as the engine's (relative decreases need them)
+
+    def landscape(points):
+        calls["full"] += 1
+        losses, jac = toy_value_and_jacobian(points, cfg.scale)
+        return losses - shift, jac
+
+    def losses_at(points):
+        calls["losses"] += 1
+        return toy_values(points, cfg.scale) - shift
+
+    hp = dict(attribution=attribution, prepos=2, affin_decay=0.2, max_norm=0.5)
+    engine_fed, cached = (kernel_for("stgu")([STGU(2, seed=s, **hp) for s in range(3)], cfg) for _ in range(2))
+    start = np.array([[-8.5, 7.5], [0.0, 0.0], [9.0, 9.0]])
+    x_fed, x_cached = start.copy(), start.copy()
+    adam_fed, adam_cached = NumpyAdam(x_fed, cfg.lr), NumpyAdam(x_cached, cfg.lr)
+    for t in range(12):
+        losses, jac = toy_value_and_jacobian(x_fed, cfg.scale)   # the engine's evaluation after the last step
+        at_x = (losses - shift, jac)
+        before = dict(calls)
+        engine_fed.train_step(t, x_fed, adam_fed.step, landscape, at_x, losses_at)
+        fed_calls = {key: calls[key] - before[key] for key in calls}
+        before = dict(calls)
+        cached.train_step(t, x_cached, adam_cached.step, landscape)
+        cached_calls = {key: calls[key] - before[key] for key in calls}
+        np.testing.assert_array_equal(x_fed, x_cached)
+        np.testing.assert_array_equal(engine_fed.weights, cached.weights)
+        np.testing.assert_array_equal(engine_fed.balancer.affinity, cached.balancer.affinity)
+        # two group steps: the second one's forward, and (paper) the lookahead — kept by the cache for the
+        # next iteration, whose x it is; official attribution has no lookahead, so its cache never hits
+        paper = attribution == "paper"
+        assert fed_calls == {"full": 1, "losses": int(paper)}
+        assert cached_calls == {"full": 3 if paper and t == 0 else 2, "losses": 0}
+    assert not engine_fed.failed.any() and not cached.failed.any()

@@ -70,7 +70,8 @@ def test_blocks_and_rows_give_the_same_numbers(monkeypatch):
 def test_nothing_trimmed_from_two_skips_the_sort_with_the_same_floats(k, monkeypatch):
     """t = 0 with K ≤ 2: the mean of the sorted entries is the mean in task order bit for bit
     (a + b = b + a), so the sort is skipped; direction and weights equal the sorted path's, in one
-    block and in column blocks, float64 and float32."""
+    block (the shortcut: the mean and w = 1/K, no energies) and in column blocks (the loop), float64
+    and float32, with zero, tiny and non-finite rows."""
     def sorted_path(jac, block):   # the general loop with t = 0: sort, keep all, the same sums
         scale = jac.abs().amax(-1, keepdim=True)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -88,12 +89,15 @@ def test_nothing_trimmed_from_two_skips_the_sort_with_the_same_floats(k, monkeyp
     rows = torch.stack([random_jacobian(k, 37, s) for s in range(5)])
     rows[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-300])
     rows[1] = 0.0
+    rows[2, -1, 5] = float("nan")
+    rows[3, 0, 7] = float("inf")
     for jac in (rows, rows.float(), rows[0]):
         for block in (37, 4):
             monkeypatch.setattr(tm, "BLOCK_ENTRIES", max(1, jac.shape[:-1].numel()) * block)
             d, w = tm.trimmed_mean(jac, 0)
             want_d, want_w = sorted_path(jac, block)
-            assert torch.equal(d, want_d) and torch.equal(w, want_w)
+            torch.testing.assert_close(d, want_d, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(w, want_w, rtol=0, atol=0, equal_nan=True)
             if block == 37:   # one block: the kept share is the whole energy, w = 1/K exactly
                 assert torch.equal(w, torch.full_like(w, 1.0 / k))
 

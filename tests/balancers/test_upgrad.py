@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mtl_tune.balancers import upgrad as upgrad_module
-from mtl_tune.balancers._dual_cone import kkt_ok, normalized_gram, project_one, project_weights
+from mtl_tune.balancers._dual_cone import (_project_2, _project_2_regular, kkt_ok, normalized_gram, project_one,
+                                           project_weights)
 from mtl_tune.balancers.upgrad import upgrad_rows
 from mtl_tune.registry import get_balancer
 
@@ -84,6 +85,68 @@ def test_projection_of_a_cone_member_is_itself_and_batches_match_rows():
         assert ok.shape == (5,) and ok.all()
         for r in range(5):
             assert np.array_equal(batch[r], upgrad_rows(grams[r])[0])
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """x's bytes with every NaN made +NaN (exactness up to the sign of a NaN, which nothing reads)."""
+    return np.where(np.isnan(x), np.nan, x).view(np.uint8) if x.dtype.kind == "f" else x.view(np.uint8)
+
+
+def test_k2_regular_path_equals_the_general_closed_form_bit_for_bit():
+    # _project_2_regular (no zero gradient, a feasible candidate among λ = 0 and the one non-zero λ)
+    # must give exactly what _project_2 gives, and decline (None) the rest, which project_weights then
+    # hands to _project_2: conflicting, nearly opposite, zero-gradient, non-finite and nearly orthogonal
+    # Gramians, with u ≥ 0 (the methods' weights), signed u (both pᵢ < 0) and ±0 entries
+    rng = np.random.default_rng(7)
+    us = [np.eye(2) / 2, np.full((1, 2), 0.5), np.diag([0.3, 0.0]), np.array([[0.0, -0.0], [1.0, 0.25]]),
+          rng.uniform(-1, 1, (3, 2))]
+    taken = {True: 0, False: 0}
+    for trial in range(600):
+        jac = rng.normal(size=(4, 2, 3))
+        kind = trial % 5
+        if kind == 1:   # nearly opposite: on the Pareto front
+            jac[:, 1] = -rng.uniform(0.2, 5) * jac[:, 0] + 1e-9 * rng.normal(size=(4, 3))
+        elif kind == 2:  # one zero gradient in one row
+            jac[rng.integers(4), rng.integers(2)] = 0.0
+        elif kind == 4:  # orthogonal up to a conflict below the tolerance: pᵢ < 0 and still λ = 0
+            jac = np.zeros((4, 2, 3))
+            jac[:, 0, 0], jac[:, 1, 1] = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
+            jac[:, 1, 0] = -10.0 ** rng.uniform(-15, -9, 4)
+        gram = np.einsum("bkp,bjp->bkj", jac, jac)
+        if kind == 3:   # a non-finite entry
+            gram[rng.integers(4), 0, 1] = [np.nan, np.inf][trial % 2]
+        u = us[(trial // 5) % len(us)]   # every kind of Gramian with every u
+        with np.errstate(all="ignore"):
+            g = normalized_gram(gram)
+            fast = _project_2_regular(g, u)
+            v_ref, ok_ref = _project_2(g, np.broadcast_to(u, (4, *u.shape)))
+            v, ok = project_weights(gram, u)
+        taken[fast is not None] += 1
+        if fast is not None:
+            assert np.array_equal(_bits(fast[0]), _bits(v_ref)) and np.array_equal(fast[1], ok_ref.all(-1))
+        assert np.array_equal(_bits(v), _bits(v_ref)) and np.array_equal(ok, ok_ref.all(-1))
+    assert min(taken.values()) >= 100   # both branches exercised
+
+
+def test_normalized_gram_plain_quotient_equals_the_zero_guarded_form():
+    # rows of trace > 0 take the plain quotient; a zero / below-norm_eps / NaN trace the guarded form
+    rng = np.random.default_rng(8)
+    jac = rng.normal(size=(5, 3, 4))
+    gram = np.einsum("bkp,bjp->bkj", jac, jac)
+    for norm_eps in (0.0, 1e-4, 3.0):
+        for zero_row in (None, 2):
+            g = gram.copy()
+            if zero_row is not None:
+                g[zero_row] = 0.0
+            trace = np.trace(g, axis1=-2, axis2=-1)[..., None, None]
+            zero = (trace < norm_eps) | (trace <= 0.0)
+            with np.errstate(all="ignore"):
+                want = np.where(zero, 0.0, g / np.where(zero, 1.0, trace))
+            assert np.array_equal(_bits(normalized_gram(g, 0.0, norm_eps)), _bits(want))
+    g = gram.copy()
+    g[1, 0, 0] = np.nan
+    out = normalized_gram(g)
+    assert np.isnan(out[1]).all() and np.array_equal(out[0], gram[0] / np.trace(gram[0]))
 
 
 def test_solver_reports_running_out_of_iterations():

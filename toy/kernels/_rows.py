@@ -88,6 +88,7 @@ class RowsKernel(Kernel):
         self.param_sizes = [p.numel() // self.rows for p in self.params]  # entries per row
         self._cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (x, losses, jac)
         self.uses_gram = self.kind in ("gradient", "representation")
+        self._balancer_attrs = vars(self.balancer)  # the plain attributes (step_count): see step_rows
 
     def direction(self, step: int, losses: np.ndarray, jac: np.ndarray) -> np.ndarray:
         coef, d = self.step_rows(step, losses, jac, gram_rows(jac) if self.uses_gram else None, False)
@@ -113,7 +114,9 @@ class RowsKernel(Kernel):
         if out.failed is not None or out.solver_failed is not None:
             w = self._failures(step, out, w)
         self.weights = w
-        self.balancer.step_count += 1  # as backward does (rules that act every n steps count on it)
+        # as backward does (rules that act every n steps count on it); through the instance dict, as
+        # Balancer.__setattr__ stores a plain int, without its ~1.5 µs call on every row block's step
+        self._balancer_attrs["step_count"] += 1
         if out.param_grads is not None:  # the optimizer step follows the backward: after taking w
             self._step_params(out.param_grads)
         return w, None
@@ -126,7 +129,7 @@ class RowsKernel(Kernel):
             w = self._failures(step, out, w)
             d = np.where(self.failed[:, None], 0.0, d) if self.failed.any() else d
         self.weights = w
-        self.balancer.step_count += 1
+        self._balancer_attrs["step_count"] += 1
         return w, (clip_rows(d, self.max_norm) if self.clip else d)
 
     def train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
@@ -134,41 +137,55 @@ class RowsKernel(Kernel):
                    at_x: tuple[np.ndarray, np.ndarray] | None = None,
                    losses_at: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """A training-loop rule (``train_rows``): its forwards are landscape evaluations at the rows'
-        current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The last forward of
-        an iteration (a lookahead at the final x) is kept and reused by the next one's first.
-        A meta rule (``meta_rows``) goes to :meth:`_meta_train_step`."""
+        current x, its optimizer steps Adam steps of x on Σ coefᵢ ∇ℓᵢ (clipped). The first forward of
+        an iteration is ``at_x`` where the engine gives it (its evaluation at x after the last step),
+        and a forward without gradient (the lookahead at the final x) then reads the losses alone
+        (``losses_at``). Without ``at_x``, the last forward of an iteration is kept and reused by the
+        next one's first. A meta rule (``meta_rows``) goes to :meth:`_meta_train_step`."""
         if self.kind == "meta":
             self._meta_train_step(step, x, adam_step, landscape, at_x, losses_at)
             return
-        jac: dict[str, np.ndarray] = {}
+        jac: list[np.ndarray] = []          # the Jacobian of the last forward with gradient
+        given = [at_x]                      # at_x until the first forward has taken it
 
-        def forward(with_grad: bool) -> np.ndarray:
+        def evaluate(with_grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+            if given[0] is not None:        # the iteration's first forward, at x as the engine left it
+                out, given[0] = given[0], None
+                return out
+            if at_x is not None:            # the engine gives the next iteration's first: nothing to keep
+                if with_grad:
+                    return landscape(x)
+                return (landscape(x)[0] if losses_at is None else losses_at(x)), None
             cached = self._cached
             if cached is not None and (cached[0] == x).all():
-                losses, j = cached[1], cached[2]
-            else:
-                losses, j = landscape(x)
-                self._cached = (x.copy(), losses, j)
+                return cached[1], cached[2]
+            losses, j = landscape(x)
+            self._cached = (x.copy(), losses, j)
+            return losses, j
+
+        def forward(with_grad: bool) -> np.ndarray:
+            losses, j = evaluate(with_grad)
             if with_grad:
                 if not np.isfinite(losses.sum()):  # one reduction; the rows only when needed
                     bad = ~np.isfinite(losses).all(-1)
                     self.fail(bad, step, [f"BalancerError: {self.name}: non-finite task loss {row.tolist()}"
                                           for row in losses])
-                jac["now"] = j
+                jac[:] = (j,)
             return losses
 
         def group_step(coef: np.ndarray) -> None:
-            d = combine(coef, jac["now"])
+            d = combine(coef, jac[0])
             adam_step(clip_rows(d, self.max_norm) if self.clip else d)
 
         _, weights, failed, reasons = self.balancer.train_rows(forward, group_step, self.failed)
         if failed.any():
             self.fail(failed, step, reasons)
-        bad = ~np.isfinite(x).all(-1)
-        if bad.any():
+        if not np.isfinite(x.sum()):  # one reduction; the rows only when needed
+            bad = ~np.isfinite(x).all(-1)
             self.fail(bad, step, [f"RuntimeError: non-finite point {row.tolist()}" for row in x])
-        # a failed row's table weights are those of its last completed batch (the API's last StepInfo)
-        self.weights = np.where(self.failed[:, None], self.weights, weights)
+        # a failed row's table weights are those of its last completed batch (the API's last StepInfo);
+        # ``weights`` is the rule's new array, so it can be kept as it is when no row has failed
+        self.weights = np.where(self.failed[:, None], self.weights, weights) if self.failed.any() else weights
 
     def _meta_train_step(self, step: int, x: np.ndarray, adam_step: Callable[[np.ndarray], None],
                          landscape: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -182,14 +199,15 @@ class RowsKernel(Kernel):
         out = self.balancer.meta_rows(landscape, x, losses, jac, self.cfg.lr, losses_at)
         if out.failed is not None and out.failed.any():
             self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" for r in range(self.rows)])
-        w = self.balancer.weights_rows(losses).weights
+        w = out.weights   # the step's weights, after the meta update (what weights_rows(losses) gives now)
         self.balancer.step_count += 1
         d = combine(w, jac)
         adam_step(clip_rows(d, self.max_norm) if self.clip else d)
-        bad = ~np.isfinite(x).all(-1)
-        if bad.any():
+        if not np.isfinite(x.sum()):  # one reduction; the rows only when needed
+            bad = ~np.isfinite(x).all(-1)
             self.fail(bad, step, [f"RuntimeError: non-finite point {row.tolist()}" for row in x])
-        self.weights = np.where(self.failed[:, None], self.weights, w)
+        # (``w`` is the rule's new array: kept as it is when no row has failed)
+        self.weights = np.where(self.failed[:, None], self.weights, w) if self.failed.any() else w
 
     def after_step(self, losses: np.ndarray) -> None:
         self._row_failures(self.balancer.after_rows(losses), self.balancer.step_count)
