@@ -264,7 +264,8 @@ def test_cagrad_c_moves_the_end_point_along_the_front():
 
 
 # ---------------------------------------------------------------- outputs and CLI
-def test_run_trajectories_writes_tables_plots_and_overlay(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])   # 2: the figures on a process pool, the npz by a thread
+def test_run_trajectories_writes_tables_plots_and_overlay(tmp_path, workers):
     import matplotlib.image as mpimg
     import pandas as pd
 
@@ -273,7 +274,7 @@ def test_run_trajectories_writes_tables_plots_and_overlay(tmp_path):
                   "val/loss2": [-15.0, -10.0, 1e6, -19.0], "diverged": [0, 0, 1, 0]}).to_csv(trials, index=False)
     specs = build_specs("ls,mgda", iters=60)
     out = tmp_path / "out"
-    results, rows = run_trajectories(specs, [0, 2, 3], EngineConfig(lr=1e-2), workers=1, out=out,
+    results, rows = run_trajectories(specs, [0, 2, 3], EngineConfig(lr=1e-2), workers=workers, out=out,
                                      trials_path=trials)
     for name in ("ls.png", "mgda.png", "gallery.png", "search_overlay.png"):
         img = mpimg.imread(out / name)
@@ -284,6 +285,19 @@ def test_run_trajectories_writes_tables_plots_and_overlay(tmp_path):
     assert "| method | init |" in (out / "table.md").read_text()
     npz = np.load(out / "trajectories.npz")
     assert npz["mgda__init2"].shape == (61, 2)
+    for r in results:
+        np.testing.assert_array_equal(npz[f"{r.label}__init{r.init_index}"], r.traj)
+
+
+def test_a_failing_npz_write_is_an_error_not_a_silent_gap(tmp_path, monkeypatch):
+    import toy.trajectories as trajectories
+
+    def broken(path, arrays):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trajectories, "write_npz", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_trajectories(build_specs("ls", iters=5), [0], EngineConfig(), workers=1, out=tmp_path, plots=False)
 
 
 def test_search_trials_loading(tmp_path):

@@ -33,6 +33,9 @@ from .report import SearchTrials, non_dominated, trajectory_losses
 
 FRONT_COLOUR = "#72727A"
 MAX_POINTS = 1500   # per trajectory; 35 000 points per run would only make the PNGs slow
+#: per trajectory in the gallery, whose panels are ~260 px wide: 1 500 points there are ~600 000
+#: markers in one figure (~3 s of drawing) and look the same as 400
+GALLERY_POINTS = 400
 LIM = 10.0
 
 
@@ -44,7 +47,8 @@ def subsample(traj: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
 
 
 def draw_parameter_space(ax: Axes, runs: Sequence[RunResult], grid: tuple[np.ndarray, ...],
-                         title: str = "", colorbar: bool = True, fontsize: int = 10) -> None:
+                         title: str = "", colorbar: bool = True, fontsize: int = 10,
+                         max_points: int = MAX_POINTS) -> None:
     x1, x2, losses = grid
     cs = ax.contour(x1, x2, losses.mean(-1), levels=20, cmap="viridis", linewidths=1.0)
     if colorbar:
@@ -54,7 +58,7 @@ def draw_parameter_space(ax: Axes, runs: Sequence[RunResult], grid: tuple[np.nda
     for r in runs:
         if len(r.traj) == 0:
             continue
-        t = subsample(r.traj)
+        t = subsample(r.traj, max_points)
         ax.scatter(t[:, 0], t[:, 1], c=matplotlib.colormaps["autumn"](np.linspace(0, 1, len(t))), s=3,
                    zorder=3, rasterized=True)
         ax.scatter(*t[0], color="black", s=40, zorder=4)
@@ -68,14 +72,15 @@ def draw_parameter_space(ax: Axes, runs: Sequence[RunResult], grid: tuple[np.nda
 
 
 def draw_objective_space(ax: Axes, runs: Sequence[RunResult], scale: float, title: str = "",
-                         trials: np.ndarray | None = None, fontsize: int = 10, legend: bool = True) -> None:
+                         trials: np.ndarray | None = None, fontsize: int = 10, legend: bool = True,
+                         max_points: int = MAX_POINTS) -> None:
     front = pareto_front(scale)
     ax.plot(front[:, 0], front[:, 1], lw=8, color=FRONT_COLOUR, label="Pareto front", zorder=1)
     cmap = matplotlib.colormaps["magma_r"]
     for r in runs:
         if len(r.traj) == 0:
             continue
-        loss = trajectory_losses(subsample(r.traj), scale)
+        loss = trajectory_losses(subsample(r.traj, max_points), scale)
         ax.scatter(loss[:, 0], loss[:, 1], c=cmap(np.linspace(0.1, 0.6, len(loss))), s=5, zorder=3,
                    rasterized=True)
     inits = [trajectory_losses(r.traj[:1], scale)[0] for r in runs if len(r.traj)]
@@ -166,8 +171,9 @@ def gallery_figure(groups: dict[str, Sequence[RunResult]], scale: float, ncols: 
         runs = groups[label]
         status = {x.status for x in runs}
         title = label if status == {"ok"} else f"{label} ({'/'.join(sorted(status))})"
-        draw_parameter_space(axes[r, c], runs, grid, title=title, colorbar=False, fontsize=8)
-        draw_objective_space(axes[r + 1, c], runs, scale, fontsize=8, legend=False)
+        draw_parameter_space(axes[r, c], runs, grid, title=title, colorbar=False, fontsize=8,
+                             max_points=GALLERY_POINTS)
+        draw_objective_space(axes[r + 1, c], runs, scale, fontsize=8, legend=False, max_points=GALLERY_POINTS)
         note = skip_note(runs)
         if note:
             draw_note(axes[r, c], note, fontsize=6)

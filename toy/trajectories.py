@@ -174,11 +174,14 @@ def _draw(results: Sequence[RunResult], rows: list[dict[str, Any]], cfg: EngineC
     jobs = [(label, runs, cfg.scale, out / f"{file_label(label)}.png",
              None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
     if pool is not None:
+        # the gallery (the longest figure, ~6 s) first, on one process, while both draw the rest
+        gallery = pool.apply_async(plot_gallery, (groups, cfg.scale, out / "gallery.png"))
         pool.map(_plot_method, jobs, chunksize=1)
+        gallery.get()
     else:
         for job in jobs:
             _plot_method(job)
-    plot_gallery(groups, cfg.scale, out / "gallery.png")
+        plot_gallery(groups, cfg.scale, out / "gallery.png")
     if trials is not None:
         ends = np.array([row[k] for row in rows if row["L1"] != "" for k in ("L1", "L2")]).reshape(-1, 2)
         plot_search_overlay(trials, cfg.scale, out / "search_overlay.png", ends)
