@@ -7,6 +7,8 @@ ten times faster); the papers' own protocol (lr 1e-3, 35 000 steps) is in the sl
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -198,17 +200,49 @@ def test_process_pool_gives_the_same_trajectories():
         np.testing.assert_array_equal(a.end_loss, b.end_loss)
 
 
-@pytest.mark.parametrize("tol", [0.05, 0.3, 1e-9])
+@pytest.mark.parametrize("tol", [0.05, 0.3, 1e-9, 0.0, float("inf")])
 def test_first_within_in_chunks_is_the_first_point_of_the_full_distances(tol):
     dist = FrontDistance(0.1)
     rng = np.random.default_rng(5)
     front = pareto_front(0.1, 2001)
     far = rng.uniform([-2.5, -21], [1, 5], (3000, 2)) + 2.0             # none within tol
     near = front[rng.integers(0, 2001, 500)] + rng.normal(0, 0.2, (500, 2))
-    for losses in (far, np.vstack([far, near]), np.vstack([near, far]), far[:0]):
+    for losses in (far, np.vstack([far, near]), np.vstack([near, far]), far[:0], front[::50]):
         expected = first_within(dist(losses), tol) if len(losses) else None
         for chunk in (1, 7, 4096):
             assert dist.first_within(losses, tol, chunk) == expected
+
+
+def _helper_dies(scale, n):
+    import os
+    os._exit(3)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the patched function reaches a forked helper only")
+def test_a_front_helper_that_dies_is_an_error_not_a_hang(monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import toy.parallel
+
+    monkeypatch.setattr(toy.parallel, "pareto_front", _helper_dies)
+    with pytest.raises(BrokenProcessPool):
+        run_all(build_specs("ls", iters=5), [0, 1], EngineConfig(), workers=2)
+
+
+def _worker_dies(args):
+    import os
+    os._exit(3)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the patched function reaches a forked worker only")
+def test_a_worker_that_dies_is_an_error_not_a_hang(monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import toy.parallel
+
+    monkeypatch.setattr(toy.parallel, "_run_bin", _worker_dies)
+    with pytest.raises(BrokenProcessPool):   # two bins (two methods, two workers): both on the pool
+        run_all(build_specs("ls,mgda", iters=5), [0, 1], EngineConfig(), workers=2)
 
 
 def test_front_points_is_computed_once_and_a_kept_front_is_used():

@@ -147,7 +147,7 @@ class FrontDistance:
         (farther points stop early and come back as inf; nearer ones get the same distance as an
         unbounded query). A run that reaches the front at step 8 000 of 35 000 measures 8 192 points."""
         pts = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
-        bound = 2.0 * tol if tol > 0 else 0.0
+        bound = 2.0 * tol if tol > 0 else np.inf   # tol ≤ 0 (API only; the CLI refuses it): unbounded
         for start in range(0, len(pts), chunk):
             d, _ = self._tree.query(pts[start:start + chunk], distance_upper_bound=bound)
             hit = first_within(d, tol)

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -140,13 +141,14 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
         # the exact front of the table's distances (2 001 bounded minimisations, ≈ 2 s of one core) on
         # the second core while this one probes; every worker and the table then use this one copy
         # (each of them used to compute its own, the workers at the end of their runs)
-        # (one torch thread, as in the workers: a forked child must not enter the parent's OpenMP pool)
-        with context.Pool(1, initializer=init_worker) as front_pool:
-            front_job = front_pool.apply_async(pareto_front, (cfg.scale, FRONT_POINTS))
+        # (one torch thread, as in the workers: a forked child must not enter the parent's OpenMP pool;
+        # an executor, not a Pool: a helper that dies raises BrokenProcessPool instead of hanging)
+        with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker) as front_pool:
+            front_job = front_pool.submit(pareto_front, cfg.scale, FRONT_POINTS)
             run_method(replace(specs[0], iters=2), [inits[0]], cfg)  # warm up imports/allocators before timing
             costs = probe_fast(specs, inits, cfg)
             costs.update({s.label: probe_cost(s, inits, cfg) for s in specs if s.label not in costs})
-            front = front_job.get()
+            front = front_job.result()
         keep_front(cfg.scale, FRONT_POINTS, front)
         say("probe, µs per step and init: " + ", ".join(f"{k} {1e6 * v:.0f}" for k, v in costs.items()))
     else:
@@ -160,8 +162,11 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
     if len(bins) == 1:
         results.extend(_run_bin((bins[0], cfg, front, tol)))
     else:
-        with context.Pool(len(bins), initializer=init_worker) as pool:
-            for done in pool.imap_unordered(_run_bin, [(b, cfg, front, tol) for b in bins], chunksize=1):
+        # an executor: a worker that dies (the OOM killer, a kill) raises BrokenProcessPool here; a
+        # multiprocessing Pool would wait for its lost bin forever
+        with ProcessPoolExecutor(len(bins), mp_context=context, initializer=init_worker) as pool:
+            for job in as_completed([pool.submit(_run_bin, (b, cfg, front, tol)) for b in bins]):
+                done = job.result()
                 results.extend(done)
                 say(f"  worker done: {len({r.label for r in done})} method variant(s), "
                     f"{sum(r.cpu_seconds for r in done):.1f} s CPU")

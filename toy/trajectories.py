@@ -27,9 +27,8 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from multiprocessing.pool import Pool
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -145,7 +144,9 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
             # a lock that thread holds); one torch thread in the workers: the parent has used torch's
             # OpenMP pool (losses of the trajectories), and a forked child that enters it hangs
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            pool = stack.enter_context(mp.get_context(method).Pool(min(workers, figures), initializer=init_worker))
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, figures), mp_context=mp.get_context(method),
+                                                           initializer=init_worker))
+            pool.submit(int).result()   # a forking executor starts all its processes at its first job: now
         # the trajectories' file (≈ 1.5 s of zlib for the whole gallery, which releases the GIL) is
         # written by a thread while the table is made and the figures drawn; its errors surface here
         writer = stack.enter_context(ThreadPoolExecutor(1))
@@ -161,7 +162,7 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
 
 
 def _draw(results: Sequence[RunResult], rows: list[dict[str, Any]], cfg: EngineConfig, out: Path,
-          trials: SearchTrials | None, pool: Pool | None, say: Callable[[str], None]) -> None:
+          trials: SearchTrials | None, pool: ProcessPoolExecutor | None, say: Callable[[str], None]) -> None:
     """Every method's figure (on ``pool``'s processes when given), the gallery and (with search
     trials) the overlay, into ``out``."""
     from .plots import LIM, plot_gallery, plot_search_overlay, subsample  # matplotlib: only when drawing
@@ -175,9 +176,10 @@ def _draw(results: Sequence[RunResult], rows: list[dict[str, Any]], cfg: EngineC
              None if trials is None else trials.of(runs[0].name), grid) for label, runs in groups.items()]
     if pool is not None:
         # the gallery (the longest figure, ~6 s) first, on one process, while both draw the rest
-        gallery = pool.apply_async(plot_gallery, (groups, cfg.scale, out / "gallery.png"))
-        pool.map(_plot_method, jobs, chunksize=1)
-        gallery.get()
+        gallery = pool.submit(plot_gallery, groups, cfg.scale, out / "gallery.png")
+        for _ in pool.map(_plot_method, jobs):   # (an executor: a worker that dies is an error, not a hang)
+            pass
+        gallery.result()
     else:
         for job in jobs:
             _plot_method(job)
