@@ -17,7 +17,7 @@ from mtl_tune.benchmarks.toy import INITS, pareto_distance, pareto_front, pareto
 from mtl_tune.registry import available_balancers
 from toy.common import KnownJacobian
 from toy.engine import EngineConfig, MethodSpec, protocol_hparams, run_lockstep, run_method, run_reference
-from toy.landscape import F_MIN, FrontDistance, first_within, front_points, keep_front, gap_scores, toy_value_and_jacobian, toy_values
+from toy.landscape import F_MIN, FrontDistance, first_within, gap_scores, toy_value_and_jacobian, toy_values
 from toy.parallel import run_all
 from toy.report import load_search_trials, non_dominated, summarize, summarize_all
 from toy.trajectories import build_specs, main, parse_sets, run_trajectories, split_methods
@@ -195,7 +195,7 @@ def test_process_pool_gives_the_same_trajectories():
     assert [(r.label, r.init_index) for r in one] == [(r.label, r.init_index) for r in two]
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.traj, b.traj)
-        # the pool's workers measure with the front the parent had computed in its helper process
+        # the pool's workers measure what the table needs (the first step within tol) themselves
         assert a.reached == b.reached and a.reached[0] == 0.05
         np.testing.assert_array_equal(a.end_loss, b.end_loss)
 
@@ -213,22 +213,6 @@ def test_first_within_in_chunks_is_the_first_point_of_the_full_distances(tol):
             assert dist.first_within(losses, tol, chunk) == expected
 
 
-def _helper_dies(scale, n):
-    import os
-    os._exit(3)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="the patched function reaches a forked helper only")
-def test_a_front_helper_that_dies_is_an_error_not_a_hang(monkeypatch):
-    from concurrent.futures.process import BrokenProcessPool
-
-    import toy.parallel
-
-    monkeypatch.setattr(toy.parallel, "pareto_front", _helper_dies)
-    with pytest.raises(BrokenProcessPool):
-        run_all(build_specs("ls", iters=5), [0, 1], EngineConfig(), workers=2)
-
-
 def _worker_dies(args):
     import os
     os._exit(3)
@@ -243,17 +227,6 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(monkeypatch):
     monkeypatch.setattr(toy.parallel, "_run_bin", _worker_dies)
     with pytest.raises(BrokenProcessPool):   # two bins (two methods, two workers): both on the pool
         run_all(build_specs("ls,mgda", iters=5), [0, 1], EngineConfig(), workers=2)
-
-
-def test_front_points_is_computed_once_and_a_kept_front_is_used():
-    front = front_points(0.1)
-    np.testing.assert_array_equal(front, pareto_front(0.1, 2001))
-    assert front_points(0.1) is front
-    fake = np.column_stack([np.linspace(0.0, 1.0, 7), np.zeros(7)])
-    keep_front(0.37, 7, fake)
-    np.testing.assert_array_equal(FrontDistance(0.37, 7)(np.array([[0.5, 2.0]])), [2.0])
-    with pytest.raises(ValueError, match="shape"):
-        keep_front(0.37, 8, fake)
 
 
 # ---------------------------------------------------------------- what the papers show

@@ -101,29 +101,6 @@ def _losses(x: np.ndarray, f: np.ndarray, scale: float) -> np.ndarray:
     return vals
 
 
-#: front points of the table's distances (as :func:`mtl_tune.benchmarks.toy.pareto_distance`)
-FRONT_POINTS = 2001
-_fronts: dict[tuple[float, int], np.ndarray] = {}
-
-
-def front_points(scale: float = 0.1, n: int = FRONT_POINTS) -> np.ndarray:
-    """``pareto_front(scale, n)``, once per process: it takes ``n`` bounded 1-D minimisations (≈ 2 s
-    of one core for 2 001), and the job's workers and its table all need the same front. A parent
-    that computed it elsewhere hands it in with :func:`keep_front` (then forked workers inherit it)."""
-    key = (float(scale), int(n))
-    if key not in _fronts:
-        _fronts[key] = pareto_front(scale, n)
-    return _fronts[key]
-
-
-def keep_front(scale: float, n: int, front: np.ndarray) -> None:
-    """Store ``front`` as this process's ``pareto_front(scale, n)`` (computed by another process)."""
-    front = np.asarray(front, dtype=np.float64)
-    if front.shape != (n, 2):
-        raise ValueError(f"a front of {n} points has shape ({n}, 2), got {front.shape}")
-    _fronts[(float(scale), int(n))] = front
-
-
 class FrontDistance:
     """Distance in objective space to the sampled true front, for long trajectories.
 
@@ -132,8 +109,8 @@ class FrontDistance:
     need O(N log n) time and no N × n matrix (which would be ~1 GB here).
     """
 
-    def __init__(self, scale: float = 0.1, n: int = FRONT_POINTS) -> None:
-        self.front = front_points(scale, n)
+    def __init__(self, scale: float = 0.1, n: int = 2001) -> None:
+        self.front = pareto_front(scale, n)
         self._tree = cKDTree(self.front)
 
     def __call__(self, losses: np.ndarray) -> np.ndarray:

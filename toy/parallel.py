@@ -8,9 +8,7 @@ estimated by timing a few steps of each item in the parent; items are then packe
 bin per worker longest-first (the LPT rule, makespan ≤ 4/3 of optimal) and each worker runs
 its bin: all its fast items in **one** :func:`toy.fast.run_fast` (they share the landscape
 evaluation and the Adam step), then its other items. Results do not depend on the grouping:
-every init is seeded on its own and rows of the fast engine do not interact (tested). The exact
-front that the table's distances need is computed once, in a helper process while the parent
-probes, and handed to the workers.
+every init is seeded on its own and rows of the fast engine do not interact (tested).
 """
 
 from __future__ import annotations
@@ -22,12 +20,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
-from mtl_tune.benchmarks.toy import pareto_front
 from .engine import EngineConfig, MethodSpec, RunResult, run_fast, run_method, uses_fast, uses_reference
-from .landscape import FRONT_POINTS, keep_front
 from .report import DEFAULT_TOL, measure_runs
 
 PROBE_STEPS = 25
@@ -111,10 +106,8 @@ def init_worker() -> None:  # also the plot workers (toy.trajectories)
     torch.set_num_threads(1)  # tensors here have 2–10 entries: threads only add contention
 
 
-def _run_bin(args: tuple[Bin, EngineConfig, np.ndarray | None, float]) -> list[RunResult]:
-    b, cfg, front, tol = args
-    if front is not None:  # computed once for the job (run_all); a spawned worker did not inherit it
-        keep_front(cfg.scale, FRONT_POINTS, front)
+def _run_bin(args: tuple[Bin, EngineConfig, float]) -> list[RunResult]:
+    b, cfg, tol = args
     fast = [u for u in b.units if u.fast]
     out: list[RunResult] = []
     # fast units of a bin share one lockstep; they all have the same inits (never split)
@@ -135,21 +128,10 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
     if not specs:
         return []
     workers = max(1, int(workers))
-    context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    front = None
     if workers > 1:
-        # the exact front of the table's distances (2 001 bounded minimisations, ≈ 2 s of one core) on
-        # the second core while this one probes; every worker and the table then use this one copy
-        # (each of them used to compute its own, the workers at the end of their runs)
-        # (one torch thread, as in the workers: a forked child must not enter the parent's OpenMP pool;
-        # an executor, not a Pool: a helper that dies raises BrokenProcessPool instead of hanging)
-        with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker) as front_pool:
-            front_job = front_pool.submit(pareto_front, cfg.scale, FRONT_POINTS)
-            run_method(replace(specs[0], iters=2), [inits[0]], cfg)  # warm up imports/allocators before timing
-            costs = probe_fast(specs, inits, cfg)
-            costs.update({s.label: probe_cost(s, inits, cfg) for s in specs if s.label not in costs})
-            front = front_job.result()
-        keep_front(cfg.scale, FRONT_POINTS, front)
+        run_method(replace(specs[0], iters=2), [inits[0]], cfg)  # warm up imports/allocators before timing
+        costs = probe_fast(specs, inits, cfg)
+        costs.update({s.label: probe_cost(s, inits, cfg) for s in specs if s.label not in costs})
         say("probe, µs per step and init: " + ", ".join(f"{k} {1e6 * v:.0f}" for k, v in costs.items()))
     else:
         costs = {s.label: 1.0 for s in specs}
@@ -160,12 +142,13 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
         + (f"; estimated CPU time {sum(u.cost for u in units):.0f} s" if workers > 1 else ""))
     results: list[RunResult] = []
     if len(bins) == 1:
-        results.extend(_run_bin((bins[0], cfg, front, tol)))
+        results.extend(_run_bin((bins[0], cfg, tol)))
     else:
         # an executor: a worker that dies (the OOM killer, a kill) raises BrokenProcessPool here; a
         # multiprocessing Pool would wait for its lost bin forever
+        context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(len(bins), mp_context=context, initializer=init_worker) as pool:
-            for job in as_completed([pool.submit(_run_bin, (b, cfg, front, tol)) for b in bins]):
+            for job in as_completed([pool.submit(_run_bin, (b, cfg, tol)) for b in bins]):
                 done = job.result()
                 results.extend(done)
                 say(f"  worker done: {len({r.label for r in done})} method variant(s), "

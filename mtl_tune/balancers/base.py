@@ -123,8 +123,9 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
         # Rules keep plain per-step state (arrays, counters, warm starts) on the balancer; nn.Module's
         # __setattr__ checks every assignment for parameters, buffers and submodules (~2 µs, several
         # times a step). A name that is already a plain attribute (in __dict__, hence none of those)
-        # getting a value that is no tensor or module is exactly what nn.Module would store: store it.
-        if name in self.__dict__ and not isinstance(value, (Tensor, nn.Module)):
+        # getting a value that is no parameter, buffer or module (a plain tensor included: a rule's
+        # moving average, its last losses) is exactly what nn.Module would store there: store it.
+        if name in self.__dict__ and not isinstance(value, (nn.Parameter, nn.Buffer, nn.Module)):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)

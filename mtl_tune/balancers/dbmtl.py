@@ -142,9 +142,7 @@ class DBMTL(GradientBalancer):
             if not bad.any():
                 bad = None
         average = state_like(self.average, jacobian, self.name, "moving average")
-        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module by
-        # this name) without its ~1 µs of checks
-        self.__dict__["average"] = average
+        self.average = average
         rate = self.beta / float(self.step_count + 1) ** self.beta_sigma
         # h_i = g_i/(D_i + ε); ĝ ← r ĝ + (1 − r) h, in place (failed rows: finite placeholders, never read)
         factor = (1.0 - rate) / ((d if bad is None else np.where(bad[..., None], 1.0, d)) + EPS)

@@ -56,9 +56,10 @@ from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 HESSIAN_EPS = 1e-7
 
 
-def excess_risks(jacobian: Tensor, sq_sum: Tensor) -> Tensor:
-    """e_i = Σ_p g_ip² / √(S_ip + 1e-7) (..., K) for Jacobians and accumulated squares (..., K, P)."""
-    return (jacobian * jacobian / torch.sqrt(sq_sum + HESSIAN_EPS)).sum(-1)
+def excess_risks(squares: Tensor, sq_sum: Tensor) -> Tensor:
+    """e_i = Σ_p g_ip² / √(S_ip + 1e-7) (..., K) for the squared gradients g ⊙ g and the accumulated
+    squares S (..., K, P) (g ⊙ g is also what S accumulates: formed once for both)."""
+    return (squares / torch.sqrt(sq_sum + HESSIAN_EPS)).sum(-1)
 
 
 def excess_weight_step(weights: np.ndarray, ratios: np.ndarray, step_size: float) -> np.ndarray:
@@ -100,7 +101,7 @@ class ExcessMTL(GradientBalancer):
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """One step on Jacobians (..., K, P): accumulate S, estimate e, update w; d = Σ w_i g_i (torch).
 
-        S and e are :func:`excess_risks`' operations (g ⊙ g formed once for both); for P ≤ 2 on a
+        S and e are :func:`excess_risks`' operations; for P ≤ 2 on a
         float64 CPU Jacobian all but the square root in NumPy on the tensors' memory (products, sums
         and a quotient round the same in either library, and a sum of at most two terms is one
         addition in either), else in torch. Ratios skip the zero-baseline masks when no baseline is
@@ -117,7 +118,7 @@ class ExcessMTL(GradientBalancer):
         else:
             sq = jacobian * jacobian
             s = s + sq
-            e = host((sq / torch.sqrt(s + HESSIAN_EPS)).sum(-1))
+            e = host(excess_risks(sq, s))
         failed = None
         if self.baseline is None:
             self.baseline = e
@@ -135,9 +136,7 @@ class ExcessMTL(GradientBalancer):
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratios = e / self.baseline
             self.task_weights = excess_weight_step(self.task_weights, ratios, self.robust_step_size)
-        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module by
-        # this name) without its ~1 µs of checks
-        self.__dict__["sq_sum"] = s
+        self.sq_sum = s
         w = torch.from_numpy(np.array(self.task_weights, dtype=np.float64))
         if w.dtype != jacobian.dtype or not jacobian.is_cpu:
             w = w.to(device=jacobian.device, dtype=jacobian.dtype)

@@ -157,9 +157,7 @@ class FAMO(LossBalancer):
         bad, reason = self._check(losses, floor, gap)
         zd = host(self._softmax()) / (gap + EPS)
         prev = np.array(losses)
-        # a plain attribute holding a tensor: stored as nn.Module would (no parameter, buffer or module
-        # by this name) without its ~3 µs of checks
-        self.__dict__["prev_losses"] = prev_t = torch.from_numpy(prev)
+        self.prev_losses = prev_t = torch.from_numpy(prev)
         # after_rows' float32 gaps D(prev), formed now from the same values (host(prev_losses) is prev
         # widened to float64); kept with the tensor and the floor they belong to
         self._prev_gap = (prev_t, self._floor_cache,

@@ -163,8 +163,7 @@ class GradVac(OwnGenerator, GradientBalancer):
         towards each row's targets, which it updates."""
         orders = step_orders(self, gram.shape[:-2])
         coef, targets = gradvac_coefficients(gram, self.targets.numpy(), orders, self.beta, self.target_update)
-        # (a plain attribute, never a buffer: stored without nn.Module's checks, ~1 µs a step)
-        self.__dict__["targets"] = torch.from_numpy(targets)
+        self.targets = torch.from_numpy(targets)
         return RowStep(coef)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -140,7 +140,7 @@ class MoCo(GradientBalancer):
         g = rescaled_gradients(jacobian, losses) if self.normalize else jacobian
         y = state_like(self.tracked, g, self.name, "tracked gradients")
         y = y - (self.beta / t ** self.beta_sigma) * (y - g)
-        self.__dict__["tracked"] = y    # (a plain attribute, never a buffer: skip nn.Module's checks, ~1 µs)
+        self.tracked = y
         # the toy's rows: float64 on the host, no autograd: no casts, no copies (the same numbers)
         host64 = y.dtype == torch.float64 and y.device.type == "cpu" and not y.requires_grad
         if y.dim() == 2:
