@@ -92,3 +92,77 @@ def test_sigkill_then_resume_keeps_every_trial_once(tmp_path):
     # same set of configurations as an uninterrupted run of the seeded sampler
     got = sorted(round(v, 6) for v in table.loc[table.method == "cagrad", "hp/c"])
     assert got == expected_cagrad_values(4)
+
+
+def test_set_aside_unsaved_start_keeps_the_first_start_and_clears_the_study(tmp_path):
+    """A method killed after its study and folder existed but before Tune saved any state: both
+    are set aside (nothing deleted), so the resumed start samples as an uninterrupted run would."""
+    from types import SimpleNamespace
+
+    from mtl_tune.search.resume_state import set_aside_unsaved_start, tune_state_saved
+    from mtl_tune.search.searcher import make_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = make_storage(url)
+    study = optuna.create_study(storage=storage, study_name="k/cagrad")
+    study.enqueue_trial({"x": 0.5})
+    asked = study.ask()
+    asked.suggest_float("x", 0, 1)
+    study.enqueue_trial({"x": 0.25})  # still WAITING when the driver died
+    exp = tmp_path / "cagrad"
+    (exp / "trial_0").mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"not a state")
+    (exp / "trial_0" / "result.json").write_text('{"epoch": 1}\n')
+    assert not tune_state_saved(exp)
+
+    plan = SimpleNamespace(sweep_dir=tmp_path, optuna_storage=url)
+    set_aside_unsaved_start(plan, "cagrad", study="k/cagrad")
+
+    assert not exp.exists()
+    (aside,) = tmp_path.glob("cagrad.unsaved-*")
+    assert (aside / "trial_0" / "result.json").read_text() == '{"epoch": 1}\n'
+    names = optuna.get_all_study_names(storage)
+    assert "k/cagrad" not in names
+    (kept,) = [n for n in names if n.startswith("k/cagrad.unsaved-")]
+    states = sorted(t.state.name for t in optuna.load_study(study_name=kept, storage=storage).trials)
+    assert states == ["RUNNING", "WAITING"]
+    # nothing there: nothing happens
+    set_aside_unsaved_start(plan, "cagrad", study="k/cagrad")
+    assert len(list(tmp_path.glob("cagrad.unsaved-*"))) == 1 and len(optuna.get_all_study_names(storage)) == 1
+
+
+def test_tune_state_saved_needs_the_experiment_state(tmp_path):
+    from mtl_tune.search.resume_state import tune_state_saved
+
+    assert not tune_state_saved(tmp_path / "missing")
+    (tmp_path / "experiment_state-2026.json").write_text("{}")
+    assert not tune_state_saved(tmp_path)  # no tuner.pkl: Tune cannot restore it either
+
+
+@pytest.mark.slow
+def test_resume_after_kill_before_tune_saved_state_starts_the_method_again(tmp_path):
+    """The race the SIGKILL test above can hit: the driver dies after the second method's folder
+    and study exist but before Tune's first experiment state. Made exactly: a finished search
+    whose cagrad state files are removed, as they were missing at the kill."""
+    args = ["--method", "ls,cagrad", "--num-samples", "2", "--epochs", "2", "--config", "steps_per_epoch=100",
+            "--sampler", "random", "--num-cpus", "2", "--verbose", "0", "--seed", "3"]
+    cmd = [sys.executable, "-m", "mtl_tune.search", *args, "--storage-path", str(tmp_path), "--name", "k"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ls_rows = load_sweep(tmp_path / "k").query("method == 'ls'")[["trial_id", "val/loss2"]]
+    for state in (tmp_path / "k" / "cagrad").glob("experiment_state-*.json"):
+        state.unlink()
+    (tmp_path / "k" / "trials.csv").unlink()
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "interrupted before Ray Tune saved any state" in resumed.stdout
+    table = load_sweep(tmp_path / "k")
+    assert table["method"].value_counts().to_dict() == {"ls": len(ls_rows), "cagrad": 2}
+    assert set(table["status"]) == {"TERMINATED"}
+    # ls was restored, not re-run; cagrad sampled the seeded sequence afresh (no lingering trials)
+    assert table.query("method == 'ls'")[["trial_id", "val/loss2"]].reset_index(drop=True).equals(
+        ls_rows.reset_index(drop=True))
+    got = sorted(round(v, 6) for v in table.loc[table.method == "cagrad", "hp/c"])
+    assert got == expected_cagrad_values(2)
+    assert len(list((tmp_path / "k").glob("cagrad.unsaved-*"))) == 1

@@ -25,6 +25,7 @@ from mtl_tune.analysis.trial_table import trial_rows, write_sweep_json, write_ta
 from mtl_tune.analysis.trial_table import build_table as tidy_table
 from mtl_tune.search import compare
 from mtl_tune.search.lock import SweepLock
+from mtl_tune.search.resume_state import set_aside_unsaved_start, tune_state_saved
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
 from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage, own_storage_at
 from mtl_tune.spaces import SpaceSampler
@@ -189,7 +190,9 @@ def run_method(plan: Plan, method: str) -> None:
     searchable = space.searchable()
     # a method without hyperparameters has nothing to search: one trial (per seed) is the fair budget
     budget = o.num_samples if searchable else 1
-    if o.resume and tune.Tuner.can_restore(str(exp_dir)):
+    if o.resume and not tune_state_saved(exp_dir):
+        set_aside_unsaved_start(plan, method, study=plan.study_name(method))
+    if o.resume and tune_state_saved(exp_dir):
         logger.info("resuming %s from %s", method, exp_dir)
         with own_storage_at(None if o.optuna_storage else plan.optuna_storage):  # the pickles name the first folder's
             results = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -229,7 +232,9 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
     # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
     limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
-    if tune.Tuner.can_restore(str(path)):
+    if not tune_state_saved(path):
+        set_aside_unsaved_start(plan, experiment, study=None)
+    if tune_state_saved(path):
         results = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
         check_not_interrupted(results, None)
         return

@@ -1,0 +1,56 @@
+"""What ``--resume`` finds of an experiment: Tune's saved state, or an earlier start that saved none.
+
+A driver killed with SIGKILL can stop between any two of a method's first steps: its Optuna study
+created in the storage, Tune's folder and ``tuner.pkl`` written, Tune's first
+``experiment_state-*.json`` written. Only after the last one can Tune restore the run; before it,
+the resumed search starts the experiment again, with the earlier start's leftovers set aside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtl_tune.search.searcher import make_storage
+
+if TYPE_CHECKING:
+    from mtl_tune.search.runner import Plan
+
+
+def tune_state_saved(exp_dir: Path) -> bool:
+    """Tune saved the experiment's state, so ``Tuner.restore`` can continue it. A driver killed
+    after Tune created the folder (``tuner.pkl``) but before its first ``experiment_state-*.json``
+    leaves a folder that ``Tuner.can_restore`` accepts and ``Tuner.restore`` rejects."""
+    from ray import tune
+
+    return exp_dir.is_dir() and any(exp_dir.glob("experiment_state-*.json")) and tune.Tuner.can_restore(str(exp_dir))
+
+
+def set_aside_unsaved_start(plan: Plan, experiment: str, study: str | None) -> None:
+    """Before an experiment starts afresh on ``--resume``: what an earlier start left without any
+    state Tune saved is moved aside, not mixed into the new run or deleted. Its folder becomes
+    ``<experiment>.unsaved-<time>`` (trial files, if any, kept for reading); the method's Optuna
+    study, created before Tune's folder, is copied to ``<study>.unsaved-<time>`` and removed, so the
+    new start samples exactly what an uninterrupted run would (the earlier start's asked but never
+    told trials, and its enqueued default point, would otherwise linger in it)."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    exp_dir = plan.sweep_dir / experiment
+    if exp_dir.exists():
+        aside = plan.sweep_dir / f"{experiment}.unsaved-{stamp}"
+        exp_dir.rename(aside)
+        print(f"--resume: {experiment} was interrupted before Ray Tune saved any state; it starts again "
+              f"(what the first start left is in {aside})")
+    if study is None:
+        return
+    import optuna
+
+    storage = make_storage(plan.optuna_storage)
+    if study not in optuna.get_all_study_names(storage):
+        return
+    kept = f"{study}.unsaved-{stamp}"
+    optuna.copy_study(from_study_name=study, from_storage=storage, to_storage=storage, to_study_name=kept)
+    optuna.delete_study(study_name=study, storage=storage)
+    print(f"--resume: {experiment}'s Optuna study had no saved Tune run; it starts afresh (the first start's "
+          f"trials are kept as study {kept!r})")
