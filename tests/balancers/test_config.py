@@ -71,6 +71,13 @@ def test_batch_rows_match_single_rows():
         assert np.allclose(batch[r], config_rows(grams[r]), rtol=1e-14, atol=0)
 
 
+#: the NumPy releases whose ``pinv(hermitian=True)`` _pinv_hermitian restates operation for operation
+#: (read in their source): there it must give the same floats. A later NumPy may reorder its pinv;
+#: then only the rounding-level agreement is required (ConFIG stays the paper's formula), and the
+#: bit-for-bit claim in config.py should be re-read against the new source.
+NUMPY_PINV_VERIFIED = tuple(int(p) for p in np.__version__.split(".")[:2]) <= (2, 4)
+
+
 def test_pinv_without_numpys_wrappers_is_numpys_pinv_bit_for_bit():
     """_pinv_hermitian is NumPy's hermitian pinv without its wrappers: the same floats, both where
     |eigenvalues| rise strictly in every row (the descending order is the reversal, by slicing) and
@@ -93,7 +100,15 @@ def test_pinv_without_numpys_wrappers_is_numpys_pinv_bit_for_bit():
             rising += 1
         else:
             other += 1
-        assert np.array_equal(_pinv_hermitian(a, RCOND), np.linalg.pinv(a, rcond=RCOND, hermitian=True))
+        mine, numpys = _pinv_hermitian(a, RCOND), np.linalg.pinv(a, rcond=RCOND, hermitian=True)
+        # a pseudo-inverse whatever NumPy's version: eigh's backward error is O(eps ‖A‖), so the kept
+        # 1/λ move by O(eps κ) relative, κ = λmax / smallest kept |λ| (all matrices here are far from rcond)
+        kept = s[s > RCOND * s.max(axis=-1, keepdims=True)] if s.size else s
+        kappa = float(s.max() / kept.min()) if kept.size else 1.0
+        scale = float(np.abs(numpys).max()) if numpys.size else 0.0
+        assert np.abs(mine - numpys).max(initial=0.0) <= 64 * k * np.finfo(float).eps * kappa * scale
+        if NUMPY_PINV_VERIFIED:
+            assert np.array_equal(mine, numpys)
     assert rising > 100 and other > 100
 
 
