@@ -51,7 +51,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._log_losses import loss_floor, shifted
 from mtl_tune.balancers._common import state_like
-from mtl_tune.balancers._rows import RowStep, host
+from mtl_tune.balancers._rows import PerVersion, RowStep, host
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 
 #: ε of the official code, inside the logarithm and in α's denominator
@@ -103,23 +103,13 @@ class DBMTL(GradientBalancer):
         self.register_buffer("min_losses", loss_floor(self.name, n_tasks, min_losses))
         #: ĝ, (..., K, P) once the first step has set P; None before it
         self.average: Tensor | None = None
-        self._floor_cache: tuple | None = None  # (min_losses, its version, on the host): see _floor
+        self._floor = PerVersion(host)  # ℓ* on the host, made again when min_losses changes
 
     def start_rows(self, rows: Sequence[Balancer]) -> None:
         # every toy row starts from a fresh balancer: its average is created (B, K, P) at the first step
         if any(b.average is not None for b in rows):
             raise ValueError(f"{self.name}: lockstep rows must start before their first step")
         self.average = None
-
-    def _floor(self) -> np.ndarray:
-        """ℓ* on the host, cached per buffer object and version (an in-place change through torch,
-        ``load_state_dict``'s copy included, bumps the version; ``.to()`` makes a new object)."""
-        floor_t = self.min_losses
-        cache = self._floor_cache
-        if cache is None or cache[0] is not floor_t or cache[1] != floor_t._version:
-            cache = (floor_t, floor_t._version, floor_t.cpu().numpy())
-            self._floor_cache = cache
-        return cache[2]
 
     def direction_rows(self, jacobian: Tensor, losses: Tensor) -> RowStep:
         """Batch-first rule on Jacobians (..., K, P) of the raw losses (..., K): updates the moving
@@ -131,7 +121,7 @@ class DBMTL(GradientBalancer):
         :func:`~mtl_tune.balancers._log_losses.shifted` and the placeholders of failed rows; and for
         K = 2 on a float64 CPU Jacobian, α and d are formed from the torch norms and average in NumPy
         (a maximum, a sum, a quotient, products and a sum of two terms round the same in either)."""
-        floor = self._floor()
+        floor = self._floor(self.min_losses)
         shift = host(losses) - floor
         if shift.min() > 0.0 and shift.max() < np.inf:  # no row fails (a NaN or ±∞ fails a test)
             d, bad, reason = shift, None, ""

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step
-from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers._rows import PerVersion, RowStep, host, one_row
 from mtl_tune.balancers.base import Balancer, BalancerError, LossBalancer, rebind_private_optimizer
 
 EPS = 1e-8
@@ -56,6 +56,17 @@ def _softmax_vjp2_host(z: np.ndarray, delta: np.ndarray) -> np.ndarray:
     round the same in either library, and its sum of two terms is one addition in either (a longer sum
     may add in another order: larger K stays in torch)."""
     return z * (delta - (z * delta).sum(-1, keepdims=True))
+
+
+def _floor_copies(floor: Tensor) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``min_losses`` on the host: float64, its float32 values, and whether the buffer is float32."""
+    wide = host(floor)
+    return wide, wide.astype(np.float32), floor.dtype == torch.float32
+
+
+def _softmax_of(logits: Tensor) -> Tensor:
+    """z = softmax(ξ) in the logits' dtype, on their device."""
+    return torch.softmax(logits, dim=-1)
 
 
 class FAMO(LossBalancer):
@@ -96,34 +107,12 @@ class FAMO(LossBalancer):
         self.register_buffer("logits", torch.zeros(n_tasks))
         self.w_optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
         self.prev_losses: Tensor | None = None
-        # host-side caches of the rules (see _floors, _softmax, weights_rows), rebuilt when stale
-        self._floor_cache: tuple | None = None
-        self._z_cache: tuple | None = None
+        # host-side caches of the rules, rebuilt when stale: min_losses on the host (float64, its float32
+        # values, whether the buffer is float32 — after_rows' host path); z = softmax(ξ), which
+        # after_rows reuses from the step's weights_rows (the logits have not moved); D(prev) in float32
+        self._floors = PerVersion(_floor_copies)
+        self._softmax = PerVersion(_softmax_of)
         self._prev_gap: tuple | None = None
-
-    def _floors(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """``min_losses`` on the host: (float64, its float32 values, whether the buffer and the logits are
-        float32 — the host path of :meth:`after_rows`). Cached per buffer object and version (an in-place
-        change through torch, ``load_state_dict``'s copy included, bumps the version; ``.to()`` makes a new
-        object): the rules read the floor twice a step, and a fresh host copy costs ~4 µs."""
-        floor_t = self.min_losses
-        cache = self._floor_cache
-        if cache is None or cache[0] is not floor_t or cache[1] != floor_t._version:
-            floor = host(floor_t)
-            cache = (floor_t, floor_t._version, floor, floor.astype(np.float32), floor_t.dtype == torch.float32)
-            self._floor_cache = cache
-        return cache[2], cache[3], cache[4]
-
-    def _softmax(self) -> Tensor:
-        """z = softmax(ξ) in the logits' dtype, on their device: computed once per value of the logits
-        (object and version; the Adam step updates them in place, bumping the version), so that
-        :meth:`after_rows` reuses the z of the step's :meth:`weights_rows` (the logits have not moved)."""
-        logits = self.logits
-        cache = self._z_cache
-        if cache is None or cache[0] is not logits or cache[1] != logits._version:
-            cache = (logits, logits._version, torch.softmax(logits, dim=-1))
-            self._z_cache = cache
-        return cache[2]
 
     def _below_floor(self, losses: np.ndarray, floor: np.ndarray
                      ) -> tuple[np.ndarray, Callable[[tuple[int, ...]], str]]:
@@ -152,15 +141,15 @@ class FAMO(LossBalancer):
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """∂L/∂ℓ = z_i/(c D_i) per row, z = softmax(ξ) in the logits' float32 (as the update sees it);
         remembers the losses for :meth:`after_rows`."""
-        floor, floor32, host32 = self._floors()
+        floor, floor32, host32 = self._floors(self.min_losses)
         gap = losses - floor
         bad, reason = self._check(losses, floor, gap)
-        zd = host(self._softmax()) / (gap + EPS)
+        zd = host(self._softmax(self.logits)) / (gap + EPS)
         prev = np.array(losses)
         self.prev_losses = prev_t = torch.from_numpy(prev)
         # after_rows' float32 gaps D(prev), formed now from the same values (host(prev_losses) is prev
         # widened to float64); kept with the tensor and the floor they belong to
-        self._prev_gap = (prev_t, self._floor_cache,
+        self._prev_gap = (prev_t, self._floors.value,
                           prev.astype(np.float64, copy=False).astype(np.float32) - floor32 + EPS) if host32 else None
         return RowStep(zd / zd.sum(-1, keepdims=True), failed=bad, reason=reason)
 
@@ -178,7 +167,7 @@ class FAMO(LossBalancer):
         prev_t = self.prev_losses
         if prev_t is None:
             raise BalancerError("famo: after_optimizer_step called before backward")
-        floor, floor32, host32 = self._floors()
+        floor, floor32, host32 = self._floors(self.min_losses)
         new_losses = np.asarray(new_losses)
         bad, reason = self._check(new_losses, floor, new_losses - floor)
         logits = self.logits
@@ -187,12 +176,12 @@ class FAMO(LossBalancer):
         if host32 and logits.dtype == torch.float32:
             cached = self._prev_gap
             gaps = np.empty((2, *new_losses.shape), dtype=np.float32)  # D(prev), D(new): one log call
-            if cached is not None and cached[0] is prev_t and cached[1] is self._floor_cache:
+            if cached is not None and cached[0] is prev_t and cached[1] is self._floors.value:
                 gaps[0] = cached[2]
             else:  # prev_losses set elsewhere (a loaded checkpoint), or the floor changed since
                 gaps[0] = host(prev_t).astype(np.float32) - floor32 + EPS
             gaps[1] = new_losses.astype(np.float32) - floor32 + EPS
-            z = self._softmax()
+            z = self._softmax(self.logits)
             if logits.is_cpu:
                 logs = torch.from_numpy(gaps).log().numpy()
                 delta = logs[0] - logs[1]
