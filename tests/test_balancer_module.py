@@ -148,6 +148,32 @@ def test_malformed_states_are_a_clear_error():
             get_balancer("famo", 2).load_state_dict(bad)
 
 
+@pytest.mark.parametrize("name", sorted(FLOAT_STATE))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_float_state_is_refused_alone_and_inside_a_model(name, bad):
+    """A NaN or ±inf in a weight, logit, floor or log-variance never comes from a step (the trainer
+    stops at the first non-finite loss); loading it would make every later step NaN. The balancer's
+    own load and a model's load (which reaches the balancer through _load_from_state_dict) refuse it,
+    naming the method and the key, and the balancer keeps its state."""
+    key = FLOAT_STATE[name][0]
+    balancer = get_balancer(name, 2)
+    before = {k: v.clone() for k, v in balancer.state_dict().items() if torch.is_tensor(v)}
+    state = balancer.state_dict()
+    state[key] = state[key].clone()
+    state[key][-1] = bad
+    with pytest.raises(ValueError, match=f"{name}: .*'{key}' holds non-finite"):
+        balancer.load_state_dict(state)
+    for k, v in before.items():
+        torch.testing.assert_close(balancer.state_dict()[k], v)
+    model = nn.Module()
+    model.balancer = get_balancer(name, 2)
+    nested = model.state_dict()
+    nested[f"balancer.{key}"] = state[key]
+    with pytest.raises(ValueError, match=f"'balancer.{key}' holds non-finite"):
+        model.load_state_dict(nested)
+    model.load_state_dict({**nested, f"balancer.{key}": before[key]})  # the finite state still loads
+
+
 def test_format_0_checkpoint_still_loads():
     """The flat dict written before balancers were modules (a resumed old trial)."""
     old = {"step_count": 4, "weights": torch.tensor([0.5, 1.5], dtype=torch.float64),

@@ -320,6 +320,20 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
             state_dict = self._from_format_0(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # here, not in load_state_dict: a model that holds the balancer as a submodule loads it through
+        # this hook only. A NaN or infinite weight, logit or log-variance is never a state a step
+        # leaves (the trainer stops a trial at the first non-finite loss): it comes from a run that
+        # diverged outside that guard, or a damaged file, and would turn every later step into NaN
+        for name, current in (*self._parameters.items(), *self._buffers.items()):
+            value = state_dict.get(prefix + name)
+            if current is not None and torch.is_tensor(value) and value.is_floating_point() \
+                    and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{self.name}: the balancer state's {prefix + name!r} holds non-finite values "
+                                 f"({value.flatten()[:8].tolist()}); a state saved after the balancer diverged, or a "
+                                 "damaged file — not loaded")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _from_format_0(self, old: dict[str, Any]) -> dict[str, Any]:
         # format 0 kept everything in one flat dict; tensors that are now parameters or
         # buffers sat under the same names (those it did not have keep their current value)
