@@ -24,6 +24,7 @@ from mtl_tune.analysis.trial_files import experiment_rows
 from mtl_tune.analysis.trial_table import trial_rows, write_sweep_json, write_table
 from mtl_tune.analysis.trial_table import build_table as tidy_table
 from mtl_tune.search import compare
+from mtl_tune.search.concurrency import fitting_trials
 from mtl_tune.search.lock import SweepLock
 from mtl_tune.search.resume_state import set_aside_unsaved_start, tune_state_saved
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
@@ -159,12 +160,6 @@ def trial_resources(options) -> dict[str, float]:
     return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
 
 
-def fitting_trials(options) -> int:
-    """Trials that fit on the CPUs at once (all workers of each)."""
-    cpus_per_trial = options.cpus_per_trial * max(1, options.workers_per_trial)
-    return max(1, int((options.num_cpus or os.cpu_count() or 1) // max(cpus_per_trial, 1e-9)))
-
-
 def reuse_actors(options) -> bool:
     """Run a method's trials one after another in the same Ray actor (Tune's ``reuse_actors``)
     instead of a fresh worker process each: that start (re-importing torch, Ray and every
@@ -230,8 +225,9 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     o = plan.options
     path = plan.sweep_dir / experiment
     trainable = tune.with_resources(trainable_for(o.workers_per_trial), trial_resources(o))
-    # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers
-    limit = o.max_concurrent or (fitting_trials(o) if o.workers_per_trial > 1 else None)
+    # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers;
+    # single-process ones with fractional CPUs would start as many processes as fractions fit
+    limit = o.max_concurrent or fitting_trials(o)
     if not tune_state_saved(path):
         set_aside_unsaved_start(plan, experiment, study=None)
     if tune_state_saved(path):
