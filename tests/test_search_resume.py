@@ -131,6 +131,30 @@ def test_set_aside_unsaved_start_keeps_the_first_start_and_clears_the_study(tmp_
     assert len(list(tmp_path.glob("cagrad.unsaved-*"))) == 1 and len(optuna.get_all_study_names(storage)) == 1
 
 
+def test_check_saved_states_names_an_unreadable_newest_state(tmp_path):
+    """Only the newest state of each experiment counts (the one Tune restores from); search, seeds
+    and preference experiments alike; missing folders and whole files pass."""
+    from types import SimpleNamespace
+
+    from mtl_tune.search.resume_state import check_saved_states
+    from mtl_tune.search.validate import SearchError
+
+    whole = json.dumps({"trial_data": [], "runner_data": {}})
+    plan = SimpleNamespace(sweep_dir=tmp_path, spaces={"ls": None, "cagrad": None})
+    (tmp_path / "ls").mkdir()
+    (tmp_path / "ls" / "experiment_state-2026-01-01_00-00-00.json").write_text(whole[:20])  # older: ignored
+    (tmp_path / "ls" / "experiment_state-2026-01-02_00-00-00.json").write_text(whole)
+    check_saved_states(plan)
+    seeds = tmp_path / "cagrad.seeds"
+    seeds.mkdir()
+    for text in (whole[:25], "[]", "{\"trial_data\": []}", "\xff"):
+        (seeds / "experiment_state-2026-01-03_00-00-00.json").write_text(text)
+        with pytest.raises(SearchError, match=r"cagrad\.seeds/experiment_state-2026-01-03_00-00-00\.json is unreadable"):
+            check_saved_states(plan)
+    (seeds / "experiment_state-2026-01-03_00-00-00.json").write_text(whole)
+    check_saved_states(plan)
+
+
 def test_tune_state_saved_needs_the_experiment_state(tmp_path):
     from mtl_tune.search.resume_state import tune_state_saved
 
@@ -166,3 +190,21 @@ def test_resume_after_kill_before_tune_saved_state_starts_the_method_again(tmp_p
     got = sorted(round(v, 6) for v in table.loc[table.method == "cagrad", "hp/c"])
     assert got == expected_cagrad_values(2)
     assert len(list((tmp_path / "k").glob("cagrad.unsaved-*"))) == 1
+
+    # a kill while Tune rewrote its state truncates the file: --resume stops with exit 2 naming it and
+    # changes nothing (Tune's own restore would start the experiment over in the same folder)
+    (state,) = (tmp_path / "k" / "cagrad").glob("experiment_state-*.json")
+    state.write_text(state.read_text()[:300])
+    before = (tmp_path / "k" / "trials.csv").read_bytes()
+    broken = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400)
+    assert broken.returncode == 2, broken.stderr[-3000:]
+    assert f"{state} is unreadable" in broken.stderr and "move" in broken.stderr
+    assert (tmp_path / "k" / "trials.csv").read_bytes() == before
+    assert len(list((tmp_path / "k" / "cagrad").glob("experiment_state-*.json"))) == 1
+    # the way out the message gives: move the folder aside, resume; cagrad starts afresh
+    (tmp_path / "k" / "cagrad").rename(tmp_path / "k" / "cagrad.broken")
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    table = load_sweep(tmp_path / "k")
+    assert table["method"].value_counts().to_dict() == {"ls": len(ls_rows), "cagrad": 2}
+    assert sorted(round(v, 6) for v in table.loc[table.method == "cagrad", "hp/c"]) == expected_cagrad_values(2)

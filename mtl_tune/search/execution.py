@@ -26,7 +26,7 @@ from mtl_tune.analysis.trial_table import build_table as tidy_table
 from mtl_tune.search import compare
 from mtl_tune.search.concurrency import fitting_trials
 from mtl_tune.search.lock import SweepLock
-from mtl_tune.search.resume_state import set_aside_unsaved_start, tune_state_saved
+from mtl_tune.search.resume_state import check_saved_states, set_aside_unsaved_start, tune_state_saved
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
 from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage, own_storage_at
 from mtl_tune.spaces import SpaceSampler
@@ -360,6 +360,8 @@ def execute(plan: Plan) -> Outcome:
         check_cluster_resources(plan.options)
     check_storage_reachable(plan)
     with SweepLock(plan.sweep_dir), sigint_flag() as stop:
+        if plan.options.resume:
+            check_saved_states(plan)
         return run_all(plan, stop)
 
 

@@ -8,10 +8,13 @@ the resumed search starts the experiment again, with the earlier start's leftove
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mtl_tune.analysis.trial_table import PHASES
 from mtl_tune.search.searcher import make_storage
+from mtl_tune.search.validate import SearchError
 
 if TYPE_CHECKING:
     from mtl_tune.search.runner import Plan
@@ -24,6 +27,36 @@ def tune_state_saved(exp_dir: Path) -> bool:
     from ray import tune
 
     return exp_dir.is_dir() and any(exp_dir.glob("experiment_state-*.json")) and tune.Tuner.can_restore(str(exp_dir))
+
+
+def _readable_state(path: Path) -> bool:
+    """``path`` is a whole experiment state: JSON (read as plain data, no pickle expanded) with the
+    two parts Tune restores from."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("trial_data"), list) and "runner_data" in data
+
+
+def check_saved_states(plan: Plan) -> None:
+    """Before ``--resume`` runs anything: every experiment of the sweep whose newest
+    ``experiment_state-*.json`` (the one Tune restores from) is unreadable stops the resume with a
+    SearchError naming it. Tune writes that file in place, so a kill during the write truncates
+    it; Tune's restore then fails, logs "Restarting experiment" and starts the experiment over in
+    the same folder — the table was rebuilt from that new run (earlier trials gone from it) and
+    the search reported itself interrupted at every resume."""
+    for method in plan.spaces:
+        for suffix in PHASES:
+            exp_dir = plan.sweep_dir / f"{method}{suffix}"
+            states = sorted(exp_dir.glob("experiment_state-*.json")) if exp_dir.is_dir() else []
+            if not states or _readable_state(states[-1]):
+                continue
+            raise SearchError(
+                f"--resume: {states[-1]} is unreadable (a kill while Ray Tune wrote it?), so Tune cannot "
+                f"restore {exp_dir.name}; nothing was changed. Its trials' own files are intact "
+                f"(`python -m mtl_tune.analyze {plan.sweep_dir}` reads them). To go on, move {exp_dir} "
+                f"aside (or put back a good copy of the file) and --resume again: {exp_dir.name} then starts afresh")
 
 
 def set_aside_unsaved_start(plan: Plan, experiment: str, study: str | None) -> None:
@@ -52,5 +85,5 @@ def set_aside_unsaved_start(plan: Plan, experiment: str, study: str | None) -> N
     kept = f"{study}.unsaved-{stamp}"
     optuna.copy_study(from_study_name=study, from_storage=storage, to_storage=storage, to_study_name=kept)
     optuna.delete_study(study_name=study, storage=storage)
-    print(f"--resume: {experiment}'s Optuna study had no saved Tune run; it starts afresh (the first start's "
-          f"trials are kept as study {kept!r})")
+    print(f"--resume: {experiment}'s Optuna study has no Tune run in the sweep to continue; it starts afresh "
+          f"(the earlier start's trials are kept as study {kept!r})")
