@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -152,6 +153,17 @@ def test_check_saved_states_names_an_unreadable_newest_state(tmp_path):
         with pytest.raises(SearchError, match=r"cagrad\.seeds/experiment_state-2026-01-03_00-00-00\.json is unreadable"):
             check_saved_states(plan)
     (seeds / "experiment_state-2026-01-03_00-00-00.json").write_text(whole)
+    check_saved_states(plan)
+    # the searcher files Tune restores with the state are pickles (whatever their suffix): a pickle cut
+    # short fails, checked by walking its opcodes (nothing is unpickled)
+    whole_pickle = pickle.dumps({"searcher": list(range(50))})
+    for name in ("search_gen_state-2026-01-03.json", "searcher-state-2026-01-03.pkl", "basic-variant-state-2026-01-03.json"):
+        (seeds / name).write_bytes(whole_pickle)
+        check_saved_states(plan)
+        (seeds / name).write_bytes(whole_pickle[:-5])
+        with pytest.raises(SearchError, match=f"{name} is unreadable"):
+            check_saved_states(plan)
+        (seeds / name).write_bytes(whole_pickle)
     check_saved_states(plan)
 
 

@@ -9,6 +9,7 @@ the resumed search starts the experiment again, with the earlier start's leftove
 from __future__ import annotations
 
 import json
+import pickletools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,34 +30,46 @@ def tune_state_saved(exp_dir: Path) -> bool:
     return exp_dir.is_dir() and any(exp_dir.glob("experiment_state-*.json")) and tune.Tuner.can_restore(str(exp_dir))
 
 
-def _readable_state(path: Path) -> bool:
-    """``path`` is a whole experiment state: JSON (read as plain data, no pickle expanded) with the
-    two parts Tune restores from."""
+#: the files Tune restores an experiment from, each the newest by name, and how each is written
+#: (Tune's searcher files are pickles whatever their suffix)
+RESTORED_FILES = (("experiment_state-*.json", "json"), ("search_gen_state-*.json", "pickle"),
+                  ("searcher-state-*.pkl", "pickle"), ("basic-variant-state-*.json", "pickle"))
+
+
+def _whole_file(path: Path, kind: str) -> bool:
+    """``path`` is whole: JSON with the two parts Tune restores from, or a pickle whose opcodes run
+    to its STOP — walked by :func:`pickletools.genops`, which builds no object (nothing is unpickled)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        if kind == "json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and isinstance(data.get("trial_data"), list) and "runner_data" in data
+        with path.open("rb") as f:
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(f))
+    except (OSError, UnicodeDecodeError, ValueError):  # truncated JSON or pickle: ValueError
         return False
-    return isinstance(data, dict) and isinstance(data.get("trial_data"), list) and "runner_data" in data
 
 
 def check_saved_states(plan: Plan) -> None:
-    """Before ``--resume`` runs anything: every experiment of the sweep whose newest
-    ``experiment_state-*.json`` (the one Tune restores from) is unreadable stops the resume with a
-    SearchError naming it. Tune writes that file in place, so a kill during the write truncates
-    it; Tune's restore then fails, logs "Restarting experiment" and starts the experiment over in
-    the same folder — the table was rebuilt from that new run (earlier trials gone from it) and
-    the search reported itself interrupted at every resume."""
+    """Before ``--resume`` runs anything: an experiment of the sweep whose newest experiment state,
+    search-generator state or searcher state (the files Tune restores from) is not whole stops the
+    resume with a SearchError naming it. Tune writes these in place or copies them to the sweep
+    folder, so a kill during the write truncates one; Tune's restore then fails, logs "Restarting
+    experiment" and starts the experiment over in the same folder — the table was rebuilt from that
+    new run (earlier trials gone from it) and the search reported itself interrupted at every resume."""
     for method in plan.spaces:
         for suffix in PHASES:
             exp_dir = plan.sweep_dir / f"{method}{suffix}"
-            states = sorted(exp_dir.glob("experiment_state-*.json")) if exp_dir.is_dir() else []
-            if not states or _readable_state(states[-1]):
+            if not exp_dir.is_dir():
                 continue
-            raise SearchError(
-                f"--resume: {states[-1]} is unreadable (a kill while Ray Tune wrote it?), so Tune cannot "
-                f"restore {exp_dir.name}; nothing was changed. Its trials' own files are intact "
-                f"(`python -m mtl_tune.analyze {plan.sweep_dir}` reads them). To go on, move {exp_dir} "
-                f"aside (or put back a good copy of the file) and --resume again: {exp_dir.name} then starts afresh")
+            for pattern, kind in RESTORED_FILES:
+                files = sorted(exp_dir.glob(pattern))
+                if not files or _whole_file(files[-1], kind):
+                    continue
+                raise SearchError(
+                    f"--resume: {files[-1]} is unreadable (a kill while Ray Tune wrote it?), so Tune cannot "
+                    f"restore {exp_dir.name}; nothing was changed. Its trials' own files are intact "
+                    f"(`python -m mtl_tune.analyze {plan.sweep_dir}` reads them). To go on, move {exp_dir} "
+                    f"aside (or put back a good copy of the file) and --resume again: {exp_dir.name} then starts afresh")
 
 
 def set_aside_unsaved_start(plan: Plan, experiment: str, study: str | None) -> None:
