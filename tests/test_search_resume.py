@@ -167,6 +167,37 @@ def test_check_saved_states_names_an_unreadable_newest_state(tmp_path):
     check_saved_states(plan)
 
 
+def test_check_studies_needs_the_study_of_every_restored_method(tmp_path):
+    """A restored searcher continues its Optuna study: a deleted optuna.db (or one without the
+    study) is a SearchError naming the studies, before Ray starts and without creating the file."""
+    from types import SimpleNamespace
+
+    from mtl_tune.search.resume_state import check_studies
+    from mtl_tune.search.searcher import make_storage
+    from mtl_tune.search.validate import SearchError
+
+    for method in ("ls", "cagrad"):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "tuner.pkl").write_bytes(b"")
+        (tmp_path / method / "experiment_state-2026-01-01.json").write_text("{}")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plan = SimpleNamespace(sweep_dir=tmp_path, spaces={"ls": None, "cagrad": None, "famo": None},
+                           options=SimpleNamespace(optuna_storage=None), optuna_storage=url,
+                           study_name=lambda m: f"k/{m}")
+    with pytest.raises(SearchError, match=r"'k/ls', 'k/cagrad' of this search are not in .*optuna\.db"):
+        check_studies(plan)
+    assert not (tmp_path / "optuna.db").exists()  # looked at, not created
+    optuna.create_study(storage=make_storage(url), study_name="k/ls")
+    with pytest.raises(SearchError, match=r"study 'k/cagrad' of this search is not in"):
+        check_studies(plan)
+    optuna.create_study(storage=make_storage(url), study_name="k/cagrad")
+    check_studies(plan)  # famo has no Tune state: it starts afresh and needs no study
+    plan.options.optuna_storage = plan.optuna_storage = "postgresql://nobody:secret@127.0.0.1:1/none"
+    with pytest.raises(SearchError, match="cannot be opened") as err:
+        check_studies(plan)
+    assert "secret" not in str(err.value)
+
+
 def test_tune_state_saved_needs_the_experiment_state(tmp_path):
     from mtl_tune.search.resume_state import tune_state_saved
 

@@ -26,7 +26,8 @@ from mtl_tune.analysis.trial_table import build_table as tidy_table
 from mtl_tune.search import compare
 from mtl_tune.search.concurrency import fitting_trials
 from mtl_tune.search.lock import SweepLock
-from mtl_tune.search.resume_state import check_saved_states, set_aside_unsaved_start, tune_state_saved
+from mtl_tune.search.resume_state import (check_saved_states, check_studies, set_aside_unsaved_start,
+                                            tune_state_saved)
 from mtl_tune.search.runner import Plan, SearchError, sweep_info, trial_constants
 from mtl_tune.search.searcher import MTLOptunaSearch, make_sampler, make_storage, own_storage_at
 from mtl_tune.spaces import SpaceSampler
@@ -355,13 +356,14 @@ def check_storage_reachable(plan: Plan) -> None:
 
 def execute(plan: Plan) -> Outcome:
     """Run the plan while holding the sweep folder's lock (one driver per sweep)."""
+    if plan.options.resume:  # what Tune and Optuna restore from is there and whole: checked before Ray starts
+        check_saved_states(plan)
+        check_studies(plan)
     init_ray(plan)
     if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
         check_cluster_resources(plan.options)
     check_storage_reachable(plan)
     with SweepLock(plan.sweep_dir), sigint_flag() as stop:
-        if plan.options.resume:
-            check_saved_states(plan)
         return run_all(plan, stop)
 
 

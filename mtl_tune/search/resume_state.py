@@ -72,6 +72,41 @@ def check_saved_states(plan: Plan) -> None:
                     f"aside (or put back a good copy of the file) and --resume again: {exp_dir.name} then starts afresh")
 
 
+def check_studies(plan: Plan) -> None:
+    """Before ``--resume`` runs anything: every method whose Tune state will be restored finds its
+    Optuna study in the storage. The restored searcher is bound to that study; without it (the
+    sweep's optuna.db deleted or not copied along, another --optuna-storage) the resume crashed
+    inside Optuna with "Record does not exist". The sweep's own optuna.db is looked at without
+    opening it when it is missing (opening would create an empty one)."""
+    restored = [m for m in plan.spaces if tune_state_saved(plan.sweep_dir / m)]
+    if not restored:
+        return
+    own_file = plan.sweep_dir / "optuna.db"
+    if not plan.options.optuna_storage and not own_file.is_file():
+        names: set[str] = set()
+    else:
+        import optuna
+
+        from mtl_tune.search.searcher import public_storage_url
+
+        try:
+            names = set(optuna.get_all_study_names(make_storage(plan.optuna_storage)))
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy, driver and OS errors alike: unusable
+            first = " ".join(str(err).split())[:300]
+            raise SearchError(f"--resume: the Optuna storage {public_storage_url(plan.optuna_storage)} cannot be "
+                              f"opened ({type(err).__name__}: {first})") from None
+    missing = [m for m in restored if plan.study_name(m) not in names]
+    if missing:
+        where = own_file if not plan.options.optuna_storage else "the --optuna-storage of this search"
+        raise SearchError(
+            f"--resume: the Optuna {'study' if len(missing) == 1 else 'studies'} "
+            f"{', '.join(repr(plan.study_name(m)) for m in missing)} of this search "
+            f"{'is' if len(missing) == 1 else 'are'} not in {where}, and the saved searchers continue "
+            f"{'it' if len(missing) == 1 else 'them'}; nothing was changed. Put the sweep's optuna.db back, "
+            f"or move {', '.join(str(plan.sweep_dir / m) for m in missing)} aside and --resume again to "
+            "search those methods afresh")
+
+
 def set_aside_unsaved_start(plan: Plan, experiment: str, study: str | None) -> None:
     """Before an experiment starts afresh on ``--resume``: what an earlier start left without any
     state Tune saved is moved aside, not mixed into the new run or deleted. Its folder becomes
