@@ -16,7 +16,9 @@ balancer or trainer sees exactly what it saved. ``Balancer.state_dict()`` is con
 
 from __future__ import annotations
 
+import errno
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,18 @@ def _numpy_array(obj: Any) -> Any:
     return arr[()] if obj.get("scalar") else arr
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnusableCheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded, the same way at every try: a trial that meets one fails
+    once, with the reason, instead of being retried."""
+
+
+class UnsafeCheckpointError(UnusableCheckpointError):
     """A checkpoint holds objects that a weights-only load refuses."""
+
+
+class DamagedCheckpointError(UnusableCheckpointError):
+    """A checkpoint file that is not a whole torch file: cut short (a kill or a full disk while it
+    was written or copied) or modified since."""
 
 
 def load(path: str | Path) -> Any:
@@ -85,6 +97,7 @@ def load(path: str | Path) -> Any:
         UnsafeCheckpointError: the file holds pickled objects other than tensors and plain data —
             written by an mtl_tune before its checkpoints were weights-only (they held NumPy arrays),
             or not by mtl_tune. It is not loaded: unpickling it could run code from the file.
+        DamagedCheckpointError: the file is not a whole torch file (torch's reader fails on it).
     """
     import torch
 
@@ -97,7 +110,21 @@ def load(path: str | Path) -> Any:
             "it was written by an older mtl_tune (whose checkpoints held NumPy arrays) or by other code, "
             "and is not loaded, since unpickling it could run code from the file: start the run afresh"
         ) from err
+    except (RuntimeError, EOFError, ValueError, IndexError, struct.error, OSError) as err:
+        # what torch's readers raise on a file cut short or overwritten (zip: RuntimeError, EOFError,
+        # ValueError, OSError EINVAL from a seek before the start; the legacy format: also IndexError,
+        # struct.error), tried at every cut of a file. Other OS errors (missing file, permissions, I/O)
+        # are not the file's content: raised as they are
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:
+            raise
+        first = str(err).strip().splitlines()
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is damaged ({type(err).__name__}: {first[0] if first else err}): cut short "
+            "by a kill or a full disk while it was written or copied, or modified since; it cannot be "
+            "resumed from"
+        ) from err
     return from_plain(state)
 
 
-__all__ = ["NUMPY_KEY", "UnsafeCheckpointError", "from_plain", "load", "to_plain"]
+__all__ = ["NUMPY_KEY", "DamagedCheckpointError", "UnsafeCheckpointError", "UnusableCheckpointError", "from_plain",
+           "load", "to_plain"]

@@ -94,6 +94,27 @@ def test_load_refuses_a_crafted_or_legacy_checkpoint_without_running_it(tmp_path
         checkpoint.load(legacy)
 
 
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_load_names_a_cut_short_or_modified_checkpoint(tmp_path, legacy_format):
+    """A state.pt cut short (a kill or a full disk during the write or the copy) or overwritten is a
+    DamagedCheckpointError naming the file — an UnusableCheckpointError, so a trial fails once."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"epoch": 3, "model": {"w": torch.arange(1000.0)}}, whole,
+               _use_new_zipfile_serialization=not legacy_format)
+    data = whole.read_bytes()
+    assert checkpoint.load(whole)["epoch"] == 3
+    cuts = [data[:cut] for cut in range(0, len(data), max(1, len(data) // 97))]
+    for damaged_bytes in (*cuts, b"\x00" * len(data)):
+        damaged = tmp_path / "state.pt"
+        damaged.write_bytes(damaged_bytes)
+        with pytest.raises(checkpoint.UnusableCheckpointError, match=f"checkpoint {damaged}") as err:
+            checkpoint.load(damaged)
+        # a legacy-format file cut inside its pickle may read as a weights-only refusal instead
+        assert isinstance(err.value, checkpoint.DamagedCheckpointError) or legacy_format
+    with pytest.raises(FileNotFoundError):  # not the file's content: an ordinary OS error
+        checkpoint.load(tmp_path / "missing.pt")
+
+
 @pytest.mark.parametrize("method", ["nashmtl", "pivrg", "stgu", "famo"])
 def test_a_trial_checkpoint_loads_weights_only_and_continues_identically(tmp_path, method):
     """A trial's full state (model, optimizer, balancer with its NumPy warm starts/scores/affinities,

@@ -147,6 +147,32 @@ def test_a_checkpoint_a_weights_only_load_refuses_fails_the_trial_once_without_r
     assert reports[0]["error"].startswith("UnsafeCheckpointError") and "state.pt" in reports[0]["error"]
 
 
+def test_a_damaged_checkpoint_fails_the_trial_once_naming_it(monkeypatch, tmp_path):
+    """A state.pt cut short (the driver killed while Ray copied it, a full disk): retrying would read
+    the same bytes, so the trial reports one failed result naming the file."""
+    from mtl_tune.search import trainable
+
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(100)}}, folder / trainable.STATE_FILE)
+    whole = (folder / trainable.STATE_FILE).read_bytes()
+    (folder / trainable.STATE_FILE).write_bytes(whole[: len(whole) // 2])
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(folder)
+
+    reports = []
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", Checkpoint)
+    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(trainable, "train", lambda *args: pytest.fail("trained from a damaged checkpoint"))
+    trainable.train_trial(TOY)
+    assert len(reports) == 1 and reports[0]["failed"] == 1.0
+    assert reports[0]["error"].startswith("DamagedCheckpointError") and "state.pt is damaged" in reports[0]["error"]
+
+
 def test_bad_hyperparameter_at_run_time_is_a_config_error():
     with pytest.raises(ConfigError, match="task_weights"):
         run({**TOY, "hparams": {"task_weights": [1.0, 2.0, 3.0]}})

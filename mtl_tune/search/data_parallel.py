@@ -50,7 +50,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from mtl_tune.benchmarks.base import ConfigError, DataError
-    from mtl_tune.checkpoint import UnsafeCheckpointError
+    from mtl_tune.checkpoint import UnusableCheckpointError
     from mtl_tune.checkpoint import load as load_checkpoint
     from mtl_tune.training.data_parallel import train_data_parallel
     from mtl_tune.training.loop import failure_metrics
@@ -69,7 +69,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         with resume.as_directory() as directory:
             try:  # weights-only (mtl_tune.checkpoint): a checkpoint file cannot run code
                 state = load_checkpoint(Path(directory) / STATE_FILE)
-            except UnsafeCheckpointError as err:  # the same on every rank: each reports once
+            except UnusableCheckpointError as err:  # the same on every rank: each reports once
                 ray.train.report({**failure_metrics(config, err, 0), "workers": float(world)})
                 return
 

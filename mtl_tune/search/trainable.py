@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.trainable.function_trainable import wrap_function
 
 from mtl_tune.benchmarks.base import ConfigError, DataError
-from mtl_tune.checkpoint import UnsafeCheckpointError
+from mtl_tune.checkpoint import UnusableCheckpointError
 from mtl_tune.checkpoint import load as load_checkpoint
 from mtl_tune.search.faults import maybe_inject_fault
 from mtl_tune.training import train
@@ -60,7 +60,7 @@ def train_trial(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             try:
                 state = load_checkpoint(Path(directory) / STATE_FILE)
-            except UnsafeCheckpointError as err:  # the same on every retry: one failed result, no retries
+            except UnusableCheckpointError as err:  # the same on every retry: one failed result, no retries
                 tune.report({**failure_metrics(config, err, 0), **placement, "workers": 1.0})
                 return
     if placement["resources/gpu"] > 0 and not torch.cuda.is_available():
