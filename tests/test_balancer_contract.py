@@ -461,6 +461,22 @@ def test_losses_without_a_graph_or_not_a_tensor_are_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])
+def test_no_parameter_that_requires_grad_is_a_clear_error(name):
+    """shared_params empty (or only frozen / integer tensors): a ValueError that says so, from every
+    method — loss methods too, where torch's "`inputs` argument to `backward()` cannot be empty"
+    named no argument."""
+    model, balancer = build(name, 3)
+    out = forward(model, batches(1)[0])
+    frozen = [p.detach() for p in model.shared()]
+    for shared, heads in (([], []), (frozen, []), ([torch.zeros(3, dtype=torch.long)], None)):
+        # representation-level methods and GradNorm say it as a BalancerError; ConsMTL first wants its heads
+        with pytest.raises((ValueError, BalancerError),
+                           match=rf"{name}: (no shared (or task )?parameter requires grad|task_params must be)|"
+                                 "jacobian: no shared parameter requires grad"):
+            balancer.backward(out.losses, shared, heads, out.representation)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in TRAIN_STEP_ONLY])
 def test_backward_adds_to_existing_grads(name):
     """``backward`` accumulates like ``Tensor.backward`` (so extra regularisers compose)."""
     batch = batches(1)[0]

@@ -423,6 +423,9 @@ class LossBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name, finite=self.checks_finite_losses, graph=True)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
+        if not any(p.requires_grad for p in (*shared, *heads)):  # torch's own error names no argument
+            raise ValueError(f"{self.name}: no shared or task parameter requires grad (shared_params holds "
+                             f"{len(shared)} tensors, task_params {len(heads)}); pass the model's parameters")
         group = self._sync_group()
         if group is None:
             total, weights = self.objective(losses)
