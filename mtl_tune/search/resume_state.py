@@ -1,9 +1,13 @@
-"""What ``--resume`` finds of an experiment: Tune's saved state, or an earlier start that saved none.
+"""What ``--resume`` finds of an experiment, checked before Tune is asked to restore it.
 
 A driver killed with SIGKILL can stop between any two of a method's first steps: its Optuna study
 created in the storage, Tune's folder and ``tuner.pkl`` written, Tune's first
 ``experiment_state-*.json`` written. Only after the last one can Tune restore the run; before it,
-the resumed search starts the experiment again, with the earlier start's leftovers set aside.
+the resumed search starts the experiment again, with the earlier start's leftovers set aside
+(:func:`set_aside_unsaved_start`). A kill can also cut short a state file Tune was rewriting, and
+a user can lose the sweep's ``optuna.db``: Tune's restore would then fail and silently start the
+experiment over in the same folder, or crash inside Optuna, so both are refused up front with the
+way out (:func:`check_saved_states`, :func:`check_studies`).
 """
 
 from __future__ import annotations
