@@ -275,3 +275,23 @@ def test_resume_with_only_the_name_reuses_the_stored_arguments(tmp_path, capsys,
     assert (o.methods, o.num_samples, o.sampler, o.seed, o.config) == (["ls", "cagrad"], 6, "nsga2", 3,
                                                                        {"steps_per_epoch": 30})
     assert o.max_concurrent == 1 and o.resume  # run-environment flags may change on resume
+
+
+def test_resume_refuses_a_sweep_whose_sweep_json_was_deleted_after_it_ran(tmp_path, capsys):
+    """sweep.json is written before the first method: missing beside an experiment that ran, it was
+    deleted, and resuming with whatever arguments were given (the defaults) would search other
+    methods with another budget into the same folder. Missing with nothing run: a search killed
+    before its first method, resumed as given."""
+    from mtl_tune.search.validate import SearchError, stored_arguments
+
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    assert stored_arguments(sweep) is None
+    (sweep / "cagrad").mkdir()
+    (sweep / "cagrad" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(SearchError, match=r"sweep\.json is missing, but the sweep holds experiments that ran \(cagrad\)"):
+        stored_arguments(sweep)
+    from mtl_tune.search.cli import main
+
+    assert main(["--resume", "--storage-path", str(tmp_path), "--name", "s"]) == 2
+    assert "put it back" in capsys.readouterr().err

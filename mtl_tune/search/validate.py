@@ -374,9 +374,16 @@ def _check_stored_space(stored: Any, given: bool) -> bool:
 
 
 def stored_arguments(sweep_dir: Path) -> dict[str, Any] | None:
-    """The ``args`` of ``sweep.json`` in ``sweep_dir`` (None when absent)."""
+    """The ``args`` of ``sweep.json`` in ``sweep_dir`` (None when absent, which a search killed before
+    its first method leaves). Absent beside experiments that ran (sweep.json is written before the
+    first method starts): deleted since, so the sweep's methods, budget and objective are unknown — a
+    SearchError, rather than resuming with whatever arguments were given (the defaults, if none)."""
     path = sweep_dir / "sweep.json"
     if not path.is_file():
+        ran = sorted(d.name for d in sweep_dir.iterdir() if (d / "tuner.pkl").is_file()) if sweep_dir.is_dir() else []
+        if ran:
+            raise SearchError(f"--resume: {path} is missing, but the sweep holds experiments that ran ({', '.join(ran)}); "
+                              "it records the search's arguments (methods, budget, objective, ...): put it back")
         return None
     try:
         return dict(json.loads(path.read_text())["args"])
