@@ -350,6 +350,10 @@ def test_build_specs_variants_sets_and_protocol():
     with pytest.raises(ValueError, match="not being run"):
         build_specs("ls", parse_sets(["cagrad.c=0.1"]))
     assert "ls" not in [s.name for s in build_specs("all", exclude=["ls"])]
+    # nothing left to run: an error, not an empty table written over the --out folder's
+    for methods, exclude in (("", ()), (",", ()), ("famo", ["famo"])):
+        with pytest.raises(ValueError, match="leaves no method to run"):
+            build_specs(methods, exclude=exclude)
 
 
 def test_cli_main(tmp_path, capsys):

@@ -113,6 +113,9 @@ def build_specs(methods: str, sets: dict[str, dict[str, Any]] | None = None, ite
     unused = sorted(set(sets) - {s.name for s in specs})
     if unused:
         raise ValueError(f"--set names method(s) {unused} that are not being run")
+    if not specs:  # an empty run would still overwrite the --out folder's table with an empty one
+        raise ValueError(f"--methods {methods!r}" + (f" minus --exclude {','.join(exclude)}" if exclude else "")
+                         + " leaves no method to run")
     return specs
 
 
