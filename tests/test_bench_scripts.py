@@ -286,3 +286,16 @@ def test_gpu_session_script_runs_every_check_with_flags_its_scripts_accept(tmp_p
     assert {f"{name}.md" for name in tables} <= set(written), written
     assert all(code == "0" for _, code in checks), log
     assert "=== done" in log
+
+
+def test_search_timeline_times_the_phases_and_every_trial(tmp_path):
+    text = run_script("search_timeline.py", "--method", "ls,cagrad", "--num-samples", "2", "--epochs", "1",
+                      "--config", "steps_per_epoch=20", "--storage-path", str(tmp_path), "--verbose", "0",
+                      timeout=300)
+    driver = [ln.split("|")[2].strip() for ln in text.splitlines() if re.match(r"\| +\d+\.\d\d \|", ln)]
+    for phase in ("ray.init end", "method ls end", "method cagrad end", "exit 0"):
+        assert phase in driver
+    trials = [ln for ln in text.splitlines() if re.match(r"\| +\d+\.\d \| ", ln)]
+    assert sorted(ln.split("|")[4].strip() for ln in trials) == ["cagrad", "cagrad", "ls", "ls"]
+    starts_ends = [(float(ln.split("|")[1]), float(ln.split("|")[2])) for ln in trials]
+    assert all(0 < start <= end + 1 for start, end in starts_ends)  # Ray's whole-second stamps: ± 1 s
