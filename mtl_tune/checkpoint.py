@@ -90,6 +90,12 @@ class DamagedCheckpointError(UnusableCheckpointError):
     was written or copied) or modified since."""
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (torch's run to a paragraph)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else repr(err)
+
+
 def load(path: str | Path) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, then :func:`from_plain`.
 
@@ -104,9 +110,8 @@ def load(path: str | Path) -> Any:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
         raise UnsafeCheckpointError(
-            f"checkpoint {path} holds objects a weights-only load refuses ({first[0] if first else err}); "
+            f"checkpoint {path} holds objects a weights-only load refuses ({_first_line(err)}); "
             "it was written by an older mtl_tune (whose checkpoints held NumPy arrays) or by other code, "
             "and is not loaded, since unpickling it could run code from the file: start the run afresh"
         ) from err
@@ -117,9 +122,8 @@ def load(path: str | Path) -> Any:
         # are not the file's content: raised as they are
         if isinstance(err, OSError) and err.errno != errno.EINVAL:
             raise
-        first = str(err).strip().splitlines()
         raise DamagedCheckpointError(
-            f"checkpoint {path} is damaged ({type(err).__name__}: {first[0] if first else err}): cut short "
+            f"checkpoint {path} is damaged ({type(err).__name__}: {_first_line(err)}): cut short "
             "by a kill or a full disk while it was written or copied, or modified since; it cannot be "
             "resumed from"
         ) from err

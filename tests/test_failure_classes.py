@@ -116,6 +116,25 @@ def test_the_trial_reports_bad_data_once_instead_of_raising(monkeypatch):
         trainable.train_trial(TOY)
 
 
+def resume_trial_from(folder: Path, monkeypatch) -> list[dict]:
+    """Run the toy trainable as Tune would resume it from ``folder`` (a checkpoint directory) and
+    return what it reported; training from it fails the test."""
+    from mtl_tune.search import trainable
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(folder)
+
+    reports = []
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", Checkpoint)
+    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(trainable, "train", lambda *args: pytest.fail("trained from an unusable checkpoint"))
+    trainable.train_trial(TOY)
+    return reports
+
+
 def test_a_checkpoint_a_weights_only_load_refuses_fails_the_trial_once_without_running_it(monkeypatch, tmp_path):
     """Resuming from a crafted (or pre-weights-only) state.pt: nothing in it runs, the trial reports one
     failed result that says why, and Tune sees no exception (no retries of the same refusal)."""
@@ -130,18 +149,7 @@ def test_a_checkpoint_a_weights_only_load_refuses_fails_the_trial_once_without_r
     folder = tmp_path / "checkpoint_000001"
     folder.mkdir()
     torch.save({"epoch": 1, "payload": WritesMarker()}, folder / trainable.STATE_FILE)
-
-    class Checkpoint:
-        @contextlib.contextmanager
-        def as_directory(self):
-            yield str(folder)
-
-    reports = []
-    monkeypatch.setattr(trainable.tune, "get_checkpoint", Checkpoint)
-    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
-    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
-    monkeypatch.setattr(trainable, "train", lambda *args: pytest.fail("trained from a refused checkpoint"))
-    trainable.train_trial(TOY)
+    reports = resume_trial_from(folder, monkeypatch)
     assert not marker.exists()
     assert len(reports) == 1 and reports[0]["failed"] == 1.0
     assert reports[0]["error"].startswith("UnsafeCheckpointError") and "state.pt" in reports[0]["error"]
@@ -157,18 +165,7 @@ def test_a_damaged_checkpoint_fails_the_trial_once_naming_it(monkeypatch, tmp_pa
     torch.save({"epoch": 1, "model": {"w": torch.zeros(100)}}, folder / trainable.STATE_FILE)
     whole = (folder / trainable.STATE_FILE).read_bytes()
     (folder / trainable.STATE_FILE).write_bytes(whole[: len(whole) // 2])
-
-    class Checkpoint:
-        @contextlib.contextmanager
-        def as_directory(self):
-            yield str(folder)
-
-    reports = []
-    monkeypatch.setattr(trainable.tune, "get_checkpoint", Checkpoint)
-    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
-    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
-    monkeypatch.setattr(trainable, "train", lambda *args: pytest.fail("trained from a damaged checkpoint"))
-    trainable.train_trial(TOY)
+    reports = resume_trial_from(folder, monkeypatch)
     assert len(reports) == 1 and reports[0]["failed"] == 1.0
     assert reports[0]["error"].startswith("DamagedCheckpointError") and "state.pt is damaged" in reports[0]["error"]
 
