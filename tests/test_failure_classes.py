@@ -292,3 +292,47 @@ def test_resume_refuses_a_sweep_whose_sweep_json_was_deleted_after_it_ran(tmp_pa
 
     assert main(["--resume", "--storage-path", str(tmp_path), "--name", "s"]) == 2
     assert "put it back" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_search_with_one_message_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    """A full disk surfaces as whatever wrote last (Ray's pyarrow copy, Optuna's SQLite, the OS) deep
+    in a chain of Tune errors: exit 1 with one line that says so and how to continue; any other
+    exception is not dressed up as one."""
+    import errno
+    import importlib
+    import sqlite3
+
+    from mtl_tune.search.cli import disk_full, main
+
+    execution = importlib.import_module("mtl_tune.search.execution")
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device")) == "[Errno 28] No space left on device"
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as inner:
+            raise RuntimeError("An exception is raised during the commit") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer) == "database or disk is full"
+    assert disk_full(OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")).endswith(
+        "No space left on device")
+    assert disk_full(KeyError("Record does not exist.")) is None
+
+    def full(plan):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("Tune failed to save the experiment state") from err
+
+    monkeypatch.setattr(execution, "execute", full)
+    argv = ["--method", "ls", "--storage-path", str(tmp_path), "--name", "s"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: the disk is full ([Errno 28] No space left on device); the search stopped" in err
+    assert "--name s --resume" in err
+
+    def other(plan):
+        raise KeyError("not a disk problem")
+
+    monkeypatch.setattr(execution, "execute", other)
+    with pytest.raises(KeyError, match="not a disk problem"):
+        main(["--method", "ls", "--storage-path", str(tmp_path), "--name", "t"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Any, NoReturn
@@ -271,6 +272,29 @@ def print_interrupted(outcome, plan) -> int:
     return EXIT_INTERRUPTED
 
 
+#: what a full disk (or quota) says along an exception's chain: the OS, SQLite (Optuna's storage),
+#: and pyarrow (Ray's file copies) word it differently
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The first line of the full-disk error in ``err``'s chain (causes and contexts), or None."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e)
+        if (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or any(t in text for t in DISK_FULL_TEXT):
+            lines = [ln.strip() for ln in text.splitlines() if any(t in ln for t in DISK_FULL_TEXT)]
+            return lines[0] if lines else f"{type(e).__name__}: {text.strip()[:200]}"
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a bad argument (exit 2); none of their modules imports torch."""
     from mtl_tune.benchmarks.base import ConfigError, DataError
@@ -283,8 +307,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when trials finished, 1 when none did, 2 for a bad argument (nothing started),
-    130 when Ctrl+C stopped the search."""
+    """Exit 0 when trials finished, 1 when none did or a full disk stopped the search, 2 for a bad
+    argument (nothing started), 130 when Ctrl+C stopped the search."""
     from mtl_tune.search.runner import prepare, sweep_dir_of
     from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 
@@ -308,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     except SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - only a full disk is answered here; anything else is re-raised
+        reason = disk_full(err)
+        if reason is None:
+            raise
+        print(f"error: the disk is full ({reason}); the search stopped. Free space where {plan.sweep_dir} lives, "
+              f"then continue it with:\n  {resume_command(plan)}\n(a state file Tune could not write whole is "
+              "named then, with what to do)", file=sys.stderr)
+        return 1
     if outcome.interrupted:
         return print_interrupted(outcome, plan)
     return 0 if print_summary(outcome, plan) else 1
