@@ -186,9 +186,10 @@ def run_method(plan: Plan, method: str) -> None:
     searchable = space.searchable()
     # a method without hyperparameters has nothing to search: one trial (per seed) is the fair budget
     budget = o.num_samples if searchable else 1
-    if o.resume and not tune_state_saved(exp_dir):
+    saved = o.resume and tune_state_saved(exp_dir)
+    if o.resume and not saved:
         set_aside_unsaved_start(plan, method, study=plan.study_name(method))
-    if o.resume and tune_state_saved(exp_dir):
+    if saved:
         logger.info("resuming %s from %s", method, exp_dir)
         with own_storage_at(None if o.optuna_storage else plan.optuna_storage):  # the pickles name the first folder's
             results = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True).fit()
@@ -229,9 +230,10 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     # multi-worker trials reserve nothing in Tune: without a limit all would start and queue for workers;
     # single-process ones with fractional CPUs would start as many processes as fractions fit
     limit = o.max_concurrent or fitting_trials(o)
-    if not tune_state_saved(path):
+    saved = tune_state_saved(path)
+    if not saved:
         set_aside_unsaved_start(plan, experiment, study=None)
-    if tune_state_saved(path):
+    if saved:
         results = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True).fit()
         check_not_interrupted(results, None)
         return

@@ -70,8 +70,8 @@ def check_saved_states(plan: Plan) -> None:
                 if not files or _whole_file(files[-1], kind):
                     continue
                 raise SearchError(
-                    f"--resume: {files[-1]} is unreadable (cut short by a kill or a full disk while Ray Tune wrote it?), so Tune cannot "
-                    f"restore {exp_dir.name}; nothing was changed. Its trials' own files are intact "
+                    f"--resume: {files[-1]} is unreadable (cut short by a kill or a full disk while Ray Tune "
+                    f"wrote it?), so Tune cannot restore {exp_dir.name}; nothing was changed. Its trials' own files are intact "
                     f"(`python -m mtl_tune.analyze {plan.sweep_dir}` reads them). To go on, move {exp_dir} "
                     f"aside (or put back a good copy of the file) and --resume again: {exp_dir.name} then starts afresh")
 
