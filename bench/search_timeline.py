@@ -14,7 +14,7 @@ Every argument is the search's; ``--storage-path`` defaults to a fresh temporary
 
 from __future__ import annotations
 
-import _common as c  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; puts the checkout first)
+import _common as c  # (sets OMP_WAIT_POLICY before torch loads; puts the checkout first)
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -56,17 +56,22 @@ def trial_spans(sweep: Path) -> list[tuple[float, float, float, str, str]]:
     return sorted(spans)
 
 
+def given(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def main() -> int:
     args = sys.argv[1:]
-    if "--storage-path" not in args:
+    if not given(args, "--storage-path"):
         args += ["--storage-path", tempfile.mkdtemp(prefix="search_timeline_")]
-    if "--name" not in args:
-        args += ["--name", "timeline"]
     mark("interpreter up")
     import mtl_tune.search.execution as execution
     from mtl_tune.search import cli, runner
 
     mark("search modules imported")
+    plans = []
+    prepare = runner.prepare
+    runner.prepare = lambda options: plans.append(prepare(options)) or plans[-1]  # the sweep folder it chose
     wrap(runner, "prepare", lambda a: "argument and space checks (prepare)")
     wrap(execution, "init_ray", lambda a: "ray.init")
     wrap(execution, "run_method", lambda a: f"method {a[1]}")
@@ -74,13 +79,14 @@ def main() -> int:
     wrap(execution, "plot_front", lambda a: "Pareto plot")
     code = cli.main(args)
     mark(f"exit {code}")
-    sweep = Path(args[args.index("--storage-path") + 1]).expanduser() / args[args.index("--name") + 1]
-    print("\n| s | driver |\n|---|---|")
-    for t, what in PHASES:
-        print(f"| {t:6.2f} | {what} |")
-    print("\n| start s | end s | first epoch s | experiment | trial |\n|---|---|---|---|---|")
-    for start, end, first, exp, trial in trial_spans(sweep):
-        print(f"| {start:6.1f} | {end:6.1f} | {first:5.2f} | {exp} | {trial} |")
+    print("\n" + c.markdown_table(["s", "driver"], [(f"{t:6.2f}", what) for t, what in PHASES]))
+    spans = trial_spans(plans[0].sweep_dir) if plans else []
+    if not spans:
+        print("no trial reported a result (see the search's own output above)", file=sys.stderr)
+        return code or 1
+    print("\n" + c.markdown_table(["start s", "end s", "first epoch s", "experiment", "trial"],
+                                  [(f"{s:6.1f}", f"{e:6.1f}", f"{f:5.2f}", exp, trial)
+                                   for s, e, f, exp, trial in spans]))
     return code
 
 

@@ -188,8 +188,8 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
     vals, jac = toy_value_and_jacobian(x, scale)
     svals = vals - shift_all               # what the kernels see (shifted losses), updated in place
     # per plain group, what its call needs, looked up once (~20 groups a worker, 35 000 steps):
-    # (group, step_rows, rows, its shifted losses as a view of svals, iters)
-    plain_calls = [(g, g.kernel.step_rows, g.rows, svals[g.rows], g.iters) for g in plain]
+    # (group, step_rows, rows, its shifted losses as a view of svals)
+    plain_calls = [(g, g.kernel.step_rows, g.rows, svals[g.rows]) for g in plain]
     running_plain = plain_calls
     clock = time.perf_counter
     start, cpu = time.perf_counter(), time.process_time()
@@ -200,7 +200,7 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
                 inputs_ok = bool(np.isfinite(svals[:n_plain].sum()) and np.abs(jac[:n_plain]).max() < 1e307)
                 gram = gram_rows(jac[:n_plain]) if t < gram_iters else None
                 direct = []
-                for g, step_rows, r, losses_r, _ in running_plain:
+                for g, step_rows, r, losses_r in running_plain:
                     t0 = clock()
                     c, d = step_rows(t, losses_r, jac[r], None if gram is None else gram[r], inputs_ok)
                     coef[r] = c
@@ -264,7 +264,7 @@ def _run_fast(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConf
                     if t + 1 == g.iters and live[g.rows].any():
                         freeze(np.flatnonzero(live[g.rows]) + g.rows.start)
                 running = [g for g in groups if t + 1 < g.iters]
-                running_plain = [call for call in plain_calls if t + 1 < call[-1]]
+                running_plain = [call for call in plain_calls if t + 1 < call[0].iters]
                 if running:
                     lo, hi = min(g.rows.start for g in running), max(g.rows.stop for g in running)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -102,8 +102,17 @@ def pack(units: Sequence[Unit], workers: int) -> list[Bin]:
     return [b for b in bins if b.units]
 
 
-def init_worker() -> None:  # also the plot workers (toy.trajectories)
+def init_worker() -> None:
     torch.set_num_threads(1)  # tensors here have 2–10 entries: threads only add contention
+
+
+def worker_pool(processes: int) -> ProcessPoolExecutor:
+    """The toy's process pool (the trajectory bins here, the figures in toy.trajectories): an
+    executor, so a worker that dies (the OOM killer, a kill) raises BrokenProcessPool instead of a
+    multiprocessing Pool's wait for its lost work; forked on Linux, with one torch thread per worker
+    (the parent has used torch's OpenMP pool, and a forked child that enters it hangs)."""
+    context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=init_worker)
 
 
 def _run_bin(args: tuple[Bin, EngineConfig, float]) -> list[RunResult]:
@@ -144,10 +153,7 @@ def run_all(specs: Sequence[MethodSpec], inits: Sequence[int], cfg: EngineConfig
     if len(bins) == 1:
         results.extend(_run_bin((bins[0], cfg, tol)))
     else:
-        # an executor: a worker that dies (the OOM killer, a kill) raises BrokenProcessPool here; a
-        # multiprocessing Pool would wait for its lost bin forever
-        context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(len(bins), mp_context=context, initializer=init_worker) as pool:
+        with worker_pool(len(bins)) as pool:
             for job in as_completed([pool.submit(_run_bin, (b, cfg, tol)) for b in bins]):
                 done = job.result()
                 results.extend(done)

@@ -52,11 +52,9 @@ def summarize(res: RunResult, scale: float, tol: float, dist: FrontDistance | No
         row["reason"] = f"warning: {res.first_warning}"
     if res.status == "skipped" or len(res.traj) == 0:
         return row
-    if res.reached is not None and res.reached[0] == tol and res.end_loss is not None:
-        hit, end_loss = res.reached[1], res.end_loss          # measured in the worker (measure_runs)
-    else:
-        losses = trajectory_losses(res.traj, scale)
-        hit, end_loss = dist.first_within(losses, tol), losses[-1]
+    if res.reached is None or res.reached[0] != tol or res.end_loss is None:  # not measured in the worker
+        _measure(res, scale, tol, dist)
+    hit, end_loss = res.reached[1], res.end_loss
     end = res.traj[-1]
     row.update(final_distance=float(pareto_distance(end_loss, scale)),
                iters_to_tol="" if hit is None else hit,
@@ -80,8 +78,12 @@ def measure_runs(results: Sequence[RunResult], scale: float, tol: float = DEFAUL
     dist = FrontDistance(scale)
     for res in results:
         if res.status != "skipped" and len(res.traj):
-            losses = trajectory_losses(res.traj, scale)
-            res.reached, res.end_loss = (tol, dist.first_within(losses, tol)), losses[-1]
+            _measure(res, scale, tol, dist)
+
+
+def _measure(res: RunResult, scale: float, tol: float, dist: FrontDistance) -> None:
+    losses = trajectory_losses(res.traj, scale)
+    res.reached, res.end_loss = (tol, dist.first_within(losses, tol)), losses[-1]
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

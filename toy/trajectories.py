@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import re
 import sys
 import time
@@ -39,7 +38,7 @@ import yaml
 from mtl_tune.benchmarks.toy import INITS
 from mtl_tune.registry import PluginError, available_balancers, balancer_class, check_hparams
 from .engine import EngineConfig, MethodSpec, RunResult, protocol_hparams
-from .parallel import init_worker, run_all
+from .parallel import run_all, worker_pool
 from .landscape import loss_grid
 from .report import DEFAULT_TOL, SearchTrials, load_search_trials, markdown_table, summarize_all, write_csv, write_npz
 
@@ -144,11 +143,8 @@ def run_trajectories(specs: Sequence[MethodSpec], inits: Sequence[int] = tuple(r
         pool, figures = None, len({r.label for r in results})
         if plots and workers > 1 and figures > 1:
             # forked before the writer thread below starts (a fork copies no thread, but it would copy
-            # a lock that thread holds); one torch thread in the workers: the parent has used torch's
-            # OpenMP pool (losses of the trajectories), and a forked child that enters it hangs
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            pool = stack.enter_context(ProcessPoolExecutor(min(workers, figures), mp_context=mp.get_context(method),
-                                                           initializer=init_worker))
+            # a lock that thread holds)
+            pool = stack.enter_context(worker_pool(min(workers, figures)))
             pool.submit(int).result()   # a forking executor starts all its processes at its first job: now
         # the trajectories' file (≈ 1.5 s of zlib for the whole gallery, which releases the GIL) is
         # written by a thread while the table is made and the figures drawn; its errors surface here

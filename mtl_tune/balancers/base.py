@@ -423,16 +423,16 @@ class LossBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name, finite=self.checks_finite_losses, graph=True)
         shared = _as_param_list(shared_params)
         heads = _as_param_list(task_params)
-        if not any(p.requires_grad for p in (*shared, *heads)):  # torch's own error names no argument
+        model_params = [p for p in (*shared, *heads) if p.requires_grad]
+        if not model_params:  # torch's own error names no argument
             raise ValueError(f"{self.name}: no shared or task parameter requires grad (shared_params holds "
                              f"{len(shared)} tensors, task_params {len(heads)}); pass the model's parameters")
         group = self._sync_group()
         if group is None:
             total, weights = self.objective(losses)
-            params = shared + heads + list(self.parameters())
-            total.backward(inputs=[p for p in params if p.requires_grad])
+            total.backward(inputs=model_params + [p for p in self.parameters() if p.requires_grad])
         else:
-            weights = self._distributed_backward(losses, shared + heads, group)
+            weights = self._distributed_backward(losses, model_params, group)
         self._clip(shared)
         self.step_count += 1
         return StepInfo(weights=weights.detach(), extras=self._step_extras())
@@ -445,7 +445,7 @@ class LossBalancer(Balancer):
         own = [p for p in self.parameters() if p.requires_grad]
         coef, *own_grads = torch.autograd.grad(total, [mean, *own], allow_unused=True)
         coef = torch.zeros_like(mean) if coef is None else coef
-        (losses * coef.detach().to(losses.dtype)).sum().backward(inputs=[p for p in model_params if p.requires_grad])
+        (losses * coef.detach().to(losses.dtype)).sum().backward(inputs=model_params)
         own_used = [(p, g) for p, g in zip(own, own_grads) if g is not None]
         if own_used:  # the same on every rank (computed from ℓ̄); via autograd in case DDP holds them
             torch.autograd.backward([p for p, _ in own_used], grad_tensors=[g for _, g in own_used])

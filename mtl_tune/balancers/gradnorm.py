@@ -169,16 +169,13 @@ def renormalise_rows(weights: Tensor, out: Tensor | None = None) -> tuple[Tensor
     w = weights.clamp_min(0)
     total = w.sum(-1, keepdim=True)
     sums = host(total)[..., 0]
-    # every sum positive and finite (NaN fails the first test), in two reductions: the common case
-    if sums.size and 0 < sums.min() and sums.max() < np.inf:
+    # every sum positive and finite (NaN fails the first test), in two reductions: the common case (or no rows)
+    if not sums.size or (0 < sums.min() and sums.max() < np.inf):
         k_over = _k_over(total, w.shape[-1])
         fine = np.zeros(sums.shape, dtype=bool)
         return (w * k_over if out is None else torch.mul(w, k_over, out=out)), fine, fine.copy()
     finite = np.isfinite(sums)
     nonfinite, dead = ~finite, finite & ~(sums > 0)
-    if not (nonfinite.any() or dead.any()):   # (no rows)
-        k_over = _k_over(total, w.shape[-1])
-        return (w * k_over if out is None else torch.mul(w, k_over, out=out)), nonfinite, dead
     ok = torch.from_numpy(np.asarray(~(nonfinite | dead))).to(weights.device)
     renormalised = torch.where(ok[..., None], w * _k_over(total, w.shape[-1]), weights)
     return (renormalised if out is None else out.copy_(renormalised)), nonfinite, dead
