@@ -26,9 +26,15 @@ def loss_floor(name: str, n_tasks: int, min_losses: Sequence[float] | None) -> T
 
 def shifted(name: str, losses: np.ndarray, floor: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, Callable[[tuple[int, ...]], str]]:
-    """(D = ℓ − ℓ* (..., K), bool rows (...) with some D ≤ 0 or non-finite, the reason of such a row)."""
+    """(D = ℓ − ℓ* (..., K), bool rows (...) with some D ≤ 0 or non-finite, the reason of such a row).
+
+    The common case costs two reductions: every D in (0, ∞) means no row fails (a NaN or ±∞ fails
+    one of the two tests), and the rows are then all False without the element-wise pass."""
     d = losses - floor
-    bad = ~(np.isfinite(d) & (d > 0)).all(-1)  # a NaN or infinite loss too: its logarithm means nothing
+    if d.min() > 0.0 and d.max() < np.inf:
+        bad = np.zeros(d.shape[:-1], dtype=bool)
+    else:  # a NaN or infinite loss fails too: its logarithm means nothing
+        bad = ~(np.isfinite(d) & (d > 0)).all(-1)
 
     def reason(index: tuple[int, ...]) -> str:
         return (f"{name}: ℓ − min_losses must be finite and > 0 for every task (the method takes its logarithm), got losses "

@@ -116,21 +116,15 @@ class DBMTL(GradientBalancer):
         average and returns d (..., P) with the weights α (..., K), torch tensors on the Jacobian's
         device; a row with some ℓ_i − ℓ*_i ≤ 0 fails (one row: before the average changes).
 
-        The common case takes fewer calls, with the same operations on the same numbers: every
-        D = ℓ − ℓ* finite and > 0 (two reductions) skips the per-row check of
-        :func:`~mtl_tune.balancers._log_losses.shifted` and the placeholders of failed rows; and for
-        K = 2 on a float64 CPU Jacobian, α and d are formed from the torch norms and average in NumPy
+        The common case takes fewer calls, with the same operations on the same numbers: no failed
+        row (:func:`~mtl_tune.balancers._log_losses.shifted` finds it with two reductions) skips the
+        placeholders of failed rows; and for K = 2 on a float64 CPU Jacobian, α and d are formed from the torch norms and average in NumPy
         (a maximum, a sum, a quotient, products and a sum of two terms round the same in either)."""
-        floor = self._floor(self.min_losses)
-        shift = host(losses) - floor
-        if shift.min() > 0.0 and shift.max() < np.inf:  # no row fails (a NaN or ±∞ fails a test)
-            d, bad, reason = shift, None, ""
-        else:
-            d, bad, reason = shifted(self.name, host(losses), floor)
-            if jacobian.dim() == 2 and bool(bad):
-                return RowStep(torch.full_like(losses, float("nan")), failed=bad, reason=reason)
-            if not bad.any():
-                bad = None
+        d, bad, reason = shifted(self.name, host(losses), self._floor(self.min_losses))
+        if jacobian.dim() == 2 and bool(bad):
+            return RowStep(torch.full_like(losses, float("nan")), failed=bad, reason=reason)
+        if not bad.any():
+            bad = None
         average = state_like(self.average, jacobian, self.name, "moving average")
         self.average = average
         rate = self.beta / float(self.step_count + 1) ** self.beta_sigma

@@ -200,7 +200,7 @@ class RowsKernel(Kernel):
         if out.failed is not None and out.failed.any():
             self.fail(out.failed, step, [f"BalancerError: {out.reason_of((r,))}" for r in range(self.rows)])
         w = out.weights   # the step's weights, after the meta update (what weights_rows(losses) gives now)
-        self.balancer.step_count += 1
+        self._balancer_attrs["step_count"] += 1
         d = combine(w, jac)
         adam_step(clip_rows(d, self.max_norm) if self.clip else d)
         if not np.isfinite(x.sum()):  # one reduction; the rows only when needed
