@@ -22,8 +22,13 @@ class TwoTaskNet(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """The K task losses (mean squared errors), shape (K,)."""
+        return self.losses_and_representation(x, y)[0]
+
+    def losses_and_representation(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The K losses and the encoder output z every head reads (representation-level methods
+        such as MGDA-UB combine the task gradients with respect to z)."""
         z = self.encoder(x)
-        return torch.stack([((head(z).squeeze(1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)])
+        return torch.stack([((head(z).squeeze(1) - y[:, i]) ** 2).mean() for i, head in enumerate(self.heads)]), z
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())

@@ -41,6 +41,7 @@ no memory. Parameters that a task does not reach get zeros in its row (not ``Non
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -123,9 +124,10 @@ class JacobianEngine:
         """
         params = _trainable(params)
         k, total = losses.shape[0], sum(p.numel() for p in params)
-        buf = self._take_buffer(k, total, params[0]) if reuse else None
+        dtype = _common_dtype(params)
+        buf = self._take_buffer(k, total, params[0], dtype) if reuse else None
         if buf is None:
-            buf = params[0].new_empty(k, total)
+            buf = params[0].new_empty(k, total, dtype=dtype)
         sinks = [_copy_sink(buf, off, p.numel()) for p, off in zip(params, _offsets(params))]
         self._run(losses, params, sinks, retain_graph)
         return buf
@@ -145,11 +147,11 @@ class JacobianEngine:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _take_buffer(self, k: int, total: int, like: Tensor) -> Tensor:
+    def _take_buffer(self, k: int, total: int, like: Tensor, dtype: torch.dtype) -> Tensor:
         buf = self._buffer
-        if buf is None or buf.shape != (k, total) or buf.dtype != like.dtype or buf.device != like.device:
+        if buf is None or buf.shape != (k, total) or buf.dtype != dtype or buf.device != like.device:
             self._buffer = None  # free the old one before allocating
-            buf = self._buffer = like.new_empty(k, total)
+            buf = self._buffer = like.new_empty(k, total, dtype=dtype)
         return buf
 
     def _run(self, losses: Tensor, params: list[Tensor], sinks: list[Callable[[Tensor], None]],
@@ -293,6 +295,15 @@ def _stream_batched(losses: Tensor, params: list[Tensor], sinks: list[_Sink], re
     # ``retain_graph`` is not honoured here: vmap runs the rows with retain_graph=True, so the
     # graph lives until the caller drops the losses (what the loop does for rows 1..K-1 anyway)
     del retain_graph
+
+
+def _common_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The dtype every parameter's gradient fits in: the first's, or the widest of mixed ones (a
+    float16 buffer for float16 and float32 parameters would overflow the float32 gradients)."""
+    first = params[0].dtype
+    if all(p.dtype == first for p in params):
+        return first
+    return functools.reduce(torch.promote_types, (p.dtype for p in params))
 
 
 def _unbatch(grad: Tensor, k: int) -> Tensor:

@@ -22,9 +22,10 @@ def load(name: str):
     return module
 
 
-@pytest.mark.parametrize("method", ["cagrad", "famo", "uw"])
+@pytest.mark.parametrize("method", ["cagrad", "famo", "uw", "mgdaub", "autol"])
 def test_plain_loop_reduces_both_losses(method):
-    result = load("plain_loop").train(method, steps=150)
+    # Auto-λ steps on 0.1 × the losses (its official initial λ) and needs twice the steps
+    result = load("plain_loop").train(method, steps=300 if method == "autol" else 150)
     assert all(last < 0.5 * first for first, last in zip(result["first_losses"], result["last_losses"]))
     assert len(result["weights"]) == 2
 

@@ -195,12 +195,13 @@ def aligned_mtl_weights(gram_matrix: np.ndarray, scale_mode: str = "min", prefer
 
 
 def check_preferences(preferences: Sequence[float] | None, n_tasks: int, method: str) -> np.ndarray | None:
-    """Validate optional task preference weights (non-negative, finite, one per task); float64 (K,)."""
+    """Validate optional task preference weights (non-negative, finite, one per task, not all 0 — all
+    zero weights every task's contribution by 0: a zero update on every step); float64 (K,)."""
     if preferences is None:
         return None
     p = np.asarray(list(preferences), dtype=np.float64)
-    if p.shape != (n_tasks,) or not np.isfinite(p).all() or (p < 0).any():
-        raise ValueError(f"{method}: preferences must be {n_tasks} finite non-negative numbers, "
+    if p.shape != (n_tasks,) or not np.isfinite(p).all() or (p < 0).any() or not p.any():
+        raise ValueError(f"{method}: preferences must be {n_tasks} finite non-negative numbers, not all 0, "
                          f"got {preferences!r}")
     return p
 

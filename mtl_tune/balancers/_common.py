@@ -116,17 +116,45 @@ def check_losses(losses: Tensor, n_tasks: int, method: str, finite: bool = True,
 
 
 def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
+    """The tensors of ``params``: a tensor, an iterable of tensors, or of per-task groups of them.
+
+    TypeError for anything else — a string would recurse forever (its characters are strings), and
+    ``model.named_parameters()`` gives (name, parameter) pairs, an easy mistake to make."""
     if params is None:
         return []
     if isinstance(params, Tensor):
         return [params]
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"parameters must be tensors or iterables of tensors, got {type(params).__name__} "
+                        f"{params!r:.60}")
     out: list[Tensor] = []
     for p in params:
         if isinstance(p, Tensor):
             out.append(p)
+        elif isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            raise TypeError(f"parameters must be tensors, got a (name, parameter) pair ({p[0]!r}, ...): pass "
+                            "model.parameters(), not model.named_parameters()")
         else:  # a per-task group of parameters
             out.extend(_as_param_list(p))
     return out
+
+
+def trainable_split(name: str, shared_params: Any, task_params: Any) -> tuple[list[Tensor], list[Tensor]]:
+    """(shared, task-specific) parameters that require grad; ValueError when a tensor is in both.
+
+    A method writes its combined direction into the shared ``.grad`` and the heads' own gradients
+    into the task parameters; a tensor in both lists (``model.parameters()`` passed as the heads)
+    would silently get the plain loss sum's gradient on top of the method's direction."""
+    shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
+    heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+    if heads and shared:
+        both = {id(p) for p in shared}.intersection(map(id, heads))
+        if both:
+            shapes = [tuple(p.shape) for p in shared if id(p) in both]
+            raise ValueError(f"{name}: {len(both)} tensor(s) are in both shared_params and task_params (shapes "
+                             f"{shapes[:4]}{' ...' if len(shapes) > 4 else ''}); a parameter is either shared by "
+                             "the tasks or one task's own — pass the task heads' parameters only as task_params")
+    return shared, heads
 
 
 def accumulate_grad(params: Sequence[Tensor], flat: Tensor) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._common import weighted_rows
 from mtl_tune.balancers._rows import RowStep, host, one_row
-from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, _as_param_list, check_losses, gram
+from mtl_tune.balancers.base import Balancer, BalancerError, StepInfo, check_losses, gram, trainable_split
 
 _CONTRACT = ("the model's forward must return ForwardOutput(losses, representation=z) where z is ONE "
              "tensor (non-leaf, requires grad) computed from the shared parameters and consumed by every "
@@ -37,6 +37,22 @@ def check_representation(representation: Tensor | Sequence[Tensor] | None, metho
     if not representation.requires_grad:
         raise BalancerError(f"{method}: the representation does not require grad (detached?); {_CONTRACT}")
     return representation
+
+
+def _depends_on(losses: Tensor, z: Tensor) -> bool:
+    """Whether ``z`` is in the autograd graph of ``losses`` (a walk of the graph from the losses; the
+    engine reads an unused z as zero gradients, which would leave the encoder without an update)."""
+    target = z.grad_fn
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node is target or (target is None and getattr(node, "variable", None) is z):
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 class RepresentationBalancer(Balancer):
@@ -74,11 +90,13 @@ class RepresentationBalancer(Balancer):
         check_losses(losses, self.n_tasks, self.name, graph=True)
         self._sync_group()  # raises under an active process group
         z = check_representation(representation, self.name)
-        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
-        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        shared, heads = trainable_split(self.name, shared_params, task_params)
         if not shared:
             raise BalancerError(f"{self.name}: no shared parameter requires grad")
         jac = self.engine.jacobian(losses, [z], retain_graph=True)
+        if not bool(jac.any(-1).all()) and not _depends_on(losses, z):  # (a zero row alone can be genuine)
+            raise BalancerError(f"{self.name}: the losses do not depend on the representation given (a tensor "
+                                f"from another forward pass, or not the heads' input?); {_CONTRACT}")
         d_z, weights = self.combine_representation(jac, losses.detach())
         if not bool(torch.isfinite(d_z).all()):
             raise BalancerError(f"{self.name}: produced a non-finite representation gradient")

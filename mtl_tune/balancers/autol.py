@@ -45,6 +45,7 @@ Not data-parallel (one process): the meta step's perturbations are not synchroni
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,8 +55,8 @@ from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step
 from mtl_tune.balancers._rows import RowStep, host
-from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, LossBalancer, _as_param_list,
-                                     check_losses, rebind_private_optimizer)
+from mtl_tune.balancers.base import (Balancer, BalancerError, ForwardOutput, LossBalancer, StepInfo,
+                                     _as_param_list, check_losses, rebind_private_optimizer)
 
 #: the official finite-difference radius: ε = FD_RADIUS / ‖d‖ (``compute_hessian``)
 FD_RADIUS = 0.01
@@ -129,6 +130,19 @@ class AutoLambda(LossBalancer):
         # a buffer, not a Parameter: λ follows its own meta update, never the training optimizer
         self.register_buffer("lambdas", torch.full((n_tasks,), self.weight_init))
         self.meta_optimizer = torch.optim.Adam([self.lambdas], lr=self.meta_lr)
+        self._meta_stepped = self._warned_unlearned = False
+
+    def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
+        """The step on Σᵢ λᵢ ℓᵢ; warns (once) when no :meth:`meta_step` came before it — a loop that
+        never calls it trains with λ fixed at ``weight_init``, which is not Auto-λ."""
+        if not self._meta_stepped and not self._warned_unlearned:
+            self._warned_unlearned = True
+            warnings.warn("autol: backward without a meta_step before it: λ is not learned on such steps (call "
+                          "balancer.meta_step(forward, meta_forward, optimizer, shared, task_params) before every "
+                          "backward when balancer.needs_meta_batch, as mtl_tune's trainer does)", RuntimeWarning,
+                          stacklevel=2)
+        self._meta_stepped = False
+        return super().backward(losses, shared_params, task_params, representation)
 
     def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         lam = self.lambdas.detach().to(device=losses.device, dtype=losses.dtype)
@@ -231,6 +245,7 @@ class AutoLambda(LossBalancer):
                                                 ).to(self.lambdas)
         self.meta_optimizer.step()
         self.lambdas.grad = None
+        self._meta_stepped = True
 
     def _hypergradient(self, forward: Callable[[], ForwardOutput], meta_forward: Callable[[], ForwardOutput],
                        optimizer: torch.optim.Optimizer, params: list[Tensor], alpha: float, wd: float,

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from mtl_tune.balancers._adam import adam_step, clear_grads
 from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES, GRAM_MIN_TASKS,
                                         BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
-                                        StepInfo, _as_param_list, accumulate_grad, backward_weighted, check_losses,
-                                        all_finite, choose_gradient_path, finite_or_raise, gram,
-                                        pick_gradient_path, weighted_rows)
+                                        StepInfo, _as_param_list, accumulate_grad, all_finite, backward_weighted,
+                                        check_losses, choose_gradient_path, finite_or_raise, gram,
+                                        pick_gradient_path, trainable_split, weighted_rows)
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.checkpoint import from_plain, to_plain
 from mtl_tune.distributed import (AUTO, active_group, add_grad_through_autograd, distributed_run,
@@ -63,6 +63,22 @@ from mtl_tune.jacobian import JacobianEngine
 #: version of the layout of :meth:`Balancer.state_dict`'s extra state; 0 = the plain dict
 #: written before balancers were modules (still loadable, see :meth:`Balancer.load_state_dict`).
 STATE_FORMAT = 1
+
+
+def _non_finite_entries(obj: Any, path: str = "_extra_state") -> list[str]:
+    """Paths of the NaN/inf floats, float tensors and float arrays in nested dicts, lists and tuples
+    (no method keeps one in its state: a moving average, a warm start or an optimizer moment)."""
+    if torch.is_tensor(obj):
+        return [] if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else [path]
+    if isinstance(obj, np.ndarray):
+        return [] if obj.dtype.kind != "f" or bool(np.isfinite(obj).all()) else [path]
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path]
+    if isinstance(obj, Mapping):
+        return [p for key, value in obj.items() for p in _non_finite_entries(value, f"{path}[{key!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, value in enumerate(obj) for p in _non_finite_entries(value, f"{path}[{i}]")]
+    return []
 
 
 class Balancer(nn.Module, metaclass=abc.ABCMeta):
@@ -332,6 +348,12 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
                 raise ValueError(f"{self.name}: the balancer state's {prefix + name!r} holds non-finite values "
                                  f"({value.flatten()[:8].tolist()}); a state saved after the balancer diverged, or a "
                                  "damaged file — not loaded")
+        # the same for the rest of the state (moving averages, warm starts, private optimizers' moments),
+        # checked here too so that nothing is loaded from a refused state
+        bad = _non_finite_entries(state_dict.get(prefix + "_extra_state"), prefix + "_extra_state")
+        if bad:
+            raise ValueError(f"{self.name}: the balancer state's {', '.join(bad[:4])} hold(s) non-finite values; a "
+                             "state saved after the balancer diverged, or a damaged file — not loaded")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _from_format_0(self, old: dict[str, Any]) -> dict[str, Any]:
@@ -349,18 +371,21 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    #: buffers a private optimizer steps (FAMO's logits, GradNorm's weights, Auto-λ's λ): they stay
-    #: float32 when the balancer is cast to float16/bfloat16 (``model.half()`` casts a balancer that is
-    #: a submodule) — Adam's eps (1e-8) is 0 in float16, and the logits became ±inf then NaN for good
+    #: buffers that stay float32 when the balancer is cast to float16/bfloat16 (``model.half()`` casts a
+    #: balancer that is a submodule): those a private optimizer steps (FAMO's logits, GradNorm's weights,
+    #: Auto-λ's λ — Adam's eps (1e-8) is 0 in float16, and the logits became ±inf then NaN for good) and
+    #: loss floors ℓ* (``min_losses``: a hyperparameter, which bfloat16 would round to 2–3 digits)
     float32_state: ClassVar[tuple[str, ...]] = ()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
         # ``.to()``/``.double()`` replace buffers: let methods with a private optimizer re-bind it
+        before = {name: self._buffers[name] for name in self.float32_state if self._buffers.get(name) is not None}
         out = super()._apply(fn, recurse)
-        for name in self.float32_state:
+        half = (torch.float16, torch.bfloat16)
+        for name, old in before.items():
             buffer = self._buffers.get(name)
-            if buffer is not None and buffer.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = buffer.float()
+            if buffer is not None and buffer.dtype in half:  # the value before the cast, on the new device
+                self._buffers[name] = old.to(device=buffer.device, dtype=torch.float32 if old.dtype in half else old.dtype)
         self._after_move()
         return out
 
@@ -524,8 +549,7 @@ class GradientBalancer(Balancer):
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name, graph=True)
-        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
-        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        shared, heads = trainable_split(self.name, shared_params, task_params)
         group = self._sync_group()
         if self.path_for(losses, shared, group) == "gram":
             weights = self._gram_step(losses, shared, heads)
@@ -564,5 +588,5 @@ class GradientBalancer(Balancer):
 __all__ = [
     "GRADIENT_PATHS", "GRAM_MIN_JACOBIAN_BYTES", "GRAM_MIN_TASKS", "GradientPath", "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
     "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
-    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer", "RowStep",
+    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer", "RowStep", "trainable_split",
 ]

@@ -46,7 +46,7 @@ from torch import Tensor
 from mtl_tune.balancers._common import weighted_rows
 from mtl_tune.balancers._fairness import FairBalancer
 from mtl_tune.balancers.base import (BalancerError, StepInfo, _as_param_list, accumulate_grad, check_losses,
-                                     gram)
+                                     gram, trainable_split)
 
 
 def representation_gradient(loss: Tensor, rep: Tensor, task: int) -> Tensor:
@@ -159,7 +159,7 @@ class ConsMTL(FairBalancer):
         check_losses(losses, k, self.name, graph=True)
         self._sync_group()  # refuses an active process group (supports_distributed)
         heads = _task_groups(task_params, k)
-        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
+        shared, _ = trainable_split(self.name, shared_params, heads)
         needs_extra = self.lambda_ > 0 and any(c > 0 for c in self.head_clip)
         deltas: list[Tensor] = []
         if needs_extra:

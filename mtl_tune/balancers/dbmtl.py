@@ -92,6 +92,8 @@ class DBMTL(GradientBalancer):
 
     name = "dbmtl"
 
+    float32_state = ("min_losses",)  # the floor keeps its value under model.half() (Balancer.float32_state)
+
     def __init__(self, n_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
                  min_losses: Sequence[float] | None = None, **kw) -> None:
         super().__init__(n_tasks, **kw)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step
 from mtl_tune.balancers._rows import PerVersion, RowStep, host, one_row
-from mtl_tune.balancers.base import Balancer, BalancerError, LossBalancer, rebind_private_optimizer
+from mtl_tune.balancers.base import Balancer, BalancerError, LossBalancer, check_losses, rebind_private_optimizer
 
 EPS = 1e-8
 
@@ -166,7 +166,8 @@ class FAMO(LossBalancer):
         the same bits as ``step()``)."""
         prev_t = self.prev_losses
         if prev_t is None:
-            raise BalancerError("famo: after_optimizer_step called before backward")
+            raise BalancerError("famo: after_optimizer_step needs a backward first (called before any backward, "
+                                "or twice after one; train_step already calls it)")
         floor, floor32, host32 = self._floors(self.min_losses)
         new_losses = np.asarray(new_losses)
         bad, reason = self._check(new_losses, floor, new_losses - floor)
@@ -211,10 +212,12 @@ class FAMO(LossBalancer):
         return (losses * torch.from_numpy(w).to(losses)).sum(), weights
 
     def after_optimizer_step(self, new_losses: Tensor) -> None:
+        check_losses(new_losses, self.n_tasks, self.name, finite=False)  # (non-finite: after_rows says why)
         new_losses = self._rank_mean(new_losses.detach(), self._sync_group())  # the same update on every rank
         one_row(self.after_rows(host(new_losses)))
+        self.prev_losses = None  # one logit update per backward: a second call is refused, not applied twice
 
-    float32_state = ("logits",)
+    float32_state = ("logits", "min_losses")
 
     def _after_move(self) -> None:
         self.w_optimizer = rebind_private_optimizer(self.w_optimizer, [self.logits])

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtl_tune.balancers._log_losses import loss_floor, shifted
-from mtl_tune.balancers._rows import RowStep
+from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import LossBalancer
 
 
@@ -61,13 +61,15 @@ class GeometricLoss(LossBalancer):
 
     name = "gls"
 
+    float32_state = ("min_losses",)  # the floor keeps its value under model.half() (Balancer.float32_state)
+
     def __init__(self, n_tasks: int, min_losses: Sequence[float] | None = None, **kw) -> None:
         super().__init__(n_tasks, **kw)
         self.register_buffer("min_losses", loss_floor(self.name, n_tasks, min_losses))
 
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """L/(K D_i) per row; a row with some D_i ≤ 0 fails with the losses named."""
-        d, bad, reason = shifted(self.name, losses, self.min_losses.cpu().numpy())
+        d, bad, reason = shifted(self.name, losses, host(self.min_losses))
         with np.errstate(invalid="ignore", divide="ignore"):  # failed rows: their numbers are not used
             w = gls_rows(np.where(bad[..., None], 1.0, d))
         return RowStep(np.where(bad[..., None], np.nan, w), failed=bad, reason=reason)

@@ -57,8 +57,8 @@ from torch import Tensor
 
 from mtl_tune.balancers._adam import adam_step
 from mtl_tune.balancers._rows import RowStep, host, one_row
-from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, _as_param_list, check_losses,
-                                     rebind_private_optimizer)
+from mtl_tune.balancers.base import (Balancer, BalancerError, StepInfo, check_losses, rebind_private_optimizer,
+                                     trainable_split)
 
 
 _APART_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}   # shape → strides of rows K + 1 apart
@@ -291,8 +291,7 @@ class GradNorm(Balancer):
                  representation: Tensor | Sequence[Tensor] | None = None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name, graph=True)
         self._sync_group()  # raises under an active process group
-        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
-        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        shared, heads = trainable_split(self.name, shared_params, task_params)
         last = self.last_layer(shared)
         if not last:
             raise BalancerError("gradnorm: no shared parameter requires grad")

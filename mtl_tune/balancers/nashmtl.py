@@ -81,7 +81,7 @@ from mtl_tune.balancers._fair_pairs import FairPairs
 from mtl_tune.balancers._fairness import FairSolution, pareto_stationary, solve_fair
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.balancers.base import (GRADIENT_PATHS, Balancer, BalancerError, SolverFailureCounter, StepInfo,
-                                     _as_param_list, check_losses, gram, pick_gradient_path)
+                                     check_losses, gram, pick_gradient_path, trainable_split)
 from mtl_tune.distributed import distributed_run
 
 SOLVERS = ("newton", "cccp")
@@ -278,8 +278,7 @@ class NashMTL(Balancer):
 
     def backward(self, losses, shared_params, task_params=None, representation=None) -> StepInfo:
         check_losses(losses, self.n_tasks, self.name, graph=True)
-        shared = [p for p in _as_param_list(shared_params) if p.requires_grad]
-        heads = [p for p in _as_param_list(task_params) if p.requires_grad]
+        shared, heads = trainable_split(self.name, shared_params, task_params)
         group = self._sync_group()
         path = pick_gradient_path(self.name, self.gradient_path, True, self.n_tasks, shared,
                                   self.engine.can_stream_gram(losses.device), group)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtl_tune.balancers._log_losses import loss_floor
-from mtl_tune.balancers._rows import RowStep
+from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers.base import LossBalancer
 
 FORMS = ("log", "log1p")
@@ -54,6 +54,8 @@ class ScaleInvariant(LossBalancer):
 
     name = "si"
 
+    float32_state = ("min_losses",)  # the floor keeps its value under model.half() (Balancer.float32_state)
+
     def __init__(self, n_tasks: int, form: str = "log", min_losses: Sequence[float] | None = None,
                  **kw) -> None:
         super().__init__(n_tasks, **kw)
@@ -64,7 +66,7 @@ class ScaleInvariant(LossBalancer):
 
     def weights_rows(self, losses: np.ndarray) -> RowStep:
         """1/D (or 1/(1 + D)) per row; a row with D ≤ 0 (1 + D ≤ 0) fails with the losses named."""
-        d = losses - self.min_losses.cpu().numpy()
+        d = losses - host(self.min_losses)
         if self.form == "log1p":
             d = d + 1.0
         bad = (d <= 0).any(-1)
