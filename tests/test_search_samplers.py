@@ -88,3 +88,51 @@ def test_search_interrupted_and_resumed(ray_local_module, tmp_path, capsys, monk
     assert len(states) == 4 and set(states) <= ({"COMPLETE", "PRUNED"} if scheduler != "fifo" else {"COMPLETE"})
     assert type(study.sampler).__name__ == {"tpe": "TPESampler", "random": "RandomSampler",
                                             "nsga2": "PicklableNSGAIISampler"}[sampler]
+
+
+def signal_on_first_result(marker, signum):
+    """Stands in for ``execute.callbacks``: ``signum`` to the driver at the first reported epoch, once —
+    every trial of the method has started, so Tune's run ends with none of them finished."""
+    from ray.tune import Callback
+
+    class Stop(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signum)
+
+    return lambda plan: [Stop()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_trials_run_stops_the_whole_search(ray_local_module, tmp_path, capsys, monkeypatch,
+                                                              signum):
+    """Ctrl+C (or SIGTERM from kill, timeout, Slurm) while a method's trials run: Tune's own Ctrl+C handler
+    ended the run with the running trials counted TERMINATED, so the next method started and the methods
+    were ranked, exit 0 (SIGTERM: Ray's handler aborted the driver, exit 134, no table). Now the search
+    stops after that run with exit 128 + the signal, no later method and no comparison; --resume
+    finishes every trial."""
+    import importlib
+
+    from mtl_tune.analysis import load_sweep
+    from mtl_tune.search.cli import main
+
+    monkeypatch.setattr(importlib.import_module("mtl_tune.search.execution"), "callbacks",
+                        signal_on_first_result(str(tmp_path / "signalled"), signum))
+    where = ["--storage-path", str(tmp_path), "--name", "s"]
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = main(["--method", "ls,cagrad", "--num-samples", "1", "--epochs", "3", "--config", "steps_per_epoch=300",
+                 "--verbose", "0"] + where)
+    out = capsys.readouterr().out
+    assert code == 128 + signum, out
+    assert "interrupted (" in out and "no method comparison" in out and "--resume" in out
+    assert not (tmp_path / "s" / "cagrad").exists() and not (tmp_path / "s" / "comparison.csv").exists()
+    first = load_sweep(tmp_path / "s")
+    assert list(first["method"]) == ["ls"] and (first["status"] != "TERMINATED").all()
+    assert {s: signal.getsignal(s) for s in before} == before and "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+    assert main(where + ["--resume", "--verbose", "0"]) == 0
+    table = load_sweep(tmp_path / "s")
+    assert sorted(table["method"]) == ["cagrad", "ls"] and (table["status"] == "TERMINATED").all()
+    assert (table["training_iteration"] == 3).all()

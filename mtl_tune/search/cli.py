@@ -259,17 +259,21 @@ def resume_command(plan) -> str:
             f"--name {shlex.quote(plan.name)} --resume")
 
 
-#: exit status of a search stopped by Ctrl+C (128 + SIGINT, as shells report it)
+#: exit status of a search stopped by Ctrl+C (128 + SIGINT, as shells report it); SIGTERM gives 143
 EXIT_INTERRUPTED = 130
 
 
 def print_interrupted(outcome, plan) -> int:
-    """What a Ctrl+C left: the trials so far (no ranking: the methods did not get the same
-    budget) and how to continue."""
+    """What a Ctrl+C or SIGTERM left: the trials so far (no ranking: the methods did not get the
+    same budget) and how to continue; exit 128 + the signal's number, as shells report it."""
+    import signal
+
+    signum = outcome.stop_signal or signal.SIGINT
     print_summary(outcome, plan)
-    print(f"\ninterrupted (Ctrl+C): the search stopped; no method comparison was made. Continue it with:\n"
+    how = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"\ninterrupted ({how}): the search stopped; no method comparison was made. Continue it with:\n"
           f"  {resume_command(plan)}")
-    return EXIT_INTERRUPTED
+    return 128 + int(signum)
 
 
 #: what a full disk (or quota) says along an exception's chain: the OS, SQLite (Optuna's storage),
@@ -308,7 +312,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when trials finished, 1 when none did or a full disk stopped the search, 2 for a bad
-    argument (nothing started), 130 when Ctrl+C stopped the search."""
+    argument (nothing started), 130 when Ctrl+C stopped the search, 143 when SIGTERM did."""
     from mtl_tune.search.runner import prepare, sweep_dir_of
     from mtl_tune.search.validate import SearchError, resume_options, stored_arguments
 

@@ -44,12 +44,20 @@ class Outcome:
     plot_path: Path | None
     comparison: pd.DataFrame | None = None
     preferences: pd.DataFrame | None = None
-    #: stopped by Ctrl+C (SIGINT): the table holds what exists, no comparison was made
+    #: stopped by Ctrl+C (SIGINT) or SIGTERM: the table holds what exists, no comparison was made
     interrupted: bool = False
+    #: the signal that stopped it (``signal.SIGINT`` or ``signal.SIGTERM``), when ``interrupted``
+    stop_signal: int | None = None
 
 
 class Interrupted(Exception):
-    """Ctrl+C (SIGINT) stopped a Tune run: the search stops instead of going on to the next method."""
+    """Ctrl+C (SIGINT) or SIGTERM stopped a Tune run: the search stops instead of going on to the next method."""
+
+
+class StopFlag(threading.Event):
+    """Set by the first SIGINT/SIGTERM; ``signum`` says which."""
+
+    signum: int | None = None
 
 
 #: statuses of a trial that ran to its end; any other after ``fit()`` means Tune was interrupted
@@ -65,27 +73,57 @@ def check_not_interrupted(results: Any, expected: int | None) -> None:
         raise Interrupted
 
 
+#: the signals that stop a search gracefully: Ctrl+C, and what ``kill``, ``timeout``, Slurm and
+#: ``docker stop`` send (Ray's own SIGTERM handler aborted the driver: no table, exit 134)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _tune_stop_handler() -> Any:
+    """Tune's graceful-stop handler of the run in progress, or None. Tune registers it for SIGUSR1
+    on every run (ray/tune/tune.py ``_setup_signal_catching``): it ends the run after saving the
+    experiment state, with the unfinished trials resumable — what its own SIGINT handler does."""
+    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    return handler if getattr(handler, "__name__", "") == "signal_interrupt_tune_run" else None
+
+
 @contextmanager
-def sigint_flag() -> Iterator[threading.Event]:
-    """A Ctrl+C between two Tune runs (while the table is written, Ray starts, ...) only sets the
-    returned flag, checked after each step, so the table being written is not lost; during a
-    run Tune's own handler takes over. A second Ctrl+C stops at once. Only in the main thread
-    (signal handlers cannot be set elsewhere)."""
-    flag = threading.Event()
+def stop_signals() -> Iterator[StopFlag]:
+    """The first Ctrl+C (SIGINT) or SIGTERM sets the returned flag, checked after each step, and asks
+    the Tune run in progress to stop the way Tune's own Ctrl+C handler does (its final state saved,
+    the trials resumable); a second one stops at once. Tune's own SIGINT handler is switched off
+    (``TUNE_DISABLE_SIGINT_HANDLER``, a documented setting) because it swallowed the signal: the run
+    returned as if complete — its stopped trials count as TERMINATED — and the next method started.
+    Only in the main thread (signal handlers cannot be set elsewhere)."""
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
     def handler(signum: int, frame: Any) -> None:
+        if flag.signum is None:
+            flag.signum = signum
         flag.set()
+        tune_stop = _tune_stop_handler()
+        if tune_stop is not None:  # (between two runs: the last run's handler; its run has ended, harmless)
+            tune_stop(signal.SIGUSR1, frame)
+        # after Tune's handler, which re-installs the SIGINT handler it found (this one)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        if previous_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 def init_ray(plan: Plan) -> None:
@@ -365,7 +403,7 @@ def execute(plan: Plan) -> Outcome:
     if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
         check_cluster_resources(plan.options)
     check_storage_reachable(plan)
-    with SweepLock(plan.sweep_dir), sigint_flag() as stop:
+    with SweepLock(plan.sweep_dir), stop_signals() as stop:  # after ray.init: Ray's SIGTERM handler is replaced
         return run_all(plan, stop)
 
 
@@ -389,6 +427,7 @@ def run_all(plan: Plan, stop: threading.Event) -> Outcome:
     except Interrupted:
         outcome = finish(plan)
         outcome.interrupted = True
+        outcome.stop_signal = getattr(stop, "signum", None) or signal.SIGINT
         return outcome
     outcome.plot_path = plot_front(plan, outcome.table)  # once, on the final table (≈ 0.35 s a plot)
     if plan.options.seeds or len(plan.spaces) > 1:
