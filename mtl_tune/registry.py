@@ -127,6 +127,9 @@ def _plugins(group: str, base: type, builtin: dict[str, type]) -> dict[str, type
             raise PluginError(f"{where}: the name {ep.name!r} is already taken by {taken.__module__}.{taken.__name__}")
         if getattr(obj, "name", "") != ep.name:
             raise PluginError(f"{where}: the class's name is {getattr(obj, 'name', '')!r}, not {ep.name!r}")
+        problems = obj.declaration_problems() if hasattr(obj, "declaration_problems") else []
+        if problems:  # a benchmark's tasks, metrics and reference points
+            raise PluginError(f"{where}: {'; '.join(problems)}")
         found[ep.name] = obj
     return found
 

@@ -40,6 +40,16 @@ class HalfSum(LossBalancer):
 
 class ToyAgain(Toy):
     name = "toy_again"
+
+
+class ToyTwice(Toy):  # a metric declared twice: a Pareto search would optimise loss1 twice
+    name = "toy_twice"
+    metrics = Toy.metrics + Toy.metrics[:1]
+
+
+class ToyZeroBaseline(Toy):
+    name = "toy_zero"
+    metrics = tuple(type(m)(m.name, m.task, m.higher_is_better, 0.0, m.primary) for m in Toy.metrics)
 '''
 
 SPACE = '''
@@ -107,11 +117,13 @@ def test_without_the_plugin_the_name_is_unknown():
     ("[mtl_tune.balancers]\nhalfsum = mtl_halfsum:ToyAgain\n", "not a subclass"),
     ("[mtl_tune.balancers]\nother = mtl_halfsum:HalfSum\n", "not 'other'"),
     ("[mtl_tune.balancers]\nhalfsum = mtl_halfsum_missing:HalfSum\n", "does not load"),
+    ("[mtl_tune.benchmarks]\ntoy_twice = mtl_halfsum:ToyTwice\n", "metric names must be distinct"),
+    ("[mtl_tune.benchmarks]\ntoy_zero = mtl_halfsum:ToyZeroBaseline\n", "baseline 0.0: a finite non-zero"),
 ])
 def test_a_bad_plugin_is_a_clear_error_naming_its_distribution(plugin_env, entry, message):
     install(plugin_env, entry, name="mtl-broken")
     with pytest.raises(registry.PluginError, match=message) as err:
-        registry.available_balancers()
+        registry.available_balancers() if "balancers" in entry else registry.available_benchmarks()
     assert "mtl-broken" in str(err.value)
 
 

@@ -306,6 +306,37 @@ class Benchmark(abc.ABC):
     def has_baselines(self) -> bool:
         return bool(self.metrics) and all(m.baseline is not None for m in self.metrics)
 
+    @classmethod
+    def declaration_problems(cls) -> list[str]:
+        """What is wrong with the class's declarations (tasks, metrics, reference points), as
+        sentences; empty for a sound class. The registry refuses a plug-in benchmark with any
+        (a duplicate metric name made a Pareto search optimise one metric twice, a baseline of 0
+        divided by zero in every trial, a metric of an unknown task counted as equal to STL)."""
+        problems = []
+        if not cls.tasks or len(set(cls.tasks)) != len(cls.tasks):
+            problems.append(f"tasks must be distinct names, got {cls.tasks!r}")
+        names = [getattr(m, "name", None) for m in cls.metrics]
+        if not cls.metrics or not all(isinstance(m, MetricSpec) for m in cls.metrics):
+            problems.append("metrics must be a non-empty tuple of MetricSpec")
+            return problems
+        if len(set(names)) != len(names):
+            problems.append(f"metric names must be distinct, got {names}")
+        for m in cls.metrics:
+            if m.task not in cls.tasks and m.task != "all":
+                problems.append(f"metric {m.name!r} measures task {m.task!r}, not one of {list(cls.tasks)} or 'all'")
+            if m.baseline is not None and not (isinstance(m.baseline, (int, float)) and math.isfinite(m.baseline)
+                                               and m.baseline != 0):
+                problems.append(f"metric {m.name!r} has baseline {m.baseline!r}: a finite non-zero number or None "
+                                "(relative drops divide by it)")
+        if not any(m.primary for m in cls.metrics):
+            problems.append("no metric is primary=True (one per task: the objectives of a Pareto search)")
+        for key, value in cls.reference_points.items():
+            if key not in names:
+                problems.append(f"reference_points names {key!r}, which is not one of its metrics {names}")
+            elif not (isinstance(value, (int, float)) and math.isfinite(value)):
+                problems.append(f"reference_points[{key!r}] must be a finite number, got {value!r}")
+        return problems
+
     def default_objective(self) -> tuple[str, str]:
         """(metric key, mode) a single-objective search optimises by default."""
         if self.has_baselines():

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 from mtl_tune.registry import available_balancers, available_benchmarks, benchmark_class, check_names, imposed_options
 from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
-    SearchError, check_data_parallel, check_epochs, check_grace_period, check_local_resources, check_name,
-    check_numbers, check_optuna_storage, check_preferences, check_storage, previous_optuna_storage,
+    SearchError, check_data_parallel, check_epochs, check_grace_period, check_hypervolume_reference,
+    check_local_resources, check_name, check_numbers, check_optuna_storage, check_preferences, check_storage,
+    previous_optuna_storage,
 )
 
 if TYPE_CHECKING:  # the benchmarks import torch: loaded by prepare(), not by `--help` or a name check
@@ -99,6 +100,13 @@ def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
         return [f"val/{m.name}" for m in primary], [m.mode for m in primary]
     if objective in ("default", "", None):
         key, mode = bench.default_objective()
+        name = key[4:] if isinstance(key, str) and key.startswith("val/") else None
+        expected = "min" if name == "delta_m" and bench.has_baselines() else \
+            specs[name].mode if name in specs else None
+        if expected is None or mode != expected:  # a plug-in's: every trial would fail on Tune's metric check
+            raise SearchError(f"benchmark {bench.name}: its default_objective() gives {(key, mode)!r}, which is not "
+                              "'val/<one of its metrics>' with that metric's direction (min/max); fix the class, or "
+                              f"pass --objective with one of: {', '.join(specs)}")
         return [key], [mode]
     name = objective.split("/", 1)[1] if "/" in objective and objective.split("/", 1)[0] in ("val", "test") else objective
     split = objective.split("/", 1)[0] if name != objective else "val"
@@ -208,6 +216,8 @@ def prepare(options: SearchOptions) -> Plan:
         from mtl_tune.search.validate import preference_arg
 
         check_preferences(options.preferences, methods, [m for m in available_balancers() if preference_arg(m)])
+    if (len(metrics) > 1 and (len(methods) > 1 or options.seeds)) or options.preferences:
+        check_hypervolume_reference(bench, metrics if len(metrics) > 1 else [], bool(options.preferences))
     if options.workers_per_trial > 1:
         check_local_resources(options)
     # the full scan, once, in the driver, after the argument checks: a plug-in that does not load

@@ -211,6 +211,23 @@ def check_preferences(preferences: int, methods: list[str], aware: list[str]) ->
                           f"(takes task weights or preferences); preference-aware methods: {', '.join(aware)}")
 
 
+def check_hypervolume_reference(bench: Any, metrics: list[str], preferences: bool) -> None:
+    """A Pareto search of several methods (or with ``--seeds``) ranks them by hypervolume, and
+    ``--preferences`` compares fronts by it: the benchmark must place a fixed reference point for
+    those metrics, or the search failed after every trial had run (a MultiMNIST Pareto search did)."""
+    from mtl_tune.analysis import reference_point
+
+    wanted = list(metrics)
+    if preferences:
+        wanted += [f"val/{m.name}" for m in bench.primary_metrics() if f"val/{m.name}" not in wanted]
+    try:
+        reference_point(wanted, bench.name, bench.metrics)
+    except ValueError as err:
+        raise SearchError(f"{err}; the methods are compared by hypervolume, which needs a fixed reference point "
+                          "for every objective: choose a scalar --objective, or one benchmark class with "
+                          "reference_points for these metrics") from None
+
+
 #: the driver's lock file inside a sweep folder (mtl_tune.search.lock); alone it is no search
 LOCK_FILE = ".driver.lock"
 
