@@ -68,6 +68,23 @@ class NumberLoader(yaml.SafeLoader):
     the search-space files' declared types too.)"""
 
 
+def _mapping_without_duplicates(loader: NumberLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are distinct (merge keys ``<<`` aside: overriding a merged key is what
+    they are for). PyYAML keeps the last of two equal keys: a second ``c:`` replaced the first, a
+    second ``params:`` emptied a whole search space, silently."""
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                    f"found the key {key!r} twice", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+NumberLoader.construct_mapping = _mapping_without_duplicates  # type: ignore[method-assign]
 NumberLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),

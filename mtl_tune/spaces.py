@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mtl_tune.registry import (BUILTIN_SPACES, NumberLoader, balancer_class, check_hparams,  # noqa: F401 - re-exported
-                               load_yaml, search_space_file)
+from mtl_tune.registry import (BUILTIN_SPACES, NumberLoader, balancer_class, benchmark_names,  # noqa: F401 - re-exported
+                               check_hparams, load_yaml, search_space_file)
 
 #: the built-in methods' search-space folder (the checkout's search_spaces/, else the packaged copy)
 SPACES_DIR = BUILTIN_SPACES
@@ -101,7 +101,7 @@ class SearchSpace:
         point: dict[str, Any] = {}
         for p in self.searchable():
             if p.type == "simplex":
-                point.update({f"{HP_PREFIX}{p.name}/{i}": 0.5 for i in range(n_tasks)})  # equal draws → equal weights
+                point.update({f"{HP_PREFIX}{p.name}/{i}": u for i, u in enumerate(simplex_draws(p.default, n_tasks))})
             else:
                 point[f"{HP_PREFIX}{p.name}"] = p.default
         return point
@@ -126,6 +126,9 @@ class SearchSpace:
             if p.type == "simplex" and value is not None and len(value) != n_tasks:
                 raise SpaceError(f"--set {p.name}={value!r}: {self.method} needs {n_tasks} values "
                                  f"(one per task of {benchmark}), got {len(value)}")
+            if p.type == "simplex" and p.default is not None and (len(p.default) != n_tasks or not any(p.default)):
+                raise SpaceError(f"{self.source}: params.{p.name}.default {list(p.default)!r} must be {n_tasks} "
+                                 f"non-negative weights, not all 0 (one per task of {benchmark})")
         base = {**(imposed or {}), **self.constants()}
         cls = balancer_class(self.method)
         trials = [("", base)] + [(f"{p.name}={c!r}", {**base, p.name: c}) for p in self.searchable()
@@ -149,6 +152,14 @@ def _check_not_null(param: Param, value: Any) -> None:
                          f"default is {param.default!r}; give a value")
 
 
+def _flag(raw: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A true/false field; anything else is an error (``bool("false")`` is True, ``bool(None)`` False)."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise SpaceError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
 def _parse_bounds(name: str, raw: dict[str, Any], ptype: str, where: str) -> tuple[float, float, bool]:
     """(low, high, log) of a float/int parameter, each finite and with a finite high − low:
     Optuna's samplers overflow on infinite or huge ranges mid-search, long after validation."""
@@ -166,7 +177,10 @@ def _parse_bounds(name: str, raw: dict[str, Any], ptype: str, where: str) -> tup
     if ptype == "int" and max(abs(low), abs(high)) > MAX_INT_BOUND:
         raise SpaceError(f"{where}: params.{name} bounds of an int parameter must lie within ±2**53, "
                          f"got low={low:g}, high={high:g}")
-    log = bool(raw.get("log", False))
+    log = _flag(raw, "log", False, f"{where}: params.{name}.log")
+    if ptype == "int" and (int(low) != low or int(high) != high):  # int() would move them: 0.5 → 0 widens the range
+        raise SpaceError(f"{where}: params.{name} bounds of an int parameter must be whole numbers, "
+                         f"got low={raw['low']!r}, high={raw['high']!r}")
     if log and low <= 0:
         raise SpaceError(f"{where}: params.{name} has log: true, which needs low > 0 (got {low})")
     return low, high, log
@@ -182,7 +196,8 @@ def _parse_param(name: str, raw: Any, where: str) -> Param:
     if ptype not in TYPES:
         raise SpaceError(f"{where}: params.{name}.type must be one of {list(TYPES)}, got {ptype!r}")
     kw: dict[str, Any] = {"name": name, "type": ptype, "default": raw.get("default"),
-                          "search": bool(raw.get("search", True)), "description": str(raw.get("description", ""))}
+                          "search": _flag(raw, "search", True, f"{where}: params.{name}.search"),
+                          "description": str(raw.get("description", ""))}
     if ptype in ("float", "int"):
         low, high, log = _parse_bounds(name, raw, ptype, where)
         kw.update(low=low if ptype == "float" else int(low), high=high if ptype == "float" else int(high), log=log,
@@ -227,11 +242,14 @@ def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchS
     if not isinstance(raw_params, dict):
         raise SpaceError(f"{source}: 'params' must be a mapping of hyperparameter name → fields")
     all_overrides = _benchmark_overrides(data.get("benchmarks"), source)
+    for bench, entries in all_overrides.items():  # every benchmark's, not only the one in use
+        for name, fields in (entries or {}).items():
+            if name not in raw_params:
+                raise SpaceError(f"{source}: benchmarks.{bench}.{name} overrides an undeclared hyperparameter; "
+                                 f"declared: {', '.join(raw_params) or '(none)'}")
+            if isinstance(raw_params[name], dict):
+                _parse_param(name, {**raw_params[name], **fields}, f"{source} (benchmarks.{bench})")
     overrides = (all_overrides.get(benchmark) or {}) if benchmark else {}
-    for name in overrides:
-        if name not in raw_params:
-            raise SpaceError(f"{source}: benchmarks.{benchmark}.{name} overrides an undeclared hyperparameter; "
-                             f"declared: {', '.join(raw_params) or '(none)'}")
     accepted = _constructor_args(cls)
     params = []
     for name, raw in raw_params.items():
@@ -251,7 +269,10 @@ def _benchmark_overrides(raw: Any, source: str) -> dict[Any, dict[str, dict[str,
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: 'benchmarks' must be a mapping of benchmark name → overrides, "
                          f"got {type(raw).__name__}")
+    known = benchmark_names()
     for bench, entries in raw.items():
+        if bench not in known:  # a misspelt name would be ignored for good
+            raise SpaceError(f"{source}: benchmarks.{bench} names no benchmark; known: {', '.join(known)}")
         if entries is None:
             continue
         if not isinstance(entries, dict):
@@ -311,6 +332,16 @@ class SpaceSampler:
                     trial.suggest_float(f"{key}/{i}", 1e-6, 1.0)
         fixed = {f"{HP_PREFIX}{k}": v for k, v in self.space.constants().items()}
         return {**self.constants, **fixed}
+
+
+def simplex_draws(default: Any, n_tasks: int) -> list[float]:
+    """The K uniforms :func:`decode_hparams` turns into ``default`` (scaled to sum K): the first
+    trial's point. Without a default, or with equal weights, equal draws (0.5) give equal weights;
+    otherwise uᵢ = exp(−wᵢ/max w) ∈ [e⁻¹, 1], whose −log uᵢ are proportional to the weights."""
+    if default is None or len(set(default)) == 1:
+        return [0.5] * n_tasks
+    top = max(float(w) for w in default)
+    return [math.exp(-float(w) / top) for w in default]
 
 
 def decode_hparams(raw: dict[str, Any] | None, n_tasks: int) -> dict[str, Any]:

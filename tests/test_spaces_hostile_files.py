@@ -80,3 +80,57 @@ def test_set_null_stays_allowed_where_the_default_is_null():
     space = load_space("amtl")
     assert {p.name: p.default for p in space.params}["preferences"] is None
     assert space.with_fixed({"preferences": None}).fixed == {"preferences": None}
+
+
+@pytest.mark.parametrize("text,match", [
+    # PyYAML keeps the last of two equal keys: a second c replaced the first, a second params emptied the space
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
+     "  c: {type: float, low: 0, high: 0.5, default: 0.2}\n", r"found the key 'c' twice"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\nparams: {}\n",
+     r"found the key 'params' twice"),
+    # bool("false") is True and bool(None) False: log scale switched on, a parameter silently not searched
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0.1, high: 1, default: 0.4, log: 'false'}\n",
+     r"params.c.log must be true or false, got 'false'"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0.1, high: 1, default: 0.4, search: 'false'}\n",
+     r"params.c.search must be true or false, got 'false'"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0.1, high: 1, default: 0.4, search: }\n",
+     r"params.c.search must be true or false, got None"),
+    # int(0.5) = 0: the sampler drew 0, outside the declared range
+    ("method: cagrad\nparams:\n  rescale: {type: int, low: 0.5, high: 2.9, default: 1}\n",
+     r"params.rescale bounds of an int parameter must be whole numbers, got low=0.5, high=2.9"),
+    # every benchmark's entry: a misspelt benchmark, a misspelt field, an impossible range
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\nbenchmarks:\n  tyo: {c: {default: 0.3}}\n",
+     r"benchmarks.tyo names no benchmark; known: .*toy"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
+     "benchmarks:\n  cityscapes: {c: {defualt: 0.3}}\n", r"\(benchmarks.cityscapes\): params.c has unknown field"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
+     "benchmarks:\n  qm9: {c: {high: -5}}\n", r"\(benchmarks.qm9\): params.c needs low < high"),
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
+     "benchmarks:\n  qm9: {nope: {default: 1}}\n", r"benchmarks.qm9.nope overrides an undeclared hyperparameter"),
+])
+def test_fields_that_were_read_loosely_are_refused(tmp_path, text, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(SpaceError, match=match) as err:
+        load_space("cagrad", "toy", path)
+    assert str(path) in str(err.value)
+
+
+def test_merge_keys_may_still_override_what_they_merge(tmp_path):
+    path = _write(tmp_path, "method: cagrad\nparams:\n  c: &c {type: float, low: 0, high: 1, default: 0.4}\n"
+                            "benchmarks:\n  nyuv2:\n    c:\n      <<: *c\n      default: 0.6\n")
+    assert load_space("cagrad", "nyuv2", path).params[0].default == 0.6
+
+
+def test_a_declared_simplex_default_is_the_first_trial_and_must_fit_the_tasks(tmp_path):
+    """The first trial reproduces every default: a simplex default [1, 3] was drawn as equal weights."""
+    from mtl_tune.spaces import decode_hparams
+
+    path = _write(tmp_path, "method: ls\nparams:\n  task_weights: {type: simplex, default: [1, 3]}\n")
+    space = load_space("ls", "toy", path)
+    point = space.default_point(2)
+    decoded = decode_hparams({"task_weights": {str(i): point[f"hparams/task_weights/{i}"] for i in range(2)}}, 2)
+    assert decoded["task_weights"] == pytest.approx([0.5, 1.5], rel=1e-12)
+    equal = load_space("ls", "toy", _write(tmp_path, "method: ls\nparams:\n  task_weights: {type: simplex}\n"))
+    assert list(equal.default_point(2).values()) == [0.5, 0.5]  # no default: equal draws, as before
+    with pytest.raises(SpaceError, match=r"params.task_weights.default \[1, 3\] must be 3 non-negative weights"):
+        space.check_for(3, "three-task benchmark")
