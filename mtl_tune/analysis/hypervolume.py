@@ -142,8 +142,12 @@ def hypervolume_mc(values: np.ndarray | pd.DataFrame, modes: Sequence[str], refe
     Samples uniformly in the box [min over points, r] (which contains the dominated
     region) and counts samples dominated by at least one point.
     """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     y = as_minimisation(values, modes)
     r = as_minimisation(np.asarray(reference, dtype=np.float64)[None, :], modes)[0]
+    if not np.isfinite(r).all():
+        raise ValueError(f"reference point must be finite, got {list(reference)}")
     y = y[np.isfinite(y).all(axis=1)]
     y = y[(y < r).all(axis=1)]
     if len(y) == 0:

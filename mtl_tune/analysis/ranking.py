@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from mtl_tune.analysis.pareto import check_modes
 from mtl_tune.metrics import MetricSpec, delta_m, relative_drop, task_scores
 
 TIES = ("average", "min", "max", "dense", "ordinal")
@@ -78,6 +79,7 @@ def metric_ranks(table: pd.DataFrame, modes: Sequence[str] | Sequence[MetricSpec
     dirs = [m.mode if isinstance(m, MetricSpec) else str(m) for m in modes]
     if len(dirs) != table.shape[1]:
         raise ValueError(f"{len(dirs)} directions for {table.shape[1]} metric columns")
+    dirs = check_modes(dirs, len(dirs))  # "MAX" is max; "maximise" is an error, not min
     out = pd.DataFrame(index=table.index, columns=table.columns, dtype=float)
     for col, mode in zip(table.columns, dirs):
         v = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mtl_tune.analysis._benchmarks import known_front_points, registered_benchmark
+from mtl_tune.analysis._sweep_files import SweepWarning
 from mtl_tune.analysis.correlation import task_weights, permutation_null, variance_performance_from_metrics
 from mtl_tune.analysis.hypervolume import hypervolume_table, reference_point
 from mtl_tune.analysis.pareto import pareto_front, pareto_mask
@@ -59,6 +61,13 @@ def objective_of(df: pd.DataFrame, meta: dict[str, Any]) -> tuple[list[str], lis
     """The sweep's objective from ``sweep.json``; else ``val/delta_m`` (min) or the first ``val/`` metric (min)."""
     metrics, modes = sweep_objective(meta) if meta else ([], [])
     metrics_modes = [(m, d) for m, d in zip(metrics, modes) if m in df.columns]
+    missing = [m for m in metrics if m not in df.columns]
+    if metrics and not metrics_modes:  # another objective than the sweep's would be reported as its result
+        raise ValueError(f"the sweep's objective {metrics} has no column in its trials (no trial reported it, or the "
+                         "table lost the column)")
+    if missing:
+        warnings.warn(f"the sweep's objective {metrics} without {missing}, which no column holds: analysed on "
+                      f"{[m for m, _ in metrics_modes]} only", SweepWarning, stacklevel=2)
     if metrics_modes:
         return [m for m, _ in metrics_modes], [d for _, d in metrics_modes]
     if "val/delta_m" in df.columns:

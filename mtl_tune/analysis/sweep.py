@@ -97,7 +97,17 @@ def load_sweep(path: PathLike | Sequence[PathLike], *, ray_fallback: bool = True
         for name in dict.fromkeys(df["sweep"].astype(str)):
             metas[name] = meta
     out = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
+    if "method" not in out.columns and len(out):  # every table the search writes has one
+        raise ValueError(f"{', '.join(map(str, paths))}: the trial table has no 'method' column (columns: "
+                         f"{', '.join(map(str, list(out.columns)[:8]))}...); not a trials.csv written by mtl_tune")
     out = _normalise(out)
+    dup = (out.duplicated(["sweep", "trial_id"]) & (out["trial_id"] != "")) if "trial_id" in out.columns \
+        else pd.Series(False, index=out.index)
+    if dup.any():  # one trial listed twice would count twice in every front, rank and mean
+        warnings.warn(f"{int(dup.sum())} row(s) repeat a trial_id of their sweep "
+                      f"({', '.join(sorted(set(out.loc[dup, 'trial_id'].astype(str)))[:5])}); kept the first of each",
+                      SweepWarning, stacklevel=2)
+        out = out[~dup].reset_index(drop=True)
     out.attrs["sweeps"] = metas
     return out
 
@@ -261,7 +271,9 @@ def completed_trials(df: pd.DataFrame, include_incomplete: bool = False) -> pd.D
     """Trials that finished their requested epochs normally (the default Pareto/HV input).
 
     Kept: ``status == "TERMINATED"`` and ``diverged != 1`` and
-    ``training_iteration >= epochs``. A condition whose column is absent is not applied.
+    ``training_iteration >= epochs``. A condition whose column is absent (or whose ``epochs`` is
+    empty) is not applied; a value that is not a number where one is expected (``diverged=yes``,
+    ``training_iteration=abc``) does not count as finished.
     ``include_incomplete=True`` returns ``df`` unchanged (e.g. to show ASHA-stopped trials).
     """
     if include_incomplete:
@@ -269,12 +281,15 @@ def completed_trials(df: pd.DataFrame, include_incomplete: bool = False) -> pd.D
     keep = pd.Series(True, index=df.index)
     if "status" in df.columns:
         keep &= df["status"].astype(str).str.upper() == "TERMINATED"
-    if "diverged" in df.columns:
-        keep &= pd.to_numeric(df["diverged"], errors="coerce").fillna(0) < 0.5
+    if "diverged" in df.columns:  # empty: not recorded (kept); a value that is no number: not a finished trial
+        raw = df["diverged"]
+        flag = pd.to_numeric(raw, errors="coerce")
+        unreadable = flag.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+        keep &= ~unreadable & (flag.fillna(0) < 0.5)
     if "training_iteration" in df.columns and "epochs" in df.columns:
         it = pd.to_numeric(df["training_iteration"], errors="coerce")
         ep = pd.to_numeric(df["epochs"], errors="coerce")
-        keep &= ep.isna() | (it >= ep)
+        keep &= (ep.isna() & (it.notna() | df["training_iteration"].isna())) | (it >= ep)
     return df[keep]
 
 

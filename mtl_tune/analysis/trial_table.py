@@ -78,6 +78,14 @@ def error_text(trial_dir: str | Path | None) -> str:
     return ""
 
 
+def _whole(value: Any) -> int | None:
+    """A reported count (a float in Tune's results) as an int; None when absent or not a number."""
+    try:
+        return int(value) if value is not None and float(value) == int(value) else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _status(status: str, last: dict[str, Any]) -> str:
     if last.get("failed"):
         return "FAILED"  # bad data or configuration: the trial ran once and reported its error
@@ -99,7 +107,9 @@ def trial_row(sweep: str, n_tasks: int, *, trial_id: str, status: str, config: d
         "sweep": sweep, "benchmark": config.get("benchmark"), "method": config.get("method"),
         "trial_id": trial_id, "status": _status(status, last),
         "error": last.get("error") or error_text(trial_dir) if status == "ERROR" or last.get("error") else "",
-        "seed": config.get("seed"), "epochs": config.get("epochs"),
+        # the trainer reports the epochs it runs: the column is filled when the sweep used the benchmark's default
+        "seed": config.get("seed"),
+        "epochs": config.get("epochs") if config.get("epochs") is not None else _whole(last.get("epochs")),
         "training_iteration": last.get("training_iteration", 0),
         # times the trial's worker failed (class 3: each restart follows one); 0 for classes 1 and 2
         "failures": failures,
