@@ -365,11 +365,25 @@ def test_cli_main(tmp_path, capsys):
     # bad input: exit status 2 and the reason, as argparse's own errors
     for bad, reason in [(["--inits", "7"], "--inits must be"), (["--inits", "x"], "--inits must be"),
                         (["--scale", "0"], "--scale must be"), (["--iters", "0"], "--iters must be"),
+                        (["--scale", "inf"], "--scale must be a finite number"), (["--seed", "-1"], "--seed must be"),
+                        (["--inits", "0,0"], "--inits must be distinct"),
+                        (["--search-trials", str(tmp_path / "none.csv")], "--search-trials"),
+                        (["--search-trials", str(tmp_path)], "--search-trials"),
                         (["--methods", "nosuch"], "unknown method 'nosuch'")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--methods", "ls", *bad, "--out", str(out)])
         assert exit_info.value.code == 2, bad
         assert reason in capsys.readouterr().err, bad
+
+
+def test_a_run_whose_losses_overflow_is_a_failed_row_not_a_traceback(tmp_path, capsys):
+    """lr 1e160 throws x to ±1e159, where the losses are inf: the k-d tree of the front distance
+    refused them and the whole job (every other method's runs) ended in a traceback."""
+    out = tmp_path / "huge"
+    assert main(["--methods", "ls,mgda", "--iters", "20", "--lr", "1e160", "--workers", "1", "--no-plots",
+                 "--out", str(out)]) == 0
+    table = (out / "table.csv").read_text().splitlines()
+    assert len(table) == 11 and all(",failed," in row and "non-finite" in row for row in table[1:])
 
 
 def test_summaries_are_finite_for_every_row():

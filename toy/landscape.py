@@ -114,9 +114,16 @@ class FrontDistance:
         self._tree = cKDTree(self.front)
 
     def __call__(self, losses: np.ndarray) -> np.ndarray:
-        pts = np.asarray(losses, dtype=np.float64)
-        d, _ = self._tree.query(pts.reshape(-1, 2))
-        return d.reshape(pts.shape[:-1])
+        """Distances; inf for a point with a non-finite loss (a diverged run: the tree refuses it)."""
+        pts = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
+        finite = np.isfinite(pts).all(axis=1)
+        if finite.all():
+            d, _ = self._tree.query(pts)
+        else:
+            d = np.full(len(pts), np.inf)
+            if finite.any():
+                d[finite] = self._tree.query(pts[finite])[0]
+        return d.reshape(np.shape(losses)[:-1])
 
     def first_within(self, losses: np.ndarray, tol: float, chunk: int = 4096) -> int | None:
         """``first_within(self(losses), tol)`` for (T, 2) losses, without measuring every point: the
@@ -126,7 +133,14 @@ class FrontDistance:
         pts = np.asarray(losses, dtype=np.float64).reshape(-1, 2)
         bound = 2.0 * tol if tol > 0 else np.inf   # tol ≤ 0 (API only; the CLI refuses it): unbounded
         for start in range(0, len(pts), chunk):
-            d, _ = self._tree.query(pts[start:start + chunk], distance_upper_bound=bound)
+            part = pts[start:start + chunk]
+            finite = np.isfinite(part).all(axis=1)
+            if finite.all():
+                d, _ = self._tree.query(part, distance_upper_bound=bound)
+            else:  # a diverged run's non-finite losses are never within tol
+                d = np.full(len(part), np.inf)
+                if finite.any():
+                    d[finite] = self._tree.query(part[finite], distance_upper_bound=bound)[0]
             hit = first_within(d, tol)
             if hit is not None:
                 return start + hit

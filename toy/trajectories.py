@@ -228,8 +228,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m toy.trajector
     cli = parser(prog)
     args = cli.parse_args(argv)
     # bad input exits 2 with the usage line, as argparse's own errors do
-    if not args.scale > 0:
-        cli.error("--scale must be > 0")
+    if not 0 < args.scale < math.inf:
+        cli.error(f"--scale must be a finite number > 0, got {args.scale}")
+    if args.seed < 0:
+        cli.error(f"--seed must be >= 0, got {args.seed}")
     if args.iters is not None and args.iters < 1:
         cli.error("--iters must be >= 1")
     if args.workers < 1:
@@ -245,8 +247,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m toy.trajector
         inits = [int(i) for i in args.inits.split(",") if i.strip()]
     except ValueError:
         inits = []
-    if not inits or any(not 0 <= i < len(INITS) for i in inits):
-        cli.error(f"--inits must be comma-separated indices in [0, {len(INITS) - 1}], got {args.inits!r}")
+    if not inits or any(not 0 <= i < len(INITS) for i in inits) or len(set(inits)) != len(inits):
+        cli.error(f"--inits must be distinct comma-separated indices in [0, {len(INITS) - 1}], got {args.inits!r}")
+    if args.search_trials is not None:  # read before any run: a bad file is one line, not a traceback after it
+        try:
+            load_search_trials(args.search_trials, args.scale)
+        except (OSError, ValueError) as err:
+            cli.error(f"--search-trials {args.search_trials}: {err}")
     try:
         available_balancers()  # an installed plug-in that does not load: one line, before any work
         specs = build_specs(args.methods, parse_sets(args.sets), args.iters, args.scale,
