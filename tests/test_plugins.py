@@ -156,3 +156,54 @@ def test_a_broken_plugin_is_one_error_line_from_the_commands(plugin_env, capsys)
         toy_main(["--methods", "ls", "--no-plots", "--out", str(plugin_env / "toy")], prog="mtl-tune toy")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "mtl-tune toy: error:" in err and "mtl-broken" in err
+
+
+# ---------------------------------------------------------------- what a plug-in method's code may do
+from mtl_tune.balancers.base import BalancerError, LossBalancer, check_weights  # noqa: E402
+
+
+class KeywordsOnly(LossBalancer):
+    """Reads its own argument out of **kw and forwards the rest (a common plug-in style)."""
+
+    name = "kwonly"
+
+    def __init__(self, n_tasks, **kw):
+        self.alpha = float(kw.pop("alpha", 1.0))
+        super().__init__(n_tasks, **kw)
+
+    def objective(self, losses):
+        w = torch.full_like(losses, self.alpha)
+        return (w * losses).sum(), w
+
+
+class WrongWeights(LossBalancer):
+    name = "wrongweights"
+
+    def __init__(self, n_tasks, shape=(1,), **kw):
+        super().__init__(n_tasks, **kw)
+        self.shape = shape
+
+    def objective(self, losses):
+        return losses.sum(), (None if self.shape is None else torch.ones(self.shape))
+
+
+def test_a_keyword_a_plugin_takes_out_of_its_kwargs_is_accepted():
+    """``kw.pop("alpha", 1.0)`` before ``super().__init__(n_tasks, **kw)``: alpha was refused as unknown."""
+    from mtl_tune.balancers._hparams import arg_specs, check_hparams
+
+    assert set(arg_specs(KeywordsOnly)) >= {"alpha", "max_norm"}
+    assert check_hparams(KeywordsOnly, 2, {"alpha": 3.0}) == (2, {"alpha": 3.0})
+    with pytest.raises(TypeError, match="unknown hyperparameter 'alpah'"):
+        check_hparams(KeywordsOnly, 2, {"alpah": 3.0})
+    with pytest.raises(TypeError, match="alpha must be"):
+        check_hparams(KeywordsOnly, 2, {"alpha": "big"})  # its literal default 1.0 says: a number
+
+
+@pytest.mark.parametrize("shape, got", [(None, "NoneType"), ((1,), r"shape \(1,\)"), ((7,), r"shape \(7,\)")])
+def test_weights_of_the_wrong_shape_are_a_clear_error(shape, got):
+    """None failed deep inside; (1,) was broadcast into made-up logged weights; (7,) broke the trainer later."""
+    losses = torch.tensor([1.0, 3.0], requires_grad=True)
+    with pytest.raises(BalancerError, match=rf"wrongweights: objective\(\) must return the per-task weights as a "
+                                            rf"tensor of shape \(2,\), got {got}"):
+        WrongWeights(2, shape=shape).backward(losses, [losses])
+    check_weights("x", torch.ones(2), 2, "objective()")

@@ -139,6 +139,16 @@ def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
     return out
 
 
+def check_weights(method: str, weights: Any, n_tasks: int, source: str) -> None:
+    """A method's per-task weights must be a (K,) tensor: a plug-in's ``objective``/``combine``
+    returning None failed deep inside, and one of another shape was broadcast into made-up
+    logged weights (shape (1,)) or broke the trainer's logging later (shape (7,) for K = 2)."""
+    if not isinstance(weights, Tensor) or weights.shape != (n_tasks,):
+        got = f"shape {tuple(weights.shape)}" if isinstance(weights, Tensor) else type(weights).__name__
+        raise BalancerError(f"{method}: {source} must return the per-task weights as a tensor of shape "
+                            f"({n_tasks},), got {got}")
+
+
 def trainable_split(name: str, shared_params: Any, task_params: Any) -> tuple[list[Tensor], list[Tensor]]:
     """(shared, task-specific) parameters that require grad; ValueError when a tensor is in both.
 

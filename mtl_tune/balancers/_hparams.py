@@ -164,16 +164,20 @@ def _resolve(annotation: Any, func: Any, hints: dict[str, Any], name: str) -> An
         return typing.Any
 
 
-def _fixed_and_forwarded(init: Any, var_kw: str | None) -> tuple[set[str], bool]:
+def _fixed_and_forwarded(init: Any, var_kw: str | None) -> tuple[set[str], bool, dict[str, Any]]:
     """Keywords ``init`` fixes in its ``super().__init__(...)`` (or ``Base.__init__(self, ...)``)
-    call, and whether that call forwards ``**var_kw`` (otherwise the class keeps the extra keywords
-    itself: no name is unknown). Without readable source: nothing fixed, forwarded."""
+    call, whether that call forwards ``**var_kw`` (otherwise the class keeps the extra keywords
+    itself: no name is unknown), and the keywords it reads out of ``**var_kw`` itself before
+    forwarding the rest (``kw.pop("alpha", 1.0)``, ``kw.get(...)``, ``kw["alpha"]``) → their literal
+    default (``Parameter.empty`` when none). A key read by a non-literal name counts as keeping every
+    keyword (not forwarded). Without readable source: nothing fixed, forwarded."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
     except (OSError, TypeError, SyntaxError):
-        return set(), True
+        return set(), True, {}
     fixed: set[str] = set()
-    forwarded = False
+    read: dict[str, Any] = {}
+    forwarded, dynamic = False, False
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__":
             for kw in node.keywords:
@@ -181,7 +185,21 @@ def _fixed_and_forwarded(init: Any, var_kw: str | None) -> tuple[set[str], bool]
                     fixed.add(kw.arg)
                 elif isinstance(kw.value, ast.Name) and kw.value.id == var_kw:
                     forwarded = True
-    return fixed, forwarded
+        key = default_node = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == var_kw \
+                and node.func.attr in ("pop", "get", "setdefault"):
+            key, default_node = node.args[0], (node.args[1] if len(node.args) > 1 else None)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == var_kw:
+            key = node.slice
+        if key is None:
+            continue
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            literal = default_node is not None and isinstance(default_node, ast.Constant)
+            read.setdefault(key.value, default_node.value if literal else inspect.Parameter.empty)
+        else:
+            dynamic = True
+    return fixed, forwarded and not dynamic, read
 
 
 @dataclass(frozen=True)
@@ -220,9 +238,12 @@ def _signature(cls: type) -> _Signature:
             found[name] = (p.default, annotation)
         if var_kw is None:
             break
-        more_fixed, forwarded = _fixed_and_forwarded(init, var_kw)
+        more_fixed, forwarded, read = _fixed_and_forwarded(init, var_kw)
         if not forwarded:
             return _Signature(tuple((n, *v) for n, v in found.items()), open=True)
+        for name, default in read.items():  # taken out of **kw by this class itself
+            if name not in found and name not in fixed:
+                found[name] = (default, inspect.Parameter.empty)
         fixed |= more_fixed
     return _Signature(tuple((n, *v) for n, v in found.items()), open=False)
 

@@ -52,7 +52,7 @@ from mtl_tune.balancers._adam import adam_step, clear_grads
 from mtl_tune.balancers._common import (GRADIENT_PATHS, GRAM_MIN_JACOBIAN_BYTES, GRAM_MIN_TASKS,
                                         BalancerError, EpochInfo, ForwardOutput, GradientPath, SolverFailureCounter,
                                         StepInfo, _as_param_list, accumulate_grad, all_finite, backward_weighted,
-                                        check_losses, choose_gradient_path, finite_or_raise, gram,
+                                        check_losses, check_weights, choose_gradient_path, finite_or_raise, gram,
                                         pick_gradient_path, trainable_split, weighted_rows)
 from mtl_tune.balancers._rows import RowStep, host, one_row
 from mtl_tune.checkpoint import from_plain, to_plain
@@ -455,6 +455,7 @@ class LossBalancer(Balancer):
         group = self._sync_group()
         if group is None:
             total, weights = self.objective(losses)
+            check_weights(self.name, weights, self.n_tasks, "objective()")
             total.backward(inputs=model_params + [p for p in self.parameters() if p.requires_grad])
         else:
             weights = self._distributed_backward(losses, model_params, group)
@@ -467,6 +468,7 @@ class LossBalancer(Balancer):
         DDP's gradient average turns into ∇f of the concatenated batch; state updates see ℓ̄."""
         mean = self._rank_mean(losses.detach(), group).requires_grad_(True)
         total, weights = self.objective(mean)
+        check_weights(self.name, weights, self.n_tasks, "objective()")
         own = [p for p in self.parameters() if p.requires_grad]
         coef, *own_grads = torch.autograd.grad(total, [mean, *own], allow_unused=True)
         coef = torch.zeros_like(mean) if coef is None else coef
@@ -565,6 +567,7 @@ class GradientBalancer(Balancer):
         if not all_finite(jac):  # finite losses can still have inf/NaN gradients
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
         direction, weights = self.combine(jac, self._rank_mean(losses.detach(), group))
+        check_weights(self.name, weights, self.n_tasks, "combine()")
         if not all_finite(direction):
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
         self._write_shared(shared, direction, group)
@@ -579,6 +582,7 @@ class GradientBalancer(Balancer):
         if not bool(torch.isfinite(a).all()):
             raise BalancerError(f"{self.name}: non-finite per-task gradient")
         coef = self.gram_weights(a, losses.detach())
+        check_weights(self.name, coef, self.n_tasks, "gram_weights()")
         if not bool(torch.isfinite(coef).all()):  # finite c and finite gᵢ give a finite Σ cᵢ gᵢ
             raise BalancerError(f"{self.name}: produced a non-finite update direction")
         backward_weighted(losses, coef, shared, heads, self.head_weights(coef, losses))
