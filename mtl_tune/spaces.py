@@ -209,6 +209,11 @@ def _parse_param(name: str, raw: Any, where: str) -> Param:
         kw["choices"] = tuple(choices)
     param = Param(**kw)
     param.check_value(param.default, f"{where}: params.{name}.default")
+    if param.step is not None and param.default is not None:  # the first trial must be a point of the grid
+        n = (param.default - param.low) / param.step
+        if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+            raise SpaceError(f"{where}: params.{name}.default {param.default!r} is not on its grid low + k·step "
+                             f"({param.low!r} + k·{param.step!r})")
     return param
 
 

@@ -119,6 +119,10 @@ FLAG_CASES = [
     (["--method", "mgda,pcgrad", "--preferences", "3"],
      r"--preferences 3: none of --method mgda,pcgrad is preference-aware .*preference-aware methods: .*\bls\b"),
     (["--epochs", "1", "--config", "epochs=3"], r"--epochs 1 and --config epochs=3 disagree"),
+    (["--config", "epochs=1", "--config", "epochs=2"], r"--config epochs is given twice \(1 and '2'\)"),
+    (["--method", "cagrad", "--set", "c=0.1", "--set", "c=0.9"], r"--set c is given twice"),
+    # access() says yes to root in /proc, where no folder can be made: refused before Ray (it was after)
+    (["--storage-path", "/proc/mtl_tune_probe"], r"--storage-path: .* (cannot be created|is not writable)"),
     (["--scheduler", "asha", "--objective", "loss1", "--config", "epochs=2", "--grace-period", "3"],
      r"--grace-period 3: must be at most --config epochs \(2\)"),
     (["--optuna-storage", "zz://"], r"--optuna-storage zz://\.\.\.: not a usable database URL"),

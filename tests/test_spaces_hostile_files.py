@@ -107,6 +107,9 @@ def test_set_null_stays_allowed_where_the_default_is_null():
      "benchmarks:\n  qm9: {c: {high: -5}}\n", r"\(benchmarks.qm9\): params.c needs low < high"),
     ("method: cagrad\nparams:\n  c: {type: float, low: 0, high: 1, default: 0.4}\n"
      "benchmarks:\n  qm9: {nope: {default: 1}}\n", r"benchmarks.qm9.nope overrides an undeclared hyperparameter"),
+    # Optuna draws the grid low + k·step; a default off it was run as the first trial anyway
+    ("method: cagrad\nparams:\n  c: {type: float, low: 0.1, high: 1, step: 0.3, default: 0.5}\n",
+     r"params.c.default 0.5 is not on its grid"),
 ])
 def test_fields_that_were_read_loosely_are_refused(tmp_path, text, match):
     path = _write(tmp_path, text)

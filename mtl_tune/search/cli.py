@@ -46,6 +46,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, Any]:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
             raise SearchError(f"{flag} {item!r}: expects KEY=VALUE, e.g. {flag} c=0.4")
+        if key.strip() in out:  # the last would win silently: which one was meant?
+            raise SearchError(f"{flag} {key.strip()} is given twice ({out[key.strip()]!r} and {text!r}); give it once")
         out[key.strip()] = _value(text, f"{flag} {item}")
     return out
 

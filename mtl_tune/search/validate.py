@@ -248,6 +248,13 @@ def check_storage(sweep_dir: Path, resume: bool) -> None:
         raise SearchError(f"--storage-path: {sweep_dir} cannot be created: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SearchError(f"--storage-path: {sweep_dir} is not writable (checked {probe})")
+    import tempfile
+
+    try:  # access() says yes to root everywhere, and /proc or sysfs refuse a folder anyway: try one, remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".mtl_tune-probe-", dir=probe))
+    except OSError as err:
+        raise SearchError(f"--storage-path: {sweep_dir} cannot be created: a folder in {probe} could not be made "
+                          f"({err.strerror or err})") from None
 
 
 def sqlite_url(path: Path) -> str:
