@@ -50,5 +50,7 @@ def task_scores(values: Mapping[str, float], specs: Sequence[MetricSpec], tasks:
     out = []
     for task in tasks:
         drops = [relative_drop(float(values[s.name]), s) for s in specs if s.task == task]
-        out.append(sum(drops) / len(drops) if drops else 0.0)
+        if not drops:  # 0.0 would say "equal to STL" for a task nothing measured (a misspelt name)
+            raise ValueError(f"task {task!r} has no metric among {sorted({s.task for s in specs})}")
+        out.append(sum(drops) / len(drops))
     return out

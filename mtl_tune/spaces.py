@@ -302,6 +302,8 @@ def load_space(method: str, benchmark: str | None = None, path: str | Path | Non
     """Load ``path`` (or the method's ``search_spaces/<method>.yaml``; a plug-in's own file, see
     :func:`mtl_tune.registry.search_space_file`), apply ``benchmark`` overrides, validate."""
     file = Path(path) if path is not None else search_space_file(method)
+    if file.is_dir():
+        raise SpaceError(f"search-space file {file} is a folder; give the .yaml file")
     if not file.is_file():
         raise SpaceError(f"search-space file {file} does not exist" +
                          ("" if path else f" (every method needs search_spaces/{method}.yaml)"))

@@ -204,3 +204,23 @@ def test_autol_without_its_meta_step_warns_once():
             fresh.meta_step(lambda: _output(forward), lambda: _output(forward), opt, list(trunk.parameters()))
             fresh.backward(forward()[0], list(trunk.parameters()))
         assert not torch.equal(fresh.lambdas, torch.full((2,), 0.1))
+
+
+@pytest.mark.parametrize("name", ["dwa", "pivrg", "stch"])
+def test_the_epoch_hook_takes_an_epoch_info(name):
+    with pytest.raises(TypeError, match=f"{name}: on_epoch_end takes an EpochInfo"):
+        get_balancer(name, 2).on_epoch_end(0)  # was an AttributeError from inside
+
+
+@pytest.mark.parametrize("name", ["dbmtl", "moco"])
+def test_a_huge_decay_exponent_decays_to_zero_instead_of_overflowing(name):
+    """β/t^σ with σ = 1e30: Python's ** raised OverflowError at the second step."""
+    from mtl_tune.balancers._common import step_decay
+
+    assert step_decay(0.5, 2.0, 1e30) == 0.0 and step_decay(0.5, 1.0, 1e30) == 0.5
+    assert step_decay(0.9, 7.0, 0.5) == 0.9 / 7.0 ** 0.5  # the same float as before otherwise
+    trunk, _, _, forward = _problem()
+    balancer = get_balancer(name, 2, beta_sigma=1e30)
+    for _ in range(3):
+        balancer.backward(forward()[0], list(trunk.parameters()))
+    assert torch.isfinite(trunk.weight.grad).all()

@@ -76,3 +76,14 @@ def test_prepare_refuses_a_pareto_search_of_two_methods_without_a_reference(monk
     with pytest.raises(SearchError, match="val/left/acc"):
         prepare(options)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_task_without_a_metric_is_a_declaration_problem_and_has_no_score():
+    from mtl_tune.metrics import task_scores
+
+    problems = _toy_like(tasks=("task1", "task2", "task3")).declaration_problems()
+    assert any("task(s) ['task3'] have no metric" in p for p in problems), problems
+    specs = [MetricSpec("loss1", "task1", False, 1.0, True)]
+    assert task_scores({"loss1": 1.5}, specs, ["task1"]) == [50.0]
+    with pytest.raises(ValueError, match="task 'typo' has no metric"):
+        task_scores({"loss1": 1.5}, specs, ["task1", "typo"])  # was 0.0: "equal to STL"

@@ -137,3 +137,8 @@ def test_a_declared_simplex_default_is_the_first_trial_and_must_fit_the_tasks(tm
     assert list(equal.default_point(2).values()) == [0.5, 0.5]  # no default: equal draws, as before
     with pytest.raises(SpaceError, match=r"params.task_weights.default \[1, 3\] must be 3 non-negative weights"):
         space.check_for(3, "three-task benchmark")
+
+
+def test_a_folder_given_as_the_space_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(SpaceError, match="is a folder; give the .yaml file"):
+        load_space("cagrad", "toy", tmp_path)

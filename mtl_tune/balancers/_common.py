@@ -139,6 +139,23 @@ def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
     return out
 
 
+def step_decay(value: float, t: float, sigma: float) -> float:
+    """``value / t**sigma`` (MoCo's and DB-MTL's decaying step sizes); 0.0 where ``t**sigma``
+    overflows a float (a huge exponent, t > 1: the decayed value is 0 to float precision), which
+    Python's ``**`` raises as an OverflowError."""
+    try:
+        return value / t ** sigma
+    except OverflowError:
+        return 0.0
+
+
+def check_epoch_info(method: str, info: Any) -> None:
+    """``on_epoch_end`` takes an :class:`EpochInfo` (``on_epoch_end(0)`` failed on a missing attribute)."""
+    if not isinstance(info, EpochInfo):
+        raise TypeError(f"{method}: on_epoch_end takes an EpochInfo(epoch=..., train_losses=..., scores=...), "
+                        f"got {type(info).__name__}")
+
+
 def check_weights(method: str, weights: Any, n_tasks: int, source: str) -> None:
     """A method's per-task weights must be a (K,) tensor: a plug-in's ``objective``/``combine``
     returning None failed deep inside, and one of another shape was broadcast into made-up

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers._common import check_epoch_info
 from mtl_tune.balancers.base import Balancer, BalancerError, EpochInfo, LossBalancer
 
 MODES = ("epoch", "iteration")
@@ -263,6 +264,7 @@ class DynamicWeightAverage(LossBalancer):
     # ------------------------------------------------------------------ per epoch
     def on_epoch_end(self, info: EpochInfo) -> None:
         """Epoch mode: record this epoch's mean losses and set the next epoch's weights (:meth:`epoch_rows`)."""
+        check_epoch_info(self.name, info)
         if self.mode != "epoch":
             return
         if info.train_losses is not None:  # rank-local epoch means: average them (data parallel)

@@ -34,6 +34,7 @@ import torch
 
 from mtl_tune.balancers._fairness import FairBalancer
 from mtl_tune.balancers._rows import RowStep, one_row
+from mtl_tune.balancers._common import check_epoch_info
 from mtl_tune.balancers.base import Balancer, BalancerError, EpochInfo
 
 
@@ -105,6 +106,7 @@ class PIVRG(FairBalancer):
         return RowStep(self.scores, failed=~finite, reason=reason)
 
     def on_epoch_end(self, info: EpochInfo) -> None:
+        check_epoch_info(self.name, info)
         if info.scores is None:
             if not self._warned_missing:
                 warnings.warn("pivrg: no per-task scores this epoch (no STL baselines?); keeping the previous "

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._rows import RowStep, host, one_row
+from mtl_tune.balancers._common import check_epoch_info
 from mtl_tune.balancers.base import Balancer, BalancerError, EpochInfo, LossBalancer
 
 
@@ -175,6 +176,7 @@ class SmoothTchebycheff(LossBalancer):
     def on_epoch_end(self, info: EpochInfo) -> None:
         """Count the epoch; at the end of the nadir epoch take its mean training losses
         (``info.train_losses``, else the mean of the losses seen since the epoch began)."""
+        check_epoch_info(self.name, info)
         mean = np.ones(self.n_tasks)
         if self.ideal is None and self.nadir is None and self.epochs_done == self.warmup_epochs:
             if info.train_losses is not None:

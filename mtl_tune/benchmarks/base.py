@@ -328,6 +328,9 @@ class Benchmark(abc.ABC):
                                                and m.baseline != 0):
                 problems.append(f"metric {m.name!r} has baseline {m.baseline!r}: a finite non-zero number or None "
                                 "(relative drops divide by it)")
+        unmeasured = [t for t in cls.tasks if not any(m.task == t for m in cls.metrics)]
+        if unmeasured:
+            problems.append(f"task(s) {unmeasured} have no metric (PIVRG's scores and Δm% would count them as STL)")
         if not any(m.primary for m in cls.metrics):
             problems.append("no metric is primary=True (one per task: the objectives of a Pareto search)")
         for key, value in cls.reference_points.items():
