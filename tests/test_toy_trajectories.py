@@ -367,6 +367,7 @@ def test_cli_main(tmp_path, capsys):
                         (["--scale", "0"], "--scale must be"), (["--iters", "0"], "--iters must be"),
                         (["--scale", "inf"], "--scale must be a finite number"), (["--seed", "-1"], "--seed must be"),
                         (["--inits", "0,0"], "--inits must be distinct"),
+                        (["--methods", "cagrad:c=0.1:c=0.2"], "gives a parameter twice"),
                         (["--search-trials", str(tmp_path / "none.csv")], "--search-trials"),
                         (["--search-trials", str(tmp_path)], "--search-trials"),
                         (["--methods", "nosuch"], "unknown method 'nosuch'")]:

@@ -99,7 +99,10 @@ def build_specs(methods: str, sets: dict[str, dict[str, Any]] | None = None, ite
         if name in exclude:
             continue
         balancer_class(name)   # UnknownNameError lists the valid names
-        variant = dict(_pair(item, f"method {tok!r}") for item in rest)
+        pairs = [_pair(item, f"method {tok!r}") for item in rest]
+        variant = dict(pairs)
+        if len(variant) != len(pairs):  # cagrad:c=0.1:c=0.2 ran c=0.2 alone
+            raise ValueError(f"method {tok!r} gives a parameter twice")
         hparams = {**protocol_hparams(name, scale), **sets.get(name, {}), **variant}
         # names, types and finiteness as get_balancer checks them (zz=1, c=abc, c=nan): an error now,
         # not a skipped row; a value out of a constructor's range stays a table row that says why

@@ -119,7 +119,8 @@ def stop_signals() -> Iterator[StopFlag]:
         yield flag
     finally:
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            if old is not None:  # None: a handler not set from Python (nothing Python can put back)
+                signal.signal(signum, old)
         if previous_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
