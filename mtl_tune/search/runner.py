@@ -112,13 +112,14 @@ def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
     split = objective.split("/", 1)[0] if name != objective else "val"
     if split == "test":
         raise SearchError("tuning on test metrics leaks the test set; use a val/ metric as --objective")
+    valid = (["pareto"] if len(bench.primary_metrics()) >= 2 else []) + ["default"] + \
+        (["delta_m"] if bench.has_baselines() else []) + list(specs)
     if name == "delta_m":
         if not bench.has_baselines():
             raise SearchError(f"benchmark {bench.name} has no single-task baselines, so no delta_m; "
-                              f"valid objectives: pareto, default, {', '.join(specs)}")
+                              f"valid objectives: {', '.join(v for v in valid if v != 'delta_m')}")
         return ["val/delta_m"], ["min"]
     if name not in specs:
-        valid = ["pareto", "default"] + (["delta_m"] if bench.has_baselines() else []) + list(specs)
         raise SearchError(f"unknown objective {objective!r} for benchmark {bench.name}; valid: {', '.join(valid)}")
     return [f"val/{name}"], [specs[name].mode]
 
