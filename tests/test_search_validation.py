@@ -120,6 +120,7 @@ FLAG_CASES = [
      r"--preferences 3: none of --method mgda,pcgrad is preference-aware .*preference-aware methods: .*\bls\b"),
     (["--epochs", "1", "--config", "epochs=3"], r"--epochs 1 and --config epochs=3 disagree"),
     (["--config", "epochs=1", "--config", "epochs=2"], r"--config epochs is given twice \(1 and '2'\)"),
+    (["--objective", ""], r"--objective is empty"),
     (["--method", "cagrad", "--set", "c=0.1", "--set", "c=0.9"], r"--set c is given twice"),
     # access() says yes to root in /proc, where no folder can be made: refused before Ray (it was after)
     (["--storage-path", "/proc/mtl_tune_probe"], r"--storage-path: .* (cannot be created|is not writable)"),

@@ -158,6 +158,10 @@ def prepare(options: SearchOptions) -> Plan:
         raise SearchError(f"--scheduler must be fifo, asha or hyperband, got {options.scheduler!r}")
     if options.resume and not options.name:
         raise SearchError("--resume needs the --name (and --storage-path) of the search to continue")
+    if options.name is not None:  # "" (an unset shell variable) would quietly mean a new timestamped name
+        check_name(options.name)
+    if options.objective == "":
+        raise SearchError("--objective is empty; give pareto, default or a metric name (see --help)")
     methods = available_balancers() if options.methods == ["all"] else list(dict.fromkeys(options.methods))
     if not methods:
         raise SearchError("--method needs at least one method name")
