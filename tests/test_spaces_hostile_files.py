@@ -17,6 +17,14 @@ def _write(tmp_path: Path, data: dict | str) -> Path:
     return path
 
 
+def _assert_refused(tmp_path: Path, data: dict | str, match: str) -> None:
+    """Loading ``data`` as cagrad's space for the toy is a SpaceError matching ``match`` that names the file."""
+    path = _write(tmp_path, data)
+    with pytest.raises(SpaceError, match=match) as err:
+        load_space("cagrad", "toy", path)
+    assert str(path) in str(err.value)
+
+
 @pytest.mark.parametrize("benchmarks,match", [
     ([1], r"'benchmarks' must be a mapping of benchmark name → overrides, got list"),
     ("toy", r"'benchmarks' must be a mapping of benchmark name → overrides, got str"),
@@ -26,10 +34,7 @@ def _write(tmp_path: Path, data: dict | str) -> Path:
     ({"nyuv2": {"c": 0.5}}, r"benchmarks.nyuv2.c must be a mapping"),  # not the benchmark in use: still checked
 ])
 def test_malformed_benchmarks_section_names_file_key_and_shape(tmp_path, benchmarks, match):
-    path = _write(tmp_path, {"method": "cagrad", "params": {"c": C}, "benchmarks": benchmarks})
-    with pytest.raises(SpaceError, match=match) as err:
-        load_space("cagrad", "toy", path)
-    assert str(path) in str(err.value)
+    _assert_refused(tmp_path, {"method": "cagrad", "params": {"c": C}, "benchmarks": benchmarks}, match)
 
 
 def test_empty_benchmark_entry_means_no_overrides(tmp_path):
@@ -46,10 +51,7 @@ def test_empty_benchmark_entry_means_no_overrides(tmp_path):
     ("low: 1e-300, high: 1e400, log: true", r"params.c.high must be a finite number"),
 ])
 def test_infinite_or_overflowing_bounds_are_refused(tmp_path, bounds, match):
-    path = _write(tmp_path, f"method: cagrad\nparams:\n  c: {{type: float, {bounds}, default: 0.4}}\n")
-    with pytest.raises(SpaceError, match=match) as err:
-        load_space("cagrad", "toy", path)
-    assert str(path) in str(err.value)
+    _assert_refused(tmp_path, f"method: cagrad\nparams:\n  c: {{type: float, {bounds}, default: 0.4}}\n", match)
 
 
 def test_int_bounds_beyond_2_to_53_are_refused(tmp_path):
@@ -112,10 +114,7 @@ def test_set_null_stays_allowed_where_the_default_is_null():
      r"params.c.default 0.5 is not on its grid"),
 ])
 def test_fields_that_were_read_loosely_are_refused(tmp_path, text, match):
-    path = _write(tmp_path, text)
-    with pytest.raises(SpaceError, match=match) as err:
-        load_space("cagrad", "toy", path)
-    assert str(path) in str(err.value)
+    _assert_refused(tmp_path, text, match)
 
 
 def test_merge_keys_may_still_override_what_they_merge(tmp_path):
