@@ -90,6 +90,11 @@ class DamagedCheckpointError(UnusableCheckpointError):
     was written or copied) or modified since."""
 
 
+class MismatchedCheckpointError(UnusableCheckpointError):
+    """A whole, readable checkpoint that does not fit the trial resuming from it (another benchmark,
+    method or configuration, or not a trainer state at all)."""
+
+
 def _first_line(err: BaseException) -> str:
     """The first line of an error's message (torch's run to a paragraph)."""
     lines = str(err).strip().splitlines()
@@ -130,5 +135,6 @@ def load(path: str | Path) -> Any:
     return from_plain(state)
 
 
-__all__ = ["NUMPY_KEY", "DamagedCheckpointError", "UnsafeCheckpointError", "UnusableCheckpointError", "from_plain",
+__all__ = ["NUMPY_KEY", "DamagedCheckpointError", "MismatchedCheckpointError", "UnsafeCheckpointError",
+           "UnusableCheckpointError", "from_plain",
            "load", "to_plain"]

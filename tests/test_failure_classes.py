@@ -336,3 +336,47 @@ def test_a_full_disk_stops_the_search_with_one_message_and_the_resume_command(tm
     monkeypatch.setattr(execution, "execute", other)
     with pytest.raises(KeyError, match="not a disk problem"):
         main(["--method", "ls", "--storage-path", str(tmp_path), "--name", "t"])
+
+
+def _state_of(config) -> dict:
+    """A real trainer state after one epoch of ``config``."""
+    states = []
+    train({**config, "epochs": 1}, lambda m, s: states.append(s))
+    return states[-1]
+
+
+@pytest.mark.parametrize("state, why", [
+    (lambda: _state_of({**TOY, "benchmark": "multi_mnist", "batch_size": 64, "pairs_per_image": 1,
+                        "eval_batch_size": 64}), "Error(s) in loading state_dict"),
+    (lambda: _state_of({**TOY, "method": "nashmtl"}), "nashmtl"),  # another method's balancer state
+    (lambda: {"epoch": 1}, "it has no 'model'"),
+    (lambda: {**_state_of(TOY), "epoch": 7}, "at epoch 7, outside this run's 0…2"),
+    (lambda: {**_state_of(TOY), "epoch": -5}, "at epoch -5"),
+])
+def test_a_checkpoint_that_does_not_fit_the_trial_fails_it_once_naming_it(monkeypatch, tmp_path, state, why):
+    """A whole state.pt of another benchmark, method or configuration (or not a trainer state): the
+    load failed the same way at every retry with a bare torch/KeyError, not naming the file; an epoch
+    outside the run trained too long or reported nothing."""
+    from mtl_tune.checkpoint import to_plain
+    from mtl_tune.search import trainable
+
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save(to_plain(state()), folder / trainable.STATE_FILE)
+    reports = []
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: _Checkpoint(folder))
+    monkeypatch.setattr(trainable, "_placement", lambda: {"resources/cpu": 1.0, "resources/gpu": 0.0, "node_id": "n"})
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    trainable.train_trial(TOY)
+    assert len(reports) == 1 and reports[0]["failed"] == 1.0, reports
+    error = reports[0]["error"]
+    assert error.startswith("MismatchedCheckpointError: state.pt of the trial's checkpoint") and why in error, error
+
+
+class _Checkpoint:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield str(self.folder)

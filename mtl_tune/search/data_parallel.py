@@ -92,6 +92,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     except (DataError, ConfigError) as err:  # the same on every rank: each reports once
         epoch = int(state["epoch"]) if state else 0
         ray.train.report({**failure_metrics(config, err, epoch), "workers": float(world)})
+    except UnusableCheckpointError as err:  # a checkpoint that does not fit: the same on every rank and retry
+        err.args = (f"{STATE_FILE} of the trial's checkpoint: {err}",)
+        ray.train.report({**failure_metrics(config, err, 0), "workers": float(world)})
 
 
 def _forwarder(results):

@@ -82,6 +82,9 @@ def train_trial(config: dict[str, Any]) -> None:
     except (DataError, ConfigError) as err:
         epoch = int(state["epoch"]) if state else 0
         tune.report({**failure_metrics(config, err, epoch), **placement, "workers": 1.0})
+    except UnusableCheckpointError as err:  # a checkpoint that does not fit: the same on every retry
+        err.args = (f"{STATE_FILE} of the trial's checkpoint: {err}",)
+        tune.report({**failure_metrics(config, err, 0), **placement, "workers": 1.0})
 
 
 def _report(metrics: dict[str, Any], checkpoint_dir: str | None, inject_fault: bool = True) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_tune.checkpoint import from_plain, to_plain
+from mtl_tune.checkpoint import MismatchedCheckpointError, from_plain, to_plain
 from mtl_tune.balancers.base import BalancerError, EpochInfo, ForwardOutput
 from mtl_tune.benchmarks.base import ConfigError
 from mtl_tune.metrics import delta_m, task_scores
@@ -211,6 +211,22 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`; :class:`~mtl_tune.checkpoint.MismatchedCheckpointError`
+        when it does not fit this trial (the same at every retry: the trial fails once, with why)."""
+        try:
+            epoch = int(state["epoch"])
+            if not 0 <= epoch <= self.epochs:
+                raise ValueError(f"it is at epoch {epoch}, outside this run's 0…{self.epochs}")
+            self._load_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            lines = str(err).strip().splitlines()
+            why = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) and err.args else \
+                f"{type(err).__name__}: {lines[0] if lines else err!r}"
+            raise MismatchedCheckpointError(
+                "the checkpoint does not fit this trial (written by another benchmark, method or configuration, "
+                f"or not a trainer state): {why}") from err
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.setup.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
