@@ -94,6 +94,32 @@ def test_split_pool_is_a_disjoint_cover():
     assert sorted(np.concatenate([p.labels for p in parts]).tolist()) == list(range(100))
 
 
+def test_split_bounds_clip_to_the_items():
+    from mtl_tune.benchmarks.multi_mnist import split_bounds
+
+    assert split_bounds(100, (0.6, 0.2, 0.2)) == [(0, 60), (60, 80), (80, 100)]
+    assert split_bounds(12, (0.01, 0.99)) == [(0, 0), (0, 12)]
+    assert split_bounds(3, (0.9, 0.9, 0.1)) == [(0, 3), (3, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fractions_that_leave_no_training_image_are_refused_before_training(tmp_path, gz):
+    """val_fraction=0.99 of 12 MNIST images (or of the 1,797 digits with a large test_fraction): the
+    trials failed after Ray started ("the training split yielded no batch"), each retried."""
+    from mtl_tune.benchmarks.base import ConfigError
+
+    write_mnist(tmp_path, 12, 6, gz=gz)
+    mnist = MultiMnist(data_root=str(tmp_path))
+    mnist.check_config({"val_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"val_fraction=0.99, .* split into train/val/test = 0/12/6"):
+        mnist.check_config({"val_fraction": 0.99})
+    digits = MultiMnist(source="sklearn_digits")
+    with pytest.raises(ConfigError, match=r"1797 images of the sklearn_digits source split into train/val/test = 0/"):
+        digits.check_config({"val_fraction": 0.9999, "test_fraction": 0.9999})
+    with pytest.raises(ConfigError, match="leave no training image"):
+        digits.build({"val_fraction": 0.9999, "test_fraction": 0.9999}, torch.device("cpu"))
+
+
 def test_sklearn_digits_upscaling():
     eight = np.zeros((1, 8, 8))
     eight[0, 2:6, 2:6] = 16

@@ -198,12 +198,23 @@ def make_pairs(pool: DigitPool, pairs_per_image: int, rng: np.random.Generator,
 
 
 def split_pool(pool: DigitPool, fractions: tuple[float, ...], rng: np.random.Generator) -> list[DigitPool]:
-    """Disjoint random parts of ``pool`` with the given fractions (last part takes the rest)."""
+    """Disjoint random parts of ``pool`` with the given fractions (last part takes the rest;
+    :func:`~mtl_tune.benchmarks.multi_mnist.split_bounds`)."""
+    from mtl_tune.benchmarks.multi_mnist import split_bounds
+
     perm = rng.permutation(len(pool.labels))
-    parts, start = [], 0
-    for frac in fractions[:-1]:
-        stop = start + int(round(frac * len(perm)))
-        parts.append(pool.subset(np.sort(perm[start:stop])))
-        start = stop
-    parts.append(pool.subset(np.sort(perm[start:])))
-    return parts
+    return [pool.subset(np.sort(perm[start:stop])) for start, stop in split_bounds(len(perm), fractions)]
+
+
+def mnist_count(root: str, split: str) -> int:
+    """The number of images the split's idx header announces (16 bytes read; the data check reads
+    and validates everything)."""
+    path = _find(mnist_raw_dir(root), MNIST_FILES[split][0])
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(8)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"multi_mnist: cannot read {path} ({err}); {MNIST_HINT}") from err
+    if len(head) < 8:
+        raise DataError(f"multi_mnist: {path} is truncated; {MNIST_HINT}")
+    return int.from_bytes(head[4:8], "big")

@@ -46,7 +46,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from mtl_tune.benchmarks.base import Benchmark, DataError, Setting, Setup, data_check_level, warn_test_only
+from mtl_tune.benchmarks.base import (Benchmark, ConfigError, DataError, Setting, Setup, data_check_level,
+                                     warn_test_only)
 from mtl_tune.metrics import MetricSpec
 
 if TYPE_CHECKING:
@@ -77,6 +78,29 @@ def step_decay(epoch: int, factor: float, every: int) -> float:
     return factor ** ((epoch + 1) // every)
 
 
+SKLEARN_DIGITS = 1797  # the images of scikit-learn's bundled digits
+
+
+def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
+    """[start, stop) of each part of ``n`` shuffled items with the given fractions (the last takes the
+    rest): ``round(fraction · n)`` items each, in order, clipped to ``n``."""
+    bounds, start = [], 0
+    for frac in fractions[:-1]:
+        stop = start + int(round(frac * n))
+        bounds.append((min(start, n), min(stop, n)))
+        start = stop
+    bounds.append((min(start, n), n))
+    return bounds
+
+
+def _split_fractions(source: str, val_fraction: float, test_fraction: float) -> tuple[float, ...]:
+    """MNIST: (train, val) of its training file (test = its test file); sklearn: (train, val, test)."""
+    if source == "mnist":
+        return 1 - val_fraction, val_fraction
+    rest = 1.0 - test_fraction
+    return rest * (1 - val_fraction), rest * val_fraction, test_fraction
+
+
 @functools.lru_cache(maxsize=4)
 def _build_arrays(source: str, root: str | None, data_seed: int, val_fraction: float, test_fraction: float,
                   pairs_per_image: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -86,16 +110,13 @@ def _build_arrays(source: str, root: str | None, data_seed: int, val_fraction: f
     from mtl_tune.benchmarks import _multi_mnist_data as data
 
     rng = np.random.default_rng(data_seed)
+    fractions = _split_fractions(source, val_fraction, test_fraction)
     if source == "mnist":
         assert root is not None
-        train_pool, val_pool = data.split_pool(data.load_mnist_split(root, "train"),
-                                               (1 - val_fraction, val_fraction), rng)
+        train_pool, val_pool = data.split_pool(data.load_mnist_split(root, "train"), fractions, rng)
         test_pool = data.load_mnist_split(root, "test")
     else:
-        digits = data.load_sklearn_digits()
-        rest = 1.0 - test_fraction
-        train_pool, val_pool, test_pool = data.split_pool(
-            digits, (rest * (1 - val_fraction), rest * val_fraction, test_fraction), rng)
+        train_pool, val_pool, test_pool = data.split_pool(data.load_sklearn_digits(), fractions, rng)
     return {split: data.make_pairs(pool, pairs_per_image, rng)
             for split, pool in (("train", train_pool), ("val", val_pool), ("test", test_pool))}
 
@@ -169,6 +190,31 @@ class MultiMnist(Benchmark):
         for split in data.MNIST_FILES:
             data.load_mnist_split(self.root, split)  # type: ignore[arg-type]
 
+    def check_config(self, config: Any, flag: str = "--config") -> None:
+        """The schema, then the split sizes: fractions that leave no training image (or nothing to
+        evaluate) failed every trial after Ray had started."""
+        super().check_config(config, flag)
+        if self.synthetic:
+            return
+        merged = {**self.defaults, **config}
+        vf, tf = float(merged["val_fraction"]), float(merged["test_fraction"])
+        if self.source == "mnist":
+            from mtl_tune.benchmarks import _multi_mnist_data as data
+
+            try:
+                n, n_test = data.mnist_count(self.root, "train"), data.mnist_count(self.root, "test")
+            except DataError:
+                return  # the data check names the file
+        else:
+            n, n_test = SKLEARN_DIGITS, 0
+        sizes = [stop - start for start, stop in split_bounds(n, _split_fractions(self.source, vf, tf))]
+        if self.source == "mnist":
+            sizes.append(n_test)
+        if sizes[0] == 0 or not any(sizes[1:]):
+            raise ConfigError(f"{flag} val_fraction={vf:g}, test_fraction={tf:g}: the {n} images of the "
+                              f"{self.source} source split into train/val/test = {'/'.join(map(str, sizes))}; "
+                              "training needs at least one image and evaluation one split with images")
+
     def balancer_options(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {}
 
@@ -218,6 +264,9 @@ class MultiMnist(Benchmark):
 
         config = {**self.defaults, **config}
         arrays = self._arrays(config)
+        if not len(arrays["train"][0]):  # (check_config refuses it before a search; here for the API)
+            raise ConfigError(f"{self.name}: val_fraction={config.get('val_fraction')} and test_fraction="
+                              f"{config.get('test_fraction')} leave no training image")
         model = MultiLeNet(self.n_tasks, float(config.get("dropout", 0.0))).to(device)
         tensors = {s: (torch.from_numpy(x).to(device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
                    for s, (x, y) in arrays.items()}
