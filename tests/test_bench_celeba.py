@@ -393,3 +393,24 @@ def test_synthetic_needs_no_data(monkeypatch):
     assert batch[0].shape == (4, 3, 32, 32) and batch[0].dtype == torch.uint8 and batch[1].shape == (4, 40)
     out = setup.forward(batch)
     assert out.losses.shape == (40,) and out.representation.shape == (4, 512)
+
+
+def test_an_image_listed_twice_is_refused(tmp_path):
+    """000003.jpg's row copied over 000004.jpg's (and its partition): it sat in two splits — a test-set
+    leak — and 000004.jpg was dropped, with data_check=full passing."""
+    paths = write_celeba(tmp_path)
+    lines = open(paths.attr_file).read().splitlines(keepends=True)
+    lines[2 + 3] = lines[2 + 2]
+    open(paths.attr_file, "w").writelines(lines)
+    with pytest.raises(DataError, match=r"lists 000003.jpg twice \(lines 5 and 6"):
+        cd.parse_attributes(paths.attr_file)
+
+
+def test_an_image_of_another_size_is_refused_when_loaded(tmp_path):
+    """The default pre-flight decodes a sample; an image outside it with another crop was resized silently."""
+    paths = write_celeba(tmp_path)
+    odd = os.path.join(paths.img_dir, "000002.jpg")
+    Image.fromarray(np.zeros((178, 218, 3), np.uint8)).save(odd)  # width and height swapped
+    with pytest.raises(DataError, match=r"000002.jpg: it is 218×178, expected the aligned & cropped 178×218"):
+        cd.load_image(odd, 64)
+    assert cd.load_image(os.path.join(paths.img_dir, "000001.jpg"), 64).shape == (3, 64, 64)

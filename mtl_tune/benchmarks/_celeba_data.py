@@ -161,7 +161,14 @@ def parse_attributes(path: str) -> tuple[np.ndarray, np.ndarray]:
         r, c = np.argwhere(~ok)[0]
         raise DataError(f"celeba: {path} line {r + 3} ({table.iloc[r, 0]}) attribute {ATTRIBUTES[c]} = "
                         f"'{values[r, c]}'; labels must be -1 or 1; {HINT}")
-    return table.iloc[:, 0].to_numpy(dtype=str), (values == "1").astype(np.uint8)
+    files = table.iloc[:, 0].to_numpy(dtype=str)
+    unique, counts = np.unique(files, return_counts=True)
+    if (counts > 1).any():  # one image twice: in two splits it leaks, and the row it replaced is lost
+        name = unique[np.argmax(counts > 1)]
+        rows = np.flatnonzero(files == name)[:2] + 3
+        raise DataError(f"celeba: {path} lists {name} twice (lines {rows[0]} and {rows[1]}; "
+                        f"{int((counts > 1).sum())} name(s) repeated); every image must appear once; {HINT}")
+    return files, (values == "1").astype(np.uint8)
 
 
 def parse_partition(path: str, files: np.ndarray) -> np.ndarray:
@@ -308,12 +315,17 @@ def load_index(paths: CelebaPaths) -> CelebaIndex:
 def load_image(path: str, size: int) -> np.ndarray:
     """RGB → PIL bilinear resize to (size, size) → uint8 (3, size, size) (= torchvision Resize).
 
-    A file that does not decode raises :class:`DataError` naming it (met at run time when the
-    pre-flight check did not decode it), or "cannot read" naming it."""
+    A file that does not decode, or is not 178×218, raises :class:`DataError` naming it (met at run
+    time when the pre-flight check did not decode it), or "cannot read" naming it."""
     path = _readable(path)
     try:
         with Image.open(path) as im:
+            if im.size != IMAGE_SIZE:  # another crop would be resized silently: the pre-flight samples only some
+                raise _image_error(path, f"it is {im.size[0]}×{im.size[1]}, expected the aligned & cropped "
+                                         f"{IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} (img_align_celeba)")
             im = im.convert("RGB").resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _image_error(path, f"cannot decode it ({e}): truncated or not a JPEG") from e
