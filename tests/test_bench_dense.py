@@ -352,6 +352,11 @@ def _set(path, value):
     np.save(path, arr)
 
 
+def _append(path, data: bytes):
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
 def _link(path, target):
     """Replace the file or folder ``path`` by a symbolic link to ``target``."""
     if os.path.isdir(path):
@@ -366,6 +371,9 @@ def _link(path, target):
      "folder missing"),
     (lambda r: _truncate(os.path.join(r, "train", "image", "2.npy")), "train/image/2.npy",
      r"truncated: \d+ bytes, its header announces \(32, 64, 3\) float64 = 49280 bytes"),
+    # a larger array written under the old header: numpy reads the first part and ignores the rest
+    (lambda r: _append(os.path.join(r, "train", "image", "2.npy"), b"\0" * 4096), "train/image/2.npy",
+     r"53376 bytes, but its header announces \(32, 64, 3\) float64 = 49280 bytes \(data after the array"),
     (lambda r: np.save(os.path.join(r, "val", "depth", "0.npy"), np.ones((32, 64))), "val/depth/0.npy",
      r"shape \(32, 64\) dtype float64, expected shape \(32, 64, 1\)"),
     (lambda r: np.save(os.path.join(r, "train", "image", "1.npy"), np.ones((32, 64, 3), np.int64)),
@@ -522,6 +530,8 @@ def test_ignore_label_option_maps_other_ignore_values(tmp_path):
     ({"check_samples": -1}, "check_samples must be an integer ≥ 0"),
     ({"expected_counts": {"train": 5}}, "expected_counts must be"),
     ({"ignore_label": "x"}, "ignore_label must be an integer"),
+    # a class id as the ignore value: class 5 vanished from training and the metrics, silently
+    ({"ignore_label": 5}, r"ignore_label 5 is one of the 13 class ids 0…12"),
 ])
 def test_bad_benchmark_options(options, message):
     with pytest.raises(ValueError, match=message):

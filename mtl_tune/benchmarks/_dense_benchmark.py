@@ -132,8 +132,12 @@ class DenseBenchmark(Benchmark):
         super().__init__(data_root, synthetic, **options)
         counts = self.layout.counts if expected_counts == "release" else _counts_option(expected_counts)
         shape = _shape_option(image_shape) if image_shape is not None else self.layout.image_shape
-        self.data_layout = replace(self.layout, image_shape=shape, counts=counts,
-                                   ignore_label=_int_option("ignore_label", ignore_label))
+        ignore = _int_option("ignore_label", ignore_label)
+        if 0 <= ignore < self.layout.n_classes:  # that class would vanish from training and the metrics
+            raise ValueError(f"benchmark option ignore_label {ignore} is one of the {self.layout.n_classes} class ids "
+                              f"0…{self.layout.n_classes - 1}; give the value of unlabelled pixels (the release's "
+                              f"is {IGNORE_LABEL}; 255 for labels stored as uint8)")
+        self.data_layout = replace(self.layout, image_shape=shape, counts=counts, ignore_label=ignore)
         self.check_samples = _int_option("check_samples", check_samples, minimum=0)
         self.data_check = data_check_level(data_check)
         self._found: DenseFiles | None = None

@@ -184,6 +184,9 @@ def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
         size = os.fstat(fh.fileno()).st_size
     if size < need:
         raise ValueError(f"truncated: {size} bytes, its header announces {shape} {dtype} = {need} bytes")
+    if size > need:  # numpy reads the first part and ignores the rest: another array under a stale header
+        raise ValueError(f"{size} bytes, but its header announces {shape} {dtype} = {need} bytes (data after the "
+                         "array: written over with another array?)")
     return tuple(int(s) for s in shape), dtype
 
 
