@@ -349,3 +349,34 @@ def test_val_fraction_zero_evaluates_the_test_split_and_says_so(tmp_path, source
     assert reports and "test/mean_acc" in reports[-1] and not any(k.startswith("val/") for k in reports[-1])
     default = Trainer({**config, "val_fraction": 1 / 6})
     assert default.setup.eval_splits == ("val", "test") and not default.setup.extras["test_leak"]
+
+
+def test_swapped_release_files_are_refused_and_other_counts_said(tmp_path, monkeypatch):
+    """train-* and t10k-* swapped trained on the test set, silently; NYUv2 and CelebA already say when
+    the counts are not the release's."""
+    from mtl_tune.benchmarks import multi_mnist
+
+    write_mnist(tmp_path, 12, 6)
+    with pytest.warns(UserWarning, match=r"holds 12 training and 6 test images; the release has 60000 and 10000"):
+        MultiMnist(data_root=str(tmp_path)).check_data()
+    monkeypatch.setattr(multi_mnist, "MNIST_TRAIN", 12)
+    monkeypatch.setattr(multi_mnist, "MNIST_TEST", 6)
+    MultiMnist(data_root=str(tmp_path)).check_data()  # the release's counts: no warning
+    write_mnist(tmp_path, 6, 12)
+    with pytest.raises(DataError, match=r"the train-\* files hold 6 images and the t10k-\* files 12: swapped\?"):
+        MultiMnist(data_root=str(tmp_path)).check_data()
+
+
+def test_a_folder_or_gzip_data_under_the_plain_name_is_named(tmp_path):
+    raw = write_mnist(tmp_path, 12, 6)
+    label = os.path.join(raw, mm.MNIST_FILES["test"][1])
+    os.remove(label)
+    os.mkdir(label)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is a folder, expected the idx file"):
+        mm.load_mnist_split(str(tmp_path), "test")
+    os.rmdir(label)
+    write_mnist(tmp_path, 12, 6, gz=True)
+    images = os.path.join(raw, mm.MNIST_FILES["train"][0])
+    os.replace(images + ".gz", images)
+    with pytest.raises(DataError, match=r"idx magic \d+, expected 2051 .* \(it is gzip data: name the file with .gz\)"):
+        mm.load_mnist_split(str(tmp_path), "train")

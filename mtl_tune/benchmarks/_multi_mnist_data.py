@@ -71,8 +71,11 @@ def _kind(path: str) -> str:
 def _find(raw_dir: str, name: str) -> str:
     for candidate in (name, name + ".gz"):
         path = os.path.join(raw_dir, candidate)
-        if _kind(path) == FILE:
+        found = _kind(path)
+        if found == FILE:
             return path
+        if found == DIR:
+            raise DataError(f"multi_mnist: {path} is a folder, expected the idx file; {MNIST_HINT}")
     raise DataError(f"multi_mnist: {os.path.join(raw_dir, name)}[.gz] is missing; expected the MNIST idx "
                     f"files {sorted(n for pair in MNIST_FILES.values() for n in pair)} there; {MNIST_HINT}")
 
@@ -104,8 +107,9 @@ def parse_idx(data: bytes, path: str, magic: int) -> np.ndarray:
         raise DataError(f"multi_mnist: {path} is truncated ({len(data)} bytes, header needs {header}); {MNIST_HINT}")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
+        gz = " (it is gzip data: name the file with .gz)" if data[:2] == b"\x1f\x8b" else ""
         raise DataError(f"multi_mnist: {path} has idx magic {found}, expected {magic} "
-                        f"({'uint8 images n×28×28' if magic == IMAGE_MAGIC else 'uint8 labels'}); {MNIST_HINT}")
+                        f"({'uint8 images n×28×28' if magic == IMAGE_MAGIC else 'uint8 labels'}){gz}; {MNIST_HINT}")
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if ndim == 3 and dims[1:] != (SIDE, SIDE):
         raise DataError(f"multi_mnist: {path} holds images of shape {dims[1:]}, expected (28, 28); {MNIST_HINT}")

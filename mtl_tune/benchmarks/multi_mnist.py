@@ -44,6 +44,7 @@ baseline and the default objective is the validation mean accuracy.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from mtl_tune.benchmarks.base import (Benchmark, ConfigError, DataError, Setting, Setup, data_check_level,
@@ -79,6 +80,7 @@ def step_decay(epoch: int, factor: float, every: int) -> float:
 
 
 SKLEARN_DIGITS = 1797  # the images of scikit-learn's bundled digits
+MNIST_TRAIN, MNIST_TEST = 60000, 10000  # the release's train-* and t10k-* files
 
 
 def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
@@ -187,8 +189,16 @@ class MultiMnist(Benchmark):
         if self.synthetic or self.source != "mnist":
             return
 
-        for split in data.MNIST_FILES:
-            data.load_mnist_split(self.root, split)  # type: ignore[arg-type]
+        counts = {split: len(data.load_mnist_split(self.root, split).labels)  # type: ignore[arg-type]
+                  for split in data.MNIST_FILES}
+        if (counts["train"], counts["test"]) == (MNIST_TEST, MNIST_TRAIN):
+            raise DataError(f"multi_mnist: {data.mnist_raw_dir(self.root)}: the train-* files hold {MNIST_TEST} "
+                            f"images and the t10k-* files {MNIST_TRAIN}: swapped? (the release: train {MNIST_TRAIN}, "
+                            f"t10k {MNIST_TEST}); {data.MNIST_HINT}")
+        if (counts["train"], counts["test"]) != (MNIST_TRAIN, MNIST_TEST):
+            warnings.warn(f"multi_mnist: {data.mnist_raw_dir(self.root)} holds {counts['train']} training and "
+                          f"{counts['test']} test images; the release has {MNIST_TRAIN} and {MNIST_TEST} (a subset or "
+                          "your own files: results are not comparable with the papers')", UserWarning, stacklevel=2)
 
     def check_config(self, config: Any, flag: str = "--config") -> None:
         """The schema, then the split sizes: fractions that leave no training image (or nothing to
