@@ -164,7 +164,8 @@ def test_env_var_root(qm9_root, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "no_root", "truncated", "wrong_shape", "nan_target",
-                                  "bad_bond_index", "nan_position", "constant_target"])
+                                  "bad_bond_index", "nan_position", "constant_target", "all_bond_types",
+                                  "no_bond_type", "no_atoms", "folder_for_file"])
 def test_data_errors(tmp_path, case, monkeypatch):
     monkeypatch.delenv("MTL_TUNE_QM9_ROOT", raising=False)
     root = tmp_path / "qm9"
@@ -173,6 +174,9 @@ def test_data_errors(tmp_path, case, monkeypatch):
     elif case == "empty_dir":
         os.makedirs(root)
         match = "no QM9 data under .*processed/data_v3.pt .*raw/qm9_v3.pt"
+    elif case == "folder_for_file":
+        os.makedirs(root / "processed" / "data_v3.pt")
+        match = r"processed/data_v3.pt is a folder, expected the file"
     elif case == "no_root":
         root, match = None, "no data root"
     else:
@@ -191,6 +195,15 @@ def test_data_errors(tmp_path, case, monkeypatch):
                 m.y[0, 12] = -3.5
             match = (r"target U0 \(PyG column 12\) has the same value -3\.5 for all 10 molecules: its standard "
                      r"deviation is 0, so it cannot be standardised")
+        elif case in ("all_bond_types", "no_bond_type"):  # 0/1 entries, but not one type per bond: passed
+            mols[2].edge_attr = mols[2].edge_attr.clone()
+            mols[2].edge_attr[0] = 1.0 if case == "all_bond_types" else 0.0
+            match = r"edge_attr is not a bond-type one-hot \(0/1 with exactly one 1 per bond\)"
+        elif case == "no_atoms":  # a molecule without atoms was trained on
+            mols[5] = Data(x=torch.zeros(0, 11), z=torch.zeros(0, dtype=torch.long), pos=torch.zeros(0, 3),
+                           edge_index=torch.zeros(2, 0, dtype=torch.long), edge_attr=torch.zeros(0, 4),
+                           y=mols[5].y, name=mols[5].name, idx=mols[5].idx)
+            match = r"molecule 5 \(gdb_6\) has no atom"
         elif case == "bad_bond_index":
             mols[4].edge_index = mols[4].edge_index.clone()
             mols[4].edge_index[0, 0] = 50

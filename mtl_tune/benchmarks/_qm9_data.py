@@ -211,8 +211,13 @@ def validate(ds: Any, root: str) -> None:
             problems.append(f"y has {d.y.shape[0]} rows for {n} molecules (expected one (1, 19) row each)")
         if d.edge_index.shape[0] != 2:
             problems.append(f"edge_index has shape {tuple(d.edge_index.shape)}, expected (2, E)")
-        elif not bool(((d.edge_attr == 0) | (d.edge_attr == 1)).all()):
-            problems.append("edge_attr is not a bond-type one-hot")
+        elif not bool(((d.edge_attr == 0) | (d.edge_attr == 1)).all()) or \
+                (d.edge_attr.shape[0] and not bool((d.edge_attr.sum(dim=1) == 1).all())):
+            # 0/1 entries alone let [1, 1, 1, 1] or all zeros through: exactly one bond type per bond
+            problems.append("edge_attr is not a bond-type one-hot (0/1 with exactly one 1 per bond)")
+        atoms = ds.slices["x"][1:] - ds.slices["x"][:-1] if "x" in ds.slices else None
+        if atoms is not None and bool((atoms == 0).any()):
+            problems.append(f"{_molecule(ds, int(torch.nonzero(atoms == 0)[0]))} has no atom")
     if not problems:
         for key in ("y", "x", "pos"):
             bad = ~torch.isfinite(getattr(d, key))

@@ -78,6 +78,9 @@ def available_source(root: str) -> str:
         missing = [f for f in RAW_SDF if f not in sdf_found]
         raise DataError(f"qm9: found {_names(sdf_found)} under {root} but not {_names(missing)}; the raw QM9 "
                         f"needs all of {_names(RAW_SDF)} (or PyG's {RAW_PREPROCESSED} or {PROCESSED}); {DATA_HINT}")
+    folders = [name for name in (PROCESSED, RAW_PREPROCESSED, *RAW_SDF) if kind(os.path.join(root, name)) == DIR]
+    if folders:  # not "no data": the name is there, as a folder
+        raise DataError(f"qm9: {os.path.join(root, folders[0])} is a folder, expected the file; {DATA_HINT}")
     raise DataError(f"qm9: no QM9 data under {root}: expected {PROCESSED} (PyG's processed file), "
                     f"{RAW_PREPROCESSED} (PyG's pre-processed download) or {_names(RAW_SDF)} with RDKit; "
                     f"{DATA_HINT}")
