@@ -74,3 +74,22 @@ def test_monte_carlo_hypervolume_needs_samples_and_a_finite_reference():
         hypervolume_mc(y, ["min", "min"], [np.inf, 2.0])
     value, se = hypervolume_mc(y, ["min", "min"], [2.0, 2.0], n_samples=20_000)
     assert abs(value - 3.0) < 5 * se + 1e-12
+
+
+def test_the_report_summarises_the_search_without_pooling_re_runs_and_preference_trials(tmp_path):
+    """analyze pooled the --seeds re-runs and the --preferences sweep with the search: budgets looked
+    unequal and fronts, hypervolumes and best trials counted trials comparison.csv leaves out."""
+    from mtl_tune.analysis.report import build_report
+
+    df = _table(phase=["search"] * 3)
+    rerun = _table(phase=["seeds"] * 3, trial_id=["d", "e", "f"], **{"val/loss1": [0.1, 0.1, 0.1]})
+    pref = _table(phase=["prefs"] * 3, trial_id=["g", "h", "i"], **{"val/loss2": [0.0, 0.0, 0.0]})
+    folder = _write_sweep(tmp_path, pd.concat([df, rerun, pref], ignore_index=True))
+    meta = json.loads((folder / "sweep.json").read_text())
+    meta["objective"] = {"metrics": ["val/loss1", "val/loss2"], "modes": ["min", "min"]}
+    (folder / "sweep.json").write_text(json.dumps(meta))
+    blocks = build_report(load_sweep(folder), tmp_path / "out")
+    text = "\n".join(str(b.content) for b in blocks)
+    assert "use the 3 search trials only (3 preference-sweep trial(s), 3 seed re-run trial(s)" in text
+    fronts = [b.content for b in blocks if isinstance(b.content, pd.DataFrame) and "n_trials" in b.content.columns]
+    assert fronts and all(int(f["n_trials"].max()) <= 3 for f in fronts), fronts

@@ -266,12 +266,42 @@ def test_resume_with_only_the_name_reuses_the_stored_arguments(tmp_path, capsys,
 
     monkeypatch.setattr(execute_module, "execute", capture)
     with pytest.raises(Stop):
-        main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-concurrent", "1",
+        main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--verbose", "0",
               "--sampler", "nsga2"])
     o = seen["options"]
     assert (o.methods, o.num_samples, o.sampler, o.seed, o.config) == (["ls", "cagrad"], 6, "nsga2", 3,
                                                                        {"steps_per_epoch": 30})
-    assert o.max_concurrent == 1 and o.resume  # run-environment flags may change on resume
+    assert o.verbose == 0 and o.resume  # run-environment flags may change on resume
+
+
+def test_resume_refuses_another_concurrency_limit(tmp_path, capsys):
+    """Tune restores each method's searcher with its concurrency limit: --max-concurrent 1 on --resume ran
+    two trials at once, silently."""
+    from mtl_tune.search.cli import main
+
+    stored_sweep(tmp_path, methods=["ls"], num_samples=2)
+    code = main(["--resume", "--storage-path", str(tmp_path), "--name", "s", "--max-concurrent", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--max-concurrent 1 differs from the stored search's" in err and len(err.splitlines()) == 1
+
+
+def test_a_renamed_sweep_resumes_with_the_studies_it_created(tmp_path):
+    """sweep.json records each method's study (named after the sweep when it was made); a copied or
+    renamed sweep folder was refused for "missing" studies that its optuna.db holds."""
+    import json
+
+    from mtl_tune.search.runner import SearchOptions, prepare
+    from mtl_tune.search.validate import previous_studies
+
+    stored_sweep(tmp_path, methods=["ls", "cagrad"], num_samples=2)
+    info = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    info["optuna"] = {**info.get("optuna", {}), "studies": {"ls": "old/ls", "cagrad": "old/cagrad"}}
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(info))
+    assert previous_studies(tmp_path / "s") == {"ls": "old/ls", "cagrad": "old/cagrad"}
+    plan = prepare(SearchOptions(methods=["ls", "cagrad"], num_samples=2, storage_path=str(tmp_path), name="s",
+                                 resume=True))
+    assert plan.study_name("cagrad") == "old/cagrad"
+    assert prepare(SearchOptions(methods=["ls"], storage_path=str(tmp_path / "new"), name="s")).study_name("ls") == "s/ls"
 
 
 def test_resume_refuses_a_sweep_whose_sweep_json_was_deleted_after_it_ran(tmp_path, capsys):

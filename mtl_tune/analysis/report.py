@@ -137,6 +137,25 @@ def scalar_ranking(df: pd.DataFrame, meta: dict[str, Any], metrics: list[str], m
     return (metrics[0], modes[0]) if len(metrics) == 1 else None
 
 
+def _rows_of_phase(df: pd.DataFrame, phase: str) -> pd.DataFrame:
+    return df[df["phase"].astype(str) == phase] if "phase" in df.columns else df.iloc[0:0]
+
+
+def _search_phase(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The Optuna search's trials of a sweep, and what else it holds ("" when nothing): seed re-runs
+    and preference-sweep trials are other experiments — pooled, a method's budget, front and
+    hypervolume counted them (comparison.csv does not). The whole table stays in ``attrs["all"]``."""
+    if "phase" not in df.columns:
+        return df, ""
+    phase = df["phase"].astype(str)
+    search = df[(phase == "search") | (phase == "") | (phase == "nan")].copy()
+    others = {p: int(n) for p, n in phase[~phase.isin(["search", "", "nan"])].value_counts().items()}
+    search.attrs["all"] = df
+    described = ", ".join(f"{n} {'seed re-run' if p == 'seeds' else 'preference-sweep' if p == 'prefs' else p} "
+                          f"trial(s)" for p, n in sorted(others.items()))
+    return search, described
+
+
 def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, include_incomplete: bool,
                   rank_by: str | None = None) -> list[Block]:
     blocks: list[Block] = [Block("h2", f"Sweep {name}")]
@@ -160,6 +179,11 @@ def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, 
         sf = df.groupby("method")["solver_failures"].sum().to_frame("solver failures (sum)")
         blocks += [Block("p", "Balancer solver failures were counted:"), Block("table", sf)]
     slug = _slug(name)
+    df, reruns = _search_phase(df)
+    if reruns:
+        blocks.append(Block("p", f"Fronts, hypervolumes, best trials and hyperparameter plots use the {len(df)} search "
+                                 f"trials only ({reruns}: their summaries are the search's comparison.csv and "
+                                 "preferences.csv); the bars add the seed re-runs of each method's best configuration."))
     scalar = scalar_ranking(df, meta, metrics, modes, rank_by)
     if scalar is not None:
         obj, mode = scalar
@@ -170,7 +194,7 @@ def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, 
             blocks += [Block("h3", f"Best trial per method on `{obj}` ({mode})"
                                    + (" — a scalar view asked for with --rank-by" if asked else "")),
                        Block("table", best[[c for c in cols if c in best.columns]].reset_index(drop=True))]
-            seeds = best_config_seeds(df, obj, mode)
+            seeds = best_config_seeds(pd.concat([df, _rows_of_phase(df.attrs.get("all", df), "seeds")]), obj, mode)
             n_seeds = int(seeds["seed"].nunique()) if "seed" in seeds else 1
             spread = "mean ± std over distinct seeds" if n_seeds > 1 else "one seed only: no spread"
             png = plot_method_bars(seeds, obj, out / f"{slug}_bars.png", mode=mode,
@@ -310,6 +334,7 @@ def _cross_sweep_blocks(df: pd.DataFrame, include_incomplete: bool, rank_by: str
     """Scalar sweeps: best objective per method; multi-objective sweeps: hypervolume per method."""
     best_rows, hv_rows = [], []
     for name, part, meta in iter_sweeps(df):
+        part = _search_phase(part)[0]  # the search's trials, as in each sweep's own section
         metrics, modes = objective_of(part, meta)
         scalar = scalar_ranking(part, meta, metrics, modes, rank_by)
         if scalar is not None:

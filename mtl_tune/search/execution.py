@@ -58,6 +58,14 @@ class StopFlag(threading.Event):
     """Set by the first SIGINT/SIGTERM; ``signum`` says which."""
 
     signum: int | None = None
+    handler: Any = None
+
+    def rearm(self) -> None:
+        """Install the handler again where something replaced it (``ray.init`` sets its own SIGTERM
+        handler, which aborts the driver); nothing after the first signal (the second stops at once)."""
+        if self.handler is not None and not self.is_set():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.handler)
 
 
 #: statuses of a trial that ran to its end; any other after ``fit()`` means Tune was interrupted
@@ -115,6 +123,7 @@ def stop_signals() -> Iterator[StopFlag]:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+    flag.handler = handler
     try:
         yield flag
     finally:
@@ -286,12 +295,14 @@ def run_grid(plan: Plan, experiment: str, param_space: dict[str, Any]) -> None:
     check_not_interrupted(results, None)
 
 
-def run_seeds(plan: Plan, table: pd.DataFrame) -> None:
+def run_seeds(plan: Plan, table: pd.DataFrame, stop: threading.Event | None = None) -> None:
     from ray import tune
 
     metric, mode = compare.ranking_objective(plan)
     seeds = [plan.options.seed + i for i in range(1, plan.options.seeds + 1)]
     for method in plan.spaces:
+        if stop is not None and stop.is_set():  # one Tune run per method: a signal ends the phase here
+            raise Interrupted
         config = best_config(table, method, metric, mode)
         if config is None:
             print(f"--seeds: {method} has no finished trial with {metric}; no re-runs")
@@ -299,11 +310,13 @@ def run_seeds(plan: Plan, table: pd.DataFrame) -> None:
         run_grid(plan, f"{method}.seeds", {**config, "seed": tune.grid_search(seeds)})
 
 
-def run_preferences(plan: Plan) -> None:
+def run_preferences(plan: Plan, stop: threading.Event | None = None) -> None:
     from ray import tune
 
     grid = compare.simplex_grid(plan.bench.n_tasks, plan.options.preferences)
     for method in plan.spaces:
+        if stop is not None and stop.is_set():
+            raise Interrupted
         arg = compare.preference_arg(method)
         if arg is None:
             continue
@@ -400,12 +413,14 @@ def execute(plan: Plan) -> Outcome:
     if plan.options.resume:  # what Tune and Optuna restore from is there and whole: checked before Ray starts
         check_saved_states(plan)
         check_studies(plan)
-    init_ray(plan)
-    if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
-        check_cluster_resources(plan.options)
-    check_storage_reachable(plan)
-    with SweepLock(plan.sweep_dir), stop_signals() as stop:  # after ray.init: Ray's SIGTERM handler is replaced
-        return run_all(plan, stop)
+    with stop_signals() as stop:  # from ray.init on: a Ctrl+C while Ray starts was a traceback
+        init_ray(plan)
+        stop.rearm()  # ray.init replaced the SIGTERM handler with its own
+        if plan.options.address:  # only the running cluster knows its nodes; checked before anything is written
+            check_cluster_resources(plan.options)
+        check_storage_reachable(plan)
+        with SweepLock(plan.sweep_dir):
+            return run_all(plan, stop)
 
 
 def run_all(plan: Plan, stop: threading.Event) -> Outcome:
@@ -418,10 +433,10 @@ def run_all(plan: Plan, stop: threading.Event) -> Outcome:
             run_phase(stop, run_method, plan, method)
             outcome = finish(plan)  # keep the table current after every method: nothing finished is lost
         if plan.options.seeds:
-            run_phase(stop, run_seeds, plan, outcome.table)
+            run_phase(stop, run_seeds, plan, outcome.table, stop)
             outcome = finish(plan)
         if plan.options.preferences:
-            run_phase(stop, run_preferences, plan)
+            run_phase(stop, run_preferences, plan, stop)
             outcome = finish(plan)
         if stop.is_set():
             raise Interrupted

@@ -20,7 +20,7 @@ from mtl_tune.spaces import SearchSpace, load_space
 from mtl_tune.search.validate import (
     SearchError, check_data_parallel, check_epochs, check_grace_period, check_hypervolume_reference,
     check_local_resources, check_name, check_numbers, check_optuna_storage, check_preferences, check_storage,
-    previous_optuna_storage,
+    previous_optuna_storage, previous_studies,
 )
 
 if TYPE_CHECKING:  # the benchmarks import torch: loaded by prepare(), not by `--help` or a name check
@@ -73,6 +73,8 @@ class Plan:
     modes: list[str]
     sweep_dir: Path
     name: str
+    #: method → Optuna study of a resumed search (from its sweep.json; the sweep may have been renamed since)
+    studies: dict[str, str] = field(default_factory=dict)
 
     @property
     def multi_objective(self) -> bool:
@@ -87,8 +89,9 @@ class Plan:
         return self.options.optuna_storage or default_storage_url(self.sweep_dir)
 
     def study_name(self, method: str) -> str:
-        """One Optuna study per method, named ``<sweep>/<method>`` inside the storage."""
-        return f"{self.name}/{method}"
+        """One Optuna study per method, named ``<sweep>/<method>`` inside the storage (a resumed search:
+        the name it was created with)."""
+        return self.studies.get(method, f"{self.name}/{method}")
 
 
 def _objective(bench: Benchmark, objective: str) -> tuple[list[str], list[str]]:
@@ -231,7 +234,7 @@ def prepare(options: SearchOptions) -> Plan:
     if options.address:
         check_address(options.address)
     return Plan(options=options, bench=bench, spaces=spaces, metrics=metrics, modes=modes,
-                sweep_dir=sweep_dir, name=name)
+                sweep_dir=sweep_dir, name=name, studies=previous_studies(sweep_dir) if options.resume else {})
 
 
 def check_address(address: str) -> None:

@@ -337,6 +337,18 @@ def previous_optuna_storage(sweep_dir: Path) -> str | None:
     return storage if isinstance(storage, str) else None
 
 
+def previous_studies(sweep_dir: Path) -> dict[str, str]:
+    """method → the Optuna study the search being resumed created (its sweep.json). The name holds the
+    sweep's name when it was made: a sweep folder copied or renamed since keeps its studies."""
+    try:
+        studies = json.loads((sweep_dir / "sweep.json").read_text())["optuna"]["studies"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(studies, dict):
+        return {}
+    return {m: s for m, s in studies.items() if isinstance(m, str) and isinstance(s, str)}
+
+
 # ---------------------------------------------------------------------------- --resume
 #: fields that define a sweep: a resumed search must keep them (else the budget and the
 #: comparison change under the user's feet); the others describe where and how it runs
@@ -376,6 +388,12 @@ def resume_options(given: Any, explicit: set[str], stored_args: dict[str, Any] |
     if differing:
         raise SearchError("--resume: these arguments differ from the stored search: " + "; ".join(differing) +
                           ". Drop them to reuse the stored ones, or start a new search with another --name")
+    if "max_concurrent" in explicit and _normal("max_concurrent", given.max_concurrent) != _normal(
+            "max_concurrent", stored_args.get("max_concurrent")):  # it would be ignored, silently
+        raise SearchError(f"--resume: --max-concurrent {given.max_concurrent} differs from the stored search's "
+                          f"({stored_args.get('max_concurrent') or 'the default: what the cluster fits'}); Tune "
+                          "restores the concurrency limit with each method's searcher, so it cannot change on "
+                          "--resume. Drop --max-concurrent")
     merged = {name: (getattr(given, name) if name in explicit or name not in stored_args else stored_args[name])
               for name in known}
     # the Optuna storage comes from sweep.json's "optuna" entry (previous_optuna_storage), which
