@@ -308,3 +308,30 @@ def test_a_lock_file_that_cannot_be_opened_is_a_search_error(tmp_path):
     (sweep / LOCK_FILE).mkdir(parents=True)
     with pytest.raises(SearchError, match="cannot take the lock"):
         SweepLock(sweep).acquire()
+
+
+@pytest.mark.parametrize("phase", ["seeds", "prefs"])
+def test_a_signal_in_the_re_run_phases_stops_before_the_next_method(monkeypatch, phase):
+    """Ctrl+C during a method's --seeds (or --preferences) run: the next method's run started anyway."""
+    import threading
+    from types import SimpleNamespace
+
+    stop, ran = threading.Event(), []
+
+    def run_grid(plan, experiment, param_space):
+        ran.append(experiment)
+        stop.set()  # the signal arrives while this run goes on
+
+    monkeypatch.setattr(execution, "run_grid", run_grid)
+    monkeypatch.setattr(execution, "best_config", lambda *args: {"hparams": {}})
+    monkeypatch.setattr(execution.compare, "ranking_objective", lambda plan: ("val/loss1", "min"))
+    monkeypatch.setattr(execution, "trial_constants", lambda plan, method: {})
+    spaces = {m: SimpleNamespace(constants=lambda: {}) for m in ("ls", "amtl", "upgrad")}
+    plan = SimpleNamespace(spaces=spaces, options=SimpleNamespace(seed=0, seeds=2, preferences=3),
+                           bench=SimpleNamespace(n_tasks=2))
+    with pytest.raises(execution.Interrupted):
+        if phase == "seeds":
+            execution.run_seeds(plan, None, stop)
+        else:
+            execution.run_preferences(plan, stop)
+    assert ran == [f"ls.{phase}"]
