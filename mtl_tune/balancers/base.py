@@ -371,8 +371,8 @@ class Balancer(nn.Module, metaclass=abc.ABCMeta):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    #: buffers that stay float32 when the balancer is cast to float16/bfloat16 (``model.half()`` casts a
-    #: balancer that is a submodule): those a private optimizer steps (FAMO's logits, GradNorm's weights,
+    #: buffers that keep their value and dtype (float32 at least) when the balancer is cast to
+    #: float16/bfloat16 (``model.half()`` casts a balancer that is a submodule): those a private optimizer steps (FAMO's logits, GradNorm's weights,
     #: Auto-λ's λ — Adam's eps (1e-8) is 0 in float16, and the logits became ±inf then NaN for good) and
     #: loss floors ℓ* (``min_losses``: a hyperparameter, which bfloat16 would round to 2–3 digits)
     float32_state: ClassVar[tuple[str, ...]] = ()
@@ -592,5 +592,6 @@ class GradientBalancer(Balancer):
 __all__ = [
     "GRADIENT_PATHS", "GRAM_MIN_JACOBIAN_BYTES", "GRAM_MIN_TASKS", "GradientPath", "STATE_FORMAT", "Balancer", "BalancerError", "EpochInfo", "ForwardOutput", "GradientBalancer", "LossBalancer",
     "SolverFailureCounter", "StepInfo", "accumulate_grad", "backward_weighted", "check_losses", "choose_gradient_path",
-    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer", "RowStep", "trainable_split",
+    "gram", "finite_or_raise", "pick_gradient_path", "rebind_private_optimizer", "RowStep", "check_weights",
+    "trainable_split",
 ]
