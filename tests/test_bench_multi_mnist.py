@@ -95,8 +95,7 @@ def test_split_pool_is_a_disjoint_cover():
 
 
 def test_split_bounds_clip_to_the_items():
-    from mtl_tune.benchmarks.multi_mnist import split_bounds
-
+    split_bounds = mm.split_bounds
     assert split_bounds(100, (0.6, 0.2, 0.2)) == [(0, 60), (60, 80), (80, 100)]
     assert split_bounds(12, (0.01, 0.99)) == [(0, 0), (0, 12)]
     assert split_bounds(3, (0.9, 0.9, 0.1)) == [(0, 3), (3, 3), (3, 3)]

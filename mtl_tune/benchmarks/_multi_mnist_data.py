@@ -201,11 +201,21 @@ def make_pairs(pool: DigitPool, pairs_per_image: int, rng: np.random.Generator,
     return out, labels
 
 
+def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
+    """[start, stop) of each part of ``n`` shuffled items with the given fractions (the last takes the
+    rest): ``round(fraction · n)`` items each, in order, clipped to ``n``."""
+    bounds, start = [], 0
+    for frac in fractions[:-1]:
+        stop = start + int(round(frac * n))
+        bounds.append((min(start, n), min(stop, n)))
+        start = stop
+    bounds.append((min(start, n), n))
+    return bounds
+
+
 def split_pool(pool: DigitPool, fractions: tuple[float, ...], rng: np.random.Generator) -> list[DigitPool]:
     """Disjoint random parts of ``pool`` with the given fractions (last part takes the rest;
-    :func:`~mtl_tune.benchmarks.multi_mnist.split_bounds`)."""
-    from mtl_tune.benchmarks.multi_mnist import split_bounds
-
+    :func:`split_bounds`)."""
     perm = rng.permutation(len(pool.labels))
     return [pool.subset(np.sort(perm[start:stop])) for start, stop in split_bounds(len(perm), fractions)]
 

@@ -83,18 +83,6 @@ SKLEARN_DIGITS = 1797  # the images of scikit-learn's bundled digits
 MNIST_TRAIN, MNIST_TEST = 60000, 10000  # the release's train-* and t10k-* files
 
 
-def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
-    """[start, stop) of each part of ``n`` shuffled items with the given fractions (the last takes the
-    rest): ``round(fraction · n)`` items each, in order, clipped to ``n``."""
-    bounds, start = [], 0
-    for frac in fractions[:-1]:
-        stop = start + int(round(frac * n))
-        bounds.append((min(start, n), min(stop, n)))
-        start = stop
-    bounds.append((min(start, n), n))
-    return bounds
-
-
 def _split_fractions(source: str, val_fraction: float, test_fraction: float) -> tuple[float, ...]:
     """MNIST: (train, val) of its training file (test = its test file); sklearn: (train, val, test)."""
     if source == "mnist":
@@ -208,16 +196,16 @@ class MultiMnist(Benchmark):
             return
         merged = {**self.defaults, **config}
         vf, tf = float(merged["val_fraction"]), float(merged["test_fraction"])
-        if self.source == "mnist":
-            from mtl_tune.benchmarks import _multi_mnist_data as data
+        from mtl_tune.benchmarks import _multi_mnist_data as data
 
+        if self.source == "mnist":
             try:
                 n, n_test = data.mnist_count(self.root, "train"), data.mnist_count(self.root, "test")
             except DataError:
                 return  # the data check names the file
         else:
             n, n_test = SKLEARN_DIGITS, 0
-        sizes = [stop - start for start, stop in split_bounds(n, _split_fractions(self.source, vf, tf))]
+        sizes = [stop - start for start, stop in data.split_bounds(n, _split_fractions(self.source, vf, tf))]
         if self.source == "mnist":
             sizes.append(n_test)
         if sizes[0] == 0 or not any(sizes[1:]):
