@@ -215,10 +215,10 @@ def test_the_epoch_hook_takes_an_epoch_info(name):
 @pytest.mark.parametrize("name", ["dbmtl", "moco"])
 def test_a_huge_decay_exponent_decays_to_zero_instead_of_overflowing(name):
     """β/t^σ with σ = 1e30: Python's ** raised OverflowError at the second step."""
-    from mtl_tune.balancers._common import step_decay
+    from mtl_tune.balancers._common import power_decay
 
-    assert step_decay(0.5, 2.0, 1e30) == 0.0 and step_decay(0.5, 1.0, 1e30) == 0.5
-    assert step_decay(0.9, 7.0, 0.5) == 0.9 / 7.0 ** 0.5  # the same float as before otherwise
+    assert power_decay(0.5, 2.0, 1e30) == 0.0 and power_decay(0.5, 1.0, 1e30) == 0.5
+    assert power_decay(0.9, 7.0, 0.5) == 0.9 / 7.0 ** 0.5  # the same float as before otherwise
     trunk, _, _, forward = _problem()
     balancer = get_balancer(name, 2, beta_sigma=1e30)
     for _ in range(3):

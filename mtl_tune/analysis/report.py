@@ -144,13 +144,13 @@ def _rows_of_phase(df: pd.DataFrame, phase: str) -> pd.DataFrame:
 def _search_phase(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The Optuna search's trials of a sweep, and what else it holds ("" when nothing): seed re-runs
     and preference-sweep trials are other experiments — pooled, a method's budget, front and
-    hypervolume counted them (comparison.csv does not). The whole table stays in ``attrs["all"]``."""
+    hypervolume counted them (comparison.csv does not)."""
     if "phase" not in df.columns:
         return df, ""
     phase = df["phase"].astype(str)
-    search = df[(phase == "search") | (phase == "") | (phase == "nan")].copy()
-    others = {p: int(n) for p, n in phase[~phase.isin(["search", "", "nan"])].value_counts().items()}
-    search.attrs["all"] = df
+    in_search = phase.isin(["search", "", "nan"])  # (an empty cell reads "nan")
+    search = df[in_search]
+    others = {p: int(n) for p, n in phase[~in_search].value_counts().items()}
     described = ", ".join(f"{n} {'seed re-run' if p == 'seeds' else 'preference-sweep' if p == 'prefs' else p} "
                           f"trial(s)" for p, n in sorted(others.items()))
     return search, described
@@ -179,6 +179,7 @@ def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, 
         sf = df.groupby("method")["solver_failures"].sum().to_frame("solver failures (sum)")
         blocks += [Block("p", "Balancer solver failures were counted:"), Block("table", sf)]
     slug = _slug(name)
+    everything = df
     df, reruns = _search_phase(df)
     if reruns:
         blocks.append(Block("p", f"Fronts, hypervolumes, best trials and hyperparameter plots use the {len(df)} search "
@@ -194,7 +195,7 @@ def _sweep_blocks(name: str, df: pd.DataFrame, meta: dict[str, Any], out: Path, 
             blocks += [Block("h3", f"Best trial per method on `{obj}` ({mode})"
                                    + (" — a scalar view asked for with --rank-by" if asked else "")),
                        Block("table", best[[c for c in cols if c in best.columns]].reset_index(drop=True))]
-            seeds = best_config_seeds(pd.concat([df, _rows_of_phase(df.attrs.get("all", df), "seeds")]), obj, mode)
+            seeds = best_config_seeds(pd.concat([df, _rows_of_phase(everything, "seeds")]), obj, mode)
             n_seeds = int(seeds["seed"].nunique()) if "seed" in seeds else 1
             spread = "mean ± std over distinct seeds" if n_seeds > 1 else "one seed only: no spread"
             png = plot_method_bars(seeds, obj, out / f"{slug}_bars.png", mode=mode,

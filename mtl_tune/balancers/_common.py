@@ -139,7 +139,7 @@ def _as_param_list(params: Sequence[Tensor] | Tensor | None) -> list[Tensor]:
     return out
 
 
-def step_decay(value: float, t: float, sigma: float) -> float:
+def power_decay(value: float, t: float, sigma: float) -> float:
     """``value / t**sigma`` (MoCo's and DB-MTL's decaying step sizes); 0.0 where ``t**sigma``
     overflows a float (a huge exponent, t > 1: the decayed value is 0 to float precision), which
     Python's ``**`` raises as an OverflowError."""

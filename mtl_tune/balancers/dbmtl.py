@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from mtl_tune.balancers._log_losses import loss_floor, shifted
-from mtl_tune.balancers._common import state_like, step_decay
+from mtl_tune.balancers._common import state_like, power_decay
 from mtl_tune.balancers._rows import PerVersion, RowStep, host
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
 
@@ -129,7 +129,7 @@ class DBMTL(GradientBalancer):
             bad = None
         average = state_like(self.average, jacobian, self.name, "moving average")
         self.average = average
-        rate = step_decay(self.beta, float(self.step_count + 1), self.beta_sigma)
+        rate = power_decay(self.beta, float(self.step_count + 1), self.beta_sigma)
         # h_i = g_i/(D_i + ε); ĝ ← r ĝ + (1 − r) h, in place (failed rows: finite placeholders, never read)
         factor = (1.0 - rate) / ((d if bad is None else np.where(bad[..., None], 1.0, d)) + EPS)
         factor_t = torch.from_numpy(factor[..., None])

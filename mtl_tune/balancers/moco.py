@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_tune.balancers._common import gram, state_like, step_decay
+from mtl_tune.balancers._common import gram, state_like, power_decay
 from mtl_tune.balancers._rows import RowStep, host
 from mtl_tune.balancers._simplex import project_to_simplex_rows
 from mtl_tune.balancers.base import Balancer, BalancerError, GradientBalancer
@@ -139,7 +139,7 @@ class MoCo(GradientBalancer):
                 failed = negative.any(-1).cpu().numpy()
         g = rescaled_gradients(jacobian, losses) if self.normalize else jacobian
         y = state_like(self.tracked, g, self.name, "tracked gradients")
-        y = y - step_decay(self.beta, t, self.beta_sigma) * (y - g)
+        y = y - power_decay(self.beta, t, self.beta_sigma) * (y - g)
         self.tracked = y
         # the toy's rows: float64 on the host, no autograd: no casts, no copies (the same numbers)
         host64 = y.dtype == torch.float64 and y.device.type == "cpu" and not y.requires_grad
@@ -149,7 +149,7 @@ class MoCo(GradientBalancer):
             a = (y @ y.transpose(-1, -2)).numpy()
         else:
             a = host(y.double() @ y.double().transpose(-1, -2))
-        self.lambd = moco_lambda_step(a, self.lambd, step_decay(self.gamma, t, self.gamma_sigma), self.rho,
+        self.lambd = moco_lambda_step(a, self.lambd, power_decay(self.gamma, t, self.gamma_sigma), self.rho,
                                       self.lambda_update)
         weights = torch.from_numpy(self.lambd)
         if not host64:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,6 +118,8 @@ def stop_signals() -> Iterator[StopFlag]:
         tune_stop = _tune_stop_handler()
         if tune_stop is not None:  # (between two runs: the last run's handler; its run has ended, harmless)
             tune_stop(signal.SIGUSR1, frame)
+        else:  # no Tune run to ask (Ray still starting, or a Ray release without that handler): say so
+            print(f"{signal.Signals(signum).name}: the search stops after the step in progress", file=sys.stderr)
         # after Tune's handler, which re-installs the SIGINT handler it found (this one)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
