@@ -252,7 +252,7 @@ def parse_space(data: Any, source: str, benchmark: str | None = None) -> SearchS
             if name not in raw_params:
                 raise SpaceError(f"{source}: benchmarks.{bench}.{name} overrides an undeclared hyperparameter; "
                                  f"declared: {', '.join(raw_params) or '(none)'}")
-            if isinstance(raw_params[name], dict):
+            if isinstance(raw_params[name], dict) and bench != benchmark:  # the one in use: parsed below
                 _parse_param(name, {**raw_params[name], **fields}, f"{source} (benchmarks.{bench})")
     overrides = (all_overrides.get(benchmark) or {}) if benchmark else {}
     accepted = _constructor_args(cls)
